@@ -1,0 +1,1 @@
+//! Admin socket server and CLI client: being written.

@@ -1,0 +1,1 @@
+//! IMAP server: being written in the imap branch.

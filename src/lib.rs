@@ -1,0 +1,17 @@
+//! kermail: a replicated mail server for small, independent mail providers.
+//!
+//! Module map (layers, top to bottom; arrows point down only):
+//! - [`node`]: the one place that builds and connects the parts (store over the cluster,
+//!   listeners, admin socket, shutdown).
+//! - [`admin`]: the admin socket server and the CLI client that talks to it.
+//! - [`smtp`], [`imap`]: protocol servers (tokio drivers) around sans-IO sessions.
+//! - [`store`]: the mail store, the one door to the replicated mail state.
+//! - [`config`], [`tls`]: configuration sections and TLS setup.
+
+pub mod admin;
+pub mod config;
+pub mod imap;
+pub mod node;
+pub mod smtp;
+pub mod store;
+pub mod tls;

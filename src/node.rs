@@ -1,0 +1,1 @@
+//! Node wiring: being written.

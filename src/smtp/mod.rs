@@ -1,0 +1,1 @@
+//! SMTP server (MX role): being written in the smtp branch.
