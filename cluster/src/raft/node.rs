@@ -230,7 +230,16 @@ impl Cluster {
                 .map_err(|e| ClusterError::Raft(e.to_string()))?;
         }
 
-        let metrics = raft.metrics().borrow().clone();
+        // Metrics are published by the Raft task; wait until they show the membership (a
+        // fresh store was just initialised, an old one has one in its log or snapshot).
+        let metrics = raft
+            .wait(Some(Duration::from_millis(timings.propose_timeout_ms)))
+            .metrics(
+                |m| m.membership_config.log_id().is_some(),
+                "membership loaded",
+            )
+            .await
+            .map_err(|e| ClusterError::Timeout(format!("raft did not load its membership: {e}")))?;
         let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
         if voters == [node_id] {
             if metrics.state != ServerState::Leader {

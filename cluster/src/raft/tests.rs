@@ -320,3 +320,20 @@ fn config_deserializes_with_defaults() {
     let wan = RaftTimings::wan();
     assert!(wan.heartbeat_interval_ms * 10 <= wan.election_timeout_min_ms);
 }
+
+/// Command batches survive bincode (the log's encoding) and JSON unchanged.
+#[test]
+fn command_batch_round_trips() {
+    use super::types::CommandBatch;
+    let batch = CommandBatch(vec![Vec::new(), b"a=b".to_vec(), vec![0u8, 255, 10, 13]]);
+    let encoded = bincode::serialize(&batch).expect("bincode");
+    assert_eq!(
+        bincode::deserialize::<CommandBatch>(&encoded).expect("bincode back"),
+        batch
+    );
+    let json = serde_json::to_string(&batch).expect("json");
+    assert_eq!(
+        serde_json::from_str::<CommandBatch>(&json).expect("json back"),
+        batch
+    );
+}
