@@ -1,10 +1,19 @@
 //! The Raft log on sled: entries keyed by big-endian index, and a meta tree for the vote, the
 //! commit index, the last purged log id and the node id.
 //!
-//! Durability: every `append` writes its entries as one sled batch, then `flush_async` (which
-//! writes sled's dirty buffers and fsyncs) and only then calls `log_io_completed`. openraft 0.9
-//! waits for that callback before it takes the next write, so one append is one flush; group
-//! commit comes from packing concurrent proposals into one entry (see `node.rs`).
+//! Durability: every `append` writes its entries as one sled batch, then makes them durable
+//! ([`LogStore`]'s durable flush) and only then calls `log_io_completed`. openraft 0.9 waits for
+//! that callback before it takes the next write, so one append is one flush; group commit comes
+//! from packing concurrent proposals into one entry (see `node.rs`).
+//!
+//! sled's own `flush` is not enough on Linux (checked in sled 0.34.7's source and under
+//! strace): it writes its buffers with `pwrite` and then calls `sync_file_range`, which does
+//! not write the file's metadata (the size of a growing file) nor flush the disk's write cache,
+//! and values above a quarter of a segment go to files under `blobs/` that are never synced.
+//! So after sled's flush the durable flush calls `fdatasync` on sled's `db` file (through our
+//! own descriptor: fsync works on the inode) and `fdatasync` on every blob file it has not
+//! synced yet, then fsyncs the `blobs` folder. Segments are 4 MiB here, so entries up to 1 MiB
+//! stay inline and blobs are rare.
 
 // openraft fixes the error type of the storage traits (`StorageError`, about 224 bytes); the
 // helpers here return it too rather than boxing and unboxing at every call.
@@ -27,10 +36,22 @@ const KEY_VOTE: &[u8] = b"vote";
 const KEY_COMMITTED: &[u8] = b"committed";
 const KEY_LAST_PURGED: &[u8] = b"last_purged";
 const KEY_NODE_ID: &[u8] = b"node_id";
+/// sled's segment size. Values above a quarter of it become separate blob files; 4 MiB keeps
+/// batches up to 1 MiB inline (the batcher closes a batch at `MAX_BATCH_BYTES`). sled records
+/// it at creation and refuses to open a database with another value.
+const SLED_SEGMENT_BYTES: usize = 4 << 20;
+/// sled's data file and blob folder inside its directory (sled 0.34 layout).
+const SLED_DATA_FILE_NAME: &str = "db";
+const SLED_BLOB_DIR_NAME: &str = "blobs";
 
 /// The state shared by the store and its readers.
 struct Shared {
     db: sled::Db,
+    /// Our own descriptor on sled's data file, to fdatasync it.
+    data_file: std::fs::File,
+    blob_dir: std::path::PathBuf,
+    /// Blob files already synced (sled never rewrites a blob file in place).
+    synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
     log: sled::Tree,
     meta: sled::Tree,
     /// Number of log flushes (fsyncs) done by `append`, for the group-commit test and status.
@@ -78,12 +99,25 @@ impl LogStore {
     /// Opens (or creates) the sled database at `path`. Entries at or below the last purged
     /// index left by a purge interrupted by a crash are removed.
     pub fn open(path: &Path) -> Result<Self, sled::Error> {
-        let db = sled::Config::new().path(path).open()?;
+        let db = sled::Config::new()
+            .path(path)
+            .segment_size(SLED_SEGMENT_BYTES)
+            .open()?;
         let log = db.open_tree(LOG_TREE)?;
         let meta = db.open_tree(META_TREE)?;
+        let data_file = std::fs::File::open(path.join(SLED_DATA_FILE_NAME))?;
+        let blob_dir = path.join(SLED_BLOB_DIR_NAME);
+        // The files sled created on first open must survive a crash too.
+        std::fs::File::open(path)?.sync_all()?;
+        if blob_dir.is_dir() {
+            std::fs::File::open(&blob_dir)?.sync_all()?;
+        }
         let store = Self {
             shared: Arc::new(Shared {
                 db,
+                data_file,
+                blob_dir,
+                synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
                 log,
                 meta,
                 n_append_flushes: Arc::new(AtomicU64::new(0)),
@@ -116,7 +150,7 @@ impl LogStore {
         self.shared
             .meta
             .insert(KEY_NODE_ID, &node_id.to_be_bytes())?;
-        self.shared.db.flush_async().await?;
+        self.durable_flush().await.map_err(sled::Error::Io)?;
         Ok(node_id)
     }
 
@@ -181,12 +215,18 @@ impl LogStore {
     }
 
     async fn flush(&self, subject: ErrorSubject<NodeId>) -> Result<(), StorageError> {
-        self.shared
-            .db
-            .flush_async()
+        self.durable_flush()
             .await
-            .map_err(|e| io_error(subject, ErrorVerb::Write, &e))?;
-        Ok(())
+            .map_err(|e| io_error(subject, ErrorVerb::Write, &e))
+    }
+
+    /// sled's flush, then fdatasync of its data file and of new blob files (see the module
+    /// documentation for why sled's flush alone is not durable). Runs on a blocking thread.
+    async fn durable_flush(&self) -> std::io::Result<()> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || shared.durable_flush())
+            .await
+            .map_err(std::io::Error::other)?
     }
 
     /// Removes every entry with an index at or below `index` (one batch, not flushed).
@@ -215,6 +255,48 @@ impl LogStore {
     }
 }
 
+impl Shared {
+    fn durable_flush(&self) -> std::io::Result<()> {
+        self.db.flush().map_err(std::io::Error::other)?;
+        self.data_file.sync_data()?;
+        self.sync_new_blobs()
+    }
+
+    fn sync_new_blobs(&self) -> std::io::Result<()> {
+        let items = match std::fs::read_dir(&self.blob_dir) {
+            Ok(items) => items,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let mut synced = self
+            .synced_blobs
+            .lock()
+            .map_err(|_| std::io::Error::other("blob sync lock poisoned"))?;
+        let mut present = std::collections::HashSet::new();
+        let mut any_new = false;
+        for item in items {
+            let item = item?;
+            let name = item.file_name();
+            if !synced.contains(&name) {
+                match std::fs::File::open(item.path()) {
+                    Ok(file) => file.sync_data()?,
+                    // Collected by sled meanwhile: nothing to make durable.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e),
+                }
+                synced.insert(name.clone());
+                any_new = true;
+            }
+            present.insert(name);
+        }
+        synced.retain(|name| present.contains(name));
+        if any_new {
+            std::fs::File::open(&self.blob_dir)?.sync_all()?;
+        }
+        Ok(())
+    }
+}
+
 fn to_sled_error(e: StorageError) -> sled::Error {
     sled::Error::Io(std::io::Error::other(e.to_string()))
 }
@@ -232,11 +314,12 @@ impl LogStoreProbe {
         self.n_append_flushes.load(Ordering::Relaxed)
     }
 
-    /// Flushes sled if the store is still open.
-    pub(crate) async fn flush(&self) -> Result<(), sled::Error> {
-        let shared = self.shared.upgrade();
-        if let Some(shared) = shared {
-            shared.db.flush_async().await?;
+    /// Flushes the store durably if it is still open.
+    pub(crate) async fn flush(&self) -> std::io::Result<()> {
+        if let Some(shared) = self.shared.upgrade() {
+            tokio::task::spawn_blocking(move || shared.durable_flush())
+                .await
+                .map_err(std::io::Error::other)??;
         }
         Ok(())
     }
@@ -337,8 +420,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             callback.log_io_completed(Err(std::io::Error::other(message)));
             return Err(io_error(ErrorSubject::Logs, ErrorVerb::Write, &e));
         }
-        // The acknowledgement below is the durability promise: only after the fsync.
-        match self.shared.db.flush_async().await {
+        // The acknowledgement below is the durability promise: only after the fdatasync.
+        match self.durable_flush().await {
             Ok(_) => {
                 self.shared.n_append_flushes.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!(n_entries, "log entries flushed");

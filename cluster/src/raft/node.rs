@@ -26,7 +26,8 @@ pub const MAX_COMMAND_BYTES: usize = 256 << 20;
 /// At most this many commands share one log entry (and one fsync).
 pub const MAX_BATCH_COMMANDS: usize = 512;
 /// A batch stops growing once it holds this many bytes (a single larger command goes alone).
-pub const MAX_BATCH_BYTES: usize = 16 << 20;
+/// Small enough that a batch stays inline in sled's segments (see `log_store.rs`).
+pub const MAX_BATCH_BYTES: usize = 512 << 10;
 /// Proposals waiting for a batch; `propose` waits for room (within its timeout) beyond this.
 pub const PROPOSAL_QUEUE_CAPACITY: usize = 4096;
 /// Batches submitted to Raft and not yet applied. Two lets the next batch be fsync'd while the
