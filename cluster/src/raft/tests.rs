@@ -203,6 +203,16 @@ async fn restart_restores_snapshot_then_log() {
             .await
             .expect("propose");
     }
+    // Only the newest snapshot is kept, and no temporary file is left.
+    let snapshot_files: Vec<String> = std::fs::read_dir(dir.path().join("snapshots"))
+        .expect("snapshot folder")
+        .filter_map(|item| item.ok())
+        .map(|item| item.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        snapshot_files,
+        vec![super::snapshot_file::CURRENT_FILE_NAME.to_string()]
+    );
     let before = cluster.status();
     cluster.shutdown().await.expect("shutdown");
     drop(cluster);
@@ -348,11 +358,72 @@ async fn large_command_survives_restart() {
     let (cluster, _app) = open(&config).await;
     let mut command = b"big=".to_vec();
     command.resize(LARGE_COMMAND_BYTES, b'y');
-    cluster.propose(command).await.expect("propose a large command");
+    cluster
+        .propose(command)
+        .await
+        .expect("propose a large command");
     cluster.shutdown().await.expect("shutdown");
     drop(cluster);
     let (cluster, app) = open(&config).await;
     let map = app.snapshot_of_map();
-    assert_eq!(map.get("big").map(String::len), Some(LARGE_COMMAND_BYTES - 4));
+    assert_eq!(
+        map.get("big").map(String::len),
+        Some(LARGE_COMMAND_BYTES - 4)
+    );
     cluster.shutdown().await.expect("shutdown");
+}
+
+/// A snapshot file round-trips through the format, and damaged files are refused with an
+/// error, never restored half-way silently.
+#[test]
+fn snapshot_file_round_trips_and_refuses_damage() {
+    use super::snapshot_file;
+    use super::types::SnapshotMeta;
+    let dir = tempfile::tempdir().expect("tempdir");
+    snapshot_file::prepare_dir(dir.path()).expect("prepare");
+    let source = MapApp::default();
+    for i in 0..100 {
+        source.apply(i + 1, format!("k{i}=v{i}").as_bytes());
+    }
+    let meta = SnapshotMeta {
+        last_log_id: Some(openraft::LogId::new(
+            openraft::CommittedLeaderId::new(1, 7),
+            100,
+        )),
+        last_membership: Default::default(),
+        snapshot_id: "1-7-100-test".to_string(),
+    };
+    let temp =
+        snapshot_file::write_temp(dir.path(), &meta, source.begin_snapshot()).expect("write");
+    snapshot_file::commit(dir.path(), &temp).expect("commit");
+    assert_eq!(
+        snapshot_file::read_current_meta(dir.path()).expect("meta"),
+        Some(meta.clone())
+    );
+    let restored = MapApp::default();
+    let path = snapshot_file::current_path(dir.path());
+    assert_eq!(
+        snapshot_file::restore(&path, &restored).expect("restore"),
+        meta
+    );
+    assert_eq!(restored.snapshot_of_map(), source.snapshot_of_map());
+
+    let bytes = std::fs::read(&path).expect("read");
+    let check_refused = |damaged: Vec<u8>, what: &str| {
+        let damaged_path = dir.path().join("damaged.snap");
+        std::fs::write(&damaged_path, damaged).expect("write damaged");
+        let result = snapshot_file::restore(&damaged_path, &MapApp::default());
+        assert!(result.is_err(), "{what} was accepted");
+    };
+    let mut bad_magic = bytes.clone();
+    bad_magic[0] ^= 0xff;
+    check_refused(bad_magic, "a bad magic");
+    let mut bad_version = bytes.clone();
+    bad_version[11] = 99;
+    check_refused(bad_version, "an unknown version");
+    check_refused(bytes[..bytes.len() - 10].to_vec(), "a truncated stream");
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 6;
+    flipped[last] ^= 0x01;
+    check_refused(flipped, "a corrupted stream");
 }
