@@ -109,6 +109,9 @@ impl LogStore {
         let blob_dir = path.join(SLED_BLOB_DIR_NAME);
         // The files sled created on first open must survive a crash too.
         std::fs::File::open(path)?.sync_all()?;
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::File::open(parent)?.sync_all()?;
+        }
         if blob_dir.is_dir() {
             std::fs::File::open(&blob_dir)?.sync_all()?;
         }
@@ -179,7 +182,9 @@ impl LogStore {
     }
 
     fn committed(&self) -> Result<Option<LogId>, StorageError> {
-        self.read_meta(KEY_COMMITTED, ErrorSubject::Store)
+        Ok(self
+            .read_meta::<Option<LogId>>(KEY_COMMITTED, ErrorSubject::Store)?
+            .flatten())
     }
 
     fn read_meta<T: serde::de::DeserializeOwned>(
@@ -392,9 +397,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, StorageError> {
-        Ok(self
-            .read_meta::<Option<LogId>>(KEY_COMMITTED, ErrorSubject::Store)?
-            .flatten())
+        self.committed()
     }
 
     #[tracing::instrument(level = "debug", skip_all)]

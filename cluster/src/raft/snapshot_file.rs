@@ -48,6 +48,10 @@ pub fn current_path(dir: &Path) -> PathBuf {
 /// Creates `dir` if needed and removes temporary files left by a crash.
 pub fn prepare_dir(dir: &Path) -> io::Result<()> {
     fs::create_dir_all(dir)?;
+    // The folder's own entry must survive a crash before a snapshot is renamed into it.
+    if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        File::open(parent)?.sync_all()?;
+    }
     for item in fs::read_dir(dir)? {
         let item = item?;
         if item

@@ -145,6 +145,10 @@ async fn restart_reapplies_committed_log() {
     let (cluster, app) = open(&config).await;
     let after = cluster.status();
     assert_eq!(after.node_id, before.node_id, "node id is persisted");
+    assert_eq!(
+        after.committed_index, before.committed_index,
+        "commit index is persisted"
+    );
     assert_eq!(app.snapshot_of_map(), state_before);
     assert_eq!(
         app.n_applied.load(Ordering::SeqCst),
