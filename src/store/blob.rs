@@ -11,11 +11,17 @@
 //! at once, unless a snapshot build is running (it may still be reading the file for its
 //! point-in-time view); then the deletion waits until the last running build ends. A pending
 //! deletion is cancelled if the same body is written again meanwhile.
+//!
+//! Staging: the proposing node writes a body's file before proposing it (on a blocking thread,
+//! in parallel with other sessions), so that its own apply, which runs one command at a time,
+//! finds the file in place and only checks its size. A staged body is never deleted until the
+//! proposal is answered; then it is deleted if no message references it (refused or failed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::command::MAX_COMMAND_BYTES;
@@ -46,6 +52,8 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Collector {
     running_builds: usize,
     pending: BTreeSet<BlobId>,
+    /// Bodies written ahead of their proposal, with the number of proposals in flight.
+    staged: BTreeMap<BlobId, usize>,
 }
 
 #[derive(Default)]
@@ -89,6 +97,8 @@ impl BodyCache {
 /// The blob folder, its deferred deletions and the cache of decompressed bodies.
 pub struct BlobStore {
     root: PathBuf,
+    /// Makes temporary file names unique when two threads write the same body.
+    temp_counter: AtomicU64,
     collector: Mutex<Collector>,
     cache: Mutex<BodyCache>,
 }
@@ -116,6 +126,7 @@ impl BlobStore {
         fs::create_dir_all(&root)?;
         Ok(Arc::new(BlobStore {
             root,
+            temp_counter: AtomicU64::new(0),
             collector: Mutex::new(Collector::default()),
             cache: Mutex::new(BodyCache::default()),
         }))
@@ -177,7 +188,8 @@ impl BlobStore {
         let path = self.path(id);
         let dir = path.parent().unwrap_or(&self.root);
         fs::create_dir_all(dir)?;
-        let temp = dir.join(format!(".{}.tmp", hex::encode(id.0)));
+        let unique = self.temp_counter.fetch_add(1, Ordering::Relaxed);
+        let temp = dir.join(format!(".{}.{unique}.tmp", hex::encode(id.0)));
         let result = (|| {
             let mut file = fs::File::create(&temp)?;
             fill(&mut file)?;
@@ -191,16 +203,64 @@ impl BlobStore {
         result
     }
 
+    /// Writes a body's file ahead of its proposal. Every successful call must be matched by
+    /// one [`BlobStore::unstage`] once the proposal is answered (or abandoned).
+    pub fn stage(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
+        {
+            let mut collector = lock(&self.collector);
+            collector.pending.remove(id);
+            *collector.staged.entry(*id).or_insert(0) += 1;
+        }
+        // Written outside the lock: a staged body is never deleted, and concurrent writers of
+        // the same body use distinct temporary files and rename identical bytes into place.
+        let result = if self.file_size(id) == Some(compressed.len() as u64) {
+            Ok(())
+        } else {
+            self.write_file(id, |file| file.write_all(compressed))
+        };
+        if result.is_err() {
+            self.unstage(id, false);
+        }
+        result
+    }
+
+    /// Ends one staging of a body; `referenced` tells whether the state references it now
+    /// (the caller holds the state's read lock, so that no apply changes that meanwhile).
+    pub fn unstage(&self, id: &BlobId, referenced: bool) {
+        let mut collector = lock(&self.collector);
+        let remaining = match collector.staged.get_mut(id) {
+            Some(count) => {
+                *count -= 1;
+                *count
+            }
+            None => return,
+        };
+        if remaining > 0 {
+            return;
+        }
+        collector.staged.remove(id);
+        if !referenced {
+            if collector.running_builds == 0 {
+                self.remove_file(id);
+            } else {
+                collector.pending.insert(*id);
+            }
+        }
+    }
+
     /// Bodies that lost their last reference: deleted now, or when the running snapshot builds
-    /// are done.
+    /// are done. Staged bodies are left to their [`BlobStore::unstage`].
     pub fn release(&self, ids: impl IntoIterator<Item = BlobId>) {
         let mut collector = lock(&self.collector);
-        if collector.running_builds == 0 {
-            for id in ids {
-                self.remove_file(&id);
+        for id in ids {
+            if collector.staged.contains_key(&id) {
+                continue;
             }
-        } else {
-            collector.pending.extend(ids);
+            if collector.running_builds == 0 {
+                self.remove_file(&id);
+            } else {
+                collector.pending.insert(id);
+            }
         }
     }
 
@@ -239,7 +299,8 @@ impl BlobStore {
                 let file = file?;
                 let name = file.file_name();
                 let name = name.to_string_lossy();
-                let wanted = parse_hex_id(&name).is_some_and(|id| keep.contains_key(&id));
+                let wanted = parse_hex_id(&name)
+                    .is_some_and(|id| keep.contains_key(&id) || collector.staged.contains_key(&id));
                 if !wanted {
                     fs::remove_file(file.path())?;
                     removed += 1;
@@ -335,6 +396,33 @@ mod tests {
         store.write(&id, &compressed).unwrap();
         drop(guard);
         assert!(store.path(&id).exists());
+    }
+
+    #[test]
+    fn staged_body_outlives_release_until_unstaged() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let (id, compressed) = compress(b"in flight").unwrap();
+        store.stage(&id, &compressed).unwrap();
+        store.stage(&id, &compressed).unwrap();
+        store.release([id]);
+        assert!(store.path(&id).exists());
+        store.unstage(&id, false);
+        assert!(
+            store.path(&id).exists(),
+            "a second proposal is still in flight"
+        );
+        store.unstage(&id, true);
+        assert!(store.path(&id).exists(), "referenced bodies stay");
+        store.stage(&id, &compressed).unwrap();
+        store.unstage(&id, false);
+        assert!(!store.path(&id).exists(), "an unreferenced body goes");
+        // No temporary file is left behind.
+        let leftovers: usize = fs::read_dir(store.root())
+            .unwrap()
+            .map(|d| fs::read_dir(d.unwrap().path()).unwrap().count())
+            .sum();
+        assert_eq!(leftovers, 0);
     }
 
     #[test]

@@ -454,21 +454,49 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| StoreError::Io(format!("blocking task failed: {e}")))?
 }
 
-/// Compresses and hashes a body on a blocking thread (the proposer's job, never apply's).
-async fn prepare_body(body: Vec<u8>) -> Result<BodyV1, StoreError> {
+/// A body written ahead of its proposal; dropping it (answered, refused or abandoned) ends the
+/// staging, which deletes the file if no message references it.
+struct StagedBody {
+    machine: Arc<MailStateMachine>,
+    blob: BlobId,
+}
+
+impl Drop for StagedBody {
+    fn drop(&mut self) {
+        let state = self.machine.read();
+        let referenced = state.blobs.contains_key(&self.blob);
+        self.machine.blobs.unstage(&self.blob, referenced);
+    }
+}
+
+/// Compresses and hashes a body and writes its file, on a blocking thread: the proposer's
+/// work, done in parallel by concurrent sessions, so that apply only checks the file is there.
+async fn prepare_body(
+    machine: &Arc<MailStateMachine>,
+    body: Vec<u8>,
+) -> Result<(BodyV1, StagedBody), StoreError> {
     if body.len() > MAX_MESSAGE_BYTES {
         return Err(StoreError::Invalid(format!(
             "message is larger than {MAX_MESSAGE_BYTES} bytes"
         )));
     }
+    let machine = machine.clone();
     blocking(move || {
         let (blob, compressed) =
             blob::compress(&body).map_err(|e| StoreError::Io(format!("cannot compress: {e}")))?;
-        Ok(BodyV1 {
-            blob,
-            raw_size: body.len() as u32,
-            compressed,
-        })
+        machine.blobs.stage(&blob, &compressed).map_err(|error| {
+            tracing::error!(blob = %hex::encode(blob.0), %error, "cannot write a body file");
+            StoreError::Io(format!("cannot write the message body: {error}"))
+        })?;
+        let staged = StagedBody { machine, blob };
+        Ok((
+            BodyV1 {
+                blob,
+                raw_size: body.len() as u32,
+                compressed,
+            },
+            staged,
+        ))
     })
     .await
 }
@@ -617,7 +645,7 @@ impl MailStore {
                 state::MAX_RECIPIENTS_PER_DELIVERY
             )));
         }
-        let body = prepare_body(delivery.body).await?;
+        let (body, _staged) = prepare_body(&self.machine, delivery.body).await?;
         let blob = body.blob;
         let command = CommandV1::Deliver {
             mail_from: delivery.mail_from,
@@ -788,7 +816,7 @@ impl MailStore {
         if self.mailbox_view(account, mailbox).is_none() {
             return Err(StoreError::NotFound("mailbox".into()));
         }
-        let body = prepare_body(body).await?;
+        let (body, _staged) = prepare_body(&self.machine, body).await?;
         let command = CommandV1::Append {
             account,
             mailbox,
