@@ -625,11 +625,21 @@ impl MailStore {
         let Ok(address) = names::normalize_address(address) else {
             return RecipientCheck::UnknownUser;
         };
+        // Local when at least one local account would receive it: an alias whose targets are
+        // all foreign (forwarding is not there yet) or dangling is unknown, as delivery would
+        // store nothing.
         let state = self.state();
-        if state.account_ids.contains_key(&address) || state.aliases.contains_key(&address) {
-            RecipientCheck::Local
-        } else {
+        let mut accounts = Vec::new();
+        state.expand_recipient(
+            &address,
+            &mut std::collections::BTreeSet::new(),
+            &mut accounts,
+            &mut std::collections::BTreeSet::new(),
+        );
+        if accounts.is_empty() {
             RecipientCheck::UnknownUser
+        } else {
+            RecipientCheck::Local
         }
     }
 
