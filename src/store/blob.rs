@@ -23,6 +23,7 @@ use std::io::{self, Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
 use super::command::{MAX_COMMAND_BYTES, MAX_MESSAGE_BYTES};
 use super::BlobId;
@@ -33,6 +34,8 @@ pub const BODY_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 pub const BODY_CACHE_ENTRY_BYTES_MAX: usize = 8 * 1024 * 1024;
 /// Restore compares a snapshot's body with the file in place in chunks of this size.
 const COMPARE_CHUNK_BYTES: usize = 64 * 1024;
+/// A temporary file older than this is left over from a crash (writes take milliseconds).
+const TEMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);
 /// zstd level used by proposers: level 3 is zstd's default, fast on 2 cores.
 pub const ZSTD_LEVEL: i32 = 3;
 
@@ -337,8 +340,12 @@ impl BlobStore {
                 let file = file?;
                 let name = file.file_name();
                 let name = name.to_string_lossy();
-                let wanted = parse_hex_id(&name)
-                    .is_some_and(|id| keep.contains_key(&id) || collector.staged.contains_key(&id));
+                let wanted = match parse_hex_id(&name) {
+                    Some(id) => keep.contains_key(&id) || collector.staged.contains_key(&id),
+                    // A temporary file may belong to a write in progress; one left by a crash
+                    // goes once it is old.
+                    None => name.ends_with(".tmp") && !is_older_than(&file, TEMP_FILE_AGE_MAX),
+                };
                 if !wanted {
                     fs::remove_file(file.path())?;
                     removed += 1;
@@ -346,6 +353,11 @@ impl BlobStore {
             }
         }
         Ok(removed)
+    }
+
+    /// A body from the cache only (no I/O).
+    pub fn cached(&self, id: &BlobId) -> Option<Arc<Vec<u8>>> {
+        lock(&self.cache).get(id)
     }
 
     /// Reads, decompresses and verifies a body (blocking: call from a blocking thread).
@@ -400,6 +412,14 @@ fn check_content(id: &BlobId, compressed: &mut dyn Read) -> io::Result<()> {
 
 fn corrupt(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.to_string())
+}
+
+fn is_older_than(file: &fs::DirEntry, age: Duration) -> bool {
+    file.metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+        .is_some_and(|elapsed| elapsed > age)
 }
 
 fn parse_hex_id(name: &str) -> Option<BlobId> {

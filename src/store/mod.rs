@@ -721,13 +721,15 @@ impl MailStore {
 
     /// The raw bytes of a stored message.
     pub async fn body(&self, blob: BlobId) -> Result<Arc<Vec<u8>>, StoreError> {
-        let raw_size = self
-            .state()
-            .blobs
-            .get(&blob)
-            .map(|info| info.raw_size)
-            .ok_or_else(|| StoreError::NotFound("message body".into()))?;
+        let raw_size = self.state().blobs.get(&blob).map(|info| info.raw_size);
         let blobs = self.machine.blobs.clone();
+        let Some(raw_size) = raw_size else {
+            // Expunged meanwhile: a session still showing the message may get it from the
+            // cache; otherwise it is gone.
+            return blobs
+                .cached(&blob)
+                .ok_or_else(|| StoreError::NotFound("message body".into()));
+        };
         blocking(move || {
             blobs.read(&blob, raw_size).map_err(|error| {
                 tracing::error!(blob = %hex::encode(blob.0), %error, "cannot read a body");

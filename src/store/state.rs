@@ -103,7 +103,7 @@ impl Mailbox {
             match flag {
                 Flag::Keyword(keyword) => {
                     check_keyword(keyword)?;
-                    let lower = keyword.to_lowercase();
+                    let lower = keyword.to_ascii_lowercase();
                     match self.keywords.get(&lower) {
                         Some(spelling) => {
                             canonical.insert(Flag::Keyword(spelling.clone()));
@@ -111,7 +111,7 @@ impl Mailbox {
                         None => {
                             if !new_keywords
                                 .iter()
-                                .any(|k: &String| k.to_lowercase() == lower)
+                                .any(|k: &String| k.to_ascii_lowercase() == lower)
                             {
                                 new_keywords.push(keyword.clone());
                                 canonical.insert(Flag::Keyword(keyword.clone()));
@@ -135,7 +135,7 @@ impl Mailbox {
     fn remember_keywords(&mut self, new_keywords: Vec<String>) {
         for keyword in new_keywords {
             self.keywords
-                .entry(keyword.to_lowercase())
+                .entry(keyword.to_ascii_lowercase())
                 .or_insert(keyword);
         }
     }
@@ -1172,7 +1172,7 @@ impl State {
                     Flag::Keyword(k) => Flag::Keyword(
                         destination
                             .keywords
-                            .get(&k.to_lowercase())
+                            .get(&k.to_ascii_lowercase())
                             .cloned()
                             .unwrap_or_else(|| k.clone()),
                     ),

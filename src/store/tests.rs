@@ -331,6 +331,21 @@ async fn delivered_body_reads_back_byte_exact() {
     assert_eq!(stats.messages, 1);
     assert_eq!(stats.blob_bytes_raw, body.len() as u64);
     assert!(stats.blob_bytes_stored > 0);
+
+    // Expunged while a session still shows it: served from the cache, the file is gone.
+    fx.store
+        .store_flags(
+            alice,
+            inbox.id,
+            vec![1],
+            FlagOp::Add,
+            flags(&[Flag::Deleted]),
+        )
+        .await
+        .unwrap();
+    fx.store.expunge(alice, inbox.id, None).await.unwrap();
+    assert_eq!(fx.blob_files(), 0);
+    assert_eq!(*fx.store.body(meta.blob).await.unwrap(), body);
 }
 
 #[tokio::test]
