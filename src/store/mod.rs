@@ -308,7 +308,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         // build is done, so every file of the captured state stays readable.
         let guard = self.blobs.begin_read();
         Box::new(snapshot::Builder {
-            state: state.clone(),
+            state: state.capture(),
             blobs: self.blobs.clone(),
             _guard: guard,
         })

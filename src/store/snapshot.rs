@@ -110,8 +110,11 @@ pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> 
     meta_codec(MAX_META_BYTES)
         .serialize_into(&mut out, &meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
-    out.write_all(&(state.blobs.len() as u64).to_le_bytes())?;
-    for id in state.blobs.keys() {
+    // The referenced bodies come from the message lists, not from `state.blobs`: the capture
+    // for a snapshot leaves that table out to stay cheap.
+    let referenced = state.referenced_blobs();
+    out.write_all(&(referenced.len() as u64).to_le_bytes())?;
+    for id in &referenced {
         let file = blobs.open_compressed(id).map_err(|error| {
             tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body file is missing");
             io::Error::new(

@@ -334,6 +334,33 @@ impl State {
 
     // ----- derived data -----
 
+    /// A copy for a snapshot build, taken under the read lock: message lists are shared
+    /// (`Arc`), and the blob table, derivable from them, is left out.
+    pub fn capture(&self) -> State {
+        State {
+            domains: self.domains.clone(),
+            accounts: self.accounts.clone(),
+            account_ids: self.account_ids.clone(),
+            aliases: self.aliases.clone(),
+            next_account_id: self.next_account_id,
+            next_mailbox_id: self.next_mailbox_id,
+            uidvalidity_high: self.uidvalidity_high,
+            blobs: BTreeMap::new(),
+            totals: Totals::default(),
+        }
+    }
+
+    /// Every body some message references, ascending.
+    pub fn referenced_blobs(&self) -> BTreeSet<BlobId> {
+        let mut referenced = BTreeSet::new();
+        for account in self.accounts.values() {
+            for mailbox in account.mailboxes.values() {
+                referenced.extend(mailbox.messages.iter().map(|m| m.blob));
+            }
+        }
+        referenced
+    }
+
     /// Rebuilds the blob table from the messages; `stored_size` gives each body's file size.
     pub fn rebuild_blobs(&mut self, stored_size: impl Fn(&BlobId) -> u64) {
         let mut blobs: BTreeMap<BlobId, BlobInfo> = BTreeMap::new();
