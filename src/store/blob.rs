@@ -20,7 +20,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
 use std::io::{self, Read, Seek, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
@@ -390,7 +390,8 @@ impl BlobStore {
         fs::File::open(self.path(id))
     }
 
-    pub fn root(&self) -> &Path {
+    #[cfg(test)]
+    pub fn root(&self) -> &std::path::Path {
         &self.root
     }
 }

@@ -276,13 +276,6 @@ pub fn uids_to_ranges(mut uids: Vec<Uid>) -> Vec<UidRange> {
     ranges
 }
 
-/// Whether `uid` lies in one of the ranges (which need not be sorted).
-pub fn ranges_contain(ranges: &[UidRange], uid: Uid) -> bool {
-    ranges
-        .iter()
-        .any(|&(start, end)| start <= uid && uid <= end)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -297,9 +290,6 @@ mod tests {
             uids_to_ranges(vec![u32::MAX, u32::MAX - 1]),
             vec![(u32::MAX - 1, u32::MAX)]
         );
-        let ranges = uids_to_ranges(vec![1, 2, 7]);
-        assert!(ranges_contain(&ranges, 2));
-        assert!(!ranges_contain(&ranges, 3));
     }
 
     #[test]

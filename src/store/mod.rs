@@ -9,11 +9,11 @@
 //! THIS FILE IS THE CONTRACT shared by the SMTP, IMAP and admin code. The signatures below are
 //! fixed; the bodies are being written in the store branch.
 
-pub mod blob;
-pub mod command;
+mod blob;
+mod command;
 mod names;
-pub mod snapshot;
-pub mod state;
+mod snapshot;
+mod state;
 
 use std::future::Future;
 use std::io;
@@ -27,9 +27,14 @@ use serde::{Deserialize, Serialize};
 use blob::BlobStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
-    BodyV1, Command, CommandV1, Response, MAX_MESSAGE_BYTES,
+    BodyV1, Command, CommandV1, Response,
 };
 use state::State;
+
+/// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
+pub use command::MAX_MESSAGE_BYTES;
+/// The most envelope recipients one delivery may name.
+pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
 pub type AccountId = u64;
 pub type MailboxId = u64;
