@@ -147,12 +147,21 @@ impl BlobStore {
         fs::metadata(self.path(id)).ok().map(|m| m.len())
     }
 
-    /// Makes sure the body's file exists with these bytes (kept if one of the right size is
-    /// there), and cancels a pending deletion of it.
+    /// Makes sure the body's file exists with these bytes, and cancels a pending deletion of
+    /// it. Called by apply.
+    ///
+    /// A staged file of the right size was written whole by this process (files appear only
+    /// by rename), so its size is checked only. Any other file of the right size may be left
+    /// from before a crash (a replay after restart), so its bytes are compared with the
+    /// command's, and a damaged file is replaced.
     pub fn write(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
         let mut collector = lock(&self.collector);
         collector.pending.remove(id);
-        if self.file_size(id) == Some(compressed.len() as u64) {
+        let staged = collector.staged.contains_key(id);
+        drop(collector);
+        if self.file_size(id) == Some(compressed.len() as u64)
+            && (staged || fs::read(self.path(id)).is_ok_and(|bytes| bytes == compressed))
+        {
             return Ok(());
         }
         self.write_file(id, |file| file.write_all(compressed))
@@ -446,10 +455,14 @@ mod tests {
         fs::create_dir_all(store.path(&other).parent().unwrap()).unwrap();
         fs::write(store.path(&other), &compressed).unwrap();
         assert!(store.read(&other, raw.len() as u32).is_err());
-        // A short file is replaced on the next write.
+        // A short file is replaced on the next write, and so is one of the right size whose
+        // bytes are wrong (as a crash can leave it).
         fs::write(store.path(&id), b"x").unwrap();
         store.write(&id, &compressed).unwrap();
-        assert_eq!(store.file_size(&id), Some(compressed.len() as u64));
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+        fs::write(store.path(&id), vec![0u8; compressed.len()]).unwrap();
+        store.write(&id, &compressed).unwrap();
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
     }
 
     #[test]

@@ -271,6 +271,14 @@ impl MailStateMachine {
         }
     }
 
+    /// Ends one staging of a body. Serialized with apply, so that a command carrying the
+    /// same body cannot be between writing its file and referencing it meanwhile.
+    fn unstage(&self, blob: &BlobId) {
+        let _serial = lock(&self.apply_lock);
+        let referenced = self.read().blobs.contains_key(blob);
+        self.blobs.unstage(blob, referenced);
+    }
+
     fn apply_command(&self, command: CommandV1) -> Response {
         if let CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. } = &command {
             // Apply cannot fail half-way: a replica that cannot write a file keeps the same
@@ -462,15 +470,34 @@ async fn blocking<T: Send + 'static>(
 /// A body written ahead of its proposal; dropping it (answered, refused or abandoned) ends the
 /// staging, which deletes the file if no message references it.
 struct StagedBody {
-    machine: Arc<MailStateMachine>,
+    machine: Option<Arc<MailStateMachine>>,
     blob: BlobId,
 }
 
+impl StagedBody {
+    /// Ends the staging once the proposal is answered, before the caller answers its client.
+    async fn finish(mut self) {
+        if let Some(machine) = self.machine.take() {
+            let blob = self.blob;
+            let _ = tokio::task::spawn_blocking(move || machine.unstage(&blob)).await;
+        }
+    }
+}
+
 impl Drop for StagedBody {
+    /// The proposal was abandoned (its session went away): end the staging in the background.
     fn drop(&mut self) {
-        let state = self.machine.read();
-        let referenced = state.blobs.contains_key(&self.blob);
-        self.machine.blobs.unstage(&self.blob, referenced);
+        let Some(machine) = self.machine.take() else {
+            return;
+        };
+        let blob = self.blob;
+        let unstage = move || machine.unstage(&blob);
+        // Unstaging waits for the apply in progress (which may be a long restore): never on an
+        // async worker thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(unstage)),
+            Err(_) => unstage(),
+        }
     }
 }
 
@@ -493,7 +520,10 @@ async fn prepare_body(
             tracing::error!(blob = %hex::encode(blob.0), %error, "cannot write a body file");
             StoreError::Io(format!("cannot write the message body: {error}"))
         })?;
-        let staged = StagedBody { machine, blob };
+        let staged = StagedBody {
+            machine: Some(machine),
+            blob,
+        };
         Ok((
             BodyV1 {
                 blob,
@@ -660,7 +690,7 @@ impl MailStore {
                 state::MAX_RECIPIENTS_PER_DELIVERY
             )));
         }
-        let (body, _staged) = prepare_body(&self.machine, delivery.body).await?;
+        let (body, staged) = prepare_body(&self.machine, delivery.body).await?;
         let blob = body.blob;
         let command = CommandV1::Deliver {
             mail_from: delivery.mail_from,
@@ -668,7 +698,9 @@ impl MailStore {
             received_at: delivery.received_at,
             body,
         };
-        match self.submit(command).await? {
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
             Response::Delivered(delivered) => Ok(DeliveryReceipt { blob, delivered }),
             other => Err(unexpected(other)),
         }
@@ -833,7 +865,7 @@ impl MailStore {
         if self.mailbox_view(account, mailbox).is_none() {
             return Err(StoreError::NotFound("mailbox".into()));
         }
-        let (body, _staged) = prepare_body(&self.machine, body).await?;
+        let (body, staged) = prepare_body(&self.machine, body).await?;
         let command = CommandV1::Append {
             account,
             mailbox,
@@ -842,7 +874,9 @@ impl MailStore {
             internal_date_offset_min,
             body,
         };
-        match self.submit(command).await? {
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
             Response::Appended { uidvalidity, uid } => Ok((uidvalidity, uid)),
             other => Err(unexpected(other)),
         }

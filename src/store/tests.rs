@@ -740,7 +740,15 @@ async fn abandoned_or_failed_proposal_leaves_no_body_file() {
         stuck.deliver(delivery),
     );
     assert!(attempt.await.is_err());
-    assert_eq!(fx.blob_files(), 0);
+    // The abandoned staging ends in the background: wait for it, with a deadline.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while fx.blob_files() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the staged body file was not removed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(fx.store.stats().messages, 0);
 }
 
