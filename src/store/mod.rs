@@ -7,7 +7,26 @@
 //! once it is committed and applied on this node.
 //!
 //! THIS FILE IS THE CONTRACT shared by the SMTP, IMAP and admin code. The signatures below are
-//! fixed; the bodies are being written in the store branch.
+//! fixed.
+//!
+//! Code map:
+//! - `command.rs`: the closed, versioned command enum carried by the log ([`Propose`] bytes
+//!   are bincode of `Command::V1`), and the response enum.
+//! - `state.rs`: the in-memory state (BTreeMaps only) and the pure `apply`.
+//! - `blob.rs`: bodies as content-addressed zstd files `blobs/ab/<hex>`, staging, deferred
+//!   deletion, the cache of decompressed bodies.
+//! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
+//! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
+//! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
+//!   [`LocalProposer`] (direct apply for tests) and [`MailStore`].
+//!
+//! The write path of a message: the session's call compresses and hashes the body and writes
+//! its file (staging, on a blocking thread), proposes the command (which carries the
+//! compressed bytes, so followers and replays can write the file), and answers once the
+//! command is committed and applied here. Apply on the proposing node only checks the staged
+//! file. Body files are not fsync'd: the log holds every body until a snapshot, and a snapshot
+//! holds every referenced body, so the cluster must restore its last snapshot before replaying
+//! the log at start (it does), which rewrites any file lost in a crash.
 
 mod blob;
 mod command;
@@ -305,7 +324,10 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
     fn apply(&self, log_index: u64, command: &[u8]) -> Vec<u8> {
         let _serial = lock(&self.apply_lock);
         let response = match decode_command(command) {
-            Ok(Command::V1(command)) => self.apply_command(command),
+            Ok(Command::V1(command)) => {
+                tracing::debug!(log_index, ?command, "apply");
+                self.apply_command(command)
+            }
             Err(error) => {
                 tracing::warn!(log_index, %error, "undecodable command in the log");
                 Response::Refused(ApplyError::Invalid("undecodable command".into()))
