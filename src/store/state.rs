@@ -268,8 +268,13 @@ pub fn normalize_ranges(mut ranges: Vec<UidRange>) -> Vec<UidRange> {
     merged
 }
 
+/// The largest time taken as a UIDVALIDITY floor (early 2096): a proposer with a clock far in
+/// the future must not use up the u32 space, which would stop mailbox creation for good; above
+/// this, values just count up from the last one.
+pub const UIDVALIDITY_TIME_MAX: u32 = u32::MAX - (1 << 28);
+
 fn uidvalidity_floor(now: i64) -> u32 {
-    u32::try_from(now.clamp(1, i64::from(u32::MAX))).unwrap_or(u32::MAX)
+    u32::try_from(now.clamp(1, i64::from(UIDVALIDITY_TIME_MAX))).unwrap_or(UIDVALIDITY_TIME_MAX)
 }
 
 impl State {

@@ -898,6 +898,38 @@ fn refused_command_leaves_state_unchanged() {
     );
 }
 
+#[test]
+fn uidvalidity_grows_with_time_and_survives_a_clock_in_the_far_future() {
+    let dir = tempfile::tempdir().unwrap();
+    let machine = MailStateMachine::open(dir.path()).unwrap();
+    let mut index = 0;
+    for command in setup_commands() {
+        apply(&machine, &mut index, command);
+    }
+    let create = |name: &str, now: i64| CommandV1::CreateMailbox {
+        account: 1,
+        name: name.into(),
+        special_use: None,
+        now,
+    };
+    let validity = |machine: &MailStateMachine, name: &str| {
+        machine.read().accounts[&1]
+            .mailbox_by_name(name)
+            .unwrap()
+            .uidvalidity
+    };
+    apply(&machine, &mut index, create("Later", 1_800_000_000));
+    assert_eq!(validity(&machine, "Later"), 1_800_000_000);
+    // A clock going backwards still gives a greater value.
+    apply(&machine, &mut index, create("Earlier", 1_000));
+    assert_eq!(validity(&machine, "Earlier"), 1_800_000_001);
+    apply(&machine, &mut index, create("Future", i64::MAX));
+    assert_eq!(validity(&machine, "Future"), state::UIDVALIDITY_TIME_MAX);
+    let response = apply(&machine, &mut index, create("After", i64::MAX));
+    assert!(matches!(response, command::Response::Mailbox(_)));
+    assert_eq!(validity(&machine, "After"), state::UIDVALIDITY_TIME_MAX + 1);
+}
+
 #[tokio::test]
 async fn snapshot_round_trip_into_a_fresh_data_dir() {
     let fx = Fixture::new().await;
@@ -1075,6 +1107,21 @@ fn snapshot_build_keeps_files_of_its_view() {
     assert!(other.blobs.path(&blob).exists());
 }
 
+/// Bytes the file system allocated for a folder tree (what `du` reports).
+fn allocated_bytes(root: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(root).unwrap() {
+        let entry = entry.unwrap();
+        let metadata = entry.metadata().unwrap();
+        total += metadata.blocks() * 512;
+        if metadata.is_dir() {
+            total += allocated_bytes(&entry.path());
+        }
+    }
+    total
+}
+
 #[test]
 fn apply_timing_for_ten_thousand_deliveries() {
     let dir = tempfile::tempdir().unwrap();
@@ -1130,10 +1177,11 @@ fn apply_timing_for_ten_thousand_deliveries() {
     let restored = started.elapsed();
     let stats = machine.read().stats();
     assert_eq!(stats.messages, DELIVERIES as u64);
+    let allocated = allocated_bytes(&dir.path().join("blobs"));
     println!(
         "store timing ({DELIVERIES} deliveries of ~1.1 KB): compress+hash+encode {:?}, apply {:?} \
          ({:.1} us each), replay with files present {:?}, begin_snapshot {:?}, write snapshot {:?} ({} bytes), restore {:?}; \
-         raw {} bytes, stored {} bytes",
+         raw {} bytes, stored {} bytes, allocated on disk {} bytes",
         prepared,
         applied,
         applied.as_secs_f64() * 1e6 / DELIVERIES as f64,
@@ -1144,6 +1192,7 @@ fn apply_timing_for_ten_thousand_deliveries() {
         restored,
         stats.blob_bytes_raw,
         stats.blob_bytes_stored,
+        allocated,
     );
 }
 
