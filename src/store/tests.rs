@@ -1326,6 +1326,40 @@ mod determinism {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic_apply_or_restore(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            prefix_len in 0usize..64,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let machine = MailStateMachine::open(dir.path()).unwrap();
+            let mut index = 0;
+            for command in setup_commands() {
+                apply(&machine, &mut index, command);
+            }
+            let before = snapshot_bytes(&machine);
+            // Garbage as a command, and garbage after a valid command prefix.
+            let reply = machine.apply(100, &bytes);
+            prop_assert!(command::decode_response(&reply).is_ok());
+            let valid = encode(CommandV1::AddDomain { domain: "example.net".into() });
+            let mut spliced = valid[..prefix_len.min(valid.len())].to_vec();
+            spliced.extend_from_slice(&bytes);
+            let _ = machine.apply(101, &spliced);
+            // Garbage as a snapshot, and a real snapshot with garbage spliced in.
+            prop_assert!(machine.restore(&mut bytes.as_slice()).is_err());
+            let mut broken = before.clone();
+            let at = prefix_len * before.len() / 64;
+            broken.splice(at..at, bytes.iter().copied());
+            if !bytes.is_empty() {
+                prop_assert!(machine.restore(&mut broken.as_slice()).is_err());
+            }
+            prop_assert_eq!(machine.read().check_invariants(), Ok(()));
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
         #[test]
