@@ -698,9 +698,30 @@ async fn blob_is_shared_and_removed_with_its_last_reference() {
         store.expunge(account, mailbox, None).await.unwrap();
         assert!(path.exists(), "bob still holds a copy");
     }
-    // Removing the last holder's account frees the body.
-    store.remove_account("bob@example.org").await.unwrap();
+    // Expunging bob's, the last copy, frees the body.
+    let bob_inbox = fx.mailbox(bob, "INBOX");
+    store
+        .store_flags(
+            bob,
+            bob_inbox.id,
+            vec![1],
+            FlagOp::Add,
+            flags(&[Flag::Deleted]),
+        )
+        .await
+        .unwrap();
+    store.expunge(bob, bob_inbox.id, None).await.unwrap();
     assert!(!path.exists());
+    assert_eq!(fx.blob_files(), 0);
+    // So does removing the account that holds the last copies.
+    let second = fx.deliver(&["bob@example.org"], message("bob only")).await;
+    let bob_trash = fx.mailbox(bob, "Trash");
+    store
+        .copy(bob, bob_inbox.id, vec![2], bob_trash.id)
+        .await
+        .unwrap();
+    assert!(store.machine.blobs.path(&second.blob).exists());
+    store.remove_account("bob@example.org").await.unwrap();
     assert_eq!(fx.blob_files(), 0);
     let stats = store.stats();
     assert_eq!(
@@ -712,7 +733,6 @@ async fn blob_is_shared_and_removed_with_its_last_reference() {
         ),
         (0, 0, 0, 0)
     );
-    let _ = bob;
 }
 
 /// A proposer whose proposals never commit (a cluster without quorum).
