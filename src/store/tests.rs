@@ -1171,6 +1171,26 @@ fn apply_timing_for_ten_thousand_deliveries() {
         machine.apply(index, command);
     }
     let applied = started.elapsed();
+    // An IDLE session holding a view of the 10,000-message INBOX makes each delivery copy the
+    // message list once (copy on write); the session then takes a fresh view.
+    const HELD_VIEW_DELIVERIES: usize = 100;
+    let mut held = machine.read().accounts[&1].mailboxes[&1].messages.clone();
+    let started = Instant::now();
+    for n in 0..HELD_VIEW_DELIVERIES {
+        index += 1;
+        machine.apply(
+            index,
+            &encode(CommandV1::Deliver {
+                mail_from: String::new(),
+                recipients: vec!["alice@example.org".into()],
+                received_at: 0,
+                body: body_of(format!("held view {n}").as_bytes()),
+            }),
+        );
+        held = machine.read().accounts[&1].mailboxes[&1].messages.clone();
+    }
+    let with_held_view = started.elapsed() / HELD_VIEW_DELIVERIES as u32;
+    assert_eq!(held.len(), DELIVERIES + HELD_VIEW_DELIVERIES);
     // A replay over the same data dir finds every body file in place: state work only.
     let replay = MailStateMachine::open(dir.path()).unwrap();
     let mut replay_index = 0;
@@ -1196,15 +1216,17 @@ fn apply_timing_for_ten_thousand_deliveries() {
     other.restore(&mut bytes.as_slice()).unwrap();
     let restored = started.elapsed();
     let stats = machine.read().stats();
-    assert_eq!(stats.messages, DELIVERIES as u64);
+    assert_eq!(stats.messages, (DELIVERIES + HELD_VIEW_DELIVERIES) as u64);
     let allocated = allocated_bytes(&dir.path().join("blobs"));
     println!(
         "store timing ({DELIVERIES} deliveries of ~1.1 KB): compress+hash+encode {:?}, apply {:?} \
-         ({:.1} us each), replay with files present {:?}, begin_snapshot {:?}, write snapshot {:?} ({} bytes), restore {:?}; \
+         ({:.1} us each), apply while a view of the mailbox is held {:?} each, replay with \
+         files present {:?}, begin_snapshot {:?}, write snapshot {:?} ({} bytes), restore {:?}; \
          raw {} bytes, stored {} bytes, allocated on disk {} bytes",
         prepared,
         applied,
         applied.as_secs_f64() * 1e6 / DELIVERIES as f64,
+        with_held_view,
         replayed,
         captured,
         written,
