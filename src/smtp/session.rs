@@ -892,3 +892,805 @@ fn parse_error_reply(error: &ParseError) -> String {
         _ => "500 5.5.2 Error: syntax error".to_owned(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BlobId;
+    use proptest::prelude::*;
+
+    /// Local domain `example.org` with users alice and bob; every other domain is foreign.
+    struct Table;
+
+    impl Recipients for Table {
+        fn check_recipient(&self, address: &str) -> RecipientCheck {
+            let lower = address.to_ascii_lowercase();
+            match lower.rsplit_once('@') {
+                Some((user, "example.org")) if user == "alice" || user == "bob" => {
+                    RecipientCheck::Local
+                }
+                Some((_, "example.org")) => RecipientCheck::UnknownUser,
+                _ => RecipientCheck::ForeignDomain,
+            }
+        }
+    }
+
+    /// 2023-11-14 22:13:20 UTC.
+    fn test_now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn new_session(config: SmtpConfig) -> Session<Table> {
+        let params = SessionParams {
+            config: Arc::new(config),
+            hostname: Arc::from("mx.example.org"),
+            client_ip: IpAddr::from([192, 0, 2, 7]),
+            tls_available: true,
+            id_seed: 7,
+        };
+        Session::new(params, Table)
+    }
+
+    /// Everything a run produced.
+    #[derive(Default)]
+    struct Run {
+        replies: Vec<u8>,
+        deliveries: Vec<PendingDelivery>,
+        n_starttls: usize,
+        closed: bool,
+    }
+
+    impl Run {
+        fn text(&self) -> String {
+            normalise_ids(&String::from_utf8_lossy(&self.replies))
+        }
+    }
+
+    /// Performs the session's actions the way the driver does, with a store that answers
+    /// `delivery_result` and a TLS handshake that always succeeds.
+    fn perform(
+        session: &mut Session<Table>,
+        mut output: Output,
+        run: &mut Run,
+        delivery_result: &dyn Fn() -> Result<DeliveryReceipt, StoreError>,
+    ) {
+        loop {
+            run.replies.extend_from_slice(&output.reply);
+            let mut next = None;
+            for action in std::mem::take(&mut output.actions) {
+                match action {
+                    Action::Deliver(pending) => {
+                        run.deliveries.push(*pending);
+                        next =
+                            Some(session.step(Input::DeliveryDone(delivery_result()), test_now()));
+                    }
+                    Action::StartTls => {
+                        run.n_starttls += 1;
+                        next = Some(session.step(Input::TlsEstablished, test_now()));
+                    }
+                    Action::Close => run.closed = true,
+                }
+            }
+            match next {
+                Some(next) => output = next,
+                None => return,
+            }
+        }
+    }
+
+    fn stored() -> Result<DeliveryReceipt, StoreError> {
+        Ok(DeliveryReceipt {
+            blob: BlobId([0; 32]),
+            delivered: vec![(1, 1, 1)],
+        })
+    }
+
+    /// Runs `input` through a fresh session in chunks of `chunk_bytes`.
+    fn run_with(config: SmtpConfig, input: &[u8], chunk_bytes: usize) -> Run {
+        let mut session = new_session(config);
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        for chunk in input.chunks(chunk_bytes.max(1)) {
+            let output = session.step(Input::Bytes(chunk), test_now());
+            perform(&mut session, output, &mut run, &stored);
+        }
+        run
+    }
+
+    /// Lines joined with CRLF, each ending in CRLF.
+    fn crlf(text: &str) -> String {
+        text.lines().map(|line| format!("{line}\r\n")).collect()
+    }
+
+    /// Message ids are random: transcripts show them as `<ID>`.
+    fn normalise_ids(text: &str) -> String {
+        let marker = "stored as ";
+        let mut result = String::new();
+        let mut rest = text;
+        while let Some(index) = rest.find(marker) {
+            result.push_str(&rest[..index + marker.len()]);
+            result.push_str("<ID>");
+            rest = &rest[index + marker.len()..];
+            let end = rest.find('\r').unwrap_or(rest.len());
+            rest = &rest[end..];
+        }
+        result.push_str(rest);
+        result
+    }
+
+    /// The transcript helper: `input` (client lines) must produce `expected` (server lines),
+    /// whether it arrives in one piece or byte by byte. Returns the one-piece run.
+    fn check(input: &str, expected: &str) -> Run {
+        check_with(SmtpConfig::default(), input, expected)
+    }
+
+    fn check_with(config: SmtpConfig, input: &str, expected: &str) -> Run {
+        let input = crlf(input);
+        let whole = run_with(config.clone(), input.as_bytes(), input.len());
+        assert_eq!(whole.text(), crlf(expected), "input in one piece");
+        let bytewise = run_with(config, input.as_bytes(), 1);
+        assert_eq!(bytewise.text(), crlf(expected), "input byte by byte");
+        assert_eq!(bytewise.deliveries.len(), whole.deliveries.len());
+        whole
+    }
+
+    const EHLO_REPLY: &str = "250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 STARTTLS";
+
+    #[test]
+    fn ehlo_lists_the_extensions_and_a_message_is_delivered_with_trace_headers() {
+        let run = check(
+            "EHLO client.example.net
+MAIL FROM:<sender@example.net>
+RCPT TO:<alice@example.org>
+DATA
+Subject: hi
+
+..dot stuffed
+body
+.
+QUIT",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+            ),
+        );
+        assert!(run.closed);
+        let [pending] = run.deliveries.as_slice() else {
+            panic!("one delivery expected");
+        };
+        let delivery = &pending.delivery;
+        assert_eq!(delivery.mail_from, "sender@example.net");
+        assert_eq!(delivery.recipients, vec!["alice@example.org".to_owned()]);
+        assert_eq!(delivery.received_at, 1_700_000_000);
+        let expected = format!(
+            "Return-Path: <sender@example.net>\r\n\
+             Received: from client.example.net ([192.0.2.7])\r\n\
+             \tby mx.example.org (kermail) with ESMTP id {}\r\n\
+             \tfor <alice@example.org>; Tue, 14 Nov 2023 22:13:20 +0000\r\n\
+             Subject: hi\r\n\r\n.dot stuffed\r\nbody\r\n",
+            pending.message_id
+        );
+        assert_eq!(String::from_utf8_lossy(&delivery.body), expected);
+    }
+
+    #[test]
+    fn pipelined_transactions_get_one_reply_per_command_in_order() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<>
+RCPT TO:<alice@example.org>
+RCPT TO:<BOB@example.org>
+RCPT TO:<alice@example.org>
+DATA
+one
+.
+MAIL FROM:<x@example.net>
+RCPT TO:<bob@example.org>
+DATA
+two
+.
+QUIT",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.1.5 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+            ),
+        );
+        assert_eq!(run.deliveries.len(), 2);
+        let first = &run.deliveries[0].delivery;
+        assert_eq!(first.mail_from, "");
+        assert_eq!(
+            first.recipients,
+            vec!["alice@example.org", "BOB@example.org"]
+        );
+        let body = String::from_utf8_lossy(&first.body);
+        assert!(body.starts_with("Return-Path: <>\r\n"));
+        assert!(
+            !body.contains("\tfor <"),
+            "no for clause with two recipients"
+        );
+        assert!(body.ends_with("; Tue, 14 Nov 2023 22:13:20 +0000\r\none\r\n"));
+        assert_ne!(run.deliveries[0].message_id, run.deliveries[1].message_id);
+    }
+
+    #[test]
+    fn unknown_user_relay_attempt_and_no_valid_recipient_are_refused() {
+        let run = check(
+            "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<nobody@example.org>
+RCPT TO:<victim@elsewhere.example>
+DATA
+RSET",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+550 5.1.1 <nobody@example.org>: Recipient address rejected: user unknown
+550 5.7.1 <victim@elsewhere.example>: relaying denied
+554 5.5.1 Error: no valid recipients
+250 2.0.0 Ok",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn commands_out_of_sequence_are_refused() {
+        check(
+            "MAIL FROM:<a@b.example>
+RCPT TO:<alice@example.org>
+DATA
+EHLO c
+RCPT TO:<alice@example.org>
+DATA
+MAIL FROM:<a@b.example>
+MAIL FROM:<a@b.example>
+DATA
+BDAT 0 LAST
+NOOP",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+503 5.5.1 Error: send HELO/EHLO first
+503 5.5.1 Error: send HELO/EHLO first
+503 5.5.1 Error: send HELO/EHLO first
+{EHLO_REPLY}
+503 5.5.1 Error: need MAIL command
+503 5.5.1 Error: need MAIL command
+250 2.1.0 Ok
+503 5.5.1 Error: nested MAIL command
+554 5.5.1 Error: no valid recipients
+554 5.5.1 Error: no valid recipients
+250 2.0.0 Ok"
+            ),
+        );
+    }
+
+    #[test]
+    fn small_commands() {
+        check(
+            "NOOP
+VRFY alice
+HELP
+EXPN list
+AUTH PLAIN AGFsaWNlAHNlY3JldA==
+RSET
+LHLO x",
+            "220 mx.example.org ESMTP kermail
+250 2.0.0 Ok
+252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery
+214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS
+502 5.5.1 Error: command not implemented
+503 5.5.1 Error: authentication not enabled
+250 2.0.0 Ok
+500 5.5.2 Error: command not recognized",
+        );
+    }
+
+    #[test]
+    fn a_10000_byte_command_line_gets_one_500_and_the_session_goes_on() {
+        let long_line = format!("NOOP {}", "x".repeat(10_000));
+        let run = check(
+            &format!("EHLO c\n{long_line}\nNOOP"),
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+500 5.5.2 Error: line too long
+250 2.0.0 Ok"
+            ),
+        );
+        assert!(!run.closed);
+    }
+
+    #[test]
+    fn binary_garbage_earns_500s_until_the_error_limit_closes_the_session() {
+        let config = SmtpConfig {
+            max_errors_per_session: 3,
+            ..SmtpConfig::default()
+        };
+        let garbage: Vec<u8> =
+            b"\x00\xff\xfe garbage\r\n\x80\x81\r\n\x1b[31m\r\n\x01\x02\r\nNOOP\r\n".to_vec();
+        for chunk_bytes in [garbage.len(), 1] {
+            let run = run_with(config.clone(), &garbage, chunk_bytes);
+            assert_eq!(
+                run.text(),
+                crlf(
+                    "220 mx.example.org ESMTP kermail
+500 5.5.2 Error: command not recognized
+500 5.5.2 Error: command not recognized
+500 5.5.2 Error: command not recognized
+421 4.7.0 mx.example.org Error: too many errors"
+                )
+            );
+            assert!(run.closed);
+        }
+    }
+
+    #[test]
+    fn endless_garbage_without_newline_reaches_the_error_limit() {
+        let garbage = vec![0xAAu8; 200_000];
+        let run = run_with(SmtpConfig::default(), &garbage, 4096);
+        assert!(run.closed);
+        let text = run.text();
+        assert!(text.contains("500 5.5.2 Error: line too long\r\n"));
+        assert!(text.ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n"));
+    }
+
+    #[test]
+    fn declared_size_over_the_limit_is_refused_at_mail() {
+        let config = SmtpConfig {
+            max_message_size_bytes: 100,
+            ..SmtpConfig::default()
+        };
+        check_with(
+            config,
+            "EHLO c
+MAIL FROM:<s@example.net> SIZE=101
+MAIL FROM:<s@example.net> SIZE=100",
+            "220 mx.example.org ESMTP kermail
+250-mx.example.org
+250-PIPELINING
+250-SIZE 100
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 STARTTLS
+552 5.3.4 Error: message size exceeds fixed limit
+250 2.1.0 Ok",
+        );
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_read_to_its_end_then_refused_and_not_stored() {
+        let config = SmtpConfig {
+            max_message_size_bytes: 100,
+            ..SmtpConfig::default()
+        };
+        let big_line = "y".repeat(150);
+        let run = check_with(
+            config,
+            &format!(
+                "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+DATA
+{big_line}
+.
+NOOP"
+            ),
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+552 5.3.4 Error: message size exceeds fixed limit
+250 2.0.0 Ok",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn recipients_beyond_the_limit_get_452() {
+        let config = SmtpConfig {
+            max_recipients_per_message: 1,
+            ..SmtpConfig::default()
+        };
+        check_with(
+            config,
+            "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+RCPT TO:<bob@example.org>",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+452 4.5.3 Error: too many recipients",
+        );
+    }
+
+    #[test]
+    fn bdat_chunks_make_one_message_stored_unchanged() {
+        let input =
+            b"EHLO c\r\nMAIL FROM:<s@example.net> BODY=8BITMIME\r\nRCPT TO:<bob@example.org>\r\n\
+BDAT 10\r\nA: b\r\n\r\n.\rBDAT 6 LAST\r\n\n.\r\nxyQUIT\r\n";
+        for chunk_bytes in [input.len(), 1] {
+            let run = run_with(SmtpConfig::default(), input, chunk_bytes);
+            assert_eq!(
+                run.text(),
+                crlf(&format!(
+                    "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.0.0 Ok: 10 octets received
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+                ))
+            );
+            let [pending] = run.deliveries.as_slice() else {
+                panic!("one delivery expected");
+            };
+            let body = &pending.delivery.body;
+            assert!(
+                body.ends_with(b"+0000\r\nA: b\r\n\r\n.\r\n.\r\nxy"),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bdat_without_a_transaction_skips_its_bytes() {
+        check(
+            "EHLO c
+BDAT 6
+QUIT
+BDAT 0 LAST
+NOOP",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+503 5.5.1 Error: need MAIL command
+503 5.5.1 Error: need MAIL command
+250 2.0.0 Ok"
+            ),
+        );
+    }
+
+    #[test]
+    fn a_bdat_chunk_larger_than_any_message_closes_the_session() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<s@example.net>
+RCPT TO:<bob@example.org>
+BDAT 999999999999 LAST",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+552 5.3.4 Error: message size exceeds fixed limit
+421 4.7.0 mx.example.org Error: closing connection"
+            ),
+        );
+        assert!(run.closed);
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn data_after_bdat_is_refused() {
+        check(
+            "EHLO c
+MAIL FROM:<s@example.net>
+RCPT TO:<bob@example.org>
+BDAT 1
+xDATA",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.0.0 Ok: 1 octets received
+503 5.5.1 Error: DATA after BDAT"
+            ),
+        );
+    }
+
+    #[test]
+    fn commands_pipelined_behind_starttls_are_discarded_and_ehlo_is_needed_again() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let injected = crlf(
+            "EHLO c
+STARTTLS
+MAIL FROM:<evil@example.net>
+RCPT TO:<alice@example.org>",
+        );
+        let output = session.step(Input::Bytes(injected.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(run.n_starttls, 1);
+        assert!(session.is_tls());
+        let after = crlf(
+            "MAIL FROM:<a@example.net>
+EHLO c
+STARTTLS",
+        );
+        let output = session.step(Input::Bytes(after.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(
+            run.text(),
+            crlf(&format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+220 2.0.0 Ready to start TLS
+503 5.5.1 Error: send HELO/EHLO first
+250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250 CHUNKING
+554 5.5.1 Error: TLS already active"
+            ))
+        );
+    }
+
+    #[test]
+    fn received_says_esmtps_after_starttls() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        for part in [
+            "",
+            "EHLO c\r\nSTARTTLS\r\n",
+            "EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        ] {
+            let output = if part.is_empty() {
+                session.step(Input::Connected, test_now())
+            } else {
+                session.step(Input::Bytes(part.as_bytes()), test_now())
+            };
+            perform(&mut session, output, &mut run, &stored);
+        }
+        let [pending] = run.deliveries.as_slice() else {
+            panic!("one delivery expected");
+        };
+        let body = String::from_utf8_lossy(&pending.delivery.body);
+        assert!(body.contains(" with ESMTPS id "), "{body}");
+    }
+
+    #[test]
+    fn a_failed_delivery_answers_451_and_the_session_goes_on() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let unavailable = || Err(StoreError::Unavailable("no quorum".to_owned()));
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &unavailable);
+        let input = crlf(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org>
+DATA
+x
+.
+NOOP",
+        );
+        let output = session.step(Input::Bytes(input.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &unavailable);
+        assert_eq!(
+            run.text(),
+            crlf(
+                "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+451 4.3.0 Error: cannot store the message now, try again later
+250 2.0.0 Ok"
+            )
+        );
+    }
+
+    #[test]
+    fn smuggled_end_of_data_with_bare_lf_is_message_content() {
+        let run = check(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org>
+DATA",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>",
+        );
+        assert!(run.deliveries.is_empty());
+        let input =
+            b"HELO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+x\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ny\r\n.\r\n";
+        let run = run_with(SmtpConfig::default(), input, input.len());
+        assert_eq!(run.deliveries.len(), 1);
+        assert_eq!(
+            run.deliveries[0].delivery.recipients,
+            vec!["alice@example.org"]
+        );
+    }
+
+    #[test]
+    fn a_client_gone_mid_data_or_silent_stores_nothing() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let input =
+            crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
+        let output = session.step(Input::Bytes(input.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(session.read_timeout(), Duration::from_secs(180));
+        let output = session.step(Input::Closed, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(run.deliveries.is_empty());
+        assert!(matches!(session.mode(), Mode::Closed));
+
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let output = session.step(Input::Timeout, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(
+            run.text(),
+            crlf("220 mx.example.org ESMTP kermail\n421 4.4.2 mx.example.org Error: timeout exceeded")
+        );
+        assert!(run.closed);
+    }
+
+    #[test]
+    fn shutdown_closes_an_idle_session_at_once_and_a_busy_one_after_its_message() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let output = session.step(Input::Shutdown, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(run.closed);
+        assert!(run
+            .text()
+            .ends_with("421 4.3.2 mx.example.org Service shutting down\r\n"));
+
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let start =
+            crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
+        let output = session.step(Input::Bytes(start.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        let output = session.step(Input::Shutdown, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(!run.closed, "the message in flight may finish");
+        let output = session.step(Input::Bytes(b" done\r\n.\r\n"), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(run.deliveries.len(), 1);
+        assert!(run.closed);
+        assert!(run.text().ends_with(
+            "250 2.0.0 Ok: stored as <ID>\r\n421 4.3.2 mx.example.org Service shutting down\r\n"
+        ));
+    }
+
+    #[test]
+    fn non_ascii_addresses_need_smtputf8() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<josé@example.net>
+MAIL FROM:<josé@example.net> SMTPUTF8
+RCPT TO:<alice@example.org>
+DATA
+x
+.",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+553 5.6.7 Error: SMTPUTF8 is required for non-ASCII addresses
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>"
+            ),
+        );
+        let body = String::from_utf8_lossy(&run.deliveries[0].delivery.body);
+        assert!(body.contains(" with UTF8SMTP id "), "{body}");
+    }
+
+    #[test]
+    fn unsupported_parameters_are_refused() {
+        check(
+            "EHLO c
+MAIL FROM:<a@example.net> RET=FULL
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org> NOTIFY=NEVER",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+555 5.5.4 Error: unsupported MAIL parameter
+250 2.1.0 Ok
+555 5.5.4 Error: unsupported RCPT parameter"
+            ),
+        );
+    }
+
+    /// Pieces that make up valid and invalid sessions, for the property test.
+    fn fragment() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"EHLO c\r\n".to_vec()),
+            Just(b"HELO c\r\n".to_vec()),
+            Just(b"MAIL FROM:<a@example.net>\r\n".to_vec()),
+            Just(b"RCPT TO:<alice@example.org>\r\n".to_vec()),
+            Just(b"RCPT TO:<nobody@example.org>\r\n".to_vec()),
+            Just(b"RCPT TO:<x@foreign.example>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"BDAT 5\r\n".to_vec()),
+            Just(b"BDAT 3 LAST\r\n".to_vec()),
+            Just(b"\r\n.\r\n".to_vec()),
+            Just(b"RSET\r\n".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            Just(b"QUIT\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary input never panics, and every Deliver carries a complete transaction:
+        /// a sender, at least one recipient, each of them local, trace headers first.
+        #[test]
+        fn arbitrary_input_never_panics_or_delivers_an_incomplete_transaction(
+            fragments in proptest::collection::vec(fragment(), 0..40),
+            chunk_bytes in 1usize..64,
+        ) {
+            let input: Vec<u8> = fragments.concat();
+            let config = SmtpConfig {
+                max_command_line_length_bytes: 64,
+                max_message_size_bytes: 256,
+                ..SmtpConfig::default()
+            };
+            let run = run_with(config, &input, chunk_bytes);
+            let n_mail_commands = input.windows(5).filter(|window| window == b"MAIL ").count();
+            prop_assert!(run.deliveries.len() <= n_mail_commands);
+            for pending in &run.deliveries {
+                let delivery = &pending.delivery;
+                prop_assert!(!delivery.recipients.is_empty());
+                for recipient in &delivery.recipients {
+                    prop_assert_eq!(Table.check_recipient(recipient), RecipientCheck::Local);
+                }
+                prop_assert!(delivery.body.starts_with(b"Return-Path: <a@example.net>\r\nReceived: "));
+                prop_assert!(delivery.body.len() <= 256 + 1024);
+            }
+        }
+    }
+}
