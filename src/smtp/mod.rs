@@ -24,6 +24,8 @@
 pub mod data;
 pub mod server;
 pub mod session;
+#[cfg(test)]
+mod test_client;
 
 use std::net::SocketAddr;
 

@@ -16,7 +16,7 @@ use tracing::Instrument;
 
 use super::session::{Action, Input, Output, Recipients, Session, SessionParams};
 use super::SmtpConfig;
-use crate::store::{MailStore, RecipientCheck};
+use crate::store::{Delivery, DeliveryReceipt, MailStore, RecipientCheck, StoreError};
 
 /// Bytes read from the socket at once; also the most unprocessed input a session holds while
 /// a delivery is outstanding.
@@ -29,9 +29,28 @@ const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 
+/// What the driver needs from the store: recipient checks and delivery. [`MailStore`] is the
+/// one implementation in a node; tests of the driver use a fake.
+pub trait Backend: Recipients + Clone + Send + Sync + 'static {
+    /// Stores the message; returns only once it is committed.
+    fn deliver(
+        &self,
+        delivery: Delivery,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send;
+}
+
 impl Recipients for MailStore {
     fn check_recipient(&self, address: &str) -> RecipientCheck {
         MailStore::check_recipient(self, address)
+    }
+}
+
+impl Backend for MailStore {
+    fn deliver(
+        &self,
+        delivery: Delivery,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
+        MailStore::deliver(self, delivery)
     }
 }
 
@@ -43,6 +62,18 @@ pub async fn serve(
     config: Arc<SmtpConfig>,
     hostname: Arc<str>,
     store: MailStore,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_backend(listener, config, hostname, store, tls, shutdown).await
+}
+
+/// [`serve`] over any [`Backend`].
+pub async fn serve_backend<B: Backend>(
+    listener: TcpListener,
+    config: Arc<SmtpConfig>,
+    hostname: Arc<str>,
+    store: B,
     tls: Arc<rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
@@ -167,10 +198,10 @@ impl Drop for SessionPermit {
     }
 }
 
-struct SessionContext {
+struct SessionContext<B> {
     config: Arc<SmtpConfig>,
     hostname: Arc<str>,
-    store: MailStore,
+    store: B,
     acceptor: TlsAcceptor,
     shutdown: CancellationToken,
 }
@@ -181,7 +212,7 @@ enum DriveEnd {
     StartTls,
 }
 
-async fn run_session(stream: TcpStream, peer: SocketAddr, context: SessionContext) {
+async fn run_session<B: Backend>(stream: TcpStream, peer: SocketAddr, context: SessionContext<B>) {
     let span = tracing::info_span!("smtp_session", client = %peer);
     async move {
         tracing::debug!("smtp session opened");
@@ -227,14 +258,15 @@ async fn run_session(stream: TcpStream, peer: SocketAddr, context: SessionContex
 }
 
 /// Runs the session over one stream (plain, then TLS after STARTTLS).
-async fn drive<S>(
+async fn drive<S, B>(
     stream: &mut S,
-    session: &mut Session<MailStore>,
+    session: &mut Session<B>,
     first_output: Output,
-    context: &SessionContext,
+    context: &SessionContext<B>,
 ) -> std::io::Result<DriveEnd>
 where
     S: AsyncRead + AsyncWrite + Unpin,
+    B: Backend,
 {
     let mut buffer = vec![0u8; READ_BUFFER_BYTES];
     let write_timeout = Duration::from_secs(context.config.command_timeout_secs);
@@ -300,5 +332,298 @@ where
                 return Err(error);
             }
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::smtp::test_client::Client;
+    use crate::store::BlobId;
+    use std::net::SocketAddr;
+
+    /// Local users alice and bob at example.org; records deliveries; fails them when asked.
+    #[derive(Clone, Default)]
+    struct FakeStore {
+        delivered: Arc<Mutex<Vec<Delivery>>>,
+        fail: bool,
+    }
+
+    impl Recipients for FakeStore {
+        fn check_recipient(&self, address: &str) -> RecipientCheck {
+            match address.rsplit_once('@') {
+                Some(("alice" | "bob", "example.org")) => RecipientCheck::Local,
+                Some((_, "example.org")) => RecipientCheck::UnknownUser,
+                _ => RecipientCheck::ForeignDomain,
+            }
+        }
+    }
+
+    impl Backend for FakeStore {
+        async fn deliver(&self, delivery: Delivery) -> Result<DeliveryReceipt, StoreError> {
+            if self.fail {
+                return Err(StoreError::Unavailable("test".to_owned()));
+            }
+            self.delivered.lock().unwrap().push(delivery);
+            Ok(DeliveryReceipt {
+                blob: BlobId([0; 32]),
+                delivered: Vec::new(),
+            })
+        }
+    }
+
+    impl FakeStore {
+        fn n_delivered(&self) -> usize {
+            self.delivered.lock().unwrap().len()
+        }
+    }
+
+    struct Server {
+        address: SocketAddr,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+    }
+
+    impl Server {
+        /// Cancels and waits for `serve` to return.
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(60), self.task)
+                .await
+                .expect("serve returns")
+                .expect("serve task")
+                .expect("serve result");
+        }
+    }
+
+    async fn start(config: SmtpConfig, store: FakeStore) -> Server {
+        crate::tls::install_crypto_provider();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let tls = crate::tls::self_signed(&["localhost".into()]).unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(serve_backend(
+            listener,
+            Arc::new(config),
+            Arc::from("mx.test"),
+            store,
+            tls,
+            shutdown.clone(),
+        ));
+        Server {
+            address,
+            shutdown,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_message_is_answered_250_only_after_the_store_took_it() {
+        let store = FakeStore::default();
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut client = Client::connect(server.address).await;
+        assert_eq!(client.reply().await, "220 mx.test ESMTP kermail\r\n");
+        assert!(client.command("EHLO c").await.contains("250 STARTTLS\r\n"));
+        let reply = client
+            .send_message(
+                "s@example.net",
+                &["alice@example.org"],
+                b"Subject: x\r\n\r\nhello\r\n",
+            )
+            .await;
+        assert!(reply.starts_with("250 2.0.0 Ok: stored as "), "{reply}");
+        assert_eq!(store.n_delivered(), 1);
+        assert_eq!(client.command("QUIT").await, "221 2.0.0 Bye\r\n");
+        assert_eq!(client.reply().await, "", "closed after QUIT");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_store_failure_answers_451() {
+        let store = FakeStore {
+            fail: true,
+            ..FakeStore::default()
+        };
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        client.command("HELO c").await;
+        let reply = client
+            .send_message("s@example.net", &["alice@example.org"], b"x\r\n")
+            .await;
+        assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn starttls_upgrades_and_the_session_starts_over() {
+        let store = FakeStore::default();
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        client.command("EHLO c").await;
+        assert_eq!(
+            client.command("STARTTLS").await,
+            "220 2.0.0 Ready to start TLS\r\n"
+        );
+        let mut client = client.start_tls().await.expect("tls handshake");
+        assert!(client
+            .command("MAIL FROM:<a@example.net>")
+            .await
+            .starts_with("503 5.5.1"));
+        let ehlo = client.command("EHLO c").await;
+        assert!(!ehlo.contains("STARTTLS"), "{ehlo}");
+        let reply = client
+            .send_message("s@example.net", &["bob@example.org"], b"secret\r\n")
+            .await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        let body = store.delivered.lock().unwrap()[0].body.clone();
+        assert!(String::from_utf8_lossy(&body).contains(" with ESMTPS id "));
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn plaintext_pipelined_behind_starttls_is_never_answered() {
+        let server = start(SmtpConfig::default(), FakeStore::default()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        client.command("EHLO c").await;
+        client.send(b"STARTTLS\r\nRSET\r\n").await;
+        assert_eq!(client.reply().await, "220 2.0.0 Ready to start TLS\r\n");
+        // Either the injected bytes broke the handshake, or they were dropped and the first
+        // reply over TLS is the one to our EHLO.
+        if let Ok(mut client) = client.start_tls().await {
+            let reply = client.command("EHLO c").await;
+            assert!(
+                reply.is_empty() || reply.starts_with("250-mx.test\r\n"),
+                "{reply}"
+            );
+        }
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn sessions_beyond_the_per_ip_limit_get_421_until_one_ends() {
+        let config = SmtpConfig {
+            max_sessions_per_ip: 2,
+            ..SmtpConfig::default()
+        };
+        let server = start(config, FakeStore::default()).await;
+        let mut first = Client::connect(server.address).await;
+        assert!(first.reply().await.starts_with("220 "));
+        let mut second = Client::connect(server.address).await;
+        assert!(second.reply().await.starts_with("220 "));
+        let mut third = Client::connect(server.address).await;
+        assert!(third.reply().await.starts_with("421 4.7.0 "));
+        first.command("QUIT").await;
+        assert_eq!(first.reply().await, "");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let mut again = Client::connect(server.address).await;
+            if again.reply().await.starts_with("220 ") {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the slot never came back"
+            );
+            tokio::task::yield_now().await;
+        }
+        drop(second);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn an_idle_client_is_closed_after_the_command_timeout() {
+        let config = SmtpConfig {
+            command_timeout_secs: 1,
+            ..SmtpConfig::default()
+        };
+        let server = start(config, FakeStore::default()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        assert_eq!(
+            client.reply().await,
+            "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        );
+        assert_eq!(client.reply().await, "");
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_vanishing_mid_data_stores_nothing() {
+        let store = FakeStore::default();
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        client.command("HELO c").await;
+        client.command("MAIL FROM:<a@example.net>").await;
+        client.command("RCPT TO:<alice@example.org>").await;
+        assert!(client.command("DATA").await.starts_with("354"));
+        client.send(b"Subject: half\r\n\r\nhalf a mess").await;
+        drop(client);
+        server.stop().await;
+        assert_eq!(store.n_delivered(), 0);
+    }
+
+    #[tokio::test]
+    async fn shutdown_lets_the_message_in_flight_finish_then_refuses_connections() {
+        let store = FakeStore::default();
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut idle = Client::connect(server.address).await;
+        idle.reply().await;
+        let mut busy = Client::connect(server.address).await;
+        busy.reply().await;
+        busy.command("HELO c").await;
+        busy.command("MAIL FROM:<a@example.net>").await;
+        busy.command("RCPT TO:<alice@example.org>").await;
+        assert!(busy.command("DATA").await.starts_with("354"));
+        busy.send(b"Subject: in flight\r\n").await;
+        server.shutdown.cancel();
+        assert_eq!(
+            idle.reply().await,
+            "421 4.3.2 mx.test Service shutting down\r\n"
+        );
+        busy.send(b"\r\nbody\r\n.\r\n").await;
+        assert!(busy.reply().await.starts_with("250 2.0.0 Ok: stored as "));
+        assert_eq!(
+            busy.reply().await,
+            "421 4.3.2 mx.test Service shutting down\r\n"
+        );
+        let address = server.address;
+        server.stop().await;
+        assert_eq!(store.n_delivered(), 1);
+        assert!(
+            TcpStream::connect(address).await.is_err(),
+            "listener closed"
+        );
+    }
+
+    #[tokio::test]
+    async fn fifty_concurrent_sessions_from_one_address_are_served() {
+        let store = FakeStore::default();
+        let server = start(SmtpConfig::default(), store.clone()).await;
+        let mut tasks = JoinSet::new();
+        for session in 0..50 {
+            let address = server.address;
+            tasks.spawn(async move {
+                let mut client = Client::connect(address).await;
+                assert!(client.reply().await.starts_with("220 "));
+                client.command("EHLO c").await;
+                for message in 0..4 {
+                    let body = format!("Subject: {session}/{message}\r\n\r\nx\r\n");
+                    let reply = client
+                        .send_message("s@example.net", &["bob@example.org"], body.as_bytes())
+                        .await;
+                    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+                }
+                client.command("QUIT").await;
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap();
+        }
+        assert_eq!(store.n_delivered(), 200);
+        server.stop().await;
     }
 }
