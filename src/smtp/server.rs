@@ -22,9 +22,6 @@ use crate::store::{Delivery, DeliveryReceipt, MailStore, RecipientCheck, StoreEr
 /// a delivery is outstanding.
 const READ_BUFFER_BYTES: usize = 64 * 1024;
 
-/// How long a refused connection may take to receive its `421` before it is dropped.
-const REFUSAL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
-
 /// Pause after a failed accept (for example out of file descriptors), so the loop does not
 /// spin while the condition lasts.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
@@ -112,7 +109,10 @@ pub async fn serve_backend<B: Backend>(
                     None => {
                         tracing::info!(client = %peer.ip(), "smtp connection refused: too many sessions");
                         let reply = format!("421 4.7.0 {hostname} Error: too many connections, try again later\r\n");
-                        sessions.spawn(refuse(stream, reply));
+                        // The socket's send buffer is empty: this write does not block, and a
+                        // flood of refused connections costs no task each.
+                        let _ = stream.try_write(reply.as_bytes());
+                        drop(stream);
                     }
                 }
             }
@@ -134,14 +134,6 @@ pub async fn serve_backend<B: Backend>(
     }
     tracing::info!("smtp stopped");
     Ok(())
-}
-
-async fn refuse(mut stream: TcpStream, reply: String) {
-    let _ = tokio::time::timeout(REFUSAL_WRITE_TIMEOUT, async {
-        stream.write_all(reply.as_bytes()).await?;
-        stream.shutdown().await
-    })
-    .await;
 }
 
 /// Counts open sessions, in total and per client address.

@@ -411,7 +411,19 @@ impl<R: Recipients> Session<R> {
             Request::Ehlo { host } => self.hello(&host, true, out),
             Request::Helo { host } => self.hello(&host, false, out),
             Request::Mail { from } => self.mail(from, out),
-            Request::Rcpt { to } => self.rcpt(to, out),
+            Request::Rcpt { mut to } => {
+                // smtp-proto returns an empty address for any path without '@'. The one such
+                // path that must be accepted is <postmaster> (RFC 5321 section 4.5.1), taken
+                // as the postmaster of this host's own name.
+                if to.address.is_empty() {
+                    let lower = line.to_ascii_lowercase();
+                    if !lower.windows(12).any(|window| window == b"<postmaster>") {
+                        return self.push_reply(out, "501 5.1.3 Error: bad recipient address syntax");
+                    }
+                    to.address = format!("postmaster@{}", self.params.hostname).into();
+                }
+                self.rcpt(to, out)
+            }
             Request::Data => self.data(out),
             Request::Bdat {
                 chunk_size,
@@ -1641,6 +1653,22 @@ RCPT TO:<alice@example.org> NOTIFY=NEVER",
 555 5.5.4 Error: unsupported RCPT parameter"
             ),
         );
+    }
+
+    #[test]
+    fn postmaster_without_domain_means_this_host_and_an_empty_recipient_is_refused() {
+        let run = check(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<>
+RCPT TO:<Postmaster>",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+501 5.1.3 Error: bad recipient address syntax
+550 5.7.1 <postmaster@mx.example.org>: relaying denied",
+        );
+        assert!(run.deliveries.is_empty());
     }
 
     /// Pieces that make up valid and invalid sessions, for the property test.
