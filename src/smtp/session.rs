@@ -1671,6 +1671,77 @@ RCPT TO:<Postmaster>",
         assert!(run.deliveries.is_empty());
     }
 
+    /// A writer that keeps what tracing writes, for the log test.
+    #[derive(Clone, Default)]
+    struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_log_line_per_transaction_with_its_outcome_and_never_the_body() {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let run = tracing::subscriber::with_default(subscriber, || {
+            check(
+                "EHLO client.example.net
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+RCPT TO:<nobody@example.org>
+DATA
+Subject: TOPSECRET
+.
+MAIL FROM:<t@example.net>
+RSET
+QUIT",
+                &format!(
+                    "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+550 5.1.1 <nobody@example.org>: Recipient address rejected: user unknown
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+250 2.1.0 Ok
+250 2.0.0 Ok
+221 2.0.0 Bye"
+                ),
+            )
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // check() runs the input twice (whole, then byte by byte): two lines per run.
+        assert_eq!(lines.len(), 4, "{text}");
+        let delivered = lines[0];
+        for field in [
+            "client=192.0.2.7",
+            "helo=client.example.net",
+            "from=s@example.net",
+            "to=alice@example.org",
+            "n_recipients_refused=1",
+            "size=20",
+            "outcome=delivered",
+            &format!("message_id={}", run.deliveries[0].message_id),
+        ] {
+            assert!(delivered.contains(field), "{field} missing in {delivered}");
+        }
+        assert!(
+            lines[1].contains("from=t@example.net") && lines[1].contains("outcome=aborted: RSET")
+        );
+        assert!(!text.contains("TOPSECRET"));
+    }
+
     /// Pieces that make up valid and invalid sessions, for the property test.
     fn fragment() -> impl Strategy<Value = Vec<u8>> {
         prop_oneof![
