@@ -619,3 +619,314 @@ mod tests {
         server.stop().await;
     }
 }
+
+/// The driver over the real store (`MailStore::open_local`), end to end.
+#[cfg(test)]
+mod store_tests {
+    use super::*;
+    use crate::smtp::test_client::Client;
+    use crate::store::AccountId;
+    use std::net::SocketAddr;
+
+    const PASSWORD: &str = "correct horse battery";
+
+    struct Node {
+        address: SocketAddr,
+        store: MailStore,
+        alice: AccountId,
+        shutdown: CancellationToken,
+        task: tokio::task::JoinHandle<std::io::Result<()>>,
+        _data: tempfile::TempDir,
+    }
+
+    impl Node {
+        async fn start(config: SmtpConfig) -> Node {
+            crate::tls::install_crypto_provider();
+            let data = tempfile::tempdir().unwrap();
+            let store = MailStore::open_local(data.path()).unwrap();
+            store.add_domain("example.org").await.unwrap();
+            let alice = store
+                .add_account("alice@example.org", PASSWORD)
+                .await
+                .unwrap();
+            store
+                .add_account("bob@example.org", PASSWORD)
+                .await
+                .unwrap();
+            store
+                .add_alias("info@example.org", "alice@example.org")
+                .await
+                .unwrap();
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let address = listener.local_addr().unwrap();
+            let tls = crate::tls::self_signed(&["localhost".into()]).unwrap();
+            let shutdown = CancellationToken::new();
+            let task = tokio::spawn(serve(
+                listener,
+                Arc::new(config),
+                Arc::from("mx.example.org"),
+                store.clone(),
+                tls,
+                shutdown.clone(),
+            ));
+            Node {
+                address,
+                store,
+                alice,
+                shutdown,
+                task,
+                _data: data,
+            }
+        }
+
+        async fn client(&self) -> Client<TcpStream> {
+            let mut client = Client::connect(self.address).await;
+            assert!(client.reply().await.starts_with("220 "));
+            assert!(client
+                .command("EHLO client.example.net")
+                .await
+                .starts_with("250-"));
+            client
+        }
+
+        async fn inbox(&self, account: AccountId) -> Vec<Vec<u8>> {
+            let view = self.store.mailbox_by_name(account, "INBOX").expect("INBOX");
+            let mut bodies = Vec::new();
+            for message in view.messages.iter() {
+                bodies.push(
+                    self.store
+                        .body(message.blob)
+                        .await
+                        .unwrap()
+                        .as_ref()
+                        .clone(),
+                );
+            }
+            bodies
+        }
+
+        async fn stop(self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(60), self.task)
+                .await
+                .expect("serve returns")
+                .expect("serve task")
+                .expect("serve result");
+        }
+    }
+
+    /// The stored message is the sent one with exactly Return-Path and Received in front.
+    fn assert_stored_unchanged(stored: &[u8], sent: &[u8], mail_from: &str) {
+        assert!(
+            stored.ends_with(sent),
+            "{}",
+            String::from_utf8_lossy(stored)
+        );
+        let trace = String::from_utf8_lossy(&stored[..stored.len() - sent.len()]).into_owned();
+        let expected_start = format!("Return-Path: <{mail_from}>\r\nReceived: from client.example.net ([127.0.0.1])\r\n\tby mx.example.org (kermail) with ");
+        assert!(trace.starts_with(&expected_start), "{trace}");
+        let continuation_lines = trace.lines().skip(2).all(|line| line.starts_with('\t'));
+        assert!(continuation_lines, "{trace}");
+    }
+
+    const MESSAGE: &[u8] = b"From: Sender <s@example.net>\r\nTo: alice@example.org\r\n\
+Subject: byte exact\r\nMIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\
+Content-Transfer-Encoding: 8bit\r\n\r\nLine one\r\n.leading dot\r\n..two dots\r\n\
+caf\xc3\xa9 8-bit\r\n\r\n  indented\ttab\r\nlast line\r\n";
+
+    #[tokio::test]
+    async fn a_delivered_message_is_in_inbox_byte_exact_apart_from_trace_headers() {
+        let node = Node::start(SmtpConfig::default()).await;
+        let mut client = node.client().await;
+        let reply = client
+            .send_message("s@example.net", &["alice@example.org"], MESSAGE)
+            .await;
+        assert!(reply.starts_with("250 2.0.0 Ok: stored as "), "{reply}");
+        let inbox = node.inbox(node.alice).await;
+        assert_eq!(inbox.len(), 1);
+        assert_stored_unchanged(&inbox[0], MESSAGE, "s@example.net");
+        let view = node.store.mailbox_by_name(node.alice, "INBOX").unwrap();
+        assert_eq!(view.messages[0].size as usize, inbox[0].len());
+        // An alias delivers to its target.
+        let reply = client
+            .send_message("", &["info@example.org"], b"Subject: alias\r\n\r\nx\r\n")
+            .await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        assert_eq!(node.inbox(node.alice).await.len(), 2);
+        client.command("QUIT").await;
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn bad_input_gets_the_right_reply_and_stores_nothing() {
+        let config = SmtpConfig {
+            max_message_size_bytes: 1000,
+            max_errors_per_session: 5,
+            ..SmtpConfig::default()
+        };
+        let node = Node::start(config).await;
+        let mut client = node.client().await;
+        assert!(client
+            .command("MAIL FROM:<s@example.net>")
+            .await
+            .starts_with("250"));
+        let reply = client.command("RCPT TO:<nobody@example.org>").await;
+        assert!(reply.starts_with("550 5.1.1 "), "{reply}");
+        let reply = client.command("RCPT TO:<victim@gmail.example>").await;
+        assert!(reply.starts_with("550 5.7.1 "), "{reply}");
+        assert!(reply.contains("relaying denied"), "{reply}");
+        let reply = client.command("DATA").await;
+        assert!(reply.starts_with("554 5.5.1"), "{reply}");
+        assert!(client.command("RSET").await.starts_with("250"));
+
+        // Oversize, declared and undeclared.
+        let reply = client.command("MAIL FROM:<s@example.net> SIZE=1001").await;
+        assert!(reply.starts_with("552 5.3.4"), "{reply}");
+        let big = format!("Subject: big\r\n\r\n{}\r\n", "z".repeat(2000));
+        let mut big_client = node.client().await;
+        let reply = big_client
+            .send_message("s@example.net", &["alice@example.org"], big.as_bytes())
+            .await;
+        assert!(reply.starts_with("552 5.3.4"), "{reply}");
+
+        // A 10,000-byte command line.
+        let mut long_client = node.client().await;
+        let reply = long_client
+            .command(&format!("MAIL FROM:<{}@example.net>", "a".repeat(10_000)))
+            .await;
+        assert_eq!(reply, "500 5.5.2 Error: line too long\r\n");
+        assert!(long_client.command("NOOP").await.starts_with("250"));
+
+        // Binary garbage until the error limit closes the session.
+        let mut garbage_client = node.client().await;
+        let garbage: Vec<u8> = (0..4000u32).map(|index| (index * 7 % 256) as u8).collect();
+        garbage_client.send(&garbage).await;
+        garbage_client
+            .send(b"\r\n\xff\xfe\r\n\x00\r\n\x80\r\n\x1b\r\n\x07\r\n")
+            .await;
+        let mut replies = String::new();
+        loop {
+            let reply = garbage_client.reply().await;
+            if reply.is_empty() {
+                break;
+            }
+            replies.push_str(&reply);
+        }
+        assert!(replies.starts_with("500 5.5.2"), "{replies}");
+        assert!(
+            replies.ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n"),
+            "{replies}"
+        );
+
+        // A client that vanishes mid-DATA.
+        let mut vanishing = node.client().await;
+        vanishing.command("MAIL FROM:<s@example.net>").await;
+        vanishing.command("RCPT TO:<alice@example.org>").await;
+        assert!(vanishing.command("DATA").await.starts_with("354"));
+        vanishing.send(b"Subject: half\r\n\r\nhalf of it").await;
+        drop(vanishing);
+
+        drop((client, big_client, long_client, garbage_client));
+        let alice = node.alice;
+        let store = node.store.clone();
+        node.stop().await;
+        assert!(store
+            .mailbox_by_name(alice, "INBOX")
+            .unwrap()
+            .messages
+            .is_empty());
+        assert_eq!(store.stats().messages, 0);
+    }
+
+    #[tokio::test]
+    async fn bdat_and_starttls_deliveries_are_stored() {
+        let node = Node::start(SmtpConfig::default()).await;
+        let mut client = node.client().await;
+        client
+            .command("MAIL FROM:<s@example.net> BODY=8BITMIME")
+            .await;
+        client.command("RCPT TO:<alice@example.org>").await;
+        let (first, last) = MESSAGE.split_at(40);
+        client
+            .send(format!("BDAT {}\r\n", first.len()).as_bytes())
+            .await;
+        client.send(first).await;
+        assert!(client.reply().await.starts_with("250 2.0.0 Ok: 40 octets"));
+        client
+            .send(format!("BDAT {} LAST\r\n", last.len()).as_bytes())
+            .await;
+        client.send(last).await;
+        let reply = client.reply().await;
+        assert!(reply.starts_with("250 2.0.0 Ok: stored as "), "{reply}");
+
+        assert!(client.command("STARTTLS").await.starts_with("220 "));
+        let mut client = client.start_tls().await.expect("tls");
+        client.command("EHLO client.example.net").await;
+        let reply = client
+            .send_message("s@example.net", &["alice@example.org"], MESSAGE)
+            .await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+
+        let inbox = node.inbox(node.alice).await;
+        assert_eq!(inbox.len(), 2);
+        assert_stored_unchanged(&inbox[0], MESSAGE, "s@example.net");
+        assert_stored_unchanged(&inbox[1], MESSAGE, "s@example.net");
+        assert!(String::from_utf8_lossy(&inbox[1]).contains(" with ESMTPS id "));
+        node.stop().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn twenty_sessions_of_fifty_messages_are_all_stored_once_with_dense_uids() {
+        const N_SESSIONS: usize = 20;
+        const N_MESSAGES: usize = 50;
+        let node = Node::start(SmtpConfig::default()).await;
+        let started = std::time::Instant::now();
+        let mut tasks = JoinSet::new();
+        for session in 0..N_SESSIONS {
+            let address = node.address;
+            tasks.spawn(async move {
+                let mut client = Client::connect(address).await;
+                client.reply().await;
+                client.command("EHLO client.example.net").await;
+                for message in 0..N_MESSAGES {
+                    let body = format!(
+                        "Subject: {session}/{message}\r\nMessage-ID: <{session}.{message}@t>\r\n\r\n{}\r\n",
+                        "b".repeat(4000)
+                    );
+                    let reply = client
+                        .send_message("s@example.net", &["alice@example.org"], body.as_bytes())
+                        .await;
+                    assert!(reply.starts_with("250 2.0.0"), "{reply}");
+                }
+                client.command("QUIT").await;
+            });
+        }
+        while let Some(result) = tasks.join_next().await {
+            result.unwrap();
+        }
+        let elapsed = started.elapsed();
+        let n_total = N_SESSIONS * N_MESSAGES;
+        println!(
+            "smtp into open_local store: {n_total} messages of ~4 KB over {N_SESSIONS} sessions in {:.2} s ({:.0} msg/s)",
+            elapsed.as_secs_f64(),
+            n_total as f64 / elapsed.as_secs_f64()
+        );
+        let view = node.store.mailbox_by_name(node.alice, "INBOX").unwrap();
+        let uids: Vec<u32> = view.messages.iter().map(|message| message.uid).collect();
+        let expected: Vec<u32> = (1..=n_total as u32).collect();
+        assert_eq!(uids, expected, "UIDs unique and dense");
+        let mut subjects = std::collections::BTreeSet::new();
+        for message in view.messages.iter() {
+            let body = node.store.body(message.blob).await.unwrap();
+            let text = String::from_utf8_lossy(&body);
+            let subject = text
+                .lines()
+                .find_map(|line| line.strip_prefix("Subject: "))
+                .unwrap()
+                .to_owned();
+            assert!(subjects.insert(subject), "each message stored once");
+        }
+        assert_eq!(subjects.len(), n_total);
+        node.stop().await;
+    }
+}
