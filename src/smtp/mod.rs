@@ -43,14 +43,16 @@ pub struct SmtpConfig {
     /// long` and are discarded up to their end. Default 2048 (RFC 5321 asks for at least 512;
     /// extensions make lines longer).
     pub max_command_line_length_bytes: usize,
-    /// Largest message accepted, before the trace headers are added. Advertised in the EHLO
+    /// Largest message accepted, before the trace headers are added (capped at the store's
+    /// `MAX_MESSAGE_BYTES`, 128 MiB, minus 4 KiB for those headers). Advertised in the EHLO
     /// `SIZE` line, checked against `MAIL FROM ... SIZE=` and while receiving (`552 5.3.4`).
     /// Lines inside DATA have no limit of their own: they are stored unchanged (wrapping would
     /// break DKIM signatures and byte-exact storage), and this limit bounds the memory.
     /// Default 25 MiB (26214400).
     pub max_message_size_bytes: usize,
     /// Recipients accepted per message; the next ones get `452 4.5.3` (the client sends them
-    /// in another transaction). Default 100.
+    /// in another transaction). Capped at the store's `MAX_RECIPIENTS_PER_DELIVERY` (1000).
+    /// Default 100.
     pub max_recipients_per_message: usize,
     /// Permanent (5xx) replies a session may earn before it is closed with `421 4.7.0`.
     /// Default 20.

@@ -17,7 +17,10 @@ use smtp_proto::{Error as ParseError, Request};
 
 use super::data::DotReader;
 use super::SmtpConfig;
-use crate::store::{Delivery, DeliveryReceipt, RecipientCheck, StoreError};
+use crate::store::{
+    Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
+    MAX_RECIPIENTS_PER_DELIVERY,
+};
 
 /// Answers whether an address is one of ours. The driver implements it with
 /// [`crate::store::MailStore::check_recipient`]; tests with a table.
@@ -302,7 +305,7 @@ impl<R: Recipients> Session<R> {
                     None => break,
                 },
                 Mode::Data(reader) => {
-                    let max_size = self.params.config.max_message_size_bytes;
+                    let max_size = max_message_size(&self.params.config);
                     let transaction = self.transaction.as_mut();
                     let (consumed, done) = match transaction {
                         Some(transaction) => reader.feed(rest, &mut |bytes| {
@@ -330,7 +333,7 @@ impl<R: Recipients> Session<R> {
                     let chunk_done = *bytes_left == 0;
                     let (is_last, keep, refusal) = (*is_last, *keep, *refusal);
                     if keep {
-                        let max_size = self.params.config.max_message_size_bytes;
+                        let max_size = max_message_size(&self.params.config);
                         if let Some(transaction) = self.transaction.as_mut() {
                             transaction.take_message_bytes(chunk, max_size);
                         }
@@ -477,7 +480,7 @@ impl<R: Recipients> Session<R> {
         let mut lines = vec![
             hostname.to_string(),
             "PIPELINING".to_owned(),
-            format!("SIZE {}", self.params.config.max_message_size_bytes),
+            format!("SIZE {}", max_message_size(&self.params.config)),
             "8BITMIME".to_owned(),
             "SMTPUTF8".to_owned(),
             "ENHANCEDSTATUSCODES".to_owned(),
@@ -519,7 +522,7 @@ impl<R: Recipients> Session<R> {
         if let Err(reply) = check_address(&from.address, smtputf8, "5.1.7") {
             return self.push_reply(out, &reply);
         }
-        if from.size > self.params.config.max_message_size_bytes {
+        if from.size > max_message_size(&self.params.config) {
             return self.push_reply(out, REPLY_TOO_BIG);
         }
         self.transaction = Some(Transaction {
@@ -548,7 +551,7 @@ impl<R: Recipients> Session<R> {
         if let Err(reply) = check_address(&to.address, transaction.smtputf8, "5.1.3") {
             return self.push_reply(out, &reply);
         }
-        if transaction.recipients.len() >= self.params.config.max_recipients_per_message {
+        if transaction.recipients.len() >= max_recipients(&self.params.config) {
             return self.push_reply(out, "452 4.5.3 Error: too many recipients");
         }
         let address = to.address.into_owned();
@@ -598,7 +601,7 @@ impl<R: Recipients> Session<R> {
     }
 
     fn bdat(&mut self, chunk_size: usize, is_last: bool, out: &mut Output, now: SystemTime) {
-        if chunk_size > self.params.config.max_message_size_bytes {
+        if chunk_size > max_message_size(&self.params.config) {
             // The chunk cannot be part of an acceptable message, and skipping that many bytes
             // would keep the connection busy for nothing: refuse and close.
             self.abort_transaction("rejected: message too big");
@@ -820,6 +823,26 @@ impl<R: Recipients> Session<R> {
             "smtp transaction"
         );
     }
+}
+
+/// Room left under the store's message cap for the trace headers we prepend: Return-Path and
+/// Received hold at most two addresses of 256 bytes, a HELO name of 255, the host name, an id
+/// and a date.
+const TRACE_HEADERS_BYTES_MAX: usize = 4096;
+
+/// The configured message size, never above what the store accepts (a larger setting would
+/// only turn into 451s at the end of DATA).
+pub fn max_message_size(config: &SmtpConfig) -> usize {
+    config
+        .max_message_size_bytes
+        .min(MAX_MESSAGE_BYTES - TRACE_HEADERS_BYTES_MAX)
+}
+
+/// The configured recipient limit, never above what one delivery command takes.
+pub fn max_recipients(config: &SmtpConfig) -> usize {
+    config
+        .max_recipients_per_message
+        .min(MAX_RECIPIENTS_PER_DELIVERY)
 }
 
 /// Longest HELO name kept (RFC 1035 domain length).
@@ -1740,6 +1763,23 @@ QUIT",
             lines[1].contains("from=t@example.net") && lines[1].contains("outcome=aborted: RSET")
         );
         assert!(!text.contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn limits_above_the_store_caps_are_clamped_to_them() {
+        let config = SmtpConfig {
+            max_message_size_bytes: usize::MAX,
+            max_recipients_per_message: usize::MAX,
+            ..SmtpConfig::default()
+        };
+        assert!(max_message_size(&config) + TRACE_HEADERS_BYTES_MAX <= MAX_MESSAGE_BYTES);
+        assert_eq!(max_recipients(&config), MAX_RECIPIENTS_PER_DELIVERY);
+        let defaults = SmtpConfig::default();
+        assert_eq!(max_message_size(&defaults), defaults.max_message_size_bytes);
+        assert_eq!(
+            max_recipients(&defaults),
+            defaults.max_recipients_per_message
+        );
     }
 
     /// Pieces that make up valid and invalid sessions, for the property test.
