@@ -3,6 +3,12 @@
 //! Only `<CRLF>.<CRLF>` ends a message; a dot after a bare LF or a bare CR is message content
 //! (this is what defeats SMTP smuggling, where a second message hides behind `<LF>.<LF>`).
 //! A line is dot-unstuffed only when it starts after a CRLF, matching the same rule.
+//!
+//! Why not smtp-proto's `DataReceiver`: in 0.2.5 it does not treat the start of the data as a
+//! line start, so an empty message (`.` CRLF right after `354`) is not recognised as ended,
+//! and a dot-stuffed first line keeps both dots (checked: `..x` CRLF `.` CRLF gives `..x`).
+//! Commands are still parsed by smtp-proto's `Request::parse`, on lines framed here so that
+//! the line length limit is ours (its `RequestReceiver` has a fixed 4096).
 
 /// Where the reader stands between two calls.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -469,7 +469,12 @@ impl<R: Recipients> Session<R> {
     fn hello(&mut self, host: &str, extended: bool, out: &mut Output) {
         self.abort_transaction("aborted: new HELO/EHLO");
         self.greeting = Some(Greeting {
-            name: printable(host, DOMAIN_LENGTH_MAX),
+            // EHLO comes before any SMTPUTF8 transaction: the name must be ASCII (RFC 6531
+            // section 3.7.1), and it goes into a header.
+            name: printable(host, DOMAIN_LENGTH_MAX)
+                .chars()
+                .map(|character| if character.is_ascii() { character } else { '?' })
+                .collect(),
             extended,
         });
         let hostname = self.params.hostname.clone();
