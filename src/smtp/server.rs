@@ -543,6 +543,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn sessions_beyond_the_total_limit_get_421() {
+        let config = SmtpConfig {
+            max_sessions: 1,
+            ..SmtpConfig::default()
+        };
+        let server = start(config, FakeStore::default()).await;
+        let mut first = Client::connect(server.address).await;
+        assert!(first.reply().await.starts_with("220 "));
+        let mut second = Client::connect(server.address).await;
+        assert_eq!(
+            second.reply().await,
+            "421 4.7.0 mx.test Error: too many connections, try again later\r\n"
+        );
+        assert_eq!(second.reply().await, "", "closed after the refusal");
+        drop(first);
+        server.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_client_silent_mid_data_is_closed_after_the_data_timeout_and_nothing_is_stored() {
+        let config = SmtpConfig {
+            data_timeout_secs: 1,
+            ..SmtpConfig::default()
+        };
+        let store = FakeStore::default();
+        let server = start(config, store.clone()).await;
+        let mut client = Client::connect(server.address).await;
+        client.reply().await;
+        client.command("HELO c").await;
+        client.command("MAIL FROM:<a@example.net>").await;
+        client.command("RCPT TO:<alice@example.org>").await;
+        assert!(client.command("DATA").await.starts_with("354"));
+        client.send(b"Subject: slow\r\n").await;
+        assert_eq!(
+            client.reply().await,
+            "421 4.4.2 mx.test Error: timeout exceeded\r\n"
+        );
+        assert_eq!(client.reply().await, "");
+        server.stop().await;
+        assert_eq!(store.n_delivered(), 0);
+    }
+
+    #[tokio::test]
     async fn a_client_vanishing_mid_data_stores_nothing() {
         let store = FakeStore::default();
         let server = start(SmtpConfig::default(), store.clone()).await;
