@@ -1058,3 +1058,732 @@ fn structure_of(raw: &[u8], node: &Node, extended: bool) -> BodyStructure<'stati
         }),
     }
 }
+
+/// Sample messages shared by the FETCH and SEARCH tests, written with "\n" line ends;
+/// [`test_samples::crlf`] turns them into wire form.
+#[cfg(test)]
+pub(crate) mod test_samples {
+    pub fn crlf(text: &[u8]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(text.len() + text.len() / 20);
+        for &b in text {
+            if b == b'\n' {
+                out.push(b'\r');
+            }
+            out.push(b);
+        }
+        out
+    }
+
+    pub const PLAIN: &[u8] = b"From: Alice Example <alice@example.org>
+To: bob@example.net
+Subject: Hello
+Date: Mon, 7 Feb 1994 21:52:25 -0800
+Message-ID: <1@example.org>
+
+Hello Bob,
+how are you?
+";
+
+    pub const ALTERNATIVE: &[u8] = b"From: a@example.org
+Subject: alt
+MIME-Version: 1.0
+Content-Type: multipart/alternative; boundary=\"XX\"
+
+preamble
+--XX
+Content-Type: text/plain; charset=utf-8
+
+plain text
+--XX
+Content-Type: text/html; charset=utf-8
+Content-Transfer-Encoding: quoted-printable
+
+<p>html =C3=A9</p>
+--XX--
+epilogue
+";
+
+    pub const MIXED: &[u8] = b"From: \"Smith, John\" <john@example.com>
+To: Team: ann@example.com, \"Bob B.\" <bob@example.com>;, carol@example.com
+Subject: report
+Date: Tue, 2 Jan 2024 23:30:00 +0100
+Content-Type: multipart/mixed; boundary=b1
+
+--b1
+Content-Type: text/plain
+
+See attached.
+--b1
+Content-Type: application/pdf; name=\"r.pdf\"
+Content-Transfer-Encoding: base64
+Content-Disposition: attachment; filename=\"r.pdf\"
+Content-ID: <part2@example.com>
+Content-Description: The report
+Content-Language: en, de
+Content-Location: http://example.com/r.pdf
+
+JVBERi0xLjQK
+AAAA
+--b1--
+";
+
+    pub const NESTED: &[u8] = b"From: outer@example.org
+Subject: fwd
+Content-Type: multipart/mixed; boundary=\"outer\"
+
+--outer
+Content-Type: text/plain
+
+see below
+--outer
+Content-Type: message/rfc822
+
+From: inner@example.org
+Subject: inner subject
+Content-Type: multipart/alternative; boundary=\"inner\"
+
+--inner
+Content-Type: text/plain
+
+inner text
+--inner
+Content-Type: text/html
+
+<b>inner</b>
+--inner--
+--outer--
+";
+
+    pub const ENCODED: &[u8] = b"From: =?ISO-8859-1?Q?Keld_J=F8rn_Simonsen?= <keld@dkuug.dk>
+To: =?US-ASCII?Q?Keith_Moore?= <moore@cs.utk.edu>
+Cc: undisclosed-recipients:;
+Bcc: Hidden <@relay.example:h@example.net>
+Subject: =?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=
+ =?ISO-8859-2?B?dSB1bmRlcnN0YW5kIHRoZSBleGFtcGxlLg==?=
+X-Long: first part
+\tsecond part
+Date: Fri, 21 Nov 1997 09:55:06 -0600
+In-Reply-To: <a@b>
+Message-ID: <c@d>
+
+body
+";
+
+    pub const EIGHT_BIT: &[u8] = b"From: x@example.org
+Subject: caf\xe9
+Date: Sun, 31 Dec 2023 23:59:59 -1200
+Content-Type: text/plain; charset=iso-8859-1
+Content-Transfer-Encoding: 8bit
+
+caf\xe9 cr\xe8me br\xfbl\xe9e
+";
+
+    pub const NO_BODY: &[u8] = b"From: a@example.org
+Subject: none
+";
+
+    pub const NO_BOUNDARY: &[u8] = b"From: a@example.org
+Content-Type: multipart/mixed
+
+--x
+Content-Type: text/plain
+
+hi
+--x--
+";
+
+    pub const TRUNCATED: &[u8] = b"From: a@example.org
+Content-Type: multipart/mixed; boundary=T
+
+--T
+Content-Type: text/plain
+
+abc
+--T
+Content-Type: multipart/alternative; boundary=U
+
+--U
+Content-Type: text/plain
+
+never closed
+--T
+Content-Type: text/plain
+
+trunc";
+
+    pub const MID_LINE_BOUNDARY: &[u8] = b"Content-Type: multipart/mixed; boundary=XX
+
+--XX
+
+text --XX more
+--XXY is not a delimiter
+--XX--
+";
+
+    pub const GARBAGE: &[u8] = b"\x00\xff\xfe:::\n \n\tcontinued\nno colon here\n\n--\n\x01\x02";
+
+    pub fn all() -> Vec<(&'static str, Vec<u8>)> {
+        let mut out = Vec::new();
+        for (name, text) in [
+            ("plain", PLAIN),
+            ("alternative", ALTERNATIVE),
+            ("mixed", MIXED),
+            ("nested", NESTED),
+            ("encoded", ENCODED),
+            ("eight_bit", EIGHT_BIT),
+            ("no_body", NO_BODY),
+            ("no_boundary", NO_BOUNDARY),
+            ("truncated", TRUNCATED),
+            ("mid_line_boundary", MID_LINE_BOUNDARY),
+            ("garbage", GARBAGE),
+        ] {
+            out.push((name, crlf(text)));
+            out.push((name, text.to_vec()));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_samples::*;
+    use super::*;
+    use imap_codec::encode::Encoder;
+    use imap_codec::imap_types::command::CommandBody;
+    use imap_codec::imap_types::fetch::{
+        MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName,
+    };
+    use imap_codec::imap_types::response::{Data, Response};
+    use imap_codec::{decode::Decoder, CommandCodec, ResponseCodec};
+
+    /// The section of `BODY.PEEK[<text>]`, parsed by imap-codec as a client would send it.
+    fn section(text: &str) -> Option<Section<'static>> {
+        let command = format!("A FETCH 1 BODY.PEEK[{text}]\r\n").into_bytes();
+        let command: &'static [u8] = Box::leak(command.into_boxed_slice());
+        let (_, command) = CommandCodec::default()
+            .decode(command)
+            .expect("valid FETCH");
+        match command.body {
+            CommandBody::Fetch {
+                macro_or_item_names: MacroOrMessageDataItemNames::MessageDataItemNames(items),
+                ..
+            } => match items.into_iter().next() {
+                Some(MessageDataItemName::BodyExt { section, .. }) => section,
+                other => panic!("unexpected item {other:?}"),
+            },
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    /// One FETCH data item as imap-codec puts it on the wire, without `* 1 FETCH (` and `)\r\n`.
+    fn encode_item(item: MessageDataItem<'static>) -> String {
+        let response = Response::Data(Data::Fetch {
+            seq: NonZeroU32::MIN,
+            items: NonEmptyVec::from(item),
+        });
+        let bytes = ResponseCodec::default().encode(&response).dump();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        text.strip_prefix("* 1 FETCH (")
+            .and_then(|t| t.strip_suffix(")\r\n"))
+            .unwrap_or(&text)
+            .to_string()
+    }
+
+    fn bodystructure(raw: &[u8]) -> String {
+        let item = MessageDataItem::BodyStructure(ParsedMessage::parse(raw).body_structure(true));
+        encode_item(item)
+            .trim_start_matches("BODYSTRUCTURE ")
+            .to_string()
+    }
+
+    fn body(raw: &[u8]) -> String {
+        let item = MessageDataItem::Body(ParsedMessage::parse(raw).body_structure(false));
+        encode_item(item).trim_start_matches("BODY ").to_string()
+    }
+
+    fn envelope(raw: &[u8]) -> String {
+        let item = MessageDataItem::Envelope(ParsedMessage::parse(raw).envelope());
+        encode_item(item)
+            .trim_start_matches("ENVELOPE ")
+            .to_string()
+    }
+
+    /// Checks `BODY[section]` of the CRLF form of `message` against the CRLF form of
+    /// `expected` (both written with "\n").
+    fn check_sections(message: &[u8], cases: &[(&str, &[u8])]) {
+        let raw = crlf(message);
+        let parsed = ParsedMessage::parse(&raw);
+        for (text, expected) in cases {
+            let got = parsed.section(section(text).as_ref());
+            assert_eq!(
+                String::from_utf8_lossy(&got),
+                String::from_utf8_lossy(&crlf(expected)),
+                "BODY[{text}]"
+            );
+        }
+    }
+
+    #[test]
+    fn sections_of_a_plain_message() {
+        check_sections(
+            PLAIN,
+            &[
+                ("", PLAIN),
+                ("HEADER", &PLAIN[..PLAIN.len() - 24]),
+                ("TEXT", b"Hello Bob,\nhow are you?\n"),
+                ("1", b"Hello Bob,\nhow are you?\n"),
+                ("1.MIME", &PLAIN[..PLAIN.len() - 24]),
+                ("2", b""),
+                ("1.2", b""),
+                ("HEADER.FIELDS (From Subject Date)", b"From: Alice Example <alice@example.org>\nSubject: Hello\nDate: Mon, 7 Feb 1994 21:52:25 -0800\n\n"),
+                ("HEADER.FIELDS (X-Missing)", b"\n"),
+                ("HEADER.FIELDS.NOT (From To Date)", b"Subject: Hello\nMessage-ID: <1@example.org>\n\n"),
+            ],
+        );
+    }
+
+    #[test]
+    fn sections_of_multipart_alternative() {
+        check_sections(
+            ALTERNATIVE,
+            &[
+                ("1", b"plain text"),
+                ("2", b"<p>html =C3=A9</p>"),
+                ("1.MIME", b"Content-Type: text/plain; charset=utf-8\n\n"),
+                ("2.MIME", b"Content-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"),
+                ("3", b""),
+                ("2.1", b"<p>html =C3=A9</p>"),
+                ("TEXT", b"preamble\n--XX\nContent-Type: text/plain; charset=utf-8\n\nplain text\n--XX\nContent-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n<p>html =C3=A9</p>\n--XX--\nepilogue\n"),
+                ("1.HEADER", b""),
+                ("1.TEXT", b""),
+            ],
+        );
+    }
+
+    #[test]
+    fn sections_of_nested_message() {
+        let inner_header: &[u8] = b"From: inner@example.org\nSubject: inner subject\nContent-Type: multipart/alternative; boundary=\"inner\"\n\n";
+        let inner_text: &[u8] = b"--inner\nContent-Type: text/plain\n\ninner text\n--inner\nContent-Type: text/html\n\n<b>inner</b>\n--inner--";
+        let inner_message = [inner_header, inner_text].concat();
+        check_sections(
+            NESTED,
+            &[
+                ("1", b"see below"),
+                ("1.1", b"see below"),
+                ("2", &inner_message),
+                ("2.MIME", b"Content-Type: message/rfc822\n\n"),
+                ("2.HEADER", inner_header),
+                ("2.TEXT", inner_text),
+                ("2.HEADER.FIELDS (subject)", b"Subject: inner subject\n\n"),
+                (
+                    "2.HEADER.FIELDS.NOT (subject content-type)",
+                    b"From: inner@example.org\n\n",
+                ),
+                ("2.1", b"inner text"),
+                ("2.2", b"<b>inner</b>"),
+                ("2.2.MIME", b"Content-Type: text/html\n\n"),
+                ("2.3", b""),
+                ("2.1.1", b"inner text"),
+                ("3", b""),
+                ("1.HEADER", b""),
+            ],
+        );
+    }
+
+    #[test]
+    fn header_fields_keep_folded_lines_in_message_order() {
+        check_sections(
+            ENCODED,
+            &[
+                ("HEADER.FIELDS (X-Long SUBJECT)", b"Subject: =?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?=\n =?ISO-8859-2?B?dSB1bmRlcnN0YW5kIHRoZSBleGFtcGxlLg==?=\nX-Long: first part\n\tsecond part\n\n"),
+                ("HEADER.FIELDS.NOT (From To Cc Bcc Subject Date In-Reply-To Message-ID)", b"X-Long: first part\n\tsecond part\n\n"),
+            ],
+        );
+    }
+
+    #[test]
+    fn message_without_body_or_blank_line() {
+        check_sections(
+            NO_BODY,
+            &[
+                ("HEADER", NO_BODY),
+                ("TEXT", b""),
+                ("1", b""),
+                ("HEADER.FIELDS (Subject)", b"Subject: none\n"),
+            ],
+        );
+        assert_eq!(
+            bodystructure(&crlf(NO_BODY)),
+            r#"("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0 NIL NIL NIL NIL)"#
+        );
+    }
+
+    #[test]
+    fn bare_lf_sections_keep_bare_lf() {
+        let parsed = ParsedMessage::parse(ALTERNATIVE);
+        assert_eq!(parsed.section(section("1").as_ref()), b"plain text");
+        assert_eq!(
+            parsed.section(section("2.MIME").as_ref()),
+            b"Content-Type: text/html; charset=utf-8\nContent-Transfer-Encoding: quoted-printable\n\n"
+        );
+        assert_eq!(
+            parsed.section(section("HEADER.FIELDS (Subject)").as_ref()),
+            b"Subject: alt\n\n"
+        );
+        assert_eq!(
+            body(ALTERNATIVE),
+            r#"(("TEXT" "plain" ("charset" "utf-8") NIL NIL "7bit" 10 1)("TEXT" "html" ("charset" "utf-8") NIL NIL "quoted-printable" 18 1) "alternative")"#
+        );
+        assert_eq!(
+            body(PLAIN),
+            r#"("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 24 2)"#
+        );
+    }
+
+    #[test]
+    fn body_structures() {
+        let cases: &[(&str, &[u8], &str)] = &[
+            (
+                "plain",
+                PLAIN,
+                r#"("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 26 2 NIL NIL NIL NIL)"#,
+            ),
+            (
+                "alternative",
+                ALTERNATIVE,
+                r#"(("TEXT" "plain" ("charset" "utf-8") NIL NIL "7bit" 10 1 NIL NIL NIL NIL)("TEXT" "html" ("charset" "utf-8") NIL NIL "quoted-printable" 18 1 NIL NIL NIL NIL) "alternative" ("boundary" "XX") NIL NIL NIL)"#,
+            ),
+            (
+                "mixed",
+                MIXED,
+                r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 13 1 NIL NIL NIL NIL)("application" "pdf" ("name" "r.pdf") "<part2@example.com>" "The report" "base64" 18 NIL ("attachment" ("filename" "r.pdf")) ("en" "de") "http://example.com/r.pdf") "mixed" ("boundary" "b1") NIL NIL NIL)"#,
+            ),
+            (
+                "nested",
+                NESTED,
+                concat!(
+                    r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 9 1 NIL NIL NIL NIL)"#,
+                    r#"("MESSAGE" "RFC822" NIL NIL NIL "7bit" 214 "#,
+                    r#"(NIL "inner subject" ((NIL NIL "inner" "example.org")) ((NIL NIL "inner" "example.org")) ((NIL NIL "inner" "example.org")) NIL NIL NIL NIL NIL) "#,
+                    r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 10 1 NIL NIL NIL NIL)("TEXT" "html" ("charset" "us-ascii") NIL NIL "7bit" 12 1 NIL NIL NIL NIL) "alternative" ("boundary" "inner") NIL NIL NIL) "#,
+                    r#"13 NIL NIL NIL NIL) "mixed" ("boundary" "outer") NIL NIL NIL)"#
+                ),
+            ),
+            (
+                "eight_bit",
+                EIGHT_BIT,
+                r#"("TEXT" "plain" ("charset" "iso-8859-1") NIL NIL "8bit" 19 1 NIL NIL NIL NIL)"#,
+            ),
+            (
+                // RFC 3501 has no empty multipart: one empty text/plain part, like Dovecot.
+                "no_boundary",
+                NO_BOUNDARY,
+                r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 0 0 NIL NIL NIL NIL) "mixed" NIL NIL NIL NIL)"#,
+            ),
+            (
+                // The outer boundary ends the unclosed inner multipart; the last part runs
+                // to the end of the message.
+                "truncated",
+                TRUNCATED,
+                r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 3 1 NIL NIL NIL NIL)(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 12 1 NIL NIL NIL NIL) "alternative" ("boundary" "U") NIL NIL NIL)("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 5 1 NIL NIL NIL NIL) "mixed" ("boundary" "T") NIL NIL NIL)"#,
+            ),
+            (
+                "mid_line_boundary",
+                MID_LINE_BOUNDARY,
+                r#"(("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 40 2 NIL NIL NIL NIL) "mixed" ("boundary" "XX") NIL NIL NIL)"#,
+            ),
+        ];
+        for (name, message, expected) in cases {
+            assert_eq!(bodystructure(&crlf(message)), *expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn mid_line_boundary_is_not_a_delimiter() {
+        let raw = crlf(MID_LINE_BOUNDARY);
+        let parsed = ParsedMessage::parse(&raw);
+        assert_eq!(
+            parsed.section(section("1").as_ref()),
+            crlf(b"text --XX more\n--XXY is not a delimiter")
+        );
+        assert_eq!(parsed.section(section("1.MIME").as_ref()), b"\r\n");
+    }
+
+    #[test]
+    fn envelopes() {
+        let cases: &[(&str, &[u8], &str)] = &[
+            (
+                "plain",
+                PLAIN,
+                r#"("Mon, 7 Feb 1994 21:52:25 -0800" "Hello" (("Alice Example" NIL "alice" "example.org")) (("Alice Example" NIL "alice" "example.org")) (("Alice Example" NIL "alice" "example.org")) ((NIL NIL "bob" "example.net")) NIL NIL NIL "<1@example.org>")"#,
+            ),
+            (
+                "mixed: quoted display name with a comma, a group",
+                MIXED,
+                r#"("Tue, 2 Jan 2024 23:30:00 +0100" "report" (("Smith, John" NIL "john" "example.com")) (("Smith, John" NIL "john" "example.com")) (("Smith, John" NIL "john" "example.com")) ((NIL NIL "Team" NIL)(NIL NIL "ann" "example.com")("Bob B." NIL "bob" "example.com")(NIL NIL NIL NIL)(NIL NIL "carol" "example.com")) NIL NIL NIL NIL)"#,
+            ),
+            (
+                "encoded words stay encoded, subject unfolded, empty group, source route",
+                ENCODED,
+                r#"("Fri, 21 Nov 1997 09:55:06 -0600" "=?ISO-8859-1?B?SWYgeW91IGNhbiByZWFkIHRoaXMgeW8=?= =?ISO-8859-2?B?dSB1bmRlcnN0YW5kIHRoZSBleGFtcGxlLg==?=" (("=?ISO-8859-1?Q?Keld_J=F8rn_Simonsen?=" NIL "keld" "dkuug.dk")) (("=?ISO-8859-1?Q?Keld_J=F8rn_Simonsen?=" NIL "keld" "dkuug.dk")) (("=?ISO-8859-1?Q?Keld_J=F8rn_Simonsen?=" NIL "keld" "dkuug.dk")) (("=?US-ASCII?Q?Keith_Moore?=" NIL "moore" "cs.utk.edu")) ((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL)) (("Hidden" "@relay.example" "h" "example.net")) "<a@b>" "<c@d>")"#,
+            ),
+            (
+                "8-bit subject goes out as a literal",
+                EIGHT_BIT,
+                "(\"Sun, 31 Dec 2023 23:59:59 -1200\" {4}\r\ncaf\u{fffd} ((NIL NIL \"x\" \"example.org\")) ((NIL NIL \"x\" \"example.org\")) ((NIL NIL \"x\" \"example.org\")) NIL NIL NIL NIL NIL)",
+            ),
+            (
+                "no header at all",
+                GARBAGE,
+                "(NIL NIL NIL NIL NIL NIL NIL NIL NIL NIL)",
+            ),
+        ];
+        for (name, message, expected) in cases {
+            assert_eq!(envelope(&crlf(message)), *expected, "{name}");
+        }
+    }
+
+    /// The FETCH example of RFC 3501 §8 (addresses written without the space between
+    /// them that the example shows but the ABNF `env-to = "(" 1*address ")"` does not allow;
+    /// lower-case type names as mail-parser reports them, which clients compare
+    /// case-insensitively).
+    #[test]
+    fn rfc3501_example_message() {
+        let mut message = crlf(
+            b"Date: Wed, 17 Jul 1996 02:23:25 -0700 (PDT)
+From: Terry Gray <gray@cac.washington.edu>
+Subject: IMAP4rev1 WG mtg summary and minutes
+To: imap@cac.washington.edu
+cc: minutes@CNRI.Reston.VA.US, John Klensin <KLENSIN@MIT.EDU>
+Message-Id: <B27397-0100000@cac.washington.edu>
+MIME-Version: 1.0
+Content-Type: TEXT/PLAIN; CHARSET=US-ASCII
+
+",
+        );
+        for line in 0..92 {
+            message.extend_from_slice(format!("{line:031}\r\n").as_bytes());
+        }
+        message.extend_from_slice(&[b'x'; 24]);
+        assert_eq!(
+            envelope(&message),
+            r#"("Wed, 17 Jul 1996 02:23:25 -0700 (PDT)" "IMAP4rev1 WG mtg summary and minutes" (("Terry Gray" NIL "gray" "cac.washington.edu")) (("Terry Gray" NIL "gray" "cac.washington.edu")) (("Terry Gray" NIL "gray" "cac.washington.edu")) ((NIL NIL "imap" "cac.washington.edu")) ((NIL NIL "minutes" "CNRI.Reston.VA.US")("John Klensin" NIL "KLENSIN" "MIT.EDU")) NIL NIL "<B27397-0100000@cac.washington.edu>")"#
+        );
+        // 92 lines of 33 bytes and a last line of 24 bytes without a line break: 3060
+        // bytes in 93 lines.
+        assert_eq!(
+            body(&message),
+            r#"("TEXT" "plain" ("charset" "US-ASCII") NIL NIL "7bit" 3060 93)"#
+        );
+    }
+
+    #[test]
+    fn address_forms() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "user@host (Real Name)",
+                r#"(("Real Name" NIL "user" "host"))"#,
+            ),
+            (
+                "\"quoted local\"@host",
+                r#"((NIL NIL "quoted local" "host"))"#,
+            ),
+            ("root", r#"((NIL NIL "root" "MISSING_DOMAIN"))"#),
+            ("<>", "NIL"),
+            ("a@b, , c@d", r#"((NIL NIL "a" "b")(NIL NIL "c" "d"))"#),
+            (
+                "G1: a@b; G2: ;",
+                r#"((NIL NIL "G1" NIL)(NIL NIL "a" "b")(NIL NIL NIL NIL)(NIL NIL "G2" NIL)(NIL NIL NIL NIL))"#,
+            ),
+            (
+                "Unclosed: a@b",
+                r#"((NIL NIL "Unclosed" NIL)(NIL NIL "a" "b")(NIL NIL NIL NIL))"#,
+            ),
+            ("J. Smith <js@x.org>", r#"(("J. Smith" NIL "js" "x.org"))"#),
+        ];
+        for (value, expected) in cases {
+            let message = format!("To: {value}\r\n\r\n");
+            let envelope = envelope(message.as_bytes());
+            let to = envelope.split(") ").collect::<Vec<_>>();
+            let got = parse_address_list(value.as_bytes());
+            let item = MessageDataItem::Envelope(Envelope {
+                date: NString(None),
+                subject: NString(None),
+                from: Vec::new(),
+                sender: Vec::new(),
+                reply_to: Vec::new(),
+                to: got,
+                cc: Vec::new(),
+                bcc: Vec::new(),
+                in_reply_to: NString(None),
+                message_id: NString(None),
+            });
+            let encoded = encode_item(item);
+            let encoded = encoded
+                .trim_start_matches("ENVELOPE (NIL NIL NIL NIL NIL ")
+                .trim_end_matches(" NIL NIL NIL NIL)");
+            assert_eq!(encoded, *expected, "{value} (whole envelope {to:?})");
+        }
+    }
+
+    #[test]
+    fn partial_ranges() {
+        let bytes = b"0123456789";
+        let nz = |n| NonZeroU32::new(n).expect("non-zero");
+        assert_eq!(apply_partial(bytes, None), bytes);
+        assert_eq!(apply_partial(bytes, Some((0, nz(4)))), b"0123");
+        assert_eq!(apply_partial(bytes, Some((8, nz(4)))), b"89");
+        assert_eq!(apply_partial(bytes, Some((10, nz(1)))), b"");
+        assert_eq!(apply_partial(bytes, Some((u32::MAX, nz(u32::MAX)))), b"");
+    }
+
+    #[test]
+    fn text_parts_are_decoded() {
+        let raw = crlf(ALTERNATIVE);
+        let texts = ParsedMessage::parse(&raw).text_parts();
+        assert_eq!(
+            texts,
+            vec!["plain text".to_string(), "<p>html \u{e9}</p>".to_string()]
+        );
+        let texts = ParsedMessage::parse(EIGHT_BIT).text_parts();
+        assert_eq!(
+            texts,
+            vec!["caf\u{e9} cr\u{e8}me br\u{fb}l\u{e9}e\n".to_string()]
+        );
+        let raw = crlf(MIXED);
+        assert_eq!(
+            ParsedMessage::parse(&raw).text_parts(),
+            vec!["See attached.".to_string()]
+        );
+    }
+
+    #[test]
+    fn deep_nesting_is_bounded() {
+        let mut message = Vec::new();
+        for depth in 0..200 {
+            message.extend_from_slice(
+                format!("Content-Type: multipart/mixed; boundary=b{depth}\r\n\r\n--b{depth}\r\n")
+                    .as_bytes(),
+            );
+        }
+        message.extend_from_slice(b"Content-Type: text/plain\r\n\r\ndeep\r\n");
+        let parsed = ParsedMessage::parse(&message);
+        let structure = body(&message);
+        assert!(structure.starts_with("(((("), "{structure}");
+        let _ = parsed.section(section("1.1.1.1.1.1.1.1").as_ref());
+        let _ = parsed.envelope();
+    }
+
+    #[test]
+    fn many_parts_are_bounded() {
+        let mut message = b"Content-Type: multipart/mixed; boundary=b\r\n\r\n".to_vec();
+        for _ in 0..10_000 {
+            message.extend_from_slice(b"--b\r\n\r\nx\r\n");
+        }
+        let parsed = ParsedMessage::parse(&message);
+        match parsed.body_structure(false) {
+            BodyStructure::Multi { bodies, .. } => assert!(bodies.as_ref().len() < MAX_MIME_PARTS),
+            other => panic!("not multipart: {other:?}"),
+        }
+    }
+
+    mod never_panics {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn sections() -> Vec<Option<Section<'static>>> {
+            [
+                "",
+                "HEADER",
+                "TEXT",
+                "1",
+                "2",
+                "1.1",
+                "1.2.3",
+                "1.MIME",
+                "2.MIME",
+                "1.HEADER",
+                "2.TEXT",
+                "1.HEADER.FIELDS (From)",
+                "HEADER.FIELDS.NOT (To)",
+                "3.2.1.MIME",
+            ]
+            .iter()
+            .map(|s| section(s))
+            .collect()
+        }
+
+        fn exercise(raw: &[u8], sections: &[Option<Section<'static>>]) {
+            let parsed = ParsedMessage::parse(raw);
+            let _ = encode_item(MessageDataItem::Envelope(parsed.envelope()));
+            let _ = encode_item(MessageDataItem::BodyStructure(parsed.body_structure(true)));
+            let _ = encode_item(MessageDataItem::Body(parsed.body_structure(false)));
+            let _ = parsed.text_parts();
+            for s in sections {
+                let bytes = parsed.section(s.as_ref());
+                let _ = apply_partial(&bytes, Some((3, NonZeroU32::MIN)));
+            }
+        }
+
+        /// Bytes that look like MIME more often than uniform noise does.
+        fn mime_ish() -> impl Strategy<Value = Vec<u8>> {
+            let pieces = prop::sample::select(vec![
+                &b"Content-Type: multipart/mixed; boundary=b\r\n"[..],
+                b"Content-Type: message/rfc822\r\n",
+                b"Content-Type: multipart/digest; boundary=\"c\"\r\n",
+                b"Content-Type: text/plain; charset=iso-8859-1\r\n",
+                b"Content-Transfer-Encoding: base64\r\n",
+                b"Content-Transfer-Encoding: quoted-printable\r\n",
+                b"Content-Disposition: attachment; filename*0*=utf-8''a%20; filename*1=b\r\n",
+                b"From: \"a\" <b@c>, (x) d: e@f;\r\n",
+                b"Subject: =?utf-8?B?w6k=?= =?x?Q?=ZZ?=\r\n",
+                b"To: <@a,@b:c@d>, \"unterminated\r\n",
+                b" folded\r\n",
+                b"\r\n",
+                b"\n",
+                b"--b\r\n",
+                b"--b--\r\n",
+                b"--c\r\n",
+                b"=\r\n",
+                b"AAAA====\r\n",
+                b"(((\\",
+                b"\x00\xff",
+                b"text\r\n",
+            ]);
+            prop::collection::vec(pieces, 0..60).prop_map(|v| v.concat())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn on_arbitrary_bytes(raw in prop::collection::vec(any::<u8>(), 0..2048)) {
+                exercise(&raw, &sections());
+            }
+
+            #[test]
+            fn on_mime_like_bytes(raw in mime_ish()) {
+                exercise(&raw, &sections());
+            }
+        }
+    }
+
+    #[test]
+    fn every_sample_survives_every_accessor() {
+        let sections: Vec<_> = [
+            "", "HEADER", "TEXT", "1", "2", "2.1", "2.2.MIME", "2.HEADER",
+        ]
+        .iter()
+        .map(|s| section(s))
+        .collect();
+        for (name, raw) in all() {
+            let parsed = ParsedMessage::parse(&raw);
+            let _ = parsed.envelope();
+            let _ = parsed.body_structure(true);
+            for s in &sections {
+                let bytes = parsed.section(s.as_ref());
+                assert!(bytes.len() <= raw.len(), "{name}");
+            }
+        }
+    }
+}
