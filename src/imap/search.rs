@@ -290,3 +290,277 @@ pub fn days_from_civil(year: i64, month: u32, day: u32) -> i64 {
     let day_of_era = year_of_era * 365 + year_of_era / 4 - year_of_era / 100 + day_of_year;
     era * 146_097 + day_of_era - 719_468
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::imap::fetch::test_samples::*;
+    use crate::store::{BlobId, FlagSet};
+    use imap_codec::imap_types::command::CommandBody;
+    use imap_codec::{decode::Decoder, CommandCodec};
+
+    /// The criteria of `SEARCH <text>`, parsed by imap-codec as a client would send them.
+    fn key(text: &str) -> SearchKey<'static> {
+        let command = format!("A SEARCH {text}\r\n").into_bytes();
+        let command: &'static [u8] = Box::leak(command.into_boxed_slice());
+        let (_, command) = CommandCodec::default()
+            .decode(command)
+            .expect("valid SEARCH");
+        match command.body {
+            CommandBody::Search { criteria, .. } => criteria,
+            other => panic!("unexpected command {other:?}"),
+        }
+    }
+
+    /// 2024-01-02 23:00:00 UTC.
+    const INTERNAL_DATE: i64 = 1_704_236_400;
+
+    fn meta(flags: &[Flag]) -> MessageMeta {
+        MessageMeta {
+            uid: 7,
+            blob: BlobId([0; 32]),
+            size: 2_000,
+            internal_date: INTERNAL_DATE,
+            internal_date_offset_min: 0,
+            flags: flags.iter().cloned().collect::<FlagSet>(),
+        }
+    }
+
+    fn check(raw: Option<&[u8]>, meta: &MessageMeta, cases: &[(&str, bool)]) {
+        for (text, expected) in cases {
+            let input = SearchInput {
+                seq: 4,
+                meta,
+                raw,
+                last_seq: 5,
+                last_uid: 9,
+            };
+            assert_eq!(matches(&key(text), &input), *expected, "SEARCH {text}");
+        }
+    }
+
+    #[test]
+    fn flag_size_sequence_and_uid_keys() {
+        let meta = meta(&[Flag::Seen, Flag::Answered, Flag::Keyword("$Label1".into())]);
+        check(
+            None,
+            &meta,
+            &[
+                ("ALL", true),
+                ("SEEN", true),
+                ("UNSEEN", false),
+                ("ANSWERED", true),
+                ("UNANSWERED", false),
+                ("FLAGGED", false),
+                ("UNFLAGGED", true),
+                ("DELETED", false),
+                ("UNDELETED", true),
+                ("DRAFT", false),
+                ("UNDRAFT", true),
+                ("KEYWORD $label1", true),
+                ("KEYWORD $label2", false),
+                ("UNKEYWORD $LABEL1", false),
+                ("UNKEYWORD other", true),
+                ("LARGER 1999", true),
+                ("LARGER 2000", false),
+                ("SMALLER 2001", true),
+                ("SMALLER 2000", false),
+                ("RECENT", false),
+                ("NEW", false),
+                ("OLD", true),
+                ("4", true),
+                ("1:3", false),
+                ("2,4:5", true),
+                ("*", false),
+                ("5:3", true),
+                ("UID 7", true),
+                ("UID 5:*", true),
+                ("UID *:8", false),
+                ("UID 1:6,8:*", false),
+                ("NOT SEEN", false),
+                ("OR FLAGGED SEEN", true),
+                ("OR FLAGGED DRAFT", false),
+                ("(SEEN ANSWERED)", true),
+                ("(SEEN FLAGGED)", false),
+                ("SEEN NOT (FLAGGED OR DRAFT DELETED)", true),
+                // Header keys without the raw message match nothing.
+                ("SUBJECT hello", false),
+                ("SENTON 1-Jan-2024", false),
+            ],
+        );
+    }
+
+    #[test]
+    fn internal_date_keys_use_the_dates_own_zone() {
+        let mut meta = meta(&[]);
+        check(
+            None,
+            &meta,
+            &[
+                ("ON 2-Jan-2024", true),
+                ("ON 3-Jan-2024", false),
+                ("BEFORE 3-Jan-2024", true),
+                ("BEFORE 2-Jan-2024", false),
+                ("SINCE 2-Jan-2024", true),
+                ("SINCE 3-Jan-2024", false),
+            ],
+        );
+        // +02:00: 2024-01-03 01:00 local.
+        meta.internal_date_offset_min = 120;
+        check(
+            None,
+            &meta,
+            &[("ON 3-Jan-2024", true), ("BEFORE 3-Jan-2024", false)],
+        );
+        // -05:00 just after midnight UTC: still the 1st locally.
+        meta.internal_date = INTERNAL_DATE - 23 * 3_600 + 60;
+        meta.internal_date_offset_min = -300;
+        check(
+            None,
+            &meta,
+            &[("ON 1-Jan-2024", true), ("SINCE 2-Jan-2024", false)],
+        );
+    }
+
+    #[test]
+    fn header_keys_match_decoded_values() {
+        let meta = meta(&[]);
+        for raw in [crlf(ENCODED), ENCODED.to_vec()] {
+            check(
+                Some(&raw),
+                &meta,
+                &[
+                    // Two encoded words in two charsets, folded over two lines.
+                    ("SUBJECT \"you UNDERSTAND the\"", true),
+                    ("SUBJECT SWYgeW91", false),
+                    ("FROM simonsen", true),
+                    ("FROM keld@dkuug", true),
+                    ("TO \"keith moore\"", true),
+                    ("CC undisclosed", true),
+                    ("BCC hidden", true),
+                    ("BCC nobody", false),
+                    ("HEADER X-Long \"second part\"", true),
+                    ("HEADER x-long \"\"", true),
+                    ("HEADER X-Missing \"\"", false),
+                    ("HEADER Message-ID <c@d>", true),
+                    ("SENTON 21-Nov-1997", true),
+                    ("SENTBEFORE 22-Nov-1997", true),
+                    ("SENTBEFORE 21-Nov-1997", false),
+                    ("SENTSINCE 21-Nov-1997", true),
+                    ("SENTSINCE 22-Nov-1997", false),
+                    ("TEXT x-long", true),
+                    ("TEXT body", true),
+                    ("BODY x-long", false),
+                ],
+            );
+        }
+        let from_utf8 = SearchKey::From(AString::try_from("J\u{f8}RN").expect("astring"));
+        let raw = crlf(ENCODED);
+        let input = SearchInput {
+            seq: 1,
+            meta: &meta,
+            raw: Some(&raw),
+            last_seq: 1,
+            last_uid: 7,
+        };
+        assert!(
+            matches(&from_utf8, &input),
+            "RFC 2047 ISO-8859-1 name, UTF-8 needle"
+        );
+    }
+
+    #[test]
+    fn sent_date_ignores_the_zone_and_falls_back_to_internal_date() {
+        let meta = meta(&[]);
+        let raw = crlf(EIGHT_BIT);
+        // "Sun, 31 Dec 2023 23:59:59 -1200" is 2024-01-01 in UTC, 31 Dec as written.
+        check(
+            Some(&raw),
+            &meta,
+            &[("SENTON 31-Dec-2023", true), ("SENTON 1-Jan-2024", false)],
+        );
+        let raw = crlf(ALTERNATIVE);
+        check(
+            Some(&raw),
+            &meta,
+            &[
+                ("SENTON 2-Jan-2024", true),
+                ("SENTBEFORE 2-Jan-2024", false),
+            ],
+        );
+    }
+
+    #[test]
+    fn body_keys_search_decoded_text_parts() {
+        let meta = meta(&[]);
+        let cases: &[(&[u8], &str, bool)] = &[
+            (ALTERNATIVE, "BODY \"plain TEXT\"", true),
+            (ALTERNATIVE, "BODY preamble", false),
+            (MIXED, "BODY attached", true),
+            // Attachments are not text: their base64 is not searched.
+            (MIXED, "BODY JVBER", false),
+            (NESTED, "BODY \"inner text\"", true),
+            (NESTED, "BODY <b>inner", true),
+            (NESTED, "TEXT outer@example", true),
+            (PLAIN, "BODY \"how are\"", true),
+            (PLAIN, "BODY alice", false),
+            (PLAIN, "TEXT alice", true),
+            (NO_BODY, "BODY none", false),
+            (NO_BODY, "TEXT none", true),
+            (GARBAGE, "BODY zzz", false),
+            (TRUNCATED, "BODY trunc", true),
+        ];
+        for (message, text, expected) in cases {
+            for raw in [crlf(message), message.to_vec()] {
+                check(Some(&raw), &meta, &[(text, *expected)]);
+            }
+        }
+        // Quoted-printable UTF-8 and 8-bit ISO-8859-1, searched with UTF-8 needles.
+        for (message, needle) in [(ALTERNATIVE, "HTML \u{c9}"), (EIGHT_BIT, "CR\u{c8}ME")] {
+            let raw = crlf(message);
+            let input = SearchInput {
+                seq: 1,
+                meta: &meta,
+                raw: Some(&raw),
+                last_seq: 1,
+                last_uid: 7,
+            };
+            let key = SearchKey::Body(AString::try_from(needle).expect("astring"));
+            assert!(matches(&key, &input), "{needle}");
+        }
+    }
+
+    #[test]
+    fn needs_body_only_for_message_content_keys() {
+        let cases: &[(&str, bool)] = &[
+            ("ALL", false),
+            ("SEEN UNSEEN FLAGGED KEYWORD x UNKEYWORD y", false),
+            (
+                "LARGER 1 SMALLER 5 BEFORE 1-Jan-2000 ON 1-Jan-2000 SINCE 1-Jan-2000",
+                false,
+            ),
+            ("UID 1:* 1:5 NEW OLD RECENT", false),
+            ("OR SEEN NOT DRAFT", false),
+            ("SUBJECT x", true),
+            ("OR SEEN FROM x", true),
+            ("NOT (SEEN BODY x)", true),
+            ("SENTSINCE 1-Jan-2000", true),
+            ("HEADER a b", true),
+            ("TEXT a", true),
+            ("TO a", true),
+            ("CC a", true),
+            ("BCC a", true),
+        ];
+        for (text, expected) in cases {
+            assert_eq!(needs_body(&key(text)), *expected, "{text}");
+        }
+    }
+
+    #[test]
+    fn civil_days() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2024, 1, 2), INTERNAL_DATE / 86_400);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(1969, 12, 31), -1);
+    }
+}
