@@ -202,18 +202,18 @@ pub fn first_field<'a>(block: &'a [u8], name: &[u8]) -> Option<Field<'a>> {
 /// strings.
 pub fn unfold(value: &[u8]) -> Vec<u8> {
     let value = &value[..value.len().min(MAX_FIELD_VALUE_BYTES)];
-    let mut out: Vec<u8> = value
+    let mut out: Vec<u8> = trim_ascii(value)
         .iter()
         .copied()
         .filter(|&b| b != b'\r' && b != b'\n' && b != 0)
         .collect();
-    let trimmed = trim_ascii(&out);
-    let (start, len) = (
-        trimmed.as_ptr() as usize - out.as_ptr() as usize,
-        trimmed.len(),
-    );
-    out.drain(..start);
-    out.truncate(len);
+    // Removing line breaks cannot expose new outer whitespace, except where a value ends
+    // in a folded empty line; trim again for that case.
+    let end = out
+        .iter()
+        .rposition(|b| !b.is_ascii_whitespace())
+        .map_or(0, |i| i + 1);
+    out.truncate(end);
     out
 }
 
@@ -1602,9 +1602,6 @@ Content-Type: TEXT/PLAIN; CHARSET=US-ASCII
             ("J. Smith <js@x.org>", r#"(("J. Smith" NIL "js" "x.org"))"#),
         ];
         for (value, expected) in cases {
-            let message = format!("To: {value}\r\n\r\n");
-            let envelope = envelope(message.as_bytes());
-            let to = envelope.split(") ").collect::<Vec<_>>();
             let got = parse_address_list(value.as_bytes());
             let item = MessageDataItem::Envelope(Envelope {
                 date: NString(None),
@@ -1622,8 +1619,84 @@ Content-Type: TEXT/PLAIN; CHARSET=US-ASCII
             let encoded = encoded
                 .trim_start_matches("ENVELOPE (NIL NIL NIL NIL NIL ")
                 .trim_end_matches(" NIL NIL NIL NIL)");
-            assert_eq!(encoded, *expected, "{value} (whole envelope {to:?})");
+            assert_eq!(encoded, *expected, "{value}");
         }
+    }
+
+    #[test]
+    fn top_level_message_rfc822_and_digest_defaults() {
+        let raw = crlf(
+            b"Content-Type: message/rfc822
+
+Subject: inside
+
+inner body
+",
+        );
+        let parsed = ParsedMessage::parse(&raw);
+        assert_eq!(
+            parsed.section(section("1").as_ref()),
+            crlf(b"Subject: inside\n\ninner body\n")
+        );
+        assert_eq!(
+            parsed.section(section("1.HEADER").as_ref()),
+            crlf(b"Subject: inside\n\n")
+        );
+        assert_eq!(
+            parsed.section(section("1.TEXT").as_ref()),
+            crlf(b"inner body\n")
+        );
+        assert_eq!(
+            parsed.section(section("1.1").as_ref()),
+            crlf(b"inner body\n")
+        );
+        assert_eq!(parsed.section(section("2").as_ref()), b"");
+        assert_eq!(
+            body(&raw),
+            r#"("MESSAGE" "RFC822" NIL NIL NIL "7bit" 31 (NIL "inside" NIL NIL NIL NIL NIL NIL NIL NIL) ("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 12 1) 3)"#
+        );
+
+        // In a multipart/digest, a part without Content-Type is message/rfc822.
+        let raw = crlf(
+            b"Content-Type: multipart/digest; boundary=d
+
+--d
+
+Subject: one
+
+1
+--d
+Content-Type: text/plain
+
+not a message
+--d--
+",
+        );
+        assert_eq!(
+            body(&raw),
+            r#"(("MESSAGE" "RFC822" NIL NIL NIL "7bit" 17 (NIL "one" NIL NIL NIL NIL NIL NIL NIL NIL) ("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 1 1) 3)("TEXT" "plain" ("charset" "us-ascii") NIL NIL "7bit" 13 1) "digest")"#
+        );
+        let parsed = ParsedMessage::parse(&raw);
+        assert_eq!(
+            parsed.section(section("1.HEADER").as_ref()),
+            crlf(b"Subject: one\n\n")
+        );
+        assert_eq!(parsed.section(section("1.MIME").as_ref()), b"\r\n");
+    }
+
+    #[test]
+    fn envelope_strings_are_escaped_or_literal() {
+        let raw = crlf(b"Subject: He said \"hi\" \\o/\nMessage-ID: <x@y>\n\n");
+        assert_eq!(
+            envelope(&raw),
+            r#"(NIL "He said \"hi\" \\o/" NIL NIL NIL NIL NIL NIL NIL "<x@y>")"#
+        );
+        // NUL bytes can be neither quoted nor in a literal: they are dropped.
+        let raw = b"Subject: a\x00b\r\n\r\n";
+        assert_eq!(
+            envelope(raw),
+            r#"(NIL "ab" NIL NIL NIL NIL NIL NIL NIL NIL)"#
+        );
     }
 
     #[test]

@@ -96,6 +96,7 @@ pub fn matches(key: &SearchKey<'_>, input: &SearchInput<'_>) -> bool {
 struct Context<'i, 'a> {
     input: &'i SearchInput<'a>,
     header: OnceCell<&'a [u8]>,
+    /// Decoded text parts, lower-cased.
     texts: OnceCell<Vec<String>>,
 }
 
@@ -107,7 +108,11 @@ impl<'a> Context<'_, 'a> {
 
     fn texts(&self) -> &[String] {
         self.texts.get_or_init(|| match self.input.raw {
-            Some(raw) => ParsedMessage::parse(raw).text_parts(),
+            Some(raw) => ParsedMessage::parse(raw)
+                .text_parts()
+                .iter()
+                .map(|t| t.to_lowercase())
+                .collect(),
             None => Vec::new(),
         })
     }
