@@ -1827,7 +1827,15 @@ not a message
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(512))]
+            #![proptest_config(ProptestConfig::with_cases(std::env::var("KERMAIL_PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512)))]
+
+            #[test]
+            fn field_parsers_on_structured_noise(value in prop::collection::vec(prop::sample::select(b" \t\r\n\"\\()<>@,;:=*'%?._-/aZ09\xc3\xa9".to_vec()), 0..120)) {
+                let _ = parse_content_type(&value);
+                let _ = decode_field_value(&value);
+                let _ = parse_address_list(&value);
+                let _ = MessageStream::new(&value).parse_date();
+            }
 
             #[test]
             fn on_arbitrary_bytes(raw in prop::collection::vec(any::<u8>(), 0..2048)) {
