@@ -579,6 +579,16 @@ pub fn apply_partial(bytes: &[u8], partial: Option<(u32, NonZeroU32)>) -> &[u8] 
     }
 }
 
+/// Section bytes as the `BODY[...]` string of a FETCH response. IMAP strings cannot carry
+/// NUL, so each NUL becomes 0x80 (Dovecot does the same), which keeps every length and
+/// offset unchanged; imap-codec then sends the bytes as a literal or a quoted string.
+pub fn section_nstring(mut bytes: Vec<u8>) -> NString<'static> {
+    for b in bytes.iter_mut().filter(|b| **b == 0) {
+        *b = 0x80;
+    }
+    NString(Some(istring(bytes)))
+}
+
 // ---------------------------------------------------------------------------------------
 // ENVELOPE
 // ---------------------------------------------------------------------------------------
@@ -1696,6 +1706,19 @@ not a message
         assert_eq!(
             envelope(raw),
             r#"(NIL "ab" NIL NIL NIL NIL NIL NIL NIL NIL)"#
+        );
+    }
+
+    #[test]
+    fn section_strings_never_carry_nul() {
+        let item = MessageDataItem::BodyExt {
+            section: None,
+            origin: None,
+            data: section_nstring(b"a\x00b\r\n".to_vec()),
+        };
+        assert_eq!(
+            encode_item(item).as_bytes(),
+            b"BODY[] {5}\r\na\xef\xbf\xbdb\r\n"
         );
     }
 
