@@ -11,6 +11,20 @@
 //!
 //! Nothing here fails: broken MIME (no boundary, no close delimiter, no blank line,
 //! garbage) gives a best-effort structure, and depth and part counts are bounded.
+//!
+//! Conventions where RFC 3501 leaves a choice (Dovecot's choices unless said otherwise):
+//! - part numbers: a non-multipart has only part 1 (itself); numbers after a
+//!   message/rfc822 part continue inside the encapsulated message; a missing part gives
+//!   empty bytes; N.HEADER/N.TEXT/N.HEADER.FIELDS on a part that is not message/rfc822
+//!   give empty bytes.
+//! - a multipart without any body part (no boundary parameter, no delimiter) is reported
+//!   with one empty text/plain part, since the BODYSTRUCTURE syntax needs at least one.
+//! - body-fld-lines counts line breaks plus one for a last line without one.
+//! - ENVELOPE strings are the raw values unfolded (RFC 2047 words stay encoded for the
+//!   client to decode); an address without a local part or domain gets
+//!   `MISSING_MAILBOX` / `MISSING_DOMAIN`, so that a NIL host never fakes a group marker.
+//! - type, subtype and parameter names come lower-cased from mail-parser; text parts
+//!   without parameters get `("charset" "us-ascii")` (RFC 2045 §5.2).
 
 use std::cell::OnceCell;
 use std::num::NonZeroU32;
