@@ -9,8 +9,8 @@
 //! also accepts `--boundary` in the middle of a line, which moves IMAP part edges (see
 //! `boundary_must_start_a_line_and_may_be_a_prefix`); the tree is built the way Dovecot
 //! builds it. The sample messages of the tests were cross-checked against Dovecot 2.3.19
-//! (same BODYSTRUCTURE, ENVELOPE and 198 section fetches, apart from the differences
-//! listed below).
+//! (BODYSTRUCTURE, ENVELOPE and 176 section fetches: 192 of 198 items byte-identical, the
+//! other 6 differ only in quoted-versus-literal choice or as listed below).
 //!
 //! Nothing here fails: broken MIME (no boundary, no close delimiter, no blank line,
 //! garbage) gives a best-effort structure, and depth and part counts are bounded.
