@@ -16,7 +16,8 @@
 //! garbage) gives a best-effort structure, and depth and part counts are bounded.
 //!
 //! Conventions where RFC 3501 leaves a choice (Dovecot's choices unless said otherwise):
-//! - part numbers: a non-multipart has only part 1 (itself); numbers after a
+//! - part numbers: a non-multipart answers to one `1` (itself), so `BODY[1.1]` of a
+//!   text/plain message is empty but of a text/plain part 1 is that part; numbers after a
 //!   message/rfc822 part continue inside the encapsulated message; a missing part gives
 //!   empty bytes; N.HEADER/N.TEXT/N.HEADER.FIELDS on a part that is not message/rfc822
 //!   give empty bytes.
@@ -50,8 +51,9 @@ use mail_parser::{ContentType, HeaderValue};
 /// mail rarely goes beyond 5.
 pub const MAX_MIME_DEPTH: usize = 32;
 
-/// Most MIME parts built for one message; later parts are folded into their parent's
-/// last part. Bounds the memory and the BODYSTRUCTURE size a hostile message can cause.
+/// Most MIME parts built for one message; later parts are left out of the structure
+/// (their bytes stay in the enclosing multipart's body). Bounds the memory and the
+/// BODYSTRUCTURE size a hostile message can cause.
 pub const MAX_MIME_PARTS: usize = 2_000;
 
 /// Most addresses taken from one address header into an ENVELOPE.
