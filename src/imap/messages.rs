@@ -14,11 +14,9 @@ use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::cache::HeaderCache;
-use super::fetch::{apply_partial, ParsedMessage};
+use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
-use super::response::{
-    codec_item, flag_list, header_fields, header_len, internal_date, literal, tagged, uid_set,
-};
+use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::{mailbox_name, Session, State};
 use crate::store::{Flag, FlagOp, FlagSet, MailStore, MessageMeta, Uid};
@@ -291,7 +289,6 @@ impl Session {
         }
         let flags_listed = items.contains(&MessageDataItemName::Flags);
         let uid_listed = items.contains(&MessageDataItemName::Uid);
-        let mut scratch: Vec<u8> = Vec::new();
         let mut failures = 0usize;
         for &index in &indexes {
             let meta = &messages[index];
@@ -309,7 +306,7 @@ impl Session {
             };
             let header: Option<Arc<[u8]>> = match (&raw, needs_header) {
                 (_, false) => None,
-                (Some(raw), true) => Some(Arc::from(&raw[..header_len(raw)])),
+                (Some(raw), true) => Some(Arc::from(top_header(raw))),
                 (None, true) => match header_of(&self.store, &self.headers, meta).await {
                     Some(header) => Some(header),
                     None => {
@@ -366,7 +363,7 @@ impl Session {
                     }
                     MessageDataItemName::Rfc822Text => {
                         out.extend_from_slice(b"RFC822.TEXT ");
-                        literal(out, &raw_bytes[header_len(raw_bytes)..]);
+                        literal(out, &raw_bytes[top_header(raw_bytes).len()..]);
                     }
                     MessageDataItemName::Envelope => {
                         if let Some(parsed) = &parsed {
@@ -398,22 +395,17 @@ impl Session {
                             let _ = write!(out, "<{origin}>");
                         }
                         out.push(b' ');
+                        let scratch: Vec<u8>;
                         let bytes: &[u8] = match section {
                             None => raw_bytes,
-                            Some(Section::Text(None)) => &raw_bytes[header_len(raw_bytes)..],
+                            Some(Section::Text(None)) => &raw_bytes[top_header(raw_bytes).len()..],
                             Some(Section::Header(None)) => header_bytes,
                             Some(Section::HeaderFields(None, names)) => {
-                                scratch.clear();
-                                let names: Vec<&[u8]> =
-                                    names.as_ref().iter().map(|n| n.as_ref()).collect();
-                                header_fields(&mut scratch, header_bytes, &names, false);
+                                scratch = header_fields_subset(header_bytes, names.as_ref(), false);
                                 &scratch
                             }
                             Some(Section::HeaderFieldsNot(None, names)) => {
-                                scratch.clear();
-                                let names: Vec<&[u8]> =
-                                    names.as_ref().iter().map(|n| n.as_ref()).collect();
-                                header_fields(&mut scratch, header_bytes, &names, true);
+                                scratch = header_fields_subset(header_bytes, names.as_ref(), true);
                                 &scratch
                             }
                             Some(section) => {
@@ -588,7 +580,7 @@ async fn header_of(
         return Some(header);
     }
     let raw = store.body(meta.blob).await.ok()?;
-    let header: Arc<[u8]> = Arc::from(&raw[..header_len(&raw)]);
+    let header: Arc<[u8]> = Arc::from(top_header(&raw));
     cache.insert(meta.blob, Arc::clone(&header));
     Some(header)
 }

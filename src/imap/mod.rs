@@ -30,3 +30,6 @@ mod session;
 pub use config::ImapConfig;
 pub use server::serve;
 pub use session::{Action, ConnectionInfo, Session};
+
+#[cfg(test)]
+mod tests;

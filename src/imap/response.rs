@@ -180,63 +180,6 @@ pub fn codec_item(out: &mut Vec<u8>, item: MessageDataItem<'static>) {
     }
 }
 
-/// Length of the header part of a message, blank line included (the whole message when it
-/// has no body).
-pub fn header_len(raw: &[u8]) -> usize {
-    let mut i = 0;
-    while let Some(offset) = raw[i..].iter().position(|&b| b == b'\n') {
-        let newline = i + offset;
-        let rest = &raw[newline + 1..];
-        if rest.starts_with(b"\r\n") {
-            return newline + 3;
-        }
-        if rest.starts_with(b"\n") {
-            return newline + 2;
-        }
-        i = newline + 1;
-    }
-    raw.len()
-}
-
-/// The header fields of `header` whose names are (or with `not`, are not) among `names`,
-/// followed by the blank line, as BODY[HEADER.FIELDS (...)] returns them.
-pub fn header_fields(out: &mut Vec<u8>, header: &[u8], names: &[&[u8]], not: bool) {
-    let mut i = 0;
-    while i < header.len() {
-        // One field: its first line plus continuation lines starting with space or tab.
-        let mut end = i;
-        loop {
-            match header[end..].iter().position(|&b| b == b'\n') {
-                Some(offset) => end += offset + 1,
-                None => {
-                    end = header.len();
-                    break;
-                }
-            }
-            if end >= header.len() || (header[end] != b' ' && header[end] != b'\t') {
-                break;
-            }
-        }
-        let field = &header[i..end];
-        i = end;
-        if field == b"\r\n" || field == b"\n" {
-            break;
-        }
-        let Some(colon) = field.iter().position(|&b| b == b':') else {
-            continue;
-        };
-        let name = field[..colon].trim_ascii_end();
-        let listed = names.iter().any(|n| n.eq_ignore_ascii_case(name));
-        if listed != not {
-            out.extend_from_slice(field);
-            if !field.ends_with(b"\n") {
-                out.extend_from_slice(b"\r\n");
-            }
-        }
-    }
-    out.extend_from_slice(b"\r\n");
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -257,19 +200,6 @@ mod tests {
         let mut out = Vec::new();
         uid_set(&mut out, &[1, 2, 3, 5, 7, 8]);
         assert_eq!(out, b"1:3,5,7:8");
-    }
-
-    #[test]
-    fn header_fields_keep_folded_lines_and_end_with_a_blank_line() {
-        let raw = b"From: a\r\nSubject: hi\r\n there\r\nX: y\r\n\r\nbody";
-        let header = &raw[..header_len(raw)];
-        assert_eq!(header.len(), raw.len() - 4);
-        let mut out = Vec::new();
-        header_fields(&mut out, header, &[b"subject"], false);
-        assert_eq!(out, b"Subject: hi\r\n there\r\n\r\n");
-        out.clear();
-        header_fields(&mut out, header, &[b"subject"], true);
-        assert_eq!(out, b"From: a\r\nX: y\r\n\r\n");
     }
 
     #[test]

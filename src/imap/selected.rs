@@ -89,7 +89,7 @@ impl Selected {
             for seq in expunged_seqs.iter().rev() {
                 let _ = write!(out, "* {seq} EXPUNGE\r\n");
             }
-            if n_appended > 0 || !expunged_seqs.is_empty() {
+            if n_appended > 0 {
                 let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
             }
             for &(_, j) in &changed {
