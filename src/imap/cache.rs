@@ -47,3 +47,82 @@ impl HeaderCache {
         }
     }
 }
+
+/// Most remembered logins; the cache starts over when full.
+const AUTH_CACHE_MAX_ENTRIES: usize = 10_000;
+
+/// Recently verified logins, so that a client reconnecting often does not pay an argon2id
+/// verification each time. Keys are keyed BLAKE3 hashes of (address, password) under a
+/// per-process random key: no password is kept. An entry lives `ttl`, which is also how long
+/// an old password keeps working for repeat logins after a password change.
+pub struct AuthCache {
+    key: [u8; 32],
+    ttl: std::time::Duration,
+    entries: Mutex<HashMap<[u8; 32], (crate::store::AccountId, std::time::Instant)>>,
+}
+
+impl AuthCache {
+    pub fn new(ttl: std::time::Duration) -> AuthCache {
+        AuthCache {
+            key: rand::random(),
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn digest(&self, address: &str, password: &str) -> [u8; 32] {
+        let mut hasher = blake3::Hasher::new_keyed(&self.key);
+        hasher.update(address.to_lowercase().as_bytes());
+        hasher.update(&[0]);
+        hasher.update(password.as_bytes());
+        *hasher.finalize().as_bytes()
+    }
+
+    pub fn get(&self, address: &str, password: &str) -> Option<crate::store::AccountId> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let digest = self.digest(address, password);
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        let (account, at) = entries.get(&digest)?;
+        (at.elapsed() < self.ttl).then_some(*account)
+    }
+
+    pub fn insert(&self, address: &str, password: &str, account: crate::store::AccountId) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let digest = self.digest(address, password);
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= AUTH_CACHE_MAX_ENTRIES {
+            entries.clear();
+        }
+        entries.insert(digest, (account, std::time::Instant::now()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn auth_cache_needs_the_same_password_and_expires() {
+        let cache = AuthCache::new(std::time::Duration::from_secs(60));
+        cache.insert("A@example.org", "secret one", 7);
+        assert_eq!(cache.get("a@example.org", "secret one"), Some(7));
+        assert_eq!(cache.get("a@example.org", "secret two"), None);
+        let disabled = AuthCache::new(std::time::Duration::ZERO);
+        disabled.insert("a@example.org", "secret one", 7);
+        assert_eq!(disabled.get("a@example.org", "secret one"), None);
+    }
+
+    #[test]
+    fn header_cache_stays_within_its_bound() {
+        let cache = HeaderCache::new(100);
+        for i in 0..50u8 {
+            cache.insert(BlobId([i; 32]), Arc::from(&[i; 20][..]));
+            let inner = cache.inner.lock().unwrap();
+            assert!(inner.bytes <= 100);
+        }
+    }
+}

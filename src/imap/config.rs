@@ -30,6 +30,10 @@ pub struct ImapConfig {
     /// Headers of recently read messages kept in memory for header fetches and searches.
     /// Default 64 MiB; 0 disables the cache.
     pub header_cache_bytes: usize,
+    /// A successful login is remembered this long (as a keyed hash, never the password), so
+    /// repeat logins skip argon2id. It is also how long an old password keeps working for
+    /// repeat logins after a password change. Default 60; 0 disables the cache.
+    pub auth_cache_ttl_secs: u64,
 }
 
 impl Default for ImapConfig {
@@ -46,6 +50,7 @@ impl Default for ImapConfig {
             max_failed_auth_per_session: 3,
             shutdown_grace_secs: 10,
             header_cache_bytes: 64 * 1024 * 1024,
+            auth_cache_ttl_secs: 60,
         }
     }
 }

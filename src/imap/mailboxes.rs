@@ -13,7 +13,10 @@ use imap_codec::imap_types::status::StatusDataItemName;
 use super::response::{astring, flag_list, store_error, tagged, untagged};
 use super::selected::Selected;
 use super::session::{mailbox_name, Session, State};
-use crate::store::{Flag, FlagSet, MailboxInfo, SpecialUse};
+use std::sync::Arc;
+
+use super::fetch::top_header;
+use crate::store::{BlobId, Flag, FlagSet, MailboxInfo, SpecialUse};
 
 /// The hierarchy separator of every mailbox name.
 const SEPARATOR: u8 = b'/';
@@ -393,6 +396,9 @@ impl Session {
             .await
         {
             Ok((uidvalidity, uid)) => {
+                // Later header fetches and searches need not read the body back.
+                let blob = BlobId(*blake3::hash(message).as_bytes());
+                self.headers.insert(blob, Arc::from(top_header(message)));
                 if let State::Selected { account, mailbox } = &mut self.state {
                     if mailbox.id == view.id {
                         mailbox.refresh(&self.store, *account, true, &[], out);

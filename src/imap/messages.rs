@@ -182,23 +182,33 @@ impl Session {
         let body_needed = needs_body(criteria);
         let header_is_enough = body_needed && header_only(criteria);
         out.extend_from_slice(b"* SEARCH");
-        for (i, meta) in messages.iter().enumerate() {
-            let mut header = None;
-            let mut raw = None;
-            if header_is_enough {
-                header = header_of(&self.store, &self.headers, meta).await;
-            } else if body_needed {
-                raw = self.store.body(meta.blob).await.ok();
-            }
-            let input = SearchInput {
-                seq: i as u32 + 1,
-                meta,
-                raw: header.as_deref().or(raw.as_deref().map(|r| r.as_slice())),
-                last_seq,
-                last_uid,
+        let all: Vec<usize> = (0..messages.len()).collect();
+        for chunk in all.chunks(BODY_BATCH) {
+            let metas: Vec<&MessageMeta> = chunk.iter().map(|&i| &messages[i]).collect();
+            let headers = if header_is_enough {
+                headers_of(&self.store, &self.headers, &metas).await
+            } else {
+                Vec::new()
             };
-            if matches(criteria, &input) {
-                let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
+            let raws = if body_needed && !header_is_enough {
+                read_bodies(&self.store, &metas).await
+            } else {
+                Vec::new()
+            };
+            for (k, &i) in chunk.iter().enumerate() {
+                let meta = &messages[i];
+                let header = headers.get(k).and_then(|h| h.as_deref());
+                let raw = raws.get(k).and_then(|r| r.as_deref()).map(|r| r.as_slice());
+                let input = SearchInput {
+                    seq: i as u32 + 1,
+                    meta,
+                    raw: header.or(raw),
+                    last_seq,
+                    last_uid,
+                };
+                if matches(criteria, &input) {
+                    let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
+                }
             }
         }
         out.extend_from_slice(b"\r\n");
@@ -290,137 +300,150 @@ impl Session {
         let flags_listed = items.contains(&MessageDataItemName::Flags);
         let uid_listed = items.contains(&MessageDataItemName::Uid);
         let mut failures = 0usize;
-        for &index in &indexes {
-            let meta = &messages[index];
-            let raw = if needs_raw {
-                match self.store.body(meta.blob).await {
-                    Ok(raw) => Some(raw),
-                    Err(error) => {
-                        tracing::warn!(uid = meta.uid, %error, "cannot read a message body");
-                        failures += 1;
-                        continue;
-                    }
-                }
+        for chunk in indexes.chunks(BODY_BATCH) {
+            let metas: Vec<&MessageMeta> = chunk.iter().map(|&i| &messages[i]).collect();
+            let raws = if needs_raw {
+                read_bodies(&self.store, &metas).await
             } else {
-                None
+                Vec::new()
             };
-            let header: Option<Arc<[u8]>> = match (&raw, needs_header) {
-                (_, false) => None,
-                (Some(raw), true) => Some(Arc::from(top_header(raw))),
-                (None, true) => match header_of(&self.store, &self.headers, meta).await {
-                    Some(header) => Some(header),
-                    None => {
-                        failures += 1;
-                        continue;
-                    }
-                },
+            let headers = if needs_header && !needs_raw {
+                headers_of(&self.store, &self.headers, &metas).await
+            } else {
+                Vec::new()
             };
-            let raw_bytes: &[u8] = raw.as_deref().map_or(&[], |r| r.as_slice());
-            let header_bytes: &[u8] = header.as_deref().unwrap_or(&[]);
-            let parsed = needs_parsed.then(|| ParsedMessage::parse(raw_bytes));
+            for (k, &index) in chunk.iter().enumerate() {
+                let meta = &messages[index];
+                let raw = raws.get(k).cloned().flatten();
+                if needs_raw && raw.is_none() {
+                    failures += 1;
+                    continue;
+                }
+                let header: Option<Arc<[u8]>> = match (&raw, needs_header) {
+                    (_, false) => None,
+                    (Some(raw), true) => Some(Arc::from(top_header(raw))),
+                    (None, true) => match headers.get(k).cloned().flatten() {
+                        Some(header) => Some(header),
+                        None => {
+                            failures += 1;
+                            continue;
+                        }
+                    },
+                };
+                let raw_bytes: &[u8] = raw.as_deref().map_or(&[], |r| r.as_slice());
+                let header_bytes: &[u8] = header.as_deref().unwrap_or(&[]);
+                let parsed = needs_parsed.then(|| ParsedMessage::parse(raw_bytes));
 
-            let _ = write!(out, "* {} FETCH (", index + 1);
-            let mut first = true;
-            let mut separate = |out: &mut Vec<u8>| {
-                if !first {
-                    out.push(b' ');
-                }
-                first = false;
-            };
-            if uid && !uid_listed {
-                separate(out);
-                let _ = write!(out, "UID {}", meta.uid);
-            }
-            if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
-                separate(out);
-                out.extend_from_slice(b"FLAGS ");
-                flag_list(out, &meta.flags);
-            }
-            for item in items {
-                separate(out);
-                match item {
-                    MessageDataItemName::Uid => {
-                        let _ = write!(out, "UID {}", meta.uid);
-                    }
-                    MessageDataItemName::Flags => {
-                        out.extend_from_slice(b"FLAGS ");
-                        flag_list(out, &meta.flags);
-                    }
-                    MessageDataItemName::InternalDate => {
-                        out.extend_from_slice(b"INTERNALDATE ");
-                        internal_date(out, meta.internal_date, meta.internal_date_offset_min);
-                    }
-                    MessageDataItemName::Rfc822Size => {
-                        let _ = write!(out, "RFC822.SIZE {}", meta.size);
-                    }
-                    MessageDataItemName::Rfc822 => {
-                        out.extend_from_slice(b"RFC822 ");
-                        literal(out, raw_bytes);
-                    }
-                    MessageDataItemName::Rfc822Header => {
-                        out.extend_from_slice(b"RFC822.HEADER ");
-                        literal(out, header_bytes);
-                    }
-                    MessageDataItemName::Rfc822Text => {
-                        out.extend_from_slice(b"RFC822.TEXT ");
-                        literal(out, &raw_bytes[top_header(raw_bytes).len()..]);
-                    }
-                    MessageDataItemName::Envelope => {
-                        if let Some(parsed) = &parsed {
-                            codec_item(out, MessageDataItem::Envelope(parsed.envelope()));
-                        }
-                    }
-                    MessageDataItemName::Body => {
-                        if let Some(parsed) = &parsed {
-                            codec_item(out, MessageDataItem::Body(parsed.body_structure(false)));
-                        }
-                    }
-                    MessageDataItemName::BodyStructure => {
-                        if let Some(parsed) = &parsed {
-                            codec_item(
-                                out,
-                                MessageDataItem::BodyStructure(parsed.body_structure(true)),
-                            );
-                        }
-                    }
-                    MessageDataItemName::BodyExt {
-                        section, partial, ..
-                    } => {
-                        out.extend_from_slice(b"BODY[");
-                        if let Some(section) = section {
-                            section_spec(out, section);
-                        }
-                        out.push(b']');
-                        if let Some((origin, _)) = partial {
-                            let _ = write!(out, "<{origin}>");
-                        }
+                let _ = write!(out, "* {} FETCH (", index + 1);
+                let mut first = true;
+                let mut separate = |out: &mut Vec<u8>| {
+                    if !first {
                         out.push(b' ');
-                        let scratch: Vec<u8>;
-                        let bytes: &[u8] = match section {
-                            None => raw_bytes,
-                            Some(Section::Text(None)) => &raw_bytes[top_header(raw_bytes).len()..],
-                            Some(Section::Header(None)) => header_bytes,
-                            Some(Section::HeaderFields(None, names)) => {
-                                scratch = header_fields_subset(header_bytes, names.as_ref(), false);
-                                &scratch
+                    }
+                    first = false;
+                };
+                if uid && !uid_listed {
+                    separate(out);
+                    let _ = write!(out, "UID {}", meta.uid);
+                }
+                if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
+                    separate(out);
+                    out.extend_from_slice(b"FLAGS ");
+                    flag_list(out, &meta.flags);
+                }
+                for item in items {
+                    separate(out);
+                    match item {
+                        MessageDataItemName::Uid => {
+                            let _ = write!(out, "UID {}", meta.uid);
+                        }
+                        MessageDataItemName::Flags => {
+                            out.extend_from_slice(b"FLAGS ");
+                            flag_list(out, &meta.flags);
+                        }
+                        MessageDataItemName::InternalDate => {
+                            out.extend_from_slice(b"INTERNALDATE ");
+                            internal_date(out, meta.internal_date, meta.internal_date_offset_min);
+                        }
+                        MessageDataItemName::Rfc822Size => {
+                            let _ = write!(out, "RFC822.SIZE {}", meta.size);
+                        }
+                        MessageDataItemName::Rfc822 => {
+                            out.extend_from_slice(b"RFC822 ");
+                            literal(out, raw_bytes);
+                        }
+                        MessageDataItemName::Rfc822Header => {
+                            out.extend_from_slice(b"RFC822.HEADER ");
+                            literal(out, header_bytes);
+                        }
+                        MessageDataItemName::Rfc822Text => {
+                            out.extend_from_slice(b"RFC822.TEXT ");
+                            literal(out, &raw_bytes[top_header(raw_bytes).len()..]);
+                        }
+                        MessageDataItemName::Envelope => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(out, MessageDataItem::Envelope(parsed.envelope()));
                             }
-                            Some(Section::HeaderFieldsNot(None, names)) => {
-                                scratch = header_fields_subset(header_bytes, names.as_ref(), true);
-                                &scratch
+                        }
+                        MessageDataItemName::Body => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(
+                                    out,
+                                    MessageDataItem::Body(parsed.body_structure(false)),
+                                );
                             }
-                            Some(section) => {
-                                scratch = parsed
-                                    .as_ref()
-                                    .map(|p| p.section(Some(section)))
-                                    .unwrap_or_default();
-                                &scratch
+                        }
+                        MessageDataItemName::BodyStructure => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(
+                                    out,
+                                    MessageDataItem::BodyStructure(parsed.body_structure(true)),
+                                );
                             }
-                        };
-                        literal(out, apply_partial(bytes, *partial));
+                        }
+                        MessageDataItemName::BodyExt {
+                            section, partial, ..
+                        } => {
+                            out.extend_from_slice(b"BODY[");
+                            if let Some(section) = section {
+                                section_spec(out, section);
+                            }
+                            out.push(b']');
+                            if let Some((origin, _)) = partial {
+                                let _ = write!(out, "<{origin}>");
+                            }
+                            out.push(b' ');
+                            let scratch: Vec<u8>;
+                            let bytes: &[u8] = match section {
+                                None => raw_bytes,
+                                Some(Section::Text(None)) => {
+                                    &raw_bytes[top_header(raw_bytes).len()..]
+                                }
+                                Some(Section::Header(None)) => header_bytes,
+                                Some(Section::HeaderFields(None, names)) => {
+                                    scratch =
+                                        header_fields_subset(header_bytes, names.as_ref(), false);
+                                    &scratch
+                                }
+                                Some(Section::HeaderFieldsNot(None, names)) => {
+                                    scratch =
+                                        header_fields_subset(header_bytes, names.as_ref(), true);
+                                    &scratch
+                                }
+                                Some(section) => {
+                                    scratch = parsed
+                                        .as_ref()
+                                        .map(|p| p.section(Some(section)))
+                                        .unwrap_or_default();
+                                    &scratch
+                                }
+                            };
+                            literal(out, apply_partial(bytes, *partial));
+                        }
                     }
                 }
+                out.extend_from_slice(b")\r\n");
             }
-            out.extend_from_slice(b")\r\n");
         }
         mailbox.refresh(&self.store, account, false, &seen_now, out);
         if failures > 0 {
@@ -570,19 +593,52 @@ impl Session {
     }
 }
 
-/// The header of a message, from the shared cache or read once and cached.
-async fn header_of(
+/// Messages whose bodies are read concurrently before their responses are written: enough
+/// to keep the blocking pool busy, few enough to bound memory.
+const BODY_BATCH: usize = 64;
+
+/// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
+async fn read_bodies(store: &MailStore, metas: &[&MessageMeta]) -> Vec<Option<Arc<Vec<u8>>>> {
+    let mut reads = tokio::task::JoinSet::new();
+    for (k, meta) in metas.iter().enumerate() {
+        let store = store.clone();
+        let blob = meta.blob;
+        reads.spawn(async move { (k, store.body(blob).await) });
+    }
+    let mut bodies = vec![None; metas.len()];
+    while let Some(joined) = reads.join_next().await {
+        match joined {
+            Ok((k, Ok(body))) => bodies[k] = Some(body),
+            Ok((k, Err(error))) => {
+                tracing::warn!(uid = metas[k].uid, %error, "cannot read a message body")
+            }
+            Err(error) => tracing::warn!(%error, "body read task failed"),
+        }
+    }
+    bodies
+}
+
+/// The headers of `metas`, from the shared cache or read (concurrently) and cached.
+async fn headers_of(
     store: &MailStore,
     cache: &HeaderCache,
-    meta: &MessageMeta,
-) -> Option<Arc<[u8]>> {
-    if let Some(header) = cache.get(&meta.blob) {
-        return Some(header);
+    metas: &[&MessageMeta],
+) -> Vec<Option<Arc<[u8]>>> {
+    let mut headers: Vec<Option<Arc<[u8]>>> = metas.iter().map(|m| cache.get(&m.blob)).collect();
+    let missing: Vec<usize> = (0..metas.len()).filter(|&k| headers[k].is_none()).collect();
+    if missing.is_empty() {
+        return headers;
     }
-    let raw = store.body(meta.blob).await.ok()?;
-    let header: Arc<[u8]> = Arc::from(top_header(&raw));
-    cache.insert(meta.blob, Arc::clone(&header));
-    Some(header)
+    let to_read: Vec<&MessageMeta> = missing.iter().map(|&k| metas[k]).collect();
+    let bodies = read_bodies(store, &to_read).await;
+    for (k, body) in missing.into_iter().zip(bodies) {
+        if let Some(body) = body {
+            let header: Arc<[u8]> = Arc::from(top_header(&body));
+            cache.insert(metas[k].blob, Arc::clone(&header));
+            headers[k] = Some(header);
+        }
+    }
+    headers
 }
 
 /// Whether a search key looks at nothing of a message's bytes but its header.

@@ -15,7 +15,7 @@
 //! never holds a store lock across an await (the store API gives owned snapshots).
 
 mod cache;
-pub use cache::HeaderCache;
+pub use cache::{AuthCache, HeaderCache};
 pub mod config;
 pub mod fetch;
 mod framing;

@@ -15,7 +15,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::cache::HeaderCache;
+use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
 use super::session::{Action, ConnectionInfo, Session};
 use crate::store::MailStore;
@@ -38,6 +38,9 @@ pub async fn serve(
 ) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let headers = Arc::new(HeaderCache::new(config.header_cache_bytes));
+    let logins = Arc::new(AuthCache::new(Duration::from_secs(
+        config.auth_cache_ttl_secs,
+    )));
     let slots = Arc::new(Slots::default());
     let loopback = listener.local_addr()?.ip().is_loopback();
     let mut sessions = JoinSet::new();
@@ -68,6 +71,7 @@ pub async fn serve(
             config: Arc::clone(&config),
             store: store.clone(),
             headers: Arc::clone(&headers),
+            logins: Arc::clone(&logins),
             shutdown: shutdown.clone(),
         };
         sessions.spawn(
@@ -147,6 +151,7 @@ struct Connection {
     config: Arc<ImapConfig>,
     store: MailStore,
     headers: Arc<HeaderCache>,
+    logins: Arc<AuthCache>,
     shutdown: CancellationToken,
 }
 
@@ -167,6 +172,7 @@ impl Connection {
             self.store.clone(),
             Arc::clone(&self.config),
             Arc::clone(&self.headers),
+            Arc::clone(&self.logins),
             conn,
         );
         let handshake_timeout = Duration::from_secs(self.config.preauth_timeout_secs);

@@ -15,7 +15,7 @@ use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::CommandCodec;
 
-use super::cache::HeaderCache;
+use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
 use super::framing::{first_token, take_line, Frame, Framer};
 use super::response::{tagged, untagged};
@@ -79,6 +79,7 @@ pub struct Session {
     pub(super) store: MailStore,
     pub(super) config: Arc<ImapConfig>,
     pub(super) headers: Arc<HeaderCache>,
+    logins: Arc<AuthCache>,
     pub(super) user: String,
     conn: ConnectionInfo,
     framer: Framer,
@@ -92,6 +93,7 @@ impl Session {
         store: MailStore,
         config: Arc<ImapConfig>,
         headers: Arc<HeaderCache>,
+        logins: Arc<AuthCache>,
         conn: ConnectionInfo,
     ) -> Session {
         let framer = Framer::new(config.max_line_length_bytes, config.max_literal_size_bytes);
@@ -101,6 +103,7 @@ impl Session {
             store,
             config,
             headers,
+            logins,
             user: String::new(),
             conn,
             framer,
@@ -468,8 +471,21 @@ impl Session {
         method: &str,
         out: &mut Vec<u8>,
     ) -> Action {
-        match self.store.authenticate(user, password).await {
+        let cached = self.logins.get(user, password).filter(|&account| {
+            // The account may have been removed since.
+            self.store
+                .account_address(account)
+                .is_some_and(|address| address.eq_ignore_ascii_case(user))
+        });
+        let verified = match cached {
+            Some(account) => Some(account),
+            None => self.store.authenticate(user, password).await,
+        };
+        match verified {
             Some(account) => {
+                if cached.is_none() {
+                    self.logins.insert(user, password, account);
+                }
                 tracing::info!(
                     peer = %self.conn.peer,
                     client = self.client_name.as_deref().unwrap_or("-"),
@@ -477,6 +493,7 @@ impl Session {
                     method,
                     tls = self.conn.secure,
                     outcome = "ok",
+                    cached = cached.is_some(),
                     "imap login"
                 );
                 self.state = State::Authenticated { account };

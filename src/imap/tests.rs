@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::cache::HeaderCache;
+use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
 use super::session::{Action, ConnectionInfo, Session};
 use crate::store::{Delivery, MailStore};
@@ -35,6 +35,7 @@ fn session(store: &MailStore, loopback: bool, secure: bool) -> Session {
         store.clone(),
         Arc::new(ImapConfig::default()),
         Arc::new(HeaderCache::new(1 << 20)),
+        Arc::new(AuthCache::new(Duration::from_secs(60))),
         ConnectionInfo {
             peer: "127.0.0.1:40000".parse().unwrap(),
             secure,
@@ -386,6 +387,7 @@ async fn oversized_literals_and_lines_are_refused() {
         store.clone(),
         Arc::new(config),
         Arc::new(HeaderCache::new(0)),
+        Arc::new(AuthCache::new(Duration::ZERO)),
         ConnectionInfo {
             peer: "127.0.0.1:1".parse().unwrap(),
             secure: false,
