@@ -5,7 +5,11 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::store::BlobId;
+use super::fetch::top_header;
+use crate::store::{AccountId, BlobId, MailStore, MailboxId, MessageMeta};
+
+/// Most messages whose headers a SELECT warms in the background (the newest ones).
+const WARM_MAX_MESSAGES: usize = 20_000;
 
 pub struct HeaderCache {
     max_bytes: usize,
@@ -14,6 +18,8 @@ pub struct HeaderCache {
 
 #[derive(Default)]
 struct Inner {
+    /// Mailboxes being warmed right now (at most one warmer each).
+    warming: std::collections::HashSet<(AccountId, MailboxId)>,
     map: HashMap<BlobId, Arc<[u8]>>,
     bytes: usize,
 }
@@ -29,6 +35,65 @@ impl HeaderCache {
     pub fn get(&self, blob: &BlobId) -> Option<Arc<[u8]>> {
         let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         inner.map.get(blob).cloned()
+    }
+
+    /// The headers of `metas`, from the cache or read (concurrently) and cached.
+    pub async fn headers_of(
+        &self,
+        store: &MailStore,
+        metas: &[&MessageMeta],
+    ) -> Vec<Option<Arc<[u8]>>> {
+        let mut headers: Vec<Option<Arc<[u8]>>> = metas.iter().map(|m| self.get(&m.blob)).collect();
+        let missing: Vec<usize> = (0..metas.len()).filter(|&k| headers[k].is_none()).collect();
+        if missing.is_empty() {
+            return headers;
+        }
+        let to_read: Vec<&MessageMeta> = missing.iter().map(|&k| metas[k]).collect();
+        let bodies = read_bodies(store, &to_read).await;
+        for (k, body) in missing.into_iter().zip(bodies) {
+            if let Some(body) = body {
+                let header: Arc<[u8]> = Arc::from(top_header(&body));
+                self.insert(metas[k].blob, Arc::clone(&header));
+                headers[k] = Some(header);
+            }
+        }
+        headers
+    }
+
+    /// After a SELECT: reads the headers the cache lacks in the background, newest messages
+    /// first, so the header fetches and searches that usually follow find them.
+    pub fn warm(
+        self: &Arc<Self>,
+        store: &MailStore,
+        account: AccountId,
+        mailbox: MailboxId,
+        messages: Arc<Vec<MessageMeta>>,
+    ) {
+        if self.max_bytes == 0 || messages.is_empty() {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if !inner.warming.insert((account, mailbox)) {
+                return;
+            }
+        }
+        let cache = Arc::clone(self);
+        let store = store.clone();
+        runtime.spawn(async move {
+            let newest: Vec<&MessageMeta> = messages.iter().rev().take(WARM_MAX_MESSAGES).collect();
+            for chunk in newest.chunks(BODY_BATCH) {
+                if chunk.iter().all(|m| cache.get(&m.blob).is_some()) {
+                    continue;
+                }
+                cache.headers_of(&store, chunk).await;
+            }
+            let mut inner = cache.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.warming.remove(&(account, mailbox));
+        });
     }
 
     pub fn insert(&self, blob: BlobId, header: Arc<[u8]>) {
@@ -99,6 +164,31 @@ impl AuthCache {
         }
         entries.insert(digest, (account, std::time::Instant::now()));
     }
+}
+
+/// Messages whose bodies are read concurrently before their responses are written: enough
+/// to keep the blocking pool busy, few enough to bound memory.
+pub const BODY_BATCH: usize = 64;
+
+/// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
+pub async fn read_bodies(store: &MailStore, metas: &[&MessageMeta]) -> Vec<Option<Arc<Vec<u8>>>> {
+    let mut reads = tokio::task::JoinSet::new();
+    for (k, meta) in metas.iter().enumerate() {
+        let store = store.clone();
+        let blob = meta.blob;
+        reads.spawn(async move { (k, store.body(blob).await) });
+    }
+    let mut bodies = vec![None; metas.len()];
+    while let Some(joined) = reads.join_next().await {
+        match joined {
+            Ok((k, Ok(body))) => bodies[k] = Some(body),
+            Ok((k, Err(error))) => {
+                tracing::warn!(uid = metas[k].uid, %error, "cannot read a message body")
+            }
+            Err(error) => tracing::warn!(%error, "body read task failed"),
+        }
+    }
+    bodies
 }
 
 #[cfg(test)]

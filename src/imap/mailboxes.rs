@@ -145,6 +145,12 @@ impl Session {
             ("READ-WRITE", "SELECT completed")
         };
         tagged(out, tag, "OK", Some(code), verb);
+        self.headers.warm(
+            &self.store,
+            account,
+            mailbox.id,
+            Arc::clone(&mailbox.messages),
+        );
         self.state = State::Selected {
             account,
             mailbox: Box::new(mailbox),

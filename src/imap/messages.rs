@@ -13,13 +13,14 @@ use imap_codec::imap_types::flag::{StoreResponse, StoreType};
 use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::sequence::SequenceSet;
 
-use super::cache::HeaderCache;
+use super::cache::read_bodies;
+use super::cache::BODY_BATCH;
 use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
 use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::{mailbox_name, Session, State};
-use crate::store::{Flag, FlagOp, FlagSet, MailStore, MessageMeta, Uid};
+use crate::store::{Flag, FlagOp, FlagSet, MessageMeta, Uid};
 
 impl Session {
     pub(super) async fn selected_command(
@@ -186,7 +187,7 @@ impl Session {
         for chunk in all.chunks(BODY_BATCH) {
             let metas: Vec<&MessageMeta> = chunk.iter().map(|&i| &messages[i]).collect();
             let headers = if header_is_enough {
-                headers_of(&self.store, &self.headers, &metas).await
+                self.headers.headers_of(&self.store, &metas).await
             } else {
                 Vec::new()
             };
@@ -308,7 +309,7 @@ impl Session {
                 Vec::new()
             };
             let headers = if needs_header && !needs_raw {
-                headers_of(&self.store, &self.headers, &metas).await
+                self.headers.headers_of(&self.store, &metas).await
             } else {
                 Vec::new()
             };
@@ -588,57 +589,11 @@ impl Session {
             mailbox.refresh(&self.store, account, true, &[], out);
             tagged(out, tag, "OK", None, "MOVE completed");
         } else {
+            // A copy into the selected mailbox itself is announced with EXISTS.
+            mailbox.refresh(&self.store, account, true, &[], out);
             tagged(out, tag, "OK", code, "COPY completed");
         }
     }
-}
-
-/// Messages whose bodies are read concurrently before their responses are written: enough
-/// to keep the blocking pool busy, few enough to bound memory.
-const BODY_BATCH: usize = 64;
-
-/// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
-async fn read_bodies(store: &MailStore, metas: &[&MessageMeta]) -> Vec<Option<Arc<Vec<u8>>>> {
-    let mut reads = tokio::task::JoinSet::new();
-    for (k, meta) in metas.iter().enumerate() {
-        let store = store.clone();
-        let blob = meta.blob;
-        reads.spawn(async move { (k, store.body(blob).await) });
-    }
-    let mut bodies = vec![None; metas.len()];
-    while let Some(joined) = reads.join_next().await {
-        match joined {
-            Ok((k, Ok(body))) => bodies[k] = Some(body),
-            Ok((k, Err(error))) => {
-                tracing::warn!(uid = metas[k].uid, %error, "cannot read a message body")
-            }
-            Err(error) => tracing::warn!(%error, "body read task failed"),
-        }
-    }
-    bodies
-}
-
-/// The headers of `metas`, from the shared cache or read (concurrently) and cached.
-async fn headers_of(
-    store: &MailStore,
-    cache: &HeaderCache,
-    metas: &[&MessageMeta],
-) -> Vec<Option<Arc<[u8]>>> {
-    let mut headers: Vec<Option<Arc<[u8]>>> = metas.iter().map(|m| cache.get(&m.blob)).collect();
-    let missing: Vec<usize> = (0..metas.len()).filter(|&k| headers[k].is_none()).collect();
-    if missing.is_empty() {
-        return headers;
-    }
-    let to_read: Vec<&MessageMeta> = missing.iter().map(|&k| metas[k]).collect();
-    let bodies = read_bodies(store, &to_read).await;
-    for (k, body) in missing.into_iter().zip(bodies) {
-        if let Some(body) = body {
-            let header: Arc<[u8]> = Arc::from(top_header(&body));
-            cache.insert(metas[k].blob, Arc::clone(&header));
-            headers[k] = Some(header);
-        }
-    }
-    headers
 }
 
 /// Whether a search key looks at nothing of a message's bytes but its header.

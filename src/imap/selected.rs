@@ -135,6 +135,10 @@ impl Selected {
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, &'static str> {
         let messages = &self.messages;
         let mut indexes: Vec<usize> = Vec::new();
+        if messages.is_empty() {
+            // `1:*` on an empty mailbox names nothing; clients send it routinely.
+            return Ok(indexes);
+        }
         let largest = if uid {
             self.last_uid()
         } else {

@@ -530,6 +530,16 @@ async fn copy_and_move_answer_copyuid() {
         "C2 NO [TRYCREATE] no such mailbox\r\n",
     )
     .await;
+    let inbox = h
+        .store
+        .mailbox_by_name(account, "INBOX")
+        .unwrap()
+        .uidvalidity;
+    h.check(
+        "C3 COPY 3 INBOX\r\n",
+        &format!("* 4 EXISTS\r\nC3 OK [COPYUID {inbox} 3 4] COPY completed\r\n"),
+    )
+    .await;
     h.check(
         "M1 UID MOVE 2 Archive\r\n",
         &format!("* OK [COPYUID {archive} 2 3] moved\r\n* 2 EXPUNGE\r\nM1 OK MOVE completed\r\n"),
@@ -545,7 +555,7 @@ async fn copy_and_move_answer_copyuid() {
     );
     h.check(
         "F UID FETCH 1:* UID\r\n",
-        "* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 3)\r\nF OK FETCH completed\r\n",
+        "* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 3)\r\n* 3 FETCH (UID 4)\r\nF OK FETCH completed\r\n",
     )
     .await;
 }
@@ -608,6 +618,8 @@ async fn other_sessions_changes_wait_for_a_command_that_may_report_them() {
 #[tokio::test]
 async fn idle_reports_a_delivery_and_ends_with_done() {
     let mut h = Harness::selected(&[]).await;
+    h.check("F FETCH 1:* FLAGS\r\n", "F OK FETCH completed\r\n")
+        .await;
     h.check("I IDLE\r\n", "+ idling\r\n").await;
     assert!(h.session.is_idling());
     h.deliver("new").await;
@@ -835,4 +847,114 @@ mod sockets {
             .unwrap()
             .unwrap();
     }
+}
+
+/// Times the operations of `scripts/bench/imap` through the session (no sockets) on a mailbox
+/// of KERMAIL_IMAP_BENCH_MESSAGES messages (default 300) and checks their answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn benchmark_operations_on_a_large_mailbox() {
+    let n: usize = std::env::var("KERMAIL_IMAP_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300);
+    let (_dir, store) = store().await;
+    let account = store.authenticate(USER, PASSWORD).await.unwrap();
+    let inbox = store.mailbox_by_name(account, "INBOX").unwrap().id;
+    let filler = "x".repeat(800);
+    for i in 0..n {
+        let subject = if i % 10 == 0 {
+            format!("needle {i}")
+        } else {
+            format!("message {i}")
+        };
+        let body = format!(
+            "From: Sender {i} <s{i}@example.net>\r\nTo: {USER}\r\nSubject: {subject}\r\nDate: Tue, 14 Nov 2023 22:13:20 +0000\r\nMessage-ID: <{i}@example.net>\r\n\r\n{filler}\r\n"
+        );
+        store
+            .append(
+                account,
+                inbox,
+                Default::default(),
+                1_700_000_000,
+                0,
+                body.into_bytes(),
+            )
+            .await
+            .unwrap();
+    }
+    let mut s = session(&store, true, false);
+    let mut out = Vec::new();
+    let timed = |label: &str, started: std::time::Instant| {
+        eprintln!(
+            "imap bench n={n} {label}: {:.1} ms",
+            started.elapsed().as_secs_f64() * 1000.0
+        );
+    };
+    let started = std::time::Instant::now();
+    s.handle_input(
+        format!("A LOGIN {USER} \"{PASSWORD}\"\r\nB SELECT INBOX\r\n").as_bytes(),
+        &mut out,
+    )
+    .await;
+    timed("LOGIN+SELECT", started);
+    assert!(String::from_utf8_lossy(&out).contains(&format!("* {n} EXISTS")));
+    let count = |out: &[u8]| {
+        String::from_utf8_lossy(out)
+            .split("\r\n")
+            .filter(|line| line.starts_with("* ") && line.contains(" FETCH ("))
+            .count()
+    };
+    out.clear();
+    let started = std::time::Instant::now();
+    s.handle_input(b"C UID FETCH 1:* (FLAGS)\r\n", &mut out)
+        .await;
+    timed("UID FETCH 1:* (FLAGS)", started);
+    assert_eq!(count(&out), n);
+    for round in ["cold", "warm"] {
+        out.clear();
+        let started = std::time::Instant::now();
+        s.handle_input(
+            b"D FETCH 1:* (BODY.PEEK[HEADER.FIELDS (From Subject Date)])\r\n",
+            &mut out,
+        )
+        .await;
+        timed(&format!("FETCH 1:* header fields ({round})"), started);
+        assert_eq!(count(&out), n);
+    }
+    out.clear();
+    let started = std::time::Instant::now();
+    let last = n.min(1000);
+    s.handle_input(
+        format!("E FETCH 1:{last} (BODY.PEEK[])\r\n").as_bytes(),
+        &mut out,
+    )
+    .await;
+    timed("FETCH 1:1000 (BODY.PEEK[])", started);
+    assert_eq!(count(&out), last);
+    out.clear();
+    let started = std::time::Instant::now();
+    s.handle_input(b"F UID SEARCH SUBJECT needle\r\n", &mut out)
+        .await;
+    timed("UID SEARCH SUBJECT", started);
+    let hits = String::from_utf8_lossy(&out)
+        .lines()
+        .next()
+        .unwrap()
+        .split(' ')
+        .count()
+        - 2;
+    assert_eq!(hits, n.div_ceil(10));
+    let appends = n.min(1000) / 10;
+    let message = format!("Subject: appended\r\n\r\n{filler}\r\n");
+    let started = std::time::Instant::now();
+    for i in 0..appends {
+        out.clear();
+        s.handle_input(
+            format!("G{i} APPEND INBOX {{{}+}}\r\n{message}\r\n", message.len()).as_bytes(),
+            &mut out,
+        )
+        .await;
+        assert!(String::from_utf8_lossy(&out).contains("OK [APPENDUID"));
+    }
+    timed(&format!("{appends} sequential APPENDs"), started);
 }
