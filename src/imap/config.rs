@@ -34,6 +34,9 @@ pub struct ImapConfig {
     /// repeat logins skip argon2id. It is also how long an old password keeps working for
     /// repeat logins after a password change. Default 60; 0 disables the cache.
     pub auth_cache_ttl_secs: u64,
+    /// A FETCH whose messages' bodies add up to more than this is refused with
+    /// `NO [LIMIT]` (its response is built in memory). Default 256 MiB.
+    pub max_fetch_body_bytes: u64,
 }
 
 impl Default for ImapConfig {
@@ -51,6 +54,7 @@ impl Default for ImapConfig {
             shutdown_grace_secs: 10,
             header_cache_bytes: 64 * 1024 * 1024,
             auth_cache_ttl_secs: 60,
+            max_fetch_body_bytes: 256 * 1024 * 1024,
         }
     }
 }

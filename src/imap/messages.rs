@@ -236,6 +236,48 @@ impl Session {
                 return;
             }
         };
+        let mut needs_parsed = false;
+        let mut needs_raw = false;
+        let mut needs_header = false;
+        for item in items {
+            match item {
+                MessageDataItemName::Body
+                | MessageDataItemName::BodyStructure
+                | MessageDataItemName::Envelope => {
+                    needs_parsed = true;
+                    needs_raw = true;
+                }
+                MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text => needs_raw = true,
+                MessageDataItemName::Rfc822Header => needs_header = true,
+                MessageDataItemName::BodyExt { section, .. } => match section {
+                    None | Some(Section::Text(None)) => needs_raw = true,
+                    Some(Section::Header(None))
+                    | Some(Section::HeaderFields(None, _))
+                    | Some(Section::HeaderFieldsNot(None, _)) => needs_header = true,
+                    Some(_) => {
+                        needs_parsed = true;
+                        needs_raw = true;
+                    }
+                },
+                _ => {}
+            }
+        }
+        if needs_raw {
+            let total: u64 = indexes
+                .iter()
+                .map(|&i| u64::from(mailbox.messages[i].size))
+                .sum();
+            if total > self.config.max_fetch_body_bytes {
+                tagged(
+                    out,
+                    tag,
+                    "NO",
+                    Some("LIMIT"),
+                    "too much at once; fetch fewer messages",
+                );
+                return;
+            }
+        }
         let sets_seen = !mailbox.read_only
             && items.iter().any(|item| {
                 matches!(
@@ -272,32 +314,6 @@ impl Session {
         }
         let messages = Arc::clone(&mailbox.messages);
 
-        let mut needs_parsed = false;
-        let mut needs_raw = false;
-        let mut needs_header = false;
-        for item in items {
-            match item {
-                MessageDataItemName::Body
-                | MessageDataItemName::BodyStructure
-                | MessageDataItemName::Envelope => {
-                    needs_parsed = true;
-                    needs_raw = true;
-                }
-                MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text => needs_raw = true,
-                MessageDataItemName::Rfc822Header => needs_header = true,
-                MessageDataItemName::BodyExt { section, .. } => match section {
-                    None | Some(Section::Text(None)) => needs_raw = true,
-                    Some(Section::Header(None))
-                    | Some(Section::HeaderFields(None, _))
-                    | Some(Section::HeaderFieldsNot(None, _)) => needs_header = true,
-                    Some(_) => {
-                        needs_parsed = true;
-                        needs_raw = true;
-                    }
-                },
-                _ => {}
-            }
-        }
         let flags_listed = items.contains(&MessageDataItemName::Flags);
         let uid_listed = items.contains(&MessageDataItemName::Uid);
         let mut failures = 0usize;

@@ -459,6 +459,47 @@ async fn fetch_items_sections_and_implicit_seen() {
 }
 
 #[tokio::test]
+async fn fetch_refuses_more_body_bytes_than_the_limit() {
+    let (_dir, store) = store().await;
+    let config = ImapConfig {
+        max_fetch_body_bytes: 200,
+        ..ImapConfig::default()
+    };
+    let mut h = Harness {
+        session: Session::new(
+            store.clone(),
+            Arc::new(config),
+            Arc::new(HeaderCache::new(0)),
+            Arc::new(AuthCache::new(Duration::ZERO)),
+            ConnectionInfo {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                secure: false,
+                loopback: true,
+            },
+        ),
+        _dir,
+        store,
+    };
+    h.run(&format!("L LOGIN {USER} \"{PASSWORD}\"\r\n")).await;
+    h.deliver("a").await;
+    h.deliver("b").await;
+    h.run("S SELECT INBOX\r\n").await;
+    h.check(
+        "F1 FETCH 1:2 BODY[]\r\n",
+        "F1 NO [LIMIT] too much at once; fetch fewer messages\r\n",
+    )
+    .await;
+    // Nothing was marked \Seen by the refused fetch.
+    h.check(
+        "F2 FETCH 1:2 FLAGS\r\n",
+        "* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\nF2 OK FETCH completed\r\n",
+    )
+    .await;
+    let out = h.run("F3 FETCH 1 BODY.PEEK[]\r\n").await;
+    assert!(out.ends_with("F3 OK FETCH completed\r\n"), "{out}");
+}
+
+#[tokio::test]
 async fn store_reports_flags_unless_silent() {
     let mut h = Harness::selected(&["a", "b", "c"]).await;
     h.check(
