@@ -37,23 +37,19 @@ impl HeaderCache {
         inner.map.get(blob).cloned()
     }
 
-    /// The headers of `metas`, from the cache or read (concurrently) and cached.
-    pub async fn headers_of(
-        &self,
-        store: &MailStore,
-        metas: &[&MessageMeta],
-    ) -> Vec<Option<Arc<[u8]>>> {
-        let mut headers: Vec<Option<Arc<[u8]>>> = metas.iter().map(|m| self.get(&m.blob)).collect();
-        let missing: Vec<usize> = (0..metas.len()).filter(|&k| headers[k].is_none()).collect();
+    /// The headers of `blobs`, from the cache or read (concurrently) and cached.
+    pub async fn headers_of(&self, store: &MailStore, blobs: &[BlobId]) -> Vec<Option<Arc<[u8]>>> {
+        let mut headers: Vec<Option<Arc<[u8]>>> = blobs.iter().map(|b| self.get(b)).collect();
+        let missing: Vec<usize> = (0..blobs.len()).filter(|&k| headers[k].is_none()).collect();
         if missing.is_empty() {
             return headers;
         }
-        let to_read: Vec<&MessageMeta> = missing.iter().map(|&k| metas[k]).collect();
+        let to_read: Vec<BlobId> = missing.iter().map(|&k| blobs[k]).collect();
         let bodies = read_bodies(store, &to_read).await;
         for (k, body) in missing.into_iter().zip(bodies) {
             if let Some(body) = body {
                 let header: Arc<[u8]> = Arc::from(top_header(&body));
-                self.insert(metas[k].blob, Arc::clone(&header));
+                self.insert(blobs[k], Arc::clone(&header));
                 headers[k] = Some(header);
             }
         }
@@ -67,9 +63,21 @@ impl HeaderCache {
         store: &MailStore,
         account: AccountId,
         mailbox: MailboxId,
-        messages: Arc<Vec<MessageMeta>>,
+        messages: &[MessageMeta],
     ) {
         if self.max_bytes == 0 || messages.is_empty() {
+            return;
+        }
+        // Only the ids are kept: holding the message list itself would make the store copy
+        // it on every change while the warmer runs.
+        let newest: Vec<BlobId> = messages
+            .iter()
+            .rev()
+            .take(WARM_MAX_MESSAGES)
+            .map(|m| m.blob)
+            .filter(|blob| self.get(blob).is_none())
+            .collect();
+        if newest.is_empty() {
             return;
         }
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
@@ -84,9 +92,8 @@ impl HeaderCache {
         let cache = Arc::clone(self);
         let store = store.clone();
         runtime.spawn(async move {
-            let newest: Vec<&MessageMeta> = messages.iter().rev().take(WARM_MAX_MESSAGES).collect();
             for chunk in newest.chunks(BODY_BATCH) {
-                if chunk.iter().all(|m| cache.get(&m.blob).is_some()) {
+                if chunk.iter().all(|blob| cache.get(blob).is_some()) {
                     continue;
                 }
                 cache.headers_of(&store, chunk).await;
@@ -171,19 +178,18 @@ impl AuthCache {
 pub const BODY_BATCH: usize = 64;
 
 /// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
-pub async fn read_bodies(store: &MailStore, metas: &[&MessageMeta]) -> Vec<Option<Arc<Vec<u8>>>> {
+pub async fn read_bodies(store: &MailStore, blobs: &[BlobId]) -> Vec<Option<Arc<Vec<u8>>>> {
     let mut reads = tokio::task::JoinSet::new();
-    for (k, meta) in metas.iter().enumerate() {
+    for (k, &blob) in blobs.iter().enumerate() {
         let store = store.clone();
-        let blob = meta.blob;
         reads.spawn(async move { (k, store.body(blob).await) });
     }
-    let mut bodies = vec![None; metas.len()];
+    let mut bodies = vec![None; blobs.len()];
     while let Some(joined) = reads.join_next().await {
         match joined {
             Ok((k, Ok(body))) => bodies[k] = Some(body),
             Ok((k, Err(error))) => {
-                tracing::warn!(uid = metas[k].uid, %error, "cannot read a message body")
+                tracing::warn!(blob = %hex::encode(blobs[k].0), %error, "cannot read a message body")
             }
             Err(error) => tracing::warn!(%error, "body read task failed"),
         }

@@ -145,12 +145,8 @@ impl Session {
             ("READ-WRITE", "SELECT completed")
         };
         tagged(out, tag, "OK", Some(code), verb);
-        self.headers.warm(
-            &self.store,
-            account,
-            mailbox.id,
-            Arc::clone(&mailbox.messages),
-        );
+        self.headers
+            .warm(&self.store, account, mailbox.id, &mailbox.messages);
         self.state = State::Selected {
             account,
             mailbox: Box::new(mailbox),
@@ -389,27 +385,40 @@ impl Session {
             None => (now_secs(), 0),
         };
         let flags = to_flag_set(flags);
-        match self
+        let target = view.id;
+        // The view holds the mailbox's message list: let go of it before the store changes it.
+        drop(view);
+        let mut released = None;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                mailbox.refresh(&self.store, *account, true, &[], out);
+                released = mailbox.release();
+            }
+        }
+        let result = self
             .store
             .append(
                 account,
-                view.id,
+                target,
                 flags,
                 internal_date,
                 offset_min,
                 message.to_vec(),
             )
-            .await
-        {
+            .await;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                match released {
+                    Some(released) => mailbox.reacquire(released, &self.store, *account, out),
+                    None => mailbox.refresh(&self.store, *account, true, &[], out),
+                }
+            }
+        }
+        match result {
             Ok((uidvalidity, uid)) => {
                 // Later header fetches and searches need not read the body back.
                 let blob = BlobId(*blake3::hash(message).as_bytes());
                 self.headers.insert(blob, Arc::from(top_header(message)));
-                if let State::Selected { account, mailbox } = &mut self.state {
-                    if mailbox.id == view.id {
-                        mailbox.refresh(&self.store, *account, true, &[], out);
-                    }
-                }
                 let code = format!("APPENDUID {uidvalidity} {uid}");
                 tagged(out, tag, "OK", Some(&code), "APPEND completed");
             }

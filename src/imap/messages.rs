@@ -20,7 +20,7 @@ use super::mailboxes::{no, to_flag_set};
 use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::{mailbox_name, Session, State};
-use crate::store::{Flag, FlagOp, FlagSet, MessageMeta, Uid};
+use crate::store::{BlobId, Flag, FlagOp, FlagSet, Uid};
 
 impl Session {
     pub(super) async fn selected_command(
@@ -185,14 +185,14 @@ impl Session {
         out.extend_from_slice(b"* SEARCH");
         let all: Vec<usize> = (0..messages.len()).collect();
         for chunk in all.chunks(BODY_BATCH) {
-            let metas: Vec<&MessageMeta> = chunk.iter().map(|&i| &messages[i]).collect();
+            let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
             let headers = if header_is_enough {
-                self.headers.headers_of(&self.store, &metas).await
+                self.headers.headers_of(&self.store, &blobs).await
             } else {
                 Vec::new()
             };
             let raws = if body_needed && !header_is_enough {
-                read_bodies(&self.store, &metas).await
+                read_bodies(&self.store, &blobs).await
             } else {
                 Vec::new()
             };
@@ -318,14 +318,14 @@ impl Session {
         let uid_listed = items.contains(&MessageDataItemName::Uid);
         let mut failures = 0usize;
         for chunk in indexes.chunks(BODY_BATCH) {
-            let metas: Vec<&MessageMeta> = chunk.iter().map(|&i| &messages[i]).collect();
+            let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
             let raws = if needs_raw {
-                read_bodies(&self.store, &metas).await
+                read_bodies(&self.store, &blobs).await
             } else {
                 Vec::new()
             };
             let headers = if needs_header && !needs_raw {
-                self.headers.headers_of(&self.store, &metas).await
+                self.headers.headers_of(&self.store, &blobs).await
             } else {
                 Vec::new()
             };

@@ -10,6 +10,12 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use super::response::flag_list;
 use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
 
+/// What [`Selected::release`] keeps.
+pub struct Released {
+    uids: Vec<Uid>,
+    change_counter: u64,
+}
+
 pub struct Selected {
     pub id: MailboxId,
     pub read_only: bool,
@@ -128,6 +134,77 @@ impl Selected {
             self.has_ghosts = true;
         }
         self.change_counter = counter;
+    }
+
+    /// Before this session appends to the mailbox: lets go of the shared message list so the
+    /// store can extend it in place instead of copying it (which costs O(messages) per
+    /// APPEND), keeping only the UIDs. `None` while unreported expunges need the full list.
+    pub fn release(&mut self) -> Option<Released> {
+        if self.has_ghosts {
+            return None;
+        }
+        let uids = self.messages.iter().map(|m| m.uid).collect();
+        self.messages = Arc::new(Vec::new());
+        Some(Released {
+            uids,
+            change_counter: self.change_counter,
+        })
+    }
+
+    /// After the append: takes the store's list again and reports what changed. When more
+    /// than the one append happened meanwhile, the flags of every message are reported
+    /// (redundant but allowed), as the old flags are no longer known.
+    pub fn reacquire(
+        &mut self,
+        released: Released,
+        store: &MailStore,
+        account: AccountId,
+        out: &mut Vec<u8>,
+    ) {
+        let (new_messages, counter) = match store.mailbox_view(account, self.id) {
+            Some(view) => (view.messages, view.change_counter),
+            None => (
+                Arc::new(Vec::new()),
+                released.change_counter.wrapping_add(2),
+            ),
+        };
+        let only_the_append = counter == released.change_counter.wrapping_add(1);
+        let mut kept: Vec<usize> = Vec::new();
+        let mut expunged_seqs: Vec<usize> = Vec::new();
+        let mut j = 0;
+        for (i, uid) in released.uids.iter().enumerate() {
+            while j < new_messages.len() && new_messages[j].uid < *uid {
+                j += 1;
+            }
+            if j < new_messages.len() && new_messages[j].uid == *uid {
+                kept.push(j);
+                j += 1;
+            } else {
+                expunged_seqs.push(i + 1);
+            }
+        }
+        for seq in expunged_seqs.iter().rev() {
+            let _ = write!(out, "* {seq} EXPUNGE\r\n");
+        }
+        let last_known = released.uids.last().copied().unwrap_or(0);
+        let n_appended = new_messages
+            .iter()
+            .rev()
+            .take_while(|m| m.uid > last_known)
+            .count();
+        if n_appended > 0 {
+            let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
+        }
+        if !only_the_append {
+            for j in kept {
+                let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
+                flag_list(out, &new_messages[j].flags);
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        self.messages = new_messages;
+        self.change_counter = counter;
+        self.has_ghosts = false;
     }
 
     /// Indexes into `messages` of a sequence set (message numbers, or UIDs with `uid`),

@@ -34,7 +34,7 @@ fn session(store: &MailStore, loopback: bool, secure: bool) -> Session {
     Session::new(
         store.clone(),
         Arc::new(ImapConfig::default()),
-        Arc::new(HeaderCache::new(1 << 20)),
+        Arc::new(HeaderCache::new(ImapConfig::default().header_cache_bytes)),
         Arc::new(AuthCache::new(Duration::from_secs(60))),
         ConnectionInfo {
             peer: "127.0.0.1:40000".parse().unwrap(),
