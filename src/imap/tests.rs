@@ -672,6 +672,42 @@ async fn idle_reports_a_delivery_and_ends_with_done() {
 }
 
 #[tokio::test]
+async fn append_to_the_selected_mailbox_reports_exists_and_others_changes() {
+    let mut h = Harness::selected(&["a", "b"]).await;
+    let mut other = session(&h.store, true, false);
+    let mut out = Vec::new();
+    other
+        .handle_input(
+            format!("L LOGIN {USER} \"{PASSWORD}\"\r\nS SELECT INBOX\r\nT STORE 1 +FLAGS.SILENT (\\Deleted)\r\nX EXPUNGE\r\n")
+                .as_bytes(),
+            &mut out,
+        )
+        .await;
+    let uidvalidity = h
+        .store
+        .mailbox_by_name(h.session.account().unwrap(), "INBOX")
+        .unwrap()
+        .uidvalidity;
+    h.check(
+        "A APPEND INBOX {1+}\r\nx\r\n",
+        &format!(
+            "* 1 EXPUNGE\r\n* 2 EXISTS\r\nA OK [APPENDUID {uidvalidity} 3] APPEND completed\r\n"
+        ),
+    )
+    .await;
+    h.check(
+        "A2 APPEND INBOX {1+}\r\ny\r\n",
+        &format!("* 3 EXISTS\r\nA2 OK [APPENDUID {uidvalidity} 4] APPEND completed\r\n"),
+    )
+    .await;
+    h.check(
+        "F UID FETCH 1:* FLAGS\r\n",
+        "* 1 FETCH (UID 2 FLAGS ())\r\n* 2 FETCH (UID 3 FLAGS ())\r\n* 3 FETCH (UID 4 FLAGS ())\r\nF OK FETCH completed\r\n",
+    )
+    .await;
+}
+
+#[tokio::test]
 async fn namespace_id_enable() {
     let mut h = Harness::logged_in().await;
     h.check(
@@ -771,6 +807,10 @@ mod sockets {
     }
 
     async fn server(implicit_tls: bool) -> Server {
+        server_with(implicit_tls, ImapConfig::default()).await
+    }
+
+    async fn server_with(implicit_tls: bool, config: ImapConfig) -> Server {
         let (dir, store) = super::store().await;
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -779,7 +819,7 @@ mod sockets {
         let task = tokio::spawn(crate::imap::serve(
             listener,
             implicit_tls,
-            Arc::new(ImapConfig::default()),
+            Arc::new(config),
             store.clone(),
             tls,
             shutdown.clone(),
@@ -816,6 +856,25 @@ mod sockets {
     async fn send<S: AsyncWrite + Unpin>(stream: &mut S, line: &str) {
         stream.write_all(line.as_bytes()).await.unwrap();
         stream.flush().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn sessions_over_the_per_ip_limit_get_bye() {
+        let config = ImapConfig {
+            max_sessions_per_ip: 1,
+            ..ImapConfig::default()
+        };
+        let server = server_with(false, config).await;
+        let first = TcpStream::connect(server.addr).await.unwrap();
+        let mut first = BufReader::new(first);
+        read_until(&mut first, "* OK").await;
+        let second = TcpStream::connect(server.addr).await.unwrap();
+        let mut second = BufReader::new(second);
+        read_until(&mut second, "* BYE too many connections").await;
+        send(first.get_mut(), "A1 LOGOUT\r\n").await;
+        read_until(&mut first, "A1 OK").await;
+        server.shutdown.cancel();
+        server.task.await.unwrap().unwrap();
     }
 
     #[tokio::test]
