@@ -19,18 +19,23 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs;
-use std::io::{self, Read, Write};
-use std::path::{Path, PathBuf};
+use std::io::{self, Read, Seek, Write};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
 
-use super::command::MAX_COMMAND_BYTES;
+use super::command::{MAX_COMMAND_BYTES, MAX_MESSAGE_BYTES};
 use super::BlobId;
 
 /// Decompressed bodies kept in memory for IMAP FETCH; evicted least recently used first.
 pub const BODY_CACHE_BYTES_MAX: usize = 64 * 1024 * 1024;
 /// Bodies above this size are never cached (they would evict everything else).
 pub const BODY_CACHE_ENTRY_BYTES_MAX: usize = 8 * 1024 * 1024;
+/// Restore compares a snapshot's body with the file in place in chunks of this size.
+const COMPARE_CHUNK_BYTES: usize = 64 * 1024;
+/// A temporary file older than this is left over from a crash (writes take milliseconds).
+const TEMP_FILE_AGE_MAX: Duration = Duration::from_secs(3600);
 /// zstd level used by proposers: level 3 is zstd's default, fast on 2 cores.
 pub const ZSTD_LEVEL: i32 = 3;
 
@@ -142,44 +147,84 @@ impl BlobStore {
         fs::metadata(self.path(id)).ok().map(|m| m.len())
     }
 
-    /// Makes sure the body's file exists with these bytes (kept if one of the right size is
-    /// there), and cancels a pending deletion of it.
+    /// Makes sure the body's file exists with these bytes, and cancels a pending deletion of
+    /// it. Called by apply.
+    ///
+    /// A staged file of the right size was written whole by this process (files appear only
+    /// by rename), so its size is checked only. Any other file of the right size may be left
+    /// from before a crash (a replay after restart), so its bytes are compared with the
+    /// command's, and a damaged file is replaced.
     pub fn write(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
         let mut collector = lock(&self.collector);
         collector.pending.remove(id);
-        if self.file_size(id) == Some(compressed.len() as u64) {
+        let staged = collector.staged.contains_key(id);
+        drop(collector);
+        if self.file_size(id) == Some(compressed.len() as u64)
+            && (staged || fs::read(self.path(id)).is_ok_and(|bytes| bytes == compressed))
+        {
             return Ok(());
         }
         self.write_file(id, |file| file.write_all(compressed))
     }
 
-    /// Writes a body's file from a stream of exactly `len` bytes, unless one of that size is
-    /// there (then the stream is skipped). Used by restore.
+    /// Makes sure a body's file holds the next `len` bytes of `input` (a snapshot stream): an
+    /// existing file with the same bytes is kept; otherwise the bytes are written to a new file
+    /// that replaces the old one only if it decompresses to content matching `id`. So a corrupt
+    /// stream never damages a good file, and a damaged file (a crash can leave one of the right
+    /// size) is repaired. Used by restore.
     pub fn write_from(&self, id: &BlobId, len: u64, input: &mut dyn io::Read) -> io::Result<()> {
         let mut collector = lock(&self.collector);
         collector.pending.remove(id);
-        let mut limited = Read::take(&mut *input, len);
-        let copied = if self.file_size(id) == Some(len) {
-            io::copy(&mut limited, &mut io::sink())?
-        } else {
-            let mut copied = 0;
-            self.write_file(id, |file| {
-                copied = io::copy(&mut limited, file)?;
-                Ok(())
-            })?;
-            copied
-        };
-        if copied != len {
-            // The stream ended early: do not leave a short file behind.
-            self.remove_file(id);
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "snapshot ends inside a message body",
-            ));
+        drop(collector);
+        let mut input = Read::take(&mut *input, len);
+        // Compare with the file in place, chunk by chunk.
+        let mut matched: u64 = 0;
+        let mut chunk = vec![0u8; COMPARE_CHUNK_BYTES];
+        let mut mismatch_len = 0;
+        if self.file_size(id) == Some(len) {
+            let mut existing = io::BufReader::new(fs::File::open(self.path(id))?);
+            let mut from_file = vec![0u8; COMPARE_CHUNK_BYTES];
+            while matched < len {
+                let n = COMPARE_CHUNK_BYTES.min((len - matched) as usize);
+                input.read_exact(&mut chunk[..n])?;
+                let same = existing.read_exact(&mut from_file[..n]).is_ok()
+                    && chunk[..n] == from_file[..n];
+                if !same {
+                    mismatch_len = n;
+                    break;
+                }
+                matched += n as u64;
+            }
+            if matched == len {
+                return Ok(());
+            }
         }
-        Ok(())
+        // Rewrite: the matching prefix from the old file, the chunk that differed, the rest of
+        // the stream; then check the result before it replaces anything.
+        let path = self.path(id);
+        self.write_file(id, |file| {
+            if matched > 0 {
+                let copied = io::copy(&mut fs::File::open(&path)?.take(matched), file)?;
+                if copied != matched {
+                    return Err(corrupt("body file changed during restore"));
+                }
+            }
+            file.write_all(&chunk[..mismatch_len])?;
+            let rest = len - matched - mismatch_len as u64;
+            if io::copy(&mut input, file)? != rest {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot ends inside a message body",
+                ));
+            }
+            file.flush()?;
+            file.seek(io::SeekFrom::Start(0))?;
+            check_content(id, file)
+        })
     }
 
+    /// Writes a file through a unique temporary file and a rename (no fsync: see the module
+    /// comment); nothing is renamed into place when `fill` fails.
     fn write_file(
         &self,
         id: &BlobId,
@@ -191,7 +236,12 @@ impl BlobStore {
         let unique = self.temp_counter.fetch_add(1, Ordering::Relaxed);
         let temp = dir.join(format!(".{}.{unique}.tmp", hex::encode(id.0)));
         let result = (|| {
-            let mut file = fs::File::create(&temp)?;
+            let mut file = fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .open(&temp)?;
             fill(&mut file)?;
             file.flush()?;
             drop(file);
@@ -299,8 +349,12 @@ impl BlobStore {
                 let file = file?;
                 let name = file.file_name();
                 let name = name.to_string_lossy();
-                let wanted = parse_hex_id(&name)
-                    .is_some_and(|id| keep.contains_key(&id) || collector.staged.contains_key(&id));
+                let wanted = match parse_hex_id(&name) {
+                    Some(id) => keep.contains_key(&id) || collector.staged.contains_key(&id),
+                    // A temporary file may belong to a write in progress; one left by a crash
+                    // goes once it is old.
+                    None => name.ends_with(".tmp") && !is_older_than(&file, TEMP_FILE_AGE_MAX),
+                };
                 if !wanted {
                     fs::remove_file(file.path())?;
                     removed += 1;
@@ -308,6 +362,11 @@ impl BlobStore {
             }
         }
         Ok(removed)
+    }
+
+    /// A body from the cache only (no I/O).
+    pub fn cached(&self, id: &BlobId) -> Option<Arc<Vec<u8>>> {
+        lock(&self.cache).get(id)
     }
 
     /// Reads, decompresses and verifies a body (blocking: call from a blocking thread).
@@ -340,13 +399,37 @@ impl BlobStore {
         fs::File::open(self.path(id))
     }
 
-    pub fn root(&self) -> &Path {
+    #[cfg(test)]
+    pub fn root(&self) -> &std::path::Path {
         &self.root
     }
 }
 
+/// Checks that a compressed body decompresses to at most the largest message and hashes to
+/// its id.
+fn check_content(id: &BlobId, compressed: &mut dyn Read) -> io::Result<()> {
+    let decoder = zstd::stream::read::Decoder::new(compressed)
+        .map_err(|_| corrupt("body does not decompress"))?;
+    let mut hasher = blake3::Hasher::new();
+    let limit = MAX_MESSAGE_BYTES as u64;
+    let raw_len = io::copy(&mut decoder.take(limit + 1), &mut hasher)
+        .map_err(|_| corrupt("body does not decompress"))?;
+    if raw_len > limit || hasher.finalize().as_bytes() != &id.0 {
+        return Err(corrupt("body does not match its hash"));
+    }
+    Ok(())
+}
+
 fn corrupt(why: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.to_string())
+}
+
+fn is_older_than(file: &fs::DirEntry, age: Duration) -> bool {
+    file.metadata()
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|modified| SystemTime::now().duration_since(modified).ok())
+        .is_some_and(|elapsed| elapsed > age)
 }
 
 fn parse_hex_id(name: &str) -> Option<BlobId> {
@@ -372,10 +455,53 @@ mod tests {
         fs::create_dir_all(store.path(&other).parent().unwrap()).unwrap();
         fs::write(store.path(&other), &compressed).unwrap();
         assert!(store.read(&other, raw.len() as u32).is_err());
-        // A short file is replaced on the next write.
+        // A short file is replaced on the next write, and so is one of the right size whose
+        // bytes are wrong (as a crash can leave it).
         fs::write(store.path(&id), b"x").unwrap();
         store.write(&id, &compressed).unwrap();
-        assert_eq!(store.file_size(&id), Some(compressed.len() as u64));
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+        fs::write(store.path(&id), vec![0u8; compressed.len()]).unwrap();
+        store.write(&id, &compressed).unwrap();
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+    }
+
+    #[test]
+    fn restore_repairs_damaged_files_and_never_damages_good_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let raw = b"Subject: restore\r\n\r\nsome text to compress\r\n".repeat(50);
+        let (id, compressed) = compress(&raw).unwrap();
+        let len = compressed.len() as u64;
+
+        // Missing: written.
+        store
+            .write_from(&id, len, &mut compressed.as_slice())
+            .unwrap();
+        assert_eq!(*store.read(&id, raw.len() as u32).unwrap(), raw);
+        // Same size, same bytes: kept, and the stream is consumed exactly.
+        let mut stream = [compressed.clone(), b"next".to_vec()].concat();
+        let mut reader = stream.as_slice();
+        store.write_from(&id, len, &mut reader).unwrap();
+        assert_eq!(reader, b"next");
+        // Same size, damaged (as a crash can leave it): repaired.
+        let mut damaged = compressed.clone();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0xff;
+        fs::write(store.path(&id), &damaged).unwrap();
+        store
+            .write_from(&id, len, &mut compressed.as_slice())
+            .unwrap();
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+        // A corrupt stream is refused and leaves the good file alone.
+        stream = damaged.clone();
+        assert!(store.write_from(&id, len, &mut stream.as_slice()).is_err());
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+        assert!(store.write_from(&id, len, &mut &compressed[..10]).is_err());
+        assert_eq!(fs::read(store.path(&id)).unwrap(), compressed);
+        let files = fs::read_dir(store.path(&id).parent().unwrap())
+            .unwrap()
+            .count();
+        assert_eq!(files, 1, "no temporary file is left behind");
     }
 
     #[test]

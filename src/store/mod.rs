@@ -7,13 +7,32 @@
 //! once it is committed and applied on this node.
 //!
 //! THIS FILE IS THE CONTRACT shared by the SMTP, IMAP and admin code. The signatures below are
-//! fixed; the bodies are being written in the store branch.
+//! fixed.
+//!
+//! Code map:
+//! - `command.rs`: the closed, versioned command enum carried by the log ([`Propose`] bytes
+//!   are bincode of `Command::V1`), and the response enum.
+//! - `state.rs`: the in-memory state (BTreeMaps only) and the pure `apply`.
+//! - `blob.rs`: bodies as content-addressed zstd files `blobs/ab/<hex>`, staging, deferred
+//!   deletion, the cache of decompressed bodies.
+//! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
+//! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
+//! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
+//!   [`LocalProposer`] (direct apply for tests) and [`MailStore`].
+//!
+//! The write path of a message: the session's call compresses and hashes the body and writes
+//! its file (staging, on a blocking thread), proposes the command (which carries the
+//! compressed bytes, so followers and replays can write the file), and answers once the
+//! command is committed and applied here. Apply on the proposing node only checks the staged
+//! file. Body files are not fsync'd: the log holds every body until a snapshot, and a snapshot
+//! holds every referenced body, so the cluster must restore its last snapshot before replaying
+//! the log at start (it does), which rewrites any file lost in a crash.
 
-pub mod blob;
-pub mod command;
+mod blob;
+mod command;
 mod names;
-pub mod snapshot;
-pub mod state;
+mod snapshot;
+mod state;
 
 use std::future::Future;
 use std::io;
@@ -27,9 +46,14 @@ use serde::{Deserialize, Serialize};
 use blob::BlobStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
-    BodyV1, Command, CommandV1, Response, MAX_MESSAGE_BYTES,
+    BodyV1, Command, CommandV1, Response,
 };
 use state::State;
+
+/// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
+pub use command::MAX_MESSAGE_BYTES;
+/// The most envelope recipients one delivery may name.
+pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
 pub type AccountId = u64;
 pub type MailboxId = u64;
@@ -266,6 +290,14 @@ impl MailStateMachine {
         }
     }
 
+    /// Ends one staging of a body. Serialized with apply, so that a command carrying the
+    /// same body cannot be between writing its file and referencing it meanwhile.
+    fn unstage(&self, blob: &BlobId) {
+        let _serial = lock(&self.apply_lock);
+        let referenced = self.read().blobs.contains_key(blob);
+        self.blobs.unstage(blob, referenced);
+    }
+
     fn apply_command(&self, command: CommandV1) -> Response {
         if let CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. } = &command {
             // Apply cannot fail half-way: a replica that cannot write a file keeps the same
@@ -292,7 +324,10 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
     fn apply(&self, log_index: u64, command: &[u8]) -> Vec<u8> {
         let _serial = lock(&self.apply_lock);
         let response = match decode_command(command) {
-            Ok(Command::V1(command)) => self.apply_command(command),
+            Ok(Command::V1(command)) => {
+                tracing::debug!(log_index, ?command, "apply");
+                self.apply_command(command)
+            }
             Err(error) => {
                 tracing::warn!(log_index, %error, "undecodable command in the log");
                 Response::Refused(ApplyError::Invalid("undecodable command".into()))
@@ -308,7 +343,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         // build is done, so every file of the captured state stays readable.
         let guard = self.blobs.begin_read();
         Box::new(snapshot::Builder {
-            state: state.clone(),
+            state: state.capture(),
             blobs: self.blobs.clone(),
             _guard: guard,
         })
@@ -457,15 +492,34 @@ async fn blocking<T: Send + 'static>(
 /// A body written ahead of its proposal; dropping it (answered, refused or abandoned) ends the
 /// staging, which deletes the file if no message references it.
 struct StagedBody {
-    machine: Arc<MailStateMachine>,
+    machine: Option<Arc<MailStateMachine>>,
     blob: BlobId,
 }
 
+impl StagedBody {
+    /// Ends the staging once the proposal is answered, before the caller answers its client.
+    async fn finish(mut self) {
+        if let Some(machine) = self.machine.take() {
+            let blob = self.blob;
+            let _ = tokio::task::spawn_blocking(move || machine.unstage(&blob)).await;
+        }
+    }
+}
+
 impl Drop for StagedBody {
+    /// The proposal was abandoned (its session went away): end the staging in the background.
     fn drop(&mut self) {
-        let state = self.machine.read();
-        let referenced = state.blobs.contains_key(&self.blob);
-        self.machine.blobs.unstage(&self.blob, referenced);
+        let Some(machine) = self.machine.take() else {
+            return;
+        };
+        let blob = self.blob;
+        let unstage = move || machine.unstage(&blob);
+        // Unstaging waits for the apply in progress (which may be a long restore): never on an
+        // async worker thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(unstage)),
+            Err(_) => unstage(),
+        }
     }
 }
 
@@ -488,7 +542,10 @@ async fn prepare_body(
             tracing::error!(blob = %hex::encode(blob.0), %error, "cannot write a body file");
             StoreError::Io(format!("cannot write the message body: {error}"))
         })?;
-        let staged = StagedBody { machine, blob };
+        let staged = StagedBody {
+            machine: Some(machine),
+            blob,
+        };
         Ok((
             BodyV1 {
                 blob,
@@ -625,11 +682,21 @@ impl MailStore {
         let Ok(address) = names::normalize_address(address) else {
             return RecipientCheck::UnknownUser;
         };
+        // Local when at least one local account would receive it: an alias whose targets are
+        // all foreign (forwarding is not there yet) or dangling is unknown, as delivery would
+        // store nothing.
         let state = self.state();
-        if state.account_ids.contains_key(&address) || state.aliases.contains_key(&address) {
-            RecipientCheck::Local
-        } else {
+        let mut accounts = Vec::new();
+        state.expand_recipient(
+            &address,
+            &mut std::collections::BTreeSet::new(),
+            &mut accounts,
+            &mut std::collections::BTreeSet::new(),
+        );
+        if accounts.is_empty() {
             RecipientCheck::UnknownUser
+        } else {
+            RecipientCheck::Local
         }
     }
 
@@ -645,7 +712,7 @@ impl MailStore {
                 state::MAX_RECIPIENTS_PER_DELIVERY
             )));
         }
-        let (body, _staged) = prepare_body(&self.machine, delivery.body).await?;
+        let (body, staged) = prepare_body(&self.machine, delivery.body).await?;
         let blob = body.blob;
         let command = CommandV1::Deliver {
             mail_from: delivery.mail_from,
@@ -653,7 +720,9 @@ impl MailStore {
             received_at: delivery.received_at,
             body,
         };
-        match self.submit(command).await? {
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
             Response::Delivered(delivered) => Ok(DeliveryReceipt { blob, delivered }),
             other => Err(unexpected(other)),
         }
@@ -711,13 +780,15 @@ impl MailStore {
 
     /// The raw bytes of a stored message.
     pub async fn body(&self, blob: BlobId) -> Result<Arc<Vec<u8>>, StoreError> {
-        let raw_size = self
-            .state()
-            .blobs
-            .get(&blob)
-            .map(|info| info.raw_size)
-            .ok_or_else(|| StoreError::NotFound("message body".into()))?;
+        let raw_size = self.state().blobs.get(&blob).map(|info| info.raw_size);
         let blobs = self.machine.blobs.clone();
+        let Some(raw_size) = raw_size else {
+            // Expunged meanwhile: a session still showing the message may get it from the
+            // cache; otherwise it is gone.
+            return blobs
+                .cached(&blob)
+                .ok_or_else(|| StoreError::NotFound("message body".into()));
+        };
         blocking(move || {
             blobs.read(&blob, raw_size).map_err(|error| {
                 tracing::error!(blob = %hex::encode(blob.0), %error, "cannot read a body");
@@ -816,7 +887,7 @@ impl MailStore {
         if self.mailbox_view(account, mailbox).is_none() {
             return Err(StoreError::NotFound("mailbox".into()));
         }
-        let (body, _staged) = prepare_body(&self.machine, body).await?;
+        let (body, staged) = prepare_body(&self.machine, body).await?;
         let command = CommandV1::Append {
             account,
             mailbox,
@@ -825,7 +896,9 @@ impl MailStore {
             internal_date_offset_min,
             body,
         };
-        match self.submit(command).await? {
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
             Response::Appended { uidvalidity, uid } => Ok((uidvalidity, uid)),
             other => Err(unexpected(other)),
         }

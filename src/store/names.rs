@@ -132,9 +132,11 @@ pub fn check_keyword(keyword: &str) -> Result<(), ApplyError> {
             "a keyword must have 1 to {MAX_KEYWORD_LEN} bytes"
         )));
     }
+    // IMAP keywords are atoms: printable ASCII without atom-specials. ASCII also keeps the
+    // case folding in apply independent of the Unicode tables of the compiler that built it.
     if keyword
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control() || "(){%*\"\\]".contains(c))
+        .bytes()
+        .any(|b| !b.is_ascii_graphic() || b"(){%*\"\\]".contains(&b))
     {
         return Err(invalid(format!("invalid keyword {keyword:?}")));
     }

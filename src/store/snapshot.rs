@@ -51,12 +51,15 @@ fn invalid(why: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, why.into())
 }
 
-struct HashingWriter<'a> {
-    inner: &'a mut dyn Write,
+/// Buffer between bincode's many small reads and writes and the stream (and the hasher).
+const IO_BUFFER_BYTES: usize = 64 * 1024;
+
+struct HashingWriter<W: Write> {
+    inner: W,
     hasher: blake3::Hasher,
 }
 
-impl Write for HashingWriter<'_> {
+impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let written = self.inner.write(buf)?;
         self.hasher.update(&buf[..written]);
@@ -68,12 +71,12 @@ impl Write for HashingWriter<'_> {
     }
 }
 
-struct HashingReader<'a> {
-    inner: &'a mut dyn Read,
+struct HashingReader<R: Read> {
+    inner: R,
     hasher: blake3::Hasher,
 }
 
-impl Read for HashingReader<'_> {
+impl<R: Read> Read for HashingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let read = self.inner.read(buf)?;
         self.hasher.update(&buf[..read]);
@@ -97,7 +100,7 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 /// Writes the state and its bodies (the files must exist: the caller holds a [`ReadGuard`]).
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
     let mut out = HashingWriter {
-        inner: out,
+        inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
         hasher: blake3::Hasher::new(),
     };
     out.write_all(MAGIC)?;
@@ -110,8 +113,11 @@ pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> 
     meta_codec(MAX_META_BYTES)
         .serialize_into(&mut out, &meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
-    out.write_all(&(state.blobs.len() as u64).to_le_bytes())?;
-    for id in state.blobs.keys() {
+    // The referenced bodies come from the message lists, not from `state.blobs`: the capture
+    // for a snapshot leaves that table out to stay cheap.
+    let referenced = state.referenced_blobs();
+    out.write_all(&(referenced.len() as u64).to_le_bytes())?;
+    for id in &referenced {
         let file = blobs.open_compressed(id).map_err(|error| {
             tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body file is missing");
             io::Error::new(
@@ -144,7 +150,7 @@ fn read_u64(input: &mut impl Read) -> io::Result<u64> {
 /// Reads a snapshot: writes its body files into `blobs` and returns the checked state.
 pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<State> {
     let mut input = HashingReader {
-        inner: input,
+        inner: io::BufReader::with_capacity(IO_BUFFER_BYTES, input),
         hasher: blake3::Hasher::new(),
     };
     let mut magic = [0u8; 16];

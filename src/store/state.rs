@@ -103,7 +103,7 @@ impl Mailbox {
             match flag {
                 Flag::Keyword(keyword) => {
                     check_keyword(keyword)?;
-                    let lower = keyword.to_lowercase();
+                    let lower = keyword.to_ascii_lowercase();
                     match self.keywords.get(&lower) {
                         Some(spelling) => {
                             canonical.insert(Flag::Keyword(spelling.clone()));
@@ -111,7 +111,7 @@ impl Mailbox {
                         None => {
                             if !new_keywords
                                 .iter()
-                                .any(|k: &String| k.to_lowercase() == lower)
+                                .any(|k: &String| k.to_ascii_lowercase() == lower)
                             {
                                 new_keywords.push(keyword.clone());
                                 canonical.insert(Flag::Keyword(keyword.clone()));
@@ -135,7 +135,7 @@ impl Mailbox {
     fn remember_keywords(&mut self, new_keywords: Vec<String>) {
         for keyword in new_keywords {
             self.keywords
-                .entry(keyword.to_lowercase())
+                .entry(keyword.to_ascii_lowercase())
                 .or_insert(keyword);
         }
     }
@@ -268,8 +268,13 @@ pub fn normalize_ranges(mut ranges: Vec<UidRange>) -> Vec<UidRange> {
     merged
 }
 
+/// The largest time taken as a UIDVALIDITY floor (early 2096): a proposer with a clock far in
+/// the future must not use up the u32 space, which would stop mailbox creation for good; above
+/// this, values just count up from the last one.
+pub const UIDVALIDITY_TIME_MAX: u32 = u32::MAX - (1 << 28);
+
 fn uidvalidity_floor(now: i64) -> u32 {
-    u32::try_from(now.clamp(1, i64::from(u32::MAX))).unwrap_or(u32::MAX)
+    u32::try_from(now.clamp(1, i64::from(UIDVALIDITY_TIME_MAX))).unwrap_or(UIDVALIDITY_TIME_MAX)
 }
 
 impl State {
@@ -333,6 +338,33 @@ impl State {
     }
 
     // ----- derived data -----
+
+    /// A copy for a snapshot build, taken under the read lock: message lists are shared
+    /// (`Arc`), and the blob table, derivable from them, is left out.
+    pub fn capture(&self) -> State {
+        State {
+            domains: self.domains.clone(),
+            accounts: self.accounts.clone(),
+            account_ids: self.account_ids.clone(),
+            aliases: self.aliases.clone(),
+            next_account_id: self.next_account_id,
+            next_mailbox_id: self.next_mailbox_id,
+            uidvalidity_high: self.uidvalidity_high,
+            blobs: BTreeMap::new(),
+            totals: Totals::default(),
+        }
+    }
+
+    /// Every body some message references, ascending.
+    pub fn referenced_blobs(&self) -> BTreeSet<BlobId> {
+        let mut referenced = BTreeSet::new();
+        for account in self.accounts.values() {
+            for mailbox in account.mailboxes.values() {
+                referenced.extend(mailbox.messages.iter().map(|m| m.blob));
+            }
+        }
+        referenced
+    }
 
     /// Rebuilds the blob table from the messages; `stored_size` gives each body's file size.
     pub fn rebuild_blobs(&mut self, stored_size: impl Fn(&BlobId) -> u64) {
@@ -1172,7 +1204,7 @@ impl State {
                     Flag::Keyword(k) => Flag::Keyword(
                         destination
                             .keywords
-                            .get(&k.to_lowercase())
+                            .get(&k.to_ascii_lowercase())
                             .cloned()
                             .unwrap_or_else(|| k.clone()),
                     ),

@@ -331,6 +331,21 @@ async fn delivered_body_reads_back_byte_exact() {
     assert_eq!(stats.messages, 1);
     assert_eq!(stats.blob_bytes_raw, body.len() as u64);
     assert!(stats.blob_bytes_stored > 0);
+
+    // Expunged while a session still shows it: served from the cache, the file is gone.
+    fx.store
+        .store_flags(
+            alice,
+            inbox.id,
+            vec![1],
+            FlagOp::Add,
+            flags(&[Flag::Deleted]),
+        )
+        .await
+        .unwrap();
+    fx.store.expunge(alice, inbox.id, None).await.unwrap();
+    assert_eq!(fx.blob_files(), 0);
+    assert_eq!(*fx.store.body(meta.blob).await.unwrap(), body);
 }
 
 #[tokio::test]
@@ -683,9 +698,30 @@ async fn blob_is_shared_and_removed_with_its_last_reference() {
         store.expunge(account, mailbox, None).await.unwrap();
         assert!(path.exists(), "bob still holds a copy");
     }
-    // Removing the last holder's account frees the body.
-    store.remove_account("bob@example.org").await.unwrap();
+    // Expunging bob's, the last copy, frees the body.
+    let bob_inbox = fx.mailbox(bob, "INBOX");
+    store
+        .store_flags(
+            bob,
+            bob_inbox.id,
+            vec![1],
+            FlagOp::Add,
+            flags(&[Flag::Deleted]),
+        )
+        .await
+        .unwrap();
+    store.expunge(bob, bob_inbox.id, None).await.unwrap();
     assert!(!path.exists());
+    assert_eq!(fx.blob_files(), 0);
+    // So does removing the account that holds the last copies.
+    let second = fx.deliver(&["bob@example.org"], message("bob only")).await;
+    let bob_trash = fx.mailbox(bob, "Trash");
+    store
+        .copy(bob, bob_inbox.id, vec![2], bob_trash.id)
+        .await
+        .unwrap();
+    assert!(store.machine.blobs.path(&second.blob).exists());
+    store.remove_account("bob@example.org").await.unwrap();
     assert_eq!(fx.blob_files(), 0);
     let stats = store.stats();
     assert_eq!(
@@ -697,7 +733,6 @@ async fn blob_is_shared_and_removed_with_its_last_reference() {
         ),
         (0, 0, 0, 0)
     );
-    let _ = bob;
 }
 
 /// A proposer whose proposals never commit (a cluster without quorum).
@@ -725,7 +760,15 @@ async fn abandoned_or_failed_proposal_leaves_no_body_file() {
         stuck.deliver(delivery),
     );
     assert!(attempt.await.is_err());
-    assert_eq!(fx.blob_files(), 0);
+    // The abandoned staging ends in the background: wait for it, with a deadline.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while fx.blob_files() != 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the staged body file was not removed"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
     assert_eq!(fx.store.stats().messages, 0);
 }
 
@@ -873,6 +916,38 @@ fn refused_command_leaves_state_unchanged() {
             .sum::<usize>(),
         0
     );
+}
+
+#[test]
+fn uidvalidity_grows_with_time_and_survives_a_clock_in_the_far_future() {
+    let dir = tempfile::tempdir().unwrap();
+    let machine = MailStateMachine::open(dir.path()).unwrap();
+    let mut index = 0;
+    for command in setup_commands() {
+        apply(&machine, &mut index, command);
+    }
+    let create = |name: &str, now: i64| CommandV1::CreateMailbox {
+        account: 1,
+        name: name.into(),
+        special_use: None,
+        now,
+    };
+    let validity = |machine: &MailStateMachine, name: &str| {
+        machine.read().accounts[&1]
+            .mailbox_by_name(name)
+            .unwrap()
+            .uidvalidity
+    };
+    apply(&machine, &mut index, create("Later", 1_800_000_000));
+    assert_eq!(validity(&machine, "Later"), 1_800_000_000);
+    // A clock going backwards still gives a greater value.
+    apply(&machine, &mut index, create("Earlier", 1_000));
+    assert_eq!(validity(&machine, "Earlier"), 1_800_000_001);
+    apply(&machine, &mut index, create("Future", i64::MAX));
+    assert_eq!(validity(&machine, "Future"), state::UIDVALIDITY_TIME_MAX);
+    let response = apply(&machine, &mut index, create("After", i64::MAX));
+    assert!(matches!(response, command::Response::Mailbox(_)));
+    assert_eq!(validity(&machine, "After"), state::UIDVALIDITY_TIME_MAX + 1);
 }
 
 #[tokio::test]
@@ -1052,6 +1127,21 @@ fn snapshot_build_keeps_files_of_its_view() {
     assert!(other.blobs.path(&blob).exists());
 }
 
+/// Bytes the file system allocated for a folder tree (what `du` reports).
+fn allocated_bytes(root: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(root).unwrap() {
+        let entry = entry.unwrap();
+        let metadata = entry.metadata().unwrap();
+        total += metadata.blocks() * 512;
+        if metadata.is_dir() {
+            total += allocated_bytes(&entry.path());
+        }
+    }
+    total
+}
+
 #[test]
 fn apply_timing_for_ten_thousand_deliveries() {
     let dir = tempfile::tempdir().unwrap();
@@ -1081,6 +1171,26 @@ fn apply_timing_for_ten_thousand_deliveries() {
         machine.apply(index, command);
     }
     let applied = started.elapsed();
+    // An IDLE session holding a view of the 10,000-message INBOX makes each delivery copy the
+    // message list once (copy on write); the session then takes a fresh view.
+    const HELD_VIEW_DELIVERIES: usize = 100;
+    let mut held = machine.read().accounts[&1].mailboxes[&1].messages.clone();
+    let started = Instant::now();
+    for n in 0..HELD_VIEW_DELIVERIES {
+        index += 1;
+        machine.apply(
+            index,
+            &encode(CommandV1::Deliver {
+                mail_from: String::new(),
+                recipients: vec!["alice@example.org".into()],
+                received_at: 0,
+                body: body_of(format!("held view {n}").as_bytes()),
+            }),
+        );
+        held = machine.read().accounts[&1].mailboxes[&1].messages.clone();
+    }
+    let with_held_view = started.elapsed() / HELD_VIEW_DELIVERIES as u32;
+    assert_eq!(held.len(), DELIVERIES + HELD_VIEW_DELIVERIES);
     // A replay over the same data dir finds every body file in place: state work only.
     let replay = MailStateMachine::open(dir.path()).unwrap();
     let mut replay_index = 0;
@@ -1106,14 +1216,17 @@ fn apply_timing_for_ten_thousand_deliveries() {
     other.restore(&mut bytes.as_slice()).unwrap();
     let restored = started.elapsed();
     let stats = machine.read().stats();
-    assert_eq!(stats.messages, DELIVERIES as u64);
+    assert_eq!(stats.messages, (DELIVERIES + HELD_VIEW_DELIVERIES) as u64);
+    let allocated = allocated_bytes(&dir.path().join("blobs"));
     println!(
         "store timing ({DELIVERIES} deliveries of ~1.1 KB): compress+hash+encode {:?}, apply {:?} \
-         ({:.1} us each), replay with files present {:?}, begin_snapshot {:?}, write snapshot {:?} ({} bytes), restore {:?}; \
-         raw {} bytes, stored {} bytes",
+         ({:.1} us each), apply while a view of the mailbox is held {:?} each, replay with \
+         files present {:?}, begin_snapshot {:?}, write snapshot {:?} ({} bytes), restore {:?}; \
+         raw {} bytes, stored {} bytes, allocated on disk {} bytes",
         prepared,
         applied,
         applied.as_secs_f64() * 1e6 / DELIVERIES as f64,
+        with_held_view,
         replayed,
         captured,
         written,
@@ -1121,6 +1234,7 @@ fn apply_timing_for_ten_thousand_deliveries() {
         restored,
         stats.blob_bytes_raw,
         stats.blob_bytes_stored,
+        allocated,
     );
 }
 
@@ -1254,6 +1368,40 @@ mod determinism {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        #[test]
+        fn random_bytes_never_panic_apply_or_restore(
+            bytes in proptest::collection::vec(any::<u8>(), 0..256),
+            prefix_len in 0usize..64,
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let machine = MailStateMachine::open(dir.path()).unwrap();
+            let mut index = 0;
+            for command in setup_commands() {
+                apply(&machine, &mut index, command);
+            }
+            let before = snapshot_bytes(&machine);
+            // Garbage as a command, and garbage after a valid command prefix.
+            let reply = machine.apply(100, &bytes);
+            prop_assert!(command::decode_response(&reply).is_ok());
+            let valid = encode(CommandV1::AddDomain { domain: "example.net".into() });
+            let mut spliced = valid[..prefix_len.min(valid.len())].to_vec();
+            spliced.extend_from_slice(&bytes);
+            let _ = machine.apply(101, &spliced);
+            // Garbage as a snapshot, and a real snapshot with garbage spliced in.
+            prop_assert!(machine.restore(&mut bytes.as_slice()).is_err());
+            let mut broken = before.clone();
+            let at = prefix_len * before.len() / 64;
+            broken.splice(at..at, bytes.iter().copied());
+            if !bytes.is_empty() {
+                prop_assert!(machine.restore(&mut broken.as_slice()).is_err());
+            }
+            prop_assert_eq!(machine.read().check_invariants(), Ok(()));
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig { cases: 32, ..ProptestConfig::default() })]
 
         #[test]
@@ -1281,6 +1429,22 @@ mod determinism {
             }
             let snapshots = [snapshot_bytes(&machines[0]), snapshot_bytes(&machines[1])];
             prop_assert_eq!(&snapshots[0], &snapshots[1]);
+            // A node restored from a snapshot taken half-way, then fed the rest of the log,
+            // ends byte-identical too.
+            let half = commands.len() / 2;
+            let source_dir = tempfile::tempdir().unwrap();
+            let source = MailStateMachine::open(source_dir.path()).unwrap();
+            for (index, bytes) in commands[..half].iter().enumerate() {
+                source.apply(index as u64 + 1, bytes);
+            }
+            let late_dir = tempfile::tempdir().unwrap();
+            let late = MailStateMachine::open(late_dir.path()).unwrap();
+            late.restore(&mut snapshot_bytes(&source).as_slice()).unwrap();
+            for (index, bytes) in commands.iter().enumerate().skip(half) {
+                late.apply(index as u64 + 1, bytes);
+            }
+            prop_assert_eq!(&snapshot_bytes(&late), &snapshots[0]);
+            prop_assert_eq!(late.read().stats(), machines[0].read().stats());
             // Exactly the referenced bodies are on disk.
             let referenced: BTreeSet<BlobId> = machines[0].read().blobs.keys().copied().collect();
             for id in &referenced {
