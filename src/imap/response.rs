@@ -118,7 +118,7 @@ fn civil_from_days(days: i64) -> (i64, u32, u32) {
 
 /// An INTERNALDATE as `"dd-Mon-yyyy hh:mm:ss +zzzz"`.
 pub fn internal_date(out: &mut Vec<u8>, seconds: i64, offset_min: i16) {
-    let local = seconds + i64::from(offset_min) * 60;
+    let local = seconds.saturating_add(i64::from(offset_min) * 60);
     let (year, month, day) = civil_from_days(local.div_euclid(86_400));
     let second_of_day = local.rem_euclid(86_400);
     let sign = if offset_min < 0 { '-' } else { '+' };

@@ -293,6 +293,9 @@ impl Session {
                 untagged(out, &format!("CAPABILITY {}", self.capabilities()));
                 tagged(out, &tag, "OK", None, "CAPABILITY completed");
             }
+            CommandBody::Check if !matches!(self.state, State::Selected { .. }) => {
+                tagged(out, &tag, "BAD", None, "no mailbox selected");
+            }
             CommandBody::Noop | CommandBody::Check => {
                 if let State::Selected { account, mailbox } = &mut self.state {
                     mailbox.refresh(&self.store, *account, true, &[], out);
