@@ -170,13 +170,20 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
     if meta_len > MAX_META_BYTES {
         return Err(invalid("snapshot metadata is too large"));
     }
-    let mut meta_input = (&mut input).take(meta_len);
-    let meta: SnapshotMeta = meta_codec(meta_len)
-        .deserialize_from(&mut meta_input)
-        .map_err(|e| invalid(format!("snapshot metadata is corrupt: {e}")))?;
-    if meta_input.limit() != 0 {
-        return Err(invalid("snapshot metadata has trailing bytes"));
+    // Read into memory as the bytes arrive (never sized by the claimed length), then decode
+    // from the slice, where every length is checked against the bytes actually there.
+    let mut meta_bytes = Vec::new();
+    (&mut input).take(meta_len).read_to_end(&mut meta_bytes)?;
+    if meta_bytes.len() as u64 != meta_len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "snapshot ends inside its metadata",
+        ));
     }
+    let meta: SnapshotMeta = meta_codec(meta_len)
+        .deserialize(&meta_bytes)
+        .map_err(|e| invalid(format!("snapshot metadata is corrupt: {e}")))?;
+    drop(meta_bytes);
     let SnapshotMeta::V1(mut state) = meta;
 
     let blob_count = read_u64(&mut input)?;

@@ -1066,6 +1066,11 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let mut huge = good[..20].to_vec();
     huge.extend_from_slice(&u64::MAX.to_le_bytes());
     check_refused(&huge);
+    // A claimed length far above the bytes sent is an early end, not an allocation.
+    let mut claims = good[..20].to_vec();
+    claims.extend_from_slice(&snapshot::MAX_META_BYTES.to_le_bytes());
+    claims.extend_from_slice(&[0, 0xfc, 0xff, 0xff, 0xff, 0x3f]);
+    check_refused(&claims);
     let mut trailing = good.clone();
     trailing.push(0);
     check_refused(&trailing);
