@@ -179,12 +179,20 @@ pub const BODY_BATCH: usize = 64;
 
 /// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
 pub async fn read_bodies(store: &MailStore, blobs: &[BlobId]) -> Vec<Option<Arc<Vec<u8>>>> {
+    // Cached bodies first, without a task each: a warm mailbox needs no blocking thread.
+    let mut bodies: Vec<Option<Arc<Vec<u8>>>> =
+        blobs.iter().map(|blob| store.cached_body(blob)).collect();
+    if bodies.iter().all(Option::is_some) {
+        return bodies;
+    }
     let mut reads = tokio::task::JoinSet::new();
     for (k, &blob) in blobs.iter().enumerate() {
+        if bodies[k].is_some() {
+            continue;
+        }
         let store = store.clone();
         reads.spawn(async move { (k, store.body(blob).await) });
     }
-    let mut bodies = vec![None; blobs.len()];
     while let Some(joined) = reads.join_next().await {
         match joined {
             Ok((k, Ok(body))) => bodies[k] = Some(body),

@@ -19,6 +19,7 @@ use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessag
 use super::mailboxes::{no, to_flag_set};
 use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
+use super::session::send_ahead;
 use super::session::{mailbox_name, Session, State};
 use crate::store::{BlobId, Flag, FlagOp, FlagSet, Uid};
 
@@ -461,6 +462,7 @@ impl Session {
                 }
                 out.extend_from_slice(b")\r\n");
             }
+            send_ahead(&self.output_ahead, out).await;
         }
         mailbox.refresh(&self.store, account, false, &seen_now, out);
         if failures > 0 {

@@ -22,6 +22,8 @@ use crate::store::MailStore;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Pieces of a long response queued between the session and the socket writer.
+const OUTPUT_AHEAD_QUEUE: usize = 4;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 
@@ -199,6 +201,43 @@ impl Connection {
         }
     }
 
+    /// Feeds input to the session while writing the pieces of long responses it sends ahead
+    /// (in order; what is left in `out` follows them). `None`: the client is gone.
+    async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        session: &mut Session,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Action> {
+        let (ahead, mut pieces) = tokio::sync::mpsc::channel::<Vec<u8>>(OUTPUT_AHEAD_QUEUE);
+        session.set_output_ahead(Some(ahead));
+        let work = async {
+            let action = session.handle_input(input, out).await;
+            session.set_output_ahead(None);
+            action
+        };
+        let write_timeout = Duration::from_secs(self.config.idle_timeout_secs);
+        let writer = async {
+            let mut healthy = true;
+            // Ends when the session dropped its sender; after a failed write the pieces are
+            // only drained, so the session never waits on a dead client.
+            while let Some(piece) = pieces.recv().await {
+                if healthy {
+                    let written = tokio::time::timeout(write_timeout, async {
+                        stream.write_all(&piece).await?;
+                        stream.flush().await
+                    })
+                    .await;
+                    healthy = matches!(written, Ok(Ok(())));
+                }
+            }
+            healthy
+        };
+        let (action, healthy) = tokio::join!(work, writer);
+        healthy.then_some(action)
+    }
+
     async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
         &self,
         stream: &mut S,
@@ -262,7 +301,10 @@ impl Connection {
                 read = stream.read(&mut buffer) => {
                     match read {
                         Ok(0) | Err(_) => return Ended::Closed,
-                        Ok(n) => action = session.handle_input(&buffer[..n], &mut out).await,
+                        Ok(n) => match self.feed(stream, session, &buffer[..n], &mut out).await {
+                            Some(next) => action = next,
+                            None => return Ended::Closed,
+                        },
                     }
                 }
             }

@@ -24,6 +24,32 @@ use crate::store::{AccountId, MailStore};
 
 /// Longest AUTHENTICATE response or IDLE "DONE" line accepted.
 const MAX_CONTINUATION_LINE_BYTES: usize = 8 * 1024;
+/// A long response (FETCH over many messages) is handed to the driver in pieces of about
+/// this size while the rest is being built, so the client reads and parses the first
+/// messages while the server works on the next ones.
+pub const OUTPUT_AHEAD_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Where a session may send response bytes ahead of the end of the command: the driver
+/// writes them to the client in order, before whatever is left in `out` afterwards.
+pub type OutputAhead = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// Hands `out` to the driver once it holds at least [`OUTPUT_AHEAD_CHUNK_BYTES`] (waiting
+/// while the driver's queue is full). Without a driver stream the bytes stay in `out`.
+pub(super) async fn send_ahead(ahead: &Option<OutputAhead>, out: &mut Vec<u8>) {
+    let Some(ahead) = ahead else {
+        return;
+    };
+    if out.len() < OUTPUT_AHEAD_CHUNK_BYTES {
+        return;
+    }
+    let chunk = std::mem::replace(out, Vec::with_capacity(2 * OUTPUT_AHEAD_CHUNK_BYTES));
+    if let Err(returned) = ahead.send(chunk).await {
+        // The driver stopped listening: keep the bytes in order in `out`.
+        let mut chunk = returned.0;
+        chunk.append(out);
+        *out = chunk;
+    }
+}
 
 /// What the driver must do after feeding input.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,6 +112,8 @@ pub struct Session {
     input: Vec<u8>,
     failed_auth: u32,
     client_name: Option<String>,
+    /// Set by the driver while it feeds input: see [`send_ahead`].
+    pub(super) output_ahead: Option<OutputAhead>,
 }
 
 impl Session {
@@ -110,7 +138,14 @@ impl Session {
             input: Vec::new(),
             failed_auth: 0,
             client_name: None,
+            output_ahead: None,
         }
+    }
+
+    /// Lets long responses go out in pieces through `ahead` (the driver drains it while
+    /// [`Session::handle_input`] runs); `None` keeps every response in `out`.
+    pub fn set_output_ahead(&mut self, ahead: Option<OutputAhead>) {
+        self.output_ahead = ahead;
     }
 
     /// The server greeting.

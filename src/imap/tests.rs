@@ -1058,3 +1058,35 @@ async fn benchmark_operations_on_a_large_mailbox() {
     }
     timed(&format!("{appends} sequential APPENDs"), started);
 }
+
+/// A long FETCH sent ahead in pieces gives exactly the bytes of the same FETCH kept whole:
+/// the pieces in order, then what is left in `out`.
+#[tokio::test]
+async fn fetch_sent_ahead_in_pieces_equals_the_whole_response() {
+    let subjects: Vec<String> = (0..400).map(|i| format!("piece {i}")).collect();
+    let refs: Vec<&str> = subjects.iter().map(String::as_str).collect();
+    let mut h = Harness::selected(&refs).await;
+    let command = "F FETCH 1:* (UID FLAGS BODY.PEEK[])\r\n";
+    let whole = h.run(command).await;
+    assert!(whole.len() > 2 * super::session::OUTPUT_AHEAD_CHUNK_BYTES);
+
+    let (ahead, mut pieces) = tokio::sync::mpsc::channel(1);
+    h.session.set_output_ahead(Some(ahead));
+    let collector = tokio::spawn(async move {
+        let mut bytes = Vec::new();
+        let mut n_pieces = 0;
+        while let Some(piece) = pieces.recv().await {
+            n_pieces += 1;
+            bytes.extend_from_slice(&piece);
+        }
+        (bytes, n_pieces)
+    });
+    let (rest, action) = h.run_bytes(command.as_bytes()).await;
+    h.session.set_output_ahead(None);
+    let (mut streamed, n_pieces) = collector.await.unwrap();
+    assert_eq!(action, Action::Continue);
+    assert!(n_pieces >= 2, "{n_pieces} pieces");
+    streamed.extend_from_slice(&rest);
+    assert_eq!(String::from_utf8_lossy(&streamed), whole);
+    assert!(String::from_utf8_lossy(&rest).ends_with("F OK FETCH completed\r\n"));
+}

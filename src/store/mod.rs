@@ -778,8 +778,17 @@ impl MailStore {
             .map(mailbox_view)
     }
 
+    /// The raw bytes of a stored message if they are in the body cache (no I/O, no blocking
+    /// thread): bodies are immutable and content-addressed, so a cached one is never stale.
+    pub fn cached_body(&self, blob: &BlobId) -> Option<Arc<Vec<u8>>> {
+        self.machine.blobs.cached(blob)
+    }
+
     /// The raw bytes of a stored message.
     pub async fn body(&self, blob: BlobId) -> Result<Arc<Vec<u8>>, StoreError> {
+        if let Some(body) = self.machine.blobs.cached(&blob) {
+            return Ok(body);
+        }
         let raw_size = self.state().blobs.get(&blob).map(|info| info.raw_size);
         let blobs = self.machine.blobs.clone();
         let Some(raw_size) = raw_size else {
