@@ -88,7 +88,7 @@ fn header_end(raw: &[u8], range: Range<usize>) -> usize {
 
 #[inline]
 fn memchr_nl(bytes: &[u8]) -> Option<usize> {
-    bytes.iter().position(|&b| b == b'\n')
+    memchr::memchr(b'\n', bytes)
 }
 
 /// The top-level header block of a message (including its blank line), found without a
@@ -178,7 +178,7 @@ impl<'a> Iterator for Chunks<'a> {
         if first[0] == b' ' || first[0] == b'\t' {
             return Some(Chunk::Other(whole));
         }
-        let Some(colon) = first.iter().position(|&b| b == b':') else {
+        let Some(colon) = memchr::memchr(b':', first) else {
             return Some(Chunk::Other(whole));
         };
         let name = trim_ascii(&first[..colon]);
