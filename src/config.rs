@@ -90,6 +90,8 @@ pub struct ClusterSection {
     pub election_timeout_max_ms: Option<u64>,
     pub install_snapshot_timeout_ms: Option<u64>,
     pub propose_timeout_ms: Option<u64>,
+    pub snapshot_after_logs: Option<u64>,
+    pub logs_kept_after_snapshot: Option<u64>,
 }
 
 impl Default for ClusterSection {
@@ -101,6 +103,8 @@ impl Default for ClusterSection {
             election_timeout_max_ms: None,
             install_snapshot_timeout_ms: None,
             propose_timeout_ms: None,
+            snapshot_after_logs: None,
+            logs_kept_after_snapshot: None,
         }
     }
 }
@@ -133,6 +137,12 @@ impl ClusterSection {
         }
         if let Some(value) = self.propose_timeout_ms {
             timings.propose_timeout_ms = value;
+        }
+        if let Some(value) = self.snapshot_after_logs {
+            timings.snapshot_after_logs = value;
+        }
+        if let Some(value) = self.logs_kept_after_snapshot {
+            timings.logs_kept_after_snapshot = value;
         }
         timings
     }
