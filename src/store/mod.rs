@@ -294,6 +294,28 @@ impl MailStateMachine {
     /// same body cannot be between writing its file and referencing it meanwhile.
     fn unstage(&self, blob: &BlobId) {
         let _serial = lock(&self.apply_lock);
+        self.unstage_serialized(blob);
+    }
+
+    /// [`MailStateMachine::unstage`] if no apply or restore is running right now (it never
+    /// waits, so an async task may call it); false if the caller must unstage on a blocking
+    /// thread instead.
+    fn try_unstage(&self, blob: &BlobId) -> bool {
+        match self.apply_lock.try_lock() {
+            Ok(_serial) => {
+                self.unstage_serialized(blob);
+                true
+            }
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let _serial = poisoned.into_inner();
+                self.unstage_serialized(blob);
+                true
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
+    fn unstage_serialized(&self, blob: &BlobId) {
         let referenced = self.read().blobs.contains_key(blob);
         self.blobs.unstage(blob, referenced);
     }
@@ -501,7 +523,10 @@ impl StagedBody {
     async fn finish(mut self) {
         if let Some(machine) = self.machine.take() {
             let blob = self.blob;
-            let _ = tokio::task::spawn_blocking(move || machine.unstage(&blob)).await;
+            // Usually apply is idle and this takes microseconds: no blocking thread for it.
+            if !machine.try_unstage(&blob) {
+                let _ = tokio::task::spawn_blocking(move || machine.unstage(&blob)).await;
+            }
         }
     }
 }
