@@ -211,3 +211,53 @@ maildir_count() {
     [ -d "$1/cur" ] && n=$((n + $(find "$1/cur" -type f | wc -l)))
     echo "$n"
 }
+
+# ---------------------------------------------------------------------------------------------
+# A private Dovecot instance: its own configuration, base_dir, state and logs under
+# $BENCH_TMP/dovecot, IMAP (no TLS: loopback only, like the kermail side's plain port) on a free
+# 127.0.0.1 port, passdb from a static passwd-file, static userdb, Maildir. Stock settings
+# otherwise. Sets DOVECOT_CONF, DOVECOT_PORT.
+dovecot_start() {
+    local address="$1" password="$2"
+    local root="$BENCH_TMP/dovecot"
+    DOVECOT_CONF="$root/dovecot.conf"
+    DOVECOT_PORT="$(free_port)"
+    mkdir -p "$root/run" "$root/state" "$root/home"
+    local vuid vgid
+    vuid="$(id -u nobody)"
+    vgid="$(id -g nobody)"
+    chown "$vuid:$vgid" "$root/home"
+    printf '%s:{PLAIN}%s::::::\n' "$address" "$password" >"$root/users"
+    cat >"$DOVECOT_CONF" <<CONF
+instance_name = kermail-bench
+base_dir = $root/run
+state_dir = $root/state
+log_path = $root/dovecot.log
+protocols = imap
+listen = 127.0.0.1
+ssl = no
+disable_plaintext_auth = no
+auth_mechanisms = plain
+mail_location = maildir:~/Maildir
+first_valid_uid = 1
+passdb {
+  driver = passwd-file
+  args = scheme=PLAIN username_format=%u $root/users
+}
+userdb {
+  driver = static
+  args = uid=$vuid gid=$vgid home=$root/home/%u
+}
+service imap-login {
+  inet_listener imap {
+    address = 127.0.0.1
+    port = $DOVECOT_PORT
+  }
+  inet_listener imaps {
+    port = 0
+  }
+}
+CONF
+    dovecot -c "$DOVECOT_CONF" >&2 || { cat "$root/dovecot.log" >&2; die "dovecot did not start"; }
+    wait_tcp "$DOVECOT_PORT"
+}
