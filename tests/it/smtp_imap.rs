@@ -86,3 +86,57 @@ print("ok")
     );
     assert_eq!(out.trim(), "ok");
 }
+
+/// swaks (an independent SMTP client) delivers over STARTTLS; imaplib reads the message over
+/// implicit TLS (IMAPS) and over STARTTLS on the plain port.
+#[test]
+fn swaks_over_starttls_then_imaps_and_imap_starttls() {
+    let node = Node::with_account();
+    let out = std::process::Command::new("swaks")
+        .args(["--server", &format!("127.0.0.1:{}", node.smtp_port)])
+        .args(["--to", crate::harness::USER, "--from", "bob@example.org"])
+        .args(["--helo", "client.test", "--tls"])
+        .args([
+            "--header",
+            "Subject: over starttls",
+            "--body",
+            "sent by swaks",
+        ])
+        .output()
+        .expect("run swaks");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "swaks failed ({}):\n{transcript}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        transcript.contains("TLS started"),
+        "no TLS handshake in swaks transcript:\n{transcript}"
+    );
+    let out = node.py(
+        r#"
+import ssl
+ctx = ssl.create_default_context()
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE   # self-signed certificate generated on first start
+found = []
+c = imaplib.IMAP4_SSL(HOST, int(ENV["IMAPS_PORT"]), ssl_context=ctx, timeout=60)
+c.login(USER, PASSWORD)
+found.append(inbox_messages(c))
+c.logout()
+c = imaplib.IMAP4(HOST, IMAP_PORT, timeout=60)
+ok(c.starttls(ssl_context=ctx), "STARTTLS")
+c.login(USER, PASSWORD)
+found.append(inbox_messages(c))
+c.logout()
+assert found[0] == found[1], found
+assert len(found[0]) == 1 and b"Subject: over starttls" in found[0][0][2], found
+assert b"sent by swaks" in found[0][0][2]
+print("ok")
+"#,
+        &[],
+    );
+    assert_eq!(out.trim(), "ok");
+}
