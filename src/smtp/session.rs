@@ -1,0 +1,1840 @@
+//! The sans-IO SMTP session (MX role).
+//!
+//! [`Session::step`] is the one transition function: it takes an [`Input`] (bytes from the
+//! client, the result of a delivery, TLS established, a timeout, shutdown, the client gone)
+//! and the current time, and returns an [`Output`]: bytes to write and [`Action`]s for the
+//! driver. The session never blocks and does no I/O; the only outside knowledge it asks for is
+//! whether a recipient is local, through [`Recipients`].
+
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use smtp_proto::{Error as ParseError, Request};
+
+use super::data::DotReader;
+use super::SmtpConfig;
+use crate::store::{
+    Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
+    MAX_RECIPIENTS_PER_DELIVERY,
+};
+
+/// Answers whether an address is one of ours. The driver implements it with
+/// [`crate::store::MailStore::check_recipient`]; tests with a table.
+pub trait Recipients {
+    fn check_recipient(&self, address: &str) -> RecipientCheck;
+}
+
+/// What happened, as told to the session by its driver.
+#[derive(Debug)]
+pub enum Input<'a> {
+    /// The connection was accepted: the session sends its greeting.
+    Connected,
+    /// Bytes read from the client.
+    Bytes(&'a [u8]),
+    /// The outcome of the [`Action::Deliver`] the session asked for.
+    DeliveryDone(Result<DeliveryReceipt, StoreError>),
+    /// The TLS handshake asked for by [`Action::StartTls`] succeeded.
+    TlsEstablished,
+    /// Nothing was read for [`Session::read_timeout`].
+    Timeout,
+    /// The server is shutting down: close now if idle, else after the current transaction.
+    Shutdown,
+    /// The client closed the connection (or the connection broke).
+    Closed,
+}
+
+/// What the driver must do, in order, after writing [`Output::reply`].
+#[derive(Debug)]
+pub enum Action {
+    /// Write the reply, then run the TLS handshake and report [`Input::TlsEstablished`].
+    /// Any plaintext bytes received after the STARTTLS command have been discarded.
+    StartTls,
+    /// Store this message, then report [`Input::DeliveryDone`]. Until then the session reads
+    /// no further input.
+    Deliver(Box<PendingDelivery>),
+    /// Write the reply, then close the connection.
+    Close,
+}
+
+/// A complete transaction ready to be stored.
+#[derive(Debug)]
+pub struct PendingDelivery {
+    /// The id chosen for this message, already in its Received header.
+    pub message_id: String,
+    pub delivery: Delivery,
+}
+
+#[derive(Debug, Default)]
+pub struct Output {
+    /// Bytes to write to the client.
+    pub reply: Vec<u8>,
+    pub actions: Vec<Action>,
+}
+
+/// The session's state: what the next input bytes mean.
+#[derive(Debug)]
+pub enum Mode {
+    /// Before [`Input::Connected`].
+    New,
+    /// Reading command lines.
+    Command,
+    /// Reading message content after `DATA` / `354`.
+    Data(DotReader),
+    /// Reading the bytes of a `BDAT` chunk. `keep` is false when the chunk is being skipped
+    /// (no transaction, or the message is already too big); then `refusal` is sent at its end.
+    Bdat {
+        bytes_left: usize,
+        is_last: bool,
+        keep: bool,
+        refusal: Option<&'static str>,
+    },
+    /// An [`Action::Deliver`] is outstanding.
+    AwaitingDelivery,
+    /// An [`Action::StartTls`] is outstanding.
+    AwaitingTls,
+    /// The session is over; input is ignored.
+    Closed,
+}
+
+/// What the client said in HELO/EHLO.
+#[derive(Debug, Clone)]
+struct Greeting {
+    name: String,
+    extended: bool,
+}
+
+/// One mail transaction, from MAIL to the end of its message.
+#[derive(Debug)]
+struct Transaction {
+    mail_from: String,
+    recipients: Vec<String>,
+    n_recipients_refused: usize,
+    smtputf8: bool,
+    /// The message as received (unstuffed), at most `max_message_size_bytes`.
+    body: Vec<u8>,
+    /// Every message byte the client sent, kept or not.
+    size_received: usize,
+    too_big: bool,
+    used_bdat: bool,
+}
+
+/// Fixed parts of a session, set by the driver.
+#[derive(Debug, Clone)]
+pub struct SessionParams {
+    pub config: Arc<SmtpConfig>,
+    /// The node's public host name (banner, Received).
+    pub hostname: Arc<str>,
+    pub client_ip: IpAddr,
+    /// Whether STARTTLS may be offered.
+    pub tls_available: bool,
+    /// Seed of the generator of message ids (random in the driver, fixed in tests).
+    pub id_seed: u64,
+}
+
+/// The SMTP session. See the module comment.
+pub struct Session<R> {
+    params: SessionParams,
+    recipients: R,
+    mode: Mode,
+    greeting: Option<Greeting>,
+    transaction: Option<Transaction>,
+    tls_active: bool,
+    n_errors: u32,
+    /// Received bytes not yet processed (a partial command line, or input that arrived while
+    /// a delivery was outstanding).
+    pending: Vec<u8>,
+    /// Bytes of the current over-long command line thrown away so far.
+    discarding_line_bytes: Option<usize>,
+    shutting_down: bool,
+    /// The message id and log details of the outstanding delivery.
+    delivering: Option<(String, TransactionSummary)>,
+    id_rng: StdRng,
+}
+
+/// What the transaction log line says about a transaction.
+#[derive(Debug, Clone)]
+struct TransactionSummary {
+    mail_from: String,
+    recipients: Vec<String>,
+    n_recipients_refused: usize,
+    size: usize,
+}
+
+/// Replies used in several places.
+const REPLY_LINE_TOO_LONG: &str = "500 5.5.2 Error: line too long";
+const REPLY_NEED_HELO: &str = "503 5.5.1 Error: send HELO/EHLO first";
+const REPLY_NEED_MAIL: &str = "503 5.5.1 Error: need MAIL command";
+const REPLY_NEED_RCPT: &str = "554 5.5.1 Error: no valid recipients";
+const REPLY_TOO_BIG: &str = "552 5.3.4 Error: message size exceeds fixed limit";
+
+/// Longest piece of client text echoed back in a reply.
+const ECHO_LENGTH_MAX: usize = 64;
+
+impl<R: Recipients> Session<R> {
+    pub fn new(params: SessionParams, recipients: R) -> Session<R> {
+        let id_rng = StdRng::seed_from_u64(params.id_seed);
+        Session {
+            params,
+            recipients,
+            mode: Mode::New,
+            greeting: None,
+            transaction: None,
+            tls_active: false,
+            n_errors: 0,
+            pending: Vec::new(),
+            discarding_line_bytes: None,
+            shutting_down: false,
+            delivering: None,
+            id_rng,
+        }
+    }
+
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls_active
+    }
+
+    /// Whether a transaction is under way (MAIL accepted, message not yet answered).
+    pub fn in_transaction(&self) -> bool {
+        self.transaction.is_some() || self.delivering.is_some()
+    }
+
+    /// How long the driver waits for input before reporting [`Input::Timeout`].
+    pub fn read_timeout(&self) -> Duration {
+        let config = &self.params.config;
+        match self.mode {
+            Mode::Data(_) | Mode::Bdat { .. } => Duration::from_secs(config.data_timeout_secs),
+            _ => Duration::from_secs(config.command_timeout_secs),
+        }
+    }
+
+    /// The transition function.
+    pub fn step(&mut self, input: Input<'_>, now: SystemTime) -> Output {
+        let mut out = Output::default();
+        match input {
+            Input::Connected => {
+                if matches!(self.mode, Mode::New) {
+                    self.mode = Mode::Command;
+                    let banner = format!("220 {} ESMTP kermail", self.params.hostname);
+                    self.push_reply(&mut out, &banner);
+                }
+            }
+            Input::Bytes(bytes) => match self.mode {
+                Mode::Closed | Mode::New => {}
+                // Plaintext behind STARTTLS is never used (command injection).
+                Mode::AwaitingTls => {}
+                _ => {
+                    self.pending.extend_from_slice(bytes);
+                    self.process(&mut out, now);
+                }
+            },
+            Input::DeliveryDone(result) => {
+                if matches!(self.mode, Mode::AwaitingDelivery) {
+                    self.mode = Mode::Command;
+                    let (message_id, summary) = self
+                        .delivering
+                        .take()
+                        .unwrap_or_else(|| (String::new(), TransactionSummary::empty()));
+                    match result {
+                        Ok(_) => {
+                            self.log_transaction(&summary, "delivered", &message_id);
+                            let reply = format!("250 2.0.0 Ok: stored as {message_id}");
+                            self.push_reply(&mut out, &reply);
+                        }
+                        Err(error) => {
+                            let outcome = format!("deferred: {error}");
+                            self.log_transaction(&summary, &outcome, &message_id);
+                            self.push_reply(
+                                &mut out,
+                                "451 4.3.0 Error: cannot store the message now, try again later",
+                            );
+                        }
+                    }
+                    self.process(&mut out, now);
+                }
+            }
+            Input::TlsEstablished => {
+                if matches!(self.mode, Mode::AwaitingTls) {
+                    // RFC 3207: forget everything learnt before; the client starts over.
+                    self.tls_active = true;
+                    self.greeting = None;
+                    self.transaction = None;
+                    self.pending.clear();
+                    self.discarding_line_bytes = None;
+                    self.mode = Mode::Command;
+                }
+            }
+            Input::Timeout => {
+                if !matches!(self.mode, Mode::Closed | Mode::AwaitingDelivery) {
+                    self.abort_transaction("aborted: timeout");
+                    let reply =
+                        format!("421 4.4.2 {} Error: timeout exceeded", self.params.hostname);
+                    self.push_reply(&mut out, &reply);
+                    self.close(&mut out);
+                }
+            }
+            Input::Shutdown => {
+                self.shutting_down = true;
+                self.close_if_shutting_down(&mut out);
+            }
+            Input::Closed => {
+                self.abort_transaction("aborted: connection closed by client");
+                self.mode = Mode::Closed;
+            }
+        }
+        out
+    }
+
+    /// Consumes as much of `pending` as the current mode allows.
+    fn process(&mut self, out: &mut Output, now: SystemTime) {
+        let pending = std::mem::take(&mut self.pending);
+        let mut position = 0;
+        while position < pending.len() {
+            let rest = &pending[position..];
+            match &mut self.mode {
+                Mode::Command => match self.command_bytes(rest, out, now) {
+                    Some(consumed) => position += consumed,
+                    // A partial line: wait for more bytes.
+                    None => break,
+                },
+                Mode::Data(reader) => {
+                    let max_size = max_message_size(&self.params.config);
+                    let transaction = self.transaction.as_mut();
+                    let (consumed, done) = match transaction {
+                        Some(transaction) => reader.feed(rest, &mut |bytes| {
+                            transaction.take_message_bytes(bytes, max_size)
+                        }),
+                        // DATA is entered only with a transaction; skip the message if not.
+                        None => reader.feed(rest, &mut |_| {}),
+                    };
+                    position += consumed;
+                    if done {
+                        self.mode = Mode::Command;
+                        self.end_of_message(out, now);
+                    }
+                }
+                Mode::Bdat {
+                    bytes_left,
+                    is_last,
+                    keep,
+                    refusal,
+                } => {
+                    let take = (*bytes_left).min(rest.len());
+                    let chunk = &rest[..take];
+                    *bytes_left -= take;
+                    position += take;
+                    let chunk_done = *bytes_left == 0;
+                    let (is_last, keep, refusal) = (*is_last, *keep, *refusal);
+                    if keep {
+                        let max_size = max_message_size(&self.params.config);
+                        if let Some(transaction) = self.transaction.as_mut() {
+                            transaction.take_message_bytes(chunk, max_size);
+                        }
+                    }
+                    if chunk_done {
+                        self.mode = Mode::Command;
+                        self.end_of_chunk(out, now, is_last, keep, refusal);
+                    }
+                }
+                Mode::New | Mode::AwaitingDelivery | Mode::AwaitingTls | Mode::Closed => break,
+            }
+            if !matches!(self.mode, Mode::Command | Mode::Data(_) | Mode::Bdat { .. }) {
+                break;
+            }
+        }
+        match self.mode {
+            // Anything behind STARTTLS (or after the end) is dropped.
+            Mode::AwaitingTls | Mode::Closed => {}
+            _ => self.pending = pending[position..].to_vec(),
+        }
+        self.close_if_shutting_down(out);
+    }
+
+    /// Handles the bytes at the start of `rest` in command mode; returns how many it used, or
+    /// None when they are the start of a line whose end has not arrived.
+    fn command_bytes(&mut self, rest: &[u8], out: &mut Output, now: SystemTime) -> Option<usize> {
+        let max_line = self.params.config.max_command_line_length_bytes.max(1);
+        let newline = rest.iter().position(|&byte| byte == b'\n');
+        if let Some(discarded) = self.discarding_line_bytes {
+            return Some(match newline {
+                Some(index) => {
+                    self.discarding_line_bytes = None;
+                    index + 1
+                }
+                None => {
+                    // Each further line's worth of garbage counts as one more error, so a
+                    // stream without newlines still reaches the error limit.
+                    let total = discarded + rest.len();
+                    let n_new_errors = total / max_line - discarded / max_line;
+                    self.discarding_line_bytes = Some(total);
+                    for _ in 0..n_new_errors {
+                        self.count_error(out);
+                    }
+                    rest.len()
+                }
+            });
+        }
+        match newline {
+            Some(index) if index < max_line => {
+                let line = &rest[..=index];
+                self.command(line, out, now);
+                Some(index + 1)
+            }
+            Some(index) => {
+                self.push_reply(out, REPLY_LINE_TOO_LONG);
+                Some(index + 1)
+            }
+            None if rest.len() >= max_line => {
+                self.push_reply(out, REPLY_LINE_TOO_LONG);
+                self.discarding_line_bytes = Some(rest.len());
+                Some(rest.len())
+            }
+            None => None,
+        }
+    }
+
+    /// One complete command line (ending in LF, at most the configured length).
+    fn command(&mut self, line: &[u8], out: &mut Output, now: SystemTime) {
+        let request = match Request::parse(&mut line.iter()) {
+            Ok(request) => request,
+            Err(error) => {
+                let reply = parse_error_reply(&error);
+                self.push_reply(out, &reply);
+                return;
+            }
+        };
+        match request {
+            Request::Ehlo { host } => self.hello(&host, true, out),
+            Request::Helo { host } => self.hello(&host, false, out),
+            Request::Mail { from } => self.mail(from, out),
+            Request::Rcpt { mut to } => {
+                // smtp-proto returns an empty address for any path without '@'. The one such
+                // path that must be accepted is <postmaster> (RFC 5321 section 4.5.1), taken
+                // as the postmaster of this host's own name.
+                if to.address.is_empty() {
+                    let lower = line.to_ascii_lowercase();
+                    if !lower.windows(12).any(|window| window == b"<postmaster>") {
+                        return self.push_reply(out, "501 5.1.3 Error: bad recipient address syntax");
+                    }
+                    to.address = format!("postmaster@{}", self.params.hostname).into();
+                }
+                self.rcpt(to, out)
+            }
+            Request::Data => self.data(out),
+            Request::Bdat {
+                chunk_size,
+                is_last,
+            } => self.bdat(chunk_size, is_last, out, now),
+            Request::Rset => {
+                self.abort_transaction("aborted: RSET");
+                self.push_reply(out, "250 2.0.0 Ok");
+            }
+            Request::Noop { .. } => self.push_reply(out, "250 2.0.0 Ok"),
+            Request::Quit => {
+                self.abort_transaction("aborted: QUIT");
+                self.push_reply(out, "221 2.0.0 Bye");
+                self.close(out);
+            }
+            Request::Vrfy { .. } => self.push_reply(
+                out,
+                "252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery",
+            ),
+            Request::Help { .. } => self.push_reply(
+                out,
+                "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
+            ),
+            Request::StartTls => self.start_tls(out),
+            Request::Auth { .. } => {
+                self.push_reply(out, "503 5.5.1 Error: authentication not enabled")
+            }
+            Request::Lhlo { .. } => {
+                self.push_reply(out, "500 5.5.2 Error: command not recognized")
+            }
+            Request::Expn { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => {
+                self.push_reply(out, "502 5.5.1 Error: command not implemented")
+            }
+        }
+    }
+
+    fn hello(&mut self, host: &str, extended: bool, out: &mut Output) {
+        self.abort_transaction("aborted: new HELO/EHLO");
+        self.greeting = Some(Greeting {
+            // EHLO comes before any SMTPUTF8 transaction: the name must be ASCII (RFC 6531
+            // section 3.7.1), and it goes into a header.
+            name: printable(host, DOMAIN_LENGTH_MAX)
+                .chars()
+                .map(|character| if character.is_ascii() { character } else { '?' })
+                .collect(),
+            extended,
+        });
+        let hostname = self.params.hostname.clone();
+        if !extended {
+            self.push_reply(out, &format!("250 {hostname}"));
+            return;
+        }
+        let mut lines = vec![
+            hostname.to_string(),
+            "PIPELINING".to_owned(),
+            format!("SIZE {}", max_message_size(&self.params.config)),
+            "8BITMIME".to_owned(),
+            "SMTPUTF8".to_owned(),
+            "ENHANCEDSTATUSCODES".to_owned(),
+            "CHUNKING".to_owned(),
+        ];
+        if self.params.tls_available && !self.tls_active {
+            lines.push("STARTTLS".to_owned());
+        }
+        let n_lines = lines.len();
+        for (index, line) in lines.iter().enumerate() {
+            let separator = if index + 1 == n_lines { ' ' } else { '-' };
+            out.reply
+                .extend_from_slice(format!("250{separator}{line}\r\n").as_bytes());
+        }
+    }
+
+    fn mail(&mut self, from: smtp_proto::MailFrom<std::borrow::Cow<'_, str>>, out: &mut Output) {
+        if self.greeting.is_none() {
+            return self.push_reply(out, REPLY_NEED_HELO);
+        }
+        if self.transaction.is_some() {
+            return self.push_reply(out, "503 5.5.1 Error: nested MAIL command");
+        }
+        const SUPPORTED_FLAGS: u64 =
+            smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_SMTPUTF8;
+        let unsupported = from.flags & !SUPPORTED_FLAGS != 0
+            || from.trans_id.is_some()
+            || from.by != 0
+            || from.env_id.is_some()
+            || from.solicit.is_some()
+            || from.mtrk.is_some()
+            || from.hold_for != 0
+            || from.hold_until != 0
+            || from.mt_priority != 0;
+        if unsupported {
+            return self.push_reply(out, "555 5.5.4 Error: unsupported MAIL parameter");
+        }
+        let smtputf8 = from.flags & smtp_proto::MAIL_SMTPUTF8 != 0;
+        if let Err(reply) = check_address(&from.address, smtputf8, "5.1.7") {
+            return self.push_reply(out, &reply);
+        }
+        if from.size > max_message_size(&self.params.config) {
+            return self.push_reply(out, REPLY_TOO_BIG);
+        }
+        self.transaction = Some(Transaction {
+            mail_from: from.address.into_owned(),
+            recipients: Vec::new(),
+            n_recipients_refused: 0,
+            smtputf8,
+            body: Vec::new(),
+            size_received: 0,
+            too_big: false,
+            used_bdat: false,
+        });
+        self.push_reply(out, "250 2.1.0 Ok");
+    }
+
+    fn rcpt(&mut self, to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>, out: &mut Output) {
+        if self.greeting.is_none() {
+            return self.push_reply(out, REPLY_NEED_HELO);
+        }
+        let Some(transaction) = self.transaction.as_ref() else {
+            return self.push_reply(out, REPLY_NEED_MAIL);
+        };
+        if to.flags != 0 || to.orcpt.is_some() || to.rrvs != 0 {
+            return self.push_reply(out, "555 5.5.4 Error: unsupported RCPT parameter");
+        }
+        if let Err(reply) = check_address(&to.address, transaction.smtputf8, "5.1.3") {
+            return self.push_reply(out, &reply);
+        }
+        if transaction.recipients.len() >= max_recipients(&self.params.config) {
+            return self.push_reply(out, "452 4.5.3 Error: too many recipients");
+        }
+        let address = to.address.into_owned();
+        let check = self.recipients.check_recipient(&address);
+        let echoed = printable(&address, ECHO_LENGTH_MAX);
+        let Some(transaction) = self.transaction.as_mut() else {
+            return;
+        };
+        match check {
+            RecipientCheck::Local => {
+                if !transaction.recipients.contains(&address) {
+                    transaction.recipients.push(address);
+                }
+                self.push_reply(out, "250 2.1.5 Ok");
+            }
+            RecipientCheck::UnknownUser => {
+                transaction.n_recipients_refused += 1;
+                let reply =
+                    format!("550 5.1.1 <{echoed}>: Recipient address rejected: user unknown");
+                self.push_reply(out, &reply);
+            }
+            // Submission will queue foreign recipients for authenticated users here; the MX
+            // role has no authenticated clients, so this is always a relay attempt.
+            RecipientCheck::ForeignDomain => {
+                transaction.n_recipients_refused += 1;
+                let reply = format!("550 5.7.1 <{echoed}>: relaying denied");
+                self.push_reply(out, &reply);
+            }
+        }
+    }
+
+    fn data(&mut self, out: &mut Output) {
+        if self.greeting.is_none() {
+            return self.push_reply(out, REPLY_NEED_HELO);
+        }
+        let Some(transaction) = self.transaction.as_ref() else {
+            return self.push_reply(out, REPLY_NEED_MAIL);
+        };
+        if transaction.used_bdat {
+            return self.push_reply(out, "503 5.5.1 Error: DATA after BDAT");
+        }
+        if transaction.recipients.is_empty() {
+            return self.push_reply(out, REPLY_NEED_RCPT);
+        }
+        self.push_reply(out, "354 End data with <CR><LF>.<CR><LF>");
+        self.mode = Mode::Data(DotReader::new());
+    }
+
+    fn bdat(&mut self, chunk_size: usize, is_last: bool, out: &mut Output, now: SystemTime) {
+        if chunk_size > max_message_size(&self.params.config) {
+            // The chunk cannot be part of an acceptable message, and skipping that many bytes
+            // would keep the connection busy for nothing: refuse and close.
+            self.abort_transaction("rejected: message too big");
+            self.push_reply(out, REPLY_TOO_BIG);
+            let reply = format!(
+                "421 4.7.0 {} Error: closing connection",
+                self.params.hostname
+            );
+            self.push_reply(out, &reply);
+            return self.close(out);
+        }
+        let refusal = if self.greeting.is_none() {
+            Some(REPLY_NEED_HELO)
+        } else {
+            match self.transaction.as_mut() {
+                None => Some(REPLY_NEED_MAIL),
+                Some(transaction) if transaction.recipients.is_empty() => Some(REPLY_NEED_RCPT),
+                Some(transaction) => {
+                    transaction.used_bdat = true;
+                    None
+                }
+            }
+        };
+        let keep = refusal.is_none();
+        if chunk_size == 0 {
+            return self.end_of_chunk(out, now, is_last, keep, refusal);
+        }
+        self.mode = Mode::Bdat {
+            bytes_left: chunk_size,
+            is_last,
+            keep,
+            refusal,
+        };
+    }
+
+    fn end_of_chunk(
+        &mut self,
+        out: &mut Output,
+        now: SystemTime,
+        is_last: bool,
+        keep: bool,
+        refusal: Option<&'static str>,
+    ) {
+        if let Some(refusal) = refusal {
+            return self.push_reply(out, refusal);
+        }
+        if !keep {
+            return;
+        }
+        let Some(transaction) = self.transaction.as_ref() else {
+            return self.push_reply(out, REPLY_NEED_MAIL);
+        };
+        if is_last || transaction.too_big {
+            return self.end_of_message(out, now);
+        }
+        let reply = format!(
+            "250 2.0.0 Ok: {} octets received",
+            transaction.size_received
+        );
+        self.push_reply(out, &reply);
+    }
+
+    /// The message is complete: refuse it or hand it to the driver for delivery.
+    fn end_of_message(&mut self, out: &mut Output, now: SystemTime) {
+        let Some(transaction) = self.transaction.take() else {
+            return self.push_reply(out, REPLY_NEED_MAIL);
+        };
+        let summary = transaction.summary();
+        if transaction.too_big {
+            self.log_transaction(&summary, "rejected: message too big", "-");
+            return self.push_reply(out, REPLY_TOO_BIG);
+        }
+        let message_id = format!("{:016X}", self.id_rng.gen::<u64>());
+        let mut body = self.trace_headers(&transaction, &message_id, now);
+        body.extend_from_slice(&transaction.body);
+        let received_at = now
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_secs() as i64)
+            .unwrap_or(0);
+        let delivery = Delivery {
+            mail_from: transaction.mail_from,
+            recipients: transaction.recipients,
+            body,
+            received_at,
+        };
+        self.delivering = Some((message_id.clone(), summary));
+        self.mode = Mode::AwaitingDelivery;
+        out.actions.push(Action::Deliver(Box::new(PendingDelivery {
+            message_id,
+            delivery,
+        })));
+    }
+
+    fn start_tls(&mut self, out: &mut Output) {
+        if self.tls_active {
+            return self.push_reply(out, "554 5.5.1 Error: TLS already active");
+        }
+        if !self.params.tls_available {
+            return self.push_reply(out, "454 4.7.0 TLS not available");
+        }
+        self.abort_transaction("aborted: STARTTLS");
+        self.push_reply(out, "220 2.0.0 Ready to start TLS");
+        self.mode = Mode::AwaitingTls;
+        out.actions.push(Action::StartTls);
+    }
+
+    /// `Return-Path` and `Received` (RFC 5321 section 4.4), prepended to the message.
+    fn trace_headers(
+        &self,
+        transaction: &Transaction,
+        message_id: &str,
+        now: SystemTime,
+    ) -> Vec<u8> {
+        let helo = self
+            .greeting
+            .as_ref()
+            .map(|greeting| greeting.name.as_str())
+            .unwrap_or("unknown");
+        let extended = self
+            .greeting
+            .as_ref()
+            .is_some_and(|greeting| greeting.extended);
+        let protocol = match (
+            extended || self.tls_active,
+            transaction.smtputf8,
+            self.tls_active,
+        ) {
+            (_, true, false) => "UTF8SMTP",
+            (_, true, true) => "UTF8SMTPS",
+            (true, false, true) => "ESMTPS",
+            (true, false, false) => "ESMTP",
+            (false, false, _) => "SMTP",
+        };
+        let client = match self.params.client_ip {
+            IpAddr::V4(ip) => format!("[{ip}]"),
+            IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
+        };
+        let date = time::OffsetDateTime::from(now)
+            .format(&time::format_description::well_known::Rfc2822)
+            .unwrap_or_default();
+        let mut headers = String::new();
+        let _ = write!(
+            headers,
+            "Return-Path: <{}>\r\nReceived: from {helo} ({client})\r\n\tby {} (kermail) with {protocol} id {message_id}",
+            transaction.mail_from, self.params.hostname
+        );
+        if let [recipient] = transaction.recipients.as_slice() {
+            let _ = write!(headers, "\r\n\tfor <{recipient}>");
+        }
+        let _ = write!(headers, "; {date}\r\n");
+        headers.into_bytes()
+    }
+
+    /// Appends a one-line reply; a permanent error counts toward the error limit.
+    fn push_reply(&mut self, out: &mut Output, text: &str) {
+        out.reply.extend_from_slice(text.as_bytes());
+        out.reply.extend_from_slice(b"\r\n");
+        if text.starts_with('5') {
+            self.count_error(out);
+        }
+    }
+
+    fn count_error(&mut self, out: &mut Output) {
+        if matches!(self.mode, Mode::Closed) {
+            return;
+        }
+        self.n_errors += 1;
+        if self.n_errors >= self.params.config.max_errors_per_session {
+            self.abort_transaction("aborted: too many errors");
+            let reply = format!("421 4.7.0 {} Error: too many errors", self.params.hostname);
+            out.reply.extend_from_slice(reply.as_bytes());
+            out.reply.extend_from_slice(b"\r\n");
+            self.close(out);
+        }
+    }
+
+    fn close(&mut self, out: &mut Output) {
+        if matches!(self.mode, Mode::Closed) {
+            return;
+        }
+        self.mode = Mode::Closed;
+        self.pending.clear();
+        out.actions.push(Action::Close);
+    }
+
+    fn close_if_shutting_down(&mut self, out: &mut Output) {
+        if self.shutting_down && matches!(self.mode, Mode::Command) && !self.in_transaction() {
+            let reply = format!("421 4.3.2 {} Service shutting down", self.params.hostname);
+            out.reply.extend_from_slice(reply.as_bytes());
+            out.reply.extend_from_slice(b"\r\n");
+            self.close(out);
+        }
+    }
+
+    /// Ends the current transaction without storing anything, logging why.
+    fn abort_transaction(&mut self, outcome: &str) {
+        if let Some(transaction) = self.transaction.take() {
+            self.log_transaction(&transaction.summary(), outcome, "-");
+        }
+    }
+
+    /// The one log line per transaction. Never the body.
+    fn log_transaction(&self, summary: &TransactionSummary, outcome: &str, message_id: &str) {
+        let helo = self
+            .greeting
+            .as_ref()
+            .map(|greeting| greeting.name.as_str())
+            .unwrap_or("");
+        tracing::info!(
+            client = %self.params.client_ip,
+            helo = %helo,
+            from = %summary.mail_from,
+            to = %summary.recipients.join(","),
+            n_recipients_refused = summary.n_recipients_refused,
+            size = summary.size,
+            tls = self.tls_active,
+            outcome = %outcome,
+            message_id = %message_id,
+            "smtp transaction"
+        );
+    }
+}
+
+/// Room left under the store's message cap for the trace headers we prepend: Return-Path and
+/// Received hold at most two addresses of 256 bytes, a HELO name of 255, the host name, an id
+/// and a date.
+const TRACE_HEADERS_BYTES_MAX: usize = 4096;
+
+/// The configured message size, never above what the store accepts (a larger setting would
+/// only turn into 451s at the end of DATA).
+pub fn max_message_size(config: &SmtpConfig) -> usize {
+    config
+        .max_message_size_bytes
+        .min(MAX_MESSAGE_BYTES - TRACE_HEADERS_BYTES_MAX)
+}
+
+/// The configured recipient limit, never above what one delivery command takes.
+pub fn max_recipients(config: &SmtpConfig) -> usize {
+    config
+        .max_recipients_per_message
+        .min(MAX_RECIPIENTS_PER_DELIVERY)
+}
+
+/// Longest HELO name kept (RFC 1035 domain length).
+const DOMAIN_LENGTH_MAX: usize = 255;
+
+impl Transaction {
+    fn take_message_bytes(&mut self, bytes: &[u8], max_size: usize) {
+        self.size_received = self.size_received.saturating_add(bytes.len());
+        if self.too_big {
+            return;
+        }
+        if self.body.len() + bytes.len() > max_size {
+            self.too_big = true;
+            self.body = Vec::new();
+        } else {
+            self.body.extend_from_slice(bytes);
+        }
+    }
+
+    fn summary(&self) -> TransactionSummary {
+        TransactionSummary {
+            mail_from: self.mail_from.clone(),
+            recipients: self.recipients.clone(),
+            n_recipients_refused: self.n_recipients_refused,
+            size: self.size_received,
+        }
+    }
+}
+
+impl TransactionSummary {
+    fn empty() -> TransactionSummary {
+        TransactionSummary {
+            mail_from: String::new(),
+            recipients: Vec::new(),
+            n_recipients_refused: 0,
+            size: 0,
+        }
+    }
+}
+
+/// Refuses control characters (they would end up in headers and logs) and non-ASCII
+/// addresses outside an SMTPUTF8 transaction (RFC 6531).
+fn check_address(address: &str, smtputf8: bool, status: &str) -> Result<(), String> {
+    if address.chars().any(|character| character.is_control()) {
+        return Err(format!("501 {status} Error: bad address syntax"));
+    }
+    if !smtputf8 && !address.is_ascii() {
+        return Err("553 5.6.7 Error: SMTPUTF8 is required for non-ASCII addresses".to_owned());
+    }
+    Ok(())
+}
+
+/// Client text made safe to echo in a reply or a header: no control characters, bounded.
+fn printable(text: &str, length_max: usize) -> String {
+    text.chars()
+        .take(length_max)
+        .map(|character| {
+            if character.is_control() || character == '(' || character == ')' {
+                '?'
+            } else {
+                character
+            }
+        })
+        .collect()
+}
+
+fn parse_error_reply(error: &ParseError) -> String {
+    match error {
+        ParseError::UnknownCommand => "500 5.5.2 Error: command not recognized".to_owned(),
+        ParseError::InvalidSenderAddress => "501 5.1.7 Error: bad sender address syntax".to_owned(),
+        ParseError::InvalidRecipientAddress => {
+            "501 5.1.3 Error: bad recipient address syntax".to_owned()
+        }
+        ParseError::SyntaxError { syntax } => format!("501 5.5.4 Syntax: {syntax}"),
+        ParseError::InvalidParameter { param } => {
+            format!("501 5.5.4 Error: invalid parameter {param}")
+        }
+        ParseError::UnsupportedParameter { param } => format!(
+            "555 5.5.4 Error: unsupported parameter {}",
+            printable(param, ECHO_LENGTH_MAX)
+        ),
+        _ => "500 5.5.2 Error: syntax error".to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::BlobId;
+    use proptest::prelude::*;
+
+    /// Local domain `example.org` with users alice and bob; every other domain is foreign.
+    struct Table;
+
+    impl Recipients for Table {
+        fn check_recipient(&self, address: &str) -> RecipientCheck {
+            let lower = address.to_ascii_lowercase();
+            match lower.rsplit_once('@') {
+                Some((user, "example.org")) if user == "alice" || user == "bob" => {
+                    RecipientCheck::Local
+                }
+                Some((_, "example.org")) => RecipientCheck::UnknownUser,
+                _ => RecipientCheck::ForeignDomain,
+            }
+        }
+    }
+
+    /// 2023-11-14 22:13:20 UTC.
+    fn test_now() -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(1_700_000_000)
+    }
+
+    fn new_session(config: SmtpConfig) -> Session<Table> {
+        let params = SessionParams {
+            config: Arc::new(config),
+            hostname: Arc::from("mx.example.org"),
+            client_ip: IpAddr::from([192, 0, 2, 7]),
+            tls_available: true,
+            id_seed: 7,
+        };
+        Session::new(params, Table)
+    }
+
+    /// Everything a run produced.
+    #[derive(Default)]
+    struct Run {
+        replies: Vec<u8>,
+        deliveries: Vec<PendingDelivery>,
+        n_starttls: usize,
+        closed: bool,
+    }
+
+    impl Run {
+        fn text(&self) -> String {
+            normalise_ids(&String::from_utf8_lossy(&self.replies))
+        }
+    }
+
+    /// Performs the session's actions the way the driver does, with a store that answers
+    /// `delivery_result` and a TLS handshake that always succeeds.
+    fn perform(
+        session: &mut Session<Table>,
+        mut output: Output,
+        run: &mut Run,
+        delivery_result: &dyn Fn() -> Result<DeliveryReceipt, StoreError>,
+    ) {
+        loop {
+            run.replies.extend_from_slice(&output.reply);
+            let mut next = None;
+            for action in std::mem::take(&mut output.actions) {
+                match action {
+                    Action::Deliver(pending) => {
+                        run.deliveries.push(*pending);
+                        next =
+                            Some(session.step(Input::DeliveryDone(delivery_result()), test_now()));
+                    }
+                    Action::StartTls => {
+                        run.n_starttls += 1;
+                        next = Some(session.step(Input::TlsEstablished, test_now()));
+                    }
+                    Action::Close => run.closed = true,
+                }
+            }
+            match next {
+                Some(next) => output = next,
+                None => return,
+            }
+        }
+    }
+
+    fn stored() -> Result<DeliveryReceipt, StoreError> {
+        Ok(DeliveryReceipt {
+            blob: BlobId([0; 32]),
+            delivered: vec![(1, 1, 1)],
+        })
+    }
+
+    /// Runs `input` through a fresh session in chunks of `chunk_bytes`.
+    fn run_with(config: SmtpConfig, input: &[u8], chunk_bytes: usize) -> Run {
+        let mut session = new_session(config);
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        for chunk in input.chunks(chunk_bytes.max(1)) {
+            let output = session.step(Input::Bytes(chunk), test_now());
+            perform(&mut session, output, &mut run, &stored);
+        }
+        run
+    }
+
+    /// Lines joined with CRLF, each ending in CRLF.
+    fn crlf(text: &str) -> String {
+        text.lines().map(|line| format!("{line}\r\n")).collect()
+    }
+
+    /// Message ids are random: transcripts show them as `<ID>`.
+    fn normalise_ids(text: &str) -> String {
+        let marker = "stored as ";
+        let mut result = String::new();
+        let mut rest = text;
+        while let Some(index) = rest.find(marker) {
+            result.push_str(&rest[..index + marker.len()]);
+            result.push_str("<ID>");
+            rest = &rest[index + marker.len()..];
+            let end = rest.find('\r').unwrap_or(rest.len());
+            rest = &rest[end..];
+        }
+        result.push_str(rest);
+        result
+    }
+
+    /// The transcript helper: `input` (client lines) must produce `expected` (server lines),
+    /// whether it arrives in one piece or byte by byte. Returns the one-piece run.
+    fn check(input: &str, expected: &str) -> Run {
+        check_with(SmtpConfig::default(), input, expected)
+    }
+
+    fn check_with(config: SmtpConfig, input: &str, expected: &str) -> Run {
+        let input = crlf(input);
+        let whole = run_with(config.clone(), input.as_bytes(), input.len());
+        assert_eq!(whole.text(), crlf(expected), "input in one piece");
+        let bytewise = run_with(config, input.as_bytes(), 1);
+        assert_eq!(bytewise.text(), crlf(expected), "input byte by byte");
+        assert_eq!(bytewise.deliveries.len(), whole.deliveries.len());
+        whole
+    }
+
+    const EHLO_REPLY: &str = "250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 STARTTLS";
+
+    #[test]
+    fn ehlo_lists_the_extensions_and_a_message_is_delivered_with_trace_headers() {
+        let run = check(
+            "EHLO client.example.net
+MAIL FROM:<sender@example.net>
+RCPT TO:<alice@example.org>
+DATA
+Subject: hi
+
+..dot stuffed
+body
+.
+QUIT",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+            ),
+        );
+        assert!(run.closed);
+        let [pending] = run.deliveries.as_slice() else {
+            panic!("one delivery expected");
+        };
+        let delivery = &pending.delivery;
+        assert_eq!(delivery.mail_from, "sender@example.net");
+        assert_eq!(delivery.recipients, vec!["alice@example.org".to_owned()]);
+        assert_eq!(delivery.received_at, 1_700_000_000);
+        let expected = format!(
+            "Return-Path: <sender@example.net>\r\n\
+             Received: from client.example.net ([192.0.2.7])\r\n\
+             \tby mx.example.org (kermail) with ESMTP id {}\r\n\
+             \tfor <alice@example.org>; Tue, 14 Nov 2023 22:13:20 +0000\r\n\
+             Subject: hi\r\n\r\n.dot stuffed\r\nbody\r\n",
+            pending.message_id
+        );
+        assert_eq!(String::from_utf8_lossy(&delivery.body), expected);
+    }
+
+    #[test]
+    fn pipelined_transactions_get_one_reply_per_command_in_order() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<>
+RCPT TO:<alice@example.org>
+RCPT TO:<BOB@example.org>
+RCPT TO:<alice@example.org>
+DATA
+one
+.
+MAIL FROM:<x@example.net>
+RCPT TO:<bob@example.org>
+DATA
+two
+.
+QUIT",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.1.5 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+            ),
+        );
+        assert_eq!(run.deliveries.len(), 2);
+        let first = &run.deliveries[0].delivery;
+        assert_eq!(first.mail_from, "");
+        assert_eq!(
+            first.recipients,
+            vec!["alice@example.org", "BOB@example.org"]
+        );
+        let body = String::from_utf8_lossy(&first.body);
+        assert!(body.starts_with("Return-Path: <>\r\n"));
+        assert!(
+            !body.contains("\tfor <"),
+            "no for clause with two recipients"
+        );
+        assert!(body.ends_with("; Tue, 14 Nov 2023 22:13:20 +0000\r\none\r\n"));
+        assert_ne!(run.deliveries[0].message_id, run.deliveries[1].message_id);
+    }
+
+    #[test]
+    fn unknown_user_relay_attempt_and_no_valid_recipient_are_refused() {
+        let run = check(
+            "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<nobody@example.org>
+RCPT TO:<victim@elsewhere.example>
+DATA
+RSET",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+550 5.1.1 <nobody@example.org>: Recipient address rejected: user unknown
+550 5.7.1 <victim@elsewhere.example>: relaying denied
+554 5.5.1 Error: no valid recipients
+250 2.0.0 Ok",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn commands_out_of_sequence_are_refused() {
+        check(
+            "MAIL FROM:<a@b.example>
+RCPT TO:<alice@example.org>
+DATA
+EHLO c
+RCPT TO:<alice@example.org>
+DATA
+MAIL FROM:<a@b.example>
+MAIL FROM:<a@b.example>
+DATA
+BDAT 0 LAST
+NOOP",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+503 5.5.1 Error: send HELO/EHLO first
+503 5.5.1 Error: send HELO/EHLO first
+503 5.5.1 Error: send HELO/EHLO first
+{EHLO_REPLY}
+503 5.5.1 Error: need MAIL command
+503 5.5.1 Error: need MAIL command
+250 2.1.0 Ok
+503 5.5.1 Error: nested MAIL command
+554 5.5.1 Error: no valid recipients
+554 5.5.1 Error: no valid recipients
+250 2.0.0 Ok"
+            ),
+        );
+    }
+
+    #[test]
+    fn small_commands() {
+        check(
+            "NOOP
+VRFY alice
+HELP
+EXPN list
+AUTH PLAIN AGFsaWNlAHNlY3JldA==
+RSET
+LHLO x",
+            "220 mx.example.org ESMTP kermail
+250 2.0.0 Ok
+252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery
+214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS
+502 5.5.1 Error: command not implemented
+503 5.5.1 Error: authentication not enabled
+250 2.0.0 Ok
+500 5.5.2 Error: command not recognized",
+        );
+    }
+
+    #[test]
+    fn a_10000_byte_command_line_gets_one_500_and_the_session_goes_on() {
+        let long_line = format!("NOOP {}", "x".repeat(10_000));
+        let run = check(
+            &format!("EHLO c\n{long_line}\nNOOP"),
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+500 5.5.2 Error: line too long
+250 2.0.0 Ok"
+            ),
+        );
+        assert!(!run.closed);
+    }
+
+    #[test]
+    fn binary_garbage_earns_500s_until_the_error_limit_closes_the_session() {
+        let config = SmtpConfig {
+            max_errors_per_session: 3,
+            ..SmtpConfig::default()
+        };
+        let garbage: Vec<u8> =
+            b"\x00\xff\xfe garbage\r\n\x80\x81\r\n\x1b[31m\r\n\x01\x02\r\nNOOP\r\n".to_vec();
+        for chunk_bytes in [garbage.len(), 1] {
+            let run = run_with(config.clone(), &garbage, chunk_bytes);
+            assert_eq!(
+                run.text(),
+                crlf(
+                    "220 mx.example.org ESMTP kermail
+500 5.5.2 Error: command not recognized
+500 5.5.2 Error: command not recognized
+500 5.5.2 Error: command not recognized
+421 4.7.0 mx.example.org Error: too many errors"
+                )
+            );
+            assert!(run.closed);
+        }
+    }
+
+    #[test]
+    fn endless_garbage_without_newline_reaches_the_error_limit() {
+        let garbage = vec![0xAAu8; 200_000];
+        let run = run_with(SmtpConfig::default(), &garbage, 4096);
+        assert!(run.closed);
+        let text = run.text();
+        assert!(text.contains("500 5.5.2 Error: line too long\r\n"));
+        assert!(text.ends_with("421 4.7.0 mx.example.org Error: too many errors\r\n"));
+    }
+
+    #[test]
+    fn declared_size_over_the_limit_is_refused_at_mail() {
+        let config = SmtpConfig {
+            max_message_size_bytes: 100,
+            ..SmtpConfig::default()
+        };
+        check_with(
+            config,
+            "EHLO c
+MAIL FROM:<s@example.net> SIZE=101
+MAIL FROM:<s@example.net> SIZE=100",
+            "220 mx.example.org ESMTP kermail
+250-mx.example.org
+250-PIPELINING
+250-SIZE 100
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 STARTTLS
+552 5.3.4 Error: message size exceeds fixed limit
+250 2.1.0 Ok",
+        );
+    }
+
+    #[test]
+    fn a_message_over_the_limit_is_read_to_its_end_then_refused_and_not_stored() {
+        let config = SmtpConfig {
+            max_message_size_bytes: 100,
+            ..SmtpConfig::default()
+        };
+        let big_line = "y".repeat(150);
+        let run = check_with(
+            config,
+            &format!(
+                "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+DATA
+{big_line}
+.
+NOOP"
+            ),
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+552 5.3.4 Error: message size exceeds fixed limit
+250 2.0.0 Ok",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn recipients_beyond_the_limit_get_452() {
+        let config = SmtpConfig {
+            max_recipients_per_message: 1,
+            ..SmtpConfig::default()
+        };
+        check_with(
+            config,
+            "HELO c
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+RCPT TO:<bob@example.org>",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+452 4.5.3 Error: too many recipients",
+        );
+    }
+
+    #[test]
+    fn bdat_chunks_make_one_message_stored_unchanged() {
+        let input =
+            b"EHLO c\r\nMAIL FROM:<s@example.net> BODY=8BITMIME\r\nRCPT TO:<bob@example.org>\r\n\
+BDAT 10\r\nA: b\r\n\r\n.\rBDAT 6 LAST\r\n\n.\r\nxyQUIT\r\n";
+        for chunk_bytes in [input.len(), 1] {
+            let run = run_with(SmtpConfig::default(), input, chunk_bytes);
+            assert_eq!(
+                run.text(),
+                crlf(&format!(
+                    "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.0.0 Ok: 10 octets received
+250 2.0.0 Ok: stored as <ID>
+221 2.0.0 Bye"
+                ))
+            );
+            let [pending] = run.deliveries.as_slice() else {
+                panic!("one delivery expected");
+            };
+            let body = &pending.delivery.body;
+            assert!(
+                body.ends_with(b"+0000\r\nA: b\r\n\r\n.\r\n.\r\nxy"),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bdat_without_a_transaction_skips_its_bytes() {
+        check(
+            "EHLO c
+BDAT 6
+QUIT
+BDAT 0 LAST
+NOOP",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+503 5.5.1 Error: need MAIL command
+503 5.5.1 Error: need MAIL command
+250 2.0.0 Ok"
+            ),
+        );
+    }
+
+    #[test]
+    fn a_bdat_chunk_larger_than_any_message_closes_the_session() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<s@example.net>
+RCPT TO:<bob@example.org>
+BDAT 999999999999 LAST",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+552 5.3.4 Error: message size exceeds fixed limit
+421 4.7.0 mx.example.org Error: closing connection"
+            ),
+        );
+        assert!(run.closed);
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn data_after_bdat_is_refused() {
+        check(
+            "EHLO c
+MAIL FROM:<s@example.net>
+RCPT TO:<bob@example.org>
+BDAT 1
+xDATA",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+250 2.0.0 Ok: 1 octets received
+503 5.5.1 Error: DATA after BDAT"
+            ),
+        );
+    }
+
+    #[test]
+    fn commands_pipelined_behind_starttls_are_discarded_and_ehlo_is_needed_again() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let injected = crlf(
+            "EHLO c
+STARTTLS
+MAIL FROM:<evil@example.net>
+RCPT TO:<alice@example.org>",
+        );
+        let output = session.step(Input::Bytes(injected.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(run.n_starttls, 1);
+        assert!(session.is_tls());
+        let after = crlf(
+            "MAIL FROM:<a@example.net>
+EHLO c
+STARTTLS",
+        );
+        let output = session.step(Input::Bytes(after.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(
+            run.text(),
+            crlf(&format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+220 2.0.0 Ready to start TLS
+503 5.5.1 Error: send HELO/EHLO first
+250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250 CHUNKING
+554 5.5.1 Error: TLS already active"
+            ))
+        );
+    }
+
+    #[test]
+    fn received_says_esmtps_after_starttls() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        for part in [
+            "",
+            "EHLO c\r\nSTARTTLS\r\n",
+            "EHLO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\nx\r\n.\r\n",
+        ] {
+            let output = if part.is_empty() {
+                session.step(Input::Connected, test_now())
+            } else {
+                session.step(Input::Bytes(part.as_bytes()), test_now())
+            };
+            perform(&mut session, output, &mut run, &stored);
+        }
+        let [pending] = run.deliveries.as_slice() else {
+            panic!("one delivery expected");
+        };
+        let body = String::from_utf8_lossy(&pending.delivery.body);
+        assert!(body.contains(" with ESMTPS id "), "{body}");
+    }
+
+    #[test]
+    fn a_failed_delivery_answers_451_and_the_session_goes_on() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let unavailable = || Err(StoreError::Unavailable("no quorum".to_owned()));
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &unavailable);
+        let input = crlf(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org>
+DATA
+x
+.
+NOOP",
+        );
+        let output = session.step(Input::Bytes(input.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &unavailable);
+        assert_eq!(
+            run.text(),
+            crlf(
+                "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+451 4.3.0 Error: cannot store the message now, try again later
+250 2.0.0 Ok"
+            )
+        );
+    }
+
+    #[test]
+    fn smuggled_end_of_data_with_bare_lf_is_message_content() {
+        let run = check(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org>
+DATA",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>",
+        );
+        assert!(run.deliveries.is_empty());
+        let input =
+            b"HELO c\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+x\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ny\r\n.\r\n";
+        let run = run_with(SmtpConfig::default(), input, input.len());
+        assert_eq!(run.deliveries.len(), 1);
+        assert_eq!(
+            run.deliveries[0].delivery.recipients,
+            vec!["alice@example.org"]
+        );
+    }
+
+    #[test]
+    fn a_client_gone_mid_data_or_silent_stores_nothing() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let input =
+            crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
+        let output = session.step(Input::Bytes(input.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(session.read_timeout(), Duration::from_secs(180));
+        let output = session.step(Input::Closed, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(run.deliveries.is_empty());
+        assert!(matches!(session.mode(), Mode::Closed));
+
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let output = session.step(Input::Timeout, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(
+            run.text(),
+            crlf("220 mx.example.org ESMTP kermail\n421 4.4.2 mx.example.org Error: timeout exceeded")
+        );
+        assert!(run.closed);
+    }
+
+    #[test]
+    fn shutdown_closes_an_idle_session_at_once_and_a_busy_one_after_its_message() {
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let output = session.step(Input::Shutdown, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(run.closed);
+        assert!(run
+            .text()
+            .ends_with("421 4.3.2 mx.example.org Service shutting down\r\n"));
+
+        let mut session = new_session(SmtpConfig::default());
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let start =
+            crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
+        let output = session.step(Input::Bytes(start.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        let output = session.step(Input::Shutdown, test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert!(!run.closed, "the message in flight may finish");
+        let output = session.step(Input::Bytes(b" done\r\n.\r\n"), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        assert_eq!(run.deliveries.len(), 1);
+        assert!(run.closed);
+        assert!(run.text().ends_with(
+            "250 2.0.0 Ok: stored as <ID>\r\n421 4.3.2 mx.example.org Service shutting down\r\n"
+        ));
+    }
+
+    #[test]
+    fn non_ascii_addresses_need_smtputf8() {
+        let run = check(
+            "EHLO c
+MAIL FROM:<josé@example.net>
+MAIL FROM:<josé@example.net> SMTPUTF8
+RCPT TO:<alice@example.org>
+DATA
+x
+.",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+553 5.6.7 Error: SMTPUTF8 is required for non-ASCII addresses
+250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>"
+            ),
+        );
+        let body = String::from_utf8_lossy(&run.deliveries[0].delivery.body);
+        assert!(body.contains(" with UTF8SMTP id "), "{body}");
+    }
+
+    #[test]
+    fn unsupported_parameters_are_refused() {
+        check(
+            "EHLO c
+MAIL FROM:<a@example.net> RET=FULL
+MAIL FROM:<a@example.net>
+RCPT TO:<alice@example.org> NOTIFY=NEVER",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+555 5.5.4 Error: unsupported MAIL parameter
+250 2.1.0 Ok
+555 5.5.4 Error: unsupported RCPT parameter"
+            ),
+        );
+    }
+
+    #[test]
+    fn postmaster_without_domain_means_this_host_and_an_empty_recipient_is_refused() {
+        let run = check(
+            "HELO c
+MAIL FROM:<a@example.net>
+RCPT TO:<>
+RCPT TO:<Postmaster>",
+            "220 mx.example.org ESMTP kermail
+250 mx.example.org
+250 2.1.0 Ok
+501 5.1.3 Error: bad recipient address syntax
+550 5.7.1 <postmaster@mx.example.org>: relaying denied",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    /// A writer that keeps what tracing writes, for the log test.
+    #[derive(Clone, Default)]
+    struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for CapturedLog {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn one_log_line_per_transaction_with_its_outcome_and_never_the_body() {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let run = tracing::subscriber::with_default(subscriber, || {
+            check(
+                "EHLO client.example.net
+MAIL FROM:<s@example.net>
+RCPT TO:<alice@example.org>
+RCPT TO:<nobody@example.org>
+DATA
+Subject: TOPSECRET
+.
+MAIL FROM:<t@example.net>
+RSET
+QUIT",
+                &format!(
+                    "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+250 2.1.5 Ok
+550 5.1.1 <nobody@example.org>: Recipient address rejected: user unknown
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>
+250 2.1.0 Ok
+250 2.0.0 Ok
+221 2.0.0 Bye"
+                ),
+            )
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // check() runs the input twice (whole, then byte by byte): two lines per run.
+        assert_eq!(lines.len(), 4, "{text}");
+        let delivered = lines[0];
+        for field in [
+            "client=192.0.2.7",
+            "helo=client.example.net",
+            "from=s@example.net",
+            "to=alice@example.org",
+            "n_recipients_refused=1",
+            "size=20",
+            "outcome=delivered",
+            &format!("message_id={}", run.deliveries[0].message_id),
+        ] {
+            assert!(delivered.contains(field), "{field} missing in {delivered}");
+        }
+        assert!(
+            lines[1].contains("from=t@example.net") && lines[1].contains("outcome=aborted: RSET")
+        );
+        assert!(!text.contains("TOPSECRET"));
+    }
+
+    #[test]
+    fn limits_above_the_store_caps_are_clamped_to_them() {
+        let config = SmtpConfig {
+            max_message_size_bytes: usize::MAX,
+            max_recipients_per_message: usize::MAX,
+            ..SmtpConfig::default()
+        };
+        assert!(max_message_size(&config) + TRACE_HEADERS_BYTES_MAX <= MAX_MESSAGE_BYTES);
+        assert_eq!(max_recipients(&config), MAX_RECIPIENTS_PER_DELIVERY);
+        let defaults = SmtpConfig::default();
+        assert_eq!(max_message_size(&defaults), defaults.max_message_size_bytes);
+        assert_eq!(
+            max_recipients(&defaults),
+            defaults.max_recipients_per_message
+        );
+    }
+
+    /// Pieces that make up valid and invalid sessions, for the property test.
+    fn fragment() -> impl Strategy<Value = Vec<u8>> {
+        prop_oneof![
+            Just(b"EHLO c\r\n".to_vec()),
+            Just(b"HELO c\r\n".to_vec()),
+            Just(b"MAIL FROM:<a@example.net>\r\n".to_vec()),
+            Just(b"RCPT TO:<alice@example.org>\r\n".to_vec()),
+            Just(b"RCPT TO:<nobody@example.org>\r\n".to_vec()),
+            Just(b"RCPT TO:<x@foreign.example>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"BDAT 5\r\n".to_vec()),
+            Just(b"BDAT 3 LAST\r\n".to_vec()),
+            Just(b"\r\n.\r\n".to_vec()),
+            Just(b"RSET\r\n".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            Just(b"QUIT\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..64),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary input never panics, and every Deliver carries a complete transaction:
+        /// a sender, at least one recipient, each of them local, trace headers first.
+        #[test]
+        fn arbitrary_input_never_panics_or_delivers_an_incomplete_transaction(
+            fragments in proptest::collection::vec(fragment(), 0..40),
+            chunk_bytes in 1usize..64,
+        ) {
+            let input: Vec<u8> = fragments.concat();
+            let config = SmtpConfig {
+                max_command_line_length_bytes: 64,
+                max_message_size_bytes: 256,
+                ..SmtpConfig::default()
+            };
+            let run = run_with(config, &input, chunk_bytes);
+            let n_mail_commands = input.windows(5).filter(|window| window == b"MAIL ").count();
+            prop_assert!(run.deliveries.len() <= n_mail_commands);
+            for pending in &run.deliveries {
+                let delivery = &pending.delivery;
+                prop_assert!(!delivery.recipients.is_empty());
+                for recipient in &delivery.recipients {
+                    prop_assert_eq!(Table.check_recipient(recipient), RecipientCheck::Local);
+                }
+                prop_assert!(delivery.body.starts_with(b"Return-Path: <a@example.net>\r\nReceived: "));
+                prop_assert!(delivery.body.len() <= 256 + 1024);
+            }
+        }
+    }
+}
