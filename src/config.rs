@@ -185,7 +185,9 @@ impl Config {
             ));
         }
         if self.node.name.trim().is_empty() {
-            return Err(ConfigError::Invalid("node.name must not be empty".to_owned()));
+            return Err(ConfigError::Invalid(
+                "node.name must not be empty".to_owned(),
+            ));
         }
         let timings = self.cluster.timings();
         if timings.election_timeout_min_ms <= timings.heartbeat_interval_ms

@@ -15,7 +15,11 @@ use kermail::config::Config;
 const MIN_PASSWORD_CHARS: usize = 10;
 
 #[derive(Parser)]
-#[command(name = "kermail", version, about = "A replicated mail server for small providers")]
+#[command(
+    name = "kermail",
+    version,
+    about = "A replicated mail server for small providers"
+)]
 struct Cli {
     /// Configuration file. Without it: data in ./kermail-data, loopback ports.
     #[arg(long, global = true, value_name = "FILE")]

@@ -6,7 +6,6 @@
 //! let sessions finish their transaction within the grace period, stop Raft, remove the socket.
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -78,7 +77,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     let imap_config = Arc::new(config.imap.clone());
     let mut servers = JoinSet::new();
     for address in &config.smtp.listen {
-        let listener = bind(address, "smtp").await?;
+        let listener = bind(*address, "smtp").await?;
         servers.spawn(crate::smtp::serve(
             listener,
             smtp_config.clone(),
@@ -93,7 +92,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         (&config.imap.listen_tls, true, "imaps"),
     ] {
         for address in addresses {
-            let listener = bind(address, what).await?;
+            let listener = bind(address.as_str(), what).await?;
             servers.spawn(crate::imap::serve(
                 listener,
                 implicit_tls,
@@ -133,7 +132,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     admin.abort();
     let _ = std::fs::remove_file(&socket_path);
-    cluster.shutdown().await;
+    if let Err(error) = cluster.shutdown().await {
+        warn!(%error, "replication engine did not stop cleanly");
+    }
     info!("kermail node stopped");
     Ok(())
 }
@@ -148,11 +149,15 @@ async fn drain(servers: &mut JoinSet<std::io::Result<()>>) {
     }
 }
 
-async fn bind(address: &SocketAddr, what: &str) -> anyhow::Result<TcpListener> {
+async fn bind(
+    address: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    let shown = address.to_string();
     let listener = TcpListener::bind(address)
         .await
-        .with_context(|| format!("cannot listen for {what} on {address}"))?;
-    info!(%address, what, "listening");
+        .with_context(|| format!("cannot listen for {what} on {shown}"))?;
+    info!(address = %shown, what, "listening");
     Ok(listener)
 }
 

@@ -55,4 +55,3 @@ pub fn send(socket_path: &Path, request: &AdminRequest) -> Result<AdminResponse,
     reader.read_line(&mut answer).map_err(io_error)?;
     serde_json::from_str(&answer).map_err(|e| ClientError::Protocol(e.to_string()))
 }
-

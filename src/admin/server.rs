@@ -133,7 +133,11 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
         }
         AdminRequest::UserList { domain } => {
             if let Some(domain) = domain.as_deref() {
-                if !store.list_domains().iter().any(|d| d.eq_ignore_ascii_case(domain)) {
+                if !store
+                    .list_domains()
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(domain))
+                {
                     return AdminResponse::Error {
                         message: format!("domain {domain} not found"),
                     };
@@ -168,6 +172,10 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
     }
 }
 
+fn or_none(index: Option<u64>) -> String {
+    index.map_or_else(|| "none".to_owned(), |i| i.to_string())
+}
+
 fn status_lines(context: &AdminContext) -> Vec<String> {
     let cluster = context.cluster.status();
     let stats = context.store.stats();
@@ -178,19 +186,22 @@ fn status_lines(context: &AdminContext) -> Vec<String> {
     vec![
         format!("node: {} (id {})", cluster.name, cluster.node_id),
         format!("site: {}", cluster.site),
-        format!("role: {}", cluster.role),
+        format!("role: {:?}", cluster.role).to_lowercase(),
         format!("term: {}", cluster.term),
         format!("leader: {leader}"),
-        format!("last log index: {}", cluster.last_log_index),
-        format!("committed index: {}", cluster.committed_index),
-        format!("applied index: {}", cluster.applied_index),
+        format!("last log index: {}", or_none(cluster.last_log_index)),
+        format!("committed index: {}", or_none(cluster.committed_index)),
+        format!("applied index: {}", or_none(cluster.applied_index)),
         format!("domains: {}", stats.domains),
         format!("accounts: {}", stats.accounts),
         format!("aliases: {}", stats.aliases),
         format!("messages: {}", stats.messages),
         format!("bodies: {}", stats.blobs),
         format!("stored bytes (raw): {}", stats.blob_bytes_raw),
-        format!("stored bytes (on disk, bodies): {}", stats.blob_bytes_stored),
+        format!(
+            "stored bytes (on disk, bodies): {}",
+            stats.blob_bytes_stored
+        ),
         format!("data folder: {}", context.data_dir.display()),
     ]
 }
