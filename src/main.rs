@@ -14,6 +14,10 @@ use kermail::config::Config;
 /// Passwords shorter than this are refused before they reach the node (the node checks too).
 const MIN_PASSWORD_CHARS: usize = 10;
 
+/// Log filter when KERMAIL_LOG is unset: kermail's own lines at info, openraft's internals
+/// (several lines per election and membership step) only when they warn.
+const DEFAULT_LOG_FILTER: &str = "info,openraft=warn";
+
 #[derive(Parser)]
 #[command(
     name = "kermail",
@@ -169,9 +173,10 @@ fn serve(config: Config) -> anyhow::Result<()> {
 
 fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("KERMAIL_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .init();
 }
