@@ -5,7 +5,6 @@
 //! admin socket last — so a working admin socket means the node is ready. Stop order: cancel,
 //! let sessions finish their transaction within the grace period, stop Raft, remove the socket.
 
-use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -174,20 +173,18 @@ fn create_private_dir(path: &Path) -> anyhow::Result<()> {
 }
 
 /// Waits for SIGTERM or SIGINT, then cancels `token`.
-pub fn cancel_on_signal(token: CancellationToken) -> impl Future<Output = ()> {
-    async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut terminate = match signal(SignalKind::terminate()) {
-            Ok(signal) => signal,
-            Err(error) => {
-                error!(%error, "cannot listen for SIGTERM");
-                return;
-            }
-        };
-        tokio::select! {
-            _ = terminate.recv() => info!("SIGTERM received"),
-            _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+pub async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            error!(%error, "cannot listen for SIGTERM");
+            return;
         }
-        token.cancel();
+    };
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
     }
+    token.cancel();
 }
