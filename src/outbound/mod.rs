@@ -4,18 +4,13 @@
 //! - [`dkim`]: DKIM key generation (ed25519, RSA-2048), the DNS TXT record to publish, signing.
 //! - [`policy`]: per-destination policies (rate, connections, IP family, TLS, source address),
 //!   the one-second-window rate limiter, the connection limiter, and the retry schedule.
-//! - [`mx`]: destination resolution (override map, relay host, MX, A/AAAA fallback, null MX),
-//!   filtered by the policy's address family.
-//! - [`client`]: one SMTP transaction to one host for a list of recipients, with per-recipient
-//!   outcomes, opportunistic or required STARTTLS and a bound source address.
-//! - [`dsn`]: RFC 3464 delivery status notifications for failed and delayed recipients.
+//! - [`client`]: for now only the SMTP client timeouts section (the client itself, MX
+//!   resolution and DSNs are not written yet).
 //!
 //! The replicated queue (entries, leases) lives in the store, not here.
 
 pub mod client;
 pub mod dkim;
-pub mod dsn;
-pub mod mx;
 pub mod policy;
 
 use std::collections::BTreeMap;
