@@ -4,6 +4,8 @@
 //! - [`dkim`]: DKIM key generation (ed25519, RSA-2048), the DNS TXT record to publish, signing.
 //! - [`policy`]: per-destination policies (rate, connections, IP family, TLS, source address),
 //!   the one-second-window rate limiter, the connection limiter, and the retry schedule.
+//! - [`mx`]: destination resolution (override map, relay host, MX order, A/AAAA fallback,
+//!   null MX, address family filter) behind a `Dns` trait.
 //! - [`client`]: for now only the SMTP client timeouts section (the client itself, MX
 //!   resolution and DSNs are not written yet).
 //!
@@ -11,6 +13,7 @@
 
 pub mod client;
 pub mod dkim;
+pub mod mx;
 pub mod policy;
 
 use std::collections::BTreeMap;
