@@ -6,13 +6,14 @@
 //!   the one-second-window rate limiter, the connection limiter, and the retry schedule.
 //! - [`mx`]: destination resolution (override map, relay host, MX order, A/AAAA fallback,
 //!   null MX, address family filter) behind a `Dns` trait.
-//! - [`client`]: for now only the SMTP client timeouts section (the client itself, MX
-//!   resolution and DSNs are not written yet).
+//! - [`dsn`]: RFC 3464 delivery status notifications for failed and delayed recipients.
+//! - [`client`]: for now only the SMTP client timeouts section; the client is not written yet.
 //!
 //! The replicated queue (entries, leases) lives in the store, not here.
 
 pub mod client;
 pub mod dkim;
+pub mod dsn;
 pub mod mx;
 pub mod policy;
 
