@@ -398,11 +398,7 @@ impl MailStore {
 
     /// Hashes the password (argon2id) before proposing; creates INBOX, Sent, Drafts, Trash,
     /// Junk and Archive. Refuses unknown domains, duplicates and passwords under 10 characters.
-    pub async fn add_account(
-        &self,
-        address: &str,
-        password: &str,
-    ) -> Result<AccountId, StoreError> {
+    pub async fn add_account(&self, address: &str, password: &str) -> Result<AccountId, StoreError> {
         let _ = (address, password);
         todo!()
     }
