@@ -86,6 +86,32 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
             shutdown.clone(),
         ));
     }
+    // One limiter for both submission ports: failed logins and messages count across them.
+    let submission_limits = Arc::new(crate::smtp::limits::Limiter::new());
+    for (addresses, kind) in [
+        (
+            &config.smtp.submission_listen,
+            crate::smtp::ListenerKind::Submission,
+        ),
+        (
+            &config.smtp.submissions_listen,
+            crate::smtp::ListenerKind::Submissions,
+        ),
+    ] {
+        for address in addresses {
+            let listener = bind(*address, kind.name()).await?;
+            servers.spawn(crate::smtp::serve_submission(
+                listener,
+                kind,
+                smtp_config.clone(),
+                hostname.clone(),
+                store.clone(),
+                tls.clone(),
+                submission_limits.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
     for (addresses, implicit_tls, what) in [
         (&config.imap.listen, false, "imap"),
         (&config.imap.listen_tls, true, "imaps"),

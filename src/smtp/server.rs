@@ -1,6 +1,8 @@
 //! The tokio driver around [`super::session::Session`]: accepts connections, enforces the
 //! session limits, moves bytes between the socket and the session, performs its actions
-//! (TLS handshake, delivery, close) and shuts down gracefully. It holds no protocol logic.
+//! (TLS handshake, password check, delivery, close) and shuts down gracefully. It holds no
+//! protocol logic. The same driver serves the MX and the submission listeners
+//! ([`ListenerKind`]); on [`ListenerKind::Submissions`] it runs the TLS handshake first.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -14,9 +16,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::limits::Limiter;
 use super::session::{Action, Input, Output, Recipients, Session, SessionParams};
-use super::SmtpConfig;
-use crate::store::{Delivery, DeliveryReceipt, MailStore, RecipientCheck, StoreError};
+use super::{ListenerKind, SmtpConfig};
+use crate::store::{AccountId, Delivery, DeliveryReceipt, MailStore, RecipientCheck, StoreError};
 
 /// Bytes read from the socket at once; also the most unprocessed input a session holds while
 /// a delivery is outstanding.
@@ -34,11 +37,25 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
         &self,
         delivery: Delivery,
     ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send;
+
+    /// Checks a login (submission AUTH): the account, or None for wrong credentials. The
+    /// default, for MX-only backends, accepts nobody.
+    fn authenticate(
+        &self,
+        _username: &str,
+        _password: &str,
+    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
+        std::future::ready(None)
+    }
 }
 
 impl Recipients for MailStore {
     fn check_recipient(&self, address: &str) -> RecipientCheck {
         MailStore::check_recipient(self, address)
+    }
+
+    fn sender_addresses(&self, account: AccountId) -> Vec<String> {
+        MailStore::sender_addresses(self, account)
     }
 }
 
@@ -48,6 +65,14 @@ impl Backend for MailStore {
         delivery: Delivery,
     ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
         MailStore::deliver(self, delivery)
+    }
+
+    fn authenticate(
+        &self,
+        username: &str,
+        password: &str,
+    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
+        MailStore::authenticate(self, username, password)
     }
 }
 
@@ -65,6 +90,27 @@ pub async fn serve(
     serve_backend(listener, config, hostname, store, tls, shutdown).await
 }
 
+/// Serves submission ([`ListenerKind::Submission`], STARTTLS, or
+/// [`ListenerKind::Submissions`], implicit TLS) on `listener` until `shutdown` is cancelled,
+/// like [`serve`]. `limits` is shared by all the node's submission listeners, so that failed
+/// logins and messages are counted across ports.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_submission(
+    listener: TcpListener,
+    kind: ListenerKind,
+    config: Arc<SmtpConfig>,
+    hostname: Arc<str>,
+    store: MailStore,
+    tls: Arc<rustls::ServerConfig>,
+    limits: Arc<Limiter>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    serve_listener(
+        listener, kind, config, hostname, store, tls, limits, shutdown,
+    )
+    .await
+}
+
 /// [`serve`] over any [`Backend`].
 pub async fn serve_backend<B: Backend>(
     listener: TcpListener,
@@ -74,10 +120,36 @@ pub async fn serve_backend<B: Backend>(
     tls: Arc<rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let limits = Arc::new(Limiter::new());
+    serve_listener(
+        listener,
+        ListenerKind::Mx,
+        config,
+        hostname,
+        store,
+        tls,
+        limits,
+        shutdown,
+    )
+    .await
+}
+
+/// Any [`ListenerKind`] over any [`Backend`].
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_listener<B: Backend>(
+    listener: TcpListener,
+    kind: ListenerKind,
+    config: Arc<SmtpConfig>,
+    hostname: Arc<str>,
+    store: B,
+    tls: Arc<rustls::ServerConfig>,
+    auth_limits: Arc<Limiter>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let acceptor = TlsAcceptor::from(tls);
     let limits = Arc::new(SessionLimits::default());
     let mut sessions = JoinSet::new();
-    tracing::info!(address = ?listener.local_addr().ok(), "smtp listening");
+    tracing::info!(address = ?listener.local_addr().ok(), listener = kind.name(), "smtp listening");
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -100,6 +172,8 @@ pub async fn serve_backend<B: Backend>(
                             store: store.clone(),
                             acceptor: acceptor.clone(),
                             shutdown: shutdown.clone(),
+                            kind,
+                            limits: auth_limits.clone(),
                         };
                         sessions.spawn(async move {
                             run_session(stream, peer, context).await;
@@ -196,6 +270,8 @@ struct SessionContext<B> {
     store: B,
     acceptor: TlsAcceptor,
     shutdown: CancellationToken,
+    kind: ListenerKind,
+    limits: Arc<Limiter>,
 }
 
 /// How a run of [`drive`] over one stream ended.
@@ -205,7 +281,7 @@ enum DriveEnd {
 }
 
 async fn run_session<B: Backend>(stream: TcpStream, peer: SocketAddr, context: SessionContext<B>) {
-    let span = tracing::info_span!("smtp_session", client = %peer);
+    let span = tracing::info_span!("smtp_session", client = %peer, listener = context.kind.name());
     async move {
         tracing::debug!("smtp session opened");
         let params = SessionParams {
@@ -214,8 +290,26 @@ async fn run_session<B: Backend>(stream: TcpStream, peer: SocketAddr, context: S
             client_ip: peer.ip(),
             tls_available: true,
             id_seed: rand::random(),
+            kind: context.kind,
+            limits: context.limits.clone(),
         };
         let mut session = Session::new(params, context.store.clone());
+        if context.kind == ListenerKind::Submissions {
+            // Implicit TLS (RFC 8314): the handshake comes before the greeting.
+            let handshake_timeout = Duration::from_secs(context.config.command_timeout_secs);
+            match tokio::time::timeout(handshake_timeout, context.acceptor.accept(stream)).await {
+                Ok(Ok(mut tls)) => {
+                    let greeting = session.step(Input::Connected, SystemTime::now());
+                    if let Err(error) = drive(&mut tls, &mut session, greeting, &context).await {
+                        tracing::debug!(%error, "smtp connection error");
+                    }
+                }
+                Ok(Err(error)) => tracing::info!(%error, "smtp tls handshake failed"),
+                Err(_) => tracing::info!("smtp tls handshake timed out"),
+            }
+            tracing::debug!("smtp session closed");
+            return;
+        }
         let greeting = session.step(Input::Connected, SystemTime::now());
         let mut plain = stream;
         match drive(&mut plain, &mut session, greeting, &context).await {
@@ -265,6 +359,10 @@ where
     let mut output = first_output;
     let mut shutdown_told = false;
     loop {
+        if !output.delay.is_zero() {
+            // Failed logins are answered late (bounded by the session).
+            tokio::time::sleep(output.delay).await;
+        }
         if !output.reply.is_empty() {
             let written = tokio::time::timeout(write_timeout, async {
                 stream.write_all(&output.reply).await?;
@@ -295,6 +393,14 @@ where
                     let result = context.store.deliver(pending.delivery).await;
                     next_output =
                         Some(session.step(Input::DeliveryDone(result), SystemTime::now()));
+                }
+                Action::Authenticate(credentials) => {
+                    let account = context
+                        .store
+                        .authenticate(&credentials.username, &credentials.password)
+                        .await;
+                    drop(credentials);
+                    next_output = Some(session.step(Input::AuthDone(account), SystemTime::now()));
                 }
             }
         }

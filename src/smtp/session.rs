@@ -1,10 +1,15 @@
-//! The sans-IO SMTP session (MX role).
+//! The sans-IO SMTP session (MX and submission roles, told apart by [`ListenerKind`]).
 //!
 //! [`Session::step`] is the one transition function: it takes an [`Input`] (bytes from the
-//! client, the result of a delivery, TLS established, a timeout, shutdown, the client gone)
-//! and the current time, and returns an [`Output`]: bytes to write and [`Action`]s for the
-//! driver. The session never blocks and does no I/O; the only outside knowledge it asks for is
-//! whether a recipient is local, through [`Recipients`].
+//! client, the result of a delivery or of a password check, TLS established, a timeout,
+//! shutdown, the client gone) and the current time, and returns an [`Output`]: bytes to write
+//! and [`Action`]s for the driver. The session never blocks and does no I/O; the outside
+//! knowledge it asks for (is a recipient local, which addresses may an account send as) comes
+//! through [`Recipients`], and the node-wide rate limits through [`Limiter`].
+//!
+//! Submission rules (RFC 6409, RFC 4954): AUTH (PLAIN, LOGIN) is offered and accepted only
+//! over TLS, loopback included; MAIL needs AUTH; the envelope sender and the From header must
+//! be addresses of the authenticated account ([`Recipients::sender_addresses`]).
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -16,9 +21,10 @@ use rand::{Rng, SeedableRng};
 use smtp_proto::{Error as ParseError, Request};
 
 use super::data::DotReader;
-use super::SmtpConfig;
+use super::limits::Limiter;
+use super::{ListenerKind, SmtpConfig};
 use crate::store::{
-    Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
+    AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
     MAX_RECIPIENTS_PER_DELIVERY,
 };
 
@@ -26,6 +32,13 @@ use crate::store::{
 /// [`crate::store::MailStore::check_recipient`]; tests with a table.
 pub trait Recipients {
     fn check_recipient(&self, address: &str) -> RecipientCheck;
+
+    /// The addresses `account` may send as, normalized (lowercase): its own and the alias
+    /// sources that reach it ([`crate::store::MailStore::sender_addresses`]). The default,
+    /// for MX-only implementations, allows nothing.
+    fn sender_addresses(&self, _account: AccountId) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 /// What happened, as told to the session by its driver.
@@ -39,6 +52,9 @@ pub enum Input<'a> {
     DeliveryDone(Result<DeliveryReceipt, StoreError>),
     /// The TLS handshake asked for by [`Action::StartTls`] succeeded.
     TlsEstablished,
+    /// The outcome of the [`Action::Authenticate`] the session asked for: the account, or
+    /// None when the credentials are wrong.
+    AuthDone(Option<AccountId>),
     /// Nothing was read for [`Session::read_timeout`].
     Timeout,
     /// The server is shutting down: close now if idle, else after the current transaction.
@@ -56,8 +72,27 @@ pub enum Action {
     /// Store this message, then report [`Input::DeliveryDone`]. Until then the session reads
     /// no further input.
     Deliver(Box<PendingDelivery>),
+    /// Check these credentials against the accounts, then report [`Input::AuthDone`]. Until
+    /// then the session reads no further input.
+    Authenticate(Credentials),
     /// Write the reply, then close the connection.
     Close,
+}
+
+/// A login name and password from AUTH. Its `Debug` never shows the password.
+pub struct Credentials {
+    pub username: String,
+    pub password: String,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter
+            .debug_struct("Credentials")
+            .field("username", &self.username)
+            .field("password", &"<redacted>")
+            .finish()
+    }
 }
 
 /// A complete transaction ready to be stored.
@@ -73,6 +108,9 @@ pub struct Output {
     /// Bytes to write to the client.
     pub reply: Vec<u8>,
     pub actions: Vec<Action>,
+    /// How long the driver waits before writing `reply` (failed logins are answered late);
+    /// zero for every other reply.
+    pub delay: Duration,
 }
 
 /// The session's state: what the next input bytes mean.
@@ -96,8 +134,31 @@ pub enum Mode {
     AwaitingDelivery,
     /// An [`Action::StartTls`] is outstanding.
     AwaitingTls,
+    /// Reading the client's answer to a `334` AUTH challenge.
+    Auth(AuthStep),
+    /// An [`Action::Authenticate`] is outstanding.
+    AwaitingAuth,
     /// The session is over; input is ignored.
     Closed,
+}
+
+/// Which `334` challenge the client is answering.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthStep {
+    /// AUTH PLAIN without initial response: the whole `authzid NUL authcid NUL passwd`.
+    Plain,
+    /// AUTH LOGIN: the user name.
+    LoginUsername,
+    /// AUTH LOGIN: the password of this user name.
+    LoginPassword { username: String },
+}
+
+/// The account a submission session authenticated as.
+#[derive(Debug, Clone)]
+struct Authenticated {
+    account: AccountId,
+    /// The login name as given, made printable (for logs and replies).
+    login: String,
 }
 
 /// What the client said in HELO/EHLO.
@@ -133,6 +194,11 @@ pub struct SessionParams {
     pub tls_available: bool,
     /// Seed of the generator of message ids (random in the driver, fixed in tests).
     pub id_seed: u64,
+    /// The listener's role. For [`ListenerKind::Submissions`] the driver runs the TLS
+    /// handshake before [`Input::Connected`], and the session starts with TLS active.
+    pub kind: ListenerKind,
+    /// The node-wide rate limits (failed logins, messages per account).
+    pub limits: Arc<Limiter>,
 }
 
 /// The SMTP session. See the module comment.
@@ -153,6 +219,12 @@ pub struct Session<R> {
     /// The message id and log details of the outstanding delivery.
     delivering: Option<(String, TransactionSummary)>,
     id_rng: StdRng,
+    /// Set by a successful AUTH (submission listeners only).
+    authenticated: Option<Authenticated>,
+    /// The login name and mechanism of the outstanding [`Action::Authenticate`].
+    authenticating: Option<(String, &'static str)>,
+    /// Failed or refused AUTH attempts in this session.
+    n_auth_failures: u32,
 }
 
 /// What the transaction log line says about a transaction.
@@ -177,20 +249,31 @@ const ECHO_LENGTH_MAX: usize = 64;
 impl<R: Recipients> Session<R> {
     pub fn new(params: SessionParams, recipients: R) -> Session<R> {
         let id_rng = StdRng::seed_from_u64(params.id_seed);
+        let tls_active = params.kind == ListenerKind::Submissions;
         Session {
             params,
             recipients,
             mode: Mode::New,
             greeting: None,
             transaction: None,
-            tls_active: false,
+            tls_active,
             n_errors: 0,
             pending: Vec::new(),
             discarding_line_bytes: None,
             shutting_down: false,
             delivering: None,
             id_rng,
+            authenticated: None,
+            authenticating: None,
+            n_auth_failures: 0,
         }
+    }
+
+    /// The account this session authenticated as, if any.
+    pub fn authenticated_account(&self) -> Option<AccountId> {
+        self.authenticated
+            .as_ref()
+            .map(|authenticated| authenticated.account)
     }
 
     pub fn mode(&self) -> &Mode {
@@ -260,19 +343,30 @@ impl<R: Recipients> Session<R> {
                     self.process(&mut out, now);
                 }
             }
+            Input::AuthDone(result) => {
+                if matches!(self.mode, Mode::AwaitingAuth) {
+                    self.mode = Mode::Command;
+                    self.auth_done(result, &mut out, now);
+                    self.process(&mut out, now);
+                }
+            }
             Input::TlsEstablished => {
                 if matches!(self.mode, Mode::AwaitingTls) {
                     // RFC 3207: forget everything learnt before; the client starts over.
                     self.tls_active = true;
                     self.greeting = None;
                     self.transaction = None;
+                    self.authenticated = None;
                     self.pending.clear();
                     self.discarding_line_bytes = None;
                     self.mode = Mode::Command;
                 }
             }
             Input::Timeout => {
-                if !matches!(self.mode, Mode::Closed | Mode::AwaitingDelivery) {
+                if !matches!(
+                    self.mode,
+                    Mode::Closed | Mode::AwaitingDelivery | Mode::AwaitingAuth
+                ) {
                     self.abort_transaction("aborted: timeout");
                     let reply =
                         format!("421 4.4.2 {} Error: timeout exceeded", self.params.hostname);
@@ -299,7 +393,7 @@ impl<R: Recipients> Session<R> {
         while position < pending.len() {
             let rest = &pending[position..];
             match &mut self.mode {
-                Mode::Command => match self.command_bytes(rest, out, now) {
+                Mode::Command | Mode::Auth(_) => match self.command_bytes(rest, out, now) {
                     Some(consumed) => position += consumed,
                     // A partial line: wait for more bytes.
                     None => break,
@@ -343,9 +437,16 @@ impl<R: Recipients> Session<R> {
                         self.end_of_chunk(out, now, is_last, keep, refusal);
                     }
                 }
-                Mode::New | Mode::AwaitingDelivery | Mode::AwaitingTls | Mode::Closed => break,
+                Mode::New
+                | Mode::AwaitingDelivery
+                | Mode::AwaitingTls
+                | Mode::AwaitingAuth
+                | Mode::Closed => break,
             }
-            if !matches!(self.mode, Mode::Command | Mode::Data(_) | Mode::Bdat { .. }) {
+            if !matches!(
+                self.mode,
+                Mode::Command | Mode::Data(_) | Mode::Bdat { .. } | Mode::Auth(_)
+            ) {
                 break;
             }
         }
@@ -388,10 +489,12 @@ impl<R: Recipients> Session<R> {
                 Some(index + 1)
             }
             Some(index) => {
+                self.end_auth_exchange("line too long");
                 self.push_reply(out, REPLY_LINE_TOO_LONG);
                 Some(index + 1)
             }
             None if rest.len() >= max_line => {
+                self.end_auth_exchange("line too long");
                 self.push_reply(out, REPLY_LINE_TOO_LONG);
                 self.discarding_line_bytes = Some(rest.len());
                 Some(rest.len())
@@ -402,6 +505,10 @@ impl<R: Recipients> Session<R> {
 
     /// One complete command line (ending in LF, at most the configured length).
     fn command(&mut self, line: &[u8], out: &mut Output, now: SystemTime) {
+        if let Mode::Auth(step) = &self.mode {
+            let step = step.clone();
+            return self.auth_response(step, line, out, now);
+        }
         let request = match Request::parse(&mut line.iter()) {
             Ok(request) => request,
             Err(error) => {
@@ -413,7 +520,7 @@ impl<R: Recipients> Session<R> {
         match request {
             Request::Ehlo { host } => self.hello(&host, true, out),
             Request::Helo { host } => self.hello(&host, false, out),
-            Request::Mail { from } => self.mail(from, out),
+            Request::Mail { from } => self.mail(from, out, now),
             Request::Rcpt { mut to } => {
                 // smtp-proto returns an empty address for any path without '@'. The one such
                 // path that must be accepted is <postmaster> (RFC 5321 section 4.5.1), taken
@@ -451,9 +558,10 @@ impl<R: Recipients> Session<R> {
                 "214 2.0.0 Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT VRFY HELP STARTTLS",
             ),
             Request::StartTls => self.start_tls(out),
-            Request::Auth { .. } => {
-                self.push_reply(out, "503 5.5.1 Error: authentication not enabled")
-            }
+            Request::Auth {
+                mechanism,
+                initial_response,
+            } => self.auth(mechanism, &initial_response, out, now),
             Request::Lhlo { .. } => {
                 self.push_reply(out, "500 5.5.2 Error: command not recognized")
             }
@@ -491,6 +599,10 @@ impl<R: Recipients> Session<R> {
             "ENHANCEDSTATUSCODES".to_owned(),
             "CHUNKING".to_owned(),
         ];
+        // AUTH only on submission listeners, and only over TLS (RFC 4954 section 4).
+        if self.params.kind.is_submission() && self.tls_active {
+            lines.push("AUTH PLAIN LOGIN".to_owned());
+        }
         if self.params.tls_available && !self.tls_active {
             lines.push("STARTTLS".to_owned());
         }
@@ -502,9 +614,17 @@ impl<R: Recipients> Session<R> {
         }
     }
 
-    fn mail(&mut self, from: smtp_proto::MailFrom<std::borrow::Cow<'_, str>>, out: &mut Output) {
+    fn mail(
+        &mut self,
+        from: smtp_proto::MailFrom<std::borrow::Cow<'_, str>>,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
         if self.greeting.is_none() {
             return self.push_reply(out, REPLY_NEED_HELO);
+        }
+        if self.params.kind.is_submission() && self.authenticated.is_none() {
+            return self.push_reply(out, "530 5.7.0 Authentication required");
         }
         if self.transaction.is_some() {
             return self.push_reply(out, "503 5.5.1 Error: nested MAIL command");
@@ -529,6 +649,32 @@ impl<R: Recipients> Session<R> {
         }
         if from.size > max_message_size(&self.params.config) {
             return self.push_reply(out, REPLY_TOO_BIG);
+        }
+        if let Some(authenticated) = &self.authenticated {
+            let allowed = self.recipients.sender_addresses(authenticated.account);
+            if !sender_allowed(&from.address, &allowed) {
+                let reply = format!(
+                    "553 5.7.1 <{}>: Sender address rejected: not owned by user {}",
+                    printable(&from.address, ECHO_LENGTH_MAX),
+                    authenticated.login
+                );
+                return self.push_reply(out, &reply);
+            }
+            if !self
+                .params
+                .limits
+                .may_send(authenticated.account, &self.params.config, now)
+            {
+                tracing::info!(
+                    client = %self.params.client_ip,
+                    user = %authenticated.login,
+                    "smtp sending rate limit reached"
+                );
+                return self.push_reply(
+                    out,
+                    "450 4.7.1 Error: sending rate limit exceeded, try again later",
+                );
+            }
         }
         self.transaction = Some(Transaction {
             mail_from: from.address.into_owned(),
@@ -578,8 +724,15 @@ impl<R: Recipients> Session<R> {
                     format!("550 5.1.1 <{echoed}>: Recipient address rejected: user unknown");
                 self.push_reply(out, &reply);
             }
-            // Submission will queue foreign recipients for authenticated users here; the MX
-            // role has no authenticated clients, so this is always a relay attempt.
+            // SEAM (issue 5 item 3, the replicated queue): an authenticated submission
+            // session's foreign recipients are to be accepted here and queued. Until the queue
+            // exists they are refused permanently (a 4xx would make clients retry for days).
+            RecipientCheck::ForeignDomain if self.authenticated.is_some() => {
+                transaction.n_recipients_refused += 1;
+                let reply = format!("550 5.7.1 <{echoed}>: outbound delivery is not available yet");
+                self.push_reply(out, &reply);
+            }
+            // Without authentication, on any listener, a foreign recipient is a relay attempt.
             RecipientCheck::ForeignDomain => {
                 transaction.n_recipients_refused += 1;
                 let reply = format!("550 5.7.1 <{echoed}>: relaying denied");
@@ -679,6 +832,19 @@ impl<R: Recipients> Session<R> {
             self.log_transaction(&summary, "rejected: message too big", "-");
             return self.push_reply(out, REPLY_TOO_BIG);
         }
+        if let Some(authenticated) = &self.authenticated {
+            let allowed = self.recipients.sender_addresses(authenticated.account);
+            if let Err(reason) = check_from_header(&transaction.body, &allowed) {
+                let reply = format!(
+                    "553 5.7.1 Error: {reason}: not owned by user {}",
+                    authenticated.login
+                );
+                self.log_transaction(&summary, &format!("rejected: {reason}"), "-");
+                return self.push_reply(out, &reply);
+            }
+            let account = authenticated.account;
+            self.params.limits.sent(account, &self.params.config, now);
+        }
         let message_id = format!("{:016X}", self.id_rng.gen::<u64>());
         let mut body = self.trace_headers(&transaction, &message_id, now);
         body.extend_from_slice(&transaction.body);
@@ -713,6 +879,238 @@ impl<R: Recipients> Session<R> {
         out.actions.push(Action::StartTls);
     }
 
+    /// AUTH (RFC 4954). Submission listeners only, and only over TLS, loopback included.
+    fn auth(&mut self, mechanism: u64, initial_response: &str, out: &mut Output, now: SystemTime) {
+        if !self.params.kind.is_submission() {
+            return self.push_reply(out, "503 5.5.1 Error: authentication not enabled");
+        }
+        if !self.tls_active {
+            return self.push_reply(out, "530 5.7.0 Must issue a STARTTLS command first");
+        }
+        if self.greeting.is_none() {
+            return self.push_reply(out, REPLY_NEED_HELO);
+        }
+        if self.authenticated.is_some() {
+            return self.push_reply(out, "503 5.5.1 Error: already authenticated");
+        }
+        if self.transaction.is_some() {
+            return self.push_reply(
+                out,
+                "503 5.5.1 Error: AUTH not permitted during a mail transaction",
+            );
+        }
+        match mechanism {
+            smtp_proto::AUTH_PLAIN if initial_response.is_empty() => {
+                self.mode = Mode::Auth(AuthStep::Plain);
+                self.push_reply(out, "334 ");
+            }
+            smtp_proto::AUTH_PLAIN => {
+                self.auth_response_text(AuthStep::Plain, initial_response, out, now)
+            }
+            smtp_proto::AUTH_LOGIN if initial_response.is_empty() => {
+                self.mode = Mode::Auth(AuthStep::LoginUsername);
+                self.push_reply(out, REPLY_LOGIN_USERNAME);
+            }
+            smtp_proto::AUTH_LOGIN => {
+                self.auth_response_text(AuthStep::LoginUsername, initial_response, out, now)
+            }
+            _ => self.push_reply(out, "504 5.5.4 Error: unrecognized authentication type"),
+        }
+    }
+
+    /// A line answering a `334` challenge.
+    fn auth_response(&mut self, step: AuthStep, line: &[u8], out: &mut Output, now: SystemTime) {
+        self.mode = Mode::Command;
+        let line = line.strip_suffix(b"\n").unwrap_or(line);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        match std::str::from_utf8(line) {
+            Ok(text) => self.auth_response_text(step, text.trim(), out, now),
+            Err(_) => self.auth_malformed(out),
+        }
+    }
+
+    /// The client's response to `step`, as an initial response or after `334`.
+    fn auth_response_text(
+        &mut self,
+        step: AuthStep,
+        response: &str,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
+        self.mode = Mode::Command;
+        if response == "*" {
+            self.log_auth("", mechanism_name(&step), "cancelled");
+            return self.push_reply(out, "501 5.7.0 Error: authentication cancelled");
+        }
+        let Some(decoded) = decode_sasl(response) else {
+            return self.auth_malformed(out);
+        };
+        match step {
+            AuthStep::Plain => {
+                // authzid NUL authcid NUL passwd (RFC 4616).
+                let mut parts = decoded.splitn(3, |&byte| byte == 0);
+                let (Some(authzid), Some(authcid), Some(password)) =
+                    (parts.next(), parts.next(), parts.next())
+                else {
+                    return self.auth_malformed(out);
+                };
+                let (Ok(authzid), Ok(username), Ok(password)) = (
+                    std::str::from_utf8(authzid),
+                    std::str::from_utf8(authcid),
+                    std::str::from_utf8(password),
+                ) else {
+                    return self.auth_malformed(out);
+                };
+                if username.is_empty() || password.is_empty() {
+                    return self.auth_malformed(out);
+                }
+                // Acting as another user (a different authorization identity) is not offered:
+                // such an attempt fails like a wrong password.
+                let proxying = !authzid.is_empty() && !authzid.eq_ignore_ascii_case(username);
+                self.submit_credentials(username, password, "PLAIN", proxying, out, now);
+            }
+            AuthStep::LoginUsername => match String::from_utf8(decoded) {
+                Ok(username) if !username.is_empty() => {
+                    self.mode = Mode::Auth(AuthStep::LoginPassword { username });
+                    self.push_reply(out, REPLY_LOGIN_PASSWORD);
+                }
+                _ => self.auth_malformed(out),
+            },
+            AuthStep::LoginPassword { username } => match std::str::from_utf8(&decoded) {
+                Ok(password) if !password.is_empty() => {
+                    self.submit_credentials(&username, password, "LOGIN", false, out, now)
+                }
+                _ => self.auth_malformed(out),
+            },
+        }
+    }
+
+    fn auth_malformed(&mut self, out: &mut Output) {
+        self.mode = Mode::Command;
+        self.log_auth("", "-", "malformed response");
+        self.push_reply(out, "501 5.5.2 Error: malformed authentication response");
+    }
+
+    /// Leaves a `334` exchange that cannot go on (its line was too long).
+    fn end_auth_exchange(&mut self, why: &str) {
+        if let Mode::Auth(step) = &self.mode {
+            let mechanism = mechanism_name(step);
+            self.mode = Mode::Command;
+            self.log_auth("", mechanism, why);
+        }
+    }
+
+    /// Complete credentials: refused at once when rate-limited (or asking to act as someone
+    /// else), else handed to the driver to check.
+    fn submit_credentials(
+        &mut self,
+        username: &str,
+        password: &str,
+        mechanism: &'static str,
+        proxying: bool,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
+        let client = self.params.client_ip;
+        if let Some(block) =
+            self.params
+                .limits
+                .auth_blocked(client, username, &self.params.config, now)
+        {
+            let outcome = format!("refused: too many failures for this {}", block.as_str());
+            self.log_auth(&login_shown(username), mechanism, &outcome);
+            out.delay = self.auth_failure_delay();
+            self.push_reply(
+                out,
+                "454 4.7.0 Error: too many failed authentication attempts, try again later",
+            );
+            return self.count_auth_failure(out);
+        }
+        if proxying {
+            let failure = "failure: authorization identity differs";
+            return self.auth_done_as(None, username, mechanism, failure, out, now);
+        }
+        self.authenticating = Some((username.to_owned(), mechanism));
+        self.mode = Mode::AwaitingAuth;
+        out.actions.push(Action::Authenticate(Credentials {
+            username: username.to_owned(),
+            password: password.to_owned(),
+        }));
+    }
+
+    fn auth_done(&mut self, result: Option<AccountId>, out: &mut Output, now: SystemTime) {
+        let (username, mechanism) = self
+            .authenticating
+            .take()
+            .unwrap_or_else(|| (String::new(), "-"));
+        self.auth_done_as(result, &username, mechanism, "failure", out, now);
+    }
+
+    /// The outcome of an AUTH for `username` (as the client gave it).
+    fn auth_done_as(
+        &mut self,
+        result: Option<AccountId>,
+        username: &str,
+        mechanism: &'static str,
+        failure: &str,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
+        let login = login_shown(username);
+        match result {
+            Some(account) => {
+                self.log_auth(&login, mechanism, "success");
+                self.authenticated = Some(Authenticated { account, login });
+                self.push_reply(out, "235 2.7.0 Authentication successful");
+            }
+            None => {
+                self.params.limits.auth_failed(
+                    self.params.client_ip,
+                    username,
+                    &self.params.config,
+                    now,
+                );
+                self.log_auth(&login, mechanism, failure);
+                out.delay = self.auth_failure_delay();
+                self.push_reply(out, "535 5.7.8 Error: authentication failed");
+                self.count_auth_failure(out);
+            }
+        }
+    }
+
+    fn auth_failure_delay(&self) -> Duration {
+        Duration::from_millis(self.params.config.auth_failure_delay_ms).min(AUTH_FAILURE_DELAY_MAX)
+    }
+
+    /// One more failed AUTH in this session; past the limit, `421` and close.
+    fn count_auth_failure(&mut self, out: &mut Output) {
+        if matches!(self.mode, Mode::Closed) {
+            return;
+        }
+        self.n_auth_failures += 1;
+        if self.n_auth_failures >= self.params.config.max_auth_failures_per_session {
+            let reply = format!(
+                "421 4.7.0 {} Error: too many failed authentication attempts",
+                self.params.hostname
+            );
+            out.reply.extend_from_slice(reply.as_bytes());
+            out.reply.extend_from_slice(b"\r\n");
+            self.close(out);
+        }
+    }
+
+    /// The one log line per AUTH attempt. Never the password.
+    fn log_auth(&self, login: &str, mechanism: &str, outcome: &str) {
+        tracing::info!(
+            client = %self.params.client_ip,
+            listener = self.params.kind.name(),
+            user = %login,
+            mechanism = %mechanism,
+            outcome = %outcome,
+            "smtp auth"
+        );
+    }
+
     /// `Return-Path` and `Received` (RFC 5321 section 4.4), prepended to the message.
     fn trace_headers(
         &self,
@@ -740,6 +1138,12 @@ impl<R: Recipients> Session<R> {
             (true, false, false) => "ESMTP",
             (false, false, _) => "SMTP",
         };
+        // RFC 3848: "A" for an authenticated session (ESMTPSA, UTF8SMTPSA).
+        let authenticated = if self.authenticated.is_some() {
+            "A"
+        } else {
+            ""
+        };
         let client = match self.params.client_ip {
             IpAddr::V4(ip) => format!("[{ip}]"),
             IpAddr::V6(ip) => format!("[IPv6:{ip}]"),
@@ -750,7 +1154,7 @@ impl<R: Recipients> Session<R> {
         let mut headers = String::new();
         let _ = write!(
             headers,
-            "Return-Path: <{}>\r\nReceived: from {helo} ({client})\r\n\tby {} (kermail) with {protocol} id {message_id}",
+            "Return-Path: <{}>\r\nReceived: from {helo} ({client})\r\n\tby {} (kermail) with {protocol}{authenticated} id {message_id}",
             transaction.mail_from, self.params.hostname
         );
         if let [recipient] = transaction.recipients.as_slice() {
@@ -815,8 +1219,15 @@ impl<R: Recipients> Session<R> {
             .as_ref()
             .map(|greeting| greeting.name.as_str())
             .unwrap_or("");
+        let user = self
+            .authenticated
+            .as_ref()
+            .map(|authenticated| authenticated.login.as_str())
+            .unwrap_or("");
         tracing::info!(
             client = %self.params.client_ip,
+            listener = self.params.kind.name(),
+            user = %user,
             helo = %helo,
             from = %summary.mail_from,
             to = %summary.recipients.join(","),
@@ -888,6 +1299,76 @@ impl TransactionSummary {
     }
 }
 
+/// Replies to AUTH LOGIN: "Username:" and "Password:" in base64 (the customary prompts).
+const REPLY_LOGIN_USERNAME: &str = "334 VXNlcm5hbWU6";
+const REPLY_LOGIN_PASSWORD: &str = "334 UGFzc3dvcmQ6";
+
+/// Longest login name shown in logs and replies.
+const LOGIN_LENGTH_MAX: usize = 256;
+
+/// Upper bound of `auth_failure_delay_ms`, so that a mistyped setting cannot hold sessions
+/// for hours.
+const AUTH_FAILURE_DELAY_MAX: Duration = Duration::from_secs(30);
+
+/// A login name as shown in logs and replies: trimmed, printable, bounded.
+fn login_shown(username: &str) -> String {
+    printable(username.trim(), LOGIN_LENGTH_MAX)
+}
+
+fn mechanism_name(step: &AuthStep) -> &'static str {
+    match step {
+        AuthStep::Plain => "PLAIN",
+        AuthStep::LoginUsername | AuthStep::LoginPassword { .. } => "LOGIN",
+    }
+}
+
+/// A SASL response: base64, with "=" standing for an empty response (RFC 4954 section 4).
+fn decode_sasl(response: &str) -> Option<Vec<u8>> {
+    use base64::Engine as _;
+    if response == "=" {
+        return Some(Vec::new());
+    }
+    base64::engine::general_purpose::STANDARD
+        .decode(response.as_bytes())
+        .ok()
+}
+
+/// Whether `address` (an envelope sender or a From address) is one of `allowed` (normalized,
+/// lowercase). The null sender is not: an authenticated user sends as an address of theirs.
+fn sender_allowed(address: &str, allowed: &[String]) -> bool {
+    let address = address.trim().to_lowercase();
+    !address.is_empty() && allowed.iter().any(|own| *own == address)
+}
+
+/// Checks the From header of a submitted message: exactly one From field, naming at least one
+/// address, every one of them in `allowed`. The error says what is wrong, for the reply.
+fn check_from_header(message: &[u8], allowed: &[String]) -> Result<(), &'static str> {
+    let parsed = mail_parser::MessageParser::new()
+        .parse_headers(message)
+        .ok_or("unreadable header")?;
+    let mut from_fields = parsed
+        .headers()
+        .iter()
+        .filter(|header| header.name == mail_parser::HeaderName::From);
+    let field = from_fields.next().ok_or("no From header")?;
+    if from_fields.next().is_some() {
+        return Err("more than one From header");
+    }
+    let addresses = field.value.as_address().ok_or("unreadable From header")?;
+    let mut n_addresses = 0;
+    for address in addresses.iter() {
+        n_addresses += 1;
+        let address = address.address.as_deref().ok_or("unreadable From header")?;
+        if !sender_allowed(address, allowed) {
+            return Err("From header address");
+        }
+    }
+    if n_addresses == 0 {
+        return Err("no From address");
+    }
+    Ok(())
+}
+
 /// Refuses control characters (they would end up in headers and logs) and non-ASCII
 /// addresses outside an SMTPUTF8 transaction (RFC 6531).
 fn check_address(address: &str, smtputf8: bool, status: &str) -> Result<(), String> {
@@ -953,6 +1434,28 @@ mod tests {
                 _ => RecipientCheck::ForeignDomain,
             }
         }
+
+        /// Alice (account 1) also sends as info@; bob (account 2) as sales@.
+        fn sender_addresses(&self, account: AccountId) -> Vec<String> {
+            let addresses: &[&str] = match account {
+                1 => &["alice@example.org", "info@example.org"],
+                2 => &["bob@example.org", "sales@example.org"],
+                _ => &[],
+            };
+            addresses.iter().map(|address| address.to_string()).collect()
+        }
+    }
+
+    /// Passwords of the table's accounts, as the driver's store would check them.
+    fn table_authenticate(credentials: &Credentials) -> Option<AccountId> {
+        match (
+            credentials.username.to_ascii_lowercase().as_str(),
+            credentials.password.as_str(),
+        ) {
+            ("alice@example.org", "alice password") => Some(1),
+            ("bob@example.org", "bob password") => Some(2),
+            _ => None,
+        }
     }
 
     /// 2023-11-14 22:13:20 UTC.
@@ -961,12 +1464,22 @@ mod tests {
     }
 
     fn new_session(config: SmtpConfig) -> Session<Table> {
+        new_session_of(config, ListenerKind::Mx, Arc::new(Limiter::new()))
+    }
+
+    fn new_session_of(
+        config: SmtpConfig,
+        kind: ListenerKind,
+        limits: Arc<Limiter>,
+    ) -> Session<Table> {
         let params = SessionParams {
             config: Arc::new(config),
             hostname: Arc::from("mx.example.org"),
             client_ip: IpAddr::from([192, 0, 2, 7]),
             tls_available: true,
             id_seed: 7,
+            kind,
+            limits,
         };
         Session::new(params, Table)
     }
@@ -978,6 +1491,10 @@ mod tests {
         deliveries: Vec<PendingDelivery>,
         n_starttls: usize,
         closed: bool,
+        /// The delays asked for before replies, in order.
+        delays: Vec<Duration>,
+        /// Every password the driver was asked to check.
+        n_password_checks: usize,
     }
 
     impl Run {
@@ -995,6 +1512,9 @@ mod tests {
         delivery_result: &dyn Fn() -> Result<DeliveryReceipt, StoreError>,
     ) {
         loop {
+            if !output.delay.is_zero() {
+                run.delays.push(output.delay);
+            }
             run.replies.extend_from_slice(&output.reply);
             let mut next = None;
             for action in std::mem::take(&mut output.actions) {
@@ -1007,6 +1527,11 @@ mod tests {
                     Action::StartTls => {
                         run.n_starttls += 1;
                         next = Some(session.step(Input::TlsEstablished, test_now()));
+                    }
+                    Action::Authenticate(credentials) => {
+                        run.n_password_checks += 1;
+                        let account = table_authenticate(&credentials);
+                        next = Some(session.step(Input::AuthDone(account), test_now()));
                     }
                     Action::Close => run.closed = true,
                 }

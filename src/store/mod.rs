@@ -691,6 +691,31 @@ impl MailStore {
             .map(|a| a.address.clone())
     }
 
+    /// The addresses `account` may send as (submission's sender check): its own address and
+    /// every alias source whose expansion (nested aliases included) reaches it, sorted and
+    /// normalized (lowercase). Empty for an unknown account.
+    pub fn sender_addresses(&self, account: AccountId) -> Vec<String> {
+        let state = self.state();
+        let Some(own) = state.accounts.get(&account).map(|a| a.address.clone()) else {
+            return Vec::new();
+        };
+        let mut addresses = vec![own];
+        for source in state.aliases.keys() {
+            let mut accounts = Vec::new();
+            state.expand_recipient(
+                source,
+                &mut std::collections::BTreeSet::new(),
+                &mut accounts,
+                &mut std::collections::BTreeSet::new(),
+            );
+            if accounts.contains(&account) && !addresses.contains(source) {
+                addresses.push(source.clone());
+            }
+        }
+        addresses.sort();
+        addresses
+    }
+
     // ----- SMTP -----
 
     pub fn is_local_domain(&self, domain: &str) -> bool {
@@ -1149,3 +1174,60 @@ impl MailStore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod sender_address_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sender_addresses_are_the_own_address_and_aliases_reaching_the_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MailStore::open_local(dir.path()).unwrap();
+        store.add_domain("example.org").await.unwrap();
+        let alice = store
+            .add_account("Alice@example.org", "correct horse battery")
+            .await
+            .unwrap();
+        let bob = store
+            .add_account("bob@example.org", "correct horse battery")
+            .await
+            .unwrap();
+        store
+            .add_alias("info@example.org", "alice@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("team@example.org", "bob@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("team@example.org", "info@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("sales@example.org", "bob@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("out@example.org", "someone@example.net")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sender_addresses(alice),
+            vec![
+                "alice@example.org".to_owned(),
+                "info@example.org".to_owned(),
+                "team@example.org".to_owned(),
+            ]
+        );
+        assert_eq!(
+            store.sender_addresses(bob),
+            vec![
+                "bob@example.org".to_owned(),
+                "sales@example.org".to_owned(),
+                "team@example.org".to_owned(),
+            ]
+        );
+        assert!(store.sender_addresses(9999).is_empty());
+    }
+}
