@@ -102,8 +102,11 @@ impl Node {
         let text = format!(
             "[node]\ndata_dir = \"{}\"\nhostname = \"mx.kermail.test\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp_port}\"]\n\
+             submission_listen = [\"127.0.0.1:{}\"]\nsubmissions_listen = [\"127.0.0.1:{}\"]\n\
              [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n",
-            data_dir.display()
+            data_dir.display(),
+            free_port(),
+            free_port(),
         );
         std::fs::write(&config, text).expect("write config");
         let stderr_path = dir.path().join("server.stderr");

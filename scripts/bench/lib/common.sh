@@ -91,6 +91,8 @@ data_dir = "$KERMAIL_DATA"
 hostname = "mx.kermail.test"
 [smtp]
 listen = ["127.0.0.1:$KERMAIL_SMTP_PORT"]
+submission_listen = ["127.0.0.1:$(free_port)"]
+submissions_listen = ["127.0.0.1:$(free_port)"]
 [imap]
 listen = ["127.0.0.1:$KERMAIL_IMAP_PORT"]
 listen_tls = ["127.0.0.1:$KERMAIL_IMAPS_PORT"]
