@@ -1442,7 +1442,10 @@ mod tests {
                 2 => &["bob@example.org", "sales@example.org"],
                 _ => &[],
             };
-            addresses.iter().map(|address| address.to_string()).collect()
+            addresses
+                .iter()
+                .map(|address| address.to_string())
+                .collect()
         }
     }
 
@@ -2309,6 +2312,634 @@ QUIT",
         assert_eq!(
             max_recipients(&defaults),
             defaults.max_recipients_per_message
+        );
+    }
+
+    // ----- submission -----
+
+    fn b64(text: &str) -> String {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD.encode(text.as_bytes())
+    }
+
+    /// AUTH PLAIN credentials as an initial response.
+    fn plain(user: &str, password: &str) -> String {
+        b64(&format!("\0{user}\0{password}"))
+    }
+
+    /// A submission session from `client_ip` sharing `limits`.
+    fn submission_session(
+        kind: ListenerKind,
+        config: SmtpConfig,
+        limits: Arc<Limiter>,
+        client_ip: IpAddr,
+    ) -> Session<Table> {
+        let mut session = new_session_of(config, kind, limits);
+        session.params.client_ip = client_ip;
+        session
+    }
+
+    /// Runs `parts` (each a group of client lines, sent after the previous group's replies)
+    /// through a session; `chunk_bytes` splits each part.
+    fn converse(session: &mut Session<Table>, parts: &[&str], chunk_bytes: usize) -> Run {
+        let mut run = Run::default();
+        let greeting = session.step(Input::Connected, test_now());
+        perform(session, greeting, &mut run, &stored);
+        for part in parts {
+            let input = crlf(part);
+            for chunk in input.as_bytes().chunks(chunk_bytes.max(1)) {
+                let output = session.step(Input::Bytes(chunk), test_now());
+                perform(session, output, &mut run, &stored);
+            }
+        }
+        run
+    }
+
+    /// The transcript helper for submission: `parts` must produce `expected` whether each
+    /// part arrives whole or byte by byte (each run with a fresh session and limiter).
+    fn check_submission(
+        kind: ListenerKind,
+        config: SmtpConfig,
+        parts: &[&str],
+        expected: &str,
+    ) -> Run {
+        let client = IpAddr::from([192, 0, 2, 7]);
+        let fresh = || submission_session(kind, config.clone(), Arc::new(Limiter::new()), client);
+        let whole = converse(&mut fresh(), parts, usize::MAX);
+        assert_eq!(whole.text(), crlf(expected), "input in one piece");
+        let bytewise = converse(&mut fresh(), parts, 1);
+        assert_eq!(bytewise.text(), crlf(expected), "input byte by byte");
+        assert_eq!(bytewise.deliveries.len(), whole.deliveries.len());
+        whole
+    }
+
+    const SUBMISSION_EHLO_BEFORE_TLS: &str = "250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 STARTTLS";
+
+    const SUBMISSION_EHLO_TLS: &str = "250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250-CHUNKING
+250 AUTH PLAIN LOGIN";
+
+    #[test]
+    fn submission_refuses_auth_before_tls_on_loopback_too_then_offers_it_over_tls() {
+        let credentials = plain("alice@example.org", "alice password");
+        for client in [IpAddr::from([127, 0, 0, 1]), "::1".parse().unwrap()] {
+            let mut session = submission_session(
+                ListenerKind::Submission,
+                SmtpConfig::default(),
+                Arc::new(Limiter::new()),
+                client,
+            );
+            let run = converse(
+                &mut session,
+                &[
+                    &format!(
+                        "EHLO c
+AUTH PLAIN {credentials}
+AUTH LOGIN
+MAIL FROM:<alice@example.org>
+RCPT TO:<bob@example.org>
+STARTTLS"
+                    ),
+                    &format!(
+                        "EHLO c
+MAIL FROM:<alice@example.org>
+AUTH PLAIN {credentials}
+MAIL FROM:<alice@example.org>"
+                    ),
+                ],
+                usize::MAX,
+            );
+            assert_eq!(
+                run.text(),
+                crlf(&format!(
+                    "220 mx.example.org ESMTP kermail
+{SUBMISSION_EHLO_BEFORE_TLS}
+530 5.7.0 Must issue a STARTTLS command first
+530 5.7.0 Must issue a STARTTLS command first
+530 5.7.0 Authentication required
+503 5.5.1 Error: need MAIL command
+220 2.0.0 Ready to start TLS
+{SUBMISSION_EHLO_TLS}
+530 5.7.0 Authentication required
+235 2.7.0 Authentication successful
+250 2.1.0 Ok"
+                )),
+                "client {client}"
+            );
+            assert_eq!(run.n_password_checks, 1, "no password checked before TLS");
+        }
+    }
+
+    #[test]
+    fn the_mx_listener_neither_offers_nor_accepts_auth_even_over_tls() {
+        let mut session = new_session(SmtpConfig::default());
+        let credentials = plain("alice@example.org", "alice password");
+        let run = converse(
+            &mut session,
+            &[
+                "EHLO c\nSTARTTLS",
+                &format!("EHLO c\nAUTH PLAIN {credentials}\nAUTH LOGIN"),
+            ],
+            usize::MAX,
+        );
+        assert_eq!(
+            run.text(),
+            crlf(&format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+220 2.0.0 Ready to start TLS
+250-mx.example.org
+250-PIPELINING
+250-SIZE 26214400
+250-8BITMIME
+250-SMTPUTF8
+250-ENHANCEDSTATUSCODES
+250 CHUNKING
+503 5.5.1 Error: authentication not enabled
+503 5.5.1 Error: authentication not enabled"
+            ))
+        );
+        assert_eq!(run.n_password_checks, 0);
+    }
+
+    #[test]
+    fn auth_plain_and_login_succeed_with_or_without_initial_response() {
+        let credentials = plain("alice@example.org", "alice password");
+        for kind in [ListenerKind::Submissions, ListenerKind::Submission] {
+            let starttls: &[&str] = match kind {
+                ListenerKind::Submission => &["EHLO c\nSTARTTLS"],
+                _ => &[],
+            };
+            let before = match kind {
+                ListenerKind::Submission => {
+                    format!("{SUBMISSION_EHLO_BEFORE_TLS}\n220 2.0.0 Ready to start TLS\n")
+                }
+                _ => String::new(),
+            };
+            let cases = [
+                (
+                    format!("AUTH PLAIN {credentials}\nAUTH PLAIN {credentials}"),
+                    "235 2.7.0 Authentication successful\n503 5.5.1 Error: already authenticated",
+                ),
+                (
+                    format!("AUTH PLAIN\n{credentials}"),
+                    "334 \n235 2.7.0 Authentication successful",
+                ),
+                (
+                    format!(
+                        "AUTH LOGIN\n{}\n{}",
+                        b64("alice@example.org"),
+                        b64("alice password")
+                    ),
+                    "334 VXNlcm5hbWU6\n334 UGFzc3dvcmQ6\n235 2.7.0 Authentication successful",
+                ),
+                (
+                    format!(
+                        "auth login {}\n{}",
+                        b64("ALICE@example.org"),
+                        b64("alice password")
+                    ),
+                    "334 UGFzc3dvcmQ6\n235 2.7.0 Authentication successful",
+                ),
+            ];
+            for (input, replies) in cases {
+                let auth_part = format!("EHLO c\n{input}\nMAIL FROM:<alice@example.org>");
+                let mut parts: Vec<&str> = starttls.to_vec();
+                parts.push(&auth_part);
+                let run = check_submission(
+                    kind,
+                    SmtpConfig::default(),
+                    &parts,
+                    &format!(
+                        "220 mx.example.org ESMTP kermail
+{before}{SUBMISSION_EHLO_TLS}
+{replies}
+250 2.1.0 Ok"
+                    ),
+                );
+                assert_eq!(run.n_password_checks, 1, "{input}");
+            }
+        }
+    }
+
+    #[test]
+    fn wrong_credentials_get_535_late_and_the_third_failure_closes_the_session() {
+        let run = check_submission(
+            ListenerKind::Submissions,
+            SmtpConfig::default(),
+            &[&format!(
+                "EHLO c
+AUTH PLAIN {}
+AUTH LOGIN {}
+{}
+AUTH PLAIN {}
+NOOP",
+                plain("alice@example.org", "wrong password"),
+                b64("alice@example.org"),
+                b64("wrong password"),
+                plain("nobody@example.org", "alice password"),
+            )],
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{SUBMISSION_EHLO_TLS}
+535 5.7.8 Error: authentication failed
+334 UGFzc3dvcmQ6
+535 5.7.8 Error: authentication failed
+535 5.7.8 Error: authentication failed
+421 4.7.0 mx.example.org Error: too many failed authentication attempts"
+            ),
+        );
+        assert!(run.closed);
+        assert_eq!(run.delays, vec![Duration::from_secs(1); 3]);
+    }
+
+    #[test]
+    fn cancelled_malformed_unknown_and_proxy_auth_are_refused() {
+        let config = SmtpConfig {
+            max_auth_failures_per_session: 10,
+            ..SmtpConfig::default()
+        };
+        let run = check_submission(
+            ListenerKind::Submissions,
+            config,
+            &[&format!(
+                "AUTH PLAIN {}
+EHLO c
+AUTH PLAIN
+*
+AUTH LOGIN
+{}
+*
+AUTH PLAIN !!notbase64
+AUTH PLAIN {}
+AUTH CRAM-MD5
+AUTH PLAIN {}
+MAIL FROM:<alice@example.org>
+AUTH PLAIN {}
+MAIL FROM:<alice@example.org>
+AUTH PLAIN {}",
+                plain("alice@example.org", "alice password"),
+                b64("alice@example.org"),
+                b64("no separators"),
+                b64("bob@example.org\0alice@example.org\0alice password"),
+                plain("alice@example.org", "alice password"),
+                plain("alice@example.org", "alice password"),
+            )],
+            &format!(
+                "220 mx.example.org ESMTP kermail
+503 5.5.1 Error: send HELO/EHLO first
+{SUBMISSION_EHLO_TLS}
+334 
+501 5.7.0 Error: authentication cancelled
+334 VXNlcm5hbWU6
+334 UGFzc3dvcmQ6
+501 5.7.0 Error: authentication cancelled
+501 5.5.2 Error: malformed authentication response
+501 5.5.2 Error: malformed authentication response
+504 5.5.4 Error: unrecognized authentication type
+535 5.7.8 Error: authentication failed
+530 5.7.0 Authentication required
+235 2.7.0 Authentication successful
+250 2.1.0 Ok
+503 5.5.1 Error: already authenticated"
+            ),
+        );
+        // Only the final, well-formed attempt reached the password check.
+        assert_eq!(run.n_password_checks, 1);
+    }
+
+    /// Alice, authenticated over implicit TLS, then the given lines.
+    fn as_alice(lines: &str, expected: &str) -> Run {
+        check_submission(
+            ListenerKind::Submissions,
+            SmtpConfig::default(),
+            &[&format!(
+                "EHLO c\nAUTH PLAIN {}\n{lines}",
+                plain("alice@example.org", "alice password")
+            )],
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{SUBMISSION_EHLO_TLS}
+235 2.7.0 Authentication successful
+{expected}"
+            ),
+        )
+    }
+
+    #[test]
+    fn the_envelope_sender_must_be_the_users_own_address_or_an_alias_of_theirs() {
+        as_alice(
+            "MAIL FROM:<alice@example.org>
+RSET
+MAIL FROM:<Alice@Example.ORG>
+RSET
+MAIL FROM:<info@example.org>
+RSET
+MAIL FROM:<bob@example.org>
+MAIL FROM:<sales@example.org>
+MAIL FROM:<alice@example.net>
+MAIL FROM:<>",
+            "250 2.1.0 Ok
+250 2.0.0 Ok
+250 2.1.0 Ok
+250 2.0.0 Ok
+250 2.1.0 Ok
+250 2.0.0 Ok
+553 5.7.1 <bob@example.org>: Sender address rejected: not owned by user alice@example.org
+553 5.7.1 <sales@example.org>: Sender address rejected: not owned by user alice@example.org
+553 5.7.1 <alice@example.net>: Sender address rejected: not owned by user alice@example.org
+553 5.7.1 <>: Sender address rejected: not owned by user alice@example.org",
+        );
+    }
+
+    #[test]
+    fn the_from_header_is_checked_before_anything_is_stored() {
+        let transaction = |from_lines: &str| {
+            format!(
+                "MAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.org>\nDATA\n{from_lines}Subject: s\n\nbody\n."
+            )
+        };
+        let accepted = "250 2.1.0 Ok\n250 2.1.5 Ok\n354 End data with <CR><LF>.<CR><LF>\n250 2.0.0 Ok: stored as <ID>";
+        let refused = |reason: &str| {
+            format!(
+                "250 2.1.0 Ok\n250 2.1.5 Ok\n354 End data with <CR><LF>.<CR><LF>\n553 5.7.1 Error: {reason}: not owned by user alice@example.org"
+            )
+        };
+        let cases = [
+            ("From: Alice <alice@example.org>\n", accepted.to_owned()),
+            ("From: \"Info\" <INFO@example.org>\n", accepted.to_owned()),
+            ("From:\n alice@example.org\n", accepted.to_owned()),
+            (
+                "From: Bob <bob@example.org>\n",
+                refused("From header address"),
+            ),
+            (
+                "From: <sales@example.org>\n",
+                refused("From header address"),
+            ),
+            (
+                "From: alice@example.org, bob@example.org\n",
+                refused("From header address"),
+            ),
+            (
+                "From: \"alice@example.org\" <mallory@example.net>\n",
+                refused("From header address"),
+            ),
+            ("", refused("no From header")),
+            (
+                "From: alice@example.org\nFrom: bob@example.org\n",
+                refused("more than one From header"),
+            ),
+        ];
+        for (from_lines, expected) in cases {
+            let run = as_alice(&transaction(from_lines), &expected);
+            let n_expected = usize::from(expected.ends_with("<ID>"));
+            assert_eq!(run.deliveries.len(), n_expected, "{from_lines}");
+        }
+        // BDAT ends at the same check.
+        let message = "From: bob@example.org\r\n\r\nx\r\n";
+        let run = as_alice(
+            &format!(
+                "MAIL FROM:<alice@example.org>\nRCPT TO:<bob@example.org>\nBDAT {} LAST\n{message}",
+                message.len()
+            ),
+            "250 2.1.0 Ok
+250 2.1.5 Ok
+553 5.7.1 Error: From header address: not owned by user alice@example.org",
+        );
+        assert!(run.deliveries.is_empty());
+    }
+
+    #[test]
+    fn foreign_recipients_are_refused_with_or_without_authentication() {
+        // Authenticated: the seam where the outbound queue goes.
+        let run = as_alice(
+            "MAIL FROM:<alice@example.org>
+RCPT TO:<someone@gmail.example>
+RCPT TO:<bob@example.org>
+DATA
+From: alice@example.org
+
+hi
+.",
+            "250 2.1.0 Ok
+550 5.7.1 <someone@gmail.example>: outbound delivery is not available yet
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>",
+        );
+        assert_eq!(
+            run.deliveries[0].delivery.recipients,
+            vec!["bob@example.org"]
+        );
+        // Unauthenticated on MX: relaying denied (on submission MAIL already needs AUTH).
+        check(
+            "EHLO c
+MAIL FROM:<alice@example.org>
+RCPT TO:<someone@gmail.example>",
+            &format!(
+                "220 mx.example.org ESMTP kermail
+{EHLO_REPLY}
+250 2.1.0 Ok
+550 5.7.1 <someone@gmail.example>: relaying denied"
+            ),
+        );
+    }
+
+    #[test]
+    fn received_says_esmtpsa_for_an_authenticated_tls_session() {
+        let run = as_alice(
+            "MAIL FROM:<alice@example.org>
+RCPT TO:<bob@example.org>
+DATA
+From: alice@example.org
+
+hi
+.",
+            "250 2.1.0 Ok
+250 2.1.5 Ok
+354 End data with <CR><LF>.<CR><LF>
+250 2.0.0 Ok: stored as <ID>",
+        );
+        let body = String::from_utf8_lossy(&run.deliveries[0].delivery.body);
+        assert!(body.contains(" with ESMTPSA id "), "{body}");
+        assert_eq!(run.deliveries[0].delivery.mail_from, "alice@example.org");
+    }
+
+    #[test]
+    fn failed_logins_are_limited_per_client_address_and_per_account_across_sessions() {
+        let config = SmtpConfig {
+            max_auth_failures_per_session: 100,
+            ..SmtpConfig::default()
+        };
+        let limits = Arc::new(Limiter::new());
+        let attacker = IpAddr::from([198, 51, 100, 1]);
+        let attempt = |client: IpAddr, user: &str, password: &str| {
+            let mut session = submission_session(
+                ListenerKind::Submissions,
+                config.clone(),
+                limits.clone(),
+                client,
+            );
+            let run = converse(
+                &mut session,
+                &[&format!("EHLO c\nAUTH PLAIN {}", plain(user, password))],
+                usize::MAX,
+            );
+            let text = run.text();
+            let last = text.lines().last().unwrap_or("").to_owned();
+            (last, run.n_password_checks, run.delays)
+        };
+        // Five failures from one address, for five different names.
+        for index in 0..5 {
+            let (reply, n_checks, _) =
+                attempt(attacker, &format!("u{index}@example.org"), "wrong password");
+            assert_eq!(reply, "535 5.7.8 Error: authentication failed");
+            assert_eq!(n_checks, 1);
+        }
+        // The sixth, even with the right password, is refused unchecked and late.
+        let (reply, n_checks, delays) = attempt(attacker, "alice@example.org", "alice password");
+        assert_eq!(
+            reply,
+            "454 4.7.0 Error: too many failed authentication attempts, try again later"
+        );
+        assert_eq!(n_checks, 0);
+        assert_eq!(delays, vec![Duration::from_secs(1)]);
+        // Alice from her own address is not affected.
+        let alice_home = IpAddr::from([203, 0, 113, 5]);
+        let (reply, _, _) = attempt(alice_home, "alice@example.org", "alice password");
+        assert_eq!(reply, "235 2.7.0 Authentication successful");
+
+        // Ten failures for bob from ten addresses lock bob's login, from anywhere.
+        for index in 0..10u8 {
+            let (reply, _, _) = attempt(
+                IpAddr::from([192, 0, 2, 100 + index]),
+                "bob@example.org",
+                "nope nope",
+            );
+            assert_eq!(reply, "535 5.7.8 Error: authentication failed");
+        }
+        let (reply, n_checks, _) = attempt(
+            IpAddr::from([203, 0, 113, 9]),
+            "BOB@example.org",
+            "bob password",
+        );
+        assert!(reply.starts_with("454 4.7.0 "), "{reply}");
+        assert_eq!(n_checks, 0);
+        let (reply, _, _) = attempt(
+            IpAddr::from([203, 0, 113, 9]),
+            "alice@example.org",
+            "alice password",
+        );
+        assert_eq!(reply, "235 2.7.0 Authentication successful");
+    }
+
+    #[test]
+    fn sending_is_limited_per_account_per_minute() {
+        let config = SmtpConfig {
+            max_messages_per_account_per_minute: 2,
+            ..SmtpConfig::default()
+        };
+        let limits = Arc::new(Limiter::new());
+        let message = "MAIL FROM:<alice@example.org>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\nFrom: alice@example.org\r\n\r\nx\r\n.\r\n";
+        let mut run = Run::default();
+        let mut session = submission_session(
+            ListenerKind::Submissions,
+            config,
+            limits.clone(),
+            IpAddr::from([192, 0, 2, 7]),
+        );
+        let greeting = session.step(Input::Connected, test_now());
+        perform(&mut session, greeting, &mut run, &stored);
+        let login = format!(
+            "EHLO c\r\nAUTH PLAIN {}\r\n",
+            plain("alice@example.org", "alice password")
+        );
+        let output = session.step(Input::Bytes(login.as_bytes()), test_now());
+        perform(&mut session, output, &mut run, &stored);
+        for _ in 0..2 {
+            let output = session.step(Input::Bytes(message.as_bytes()), test_now());
+            perform(&mut session, output, &mut run, &stored);
+        }
+        let refused = session.step(
+            Input::Bytes(b"MAIL FROM:<alice@example.org>\r\n"),
+            test_now() + Duration::from_secs(59),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&refused.reply),
+            "450 4.7.1 Error: sending rate limit exceeded, try again later\r\n"
+        );
+        let later = session.step(
+            Input::Bytes(b"MAIL FROM:<alice@example.org>\r\n"),
+            test_now() + Duration::from_secs(60),
+        );
+        assert_eq!(String::from_utf8_lossy(&later.reply), "250 2.1.0 Ok\r\n");
+        assert_eq!(run.deliveries.len(), 2);
+    }
+
+    #[test]
+    fn one_log_line_per_auth_attempt_and_never_the_password() {
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let mut session = submission_session(
+                ListenerKind::Submissions,
+                SmtpConfig::default(),
+                Arc::new(Limiter::new()),
+                IpAddr::from([192, 0, 2, 7]),
+            );
+            converse(
+                &mut session,
+                &[&format!(
+                    "EHLO c\nAUTH PLAIN {}\nAUTH LOGIN {}\n{}",
+                    plain("alice@example.org", "TOPSECRET-1"),
+                    b64("alice@example.org"),
+                    b64("alice password"),
+                )],
+                usize::MAX,
+            );
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|line| line.contains("smtp auth"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for (line, mechanism, outcome) in [
+            (lines[0], "PLAIN", "outcome=failure"),
+            (lines[1], "LOGIN", "outcome=success"),
+        ] {
+            for field in [
+                "client=192.0.2.7",
+                "user=alice@example.org",
+                "listener=\"submissions\"",
+                &format!("mechanism={mechanism}"),
+                outcome,
+            ] {
+                assert!(line.contains(field), "{field} missing in {line}");
+            }
+        }
+        assert!(!text.contains("TOPSECRET"), "{text}");
+        assert!(!text.contains("alice password"), "{text}");
+        assert!(
+            !text.contains(&plain("alice@example.org", "TOPSECRET-1")),
+            "{text}"
         );
     }
 
