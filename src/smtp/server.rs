@@ -1079,3 +1079,364 @@ caf\xc3\xa9 8-bit\r\n\r\n  indented\ttab\r\nlast line\r\n";
         node.stop().await;
     }
 }
+
+/// Submission end to end: real sockets, the real store (`MailStore::open_local`), the MX and
+/// both submission listeners of one node sharing one limiter.
+#[cfg(test)]
+mod submission_tests {
+    use super::*;
+    use crate::smtp::test_client::Client;
+    use crate::store::AccountId;
+    use base64::Engine as _;
+
+    const PASSWORD: &str = "correct horse battery";
+
+    struct Node {
+        mx: SocketAddr,
+        submission: SocketAddr,
+        submissions: SocketAddr,
+        store: MailStore,
+        alice: AccountId,
+        bob: AccountId,
+        shutdown: CancellationToken,
+        tasks: JoinSet<std::io::Result<()>>,
+        _data: tempfile::TempDir,
+    }
+
+    impl Node {
+        async fn start(config: SmtpConfig) -> Node {
+            crate::tls::install_crypto_provider();
+            let data = tempfile::tempdir().unwrap();
+            let store = MailStore::open_local(data.path()).unwrap();
+            store.add_domain("example.org").await.unwrap();
+            let alice = store
+                .add_account("alice@example.org", PASSWORD)
+                .await
+                .unwrap();
+            let bob = store
+                .add_account("bob@example.org", PASSWORD)
+                .await
+                .unwrap();
+            store
+                .add_alias("info@example.org", "alice@example.org")
+                .await
+                .unwrap();
+            store
+                .add_alias("sales@example.org", "bob@example.org")
+                .await
+                .unwrap();
+            let tls = crate::tls::self_signed(&["localhost".into()]).unwrap();
+            let config = Arc::new(config);
+            let hostname: Arc<str> = Arc::from("mx.example.org");
+            let shutdown = CancellationToken::new();
+            let limits = Arc::new(Limiter::new());
+            let mut tasks = JoinSet::new();
+            let mut addresses = Vec::new();
+            for kind in [
+                ListenerKind::Mx,
+                ListenerKind::Submission,
+                ListenerKind::Submissions,
+            ] {
+                let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+                addresses.push(listener.local_addr().unwrap());
+                tasks.spawn(serve_listener(
+                    listener,
+                    kind,
+                    config.clone(),
+                    hostname.clone(),
+                    store.clone(),
+                    tls.clone(),
+                    limits.clone(),
+                    shutdown.clone(),
+                ));
+            }
+            Node {
+                mx: addresses[0],
+                submission: addresses[1],
+                submissions: addresses[2],
+                store,
+                alice,
+                bob,
+                shutdown,
+                tasks,
+                _data: data,
+            }
+        }
+
+        /// A session on port 587 after greeting, EHLO and STARTTLS, not authenticated.
+        async fn submission_tls(&self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+            let mut client = Client::connect(self.submission).await;
+            assert!(client.reply().await.starts_with("220 "));
+            let ehlo = client.command("EHLO client.example.net").await;
+            assert!(ehlo.contains("250 STARTTLS\r\n"), "{ehlo}");
+            assert!(!ehlo.contains("AUTH"), "{ehlo}");
+            assert!(client.command("STARTTLS").await.starts_with("220 "));
+            let mut client = client.start_tls().await.expect("tls");
+            let ehlo = client.command("EHLO client.example.net").await;
+            assert!(ehlo.contains("250 AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+            client
+        }
+
+        /// A session on port 465 (implicit TLS) after greeting and EHLO.
+        async fn submissions(&self) -> Client<tokio_rustls::client::TlsStream<TcpStream>> {
+            let client = Client::connect(self.submissions).await;
+            let mut client = client.start_tls().await.expect("implicit tls");
+            assert!(client.reply().await.starts_with("220 mx.example.org "));
+            let ehlo = client.command("EHLO client.example.net").await;
+            assert!(ehlo.contains("250 AUTH PLAIN LOGIN\r\n"), "{ehlo}");
+            client
+        }
+
+        async fn inbox(&self, account: AccountId) -> Vec<String> {
+            let view = self.store.mailbox_by_name(account, "INBOX").expect("INBOX");
+            let mut bodies = Vec::new();
+            for message in view.messages.iter() {
+                let body = self.store.body(message.blob).await.unwrap();
+                bodies.push(String::from_utf8_lossy(&body).into_owned());
+            }
+            bodies
+        }
+
+        async fn stop(mut self) {
+            self.shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(60), async {
+                while let Some(result) = self.tasks.join_next().await {
+                    result.expect("serve task").expect("serve result");
+                }
+            })
+            .await
+            .expect("serve returns");
+        }
+    }
+
+    fn plain(user: &str, password: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"))
+    }
+
+    fn b64(text: &str) -> String {
+        base64::engine::general_purpose::STANDARD.encode(text)
+    }
+
+    fn quick_failures() -> SmtpConfig {
+        SmtpConfig {
+            auth_failure_delay_ms: 0,
+            ..SmtpConfig::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn an_authenticated_message_over_starttls_reaches_the_local_inbox() {
+        let node = Node::start(SmtpConfig::default()).await;
+        let mut client = Client::connect(node.submission).await;
+        client.reply().await;
+        client.command("EHLO c").await;
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("alice@example.org", PASSWORD)
+            ))
+            .await;
+        assert_eq!(reply, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+        drop(client);
+
+        let mut client = node.submission_tls().await;
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("alice@example.org", PASSWORD)
+            ))
+            .await;
+        assert_eq!(reply, "235 2.7.0 Authentication successful\r\n");
+        let message = b"From: Alice <alice@example.org>\r\nTo: bob@example.org\r\n\
+Subject: submitted\r\n\r\nhello bob\r\n";
+        let reply = client
+            .send_message("alice@example.org", &["bob@example.org"], message)
+            .await;
+        assert!(reply.starts_with("250 2.0.0 Ok: stored as "), "{reply}");
+        // As her alias, to herself through the alias of bob's.
+        let message = b"From: info@example.org\r\nSubject: as alias\r\n\r\nx\r\n";
+        let reply = client
+            .send_message("info@example.org", &["sales@example.org"], message)
+            .await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        client.command("QUIT").await;
+
+        let inbox = node.inbox(node.bob).await;
+        assert_eq!(inbox.len(), 2);
+        assert!(inbox[0].starts_with("Return-Path: <alice@example.org>\r\nReceived: from client.example.net ([127.0.0.1])\r\n\tby mx.example.org (kermail) with ESMTPSA id "), "{}", inbox[0]);
+        assert!(inbox[0].ends_with("Subject: submitted\r\n\r\nhello bob\r\n"));
+        assert!(node.inbox(node.alice).await.is_empty());
+        node.stop().await;
+    }
+
+    #[tokio::test]
+    async fn auth_login_over_implicit_tls_and_a_wrong_password() {
+        let node = Node::start(quick_failures()).await;
+        let mut client = node.submissions().await;
+        assert_eq!(
+            client
+                .command(&format!(
+                    "AUTH PLAIN {}",
+                    plain("alice@example.org", "wrong password")
+                ))
+                .await,
+            "535 5.7.8 Error: authentication failed\r\n"
+        );
+        assert_eq!(client.command("AUTH LOGIN").await, "334 VXNlcm5hbWU6\r\n");
+        assert_eq!(
+            client.command(&b64("alice@example.org")).await,
+            "334 UGFzc3dvcmQ6\r\n"
+        );
+        assert_eq!(
+            client.command(&b64(PASSWORD)).await,
+            "235 2.7.0 Authentication successful\r\n"
+        );
+        let reply = client
+            .send_message(
+                "alice@example.org",
+                &["alice@example.org"],
+                b"From: alice@example.org\r\n\r\nnote to self\r\n",
+            )
+            .await;
+        assert!(reply.starts_with("250 2.0.0"), "{reply}");
+        assert_eq!(node.inbox(node.alice).await.len(), 1);
+        node.stop().await;
+    }
+
+    /// The relay matrix of issue 5: every line refused, nothing stored.
+    #[tokio::test]
+    async fn relay_matrix_every_attempt_is_refused_and_nothing_is_stored() {
+        let node = Node::start(quick_failures()).await;
+        let foreign = "victim@gmail.example";
+
+        // Unauthenticated to a foreign domain on the MX listener.
+        let mut mx = Client::connect(node.mx).await;
+        mx.reply().await;
+        mx.command("EHLO c").await;
+        assert!(mx
+            .command("MAIL FROM:<alice@example.org>")
+            .await
+            .starts_with("250"));
+        let reply = mx.command(&format!("RCPT TO:<{foreign}>")).await;
+        assert_eq!(reply, format!("550 5.7.1 <{foreign}>: relaying denied\r\n"));
+        assert!(mx.command("DATA").await.starts_with("554 5.5.1"));
+
+        // Unauthenticated on submission, before and after STARTTLS.
+        let mut plain_587 = Client::connect(node.submission).await;
+        plain_587.reply().await;
+        plain_587.command("EHLO c").await;
+        let reply = plain_587.command("MAIL FROM:<alice@example.org>").await;
+        assert_eq!(reply, "530 5.7.0 Authentication required\r\n");
+        let reply = plain_587.command(&format!("RCPT TO:<{foreign}>")).await;
+        assert!(reply.starts_with("503 5.5.1"), "{reply}");
+        // AUTH before TLS on 587, from loopback, with the right password.
+        for command in [
+            format!("AUTH PLAIN {}", plain("alice@example.org", PASSWORD)),
+            "AUTH LOGIN".to_owned(),
+        ] {
+            let reply = plain_587.command(&command).await;
+            assert_eq!(reply, "530 5.7.0 Must issue a STARTTLS command first\r\n");
+        }
+        let mut tls_587 = node.submission_tls().await;
+        let reply = tls_587.command("MAIL FROM:<alice@example.org>").await;
+        assert_eq!(reply, "530 5.7.0 Authentication required\r\n");
+        let reply = tls_587.command(&format!("RCPT TO:<{foreign}>")).await;
+        assert!(reply.starts_with("503 5.5.1"), "{reply}");
+
+        // Unauthenticated on submissions (465).
+        let mut tls_465 = node.submissions().await;
+        let reply = tls_465.command("MAIL FROM:<alice@example.org>").await;
+        assert_eq!(reply, "530 5.7.0 Authentication required\r\n");
+        let reply = tls_465.command(&format!("RCPT TO:<{foreign}>")).await;
+        assert!(reply.starts_with("503 5.5.1"), "{reply}");
+
+        // Authenticated alice: as bob, as bob's alias, as a foreign address, From as bob.
+        let reply = tls_465
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("alice@example.org", PASSWORD)
+            ))
+            .await;
+        assert!(reply.starts_with("235 "), "{reply}");
+        for sender in [
+            "bob@example.org",
+            "sales@example.org",
+            "alice@gmail.example",
+            "",
+        ] {
+            let reply = tls_465.command(&format!("MAIL FROM:<{sender}>")).await;
+            assert!(reply.starts_with("553 5.7.1 "), "{sender}: {reply}");
+        }
+        let reply = tls_465
+            .send_message(
+                "alice@example.org",
+                &["alice@example.org"],
+                b"From: bob@example.org\r\n\r\nforged\r\n",
+            )
+            .await;
+        assert!(reply.starts_with("553 5.7.1 "), "{reply}");
+        // Authenticated to a foreign domain: refused until the outbound queue exists.
+        assert!(tls_465
+            .command("MAIL FROM:<alice@example.org>")
+            .await
+            .starts_with("250"));
+        let reply = tls_465.command(&format!("RCPT TO:<{foreign}>")).await;
+        assert_eq!(
+            reply,
+            format!("550 5.7.1 <{foreign}>: outbound delivery is not available yet\r\n")
+        );
+        drop((mx, plain_587, tls_587, tls_465));
+        let store = node.store.clone();
+        node.stop().await;
+        assert_eq!(store.stats().messages, 0);
+    }
+
+    #[tokio::test]
+    async fn failed_logins_on_587_count_on_465_and_close_the_session() {
+        let config = SmtpConfig {
+            max_auth_failures_per_ip: 4,
+            ..quick_failures()
+        };
+        let node = Node::start(config).await;
+        let mut client = node.submission_tls().await;
+        for _ in 0..2 {
+            let reply = client
+                .command(&format!(
+                    "AUTH PLAIN {}",
+                    plain("alice@example.org", "bad password")
+                ))
+                .await;
+            assert_eq!(reply, "535 5.7.8 Error: authentication failed\r\n");
+        }
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("bob@example.org", "bad password")
+            ))
+            .await;
+        assert_eq!(reply, "535 5.7.8 Error: authentication failed\r\n");
+        assert_eq!(
+            client.reply().await,
+            "421 4.7.0 mx.example.org Error: too many failed authentication attempts\r\n"
+        );
+        assert_eq!(client.reply().await, "", "closed");
+
+        let mut client = node.submissions().await;
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("bob@example.org", "bad password")
+            ))
+            .await;
+        assert!(reply.starts_with("535 "), "{reply}");
+        // Four failures from 127.0.0.1 over both ports: even the right password is refused.
+        let reply = client
+            .command(&format!(
+                "AUTH PLAIN {}",
+                plain("bob@example.org", PASSWORD)
+            ))
+            .await;
+        assert!(reply.starts_with("454 4.7.0 "), "{reply}");
+        node.stop().await;
+    }
+}

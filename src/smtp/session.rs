@@ -1337,7 +1337,7 @@ fn decode_sasl(response: &str) -> Option<Vec<u8>> {
 /// lowercase). The null sender is not: an authenticated user sends as an address of theirs.
 fn sender_allowed(address: &str, allowed: &[String]) -> bool {
     let address = address.trim().to_lowercase();
-    !address.is_empty() && allowed.iter().any(|own| *own == address)
+    !address.is_empty() && allowed.contains(&address)
 }
 
 /// Checks the From header of a submitted message: exactly one From field, naming at least one
