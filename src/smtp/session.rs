@@ -835,11 +835,8 @@ impl<R: Recipients> Session<R> {
         if let Some(authenticated) = &self.authenticated {
             let allowed = self.recipients.sender_addresses(authenticated.account);
             if let Err(reason) = check_from_header(&transaction.body, &allowed) {
-                let reply = format!(
-                    "553 5.7.1 Error: {reason}: not owned by user {}",
-                    authenticated.login
-                );
-                self.log_transaction(&summary, &format!("rejected: {reason}"), "-");
+                let reply = format!("553 5.7.1 Error: From header refused: {reason}");
+                self.log_transaction(&summary, &format!("rejected: From header: {reason}"), "-");
                 return self.push_reply(out, &reply);
             }
             let account = authenticated.account;
@@ -1360,7 +1357,7 @@ fn check_from_header(message: &[u8], allowed: &[String]) -> Result<(), &'static 
         n_addresses += 1;
         let address = address.address.as_deref().ok_or("unreadable From header")?;
         if !sender_allowed(address, allowed) {
-            return Err("From header address");
+            return Err("address not owned by the authenticated user");
         }
     }
     if n_addresses == 0 {
@@ -1532,6 +1529,7 @@ mod tests {
                         next = Some(session.step(Input::TlsEstablished, test_now()));
                     }
                     Action::Authenticate(credentials) => {
+                        assert!(session.is_tls(), "a password is checked only over TLS");
                         run.n_password_checks += 1;
                         let account = table_authenticate(&credentials);
                         next = Some(session.step(Input::AuthDone(account), test_now()));
@@ -2674,34 +2672,36 @@ MAIL FROM:<>",
         let accepted = "250 2.1.0 Ok\n250 2.1.5 Ok\n354 End data with <CR><LF>.<CR><LF>\n250 2.0.0 Ok: stored as <ID>";
         let refused = |reason: &str| {
             format!(
-                "250 2.1.0 Ok\n250 2.1.5 Ok\n354 End data with <CR><LF>.<CR><LF>\n553 5.7.1 Error: {reason}: not owned by user alice@example.org"
+                "250 2.1.0 Ok\n250 2.1.5 Ok\n354 End data with <CR><LF>.<CR><LF>\n553 5.7.1 Error: From header refused: {reason}"
             )
         };
+        const NOT_OWNED: &str = "address not owned by the authenticated user";
         let cases = [
             ("From: Alice <alice@example.org>\n", accepted.to_owned()),
             ("From: \"Info\" <INFO@example.org>\n", accepted.to_owned()),
             ("From:\n alice@example.org\n", accepted.to_owned()),
-            (
-                "From: Bob <bob@example.org>\n",
-                refused("From header address"),
-            ),
-            (
-                "From: <sales@example.org>\n",
-                refused("From header address"),
-            ),
+            ("From: Bob <bob@example.org>\n", refused(NOT_OWNED)),
+            ("From: <sales@example.org>\n", refused(NOT_OWNED)),
             (
                 "From: alice@example.org, bob@example.org\n",
-                refused("From header address"),
+                refused(NOT_OWNED),
             ),
             (
                 "From: \"alice@example.org\" <mallory@example.net>\n",
-                refused("From header address"),
+                refused(NOT_OWNED),
             ),
             ("", refused("no From header")),
             (
                 "From: alice@example.org\nFrom: bob@example.org\n",
                 refused("more than one From header"),
             ),
+            (
+                "From: alice@example.org\nFROM : bob@example.org\n",
+                refused("more than one From header"),
+            ),
+            ("from: alice@example.org\n", accepted.to_owned()),
+            ("From: Alice\n", refused("unreadable From header")),
+            ("From: undisclosed:;\n", refused("no From address")),
         ];
         for (from_lines, expected) in cases {
             let run = as_alice(&transaction(from_lines), &expected);
@@ -2717,7 +2717,7 @@ MAIL FROM:<>",
             ),
             "250 2.1.0 Ok
 250 2.1.5 Ok
-553 5.7.1 Error: From header address: not owned by user alice@example.org",
+553 5.7.1 Error: From header refused: address not owned by the authenticated user",
         );
         assert!(run.deliveries.is_empty());
     }
