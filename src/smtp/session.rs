@@ -2963,8 +2963,133 @@ hi
         ]
     }
 
+    /// Pieces of submission sessions, for the property test.
+    fn submission_fragment() -> impl Strategy<Value = Vec<u8>> {
+        let login = |user: &str, password: &str| {
+            format!("AUTH PLAIN {}\r\n", plain(user, password)).into_bytes()
+        };
+        prop_oneof![
+            Just(b"EHLO c\r\n".to_vec()),
+            Just(b"STARTTLS\r\n".to_vec()),
+            Just(login("alice@example.org", "alice password")),
+            Just(login("bob@example.org", "bob password")),
+            Just(login("bob@example.org", "alice password")),
+            Just(b"AUTH LOGIN\r\n".to_vec()),
+            Just(format!("{}\r\n", b64("alice@example.org")).into_bytes()),
+            Just(format!("{}\r\n", b64("alice password")).into_bytes()),
+            Just(b"*\r\n".to_vec()),
+            Just(b"MAIL FROM:<alice@example.org>\r\n".to_vec()),
+            Just(b"MAIL FROM:<info@example.org>\r\n".to_vec()),
+            Just(b"MAIL FROM:<bob@example.org>\r\n".to_vec()),
+            Just(b"MAIL FROM:<sales@example.org>\r\n".to_vec()),
+            Just(b"MAIL FROM:<x@foreign.example>\r\n".to_vec()),
+            Just(b"RCPT TO:<alice@example.org>\r\n".to_vec()),
+            Just(b"RCPT TO:<x@foreign.example>\r\n".to_vec()),
+            Just(b"DATA\r\n".to_vec()),
+            Just(b"From: alice@example.org\r\n".to_vec()),
+            Just(b"From: bob@example.org\r\n".to_vec()),
+            Just(b"From: sales@example.org\r\n".to_vec()),
+            Just(b"\r\nbody\r\n.\r\n".to_vec()),
+            Just(b"BDAT 30 LAST\r\n".to_vec()),
+            Just(b"RSET\r\n".to_vec()),
+            proptest::collection::vec(any::<u8>(), 0..32),
+            // Whole transactions, some of them allowed for one user.
+            (0usize..4, 0usize..4).prop_map(|(sender, from)| {
+                let addresses = [
+                    "alice@example.org",
+                    "info@example.org",
+                    "bob@example.org",
+                    "sales@example.org",
+                ];
+                format!(
+                    "MAIL FROM:<{}>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n\
+                     From: {}\r\n\r\nbody\r\n.\r\n",
+                    addresses[sender], addresses[from]
+                )
+                .into_bytes()
+            }),
+        ]
+    }
+
+    /// How a submission session starts, for the property test: nothing, or EHLO, STARTTLS
+    /// unless the TLS is implicit, EHLO and a login.
+    fn submission_opening(implicit_tls: bool, who: u8) -> Vec<u8> {
+        let tls = if implicit_tls {
+            ""
+        } else {
+            "STARTTLS\r\nEHLO c\r\n"
+        };
+        let login = match who {
+            0 => return Vec::new(),
+            1 => plain("alice@example.org", "alice password"),
+            _ => plain("bob@example.org", "bob password"),
+        };
+        format!("EHLO c\r\n{tls}AUTH PLAIN {login}\r\n").into_bytes()
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Whatever a submission client sends: a password is checked only over TLS (asserted
+        /// in `perform`), and every message stored was sent by the account that logged in, as
+        /// one of its addresses, envelope and From alike, to local recipients only.
+        #[test]
+        fn a_submission_session_stores_only_what_its_user_may_send(
+            fragments in proptest::collection::vec(submission_fragment(), 0..40),
+            chunk_bytes in 1usize..64,
+            implicit_tls in any::<bool>(),
+            who in 0u8..3,
+        ) {
+            let kind = if implicit_tls {
+                ListenerKind::Submissions
+            } else {
+                ListenerKind::Submission
+            };
+            let mut session = submission_session(
+                kind,
+                SmtpConfig::default(),
+                Arc::new(Limiter::new()),
+                IpAddr::from([127, 0, 0, 1]),
+            );
+            let mut input = submission_opening(implicit_tls, who);
+            input.extend(fragments.concat());
+            let mut run = Run::default();
+            let greeting = session.step(Input::Connected, test_now());
+            perform(&mut session, greeting, &mut run, &stored);
+            // The opening goes whole (bytes behind STARTTLS would be dropped), the rest in
+            // chunks.
+            let opening_bytes = submission_opening(implicit_tls, who).len();
+            let (opening, rest) = input.split_at(opening_bytes);
+            let mut parts: Vec<&[u8]> = Vec::new();
+            if !implicit_tls && !opening.is_empty() {
+                let starttls_end = b"EHLO c\r\nSTARTTLS\r\n".len();
+                parts.push(&opening[..starttls_end]);
+                parts.push(&opening[starttls_end..]);
+            } else if !opening.is_empty() {
+                parts.push(opening);
+            }
+            parts.extend(rest.chunks(chunk_bytes));
+            for chunk in parts {
+                let output = session.step(Input::Bytes(chunk), test_now());
+                perform(&mut session, output, &mut run, &stored);
+            }
+            if !run.deliveries.is_empty() {
+                let account = session.authenticated_account();
+                prop_assert!(account.is_some());
+                let allowed = Table.sender_addresses(account.unwrap_or(0));
+                for pending in &run.deliveries {
+                    let delivery = &pending.delivery;
+                    prop_assert!(allowed.contains(&delivery.mail_from));
+                    for recipient in &delivery.recipients {
+                        prop_assert_eq!(Table.check_recipient(recipient), RecipientCheck::Local);
+                    }
+                    let body = String::from_utf8_lossy(&delivery.body);
+                    prop_assert!(body.contains(" with ESMTPSA id "), "{}", body);
+                    // The trace headers in front hold no From.
+                    prop_assert!(check_from_header(&delivery.body, &allowed).is_ok());
+                }
+            }
+        }
 
         /// Arbitrary input never panics, and every Deliver carries a complete transaction:
         /// a sender, at least one recipient, each of them local, trace headers first.
