@@ -126,14 +126,20 @@ fn client_key(client: IpAddr) -> IpAddr {
     }
 }
 
-/// Login names are compared as the store compares addresses: trimmed, lowercase.
+/// Login names are reduced the way the store normalizes addresses before looking them up
+/// (trimmed, ASCII lowercase, the domain trimmed and without trailing dots), so that every
+/// spelling that can log in as an account counts against that one account.
 fn login_key(login: &str) -> String {
-    login
+    let login: String = login
         .trim()
         .chars()
         .take(LOGIN_KEY_LENGTH_MAX)
         .collect::<String>()
-        .to_lowercase()
+        .to_ascii_lowercase();
+    match login.rsplit_once('@') {
+        Some((local, domain)) => format!("{local}@{}", domain.trim().trim_end_matches('.')),
+        None => login,
+    }
 }
 
 /// Event times (milliseconds since the epoch) per key, oldest first.
@@ -254,13 +260,20 @@ mod tests {
         let limiter = Limiter::new();
         for index in 0..10u8 {
             let client = IpAddr::from([198, 51, 100, index]);
-            limiter.auth_failed(client, "Alice@Example.org ", &config, at(1));
+            let spelling = if index % 2 == 0 {
+                "Alice@Example.org "
+            } else {
+                "alice@example.org."
+            };
+            limiter.auth_failed(client, spelling, &config, at(1));
         }
         let fresh = IpAddr::from([203, 0, 113, 1]);
-        assert_eq!(
-            limiter.auth_blocked(fresh, "alice@example.org", &config, at(2)),
-            Some(AuthBlock::Account)
-        );
+        for spelling in ["alice@example.org", " ALICE@ example.org.. "] {
+            assert_eq!(
+                limiter.auth_blocked(fresh, spelling, &config, at(2)),
+                Some(AuthBlock::Account)
+            );
+        }
         assert_eq!(
             limiter.auth_blocked(fresh, "bob@example.org", &config, at(2)),
             None

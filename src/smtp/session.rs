@@ -832,6 +832,11 @@ impl<R: Recipients> Session<R> {
             self.log_transaction(&summary, "rejected: message too big", "-");
             return self.push_reply(out, REPLY_TOO_BIG);
         }
+        if self.params.kind.is_submission() && self.authenticated.is_none() {
+            // MAIL already needs AUTH; this only guards the invariant.
+            self.log_transaction(&summary, "rejected: not authenticated", "-");
+            return self.push_reply(out, "530 5.7.0 Authentication required");
+        }
         if let Some(authenticated) = &self.authenticated {
             let allowed = self.recipients.sender_addresses(authenticated.account);
             if let Err(reason) = check_from_header(&transaction.body, &allowed) {
@@ -1333,7 +1338,7 @@ fn decode_sasl(response: &str) -> Option<Vec<u8>> {
 /// Whether `address` (an envelope sender or a From address) is one of `allowed` (normalized,
 /// lowercase). The null sender is not: an authenticated user sends as an address of theirs.
 fn sender_allowed(address: &str, allowed: &[String]) -> bool {
-    let address = address.trim().to_lowercase();
+    let address = address.trim().to_ascii_lowercase();
     !address.is_empty() && allowed.contains(&address)
 }
 
