@@ -107,6 +107,9 @@ while True:
     code, text = reply(f)
     if code is None or code == 221:
         break
+    if code == 421:   # "too many errors": the server closes the session, a clean close
+        assert reply(f)[0] is None, "session not closed after 421"
+        break
     assert 500 <= code < 600, (code, text)
 s.close()
 

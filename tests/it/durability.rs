@@ -64,8 +64,8 @@ const STRACE_CHECK: &str = r#"
 import collections
 path, data_dir, expected = POS[0], POS[1], int(POS[2])
 STR = re.compile(r'"((?:[^"\\]|\\.)*)"')
-ENTRY = re.compile(r'^(\d+) (\w+)\((\d+)<((?:TCP[^\]]*\])|[^>]*)>(.*)$')
-RESUMED = re.compile(r'^(\d+) <\.\.\. (\w+) resumed>(.*)$')
+ENTRY = re.compile(r'^(\d+) +(\w+)\((\d+)<((?:TCP[^\]]*\])|[^>]*)>(.*)$')
+RESUMED = re.compile(r'^(\d+) +<\.\.\. (\w+) resumed>(.*)$')
 events = []          # dicts: name, target, text, entry, exit
 pending = {}         # pid -> event
 for n, line in enumerate(open(path, errors="replace")):
