@@ -407,6 +407,15 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
     }
 }
 
+/// For fuzzing only (`fuzz/`): whether an encoded [`kermail_cluster::AppStateMachine::apply`]
+/// response is a refusal; `None` if the bytes are not a response.
+#[doc(hidden)]
+pub fn fuzz_response_is_refused(response: &[u8]) -> Option<bool> {
+    decode_response(response)
+        .ok()
+        .map(|response| matches!(response, Response::Refused(_)))
+}
+
 /// Applies commands directly, in order, without Raft: for unit tests of SMTP, IMAP and admin.
 pub struct LocalProposer {
     machine: Arc<MailStateMachine>,
