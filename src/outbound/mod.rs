@@ -13,6 +13,7 @@
 
 pub mod client;
 pub mod dkim;
+pub mod dns;
 pub mod dsn;
 pub mod mx;
 pub mod policy;
