@@ -944,3 +944,797 @@ fn log_outcomes(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbound::mx::MxRecord;
+    use crate::outbound::policy::IpFamily;
+    use std::collections::HashMap;
+    use std::net::IpAddr;
+    use std::sync::{Arc, Mutex};
+    use std::time::Instant;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    use tokio::net::TcpListener;
+    use tokio::task::JoinHandle;
+
+    /// Upper bound on one test line at the sink.
+    const SINK_MAX_LINE_BYTES: usize = 64 * 1024;
+    /// Generous per-test deadline, so a hung client fails the test instead of hanging it.
+    const TEST_DEADLINE: Duration = Duration::from_secs(60);
+
+    #[derive(Clone)]
+    struct SinkBehaviour {
+        greeting: String,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        /// Advertise STARTTLS, answer 220, then drop the connection instead of handshaking.
+        broken_tls: bool,
+        /// Recipient → reply line; default `250 2.1.5 ok`.
+        rcpt: HashMap<String, String>,
+        data_reply: String,
+    }
+
+    impl Default for SinkBehaviour {
+        fn default() -> Self {
+            Self {
+                greeting: "220 sink.test ESMTP".into(),
+                tls: None,
+                broken_tls: false,
+                rcpt: HashMap::new(),
+                data_reply: "250 2.0.0 queued as 1".into(),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct SinkConnection {
+        peer: SocketAddr,
+        commands: Vec<String>,
+        tls: bool,
+    }
+
+    #[derive(Debug, Clone)]
+    struct Received {
+        connection: usize,
+        mail_from: String,
+        recipients: Vec<String>,
+        data: Vec<u8>,
+        at: Instant,
+    }
+
+    #[derive(Default)]
+    struct Record {
+        connections: Vec<SinkConnection>,
+        messages: Vec<Received>,
+    }
+
+    struct Sink {
+        v4: SocketAddr,
+        v6: SocketAddr,
+        record: Arc<Mutex<Record>>,
+        tasks: Vec<JoinHandle<()>>,
+    }
+
+    impl Drop for Sink {
+        fn drop(&mut self) {
+            for task in &self.tasks {
+                task.abort();
+            }
+        }
+    }
+
+    impl Sink {
+        async fn start(behaviour: SinkBehaviour) -> Self {
+            crate::tls::install_crypto_provider();
+            let record = Arc::new(Mutex::new(Record::default()));
+            let behaviour = Arc::new(behaviour);
+            let v4 = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let v6 = TcpListener::bind("[::1]:0").await.unwrap();
+            let (a4, a6) = (v4.local_addr().unwrap(), v6.local_addr().unwrap());
+            let tasks = [v4, v6]
+                .into_iter()
+                .map(|listener| {
+                    let record = record.clone();
+                    let behaviour = behaviour.clone();
+                    tokio::spawn(async move {
+                        while let Ok((stream, peer)) = listener.accept().await {
+                            let index = {
+                                let mut r = record.lock().unwrap();
+                                r.connections.push(SinkConnection {
+                                    peer,
+                                    commands: Vec::new(),
+                                    tls: false,
+                                });
+                                r.connections.len() - 1
+                            };
+                            let record = record.clone();
+                            let behaviour = behaviour.clone();
+                            tokio::spawn(async move {
+                                let _ = handle(stream, index, &behaviour, &record).await;
+                            });
+                        }
+                    })
+                })
+                .collect();
+            Self {
+                v4: a4,
+                v6: a6,
+                record,
+                tasks,
+            }
+        }
+
+        fn connections(&self) -> Vec<SinkConnection> {
+            self.record.lock().unwrap().connections.clone()
+        }
+
+        fn messages(&self) -> Vec<Received> {
+            self.record.lock().unwrap().messages.clone()
+        }
+    }
+
+    enum End {
+        Closed,
+        StartTls,
+    }
+
+    async fn handle(
+        stream: TcpStream,
+        index: usize,
+        behaviour: &SinkBehaviour,
+        record: &Mutex<Record>,
+    ) -> std::io::Result<()> {
+        let mut io = BufReader::new(stream);
+        io.write_all(format!("{}\r\n", behaviour.greeting).as_bytes())
+            .await?;
+        if let End::StartTls = serve(&mut io, index, behaviour, record, false).await? {
+            if behaviour.broken_tls {
+                return Ok(());
+            }
+            let Some(config) = behaviour.tls.clone() else {
+                return Ok(());
+            };
+            let tls = tokio_rustls::TlsAcceptor::from(config)
+                .accept(io.into_inner())
+                .await?;
+            record.lock().unwrap().connections[index].tls = true;
+            serve(&mut BufReader::new(tls), index, behaviour, record, true).await?;
+        }
+        Ok(())
+    }
+
+    async fn read_line<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufReader<S>,
+    ) -> std::io::Result<Option<Vec<u8>>> {
+        let mut line = Vec::new();
+        let n = (&mut *io)
+            .take(SINK_MAX_LINE_BYTES as u64)
+            .read_until(b'\n', &mut line)
+            .await?;
+        Ok((n > 0).then_some(line))
+    }
+
+    fn between_brackets(line: &str) -> String {
+        let start = line.find('<').map_or(0, |i| i + 1);
+        let end = line.rfind('>').unwrap_or(line.len());
+        line.get(start..end).unwrap_or_default().to_owned()
+    }
+
+    async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+        io: &mut BufReader<S>,
+        index: usize,
+        behaviour: &SinkBehaviour,
+        record: &Mutex<Record>,
+        tls_active: bool,
+    ) -> std::io::Result<End> {
+        let mut mail_from = String::new();
+        let mut accepted: Vec<String> = Vec::new();
+        while let Some(raw) = read_line(io).await? {
+            let line = String::from_utf8_lossy(&raw).trim_end().to_owned();
+            record.lock().unwrap().connections[index]
+                .commands
+                .push(line.clone());
+            let upper = line.to_ascii_uppercase();
+            let reply: String = if upper.starts_with("EHLO") {
+                let starttls = behaviour.tls.is_some() && !tls_active || behaviour.broken_tls;
+                format!(
+                    "250-sink.test\r\n250-SIZE 10000000\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n{}250 ENHANCEDSTATUSCODES",
+                    if starttls { "250-STARTTLS\r\n" } else { "" }
+                )
+            } else if upper.starts_with("HELO") {
+                "250 sink.test".into()
+            } else if upper == "STARTTLS" {
+                if (behaviour.tls.is_some() || behaviour.broken_tls) && !tls_active {
+                    io.write_all(b"220 2.0.0 ready\r\n").await?;
+                    io.flush().await?;
+                    return Ok(End::StartTls);
+                }
+                "502 5.5.1 no".into()
+            } else if upper.starts_with("MAIL FROM:") {
+                mail_from = between_brackets(&line);
+                accepted.clear();
+                "250 2.1.0 ok".into()
+            } else if upper.starts_with("RCPT TO:") {
+                let address = between_brackets(&line);
+                let reply = behaviour
+                    .rcpt
+                    .get(&address)
+                    .cloned()
+                    .unwrap_or_else(|| "250 2.1.5 ok".into());
+                if reply.starts_with('2') {
+                    accepted.push(address);
+                }
+                reply
+            } else if upper == "DATA" {
+                if accepted.is_empty() {
+                    "554 5.5.1 no valid recipients".into()
+                } else {
+                    io.write_all(b"354 go ahead\r\n").await?;
+                    io.flush().await?;
+                    let mut data = Vec::new();
+                    loop {
+                        let Some(line) = read_line(io).await? else {
+                            return Ok(End::Closed);
+                        };
+                        if line == b".\r\n" {
+                            break;
+                        }
+                        let line = line.strip_prefix(b".").unwrap_or(&line);
+                        data.extend_from_slice(line);
+                    }
+                    record.lock().unwrap().messages.push(Received {
+                        connection: index,
+                        mail_from: mail_from.clone(),
+                        recipients: std::mem::take(&mut accepted),
+                        data,
+                        at: Instant::now(),
+                    });
+                    behaviour.data_reply.clone()
+                }
+            } else if upper == "QUIT" {
+                io.write_all(b"221 2.0.0 bye\r\n").await?;
+                io.flush().await?;
+                return Ok(End::Closed);
+            } else if upper == "RSET" {
+                "250 2.0.0 ok".into()
+            } else {
+                "500 5.5.2 unknown command".into()
+            };
+            io.write_all(format!("{reply}\r\n").as_bytes()).await?;
+            io.flush().await?;
+        }
+        Ok(End::Closed)
+    }
+
+    struct NoDns;
+
+    impl Dns for NoDns {
+        async fn mx(&self, domain: &str) -> Result<Option<Vec<MxRecord>>, MxError> {
+            Err(MxError::Temporary(domain.to_owned()))
+        }
+        async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, MxError> {
+            Err(MxError::Temporary(host.to_owned()))
+        }
+    }
+
+    fn test_timeouts() -> TimeoutConfig {
+        TimeoutConfig {
+            connect_secs: 10,
+            greeting_secs: 10,
+            ehlo_secs: 10,
+            starttls_secs: 10,
+            mail_from_secs: 10,
+            rcpt_to_secs: 10,
+            data_secs: 10,
+            data_block_secs: 10,
+            data_end_secs: 10,
+        }
+    }
+
+    fn client() -> OutboundClient {
+        OutboundClient::new("client.kermail.test", test_timeouts())
+    }
+
+    fn policy() -> PolicyConfig {
+        PolicyConfig::default_policy()
+    }
+
+    fn recipients(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    const MESSAGE: &[u8] = b"From: a@x.test\r\nTo: b@y.test\r\nSubject: dots\r\n\r\n.leading dot\r\n..two dots\r\n.\r\nline \xc3\xa9t\xc3\xa9\r\n";
+
+    async fn deliver_to(
+        client: &OutboundClient,
+        addresses: &[SocketAddr],
+        policy: &PolicyConfig,
+        rcpts: &[String],
+    ) -> DeliveryReport {
+        let limits = Limiters::new().get("test", policy);
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: rcpts,
+            message: MESSAGE,
+        };
+        tokio::time::timeout(
+            TEST_DEADLINE,
+            client.deliver(addresses, "localhost", policy, &limits, &envelope),
+        )
+        .await
+        .expect("delivery finished in time")
+    }
+
+    #[test]
+    fn data_encoder_stuffs_dots_and_normalises_line_ends() {
+        assert_eq!(DataEncoder::encode(b""), b".\r\n");
+        assert_eq!(DataEncoder::encode(b"a\r\n"), b"a\r\n.\r\n");
+        assert_eq!(DataEncoder::encode(b"a"), b"a\r\n.\r\n");
+        assert_eq!(
+            DataEncoder::encode(b".a\r\n..\r\n.\r\nb.\r\n"),
+            b"..a\r\n...\r\n..\r\nb.\r\n.\r\n"
+        );
+        // Bare LF and bare CR cannot smuggle an end of data.
+        assert_eq!(
+            DataEncoder::encode(b"a\n.\nMAIL FROM:<x>\r.\r\n"),
+            b"a\r\n..\r\nMAIL FROM:<x>\r\n..\r\n.\r\n"
+        );
+        // Block boundaries change nothing.
+        let message: Vec<u8> = b".x\r\n".repeat(1000);
+        let mut encoder = DataEncoder::new();
+        let mut out = Vec::new();
+        while encoder.next_block(&message, 7, &mut out) {}
+        assert_eq!(out, DataEncoder::encode(&message));
+    }
+
+    #[test]
+    fn unsafe_addresses_are_not_sent() {
+        assert!(address_is_sendable("a@b.test"));
+        assert!(address_is_sendable(""));
+        assert!(address_is_sendable("é@b.test"));
+        assert!(!address_is_sendable("a@b.test>\r\nRCPT TO:<c@d"));
+        assert!(!address_is_sendable("a@b.test> SIZE=1"));
+        assert!(!address_is_sendable(&"a".repeat(MAX_ADDRESS_BYTES + 1)));
+    }
+
+    #[tokio::test]
+    async fn delivers_byte_exact_with_size_and_8bitmime() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let rcpts = recipients(&["b@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert_eq!(report.host, Some(sink.v4));
+        assert!(!report.tls);
+        assert!(report.failed_hosts.is_empty());
+        match &report.outcomes[..] {
+            [RecipientOutcome::Delivered { reply }] => {
+                assert_eq!(reply.code, 250);
+                assert_eq!(reply.status, "2.0.0");
+                assert_eq!(reply.text, "queued as 1");
+                assert!(reply.remote);
+            }
+            other => panic!("unexpected outcomes {other:?}"),
+        }
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].data, MESSAGE);
+        assert_eq!(messages[0].mail_from, "a@x.test");
+        assert_eq!(messages[0].recipients, rcpts);
+        let commands = &sink.connections()[messages[0].connection].commands;
+        assert_eq!(commands[0], "EHLO client.kermail.test");
+        assert_eq!(
+            commands[1],
+            format!("MAIL FROM:<a@x.test> SIZE={} BODY=8BITMIME", MESSAGE.len())
+        );
+        assert_eq!(commands.last().map(String::as_str), Some("QUIT"));
+    }
+
+    #[tokio::test]
+    async fn mixed_recipient_results_are_kept_per_recipient() {
+        let mut behaviour = SinkBehaviour::default();
+        behaviour
+            .rcpt
+            .insert("later@y.test".into(), "450 4.2.1 mailbox busy".into());
+        behaviour
+            .rcpt
+            .insert("nobody@y.test".into(), "550 5.1.1 no such user".into());
+        let sink = Sink::start(behaviour).await;
+        let rcpts = recipients(&["ok@y.test", "later@y.test", "nobody@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert!(
+            matches!(&report.outcomes[0], RecipientOutcome::Delivered { reply } if reply.code == 250)
+        );
+        match &report.outcomes[1] {
+            RecipientOutcome::TempFail { reply } => {
+                assert_eq!((reply.code, reply.status.as_str()), (450, "4.2.1"));
+                assert_eq!(reply.text, "mailbox busy");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &report.outcomes[2] {
+            RecipientOutcome::PermFail { reply } => {
+                assert_eq!(reply.to_string(), "550 5.1.1 no such user");
+                assert_eq!(
+                    reply.diagnostic().as_deref(),
+                    Some("smtp; 550 5.1.1 no such user")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 1);
+        assert_eq!(messages[0].recipients, recipients(&["ok@y.test"]));
+    }
+
+    #[tokio::test]
+    async fn no_data_when_every_recipient_is_refused_and_data_reply_applies_to_accepted() {
+        let mut behaviour = SinkBehaviour::default();
+        behaviour
+            .rcpt
+            .insert("nobody@y.test".into(), "550 5.1.1 no such user".into());
+        let sink = Sink::start(behaviour).await;
+        let rcpts = recipients(&["nobody@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::PermFail { .. }
+        ));
+        let commands = &sink.connections()[0].commands;
+        assert!(!commands.iter().any(|c| c == "DATA"), "{commands:?}");
+        assert!(sink.messages().is_empty());
+
+        let sink = Sink::start(SinkBehaviour {
+            data_reply: "451 4.3.0 try later".into(),
+            ..SinkBehaviour::default()
+        })
+        .await;
+        let rcpts = recipients(&["a@y.test", "b@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        for outcome in &report.outcomes {
+            assert!(matches!(outcome, RecipientOutcome::TempFail { reply } if reply.code == 451));
+        }
+    }
+
+    #[tokio::test]
+    async fn greeting_failures_apply_to_all_recipients() {
+        let rcpts = recipients(&["a@y.test", "b@y.test"]);
+        let sink = Sink::start(SinkBehaviour {
+            greeting: "554 5.7.1 go away".into(),
+            ..SinkBehaviour::default()
+        })
+        .await;
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert_eq!(report.outcomes.len(), 2);
+        for outcome in &report.outcomes {
+            assert!(matches!(outcome, RecipientOutcome::PermFail { reply } if reply.code == 554));
+        }
+        let sink = Sink::start(SinkBehaviour {
+            greeting: "421 4.3.2 busy".into(),
+            ..SinkBehaviour::default()
+        })
+        .await;
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        for outcome in &report.outcomes {
+            assert!(matches!(outcome, RecipientOutcome::TempFail { reply } if reply.code == 421));
+        }
+        assert!(sink.messages().is_empty());
+    }
+
+    /// An address nothing listens on (bound, then released).
+    async fn dead_address() -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        drop(listener);
+        address
+    }
+
+    #[tokio::test]
+    async fn dead_first_address_falls_over_to_the_second() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let dead = dead_address().await;
+        let rcpts = recipients(&["b@y.test"]);
+        let report = deliver_to(&client(), &[dead, sink.v4], &policy(), &rcpts).await;
+        assert_eq!(report.host, Some(sink.v4));
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+        assert_eq!(report.failed_hosts.len(), 1);
+        assert_eq!(report.failed_hosts[0].0, dead);
+        assert_eq!(report.failed_hosts[0].1.status, "4.4.1");
+        assert_eq!(sink.messages().len(), 1);
+
+        // Only dead addresses: a temporary failure for everyone.
+        let report = deliver_to(&client(), &[dead], &policy(), &rcpts).await;
+        assert!(
+            matches!(&report.outcomes[0], RecipientOutcome::TempFail { reply } if !reply.remote)
+        );
+    }
+
+    fn tls_sink_behaviour() -> SinkBehaviour {
+        SinkBehaviour {
+            tls: Some(crate::tls::self_signed(&["localhost".into()]).unwrap()),
+            ..SinkBehaviour::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn starttls_is_used_when_offered() {
+        let sink = Sink::start(tls_sink_behaviour()).await;
+        let rcpts = recipients(&["b@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert!(report.tls);
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+        let connections = sink.connections();
+        assert_eq!(connections.len(), 1);
+        assert!(connections[0].tls);
+        // EHLO, STARTTLS, then EHLO again inside TLS, and only then the envelope.
+        assert_eq!(
+            &connections[0].commands[..3],
+            &[
+                "EHLO client.kermail.test",
+                "STARTTLS",
+                "EHLO client.kermail.test"
+            ]
+        );
+        assert_eq!(sink.messages()[0].data, MESSAGE);
+    }
+
+    #[tokio::test]
+    async fn broken_starttls_falls_back_to_clear_unless_tls_is_required() {
+        let sink = Sink::start(SinkBehaviour {
+            broken_tls: true,
+            ..SinkBehaviour::default()
+        })
+        .await;
+        let rcpts = recipients(&["b@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert!(!report.tls);
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+        let connections = sink.connections();
+        assert_eq!(connections.len(), 2);
+        assert!(!connections[1].commands.iter().any(|c| c == "STARTTLS"));
+    }
+
+    #[tokio::test]
+    async fn require_tls_refuses_a_sink_without_starttls_or_with_an_untrusted_certificate() {
+        let required = PolicyConfig {
+            require_tls: true,
+            ..policy()
+        };
+        let rcpts = recipients(&["b@y.test"]);
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let report = deliver_to(&client(), &[sink.v4], &required, &rcpts).await;
+        match &report.outcomes[0] {
+            RecipientOutcome::TempFail { reply } => assert_eq!(reply.status, "4.7.10"),
+            other => panic!("{other:?}"),
+        }
+        let commands = &sink.connections()[0].commands;
+        assert!(
+            !commands.iter().any(|c| c.starts_with("MAIL")),
+            "{commands:?}"
+        );
+        assert!(sink.messages().is_empty());
+
+        // A self-signed certificate does not verify against the webpki roots.
+        let sink = Sink::start(tls_sink_behaviour()).await;
+        let report = deliver_to(&client(), &[sink.v4], &required, &rcpts).await;
+        match &report.outcomes[0] {
+            RecipientOutcome::TempFail { reply } => assert_eq!(reply.status, "4.7.5"),
+            other => panic!("{other:?}"),
+        }
+        let connections = sink.connections();
+        assert_eq!(connections.len(), 1, "no retry in clear under require_tls");
+        assert!(!connections[0]
+            .commands
+            .iter()
+            .any(|c| c.starts_with("MAIL")));
+        assert!(sink.messages().is_empty());
+    }
+
+    fn dual_stack_config(sink: &Sink) -> OutboundConfig {
+        let mut config = OutboundConfig::default();
+        // IPv6 listed first, so `any` tries it first.
+        config.overrides.insert(
+            "dual.test".into(),
+            vec![sink.v6.to_string(), sink.v4.to_string()],
+        );
+        config
+    }
+
+    #[tokio::test]
+    async fn ipv4_only_policy_never_connects_over_ipv6() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let config = dual_stack_config(&sink);
+        let v4_only = Policies::new(
+            vec![PolicyConfig {
+                name: "v4".into(),
+                match_domains: vec!["dual.test".into()],
+                ip_family: IpFamily::Ipv4Only,
+                ..PolicyConfig::default()
+            }],
+            PolicyConfig::default_policy(),
+        );
+        let limiters = Limiters::new();
+        let rcpts = recipients(&["b@dual.test"]);
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: &rcpts,
+            message: MESSAGE,
+        };
+        let client = client();
+        for _ in 0..3 {
+            let report = tokio::time::timeout(
+                TEST_DEADLINE,
+                client.deliver_to_domain(
+                    &config,
+                    &NoDns,
+                    &v4_only,
+                    &limiters,
+                    "dual.test",
+                    &envelope,
+                ),
+            )
+            .await
+            .unwrap();
+            assert_eq!(report.host, Some(sink.v4));
+            assert!(matches!(
+                report.outcomes[0],
+                RecipientOutcome::Delivered { .. }
+            ));
+        }
+        let connections = sink.connections();
+        assert_eq!(connections.len(), 3);
+        assert!(
+            connections.iter().all(|c| c.peer.is_ipv4()),
+            "{connections:?}"
+        );
+
+        // The same destination without the rule: IPv6, tried first, is used.
+        let any = Policies::new(Vec::new(), PolicyConfig::default_policy());
+        let report = tokio::time::timeout(
+            TEST_DEADLINE,
+            client.deliver_to_domain(&config, &NoDns, &any, &limiters, "dual.test", &envelope),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.host, Some(sink.v6));
+        assert!(sink.connections().iter().any(|c| c.peer.is_ipv6()));
+        assert_eq!(sink.messages().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn unresolvable_destinations_fail_without_connecting() {
+        let config = OutboundConfig::default();
+        let policies = Policies::new(Vec::new(), PolicyConfig::default_policy());
+        let rcpts = recipients(&["b@nowhere.test", "c@nowhere.test"]);
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: &rcpts,
+            message: MESSAGE,
+        };
+        let report = client()
+            .deliver_to_domain(
+                &config,
+                &NoDns,
+                &policies,
+                &Limiters::new(),
+                "nowhere.test",
+                &envelope,
+            )
+            .await;
+        assert_eq!(report.host, None);
+        assert_eq!(report.outcomes.len(), 2);
+        for outcome in &report.outcomes {
+            assert!(
+                matches!(outcome, RecipientOutcome::TempFail { reply } if reply.status == "4.4.3")
+            );
+        }
+    }
+
+    /// Largest number of `times` in any half-open window [t, t + window).
+    fn max_in_any_window(times: &[Instant], window: Duration) -> usize {
+        let mut sorted = times.to_vec();
+        sorted.sort();
+        (0..sorted.len())
+            .map(|i| {
+                sorted[i..]
+                    .iter()
+                    .take_while(|t| **t < sorted[i] + window)
+                    .count()
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn three_per_second_policy_is_respected_at_the_sink() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let limited = PolicyConfig {
+            name: "orange-like".into(),
+            max_messages_per_second: Some(3.0),
+            max_connections: 10,
+            ..PolicyConfig::default()
+        };
+        let limits = Limiters::new().get("policy:orange-like", &limited);
+        let client = Arc::new(client());
+        let started = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for i in 0..10 {
+            let (client, limited, limits) = (client.clone(), limited.clone(), limits.clone());
+            let address = sink.v4;
+            tasks.spawn(async move {
+                let rcpts = vec![format!("r{i}@orange.test")];
+                let envelope = Envelope {
+                    mail_from: "a@x.test",
+                    recipients: &rcpts,
+                    message: MESSAGE,
+                };
+                client
+                    .deliver(&[address], "localhost", &limited, &limits, &envelope)
+                    .await
+            });
+        }
+        let deadline = tokio::time::timeout(TEST_DEADLINE, async {
+            while let Some(report) = tasks.join_next().await {
+                let report = report.unwrap();
+                assert!(matches!(
+                    report.outcomes[0],
+                    RecipientOutcome::Delivered { .. }
+                ));
+            }
+        });
+        deadline.await.expect("deliveries finished in time");
+        let times: Vec<Instant> = sink.messages().iter().map(|m| m.at).collect();
+        assert_eq!(times.len(), 10);
+        assert!(max_in_any_window(&times, Duration::from_secs(1)) <= 3);
+        // Ten messages at three a second need at least three full windows.
+        assert!(started.elapsed() >= Duration::from_secs(3));
+    }
+
+    #[tokio::test]
+    async fn source_address_is_bound_per_family() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let bound = PolicyConfig {
+            source_ipv4: Some("127.0.0.2".parse().unwrap()),
+            ..policy()
+        };
+        let rcpts = recipients(&["b@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4, sink.v6], &bound, &rcpts).await;
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+        assert_eq!(
+            sink.connections()[0].peer.ip(),
+            "127.0.0.2".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn delivery_future_is_send_with_the_real_resolver() {
+        fn assert_send<T: Send>(_: &T) {}
+        let client = OutboundClient::new("x", TimeoutConfig::default());
+        let config = OutboundConfig::default();
+        let dns = crate::outbound::dns::HickoryDns::with_name_servers(
+            &["127.0.0.1:1".parse().unwrap()],
+            Duration::from_millis(10),
+        );
+        let policies = Policies::new(Vec::new(), PolicyConfig::default_policy());
+        let limiters = Limiters::new();
+        let rcpts = recipients(&["b@y.test"]);
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: &rcpts,
+            message: MESSAGE,
+        };
+        let future =
+            client.deliver_to_domain(&config, &dns, &policies, &limiters, "y.test", &envelope);
+        assert_send(&future);
+    }
+}
