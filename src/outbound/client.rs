@@ -222,6 +222,91 @@ pub struct Envelope<'a> {
     pub message: &'a [u8],
 }
 
+/// One address to try, with the name its certificate must carry under `require_tls`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub address: SocketAddr,
+    pub tls_name: String,
+}
+
+/// The host part of a `relay_host` setting (`host`, `host:port`, `ip:port`, `[v6]:port`).
+fn relay_host_name(relay: &str) -> String {
+    if let Ok(address) = relay.parse::<SocketAddr>() {
+        return address.ip().to_string();
+    }
+    match relay.rsplit_once(':') {
+        Some((host, port)) if port.bytes().all(|b| b.is_ascii_digit()) => host.to_owned(),
+        _ => relay.to_owned(),
+    }
+    .trim_start_matches('[')
+    .trim_end_matches(']')
+    .to_owned()
+}
+
+/// The addresses to try for `domain`, in order, each with its TLS name; the policy that
+/// applies (matched on the domain and the MX host names) and its limiter key.
+///
+/// Overrides and the relay host go through [`mx::resolve`]. For MX destinations the MX
+/// walk is done here, because the policy (and so the address family) depends on the MX
+/// host names, and each address must keep the MX host name it came from. An MX host whose
+/// address look-up fails temporarily is skipped when another one has addresses.
+pub async fn resolve_targets<'p>(
+    config: &OutboundConfig,
+    dns: &impl Dns,
+    policies: &'p Policies,
+    domain: &str,
+    rng: &mut (impl rand::Rng + Send),
+) -> Result<(Vec<Target>, &'p PolicyConfig, String), MxError> {
+    let domain = domain.trim_end_matches('.').to_ascii_lowercase();
+    if config.overrides.contains_key(&domain) || config.relay_host.is_some() {
+        let (policy, _) = policies.select(&domain, &[]);
+        let key = policies.limiter_key(&domain, &[]);
+        let tls_name = match (&config.relay_host, config.overrides.contains_key(&domain)) {
+            (Some(relay), false) => relay_host_name(relay),
+            _ => domain.clone(),
+        };
+        let addresses = mx::resolve(config, dns, &domain, policy.ip_family, rng).await?;
+        let targets = addresses
+            .into_iter()
+            .map(|address| Target {
+                address,
+                tls_name: tls_name.clone(),
+            })
+            .collect();
+        return Ok((targets, policy, key));
+    }
+    let hosts = match dns.mx(&domain).await? {
+        Some(records) if !records.is_empty() => mx::order_mx(&domain, records, rng)?,
+        _ => vec![domain.clone()],
+    };
+    let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let (policy, _) = policies.select(&domain, &host_refs);
+    let key = policies.limiter_key(&domain, &host_refs);
+    let mut targets = Vec::new();
+    let mut temporary = None;
+    for host in &hosts {
+        if targets.len() >= mx::MAX_DESTINATION_ADDRESSES {
+            break;
+        }
+        match dns.ips(host).await {
+            Ok(ips) => targets.extend(
+                ips.into_iter()
+                    .filter(|ip| policy.ip_family.allows(ip))
+                    .map(|ip| Target {
+                        address: SocketAddr::new(ip, config.smtp_port),
+                        tls_name: host.clone(),
+                    }),
+            ),
+            Err(error) => temporary = Some(error),
+        }
+    }
+    targets.truncate(mx::MAX_DESTINATION_ADDRESSES);
+    if targets.is_empty() {
+        return Err(temporary.unwrap_or(MxError::NoAddress(domain)));
+    }
+    Ok((targets, policy, key))
+}
+
 /// The result of delivering to one destination.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DeliveryReport {
@@ -232,7 +317,8 @@ pub struct DeliveryReport {
     pub host: Option<SocketAddr>,
     /// Whether that session ran over TLS.
     pub tls: bool,
-    /// Addresses tried before it that failed at connection level, with why.
+    /// Addresses that failed at connection level, in the order tried, with why (when no
+    /// address ran a transaction, the last of them is `host`).
     pub failed_hosts: Vec<(SocketAddr, Reply)>,
 }
 
@@ -445,8 +531,11 @@ impl OutboundClient {
         self
     }
 
-    /// Resolves `domain` (override map, relay host, MX, A/AAAA), selects its policy (by
-    /// domain and MX host names), and delivers under that policy's limits.
+    /// Resolves `domain` (override map, relay host, MX in preference order, A/AAAA
+    /// fallback, null MX), selects its policy (by domain and MX host names), and delivers
+    /// under that policy's limits. Each address keeps the host name it was found under, which
+    /// `require_tls` verifies the certificate against (the MX host; the relay host; the
+    /// domain for overrides and the A/AAAA fallback).
     pub async fn deliver_to_domain(
         &self,
         config: &OutboundConfig,
@@ -457,25 +546,10 @@ impl OutboundClient {
         envelope: &Envelope<'_>,
     ) -> DeliveryReport {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        // MX host names are only needed to match `match_mx` patterns; the look-up is cached
-        // by the resolver and repeated by `mx::resolve`.
-        let mut mx_hosts = Vec::new();
-        if !config.overrides.contains_key(&domain) && config.relay_host.is_none() {
-            if let Ok(Some(records)) = dns.mx(&domain).await {
-                mx_hosts = records
-                    .into_iter()
-                    .map(|r| r.exchange.trim_end_matches('.').to_ascii_lowercase())
-                    .collect();
-            }
-        }
-        let mx_refs: Vec<&str> = mx_hosts.iter().map(String::as_str).collect();
-        let (policy, _) = policies.select(&domain, &mx_refs);
-        let key = policies.limiter_key(&domain, &mx_refs);
-        let limits = limiters.get(&key, policy);
         let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::from_entropy();
-        let resolved = mx::resolve(config, dns, &domain, policy.ip_family, &mut rng).await;
-        let addresses = match resolved {
-            Ok(addresses) => addresses,
+        let resolved = resolve_targets(config, dns, policies, &domain, &mut rng).await;
+        let (targets, policy, key) = match resolved {
+            Ok(resolved) => resolved,
             Err(error) => {
                 let reply = match &error {
                     MxError::NullMx(_) => Reply::local(556, "5.1.10", error.to_string()),
@@ -483,7 +557,7 @@ impl OutboundClient {
                     MxError::InvalidAddress(_) => Reply::local(451, "4.3.5", error.to_string()),
                     MxError::Temporary(_) => Reply::local(451, "4.4.3", error.to_string()),
                 };
-                tracing::info!(domain, policy = policy.name, %reply, "destination not resolved");
+                tracing::info!(domain, %reply, "destination not resolved");
                 return DeliveryReport::all(
                     envelope.recipients.len(),
                     RecipientOutcome::failure(reply),
@@ -491,23 +565,38 @@ impl OutboundClient {
                 );
             }
         };
-        // The TLS name: the MX host when there is exactly one, otherwise the domain (the
-        // resolver does not say which address belongs to which MX host).
-        let tls_name = match mx_hosts.as_slice() {
-            [only] => only.clone(),
-            _ => domain.clone(),
-        };
-        self.deliver(&addresses, &tls_name, policy, &limits, envelope)
+        let limits = limiters.get(&key, policy);
+        self.deliver_targets(&targets, policy, &limits, envelope)
             .await
     }
 
     /// Tries `addresses` in order until one runs a transaction, under the policy's limits:
     /// one connection slot held throughout, one rate slot taken before MAIL FROM.
-    /// Addresses of a family the policy forbids are skipped.
+    /// Addresses of a family the policy forbids are skipped. `tls_name` is the name a
+    /// certificate must carry under `require_tls`.
     pub async fn deliver(
         &self,
         addresses: &[SocketAddr],
         tls_name: &str,
+        policy: &PolicyConfig,
+        limits: &DestinationLimits,
+        envelope: &Envelope<'_>,
+    ) -> DeliveryReport {
+        let targets: Vec<Target> = addresses
+            .iter()
+            .map(|address| Target {
+                address: *address,
+                tls_name: tls_name.to_owned(),
+            })
+            .collect();
+        self.deliver_targets(&targets, policy, limits, envelope)
+            .await
+    }
+
+    /// [`Self::deliver`] with a TLS name per address.
+    pub async fn deliver_targets(
+        &self,
+        targets: &[Target],
         policy: &PolicyConfig,
         limits: &DestinationLimits,
         envelope: &Envelope<'_>,
@@ -517,19 +606,20 @@ impl OutboundClient {
         let mut failed_hosts = Vec::new();
         let mut any_temporary = false;
         let mut last_tls = false;
-        for address in addresses {
+        for target in targets {
+            let address = target.address;
             if !policy.ip_family.allows(&address.ip()) {
                 continue;
             }
             match self
-                .deliver_to_host(*address, tls_name, policy, envelope, rate)
+                .deliver_to_host(address, &target.tls_name, policy, envelope, rate)
                 .await
             {
                 HostAttempt::Completed { outcomes, tls } => {
-                    log_outcomes(envelope, *address, tls, &outcomes);
+                    log_outcomes(envelope, address, tls, &outcomes);
                     return DeliveryReport {
                         outcomes,
-                        host: Some(*address),
+                        host: Some(address),
                         tls,
                         failed_hosts,
                     };
@@ -538,7 +628,7 @@ impl OutboundClient {
                     tracing::info!(%address, %reply, "address failed, trying the next one");
                     any_temporary |= !reply.is_permanent();
                     last_tls = tls;
-                    failed_hosts.push((*address, reply));
+                    failed_hosts.push((address, reply));
                 }
             }
         }
@@ -1635,6 +1725,135 @@ mod tests {
                 matches!(outcome, RecipientOutcome::TempFail { reply } if reply.status == "4.4.3")
             );
         }
+    }
+
+    struct FakeDns {
+        mx: HashMap<String, Vec<MxRecord>>,
+        ips: HashMap<String, Vec<IpAddr>>,
+    }
+
+    impl Dns for FakeDns {
+        async fn mx(&self, domain: &str) -> Result<Option<Vec<MxRecord>>, MxError> {
+            Ok(self.mx.get(domain).cloned())
+        }
+        async fn ips(&self, host: &str) -> Result<Vec<IpAddr>, MxError> {
+            match self.ips.get(host) {
+                Some(ips) => Ok(ips.clone()),
+                None => Err(MxError::Temporary(host.to_owned())),
+            }
+        }
+    }
+
+    fn mx_record(preference: u16, exchange: &str) -> MxRecord {
+        MxRecord {
+            preference,
+            exchange: exchange.to_owned(),
+        }
+    }
+
+    #[tokio::test]
+    async fn mx_walk_keeps_host_names_selects_policy_by_mx_and_fails_over() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let mut dns = FakeDns {
+            mx: HashMap::new(),
+            ips: HashMap::new(),
+        };
+        dns.mx.insert(
+            "corp.test".into(),
+            vec![
+                mx_record(20, "alt.mx.test."),
+                mx_record(10, "aspmx.l.google.com."),
+                mx_record(30, "broken.mx.test."),
+            ],
+        );
+        dns.mx.insert("null.test".into(), vec![mx_record(0, ".")]);
+        // Nothing listens on 127.0.0.2 at the sink's port: the first MX is dead.
+        dns.ips.insert(
+            "aspmx.l.google.com".into(),
+            vec!["127.0.0.2".parse().unwrap(), "::1".parse().unwrap()],
+        );
+        dns.ips
+            .insert("alt.mx.test".into(), vec!["127.0.0.1".parse().unwrap()]);
+        let config = OutboundConfig {
+            smtp_port: sink.v4.port(),
+            ..OutboundConfig::default()
+        };
+        let policies = Policies::new(
+            crate::outbound::policy::shipped_example_policies(),
+            PolicyConfig::default_policy(),
+        );
+        let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(3);
+        let (targets, policy, key) =
+            resolve_targets(&config, &dns, &policies, "Corp.Test.", &mut rng)
+                .await
+                .unwrap();
+        assert_eq!(policy.name, "gmail");
+        assert_eq!(key, "policy:gmail");
+        let port = sink.v4.port();
+        assert_eq!(
+            targets,
+            vec![
+                Target {
+                    address: SocketAddr::new("127.0.0.2".parse().unwrap(), port),
+                    tls_name: "aspmx.l.google.com".into(),
+                },
+                Target {
+                    address: SocketAddr::new("127.0.0.1".parse().unwrap(), port),
+                    tls_name: "alt.mx.test".into(),
+                },
+            ],
+            "IPv6 dropped by the gmail policy, broken MX host skipped"
+        );
+
+        let rcpts = recipients(&["b@corp.test"]);
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: &rcpts,
+            message: MESSAGE,
+        };
+        let client = client();
+        let limiters = Limiters::new();
+        let report = tokio::time::timeout(
+            TEST_DEADLINE,
+            client.deliver_to_domain(&config, &dns, &policies, &limiters, "corp.test", &envelope),
+        )
+        .await
+        .unwrap();
+        assert_eq!(report.host, Some(sink.v4));
+        assert_eq!(report.failed_hosts.len(), 1);
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+
+        let report = client
+            .deliver_to_domain(&config, &dns, &policies, &limiters, "null.test", &envelope)
+            .await;
+        assert!(
+            matches!(&report.outcomes[0], RecipientOutcome::PermFail { reply } if reply.status == "5.1.10")
+        );
+        let report = client
+            .deliver_to_domain(
+                &config,
+                &dns,
+                &policies,
+                &limiters,
+                "unknown.test",
+                &envelope,
+            )
+            .await;
+        assert!(
+            matches!(&report.outcomes[0], RecipientOutcome::TempFail { reply } if reply.status == "4.4.3"),
+            "{report:?}"
+        );
+    }
+
+    #[test]
+    fn relay_host_names_lose_their_port() {
+        assert_eq!(relay_host_name("smtp.relay.test"), "smtp.relay.test");
+        assert_eq!(relay_host_name("smtp.relay.test:587"), "smtp.relay.test");
+        assert_eq!(relay_host_name("192.0.2.1:25"), "192.0.2.1");
+        assert_eq!(relay_host_name("[2001:db8::1]:25"), "2001:db8::1");
     }
 
     /// Largest number of `times` in any half-open window [t, t + window).
