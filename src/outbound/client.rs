@@ -1856,6 +1856,51 @@ mod tests {
         assert_eq!(relay_host_name("[2001:db8::1]:25"), "2001:db8::1");
     }
 
+    #[tokio::test]
+    async fn smtputf8_is_asked_for_when_an_address_needs_it() {
+        let sink = Sink::start(SinkBehaviour::default()).await;
+        let rcpts = recipients(&["jos\u{e9}@y.test"]);
+        let report = deliver_to(&client(), &[sink.v4], &policy(), &rcpts).await;
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
+        let commands = &sink.connections()[0].commands;
+        assert!(commands[1].ends_with(" SMTPUTF8"), "{commands:?}");
+        assert_eq!(commands[2], "RCPT TO:<jos\u{e9}@y.test>");
+    }
+
+    #[tokio::test]
+    async fn a_silent_server_times_out_as_a_temporary_failure() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // Accepts and never says anything.
+        let holder = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                held.push(stream);
+            }
+        });
+        let client = OutboundClient::new(
+            "client.kermail.test",
+            TimeoutConfig {
+                greeting_secs: 1,
+                ..test_timeouts()
+            },
+        );
+        let started = Instant::now();
+        let report = deliver_to(&client, &[address], &policy(), &recipients(&["b@y.test"])).await;
+        assert!(started.elapsed() < Duration::from_secs(10));
+        match &report.outcomes[0] {
+            RecipientOutcome::TempFail { reply } => {
+                assert_eq!(reply.status, "4.4.2");
+                assert!(reply.text.contains("greeting"), "{reply}");
+            }
+            other => panic!("{other:?}"),
+        }
+        holder.abort();
+    }
+
     /// Largest number of `times` in any half-open window [t, t + window).
     fn max_in_any_window(times: &[Instant], window: Duration) -> usize {
         let mut sorted = times.to_vec();
