@@ -783,13 +783,17 @@ impl OutboundClient {
                 .await
                 .map_err(|e| plain(SessionError::smtp("STARTTLS")(e)))?;
             if (200..300).contains(&reply.code) {
-                let connector = if policy.require_tls {
-                    &self.tls.verified
+                let (connector, name) = if policy.require_tls {
+                    (&self.tls.verified, tls_name.to_owned())
+                } else if rustls::pki_types::ServerName::try_from(tls_name).is_ok() {
+                    (&self.tls.opportunistic, tls_name.to_owned())
                 } else {
-                    &self.tls.opportunistic
+                    // Any certificate is accepted: a name rustls cannot use is replaced by
+                    // the address rather than failing the handshake.
+                    (&self.tls.opportunistic, address.ip().to_string())
                 };
                 let mut tls_client = client
-                    .into_tls(connector, tls_name)
+                    .into_tls(connector, &name)
                     .await
                     .map_err(|e| plain(SessionError::TlsHandshake(e)))?;
                 let ehlo = self
@@ -1570,6 +1574,22 @@ mod tests {
             ]
         );
         assert_eq!(sink.messages()[0].data, MESSAGE);
+
+        // A name rustls cannot use does not stop opportunistic TLS.
+        let limits = Limiters::new().get("test", &policy());
+        let envelope = Envelope {
+            mail_from: "a@x.test",
+            recipients: &rcpts,
+            message: MESSAGE,
+        };
+        let report = client()
+            .deliver(&[sink.v4], "not a host name", &policy(), &limits, &envelope)
+            .await;
+        assert!(report.tls);
+        assert!(matches!(
+            report.outcomes[0],
+            RecipientOutcome::Delivered { .. }
+        ));
     }
 
     #[tokio::test]
