@@ -168,8 +168,31 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 .map(|alias| format!("{} -> {}", alias.source, alias.target))
                 .collect(),
         ),
-        AdminRequest::Status => lines(status_lines(context)),
+        AdminRequest::Status => {
+            let data_dir = context.data_dir.clone();
+            let disk_bytes = tokio::task::spawn_blocking(move || folder_size_bytes(&data_dir))
+                .await
+                .unwrap_or(0);
+            let mut status = status_lines(context);
+            status.push(format!("data folder size on disk: {disk_bytes}"));
+            lines(status)
+        }
     }
+}
+
+/// Apparent size of every file below `path` (what `du -sb` counts), for `kermail status`.
+fn folder_size_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => folder_size_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn or_none(index: Option<u64>) -> String {

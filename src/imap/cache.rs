@@ -206,27 +206,33 @@ impl AuthCache {
 /// to keep the blocking pool busy, few enough to bound memory.
 pub const BODY_BATCH: usize = 64;
 
-/// Reads the bodies of `metas` concurrently; `None` for a body that cannot be read (logged).
+/// Bodies read by one blocking task: enough to amortise the task, small enough that a
+/// batch is split over the cores.
+const BODIES_PER_READ_TASK: usize = 16;
+
+/// Reads the bodies of `blobs`; `None` for a body that cannot be read (logged by the store).
+/// Cached bodies come without any task; the others are read in groups of
+/// [`BODIES_PER_READ_TASK`], the groups concurrently.
 pub async fn read_bodies(store: &MailStore, blobs: &[BlobId]) -> Vec<Option<Arc<Vec<u8>>>> {
-    // Cached bodies first, without a task each: a warm mailbox needs no blocking thread.
     let mut bodies: Vec<Option<Arc<Vec<u8>>>> =
         blobs.iter().map(|blob| store.cached_body(blob)).collect();
-    if bodies.iter().all(Option::is_some) {
+    let missing: Vec<usize> = (0..blobs.len()).filter(|&k| bodies[k].is_none()).collect();
+    if missing.is_empty() {
         return bodies;
     }
     let mut reads = tokio::task::JoinSet::new();
-    for (k, &blob) in blobs.iter().enumerate() {
-        if bodies[k].is_some() {
-            continue;
-        }
+    for group in missing.chunks(BODIES_PER_READ_TASK) {
         let store = store.clone();
-        reads.spawn(async move { (k, store.body(blob).await) });
+        let group = group.to_vec();
+        let wanted: Vec<BlobId> = group.iter().map(|&k| blobs[k]).collect();
+        reads.spawn(async move { (group, store.bodies(wanted).await) });
     }
     while let Some(joined) = reads.join_next().await {
         match joined {
-            Ok((k, Ok(body))) => bodies[k] = Some(body),
-            Ok((k, Err(error))) => {
-                tracing::warn!(blob = %hex::encode(blobs[k].0), %error, "cannot read a message body")
+            Ok((group, read)) => {
+                for (k, body) in group.into_iter().zip(read) {
+                    bodies[k] = body;
+                }
             }
             Err(error) => tracing::warn!(%error, "body read task failed"),
         }

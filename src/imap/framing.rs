@@ -142,6 +142,8 @@ pub fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
 
 /// Takes one line (without its line ending) off the front of `buffer`, for the modes that read
 /// plain lines (AUTHENTICATE responses, IDLE's DONE). `Err` when the line is too long.
+// `Err(())` means only "line too long"; it became public for the fuzz targets.
+#[allow(clippy::result_unit_err)]
 pub fn take_line(buffer: &mut Vec<u8>, max_len: usize) -> Result<Option<Vec<u8>>, ()> {
     match memchr(b'\n', buffer) {
         None if buffer.len() > max_len => Err(()),

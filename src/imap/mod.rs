@@ -18,7 +18,9 @@ mod cache;
 pub use cache::{AuthCache, HeaderCache};
 pub mod config;
 pub mod fetch;
-mod framing;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod framing;
 mod mailboxes;
 mod messages;
 mod response;

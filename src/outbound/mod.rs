@@ -7,12 +7,15 @@
 //! - [`mx`]: destination resolution (override map, relay host, MX order, A/AAAA fallback,
 //!   null MX, address family filter) behind a `Dns` trait.
 //! - [`dsn`]: RFC 3464 delivery status notifications for failed and delayed recipients.
-//! - [`client`]: for now only the SMTP client timeouts section; the client is not written yet.
+//! - [`client`]: the SMTP client (one message to one destination, per-recipient outcomes,
+//!   STARTTLS, policy limits, address failover) and its timeouts section.
+//! - [`dns`]: the hickory-resolver implementation of [`mx::Dns`].
 //!
 //! The replicated queue (entries, leases) lives in the store, not here.
 
 pub mod client;
 pub mod dkim;
+pub mod dns;
 pub mod dsn;
 pub mod mx;
 pub mod policy;

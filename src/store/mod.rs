@@ -407,6 +407,15 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
     }
 }
 
+/// For fuzzing only (`fuzz/`): whether an encoded [`kermail_cluster::AppStateMachine::apply`]
+/// response is a refusal; `None` if the bytes are not a response.
+#[doc(hidden)]
+pub fn fuzz_response_is_refused(response: &[u8]) -> Option<bool> {
+    decode_response(response)
+        .ok()
+        .map(|response| matches!(response, Response::Refused(_)))
+}
+
 /// Applies commands directly, in order, without Raft: for unit tests of SMTP, IMAP and admin.
 pub struct LocalProposer {
     machine: Arc<MailStateMachine>,
@@ -855,6 +864,57 @@ impl MailStore {
             })
         })
         .await
+    }
+
+    /// The raw bytes of several stored messages, in order, read one after the other on one
+    /// blocking thread (cached ones without I/O): cheaper than one [`MailStore::body`] task
+    /// each when many bodies are read at once. `None` for a body that cannot be read (logged).
+    pub async fn bodies(&self, blobs: Vec<BlobId>) -> Vec<Option<Arc<Vec<u8>>>> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = blobs
+            .iter()
+            .map(|blob| self.machine.blobs.cached(blob))
+            .collect();
+        if out.iter().all(Option::is_some) {
+            return out;
+        }
+        let wanted: Vec<(usize, BlobId, Option<u32>)> = {
+            let state = self.state();
+            out.iter()
+                .enumerate()
+                .filter(|(_, body)| body.is_none())
+                .map(|(k, _)| (k, blobs[k], state.blobs.get(&blobs[k]).map(|i| i.raw_size)))
+                .collect()
+        };
+        let store = self.machine.blobs.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(k, blob, raw_size)| {
+                    let body = match raw_size {
+                        Some(raw_size) => match store.read(&blob, raw_size) {
+                            Ok(body) => Some(body),
+                            Err(error) => {
+                                tracing::error!(blob = %hex::encode(blob.0), %error, "cannot read a body");
+                                None
+                            }
+                        },
+                        // Expunged meanwhile: only the cache may still have it.
+                        None => store.cached(&blob),
+                    };
+                    (k, body)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match read {
+            Ok(read) => {
+                for (k, body) in read {
+                    out[k] = body;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "body read task failed"),
+        }
+        out
     }
 
     /// Every applied change to any mailbox. A lagged receiver should treat every selected

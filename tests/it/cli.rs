@@ -80,7 +80,22 @@ except imaplib.IMAP4.error:
     assert!(!node.cli_ok(&["domain", "list"]).contains("two.test"));
 
     let status = node.cli_ok(&["status"]);
-    assert!(!status.trim().is_empty(), "status prints nothing");
+    assert!(
+        status.contains("role: leader"),
+        "a lone node leads: {status}"
+    );
+    assert!(!status.contains("leader: none"), "{status}");
+    let n_domains = node.cli_ok(&["domain", "list"]).lines().count();
+    let n_accounts = node.cli_ok(&["user", "list"]).lines().count();
+    assert!(
+        status.contains(&format!("domains: {n_domains}\n")),
+        "{status}"
+    );
+    assert!(
+        status.contains(&format!("accounts: {n_accounts}\n")),
+        "{status}"
+    );
+    assert!(status.contains("data folder size on disk: "), "{status}");
 }
 
 #[test]

@@ -6,6 +6,11 @@
   imap_bench.py measure PORT USER PASSWORD RUNS    times each operation RUNS times after one
                                                    warm-up run; prints one JSON object
                                                    {op: median seconds, ...} plus result checks.
+  imap_bench.py measure-pair PORT_A PORT_B USER PASSWORD RUNS COUNT
+                                                   the same against two servers, their runs
+                                                   interleaved (A, B, A, B, ...) so that both see
+                                                   the same background load; prints
+                                                   {"a": {...}, "b": {...}}.
 Messages are deterministic (message i is the same on both servers).
 """
 import imaplib
@@ -134,7 +139,44 @@ def measure(port, user, password, runs, count):
     return {"times": out, "results": results, "appended_bytes": appended}
 
 
+def measure_pair(port_a, port_b, user, password, runs, count):
+    """Interleaves the runs of two servers: load from elsewhere on the machine drifts over
+    minutes, so measuring one server after the other would compare different conditions."""
+    ports = {"a": port_a, "b": port_b}
+    samples = {name: {} for name in ports}
+    results = {name: None for name in ports}
+    for name, port in ports.items():
+        run_once(port, user, password, count)  # warm-up
+    for _ in range(runs):
+        for name, port in ports.items():
+            t, res = run_once(port, user, password, count)
+            for k, v in t.items():
+                samples[name].setdefault(k, []).append(v)
+            if results[name] is not None and res != results[name]:
+                raise SystemExit(f"results changed between runs: {results[name]} vs {res}")
+            results[name] = res
+    app = {name: [] for name in ports}
+    base = 1_000_000
+    appended = 0
+    for r in range(3):
+        first = base + r * 1000
+        for name, port in ports.items():
+            app[name].append(appends(port, user, password, first))
+        appended += sum(len(message(i)) for i in range(first, first + 1000))
+    out = {}
+    for name in ports:
+        times = {k: statistics.median(v) for k, v in samples[name].items()}
+        times["append_1000_seq"] = statistics.median(app[name])
+        out[name] = {"times": times, "results": results[name], "appended_bytes": appended}
+    return out
+
+
 def main():
+    if sys.argv[1] == "measure-pair":
+        port_a, port_b, user, password = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+        runs, count = int(sys.argv[6]), int(sys.argv[7])
+        print(json.dumps(measure_pair(port_a, port_b, user, password, runs, count)))
+        return
     cmd, port, user, password, n = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5])
     if cmd == "load":
         print(load(port, user, password, n))
