@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use kermail::smtp::session::{Action, Input, Mode, Output, Recipients, Session, SessionParams};
-use kermail::smtp::SmtpConfig;
+use kermail::smtp::limits::Limiter;
+use kermail::smtp::{ListenerKind, SmtpConfig};
 use kermail::store::{BlobId, DeliveryReceipt, RecipientCheck, StoreError};
 use libfuzzer_sys::fuzz_target;
 
@@ -98,6 +99,7 @@ impl Driver {
                     Action::StartTls => {
                         next = Some(self.session.step(Input::TlsEstablished, now));
                     }
+                    Action::Authenticate(_) => panic!("a password check on the MX listener"),
                     Action::Close => self.closed = true,
                 }
             }
@@ -156,6 +158,8 @@ fuzz_target!(|data: &[u8]| {
         client_ip: IpAddr::from([192, 0, 2, 7]),
         tls_available: flags & 2 != 0,
         id_seed: 7,
+        kind: ListenerKind::Mx,
+        limits: Arc::new(Limiter::new()),
     };
     let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut driver = Driver {
