@@ -204,6 +204,25 @@ impl Session {
         !self.conn.secure && !self.conn.loopback
     }
 
+    /// Answers LOGIN or AUTHENTICATE that may not proceed (already logged in, or a password
+    /// before TLS on a non-loopback listener) and says whether it did.
+    fn refuse_login(&self, tag: &str, out: &mut Vec<u8>) -> bool {
+        if self.is_authenticated() {
+            tagged(out, tag, "BAD", None, "already logged in");
+        } else if self.plaintext_refused() {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("PRIVACYREQUIRED"),
+                "use STARTTLS first",
+            );
+        } else {
+            return false;
+        }
+        true
+    }
+
     pub(super) fn capabilities(&self) -> String {
         let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE");
         if !self.is_authenticated() {
@@ -360,17 +379,7 @@ impl Session {
                 }
             }
             CommandBody::Login { username, password } => {
-                if self.is_authenticated() {
-                    tagged(out, &tag, "BAD", None, "already logged in");
-                } else if self.plaintext_refused() {
-                    tagged(
-                        out,
-                        &tag,
-                        "NO",
-                        Some("PRIVACYREQUIRED"),
-                        "use STARTTLS first",
-                    );
-                } else {
+                if !self.refuse_login(&tag, out) {
                     let user = String::from_utf8_lossy(username.as_ref()).into_owned();
                     let password =
                         String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
@@ -381,16 +390,8 @@ impl Session {
                 mechanism,
                 initial_response,
             } => {
-                if self.is_authenticated() {
-                    tagged(out, &tag, "BAD", None, "already logged in");
-                } else if self.plaintext_refused() {
-                    tagged(
-                        out,
-                        &tag,
-                        "NO",
-                        Some("PRIVACYREQUIRED"),
-                        "use STARTTLS first",
-                    );
+                if self.refuse_login(&tag, out) {
+                    // Answered by refuse_login.
                 } else if mechanism != AuthMechanism::Plain {
                     tagged(out, &tag, "NO", Some("CANNOT"), "unsupported mechanism");
                 } else if let Some(response) = initial_response {
