@@ -707,6 +707,43 @@ async fn append_to_the_selected_mailbox_reports_exists_and_others_changes() {
     .await;
 }
 
+/// A cluster that cannot commit: every proposal fails as unavailable.
+struct NoQuorum;
+
+impl crate::store::Propose for NoQuorum {
+    fn propose(
+        &self,
+        _command: Vec<u8>,
+    ) -> crate::store::BoxFuture<'_, Result<Vec<u8>, crate::store::StoreError>> {
+        Box::pin(async { Err(crate::store::StoreError::Unavailable("no quorum".into())) })
+    }
+}
+
+#[tokio::test]
+async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
+    let mut h = Harness::selected(&["a"]).await;
+    let machine = Arc::clone(h.store.machine());
+    let read_only = MailStore::new(machine, Arc::new(NoQuorum));
+    let mut s = session(&read_only, true, false);
+    let mut out = Vec::new();
+    // The login verifies against the local replica; no write is needed.
+    s.handle_input(
+        format!("L LOGIN {USER} \"{PASSWORD}\"\r\nS SELECT INBOX\r\nA APPEND INBOX {{1+}}\r\nx\r\nT STORE 1 +FLAGS (\\Flagged)\r\nC CREATE New\r\nF FETCH 1 (UID FLAGS)\r\n")
+            .as_bytes(),
+        &mut out,
+    )
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    assert!(text.contains("A NO [UNAVAILABLE]"), "{text}");
+    assert!(text.contains("T NO [UNAVAILABLE]"), "{text}");
+    assert!(text.contains("C NO [UNAVAILABLE]"), "{text}");
+    assert!(
+        text.contains("* 1 FETCH (UID 1 FLAGS ())\r\nF OK"),
+        "{text}"
+    );
+    h.check("N NOOP\r\n", "N OK completed\r\n").await;
+}
+
 #[tokio::test]
 async fn namespace_id_enable() {
     let mut h = Harness::logged_in().await;
