@@ -14,7 +14,6 @@ use imap_codec::imap_types::command::CommandBody;
 use imap_codec::imap_types::core::{AString, NonEmptyVec};
 use imap_codec::imap_types::fetch::{MessageDataItem, Part, Section};
 use imap_codec::imap_types::response::{Data, Response};
-use imap_codec::imap_types::search::SearchKey;
 use imap_codec::{CommandCodec, ResponseCodec};
 use kermail::imap::fetch::{apply_partial, ParsedMessage};
 use kermail::imap::search::{matches, needs_body, SearchInput};
@@ -46,8 +45,8 @@ fn encode_and_reread(item: MessageDataItem<'static>) {
     }
 }
 
-/// SEARCH keys, parsed from command text the way the session receives them.
-fn search_keys(needle: &[u8]) -> Vec<SearchKey<'static>> {
+/// SEARCH commands, as the session receives them; the needle comes from the input.
+fn search_commands(needle: &[u8]) -> Vec<Vec<u8>> {
     let mut texts: Vec<Vec<u8>> = [
         "SUBJECT hello",
         "FROM carol",
@@ -67,18 +66,15 @@ fn search_keys(needle: &[u8]) -> Vec<SearchKey<'static>> {
         text.extend_from_slice(needle);
         texts.push(text);
     }
-    let mut keys = Vec::new();
-    for text in texts {
-        let mut command = b"A SEARCH CHARSET UTF-8 ".to_vec();
-        command.extend_from_slice(&text);
-        command.extend_from_slice(b"\r\n");
-        if let Ok((_, parsed)) = CommandCodec::default().decode(&command) {
-            if let CommandBody::Search { criteria, .. } = parsed.body {
-                keys.push(imap_codec::imap_types::IntoBoundedStatic::into_static(criteria));
-            }
-        }
-    }
-    keys
+    texts
+        .into_iter()
+        .map(|text| {
+            let mut command = b"A SEARCH CHARSET UTF-8 ".to_vec();
+            command.extend_from_slice(&text);
+            command.extend_from_slice(b"\r\n");
+            command
+        })
+        .collect()
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -143,7 +139,13 @@ fuzz_target!(|data: &[u8]| {
         flags: FlagSet::new(),
     };
     let needle = &raw[..raw.len().min(1 + usize::from(data[2] % 16))];
-    for key in search_keys(needle) {
+    for command in search_commands(needle) {
+        let Ok((_, parsed)) = CommandCodec::default().decode(&command) else {
+            continue;
+        };
+        let CommandBody::Search { criteria: key, .. } = parsed.body else {
+            continue;
+        };
         let input = SearchInput {
             seq: 1,
             meta: &meta,
