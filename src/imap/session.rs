@@ -27,14 +27,17 @@ const MAX_CONTINUATION_LINE_BYTES: usize = 8 * 1024;
 /// A long response (FETCH over many messages) is handed to the driver in pieces of about
 /// this size while the rest is being built, so the client reads and parses the first
 /// messages while the server works on the next ones.
-pub const OUTPUT_AHEAD_CHUNK_BYTES: usize = 32 * 1024;
+pub const OUTPUT_AHEAD_CHUNK_BYTES: usize = 16 * 1024;
 
 /// Where a session may send response bytes ahead of the end of the command: the driver
 /// writes them to the client in order, before whatever is left in `out` afterwards.
 pub type OutputAhead = tokio::sync::mpsc::Sender<Vec<u8>>;
 
 /// Hands `out` to the driver once it holds at least [`OUTPUT_AHEAD_CHUNK_BYTES`] (waiting
-/// while the driver's queue is full). Without a driver stream the bytes stay in `out`.
+/// while the driver's queue is full), then yields so that the driver writes the piece at
+/// once: the session and its writer share one task, and building from cached headers never
+/// waits, so without the yield the first bytes would leave only when the queue is full.
+/// Without a driver stream the bytes stay in `out`.
 pub(super) async fn send_ahead(ahead: &Option<OutputAhead>, out: &mut Vec<u8>) {
     let Some(ahead) = ahead else {
         return;
@@ -48,7 +51,9 @@ pub(super) async fn send_ahead(ahead: &Option<OutputAhead>, out: &mut Vec<u8>) {
         let mut chunk = returned.0;
         chunk.append(out);
         *out = chunk;
+        return;
     }
+    tokio::task::yield_now().await;
 }
 
 /// What the driver must do after feeding input.
