@@ -5,5 +5,6 @@
 //!   committed commands in log order and asks it for snapshots.
 
 pub mod app;
+pub mod mesh;
 
 pub use app::{AppStateMachine, SnapshotBuilder};
