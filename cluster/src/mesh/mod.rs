@@ -10,7 +10,6 @@
 //!   keepalives, rekey, relaying).
 //! - `node` (private): [`Mesh`], the handle: listeners, dialers with backoff, one link per
 //!   pair, send/request/incoming, status.
-//! - [`bench`]: the peer process of `scripts/bench/mesh`.
 //!
 //! Peers are identified by their member **name**; the name is bound to the member's public key
 //! by the membership, and the handshake checks both.
@@ -20,7 +19,6 @@
 //! only moves ciphertext of an inner Noise link between the two endpoints; at most one link per
 //! pair carries traffic (direct preferred, then the lower initiator key, then the newest).
 
-pub mod bench;
 pub mod codec;
 pub mod handshake;
 pub mod identity;
