@@ -12,6 +12,7 @@ pub mod admin;
 pub mod config;
 pub mod imap;
 pub mod node;
+pub mod outbound;
 pub mod smtp;
 pub mod store;
 pub mod tls;

@@ -1,1 +1,216 @@
-//! Node wiring: being written.
+//! Node wiring: the one place that builds and connects the parts.
+//!
+//! Start order: data folder, TLS, mail state machine, cluster (Raft, one voter on a fresh
+//! folder), mail store over the cluster, listeners (bound before anything is announced), the
+//! admin socket last — so a working admin socket means the node is ready. Stop order: cancel,
+//! let sessions finish their transaction within the grace period, stop Raft, remove the socket.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::server::AdminContext;
+use crate::config::Config;
+use crate::store::{BoxFuture, MailStateMachine, MailStore, Propose, StoreError};
+
+/// How long in-flight sessions get to finish after SIGTERM/SIGINT before they are dropped.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Proposes mail commands through Raft.
+struct ClusterProposer {
+    cluster: kermail_cluster::Cluster,
+}
+
+impl Propose for ClusterProposer {
+    fn propose(&self, command: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        Box::pin(async move {
+            self.cluster
+                .propose(command)
+                .await
+                .map_err(|error| match error {
+                    kermail_cluster::ProposeError::Unavailable(message) => {
+                        StoreError::Unavailable(message)
+                    }
+                    other => StoreError::Unavailable(other.to_string()),
+                })
+        })
+    }
+}
+
+/// Runs a node until `shutdown` is cancelled (the binary cancels it on SIGTERM/SIGINT).
+pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let data_dir = config.node.data_dir.clone();
+    create_private_dir(&data_dir)?;
+
+    crate::tls::install_crypto_provider();
+    let tls = match (&config.tls.cert_file, &config.tls.key_file) {
+        (Some(cert), Some(key)) => crate::tls::from_pem_files(cert, key)?,
+        _ => crate::tls::self_signed_in(&data_dir, std::slice::from_ref(&config.node.hostname))?,
+    };
+
+    let machine = MailStateMachine::open(&data_dir).context("cannot open the mail store")?;
+    let cluster_config = kermail_cluster::ClusterConfig {
+        data_dir: data_dir.clone(),
+        name: config.node.name.clone(),
+        site: config.node.site.clone(),
+        raft: config.cluster.timings(),
+    };
+    let cluster = kermail_cluster::Cluster::open(cluster_config, machine.clone())
+        .await
+        .context("cannot start the replication engine")?;
+    let store = MailStore::new(
+        machine,
+        Arc::new(ClusterProposer {
+            cluster: cluster.clone(),
+        }),
+    );
+
+    let hostname: Arc<str> = Arc::from(config.node.hostname.as_str());
+    let smtp_config = Arc::new(config.smtp.clone());
+    let imap_config = Arc::new(config.imap.clone());
+    let mut servers = JoinSet::new();
+    for address in &config.smtp.listen {
+        let listener = bind(*address, "smtp").await?;
+        servers.spawn(crate::smtp::serve(
+            listener,
+            smtp_config.clone(),
+            hostname.clone(),
+            store.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        ));
+    }
+    // One limiter for both submission ports: failed logins and messages count across them.
+    let submission_limits = Arc::new(crate::smtp::limits::Limiter::new());
+    for (addresses, kind) in [
+        (
+            &config.smtp.submission_listen,
+            crate::smtp::ListenerKind::Submission,
+        ),
+        (
+            &config.smtp.submissions_listen,
+            crate::smtp::ListenerKind::Submissions,
+        ),
+    ] {
+        for address in addresses {
+            let listener = bind(*address, kind.name()).await?;
+            servers.spawn(crate::smtp::serve_submission(
+                listener,
+                kind,
+                smtp_config.clone(),
+                hostname.clone(),
+                store.clone(),
+                tls.clone(),
+                submission_limits.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+    for (addresses, implicit_tls, what) in [
+        (&config.imap.listen, false, "imap"),
+        (&config.imap.listen_tls, true, "imaps"),
+    ] {
+        for address in addresses {
+            let listener = bind(address.as_str(), what).await?;
+            servers.spawn(crate::imap::serve(
+                listener,
+                implicit_tls,
+                imap_config.clone(),
+                store.clone(),
+                tls.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+
+    let socket_path = config.admin_socket_path();
+    let admin_listener = crate::admin::server::bind(&socket_path)
+        .with_context(|| format!("cannot open the admin socket {}", socket_path.display()))?;
+    let admin = tokio::spawn(crate::admin::server::serve(
+        admin_listener,
+        AdminContext {
+            store: store.clone(),
+            cluster: cluster.clone(),
+            data_dir: data_dir.clone(),
+        },
+        shutdown.clone(),
+    ));
+    info!(
+        name = %config.node.name,
+        site = %config.node.site,
+        data_dir = %data_dir.display(),
+        "kermail node ready"
+    );
+
+    shutdown.cancelled().await;
+    info!("shutting down: finishing in-flight sessions");
+    let drained = tokio::time::timeout(SHUTDOWN_GRACE, drain(&mut servers)).await;
+    if drained.is_err() {
+        warn!("grace period over: dropping the remaining sessions");
+        servers.abort_all();
+    }
+    admin.abort();
+    let _ = std::fs::remove_file(&socket_path);
+    if let Err(error) = cluster.shutdown().await {
+        warn!(%error, "replication engine did not stop cleanly");
+    }
+    info!("kermail node stopped");
+    Ok(())
+}
+
+async fn drain(servers: &mut JoinSet<std::io::Result<()>>) {
+    while let Some(result) = servers.join_next().await {
+        match result {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => error!(%error, "a listener stopped with an error"),
+            Err(error) => error!(%error, "a listener task failed"),
+        }
+    }
+}
+
+async fn bind(
+    address: impl tokio::net::ToSocketAddrs + std::fmt::Display,
+    what: &str,
+) -> anyhow::Result<TcpListener> {
+    let shown = address.to_string();
+    let listener = TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen for {what} on {shown}"))?;
+    info!(address = %shown, what, "listening");
+    Ok(listener)
+}
+
+fn create_private_dir(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)
+            .with_context(|| format!("cannot create the data folder {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Waits for SIGTERM or SIGINT, then cancels `token`.
+pub async fn cancel_on_signal(token: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut terminate = match signal(SignalKind::terminate()) {
+        Ok(signal) => signal,
+        Err(error) => {
+            error!(%error, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = terminate.recv() => info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT received"),
+    }
+    token.cancel();
+}

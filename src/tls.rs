@@ -72,7 +72,10 @@ pub fn from_pem_files(cert_path: &Path, key_path: &Path) -> Result<Arc<ServerCon
 
 /// Uses the self-signed certificate kept in `data_dir`, generating it (for `hostnames`) when
 /// it does not exist yet.
-pub fn self_signed_in(data_dir: &Path, hostnames: &[String]) -> Result<Arc<ServerConfig>, TlsError> {
+pub fn self_signed_in(
+    data_dir: &Path,
+    hostnames: &[String],
+) -> Result<Arc<ServerConfig>, TlsError> {
     let cert_path = data_dir.join(SELF_SIGNED_CERT_FILE);
     let key_path = data_dir.join(SELF_SIGNED_KEY_FILE);
     if !cert_path.exists() || !key_path.exists() {

@@ -1,1 +1,39 @@
-//! Admin socket server and CLI client: being written.
+//! Administration: a Unix socket in the data folder (mode 0600), so no admin port is ever on
+//! the network. The CLI ([`client`]) sends one JSON request per connection; the node
+//! ([`server`]) answers with text lines or an error.
+//!
+//! Mail administration (domains, accounts, aliases) goes through the mail store; cluster
+//! administration goes to the cluster crate's own API.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+/// The largest request or response line accepted on the admin socket.
+pub const MAX_ADMIN_MESSAGE_BYTES: usize = 1024 * 1024;
+
+/// One admin request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    DomainAdd { domain: String },
+    DomainRemove { domain: String },
+    DomainList,
+    UserAdd { address: String, password: String },
+    UserPasswd { address: String, password: String },
+    UserRemove { address: String },
+    UserList { domain: Option<String> },
+    AliasAdd { source: String, target: String },
+    AliasRemove { source: String, target: String },
+    AliasList { domain: Option<String> },
+    Status,
+}
+
+/// The answer: lines to print, or an error to print on standard error (exit status 1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum AdminResponse {
+    Ok { lines: Vec<String> },
+    Error { message: String },
+}

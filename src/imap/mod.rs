@@ -1,1 +1,37 @@
-//! IMAP server: being written in the imap branch.
+//! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
+//! ID, ENABLE, UNSELECT, CHILDREN).
+//!
+//! Code map:
+//! - [`config`]: the `[imap]` section ([`ImapConfig`]).
+//! - `framing`: splits the byte stream into complete commands (literals, limits).
+//! - `session`: the sans-IO [`Session`]: state, authentication, command dispatch.
+//! - `mailboxes`, `messages`: the command families (mailbox commands; message commands).
+//! - `selected`: the selected mailbox's sequence numbers and change reporting.
+//! - `response`, `cache`: response writing helpers; the shared header cache.
+//! - `fetch`, `search`: message parsing for FETCH and SEARCH keys (imapmsg branch).
+//! - `server`: the thin tokio driver ([`serve`]): TLS, timeouts, IDLE wake-ups, shutdown.
+//!
+//! Invariant: the session talks to mail state only through [`crate::store::MailStore`], and
+//! never holds a store lock across an await (the store API gives owned snapshots).
+
+mod cache;
+pub use cache::{AuthCache, HeaderCache};
+pub mod config;
+pub mod fetch;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod framing;
+mod mailboxes;
+mod messages;
+mod response;
+pub mod search;
+mod selected;
+mod server;
+mod session;
+
+pub use config::ImapConfig;
+pub use server::serve;
+pub use session::{Action, ConnectionInfo, Session};
+
+#[cfg(test)]
+mod tests;

@@ -7,13 +7,53 @@
 //! once it is committed and applied on this node.
 //!
 //! THIS FILE IS THE CONTRACT shared by the SMTP, IMAP and admin code. The signatures below are
-//! fixed; the bodies are being written in the store branch.
+//! fixed.
+//!
+//! Code map:
+//! - `command.rs`: the closed, versioned command enum carried by the log ([`Propose`] bytes
+//!   are bincode of `Command::V1`), and the response enum.
+//! - `state.rs`: the in-memory state (BTreeMaps only) and the pure `apply`.
+//! - `blob.rs`: bodies as content-addressed zstd files `blobs/ab/<hex>`, staging, deferred
+//!   deletion, the cache of decompressed bodies.
+//! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
+//! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
+//! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
+//!   [`LocalProposer`] (direct apply for tests) and [`MailStore`].
+//!
+//! The write path of a message: the session's call compresses and hashes the body and writes
+//! its file (staging, on a blocking thread), proposes the command (which carries the
+//! compressed bytes, so followers and replays can write the file), and answers once the
+//! command is committed and applied here. Apply on the proposing node only checks the staged
+//! file. Body files are not fsync'd: the log holds every body until a snapshot, and a snapshot
+//! holds every referenced body, so the cluster must restore its last snapshot before replaying
+//! the log at start (it does), which rewrites any file lost in a crash.
+
+mod blob;
+mod command;
+mod names;
+mod snapshot;
+mod state;
 
 use std::future::Future;
+use std::io;
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
 
 use serde::{Deserialize, Serialize};
+
+use blob::BlobStore;
+use command::{
+    decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
+    BodyV1, Command, CommandV1, Response,
+};
+use state::State;
+
+/// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
+pub use command::MAX_MESSAGE_BYTES;
+/// The most envelope recipients one delivery may name.
+pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
 pub type AccountId = u64;
 pub type MailboxId = u64;
@@ -187,81 +227,700 @@ pub trait Propose: Send + Sync + 'static {
     fn propose(&self, command: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>>;
 }
 
+/// Capacity of the change broadcast: a receiver that falls further behind gets `Lagged` and
+/// treats every selected mailbox as changed.
+pub const CHANGE_CHANNEL_CAPACITY: usize = 1024;
+/// Passwords are at least this many characters.
+pub const MIN_PASSWORD_CHARS: usize = 10;
+/// And at most this many bytes (argon2 would take more, but nobody types that).
+pub const MAX_PASSWORD_BYTES: usize = 1024;
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The replicated mail state machine: the cluster applies committed commands to it in log
+/// order; the store reads it. Readers take the lock briefly and never do I/O under it.
+pub struct MailStateMachine {
+    state: RwLock<State>,
+    blobs: Arc<BlobStore>,
+    changes: tokio::sync::broadcast::Sender<MailboxChanged>,
+    /// Serializes apply and restore (the cluster already calls them one at a time).
+    apply_lock: Mutex<()>,
+    last_applied: AtomicU64,
+}
+
+impl MailStateMachine {
+    /// Opens the state machine over `data_dir` (bodies in `data_dir/blobs`). The state starts
+    /// empty: the cluster restores its last snapshot and replays the log after it.
+    pub fn open(data_dir: &Path) -> Result<Arc<Self>, StoreError> {
+        let blobs = BlobStore::open(data_dir.join("blobs")).map_err(|e| {
+            StoreError::Io(format!(
+                "cannot create the blob folder in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let (changes, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        Ok(Arc::new(MailStateMachine {
+            state: RwLock::new(State::default()),
+            blobs,
+            changes,
+            apply_lock: Mutex::new(()),
+            last_applied: AtomicU64::new(0),
+        }))
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The log index of the last command applied (0 after a restore or at start).
+    pub fn last_applied_index(&self) -> u64 {
+        self.last_applied.load(Ordering::Acquire)
+    }
+
+    fn notify(&self, changed: impl IntoIterator<Item = MailboxChanged>) {
+        for change in changed {
+            // No receiver is fine: nobody is idling.
+            let _ = self.changes.send(change);
+        }
+    }
+
+    /// Ends one staging of a body. Serialized with apply, so that a command carrying the
+    /// same body cannot be between writing its file and referencing it meanwhile.
+    fn unstage(&self, blob: &BlobId) {
+        let _serial = lock(&self.apply_lock);
+        self.unstage_serialized(blob);
+    }
+
+    /// [`MailStateMachine::unstage`] if no apply or restore is running right now (it never
+    /// waits, so an async task may call it); false if the caller must unstage on a blocking
+    /// thread instead.
+    fn try_unstage(&self, blob: &BlobId) -> bool {
+        match self.apply_lock.try_lock() {
+            Ok(_serial) => {
+                self.unstage_serialized(blob);
+                true
+            }
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                let _serial = poisoned.into_inner();
+                self.unstage_serialized(blob);
+                true
+            }
+            Err(std::sync::TryLockError::WouldBlock) => false,
+        }
+    }
+
+    fn unstage_serialized(&self, blob: &BlobId) {
+        let referenced = self.read().blobs.contains_key(blob);
+        self.blobs.unstage(blob, referenced);
+    }
+
+    fn apply_command(&self, command: CommandV1) -> Response {
+        if let CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. } = &command {
+            // Apply cannot fail half-way: a replica that cannot write a file keeps the same
+            // state as the others and reports the body as unreadable until a replay or a
+            // snapshot restore writes it.
+            if let Err(error) = self.blobs.write(&body.blob, &body.compressed) {
+                tracing::error!(blob = %hex::encode(body.blob.0), %error, "cannot write a body file");
+            }
+        }
+        let outcome = {
+            let mut state = self
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.apply(command)
+        };
+        self.blobs.release(outcome.effects.released);
+        self.notify(outcome.effects.changed);
+        outcome.response
+    }
+}
+
+impl kermail_cluster::AppStateMachine for MailStateMachine {
+    fn apply(&self, log_index: u64, command: &[u8]) -> Vec<u8> {
+        let _serial = lock(&self.apply_lock);
+        let response = match decode_command(command) {
+            Ok(Command::V1(command)) => {
+                tracing::debug!(log_index, ?command, "apply");
+                self.apply_command(command)
+            }
+            Err(error) => {
+                tracing::warn!(log_index, %error, "undecodable command in the log");
+                Response::Refused(ApplyError::Invalid("undecodable command".into()))
+            }
+        };
+        self.last_applied.store(log_index, Ordering::Release);
+        encode_response(&response)
+    }
+
+    fn begin_snapshot(&self) -> Box<dyn kermail_cluster::SnapshotBuilder> {
+        let state = self.read();
+        // Taken under the state lock: a body dropped after this point is not deleted until the
+        // build is done, so every file of the captured state stays readable.
+        let guard = self.blobs.begin_read();
+        Box::new(snapshot::Builder {
+            state: state.capture(),
+            blobs: self.blobs.clone(),
+            _guard: guard,
+        })
+    }
+
+    fn restore(&self, input: &mut dyn io::Read) -> io::Result<()> {
+        let _serial = lock(&self.apply_lock);
+        let restored = snapshot::read_snapshot(input, &self.blobs)?;
+        let old = {
+            let mut state = self
+                .state
+                .write()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            std::mem::replace(&mut *state, restored)
+        };
+        let (changed, keep) = {
+            let state = self.read();
+            let mut changed = Vec::new();
+            for snapshot in [&old, &*state] {
+                for account in snapshot.accounts.values() {
+                    changed.extend(account.mailboxes.keys().map(|&mailbox| MailboxChanged {
+                        account: account.id,
+                        mailbox,
+                    }));
+                }
+            }
+            (changed, state.blobs.clone())
+        };
+        match self.blobs.sweep(&keep) {
+            Ok(removed) if removed > 0 => {
+                tracing::info!(removed, "removed body files no longer referenced")
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "cannot sweep the blob folder"),
+        }
+        self.last_applied.store(0, Ordering::Release);
+        self.notify(changed);
+        Ok(())
+    }
+}
+
+/// For fuzzing only (`fuzz/`): whether an encoded [`kermail_cluster::AppStateMachine::apply`]
+/// response is a refusal; `None` if the bytes are not a response.
+#[doc(hidden)]
+pub fn fuzz_response_is_refused(response: &[u8]) -> Option<bool> {
+    decode_response(response)
+        .ok()
+        .map(|response| matches!(response, Response::Refused(_)))
+}
+
+/// Applies commands directly, in order, without Raft: for unit tests of SMTP, IMAP and admin.
+pub struct LocalProposer {
+    machine: Arc<MailStateMachine>,
+    next_index: Arc<Mutex<u64>>,
+}
+
+impl LocalProposer {
+    pub fn new(machine: Arc<MailStateMachine>) -> Self {
+        LocalProposer {
+            machine,
+            next_index: Arc::new(Mutex::new(0)),
+        }
+    }
+}
+
+impl Propose for LocalProposer {
+    fn propose(&self, command: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
+        let machine = self.machine.clone();
+        let next_index = self.next_index.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                use kermail_cluster::AppStateMachine;
+                let mut index = lock(&next_index);
+                *index += 1;
+                machine.apply(*index, &command)
+            })
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("local apply failed: {e}")))
+        })
+    }
+}
+
 /// The handle every part of the mail node uses. Cheap to clone.
 #[derive(Clone)]
 pub struct MailStore {
-    _private: (),
+    machine: Arc<MailStateMachine>,
+    proposer: Arc<dyn Propose>,
+    password_params: argon2::Params,
+    /// Verified against when the account does not exist, so that a login to an unknown
+    /// account costs the same time as a wrong password.
+    dummy_hash: Arc<OnceLock<String>>,
+}
+
+fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+fn hash_password(params: &argon2::Params, password: &str) -> Result<String, StoreError> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt_bytes: [u8; 16] = rand::random();
+    let salt = SaltString::encode_b64(&salt_bytes)
+        .map_err(|e| StoreError::Io(format!("cannot encode a salt: {e}")))?;
+    let argon = argon2::Argon2::new(
+        argon2::Algorithm::Argon2id,
+        argon2::Version::V0x13,
+        params.clone(),
+    );
+    argon
+        .hash_password(password.as_bytes(), &salt)
+        .map(|hash| hash.to_string())
+        .map_err(|e| StoreError::Io(format!("cannot hash the password: {e}")))
+}
+
+fn verify_password(hash: &str, password: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    match PasswordHash::new(hash) {
+        Ok(parsed) => argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok(),
+        Err(_) => false,
+    }
+}
+
+fn check_password_rules(password: &str) -> Result<(), StoreError> {
+    if password.chars().count() < MIN_PASSWORD_CHARS {
+        return Err(StoreError::Invalid(format!(
+            "password must be at least {MIN_PASSWORD_CHARS} characters"
+        )));
+    }
+    if password.len() > MAX_PASSWORD_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "password must be at most {MAX_PASSWORD_BYTES} bytes"
+        )));
+    }
+    Ok(())
+}
+
+fn unexpected(response: Response) -> StoreError {
+    StoreError::Io(format!(
+        "unexpected response from the state machine: {response:?}"
+    ))
+}
+
+async fn blocking<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| StoreError::Io(format!("blocking task failed: {e}")))?
+}
+
+/// A body written ahead of its proposal; dropping it (answered, refused or abandoned) ends the
+/// staging, which deletes the file if no message references it.
+struct StagedBody {
+    machine: Option<Arc<MailStateMachine>>,
+    blob: BlobId,
+}
+
+impl StagedBody {
+    /// Ends the staging once the proposal is answered, before the caller answers its client.
+    async fn finish(mut self) {
+        if let Some(machine) = self.machine.take() {
+            let blob = self.blob;
+            // Usually apply is idle and this takes microseconds: no blocking thread for it.
+            if !machine.try_unstage(&blob) {
+                let _ = tokio::task::spawn_blocking(move || machine.unstage(&blob)).await;
+            }
+        }
+    }
+}
+
+impl Drop for StagedBody {
+    /// The proposal was abandoned (its session went away): end the staging in the background.
+    fn drop(&mut self) {
+        let Some(machine) = self.machine.take() else {
+            return;
+        };
+        let blob = self.blob;
+        let unstage = move || machine.unstage(&blob);
+        // Unstaging waits for the apply in progress (which may be a long restore): never on an
+        // async worker thread.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(unstage)),
+            Err(_) => unstage(),
+        }
+    }
+}
+
+/// Compresses and hashes a body and writes its file, on a blocking thread: the proposer's
+/// work, done in parallel by concurrent sessions, so that apply only checks the file is there.
+async fn prepare_body(
+    machine: &Arc<MailStateMachine>,
+    body: Vec<u8>,
+) -> Result<(BodyV1, StagedBody), StoreError> {
+    if body.len() > MAX_MESSAGE_BYTES {
+        return Err(StoreError::Invalid(format!(
+            "message is larger than {MAX_MESSAGE_BYTES} bytes"
+        )));
+    }
+    let machine = machine.clone();
+    blocking(move || {
+        let (blob, compressed) =
+            blob::compress(&body).map_err(|e| StoreError::Io(format!("cannot compress: {e}")))?;
+        machine.blobs.stage(&blob, &compressed).map_err(|error| {
+            tracing::error!(blob = %hex::encode(blob.0), %error, "cannot write a body file");
+            StoreError::Io(format!("cannot write the message body: {error}"))
+        })?;
+        let staged = StagedBody {
+            machine: Some(machine),
+            blob,
+        };
+        Ok((
+            BodyV1 {
+                blob,
+                raw_size: body.len() as u32,
+                compressed,
+            },
+            staged,
+        ))
+    })
+    .await
+}
+
+fn mailbox_view(mailbox: &state::Mailbox) -> MailboxView {
+    MailboxView {
+        id: mailbox.id,
+        name: mailbox.name.clone(),
+        uidvalidity: mailbox.uidvalidity,
+        uidnext: mailbox.uidnext,
+        messages: mailbox.messages.clone(),
+        change_counter: mailbox.change_counter,
+    }
 }
 
 impl MailStore {
+    /// A store over a state machine and the proposer that reaches it (Raft in a node).
+    pub fn new(machine: Arc<MailStateMachine>, proposer: Arc<dyn Propose>) -> MailStore {
+        MailStore {
+            machine,
+            proposer,
+            password_params: argon2::Params::default(),
+            dummy_hash: Arc::new(OnceLock::new()),
+        }
+    }
+
     /// Opens (or creates) a store in `data_dir` whose commands are applied directly, without
     /// Raft: for unit and session tests. Nodes build the store over the cluster instead.
+    ///
+    /// The state lives in memory only (bodies go to `data_dir/blobs`), and passwords are hashed
+    /// with argon2id at its minimum cost so that tests stay fast; verification reads the cost
+    /// from each hash, so both kinds verify alike.
     pub fn open_local(data_dir: &std::path::Path) -> Result<MailStore, StoreError> {
-        let _ = data_dir;
-        todo!()
+        let machine = MailStateMachine::open(data_dir)?;
+        let proposer = Arc::new(LocalProposer::new(machine.clone()));
+        let mut store = MailStore::new(machine, proposer);
+        store.password_params = argon2::Params::new(argon2::Params::MIN_M_COST, 1, 1, None)
+            .map_err(|e| StoreError::Invalid(format!("argon2 parameters: {e}")))?;
+        Ok(store)
+    }
+
+    /// The state machine under this store (for the node wiring and tests).
+    pub fn machine(&self) -> &Arc<MailStateMachine> {
+        &self.machine
+    }
+
+    fn state(&self) -> RwLockReadGuard<'_, State> {
+        self.machine.read()
+    }
+
+    async fn submit(&self, command: CommandV1) -> Result<Response, StoreError> {
+        let bytes = encode_command(&Command::V1(command))
+            .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
+        let reply = self.proposer.propose(bytes).await?;
+        match decode_response(&reply)
+            .map_err(|e| StoreError::Io(format!("undecodable response: {e}")))?
+        {
+            Response::Refused(error) => Err(error.into()),
+            response => Ok(response),
+        }
+    }
+
+    async fn submit_done(&self, command: CommandV1) -> Result<(), StoreError> {
+        match self.submit(command).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn hash(&self, password: &str) -> Result<String, StoreError> {
+        check_password_rules(password)?;
+        let params = self.password_params.clone();
+        let password = password.to_string();
+        blocking(move || hash_password(&params, &password)).await
     }
 
     // ----- accounts and authentication -----
 
     /// Checks a password (argon2id, on a blocking thread). The address is case-insensitive.
     pub async fn authenticate(&self, address: &str, password: &str) -> Option<AccountId> {
-        let _ = (address, password);
-        todo!()
+        if password.len() > MAX_PASSWORD_BYTES {
+            return None;
+        }
+        let found = names::normalize_address(address).ok().and_then(|address| {
+            self.state()
+                .account_by_address(&address)
+                .map(|account| (account.id, account.password_hash.clone()))
+        });
+        let password = password.to_string();
+        let params = self.password_params.clone();
+        let dummy = self.dummy_hash.clone();
+        let verified = tokio::task::spawn_blocking(move || match found {
+            Some((id, hash)) => verify_password(&hash, &password).then_some(id),
+            None => {
+                let hash = dummy.get_or_init(|| {
+                    hash_password(&params, "kermail-no-such-account").unwrap_or_default()
+                });
+                let _ = verify_password(hash, &password);
+                None
+            }
+        })
+        .await;
+        verified.ok().flatten()
     }
 
     pub fn account_address(&self, account: AccountId) -> Option<String> {
-        let _ = account;
-        todo!()
+        self.state()
+            .accounts
+            .get(&account)
+            .map(|a| a.address.clone())
+    }
+
+    /// The addresses `account` may send as (submission's sender check): its own address and
+    /// every alias source whose expansion (nested aliases included) reaches it, sorted and
+    /// normalized (lowercase). Empty for an unknown account.
+    pub fn sender_addresses(&self, account: AccountId) -> Vec<String> {
+        let state = self.state();
+        let Some(own) = state.accounts.get(&account).map(|a| a.address.clone()) else {
+            return Vec::new();
+        };
+        let mut addresses = vec![own];
+        for source in state.aliases.keys() {
+            let mut accounts = Vec::new();
+            state.expand_recipient(
+                source,
+                &mut std::collections::BTreeSet::new(),
+                &mut accounts,
+                &mut std::collections::BTreeSet::new(),
+            );
+            if accounts.contains(&account) && !addresses.contains(source) {
+                addresses.push(source.clone());
+            }
+        }
+        addresses.sort();
+        addresses
     }
 
     // ----- SMTP -----
 
     pub fn is_local_domain(&self, domain: &str) -> bool {
-        let _ = domain;
-        todo!()
+        names::normalize_domain(domain).is_ok_and(|domain| self.state().domains.contains(&domain))
     }
 
     pub fn check_recipient(&self, address: &str) -> RecipientCheck {
-        let _ = address;
-        todo!()
+        let Some((_, domain)) = address.trim().rsplit_once('@') else {
+            return RecipientCheck::UnknownUser;
+        };
+        if !self.is_local_domain(domain) {
+            return RecipientCheck::ForeignDomain;
+        }
+        let Ok(address) = names::normalize_address(address) else {
+            return RecipientCheck::UnknownUser;
+        };
+        // Local when at least one local account would receive it: an alias whose targets are
+        // all foreign (forwarding is not there yet) or dangling is unknown, as delivery would
+        // store nothing.
+        let state = self.state();
+        let mut accounts = Vec::new();
+        state.expand_recipient(
+            &address,
+            &mut std::collections::BTreeSet::new(),
+            &mut accounts,
+            &mut std::collections::BTreeSet::new(),
+        );
+        if accounts.is_empty() {
+            RecipientCheck::UnknownUser
+        } else {
+            RecipientCheck::Local
+        }
     }
 
     /// Stores one message for its local recipients in one command: each recipient's account
     /// (aliases expanded during apply) gets it in INBOX.
     pub async fn deliver(&self, delivery: Delivery) -> Result<DeliveryReceipt, StoreError> {
-        let _ = delivery;
-        todo!()
+        if delivery.recipients.is_empty() {
+            return Err(StoreError::Invalid("a delivery needs a recipient".into()));
+        }
+        if delivery.recipients.len() > state::MAX_RECIPIENTS_PER_DELIVERY {
+            return Err(StoreError::Invalid(format!(
+                "more than {} recipients",
+                state::MAX_RECIPIENTS_PER_DELIVERY
+            )));
+        }
+        let (body, staged) = prepare_body(&self.machine, delivery.body).await?;
+        let blob = body.blob;
+        let command = CommandV1::Deliver {
+            mail_from: delivery.mail_from,
+            recipients: delivery.recipients,
+            received_at: delivery.received_at,
+            body,
+        };
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
+            Response::Delivered(delivered) => Ok(DeliveryReceipt { blob, delivered }),
+            other => Err(unexpected(other)),
+        }
     }
 
     // ----- IMAP reads (local replica) -----
 
     /// Every mailbox of the account, sorted by name.
     pub fn list_mailboxes(&self, account: AccountId) -> Vec<MailboxInfo> {
-        let _ = account;
-        todo!()
+        let state = self.state();
+        let Some(account) = state.accounts.get(&account) else {
+            return Vec::new();
+        };
+        account
+            .names
+            .values()
+            .filter_map(|id| account.mailboxes.get(id))
+            .map(|mailbox| MailboxInfo {
+                id: mailbox.id,
+                name: mailbox.name.clone(),
+                special_use: mailbox.special_use,
+                subscribed: account.subscriptions.contains(&mailbox.name),
+                uidvalidity: mailbox.uidvalidity,
+                uidnext: mailbox.uidnext,
+                exists: mailbox.messages.len() as u32,
+                unseen: mailbox
+                    .messages
+                    .iter()
+                    .filter(|m| !m.flags.contains(&Flag::Seen))
+                    .count() as u32,
+            })
+            .collect()
     }
 
     /// The mailbox by name (INBOX matched case-insensitively).
     pub fn mailbox_by_name(&self, account: AccountId, name: &str) -> Option<MailboxView> {
-        let _ = (account, name);
-        todo!()
+        let name = names::normalize_mailbox_name(name).ok()?;
+        let state = self.state();
+        state
+            .accounts
+            .get(&account)?
+            .mailbox_by_name(&name)
+            .map(mailbox_view)
     }
 
     pub fn mailbox_view(&self, account: AccountId, mailbox: MailboxId) -> Option<MailboxView> {
-        let _ = (account, mailbox);
-        todo!()
+        let state = self.state();
+        state
+            .accounts
+            .get(&account)?
+            .mailboxes
+            .get(&mailbox)
+            .map(mailbox_view)
+    }
+
+    /// The raw bytes of a stored message if they are in the body cache (no I/O, no blocking
+    /// thread): bodies are immutable and content-addressed, so a cached one is never stale.
+    pub fn cached_body(&self, blob: &BlobId) -> Option<Arc<Vec<u8>>> {
+        self.machine.blobs.cached(blob)
     }
 
     /// The raw bytes of a stored message.
     pub async fn body(&self, blob: BlobId) -> Result<Arc<Vec<u8>>, StoreError> {
-        let _ = blob;
-        todo!()
+        if let Some(body) = self.machine.blobs.cached(&blob) {
+            return Ok(body);
+        }
+        let raw_size = self.state().blobs.get(&blob).map(|info| info.raw_size);
+        let blobs = self.machine.blobs.clone();
+        let Some(raw_size) = raw_size else {
+            // Expunged meanwhile: a session still showing the message may get it from the
+            // cache; otherwise it is gone.
+            return blobs
+                .cached(&blob)
+                .ok_or_else(|| StoreError::NotFound("message body".into()));
+        };
+        blocking(move || {
+            blobs.read(&blob, raw_size).map_err(|error| {
+                tracing::error!(blob = %hex::encode(blob.0), %error, "cannot read a body");
+                StoreError::Io(format!("cannot read message body: {error}"))
+            })
+        })
+        .await
+    }
+
+    /// The raw bytes of several stored messages, in order, read one after the other on one
+    /// blocking thread (cached ones without I/O): cheaper than one [`MailStore::body`] task
+    /// each when many bodies are read at once. `None` for a body that cannot be read (logged).
+    pub async fn bodies(&self, blobs: Vec<BlobId>) -> Vec<Option<Arc<Vec<u8>>>> {
+        let mut out: Vec<Option<Arc<Vec<u8>>>> = blobs
+            .iter()
+            .map(|blob| self.machine.blobs.cached(blob))
+            .collect();
+        if out.iter().all(Option::is_some) {
+            return out;
+        }
+        let wanted: Vec<(usize, BlobId, Option<u32>)> = {
+            let state = self.state();
+            out.iter()
+                .enumerate()
+                .filter(|(_, body)| body.is_none())
+                .map(|(k, _)| (k, blobs[k], state.blobs.get(&blobs[k]).map(|i| i.raw_size)))
+                .collect()
+        };
+        let store = self.machine.blobs.clone();
+        let read = tokio::task::spawn_blocking(move || {
+            wanted
+                .into_iter()
+                .map(|(k, blob, raw_size)| {
+                    let body = match raw_size {
+                        Some(raw_size) => match store.read(&blob, raw_size) {
+                            Ok(body) => Some(body),
+                            Err(error) => {
+                                tracing::error!(blob = %hex::encode(blob.0), %error, "cannot read a body");
+                                None
+                            }
+                        },
+                        // Expunged meanwhile: only the cache may still have it.
+                        None => store.cached(&blob),
+                    };
+                    (k, body)
+                })
+                .collect::<Vec<_>>()
+        })
+        .await;
+        match read {
+            Ok(read) => {
+                for (k, body) in read {
+                    out[k] = body;
+                }
+            }
+            Err(error) => tracing::warn!(%error, "body read task failed"),
+        }
+        out
     }
 
     /// Every applied change to any mailbox. A lagged receiver should treat every selected
     /// mailbox as changed.
     pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<MailboxChanged> {
-        todo!()
+        self.machine.changes.subscribe()
     }
 
     // ----- IMAP writes -----
@@ -272,13 +931,23 @@ impl MailStore {
         name: &str,
         special_use: Option<SpecialUse>,
     ) -> Result<MailboxId, StoreError> {
-        let _ = (account, name, special_use);
-        todo!()
+        let name = names::normalize_mailbox_name(name)?;
+        let command = CommandV1::CreateMailbox {
+            account,
+            name,
+            special_use,
+            now: now_secs(),
+        };
+        match self.submit(command).await? {
+            Response::Mailbox(id) => Ok(id),
+            other => Err(unexpected(other)),
+        }
     }
 
     pub async fn delete_mailbox(&self, account: AccountId, name: &str) -> Result<(), StoreError> {
-        let _ = (account, name);
-        todo!()
+        let name = names::normalize_mailbox_name(name)?;
+        self.submit_done(CommandV1::DeleteMailbox { account, name })
+            .await
     }
 
     /// RFC 3501 RENAME, children included; renaming INBOX moves its messages to a new mailbox
@@ -289,8 +958,15 @@ impl MailStore {
         from: &str,
         to: &str,
     ) -> Result<(), StoreError> {
-        let _ = (account, from, to);
-        todo!()
+        let from = names::normalize_mailbox_name(from)?;
+        let to = names::normalize_mailbox_name(to)?;
+        self.submit_done(CommandV1::RenameMailbox {
+            account,
+            from,
+            to,
+            now: now_secs(),
+        })
+        .await
     }
 
     /// Subscription is by name and may name a mailbox that does not exist.
@@ -300,13 +976,21 @@ impl MailStore {
         name: &str,
         subscribed: bool,
     ) -> Result<(), StoreError> {
-        let _ = (account, name, subscribed);
-        todo!()
+        let name = names::normalize_mailbox_name(name)?;
+        self.submit_done(CommandV1::SetSubscribed {
+            account,
+            name,
+            subscribed,
+        })
+        .await
     }
 
     pub fn subscriptions(&self, account: AccountId) -> Vec<String> {
-        let _ = account;
-        todo!()
+        self.state()
+            .accounts
+            .get(&account)
+            .map(|a| a.subscriptions.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// Returns (UIDVALIDITY, UID) of the new message.
@@ -319,15 +1003,24 @@ impl MailStore {
         internal_date_offset_min: i16,
         body: Vec<u8>,
     ) -> Result<(u32, Uid), StoreError> {
-        let _ = (
+        if self.mailbox_view(account, mailbox).is_none() {
+            return Err(StoreError::NotFound("mailbox".into()));
+        }
+        let (body, staged) = prepare_body(&self.machine, body).await?;
+        let command = CommandV1::Append {
             account,
             mailbox,
             flags,
             internal_date,
             internal_date_offset_min,
             body,
-        );
-        todo!()
+        };
+        let result = self.submit(command).await;
+        staged.finish().await;
+        match result? {
+            Response::Appended { uidvalidity, uid } => Ok((uidvalidity, uid)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Returns the new flags of every message that still exists among `uids`.
@@ -339,8 +1032,17 @@ impl MailStore {
         op: FlagOp,
         flags: FlagSet,
     ) -> Result<Vec<(Uid, FlagSet)>, StoreError> {
-        let _ = (account, mailbox, uids, op, flags);
-        todo!()
+        let command = CommandV1::StoreFlags {
+            account,
+            mailbox,
+            uids: uids_to_ranges(uids),
+            op,
+            flags,
+        };
+        match self.submit(command).await? {
+            Response::Flags(flags) => Ok(flags),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Removes the messages flagged \Deleted (only those among `uids` when given); returns
@@ -351,8 +1053,36 @@ impl MailStore {
         mailbox: MailboxId,
         uids: Option<Vec<Uid>>,
     ) -> Result<Vec<Uid>, StoreError> {
-        let _ = (account, mailbox, uids);
-        todo!()
+        let command = CommandV1::Expunge {
+            account,
+            mailbox,
+            uids: uids.map(uids_to_ranges),
+        };
+        match self.submit(command).await? {
+            Response::Expunged(uids) => Ok(uids),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    async fn copy_or_move(
+        &self,
+        account: AccountId,
+        from: MailboxId,
+        uids: Vec<Uid>,
+        to: MailboxId,
+        remove_source: bool,
+    ) -> Result<(u32, Vec<(Uid, Uid)>), StoreError> {
+        let command = CommandV1::Copy {
+            account,
+            from,
+            uids: uids_to_ranges(uids),
+            to,
+            remove_source,
+        };
+        match self.submit(command).await? {
+            Response::Copied { uidvalidity, pairs } => Ok((uidvalidity, pairs)),
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Returns the destination's UIDVALIDITY and (source UID, new UID) pairs.
@@ -363,8 +1093,7 @@ impl MailStore {
         uids: Vec<Uid>,
         to: MailboxId,
     ) -> Result<(u32, Vec<(Uid, Uid)>), StoreError> {
-        let _ = (account, from, uids, to);
-        todo!()
+        self.copy_or_move(account, from, uids, to, false).await
     }
 
     /// COPY then EXPUNGE of the sources, in one command.
@@ -375,67 +1104,190 @@ impl MailStore {
         uids: Vec<Uid>,
         to: MailboxId,
     ) -> Result<(u32, Vec<(Uid, Uid)>), StoreError> {
-        let _ = (account, from, uids, to);
-        todo!()
+        self.copy_or_move(account, from, uids, to, true).await
     }
 
     // ----- administration -----
 
     pub async fn add_domain(&self, domain: &str) -> Result<(), StoreError> {
-        let _ = domain;
-        todo!()
+        let domain = names::normalize_domain(domain)?;
+        self.submit_done(CommandV1::AddDomain { domain }).await
     }
 
     /// Refused while the domain still has accounts or aliases.
     pub async fn remove_domain(&self, domain: &str) -> Result<(), StoreError> {
-        let _ = domain;
-        todo!()
+        let domain = names::normalize_domain(domain)?;
+        self.submit_done(CommandV1::RemoveDomain { domain }).await
     }
 
     pub fn list_domains(&self) -> Vec<String> {
-        todo!()
+        self.state().domains.iter().cloned().collect()
     }
 
     /// Hashes the password (argon2id) before proposing; creates INBOX, Sent, Drafts, Trash,
     /// Junk and Archive. Refuses unknown domains, duplicates and passwords under 10 characters.
-    pub async fn add_account(&self, address: &str, password: &str) -> Result<AccountId, StoreError> {
-        let _ = (address, password);
-        todo!()
+    pub async fn add_account(
+        &self,
+        address: &str,
+        password: &str,
+    ) -> Result<AccountId, StoreError> {
+        let address = names::normalize_address(address)?;
+        {
+            // Early refusals, so that a mistake costs neither a hash nor a log entry (apply
+            // checks again).
+            let state = self.state();
+            let domain = names::domain_of(&address);
+            if !state.domains.contains(domain) {
+                return Err(StoreError::NotFound(format!("domain {domain}")));
+            }
+            if state.account_ids.contains_key(&address) {
+                return Err(StoreError::AlreadyExists(format!("account {address}")));
+            }
+        }
+        let password_hash = self.hash(password).await?;
+        let command = CommandV1::AddAccount {
+            address,
+            password_hash,
+            now: now_secs(),
+        };
+        match self.submit(command).await? {
+            Response::Account(id) => Ok(id),
+            other => Err(unexpected(other)),
+        }
     }
 
     pub async fn set_password(&self, address: &str, password: &str) -> Result<(), StoreError> {
-        let _ = (address, password);
-        todo!()
+        let address = names::normalize_address(address)?;
+        if !self.state().account_ids.contains_key(&address) {
+            return Err(StoreError::NotFound(format!("account {address}")));
+        }
+        let password_hash = self.hash(password).await?;
+        self.submit_done(CommandV1::SetPassword {
+            address,
+            password_hash,
+        })
+        .await
     }
 
     /// Removes the account, its mailboxes and its messages.
     pub async fn remove_account(&self, address: &str) -> Result<(), StoreError> {
-        let _ = address;
-        todo!()
+        let address = names::normalize_address(address)?;
+        self.submit_done(CommandV1::RemoveAccount { address }).await
     }
 
     pub fn list_accounts(&self, domain: Option<&str>) -> Vec<AccountInfo> {
-        let _ = domain;
-        todo!()
+        let domain = domain.map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase());
+        self.state()
+            .account_ids
+            .iter()
+            .filter(|(address, _)| {
+                domain
+                    .as_deref()
+                    .is_none_or(|d| names::domain_of(address) == d)
+            })
+            .map(|(address, &id)| AccountInfo {
+                id,
+                address: address.clone(),
+            })
+            .collect()
     }
 
     /// `source` must be in a local domain; `target` may be local or foreign.
     pub async fn add_alias(&self, source: &str, target: &str) -> Result<(), StoreError> {
-        let _ = (source, target);
-        todo!()
+        let source = names::normalize_address(source)?;
+        let target = names::normalize_address(target)?;
+        self.submit_done(CommandV1::AddAlias { source, target })
+            .await
     }
 
     pub async fn remove_alias(&self, source: &str, target: &str) -> Result<(), StoreError> {
-        let _ = (source, target);
-        todo!()
+        let source = names::normalize_address(source)?;
+        let target = names::normalize_address(target)?;
+        self.submit_done(CommandV1::RemoveAlias { source, target })
+            .await
     }
 
     pub fn list_aliases(&self, domain: Option<&str>) -> Vec<AliasInfo> {
-        let _ = domain;
-        todo!()
+        let domain = domain.map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase());
+        let state = self.state();
+        state
+            .aliases
+            .iter()
+            .filter(|(source, _)| {
+                domain
+                    .as_deref()
+                    .is_none_or(|d| names::domain_of(source) == d)
+            })
+            .flat_map(|(source, targets)| {
+                targets.iter().map(move |target| AliasInfo {
+                    source: source.clone(),
+                    target: target.clone(),
+                })
+            })
+            .collect()
     }
 
     pub fn stats(&self) -> StoreStats {
-        todo!()
+        self.state().stats()
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+#[cfg(test)]
+mod sender_address_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sender_addresses_are_the_own_address_and_aliases_reaching_the_account() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = MailStore::open_local(dir.path()).unwrap();
+        store.add_domain("example.org").await.unwrap();
+        let alice = store
+            .add_account("Alice@example.org", "correct horse battery")
+            .await
+            .unwrap();
+        let bob = store
+            .add_account("bob@example.org", "correct horse battery")
+            .await
+            .unwrap();
+        store
+            .add_alias("info@example.org", "alice@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("team@example.org", "bob@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("team@example.org", "info@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("sales@example.org", "bob@example.org")
+            .await
+            .unwrap();
+        store
+            .add_alias("out@example.org", "someone@example.net")
+            .await
+            .unwrap();
+        assert_eq!(
+            store.sender_addresses(alice),
+            vec![
+                "alice@example.org".to_owned(),
+                "info@example.org".to_owned(),
+                "team@example.org".to_owned(),
+            ]
+        );
+        assert_eq!(
+            store.sender_addresses(bob),
+            vec![
+                "bob@example.org".to_owned(),
+                "sales@example.org".to_owned(),
+                "team@example.org".to_owned(),
+            ]
+        );
+        assert!(store.sender_addresses(9999).is_empty());
     }
 }

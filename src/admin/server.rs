@@ -1,0 +1,230 @@
+//! The node side of the admin socket.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::{AdminRequest, AdminResponse, MAX_ADMIN_MESSAGE_BYTES};
+use crate::store::{MailStore, StoreError};
+
+/// A client that sends nothing for this long is dropped.
+pub const ADMIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the admin server needs: the mail store for mail administration, the cluster for
+/// status and (later) membership.
+#[derive(Clone)]
+pub struct AdminContext {
+    pub store: MailStore,
+    pub cluster: kermail_cluster::Cluster,
+    pub data_dir: PathBuf,
+}
+
+/// Binds the socket with mode 0600. A stale socket file left by a killed node is replaced;
+/// a live one means another node uses this data folder.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another kermail node answers on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    // Create the socket with no permissions for group and others from the start.
+    let previous_mask = unsafe { libc::umask(0o177) };
+    let listener = UnixListener::bind(path);
+    unsafe { libc::umask(previous_mask) };
+    let listener = listener?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
+}
+
+pub async fn serve(listener: UnixListener, context: AdminContext, shutdown: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    warn!(%error, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        let context = context.clone();
+        tokio::spawn(
+            async move {
+                if let Err(error) = handle_connection(stream, &context).await {
+                    warn!(%error, "admin connection failed");
+                }
+            }
+            .instrument(info_span!("admin")),
+        );
+    }
+}
+
+async fn handle_connection(stream: UnixStream, context: &AdminContext) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader).take(MAX_ADMIN_MESSAGE_BYTES as u64);
+    let mut line = String::new();
+    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(request) => handle(request, context).await,
+        Err(error) => AdminResponse::Error {
+            message: format!("malformed admin request: {error}"),
+        },
+    };
+    let mut answer = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    answer.push(b'\n');
+    writer.write_all(&answer).await?;
+    writer.shutdown().await
+}
+
+fn lines(lines: Vec<String>) -> AdminResponse {
+    AdminResponse::Ok { lines }
+}
+
+fn done(result: Result<String, StoreError>) -> AdminResponse {
+    match result {
+        Ok(line) => lines(vec![line]),
+        Err(error) => AdminResponse::Error {
+            message: error.to_string(),
+        },
+    }
+}
+
+/// Executes one request. Never logs a password.
+pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminResponse {
+    let store = &context.store;
+    match request {
+        AdminRequest::DomainAdd { domain } => {
+            let result = store.add_domain(&domain).await;
+            info!(%domain, ok = result.is_ok(), "admin: domain add");
+            done(result.map(|()| format!("domain {domain} added")))
+        }
+        AdminRequest::DomainRemove { domain } => {
+            let result = store.remove_domain(&domain).await;
+            info!(%domain, ok = result.is_ok(), "admin: domain remove");
+            done(result.map(|()| format!("domain {domain} removed")))
+        }
+        AdminRequest::DomainList => lines(store.list_domains()),
+        AdminRequest::UserAdd { address, password } => {
+            let result = store.add_account(&address, &password).await;
+            info!(%address, ok = result.is_ok(), "admin: user add");
+            done(result.map(|_| format!("user {address} added")))
+        }
+        AdminRequest::UserPasswd { address, password } => {
+            let result = store.set_password(&address, &password).await;
+            info!(%address, ok = result.is_ok(), "admin: user passwd");
+            done(result.map(|()| format!("password of {address} changed")))
+        }
+        AdminRequest::UserRemove { address } => {
+            let result = store.remove_account(&address).await;
+            info!(%address, ok = result.is_ok(), "admin: user remove");
+            done(result.map(|()| format!("user {address} removed")))
+        }
+        AdminRequest::UserList { domain } => {
+            if let Some(domain) = domain.as_deref() {
+                if !store
+                    .list_domains()
+                    .iter()
+                    .any(|d| d.eq_ignore_ascii_case(domain))
+                {
+                    return AdminResponse::Error {
+                        message: format!("domain {domain} not found"),
+                    };
+                }
+            }
+            lines(
+                store
+                    .list_accounts(domain.as_deref())
+                    .into_iter()
+                    .map(|account| account.address)
+                    .collect(),
+            )
+        }
+        AdminRequest::AliasAdd { source, target } => {
+            let result = store.add_alias(&source, &target).await;
+            info!(%source, %target, ok = result.is_ok(), "admin: alias add");
+            done(result.map(|()| format!("alias {source} -> {target} added")))
+        }
+        AdminRequest::AliasRemove { source, target } => {
+            let result = store.remove_alias(&source, &target).await;
+            info!(%source, %target, ok = result.is_ok(), "admin: alias remove");
+            done(result.map(|()| format!("alias {source} -> {target} removed")))
+        }
+        AdminRequest::AliasList { domain } => lines(
+            store
+                .list_aliases(domain.as_deref())
+                .into_iter()
+                .map(|alias| format!("{} -> {}", alias.source, alias.target))
+                .collect(),
+        ),
+        AdminRequest::Status => {
+            let data_dir = context.data_dir.clone();
+            let disk_bytes = tokio::task::spawn_blocking(move || folder_size_bytes(&data_dir))
+                .await
+                .unwrap_or(0);
+            let mut status = status_lines(context);
+            status.push(format!("data folder size on disk: {disk_bytes}"));
+            lines(status)
+        }
+    }
+}
+
+/// Apparent size of every file below `path` (what `du -sb` counts), for `kermail status`.
+fn folder_size_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|entry| match entry.metadata() {
+            Ok(meta) if meta.is_dir() => folder_size_bytes(&entry.path()),
+            Ok(meta) => meta.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+fn or_none(index: Option<u64>) -> String {
+    index.map_or_else(|| "none".to_owned(), |i| i.to_string())
+}
+
+fn status_lines(context: &AdminContext) -> Vec<String> {
+    let cluster = context.cluster.status();
+    let stats = context.store.stats();
+    let leader = match cluster.leader {
+        Some(id) => id.to_string(),
+        None => "none".to_owned(),
+    };
+    vec![
+        format!("node: {} (id {})", cluster.name, cluster.node_id),
+        format!("site: {}", cluster.site),
+        format!("role: {:?}", cluster.role).to_lowercase(),
+        format!("term: {}", cluster.term),
+        format!("leader: {leader}"),
+        format!("last log index: {}", or_none(cluster.last_log_index)),
+        format!("committed index: {}", or_none(cluster.committed_index)),
+        format!("applied index: {}", or_none(cluster.applied_index)),
+        format!("domains: {}", stats.domains),
+        format!("accounts: {}", stats.accounts),
+        format!("aliases: {}", stats.aliases),
+        format!("messages: {}", stats.messages),
+        format!("bodies: {}", stats.blobs),
+        format!("stored bytes (raw): {}", stats.blob_bytes_raw),
+        format!(
+            "stored bytes (on disk, bodies): {}",
+            stats.blob_bytes_stored
+        ),
+        format!("data folder: {}", context.data_dir.display()),
+    ]
+}

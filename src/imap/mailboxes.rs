@@ -1,0 +1,472 @@
+//! Authenticated-state commands on mailboxes: SELECT/EXAMINE, CREATE, DELETE, RENAME,
+//! SUBSCRIBE/UNSUBSCRIBE, LIST/LSUB, STATUS, APPEND; and the dispatch of the selected-state
+//! commands (in `messages.rs`).
+
+use std::io::Write;
+
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::datetime::DateTime;
+use imap_codec::imap_types::flag::Flag as ImapFlag;
+use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
+use imap_codec::imap_types::status::StatusDataItemName;
+
+use super::response::{astring, flag_list, store_error, tagged, untagged};
+use super::selected::Selected;
+use super::session::{mailbox_name, Session, State};
+use std::sync::Arc;
+
+use super::fetch::top_header;
+use crate::store::{BlobId, Flag, FlagSet, MailboxInfo, SpecialUse};
+
+/// The hierarchy separator of every mailbox name.
+const SEPARATOR: u8 = b'/';
+
+/// Wildcards allowed in one LIST pattern: matching is backtracking, so this bounds its cost.
+const MAX_LIST_WILDCARDS: usize = 8;
+
+impl Session {
+    pub(super) async fn authenticated_command(
+        &mut self,
+        tag: &str,
+        body: CommandBody<'_>,
+        out: &mut Vec<u8>,
+    ) {
+        let name_of = |mailbox: &Mailbox<'_>| mailbox_name(mailbox);
+        match body {
+            CommandBody::Select { mailbox } => self.select(tag, name_of(&mailbox), false, out),
+            CommandBody::Examine { mailbox } => self.select(tag, name_of(&mailbox), true, out),
+            CommandBody::Create { mailbox } => self.create(tag, name_of(&mailbox), out).await,
+            CommandBody::Delete { mailbox } => self.delete(tag, name_of(&mailbox), out).await,
+            CommandBody::Rename { from, to } => {
+                self.rename(tag, name_of(&from), name_of(&to), out).await
+            }
+            CommandBody::Subscribe { mailbox } => {
+                self.subscribe(tag, name_of(&mailbox), true, out).await
+            }
+            CommandBody::Unsubscribe { mailbox } => {
+                self.subscribe(tag, name_of(&mailbox), false, out).await
+            }
+            CommandBody::List {
+                reference,
+                mailbox_wildcard,
+            } => self.list(tag, &reference, &mailbox_wildcard, false, out),
+            CommandBody::Lsub {
+                reference,
+                mailbox_wildcard,
+            } => self.list(tag, &reference, &mailbox_wildcard, true, out),
+            CommandBody::Status {
+                mailbox,
+                item_names,
+            } => self.status(tag, name_of(&mailbox), &item_names, out),
+            CommandBody::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } => {
+                self.append(
+                    tag,
+                    name_of(&mailbox),
+                    &flags,
+                    date.as_ref(),
+                    message.data(),
+                    out,
+                )
+                .await
+            }
+            body => self.selected_command(tag, body, out).await,
+        }
+    }
+
+    fn select(&mut self, tag: &str, name: Option<String>, read_only: bool, out: &mut Vec<u8>) {
+        let Some(account) = self.account() else {
+            return;
+        };
+        if matches!(self.state, State::Selected { .. }) {
+            untagged(out, "OK [CLOSED] previous mailbox closed");
+        }
+        self.state = State::Authenticated { account };
+        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
+            tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
+            return;
+        };
+        let mailbox = Selected::open(view, read_only);
+        let messages = &mailbox.messages;
+        let mut keywords = FlagSet::new();
+        let mut first_unseen = None;
+        for (i, message) in messages.iter().enumerate() {
+            if first_unseen.is_none() && !message.flags.contains(&Flag::Seen) {
+                first_unseen = Some(i + 1);
+            }
+            for flag in &message.flags {
+                if matches!(flag, Flag::Keyword(_)) && !keywords.contains(flag) {
+                    keywords.insert(flag.clone());
+                }
+            }
+        }
+        let mut flags: FlagSet = [
+            Flag::Answered,
+            Flag::Flagged,
+            Flag::Deleted,
+            Flag::Seen,
+            Flag::Draft,
+        ]
+        .into_iter()
+        .collect();
+        flags.extend(keywords);
+        out.extend_from_slice(b"* FLAGS ");
+        flag_list(out, &flags);
+        out.extend_from_slice(b"\r\n");
+        let _ = write!(out, "* {} EXISTS\r\n* 0 RECENT\r\n", messages.len());
+        if let Some(seq) = first_unseen {
+            let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
+        }
+        if read_only {
+            out.extend_from_slice(b"* OK [PERMANENTFLAGS ()] read-only mailbox\r\n");
+        } else {
+            out.extend_from_slice(b"* OK [PERMANENTFLAGS ");
+            let mut permanent = flags;
+            permanent.insert(Flag::Keyword("\\*".to_owned()));
+            flag_list(out, &permanent);
+            out.extend_from_slice(b"] flags permitted\r\n");
+        }
+        let uidnext = self
+            .store
+            .mailbox_view(account, mailbox.id)
+            .map_or(mailbox.last_uid() + 1, |v| v.uidnext);
+        let _ = write!(
+            out,
+            "* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT {}] predicted next UID\r\n",
+            mailbox.uidvalidity, uidnext
+        );
+        let (code, verb) = if read_only {
+            ("READ-ONLY", "EXAMINE completed")
+        } else {
+            ("READ-WRITE", "SELECT completed")
+        };
+        tagged(out, tag, "OK", Some(code), verb);
+        self.headers
+            .warm(&self.store, account, mailbox.id, &mailbox.messages);
+        self.state = State::Selected {
+            account,
+            mailbox: Box::new(mailbox),
+        };
+    }
+
+    async fn create(&mut self, tag: &str, name: Option<String>, out: &mut Vec<u8>) {
+        let (Some(account), Some(name)) = (self.account(), name) else {
+            tagged(out, tag, "BAD", None, "invalid mailbox name");
+            return;
+        };
+        if name.eq_ignore_ascii_case("INBOX") {
+            tagged(out, tag, "NO", Some("ALREADYEXISTS"), "INBOX always exists");
+            return;
+        }
+        match self.store.create_mailbox(account, &name, None).await {
+            Ok(_) => tagged(out, tag, "OK", None, "CREATE completed"),
+            Err(error) => no(out, tag, &error),
+        }
+    }
+
+    async fn delete(&mut self, tag: &str, name: Option<String>, out: &mut Vec<u8>) {
+        let (Some(account), Some(name)) = (self.account(), name) else {
+            tagged(out, tag, "BAD", None, "invalid mailbox name");
+            return;
+        };
+        if name == "INBOX" {
+            tagged(out, tag, "NO", Some("CANNOT"), "INBOX cannot be deleted");
+            return;
+        }
+        match self.store.delete_mailbox(account, &name).await {
+            Ok(()) => tagged(out, tag, "OK", None, "DELETE completed"),
+            Err(error) => no(out, tag, &error),
+        }
+    }
+
+    async fn rename(
+        &mut self,
+        tag: &str,
+        from: Option<String>,
+        to: Option<String>,
+        out: &mut Vec<u8>,
+    ) {
+        let (Some(account), Some(from), Some(to)) = (self.account(), from, to) else {
+            tagged(out, tag, "BAD", None, "invalid mailbox name");
+            return;
+        };
+        match self.store.rename_mailbox(account, &from, &to).await {
+            Ok(()) => tagged(out, tag, "OK", None, "RENAME completed"),
+            Err(error) => no(out, tag, &error),
+        }
+    }
+
+    async fn subscribe(&mut self, tag: &str, name: Option<String>, on: bool, out: &mut Vec<u8>) {
+        let (Some(account), Some(name)) = (self.account(), name) else {
+            tagged(out, tag, "BAD", None, "invalid mailbox name");
+            return;
+        };
+        match self.store.set_subscribed(account, &name, on).await {
+            Ok(()) => tagged(out, tag, "OK", None, "completed"),
+            Err(error) => no(out, tag, &error),
+        }
+    }
+
+    fn list(
+        &mut self,
+        tag: &str,
+        reference: &Mailbox<'_>,
+        wildcard: &ListMailbox<'_>,
+        lsub: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let Some(account) = self.account() else {
+            return;
+        };
+        let verb = if lsub { "LSUB" } else { "LIST" };
+        let reference: Vec<u8> = match reference {
+            Mailbox::Inbox => b"INBOX".to_vec(),
+            Mailbox::Other(other) => other.inner().as_ref().to_vec(),
+        };
+        let wildcard: &[u8] = match wildcard {
+            ListMailbox::Token(token) => token.as_ref(),
+            ListMailbox::String(string) => string.as_ref(),
+        };
+        if wildcard.is_empty() && !lsub {
+            let _ = write!(out, "* LIST (\\Noselect) \"/\" \"\"\r\n");
+            tagged(out, tag, "OK", None, "LIST completed");
+            return;
+        }
+        let mut pattern = reference;
+        pattern.extend_from_slice(wildcard);
+        if pattern.iter().filter(|&&b| b == b'*' || b == b'%').count() > MAX_LIST_WILDCARDS {
+            tagged(out, tag, "BAD", None, "too many wildcards");
+            return;
+        }
+        if pattern.len() >= 5
+            && pattern[..5].eq_ignore_ascii_case(b"INBOX")
+            && (pattern.len() == 5 || pattern[5] == SEPARATOR)
+        {
+            pattern[..5].copy_from_slice(b"INBOX");
+        }
+        let mailboxes = self.store.list_mailboxes(account);
+        let names: Vec<&str> = mailboxes.iter().map(|m| m.name.as_str()).collect();
+        if lsub {
+            for name in self.store.subscriptions(account) {
+                if matches_pattern(&pattern, name.as_bytes()) {
+                    let exists = names.contains(&name.as_str());
+                    let attributes = if exists { "()" } else { "(\\Noselect)" };
+                    let _ = write!(out, "* LSUB {attributes} \"/\" ");
+                    astring(out, name.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        } else {
+            // Parents that are not mailboxes themselves are listed as \Noselect when a
+            // pattern reaches them.
+            let mut listed: Vec<(String, Option<&MailboxInfo>)> = Vec::new();
+            for info in &mailboxes {
+                listed.push((info.name.clone(), Some(info)));
+                let mut end = 0;
+                while let Some(offset) = info.name[end..].find('/') {
+                    let parent = &info.name[..end + offset];
+                    if !names.contains(&parent) && !listed.iter().any(|(n, _)| n == parent) {
+                        listed.push((parent.to_owned(), None));
+                    }
+                    end += offset + 1;
+                }
+            }
+            listed.sort_by(|a, b| a.0.cmp(&b.0));
+            for (name, info) in &listed {
+                if !matches_pattern(&pattern, name.as_bytes()) {
+                    continue;
+                }
+                let prefix = format!("{name}/");
+                let has_children = names.iter().any(|n| n.starts_with(&prefix));
+                let mut attributes: Vec<&str> = Vec::new();
+                if info.is_none() {
+                    attributes.push("\\Noselect");
+                }
+                attributes.push(if has_children {
+                    "\\HasChildren"
+                } else {
+                    "\\HasNoChildren"
+                });
+                if let Some(special) = info.and_then(|i| i.special_use) {
+                    attributes.push(match special {
+                        SpecialUse::Sent => "\\Sent",
+                        SpecialUse::Drafts => "\\Drafts",
+                        SpecialUse::Trash => "\\Trash",
+                        SpecialUse::Junk => "\\Junk",
+                        SpecialUse::Archive => "\\Archive",
+                    });
+                }
+                let _ = write!(out, "* LIST ({}) \"/\" ", attributes.join(" "));
+                astring(out, name.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        tagged(out, tag, "OK", None, &format!("{verb} completed"));
+    }
+
+    fn status(
+        &mut self,
+        tag: &str,
+        name: Option<String>,
+        items: &[StatusDataItemName],
+        out: &mut Vec<u8>,
+    ) {
+        let Some(account) = self.account() else {
+            return;
+        };
+        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
+            tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
+            return;
+        };
+        let mut values: Vec<String> = Vec::new();
+        for item in items {
+            match item {
+                StatusDataItemName::Messages => {
+                    values.push(format!("MESSAGES {}", view.messages.len()))
+                }
+                StatusDataItemName::Recent => values.push("RECENT 0".to_owned()),
+                StatusDataItemName::UidNext => values.push(format!("UIDNEXT {}", view.uidnext)),
+                StatusDataItemName::UidValidity => {
+                    values.push(format!("UIDVALIDITY {}", view.uidvalidity))
+                }
+                StatusDataItemName::Unseen => {
+                    let unseen = view
+                        .messages
+                        .iter()
+                        .filter(|m| !m.flags.contains(&Flag::Seen))
+                        .count();
+                    values.push(format!("UNSEEN {unseen}"))
+                }
+                StatusDataItemName::Deleted => {
+                    let deleted = view
+                        .messages
+                        .iter()
+                        .filter(|m| m.flags.contains(&Flag::Deleted))
+                        .count();
+                    values.push(format!("DELETED {deleted}"))
+                }
+                _ => {}
+            }
+        }
+        out.extend_from_slice(b"* STATUS ");
+        astring(out, view.name.as_bytes());
+        let _ = write!(out, " ({})\r\n", values.join(" "));
+        tagged(out, tag, "OK", None, "STATUS completed");
+    }
+
+    async fn append(
+        &mut self,
+        tag: &str,
+        name: Option<String>,
+        flags: &[ImapFlag<'_>],
+        date: Option<&DateTime>,
+        message: &[u8],
+        out: &mut Vec<u8>,
+    ) {
+        let Some(account) = self.account() else {
+            return;
+        };
+        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
+            tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
+            return;
+        };
+        let (internal_date, offset_min) = match date {
+            Some(date) => {
+                let date = date.as_ref();
+                (
+                    date.timestamp(),
+                    (date.offset().local_minus_utc() / 60) as i16,
+                )
+            }
+            None => (now_secs(), 0),
+        };
+        let flags = to_flag_set(flags);
+        let target = view.id;
+        // The view holds the mailbox's message list: let go of it before the store changes it.
+        drop(view);
+        let mut released = None;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                mailbox.refresh(&self.store, *account, true, &[], out);
+                released = mailbox.release();
+            }
+        }
+        let result = self
+            .store
+            .append(
+                account,
+                target,
+                flags,
+                internal_date,
+                offset_min,
+                message.to_vec(),
+            )
+            .await;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                match released {
+                    Some(released) => mailbox.reacquire(released, &self.store, *account, out),
+                    None => mailbox.refresh(&self.store, *account, true, &[], out),
+                }
+            }
+        }
+        match result {
+            Ok((uidvalidity, uid)) => {
+                // Later header fetches and searches need not read the body back.
+                let blob = BlobId(*blake3::hash(message).as_bytes());
+                self.headers.insert(blob, Arc::from(top_header(message)));
+                let code = format!("APPENDUID {uidvalidity} {uid}");
+                tagged(out, tag, "OK", Some(&code), "APPEND completed");
+            }
+            Err(error) => no(out, tag, &error),
+        }
+    }
+}
+
+/// `tag NO [code] text` for a store error.
+pub(super) fn no(out: &mut Vec<u8>, tag: &str, error: &crate::store::StoreError) {
+    let (code, text) = store_error(error);
+    tagged(out, tag, "NO", Some(code), &text);
+}
+
+pub(super) fn now_secs() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Converts client flags; \Recent and unknown system flags are not storable and are dropped.
+pub(super) fn to_flag_set(flags: &[ImapFlag<'_>]) -> FlagSet {
+    flags
+        .iter()
+        .filter_map(|flag| match flag {
+            ImapFlag::Seen => Some(Flag::Seen),
+            ImapFlag::Answered => Some(Flag::Answered),
+            ImapFlag::Flagged => Some(Flag::Flagged),
+            ImapFlag::Deleted => Some(Flag::Deleted),
+            ImapFlag::Draft => Some(Flag::Draft),
+            ImapFlag::Keyword(atom) => Some(Flag::Keyword(atom.inner().to_owned())),
+            ImapFlag::Extension(_) => None,
+        })
+        .collect()
+}
+
+/// LIST pattern matching: `*` matches anything, `%` anything but the separator.
+pub(super) fn matches_pattern(pattern: &[u8], name: &[u8]) -> bool {
+    match pattern.split_first() {
+        None => name.is_empty(),
+        Some((b'*', rest)) => (0..=name.len()).any(|i| matches_pattern(rest, &name[i..])),
+        Some((b'%', rest)) => {
+            let limit = name
+                .iter()
+                .position(|&b| b == SEPARATOR)
+                .unwrap_or(name.len());
+            (0..=limit).any(|i| matches_pattern(rest, &name[i..]))
+        }
+        Some((&c, rest)) => name.first() == Some(&c) && matches_pattern(rest, &name[1..]),
+    }
+}

@@ -1,0 +1,695 @@
+//! Selected-state commands on messages: FETCH, STORE, SEARCH, COPY, MOVE, EXPUNGE (and UID
+//! EXPUNGE), CLOSE and UNSELECT.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::core::AString;
+use imap_codec::imap_types::fetch::{
+    MacroOrMessageDataItemNames, MessageDataItem, MessageDataItemName, Part, Section,
+};
+use imap_codec::imap_types::flag::{StoreResponse, StoreType};
+use imap_codec::imap_types::search::SearchKey;
+use imap_codec::imap_types::sequence::SequenceSet;
+
+use super::cache::read_bodies;
+use super::cache::BODY_BATCH;
+use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
+use super::mailboxes::{no, to_flag_set};
+use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
+use super::search::{matches, needs_body, SearchInput};
+use super::session::send_ahead;
+use super::session::{mailbox_name, Session, State};
+use crate::store::{BlobId, Flag, FlagOp, FlagSet, Uid};
+
+impl Session {
+    pub(super) async fn selected_command(
+        &mut self,
+        tag: &str,
+        body: CommandBody<'_>,
+        out: &mut Vec<u8>,
+    ) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            match body {
+                CommandBody::Close
+                | CommandBody::Unselect
+                | CommandBody::Expunge
+                | CommandBody::Search { .. }
+                | CommandBody::Fetch { .. }
+                | CommandBody::Store { .. }
+                | CommandBody::Copy { .. }
+                | CommandBody::Move { .. } => tagged(out, tag, "BAD", None, "no mailbox selected"),
+                _ => tagged(out, tag, "BAD", None, "command not supported"),
+            }
+            return;
+        };
+        let account = *account;
+        match body {
+            CommandBody::Close => {
+                if !mailbox.read_only {
+                    if let Err(error) = self.store.expunge(account, mailbox.id, None).await {
+                        no(out, tag, &error);
+                        return;
+                    }
+                }
+                self.state = State::Authenticated { account };
+                tagged(out, tag, "OK", None, "CLOSE completed");
+            }
+            CommandBody::Unselect => {
+                self.state = State::Authenticated { account };
+                tagged(out, tag, "OK", None, "UNSELECT completed");
+            }
+            CommandBody::Expunge => self.expunge(tag, None, out).await,
+            CommandBody::Search {
+                charset,
+                criteria,
+                uid,
+            } => {
+                if let Some(charset) = charset {
+                    let name = charset.as_ref().to_ascii_uppercase();
+                    if name != "US-ASCII" && name != "UTF-8" {
+                        tagged(
+                            out,
+                            tag,
+                            "NO",
+                            Some("BADCHARSET (US-ASCII UTF-8)"),
+                            "unsupported charset",
+                        );
+                        return;
+                    }
+                }
+                self.search(tag, &criteria, uid, out).await
+            }
+            CommandBody::Fetch {
+                sequence_set,
+                macro_or_item_names,
+                uid,
+            } => {
+                let expanded;
+                let items = match &macro_or_item_names {
+                    MacroOrMessageDataItemNames::Macro(m) => {
+                        expanded = m.expand();
+                        expanded.as_slice()
+                    }
+                    MacroOrMessageDataItemNames::MessageDataItemNames(items) => items.as_slice(),
+                };
+                self.fetch(tag, &sequence_set, items, uid, out).await
+            }
+            CommandBody::Store {
+                sequence_set,
+                kind,
+                response,
+                flags,
+                uid,
+            } => {
+                let op = match kind {
+                    StoreType::Add => FlagOp::Add,
+                    StoreType::Remove => FlagOp::Remove,
+                    StoreType::Replace => FlagOp::Replace,
+                };
+                let silent = response == StoreResponse::Silent;
+                self.store_command(
+                    tag,
+                    &sequence_set,
+                    op,
+                    to_flag_set(&flags),
+                    silent,
+                    uid,
+                    out,
+                )
+                .await
+            }
+            CommandBody::Copy {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                self.copy(tag, &sequence_set, mailbox_name(&mailbox), uid, false, out)
+                    .await
+            }
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } => {
+                self.copy(tag, &sequence_set, mailbox_name(&mailbox), uid, true, out)
+                    .await
+            }
+            _ => tagged(out, tag, "BAD", None, "command not supported"),
+        }
+    }
+
+    /// EXPUNGE, or UID EXPUNGE of `uids`.
+    pub(super) async fn expunge(
+        &mut self,
+        tag: &str,
+        uids: Option<&SequenceSet>,
+        out: &mut Vec<u8>,
+    ) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            tagged(out, tag, "BAD", None, "no mailbox selected");
+            return;
+        };
+        if mailbox.read_only {
+            tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
+            return;
+        }
+        let uids = match uids {
+            None => None,
+            Some(set) => match mailbox.resolve(set, true) {
+                Ok(indexes) => Some(indexes.iter().map(|&i| mailbox.messages[i].uid).collect()),
+                Err(reason) => {
+                    tagged(out, tag, "BAD", None, reason);
+                    return;
+                }
+            },
+        };
+        match self.store.expunge(*account, mailbox.id, uids).await {
+            Ok(_) => {
+                mailbox.refresh(&self.store, *account, true, &[], out);
+                tagged(out, tag, "OK", None, "EXPUNGE completed");
+            }
+            Err(error) => no(out, tag, &error),
+        }
+    }
+
+    async fn search(&mut self, tag: &str, criteria: &SearchKey<'_>, uid: bool, out: &mut Vec<u8>) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            return;
+        };
+        let messages = Arc::clone(&mailbox.messages);
+        let last_seq = messages.len() as u32;
+        let last_uid = mailbox.last_uid();
+        let body_needed = needs_body(criteria);
+        let header_is_enough = body_needed && header_only(criteria);
+        out.extend_from_slice(b"* SEARCH");
+        let all: Vec<usize> = (0..messages.len()).collect();
+        for chunk in all.chunks(BODY_BATCH) {
+            let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
+            let headers = if header_is_enough {
+                self.headers.headers_of(&self.store, &blobs).await
+            } else {
+                Vec::new()
+            };
+            let raws = if body_needed && !header_is_enough {
+                read_bodies(&self.store, &blobs).await
+            } else {
+                Vec::new()
+            };
+            for (k, &i) in chunk.iter().enumerate() {
+                let meta = &messages[i];
+                let header = headers.get(k).and_then(|h| h.as_deref());
+                let raw = raws.get(k).and_then(|r| r.as_deref()).map(|r| r.as_slice());
+                let input = SearchInput {
+                    seq: i as u32 + 1,
+                    meta,
+                    raw: header.or(raw),
+                    last_seq,
+                    last_uid,
+                };
+                if matches(criteria, &input) {
+                    let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
+                }
+            }
+        }
+        out.extend_from_slice(b"\r\n");
+        mailbox.refresh(&self.store, *account, false, &[], out);
+        tagged(out, tag, "OK", None, "SEARCH completed");
+    }
+
+    async fn fetch(
+        &mut self,
+        tag: &str,
+        set: &SequenceSet,
+        items: &[MessageDataItemName<'_>],
+        uid: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            return;
+        };
+        let account = *account;
+        let indexes = match mailbox.resolve(set, uid) {
+            Ok(indexes) => indexes,
+            Err(reason) => {
+                tagged(out, tag, "BAD", None, reason);
+                return;
+            }
+        };
+        let mut needs_parsed = false;
+        let mut needs_raw = false;
+        let mut needs_header = false;
+        for item in items {
+            match item {
+                MessageDataItemName::Body
+                | MessageDataItemName::BodyStructure
+                | MessageDataItemName::Envelope => {
+                    needs_parsed = true;
+                    needs_raw = true;
+                }
+                MessageDataItemName::Rfc822 | MessageDataItemName::Rfc822Text => needs_raw = true,
+                MessageDataItemName::Rfc822Header => needs_header = true,
+                MessageDataItemName::BodyExt { section, .. } => match section {
+                    None | Some(Section::Text(None)) => needs_raw = true,
+                    Some(Section::Header(None))
+                    | Some(Section::HeaderFields(None, _))
+                    | Some(Section::HeaderFieldsNot(None, _)) => needs_header = true,
+                    Some(_) => {
+                        needs_parsed = true;
+                        needs_raw = true;
+                    }
+                },
+                _ => {}
+            }
+        }
+        if needs_raw {
+            let total: u64 = indexes
+                .iter()
+                .map(|&i| u64::from(mailbox.messages[i].size))
+                .sum();
+            if total > self.config.max_fetch_body_bytes {
+                tagged(
+                    out,
+                    tag,
+                    "NO",
+                    Some("LIMIT"),
+                    "too much at once; fetch fewer messages",
+                );
+                return;
+            }
+        }
+        let sets_seen = !mailbox.read_only
+            && items.iter().any(|item| {
+                matches!(
+                    item,
+                    MessageDataItemName::BodyExt { peek: false, .. }
+                        | MessageDataItemName::Rfc822
+                        | MessageDataItemName::Rfc822Text
+                )
+            });
+        let mut seen_now: Vec<Uid> = Vec::new();
+        if sets_seen {
+            let unseen: Vec<Uid> = indexes
+                .iter()
+                .map(|&i| &mailbox.messages[i])
+                .filter(|m| !m.flags.contains(&Flag::Seen))
+                .map(|m| m.uid)
+                .collect();
+            if !unseen.is_empty() {
+                let seen: FlagSet = [Flag::Seen].into_iter().collect();
+                match self
+                    .store
+                    .store_flags(account, mailbox.id, unseen, FlagOp::Add, seen)
+                    .await
+                {
+                    Ok(changed) => seen_now = changed.into_iter().map(|(uid, _)| uid).collect(),
+                    Err(error) => {
+                        no(out, tag, &error);
+                        return;
+                    }
+                }
+                seen_now.sort_unstable();
+                mailbox.refresh(&self.store, account, false, &seen_now, out);
+            }
+        }
+        let messages = Arc::clone(&mailbox.messages);
+
+        let flags_listed = items.contains(&MessageDataItemName::Flags);
+        let uid_listed = items.contains(&MessageDataItemName::Uid);
+        let mut failures = 0usize;
+        for chunk in indexes.chunks(BODY_BATCH) {
+            let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
+            let raws = if needs_raw {
+                read_bodies(&self.store, &blobs).await
+            } else {
+                Vec::new()
+            };
+            let headers = if needs_header && !needs_raw {
+                self.headers.headers_of(&self.store, &blobs).await
+            } else {
+                Vec::new()
+            };
+            for (k, &index) in chunk.iter().enumerate() {
+                let meta = &messages[index];
+                let raw = raws.get(k).cloned().flatten();
+                if needs_raw && raw.is_none() {
+                    failures += 1;
+                    continue;
+                }
+                let header: Option<Arc<[u8]>> = match (&raw, needs_header) {
+                    (_, false) => None,
+                    (Some(raw), true) => Some(Arc::from(top_header(raw))),
+                    (None, true) => match headers.get(k).cloned().flatten() {
+                        Some(header) => Some(header),
+                        None => {
+                            failures += 1;
+                            continue;
+                        }
+                    },
+                };
+                let raw_bytes: &[u8] = raw.as_deref().map_or(&[], |r| r.as_slice());
+                let header_bytes: &[u8] = header.as_deref().unwrap_or(&[]);
+                let parsed = needs_parsed.then(|| ParsedMessage::parse(raw_bytes));
+
+                let _ = write!(out, "* {} FETCH (", index + 1);
+                let mut first = true;
+                let mut separate = |out: &mut Vec<u8>| {
+                    if !first {
+                        out.push(b' ');
+                    }
+                    first = false;
+                };
+                if uid && !uid_listed {
+                    separate(out);
+                    let _ = write!(out, "UID {}", meta.uid);
+                }
+                if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
+                    separate(out);
+                    out.extend_from_slice(b"FLAGS ");
+                    flag_list(out, &meta.flags);
+                }
+                for item in items {
+                    separate(out);
+                    match item {
+                        MessageDataItemName::Uid => {
+                            let _ = write!(out, "UID {}", meta.uid);
+                        }
+                        MessageDataItemName::Flags => {
+                            out.extend_from_slice(b"FLAGS ");
+                            flag_list(out, &meta.flags);
+                        }
+                        MessageDataItemName::InternalDate => {
+                            out.extend_from_slice(b"INTERNALDATE ");
+                            internal_date(out, meta.internal_date, meta.internal_date_offset_min);
+                        }
+                        MessageDataItemName::Rfc822Size => {
+                            let _ = write!(out, "RFC822.SIZE {}", meta.size);
+                        }
+                        MessageDataItemName::Rfc822 => {
+                            out.extend_from_slice(b"RFC822 ");
+                            literal(out, raw_bytes);
+                        }
+                        MessageDataItemName::Rfc822Header => {
+                            out.extend_from_slice(b"RFC822.HEADER ");
+                            literal(out, header_bytes);
+                        }
+                        MessageDataItemName::Rfc822Text => {
+                            out.extend_from_slice(b"RFC822.TEXT ");
+                            literal(out, &raw_bytes[top_header(raw_bytes).len()..]);
+                        }
+                        MessageDataItemName::Envelope => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(out, MessageDataItem::Envelope(parsed.envelope()));
+                            }
+                        }
+                        MessageDataItemName::Body => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(
+                                    out,
+                                    MessageDataItem::Body(parsed.body_structure(false)),
+                                );
+                            }
+                        }
+                        MessageDataItemName::BodyStructure => {
+                            if let Some(parsed) = &parsed {
+                                codec_item(
+                                    out,
+                                    MessageDataItem::BodyStructure(parsed.body_structure(true)),
+                                );
+                            }
+                        }
+                        MessageDataItemName::BodyExt {
+                            section, partial, ..
+                        } => {
+                            out.extend_from_slice(b"BODY[");
+                            if let Some(section) = section {
+                                section_spec(out, section);
+                            }
+                            out.push(b']');
+                            if let Some((origin, _)) = partial {
+                                let _ = write!(out, "<{origin}>");
+                            }
+                            out.push(b' ');
+                            let scratch: Vec<u8>;
+                            let bytes: &[u8] = match section {
+                                None => raw_bytes,
+                                Some(Section::Text(None)) => {
+                                    &raw_bytes[top_header(raw_bytes).len()..]
+                                }
+                                Some(Section::Header(None)) => header_bytes,
+                                Some(Section::HeaderFields(None, names)) => {
+                                    scratch =
+                                        header_fields_subset(header_bytes, names.as_ref(), false);
+                                    &scratch
+                                }
+                                Some(Section::HeaderFieldsNot(None, names)) => {
+                                    scratch =
+                                        header_fields_subset(header_bytes, names.as_ref(), true);
+                                    &scratch
+                                }
+                                Some(section) => {
+                                    scratch = parsed
+                                        .as_ref()
+                                        .map(|p| p.section(Some(section)))
+                                        .unwrap_or_default();
+                                    &scratch
+                                }
+                            };
+                            literal(out, apply_partial(bytes, *partial));
+                        }
+                    }
+                }
+                out.extend_from_slice(b")\r\n");
+            }
+            send_ahead(&self.output_ahead, out).await;
+        }
+        mailbox.refresh(&self.store, account, false, &seen_now, out);
+        if failures > 0 {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("UNAVAILABLE"),
+                "some messages could not be read",
+            );
+        } else {
+            tagged(out, tag, "OK", None, "FETCH completed");
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn store_command(
+        &mut self,
+        tag: &str,
+        set: &SequenceSet,
+        op: FlagOp,
+        flags: FlagSet,
+        silent: bool,
+        uid: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            return;
+        };
+        if mailbox.read_only {
+            tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
+            return;
+        }
+        let uids: Vec<Uid> = match mailbox.resolve(set, uid) {
+            Ok(indexes) => indexes.iter().map(|&i| mailbox.messages[i].uid).collect(),
+            Err(reason) => {
+                tagged(out, tag, "BAD", None, reason);
+                return;
+            }
+        };
+        if uids.is_empty() {
+            tagged(out, tag, "OK", None, "STORE completed");
+            return;
+        }
+        let mut changed = match self
+            .store
+            .store_flags(*account, mailbox.id, uids, op, flags)
+            .await
+        {
+            Ok(changed) => changed,
+            Err(error) => {
+                no(out, tag, &error);
+                return;
+            }
+        };
+        changed.sort_unstable_by_key(|(uid, _)| *uid);
+        let reported: Vec<Uid> = changed.iter().map(|(uid, _)| *uid).collect();
+        mailbox.refresh(&self.store, *account, false, &reported, out);
+        if !silent {
+            for (message_uid, flags) in &changed {
+                let Ok(index) = mailbox
+                    .messages
+                    .binary_search_by_key(message_uid, |m| m.uid)
+                else {
+                    continue;
+                };
+                let _ = write!(out, "* {} FETCH (FLAGS ", index + 1);
+                flag_list(out, flags);
+                if uid {
+                    let _ = write!(out, " UID {message_uid}");
+                }
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        tagged(out, tag, "OK", None, "STORE completed");
+    }
+
+    async fn copy(
+        &mut self,
+        tag: &str,
+        set: &SequenceSet,
+        destination: Option<String>,
+        uid: bool,
+        move_messages: bool,
+        out: &mut Vec<u8>,
+    ) {
+        let State::Selected { account, mailbox } = &mut self.state else {
+            return;
+        };
+        let account = *account;
+        let Some(target) = destination.and_then(|name| self.store.mailbox_by_name(account, &name))
+        else {
+            tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
+            return;
+        };
+        if move_messages && mailbox.read_only {
+            tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
+            return;
+        }
+        let uids: Vec<Uid> = match mailbox.resolve(set, uid) {
+            Ok(indexes) => indexes.iter().map(|&i| mailbox.messages[i].uid).collect(),
+            Err(reason) => {
+                tagged(out, tag, "BAD", None, reason);
+                return;
+            }
+        };
+        let verb = if move_messages { "MOVE" } else { "COPY" };
+        if uids.is_empty() {
+            tagged(out, tag, "OK", None, &format!("{verb} completed"));
+            return;
+        }
+        let result = if move_messages {
+            self.store
+                .move_messages(account, mailbox.id, uids, target.id)
+                .await
+        } else {
+            self.store.copy(account, mailbox.id, uids, target.id).await
+        };
+        let (uidvalidity, mut pairs) = match result {
+            Ok(result) => result,
+            Err(error) => {
+                no(out, tag, &error);
+                return;
+            }
+        };
+        pairs.sort_unstable();
+        let mut code = Vec::new();
+        if !pairs.is_empty() {
+            let sources: Vec<Uid> = pairs.iter().map(|p| p.0).collect();
+            let targets: Vec<Uid> = pairs.iter().map(|p| p.1).collect();
+            let _ = write!(code, "COPYUID {uidvalidity} ");
+            uid_set(&mut code, &sources);
+            code.push(b' ');
+            uid_set(&mut code, &targets);
+        }
+        let code = String::from_utf8_lossy(&code).into_owned();
+        let code = (!code.is_empty()).then_some(code.as_str());
+        if move_messages {
+            if let Some(code) = code {
+                let _ = write!(out, "* OK [{code}] moved\r\n");
+            }
+            mailbox.refresh(&self.store, account, true, &[], out);
+            tagged(out, tag, "OK", None, "MOVE completed");
+        } else {
+            // A copy into the selected mailbox itself is announced with EXISTS.
+            mailbox.refresh(&self.store, account, true, &[], out);
+            tagged(out, tag, "OK", code, "COPY completed");
+        }
+    }
+}
+
+/// Whether a search key looks at nothing of a message's bytes but its header.
+fn header_only(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::And(keys) => keys.as_ref().iter().all(header_only),
+        SearchKey::Or(a, b) => header_only(a) && header_only(b),
+        SearchKey::Not(a) => header_only(a),
+        SearchKey::Body(_) | SearchKey::Text(_) | SearchKey::Larger(_) | SearchKey::Smaller(_) => {
+            false
+        }
+        _ => true,
+    }
+}
+
+/// The section text inside `BODY[...]` of a response.
+fn section_spec(out: &mut Vec<u8>, section: &Section<'_>) {
+    let part = |out: &mut Vec<u8>, part: &Part, dot: bool| {
+        for (i, n) in part.0.as_ref().iter().enumerate() {
+            if i > 0 {
+                out.push(b'.');
+            }
+            let _ = write!(out, "{n}");
+        }
+        if dot {
+            out.push(b'.');
+        }
+    };
+    let names = |out: &mut Vec<u8>, names: &[AString<'_>]| {
+        out.extend_from_slice(b" (");
+        for (i, name) in names.iter().enumerate() {
+            if i > 0 {
+                out.push(b' ');
+            }
+            let bytes: &[u8] = name.as_ref();
+            if !bytes.is_empty()
+                && bytes
+                    .iter()
+                    .all(|&b| b.is_ascii_graphic() && !b"(){%*\"\\]".contains(&b))
+            {
+                out.extend_from_slice(bytes);
+            } else {
+                super::response::astring(out, bytes);
+            }
+        }
+        out.push(b')');
+    };
+    match section {
+        Section::Part(p) => part(out, p, false),
+        Section::Header(p) => {
+            if let Some(p) = p {
+                part(out, p, true);
+            }
+            out.extend_from_slice(b"HEADER");
+        }
+        Section::HeaderFields(p, fields) => {
+            if let Some(p) = p {
+                part(out, p, true);
+            }
+            out.extend_from_slice(b"HEADER.FIELDS");
+            names(out, fields.as_ref());
+        }
+        Section::HeaderFieldsNot(p, fields) => {
+            if let Some(p) = p {
+                part(out, p, true);
+            }
+            out.extend_from_slice(b"HEADER.FIELDS.NOT");
+            names(out, fields.as_ref());
+        }
+        Section::Text(p) => {
+            if let Some(p) = p {
+                part(out, p, true);
+            }
+            out.extend_from_slice(b"TEXT");
+        }
+        Section::Mime(p) => {
+            part(out, p, true);
+            out.extend_from_slice(b"MIME");
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The selected mailbox as this session's client knows it: the message list that gives
+//! sequence numbers their meaning, and the reconciliation with the store that reports
+//! EXPUNGE, EXISTS and flag changes when RFC 3501 allows it.
+
+use std::io::Write;
+use std::sync::Arc;
+
+use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+
+use super::response::flag_list;
+use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
+
+/// What [`Selected::release`] keeps.
+pub struct Released {
+    uids: Vec<Uid>,
+    change_counter: u64,
+}
+
+pub struct Selected {
+    pub id: MailboxId,
+    pub read_only: bool,
+    pub uidvalidity: u32,
+    /// The messages the client knows, in sequence-number order (sorted by UID). May hold
+    /// messages already expunged from the store whose EXPUNGE was not yet reported.
+    pub messages: Arc<Vec<MessageMeta>>,
+    change_counter: u64,
+    /// `messages` holds entries the store no longer has.
+    has_ghosts: bool,
+}
+
+impl Selected {
+    pub fn open(view: MailboxView, read_only: bool) -> Selected {
+        Selected {
+            id: view.id,
+            read_only,
+            uidvalidity: view.uidvalidity,
+            messages: view.messages,
+            change_counter: view.change_counter,
+            has_ghosts: false,
+        }
+    }
+
+    pub fn last_uid(&self) -> Uid {
+        self.messages.last().map_or(0, |m| m.uid)
+    }
+
+    /// Brings the client's view up to date and writes the untagged responses for it.
+    /// Without `allow_expunge` (during FETCH, STORE, SEARCH), expunged messages stay in the
+    /// list until a later command may report them. Flag changes of `skip_flag_uids` (sorted;
+    /// already reported by the running command) are not written.
+    pub fn refresh(
+        &mut self,
+        store: &MailStore,
+        account: AccountId,
+        allow_expunge: bool,
+        skip_flag_uids: &[Uid],
+        out: &mut Vec<u8>,
+    ) {
+        let (new_messages, counter) = match store.mailbox_view(account, self.id) {
+            Some(view) => (view.messages, view.change_counter),
+            // The mailbox was deleted under us: every message is gone.
+            None => (Arc::new(Vec::new()), self.change_counter.wrapping_add(1)),
+        };
+        if counter == self.change_counter && !self.has_ghosts {
+            return;
+        }
+        let old = Arc::clone(&self.messages);
+        let mut expunged_seqs: Vec<usize> = Vec::new();
+        // (sequence number in the old list, index in the new list) of changed flags.
+        let mut changed: Vec<(usize, usize)> = Vec::new();
+        let mut j = 0;
+        for (i, message) in old.iter().enumerate() {
+            while j < new_messages.len() && new_messages[j].uid < message.uid {
+                j += 1;
+            }
+            if j < new_messages.len() && new_messages[j].uid == message.uid {
+                if new_messages[j].flags != message.flags
+                    && skip_flag_uids.binary_search(&message.uid).is_err()
+                {
+                    changed.push((i + 1, j));
+                }
+                j += 1;
+            } else {
+                expunged_seqs.push(i + 1);
+            }
+        }
+        let old_last_uid = old.last().map_or(0, |m| m.uid);
+        let n_appended = new_messages
+            .iter()
+            .rev()
+            .take_while(|m| m.uid > old_last_uid)
+            .count();
+
+        if expunged_seqs.is_empty() || allow_expunge {
+            for seq in expunged_seqs.iter().rev() {
+                let _ = write!(out, "* {seq} EXPUNGE\r\n");
+            }
+            if n_appended > 0 {
+                let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
+            }
+            for &(_, j) in &changed {
+                let seq = j + 1;
+                let _ = write!(out, "* {seq} FETCH (FLAGS ");
+                flag_list(out, &new_messages[j].flags);
+                out.extend_from_slice(b")\r\n");
+            }
+            self.messages = new_messages;
+            self.has_ghosts = false;
+        } else {
+            // Keep the expunged entries (their sequence numbers must not move yet), take the
+            // new flags of the others and append the new messages.
+            let mut merged: Vec<MessageMeta> = Vec::with_capacity(old.len() + n_appended);
+            let mut j = 0;
+            for message in old.iter() {
+                while j < new_messages.len() && new_messages[j].uid < message.uid {
+                    j += 1;
+                }
+                if j < new_messages.len() && new_messages[j].uid == message.uid {
+                    merged.push(new_messages[j].clone());
+                } else {
+                    merged.push(message.clone());
+                }
+            }
+            merged.extend_from_slice(&new_messages[new_messages.len() - n_appended..]);
+            if n_appended > 0 {
+                let _ = write!(out, "* {} EXISTS\r\n", merged.len());
+            }
+            for &(seq, j) in &changed {
+                let _ = write!(out, "* {seq} FETCH (FLAGS ");
+                flag_list(out, &new_messages[j].flags);
+                out.extend_from_slice(b")\r\n");
+            }
+            self.messages = Arc::new(merged);
+            self.has_ghosts = true;
+        }
+        self.change_counter = counter;
+    }
+
+    /// Before this session appends to the mailbox: lets go of the shared message list so the
+    /// store can extend it in place instead of copying it (which costs O(messages) per
+    /// APPEND), keeping only the UIDs. `None` while unreported expunges need the full list.
+    pub fn release(&mut self) -> Option<Released> {
+        if self.has_ghosts {
+            return None;
+        }
+        let uids = self.messages.iter().map(|m| m.uid).collect();
+        self.messages = Arc::new(Vec::new());
+        Some(Released {
+            uids,
+            change_counter: self.change_counter,
+        })
+    }
+
+    /// After the append: takes the store's list again and reports what changed. When more
+    /// than the one append happened meanwhile, the flags of every message are reported
+    /// (redundant but allowed), as the old flags are no longer known.
+    pub fn reacquire(
+        &mut self,
+        released: Released,
+        store: &MailStore,
+        account: AccountId,
+        out: &mut Vec<u8>,
+    ) {
+        let (new_messages, counter) = match store.mailbox_view(account, self.id) {
+            Some(view) => (view.messages, view.change_counter),
+            None => (
+                Arc::new(Vec::new()),
+                released.change_counter.wrapping_add(2),
+            ),
+        };
+        let only_the_append = counter == released.change_counter.wrapping_add(1);
+        let mut kept: Vec<usize> = Vec::new();
+        let mut expunged_seqs: Vec<usize> = Vec::new();
+        let mut j = 0;
+        for (i, uid) in released.uids.iter().enumerate() {
+            while j < new_messages.len() && new_messages[j].uid < *uid {
+                j += 1;
+            }
+            if j < new_messages.len() && new_messages[j].uid == *uid {
+                kept.push(j);
+                j += 1;
+            } else {
+                expunged_seqs.push(i + 1);
+            }
+        }
+        for seq in expunged_seqs.iter().rev() {
+            let _ = write!(out, "* {seq} EXPUNGE\r\n");
+        }
+        let last_known = released.uids.last().copied().unwrap_or(0);
+        let n_appended = new_messages
+            .iter()
+            .rev()
+            .take_while(|m| m.uid > last_known)
+            .count();
+        if n_appended > 0 {
+            let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
+        }
+        if !only_the_append {
+            for j in kept {
+                let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
+                flag_list(out, &new_messages[j].flags);
+                out.extend_from_slice(b")\r\n");
+            }
+        }
+        self.messages = new_messages;
+        self.change_counter = counter;
+        self.has_ghosts = false;
+    }
+
+    /// Indexes into `messages` of a sequence set (message numbers, or UIDs with `uid`),
+    /// ascending and without duplicates.
+    pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, &'static str> {
+        let messages = &self.messages;
+        let mut indexes: Vec<usize> = Vec::new();
+        if messages.is_empty() {
+            // `1:*` on an empty mailbox names nothing; clients send it routinely.
+            return Ok(indexes);
+        }
+        let largest = if uid {
+            self.last_uid()
+        } else {
+            messages.len() as u32
+        };
+        let value = |v: &SeqOrUid| match v {
+            SeqOrUid::Value(n) => n.get(),
+            SeqOrUid::Asterisk => largest,
+        };
+        for sequence in set.0.as_ref() {
+            let (a, b) = match sequence {
+                Sequence::Single(v) => (value(v), value(v)),
+                Sequence::Range(a, b) => (value(a), value(b)),
+            };
+            let (low, high) = (a.min(b), a.max(b));
+            if uid {
+                let start = messages.partition_point(|m| m.uid < low);
+                let end = messages.partition_point(|m| m.uid <= high);
+                indexes.extend(start..end);
+            } else {
+                if low == 0 || high as usize > messages.len() {
+                    return Err("invalid message sequence number");
+                }
+                indexes.extend(low as usize - 1..high as usize);
+            }
+        }
+        if set.0.as_ref().len() > 1 {
+            indexes.sort_unstable();
+            indexes.dedup();
+        }
+        Ok(indexes)
+    }
+}

@@ -1,0 +1,313 @@
+//! The tokio driver: accepts connections, runs TLS (implicit or after STARTTLS), moves bytes
+//! between the socket and the [`Session`], wakes idling sessions on store changes, enforces
+//! timeouts and session limits, and shuts down gracefully. No protocol logic lives here.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::cache::{AuthCache, HeaderCache};
+use super::config::ImapConfig;
+use super::session::{Action, ConnectionInfo, Session};
+use crate::store::MailStore;
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+/// Pieces of a long response queued between the session and the socket writer.
+const OUTPUT_AHEAD_QUEUE: usize = 4;
+/// Pause after a failed accept (e.g. out of file descriptors) before trying again.
+const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+
+/// Serves IMAP on `listener` until `shutdown` is cancelled; then stops accepting, lets each
+/// session finish its current command, says BYE to the waiting ones, and returns when all
+/// sessions ended (or after `shutdown_grace_secs`).
+pub async fn serve(
+    listener: TcpListener,
+    implicit_tls: bool,
+    config: Arc<ImapConfig>,
+    store: MailStore,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let acceptor = TlsAcceptor::from(tls);
+    let headers = Arc::new(HeaderCache::new(config.header_cache_bytes));
+    let logins = Arc::new(AuthCache::new(Duration::from_secs(
+        config.auth_cache_ttl_secs,
+    )));
+    let slots = Arc::new(Slots::default());
+    let loopback = listener.local_addr()?.ip().is_loopback();
+    let mut sessions = JoinSet::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    tracing::warn!(%error, "imap accept failed");
+                    tokio::time::sleep(Duration::from_millis(ACCEPT_ERROR_BACKOFF_MS)).await;
+                    continue;
+                }
+            },
+        };
+        while sessions.try_join_next().is_some() {}
+        let Some(slot) = Slots::acquire(&slots, peer.ip(), &config) else {
+            tracing::info!(%peer, "imap connection refused: too many sessions");
+            sessions.spawn(refuse(tcp, implicit_tls));
+            continue;
+        };
+        let span = tracing::info_span!("imap", %peer, tls = implicit_tls);
+        let connection = Connection {
+            peer,
+            implicit_tls,
+            loopback,
+            acceptor: acceptor.clone(),
+            config: Arc::clone(&config),
+            store: store.clone(),
+            headers: Arc::clone(&headers),
+            logins: Arc::clone(&logins),
+            shutdown: shutdown.clone(),
+        };
+        sessions.spawn(
+            async move {
+                connection.run(tcp).await;
+                drop(slot);
+            }
+            .instrument(span),
+        );
+    }
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        while sessions.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            remaining = sessions.len(),
+            "imap sessions aborted after the grace period"
+        );
+        sessions.abort_all();
+    }
+    Ok(())
+}
+
+async fn refuse(mut tcp: TcpStream, implicit_tls: bool) {
+    // A TLS client would not understand plaintext; just close.
+    if !implicit_tls {
+        let _ = tcp.write_all(b"* BYE too many connections\r\n").await;
+    }
+}
+
+/// Counts sessions in total and per client address.
+#[derive(Default)]
+struct Slots {
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+struct Slot {
+    slots: Arc<Slots>,
+    ip: IpAddr,
+}
+
+impl Slots {
+    fn acquire(slots: &Arc<Slots>, ip: IpAddr, config: &ImapConfig) -> Option<Slot> {
+        let mut per_ip = slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let total: usize = per_ip.values().sum();
+        let mine = per_ip.get(&ip).copied().unwrap_or(0);
+        if total >= config.max_sessions || mine >= config.max_sessions_per_ip {
+            return None;
+        }
+        per_ip.insert(ip, mine + 1);
+        Some(Slot {
+            slots: Arc::clone(slots),
+            ip,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = per_ip.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+struct Connection {
+    peer: SocketAddr,
+    implicit_tls: bool,
+    loopback: bool,
+    acceptor: TlsAcceptor,
+    config: Arc<ImapConfig>,
+    store: MailStore,
+    headers: Arc<HeaderCache>,
+    logins: Arc<AuthCache>,
+    shutdown: CancellationToken,
+}
+
+enum Ended {
+    Closed,
+    StartTls,
+}
+
+impl Connection {
+    async fn run(self, tcp: TcpStream) {
+        let _ = tcp.set_nodelay(true);
+        let conn = ConnectionInfo {
+            peer: self.peer,
+            secure: self.implicit_tls,
+            loopback: self.loopback,
+        };
+        let mut session = Session::new(
+            self.store.clone(),
+            Arc::clone(&self.config),
+            Arc::clone(&self.headers),
+            Arc::clone(&self.logins),
+            conn,
+        );
+        let handshake_timeout = Duration::from_secs(self.config.preauth_timeout_secs);
+        if self.implicit_tls {
+            match tokio::time::timeout(handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(mut tls)) => {
+                    self.drive(&mut tls, &mut session, true).await;
+                }
+                Ok(Err(error)) => tracing::info!(%error, "tls handshake failed"),
+                Err(_) => tracing::info!("tls handshake timed out"),
+            }
+            return;
+        }
+        let mut tcp = tcp;
+        if let Ended::StartTls = self.drive(&mut tcp, &mut session, true).await {
+            match tokio::time::timeout(handshake_timeout, self.acceptor.accept(tcp)).await {
+                Ok(Ok(mut tls)) => {
+                    session.tls_established();
+                    self.drive(&mut tls, &mut session, false).await;
+                }
+                Ok(Err(error)) => tracing::info!(%error, "starttls handshake failed"),
+                Err(_) => tracing::info!("starttls handshake timed out"),
+            }
+        }
+    }
+
+    /// Feeds input to the session while writing the pieces of long responses it sends ahead
+    /// (in order; what is left in `out` follows them). `None`: the client is gone.
+    async fn feed<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        session: &mut Session,
+        input: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Action> {
+        let (ahead, mut pieces) = tokio::sync::mpsc::channel::<Vec<u8>>(OUTPUT_AHEAD_QUEUE);
+        session.set_output_ahead(Some(ahead));
+        let work = async {
+            let action = session.handle_input(input, out).await;
+            session.set_output_ahead(None);
+            action
+        };
+        let write_timeout = Duration::from_secs(self.config.idle_timeout_secs);
+        let writer = async {
+            let mut healthy = true;
+            // Ends when the session dropped its sender; after a failed write the pieces are
+            // only drained, so the session never waits on a dead client.
+            while let Some(piece) = pieces.recv().await {
+                if healthy {
+                    let written = tokio::time::timeout(write_timeout, async {
+                        stream.write_all(&piece).await?;
+                        stream.flush().await
+                    })
+                    .await;
+                    healthy = matches!(written, Ok(Ok(())));
+                }
+            }
+            healthy
+        };
+        let (action, healthy) = tokio::join!(work, writer);
+        healthy.then_some(action)
+    }
+
+    async fn drive<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        session: &mut Session,
+        greet: bool,
+    ) -> Ended {
+        let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        if greet {
+            session.greeting(&mut out);
+        }
+        let mut changes = self.store.subscribe_changes();
+        let mut changes_open = true;
+        let mut buffer = vec![0u8; READ_CHUNK_BYTES];
+        let write_timeout = Duration::from_secs(self.config.idle_timeout_secs);
+        let mut action = Action::Continue;
+        loop {
+            if !out.is_empty() {
+                let written = tokio::time::timeout(write_timeout, async {
+                    stream.write_all(&out).await?;
+                    stream.flush().await
+                })
+                .await;
+                out.clear();
+                if !matches!(written, Ok(Ok(()))) {
+                    return Ended::Closed;
+                }
+            }
+            match action {
+                Action::Continue => {}
+                Action::StartTls => return Ended::StartTls,
+                Action::Close => {
+                    let _ = stream.shutdown().await;
+                    return Ended::Closed;
+                }
+            }
+            let silence = Duration::from_secs(if session.is_authenticated() {
+                self.config.idle_timeout_secs
+            } else {
+                self.config.preauth_timeout_secs
+            });
+            tokio::select! {
+                _ = self.shutdown.cancelled() => {
+                    session.shutdown(&mut out);
+                    action = Action::Close;
+                }
+                _ = tokio::time::sleep(silence) => {
+                    session.timed_out(&mut out);
+                    action = Action::Close;
+                }
+                changed = changes.recv(), if changes_open && session.is_idling() => {
+                    match changed {
+                        Ok(change) => {
+                            if session.selected_mailbox() == Some((change.account, change.mailbox)) {
+                                session.idle_wakeup(&mut out);
+                            }
+                        }
+                        Err(RecvError::Lagged(_)) => session.idle_wakeup(&mut out),
+                        Err(RecvError::Closed) => changes_open = false,
+                    }
+                }
+                read = stream.read(&mut buffer) => {
+                    match read {
+                        Ok(0) | Err(_) => return Ended::Closed,
+                        Ok(n) => match self.feed(stream, session, &buffer[..n], &mut out).await {
+                            Some(next) => action = next,
+                            None => return Ended::Closed,
+                        },
+                    }
+                }
+            }
+        }
+    }
+}

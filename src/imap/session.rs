@@ -1,0 +1,614 @@
+//! The sans-IO IMAP session: bytes in, response bytes and an [`Action`] out.
+//!
+//! The session owns the protocol state ([`State`]), the input buffer and the framer. Store
+//! calls are awaited inside [`Session::handle_input`], so the tokio driver only moves bytes,
+//! upgrades to TLS and wakes an idling session; every protocol decision is made here, which
+//! keeps the session testable as byte transcripts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use imap_codec::decode::Decoder;
+use imap_codec::imap_types::auth::AuthMechanism;
+use imap_codec::imap_types::command::CommandBody;
+use imap_codec::imap_types::mailbox::Mailbox;
+use imap_codec::CommandCodec;
+
+use super::cache::{AuthCache, HeaderCache};
+use super::config::ImapConfig;
+use super::framing::{first_token, take_line, Frame, Framer};
+use super::response::{tagged, untagged};
+use super::selected::Selected;
+use crate::store::{AccountId, MailStore};
+
+/// Longest AUTHENTICATE response or IDLE "DONE" line accepted.
+const MAX_CONTINUATION_LINE_BYTES: usize = 8 * 1024;
+/// A long response (FETCH over many messages) is handed to the driver in pieces of about
+/// this size while the rest is being built, so the client reads and parses the first
+/// messages while the server works on the next ones.
+pub const OUTPUT_AHEAD_CHUNK_BYTES: usize = 32 * 1024;
+
+/// Where a session may send response bytes ahead of the end of the command: the driver
+/// writes them to the client in order, before whatever is left in `out` afterwards.
+pub type OutputAhead = tokio::sync::mpsc::Sender<Vec<u8>>;
+
+/// Hands `out` to the driver once it holds at least [`OUTPUT_AHEAD_CHUNK_BYTES`] (waiting
+/// while the driver's queue is full). Without a driver stream the bytes stay in `out`.
+pub(super) async fn send_ahead(ahead: &Option<OutputAhead>, out: &mut Vec<u8>) {
+    let Some(ahead) = ahead else {
+        return;
+    };
+    if out.len() < OUTPUT_AHEAD_CHUNK_BYTES {
+        return;
+    }
+    let chunk = std::mem::replace(out, Vec::with_capacity(2 * OUTPUT_AHEAD_CHUNK_BYTES));
+    if let Err(returned) = ahead.send(chunk).await {
+        // The driver stopped listening: keep the bytes in order in `out`.
+        let mut chunk = returned.0;
+        chunk.append(out);
+        *out = chunk;
+    }
+}
+
+/// What the driver must do after feeding input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    /// Keep reading.
+    Continue,
+    /// Write the output, then run the TLS handshake (the session has dropped any input that
+    /// followed STARTTLS).
+    StartTls,
+    /// Write the output, then close the connection.
+    Close,
+}
+
+/// RFC 3501 connection states.
+pub enum State {
+    NotAuthenticated,
+    Authenticated {
+        account: AccountId,
+    },
+    Selected {
+        account: AccountId,
+        mailbox: Box<Selected>,
+    },
+    Logout,
+}
+
+/// How the next input line is read.
+enum Mode {
+    Commands,
+    /// Waiting for the base64 response of AUTHENTICATE PLAIN.
+    AuthenticatePlain {
+        tag: String,
+    },
+    /// In IDLE, waiting for DONE.
+    Idle {
+        tag: String,
+    },
+}
+
+/// What the session knows about its connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionInfo {
+    pub peer: SocketAddr,
+    /// TLS is active (implicit TLS or after STARTTLS).
+    pub secure: bool,
+    /// The listener is on a loopback address, where plaintext passwords are acceptable.
+    pub loopback: bool,
+}
+
+pub struct Session {
+    pub(super) state: State,
+    mode: Mode,
+    pub(super) store: MailStore,
+    pub(super) config: Arc<ImapConfig>,
+    pub(super) headers: Arc<HeaderCache>,
+    logins: Arc<AuthCache>,
+    pub(super) user: String,
+    conn: ConnectionInfo,
+    framer: Framer,
+    input: Vec<u8>,
+    failed_auth: u32,
+    client_name: Option<String>,
+    /// Set by the driver while it feeds input: see [`send_ahead`].
+    pub(super) output_ahead: Option<OutputAhead>,
+}
+
+impl Session {
+    pub fn new(
+        store: MailStore,
+        config: Arc<ImapConfig>,
+        headers: Arc<HeaderCache>,
+        logins: Arc<AuthCache>,
+        conn: ConnectionInfo,
+    ) -> Session {
+        let framer = Framer::new(config.max_line_length_bytes, config.max_literal_size_bytes);
+        Session {
+            state: State::NotAuthenticated,
+            mode: Mode::Commands,
+            store,
+            config,
+            headers,
+            logins,
+            user: String::new(),
+            conn,
+            framer,
+            input: Vec::new(),
+            failed_auth: 0,
+            client_name: None,
+            output_ahead: None,
+        }
+    }
+
+    /// Lets long responses go out in pieces through `ahead` (the driver drains it while
+    /// [`Session::handle_input`] runs); `None` keeps every response in `out`.
+    pub fn set_output_ahead(&mut self, ahead: Option<OutputAhead>) {
+        self.output_ahead = ahead;
+    }
+
+    /// The server greeting.
+    pub fn greeting(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"* OK [CAPABILITY ");
+        out.extend_from_slice(self.capabilities().as_bytes());
+        out.extend_from_slice(b"] kermail ready\r\n");
+    }
+
+    pub fn is_authenticated(&self) -> bool {
+        matches!(
+            self.state,
+            State::Authenticated { .. } | State::Selected { .. }
+        )
+    }
+
+    pub fn is_idling(&self) -> bool {
+        matches!(self.mode, Mode::Idle { .. })
+    }
+
+    /// The selected mailbox, for the driver to filter change notifications.
+    pub fn selected_mailbox(&self) -> Option<(AccountId, crate::store::MailboxId)> {
+        match &self.state {
+            State::Selected { account, mailbox } => Some((*account, mailbox.id)),
+            _ => None,
+        }
+    }
+
+    /// The TLS handshake after STARTTLS succeeded.
+    pub fn tls_established(&mut self) {
+        self.conn.secure = true;
+        self.input.clear();
+    }
+
+    /// The server is shutting down.
+    pub fn shutdown(&mut self, out: &mut Vec<u8>) {
+        untagged(out, "BYE server shutting down");
+        self.state = State::Logout;
+    }
+
+    /// The client was silent for too long.
+    pub fn timed_out(&mut self, out: &mut Vec<u8>) {
+        untagged(out, "BYE autologout; idle for too long");
+        self.state = State::Logout;
+    }
+
+    /// A change to the selected mailbox was applied while the client idles (or the change
+    /// feed lagged): report it.
+    pub fn idle_wakeup(&mut self, out: &mut Vec<u8>) {
+        if let State::Selected { account, mailbox } = &mut self.state {
+            mailbox.refresh(&self.store, *account, true, &[], out);
+        }
+    }
+
+    fn plaintext_refused(&self) -> bool {
+        !self.conn.secure && !self.conn.loopback
+    }
+
+    /// Answers LOGIN or AUTHENTICATE that may not proceed (already logged in, or a password
+    /// before TLS on a non-loopback listener) and says whether it did.
+    fn refuse_login(&self, tag: &str, out: &mut Vec<u8>) -> bool {
+        if self.is_authenticated() {
+            tagged(out, tag, "BAD", None, "already logged in");
+        } else if self.plaintext_refused() {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("PRIVACYREQUIRED"),
+                "use STARTTLS first",
+            );
+        } else {
+            return false;
+        }
+        true
+    }
+
+    pub(super) fn capabilities(&self) -> String {
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE");
+        if !self.is_authenticated() {
+            if !self.conn.secure {
+                caps.push_str(" STARTTLS");
+            }
+            if self.plaintext_refused() {
+                caps.push_str(" LOGINDISABLED");
+            } else {
+                caps.push_str(" AUTH=PLAIN");
+            }
+        }
+        caps
+    }
+
+    /// Feeds bytes read from the client; appends responses to `out`.
+    pub async fn handle_input(&mut self, data: &[u8], out: &mut Vec<u8>) -> Action {
+        self.input.extend_from_slice(data);
+        loop {
+            if matches!(self.state, State::Logout) {
+                return Action::Close;
+            }
+            match &self.mode {
+                Mode::Idle { tag } => {
+                    let tag = tag.clone();
+                    match take_line(&mut self.input, MAX_CONTINUATION_LINE_BYTES) {
+                        Err(()) => return self.fatal(out, "line too long"),
+                        Ok(None) => return Action::Continue,
+                        Ok(Some(line)) => {
+                            self.mode = Mode::Commands;
+                            if line.eq_ignore_ascii_case(b"DONE") {
+                                self.idle_wakeup(out);
+                                tagged(out, &tag, "OK", None, "IDLE terminated");
+                            } else {
+                                tagged(out, &tag, "BAD", None, "expected DONE");
+                            }
+                        }
+                    }
+                }
+                Mode::AuthenticatePlain { tag } => {
+                    let tag = tag.clone();
+                    match take_line(&mut self.input, MAX_CONTINUATION_LINE_BYTES) {
+                        Err(()) => return self.fatal(out, "line too long"),
+                        Ok(None) => return Action::Continue,
+                        Ok(Some(line)) => {
+                            self.mode = Mode::Commands;
+                            if line == b"*" {
+                                tagged(out, &tag, "BAD", None, "AUTHENTICATE cancelled");
+                                continue;
+                            }
+                            match base64::engine::general_purpose::STANDARD.decode(&line) {
+                                Ok(response) => {
+                                    let action =
+                                        self.authenticate_plain(&tag, &response, out).await;
+                                    if action != Action::Continue {
+                                        return action;
+                                    }
+                                }
+                                Err(_) => tagged(out, &tag, "BAD", None, "invalid base64"),
+                            }
+                        }
+                    }
+                }
+                Mode::Commands => match self.framer.next(&self.input) {
+                    Frame::Incomplete => return Action::Continue,
+                    Frame::ContinuationNeeded => {
+                        out.extend_from_slice(b"+ Ready for literal data\r\n")
+                    }
+                    Frame::Fatal(reason) => return self.fatal(out, reason),
+                    Frame::LiteralTooBig { tag, len } => {
+                        self.input.drain(..len);
+                        tagged(out, &tag, "NO", Some("TOOBIG"), "literal too large");
+                    }
+                    Frame::Command { len } => {
+                        let rest = self.input.split_off(len);
+                        let command = std::mem::replace(&mut self.input, rest);
+                        let action = self.command(&command, out).await;
+                        match action {
+                            Action::Continue => {}
+                            Action::StartTls => {
+                                // Anything pipelined after STARTTLS was sent in plaintext and
+                                // must not be taken as coming over TLS.
+                                self.input.clear();
+                                return action;
+                            }
+                            Action::Close => return action,
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn fatal(&mut self, out: &mut Vec<u8>, reason: &str) -> Action {
+        tracing::info!(reason, "closing session on bad input");
+        untagged(out, &format!("BYE {reason}"));
+        self.state = State::Logout;
+        Action::Close
+    }
+
+    /// Runs one complete command (literals included).
+    async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
+        let tag = first_token(bytes);
+        if let Some(action) = self.extension_command(&tag, bytes, out).await {
+            return action;
+        }
+        let command = match CommandCodec::default().decode(bytes) {
+            Ok((_, command)) => command,
+            Err(_) => {
+                let valid_tag = !tag.is_empty()
+                    && tag
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !b"(){%*\"\\+".contains(&b));
+                let tag = if valid_tag { tag.as_str() } else { "*" };
+                tagged(out, tag, "BAD", None, "syntax error in command");
+                return Action::Continue;
+            }
+        };
+        let tag = command.tag.inner().to_owned();
+        match command.body {
+            CommandBody::Capability => {
+                untagged(out, &format!("CAPABILITY {}", self.capabilities()));
+                tagged(out, &tag, "OK", None, "CAPABILITY completed");
+            }
+            CommandBody::Check if !matches!(self.state, State::Selected { .. }) => {
+                tagged(out, &tag, "BAD", None, "no mailbox selected");
+            }
+            CommandBody::Noop | CommandBody::Check => {
+                if let State::Selected { account, mailbox } = &mut self.state {
+                    mailbox.refresh(&self.store, *account, true, &[], out);
+                }
+                tagged(out, &tag, "OK", None, "completed");
+            }
+            CommandBody::Logout => {
+                untagged(out, "BYE logging out");
+                tagged(out, &tag, "OK", None, "LOGOUT completed");
+                self.state = State::Logout;
+                return Action::Close;
+            }
+            CommandBody::StartTLS => {
+                if self.conn.secure {
+                    tagged(out, &tag, "BAD", None, "TLS is already active");
+                } else if self.is_authenticated() {
+                    tagged(
+                        out,
+                        &tag,
+                        "BAD",
+                        None,
+                        "STARTTLS is only allowed before login",
+                    );
+                } else {
+                    tagged(out, &tag, "OK", None, "begin TLS negotiation now");
+                    return Action::StartTls;
+                }
+            }
+            CommandBody::Login { username, password } => {
+                if !self.refuse_login(&tag, out) {
+                    let user = String::from_utf8_lossy(username.as_ref()).into_owned();
+                    let password =
+                        String::from_utf8_lossy(password.declassify().as_ref()).into_owned();
+                    return self.login(&tag, &user, &password, "LOGIN", out).await;
+                }
+            }
+            CommandBody::Authenticate {
+                mechanism,
+                initial_response,
+            } => {
+                if self.refuse_login(&tag, out) {
+                    // Answered by refuse_login.
+                } else if mechanism != AuthMechanism::Plain {
+                    tagged(out, &tag, "NO", Some("CANNOT"), "unsupported mechanism");
+                } else if let Some(response) = initial_response {
+                    let response = response.declassify().to_vec();
+                    return self.authenticate_plain(&tag, &response, out).await;
+                } else {
+                    out.extend_from_slice(b"+ \r\n");
+                    self.mode = Mode::AuthenticatePlain { tag };
+                }
+            }
+            CommandBody::Enable { .. } => {
+                if self.is_authenticated() {
+                    untagged(out, "ENABLED");
+                    tagged(out, &tag, "OK", None, "ENABLE completed");
+                } else {
+                    tagged(out, &tag, "BAD", None, "log in first");
+                }
+            }
+            CommandBody::Idle => {
+                if self.is_authenticated() {
+                    out.extend_from_slice(b"+ idling\r\n");
+                    self.idle_wakeup(out);
+                    self.mode = Mode::Idle { tag };
+                } else {
+                    tagged(out, &tag, "BAD", None, "log in first");
+                }
+            }
+            body => {
+                if !self.is_authenticated() {
+                    tagged(out, &tag, "BAD", None, "log in first");
+                } else {
+                    self.authenticated_command(&tag, body, out).await;
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    /// ID, NAMESPACE and UID EXPUNGE, which imap-codec 1.0 does not parse.
+    async fn extension_command(
+        &mut self,
+        tag: &str,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Option<Action> {
+        let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let mut words = line.splitn(3, |&b| b == b' ');
+        let _tag = words.next()?;
+        let verb = words.next()?;
+        let rest = words.next();
+        if verb.eq_ignore_ascii_case(b"ID") {
+            if let Some(params) = rest {
+                self.client_name = client_name(params);
+            }
+            untagged(out, "ID (\"name\" \"kermail\" \"vendor\" \"kermail\")");
+            tagged(out, tag, "OK", None, "ID completed");
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {
+            if self.is_authenticated() {
+                untagged(out, "NAMESPACE ((\"\" \"/\")) NIL NIL");
+                tagged(out, tag, "OK", None, "NAMESPACE completed");
+            } else {
+                tagged(out, tag, "BAD", None, "log in first");
+            }
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"UID") {
+            let rest = rest?;
+            let mut words = rest.splitn(2, |&b| b == b' ');
+            if !words.next()?.eq_ignore_ascii_case(b"EXPUNGE") {
+                return None;
+            }
+            let set = std::str::from_utf8(words.next().unwrap_or_default())
+                .ok()
+                .and_then(|s| {
+                    s.parse::<imap_codec::imap_types::sequence::SequenceSet>()
+                        .ok()
+                });
+            match set {
+                None => tagged(out, tag, "BAD", None, "UID EXPUNGE needs a UID set"),
+                Some(set) => self.expunge(tag, Some(&set), out).await,
+            }
+            return Some(Action::Continue);
+        }
+        None
+    }
+
+    async fn authenticate_plain(
+        &mut self,
+        tag: &str,
+        response: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let mut parts = response.split(|&b| b == 0);
+        let (Some(authzid), Some(authcid), Some(password), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            tagged(out, tag, "BAD", None, "malformed PLAIN response");
+            return Action::Continue;
+        };
+        let user = String::from_utf8_lossy(authcid).into_owned();
+        if !authzid.is_empty() && authzid != authcid {
+            return self.login_failed(tag, &user, "AUTHENTICATE", "NO", out);
+        }
+        let password = String::from_utf8_lossy(password).into_owned();
+        self.login(tag, &user, &password, "AUTHENTICATE", out).await
+    }
+
+    async fn login(
+        &mut self,
+        tag: &str,
+        user: &str,
+        password: &str,
+        method: &str,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let cached = self.logins.get(user, password).filter(|&account| {
+            // The account may have been removed since.
+            self.store
+                .account_address(account)
+                .is_some_and(|address| address.eq_ignore_ascii_case(user))
+        });
+        let verified = match cached {
+            Some(account) => Some(account),
+            None => self.store.authenticate(user, password).await,
+        };
+        match verified {
+            Some(account) => {
+                if cached.is_none() {
+                    self.logins.insert(user, password, account);
+                }
+                tracing::info!(
+                    peer = %self.conn.peer,
+                    client = self.client_name.as_deref().unwrap_or("-"),
+                    user,
+                    method,
+                    tls = self.conn.secure,
+                    outcome = "ok",
+                    cached = cached.is_some(),
+                    "imap login"
+                );
+                self.state = State::Authenticated { account };
+                self.user = user.to_owned();
+                let code = format!("CAPABILITY {}", self.capabilities());
+                tagged(out, tag, "OK", Some(&code), "logged in");
+                Action::Continue
+            }
+            None => self.login_failed(tag, user, method, "NO", out),
+        }
+    }
+
+    fn login_failed(
+        &mut self,
+        tag: &str,
+        user: &str,
+        method: &str,
+        status: &str,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        self.failed_auth += 1;
+        tracing::info!(
+            peer = %self.conn.peer,
+            client = self.client_name.as_deref().unwrap_or("-"),
+            user,
+            method,
+            tls = self.conn.secure,
+            outcome = "failed",
+            "imap login"
+        );
+        tagged(
+            out,
+            tag,
+            status,
+            Some("AUTHENTICATIONFAILED"),
+            "invalid credentials",
+        );
+        if self.failed_auth >= self.config.max_failed_auth_per_session {
+            untagged(out, "BYE too many failed login attempts");
+            self.state = State::Logout;
+            return Action::Close;
+        }
+        Action::Continue
+    }
+
+    pub(super) fn account(&self) -> Option<AccountId> {
+        match &self.state {
+            State::Authenticated { account } | State::Selected { account, .. } => Some(*account),
+            _ => None,
+        }
+    }
+}
+
+/// The client's "name" from ID parameters, for login log lines.
+fn client_name(params: &[u8]) -> Option<String> {
+    let text = String::from_utf8_lossy(params);
+    let lower = text.to_ascii_lowercase();
+    let at = lower.find("\"name\"")?;
+    let rest = &text[at + 6..];
+    let start = rest.find('"')? + 1;
+    let end = start + rest[start..].find('"')?;
+    let name: String = rest[start..end]
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(64)
+        .collect();
+    Some(name)
+}
+
+/// The mailbox name of a command argument ("INBOX" for any spelling of it).
+pub(super) fn mailbox_name(mailbox: &Mailbox<'_>) -> Option<String> {
+    match mailbox {
+        Mailbox::Inbox => Some("INBOX".to_owned()),
+        Mailbox::Other(other) => {
+            let name = std::str::from_utf8(other.inner().as_ref()).ok()?;
+            Some(name.trim_end_matches('/').to_owned())
+        }
+    }
+}
