@@ -5,8 +5,11 @@
 //!   committed commands in log order and asks it for snapshots.
 //! - [`raft`]: openraft wired to a sled log store, file snapshots and the application; its
 //!   [`Cluster`] handle is what the mail node opens, proposes through and asks for status.
+//! - [`mesh`]: the Noise-encrypted links between nodes (identity, handshake, framing, channels,
+//!   relaying).
 
 pub mod app;
+pub mod mesh;
 pub mod raft;
 
 pub use app::{AppStateMachine, SnapshotBuilder};
