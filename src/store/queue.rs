@@ -467,18 +467,18 @@ impl State {
             return;
         }
         let mut notice_effects = Effects::default();
-        match self.deliver(
-            std::slice::from_ref(&address),
-            notice.received_at,
-            &notice.body,
-            &mut notice_effects,
-        ) {
-            Ok(_) => {
-                effects.changed.extend(notice_effects.changed);
-                effects.released.extend(notice_effects.released);
-            }
-            // A full mailbox: the notice is dropped, the results stand.
-            Err(_) => {}
+        // A full mailbox refuses it: the notice is dropped, the results stand.
+        if self
+            .deliver(
+                std::slice::from_ref(&address),
+                notice.received_at,
+                &notice.body,
+                &mut notice_effects,
+            )
+            .is_ok()
+        {
+            effects.changed.extend(notice_effects.changed);
+            effects.released.extend(notice_effects.released);
         }
     }
 
