@@ -126,6 +126,9 @@ impl Worker {
             .unwrap_or(i64::MAX);
         let max_in_flight = self.config.max_concurrent_deliveries.max(1);
         let mut in_flight: JoinSet<()> = JoinSet::new();
+        // Until the first successful scan, this node's own unexpired leases (left by a crash
+        // of its previous run) are taken back at once: nothing of its own is in flight yet.
+        let mut reclaim_own = true;
         loop {
             if shutdown.is_cancelled() {
                 break;
@@ -133,29 +136,34 @@ impl Worker {
             let now = now_ms();
             let free = max_in_flight.saturating_sub(in_flight.len());
             let mut wait_ms = poll_ms;
-            match self.store.next_queue_due_ms(now) {
+            let own = reclaim_own.then_some(self.node.as_str());
+            match self.store.next_queue_due_ms(now, own) {
                 Some(due) if due <= now && free > 0 => {
                     let max = u32::try_from(free).unwrap_or(u32::MAX);
                     match self
                         .store
-                        .take_leases(&self.node, now, self.lease_ms(), max)
+                        .take_leases(&self.node, now, self.lease_ms(), max, reclaim_own)
                         .await
                     {
                         Ok(entries) if !entries.is_empty() => {
+                            reclaim_own = false;
                             for entry in entries {
                                 in_flight.spawn(self.clone().deliver_entry(entry));
                             }
                             continue;
                         }
-                        Ok(_) => {}
+                        Ok(_) => reclaim_own = false,
                         Err(error) => {
                             tracing::warn!(%error, "cannot take queue leases");
                             wait_ms = wait_ms.min(LEASE_ERROR_BACKOFF_MS as i64);
                         }
                     }
                 }
-                Some(due) if due > now => wait_ms = wait_ms.min(due - now),
-                _ => {}
+                Some(due) if due > now => {
+                    reclaim_own = false;
+                    wait_ms = wait_ms.min(due - now);
+                }
+                _ => reclaim_own = false,
             }
             let wait = Duration::from_millis(u64::try_from(wait_ms.max(1)).unwrap_or(1));
             tokio::select! {

@@ -259,12 +259,15 @@ pub enum CommandV2 {
         body: BodyV1,
     },
     /// Leases the due entries nobody holds at `now_ms` (oldest due first, at most
-    /// `max_entries`) to `node` until `expires_at_ms`.
+    /// `max_entries`) to `node` until `expires_at_ms`. With `reclaim_own`, entries whose
+    /// unexpired lease is `node`'s own count as free: a node's first scan after a restart
+    /// takes back what it held when it died, instead of waiting for those leases to expire.
     TakeLeases {
         node: String,
         now_ms: i64,
         expires_at_ms: i64,
         max_entries: u32,
+        reclaim_own: bool,
     },
     /// One delivery attempt's per-recipient results, the next attempt time, and an optional
     /// DSN or delay warning for the sender's INBOX. Releases `node`'s lease; removes the entry

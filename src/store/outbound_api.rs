@@ -299,14 +299,18 @@ impl MailStore {
     }
 
     /// The earliest time (Unix ms) an entry nobody holds becomes due; none when the queue has
-    /// nothing to deliver. An entry leased at `now_ms` counts from its lease's end.
-    pub fn next_queue_due_ms(&self, now_ms: i64) -> Option<i64> {
+    /// nothing to deliver. An entry leased at `now_ms` counts from its lease's end, unless the
+    /// lease is `own_node`'s (a node reclaiming after a restart).
+    pub fn next_queue_due_ms(&self, now_ms: i64, own_node: Option<&str>) -> Option<i64> {
         self.state()
             .outbound
             .queue
             .values()
             .map(|entry| match &entry.lease {
-                Some(lease) if lease.expires_at_ms > now_ms => {
+                Some(lease)
+                    if lease.expires_at_ms > now_ms
+                        && own_node.is_none_or(|own| own != lease.node) =>
+                {
                     entry.next_attempt_at_ms.max(lease.expires_at_ms)
                 }
                 _ => entry.next_attempt_at_ms,
@@ -316,19 +320,23 @@ impl MailStore {
 
     /// Leases up to `max_entries` due entries to `node` for `lease_ms` from `now_ms`
     /// (decided in apply, in log order: an entry is never leased to two nodes at once).
-    /// Returns the leased entries as applied.
+    /// `reclaim_own` also takes entries still leased to `node` itself (only for a node's first
+    /// scan after it started: nothing of its own is in flight then). Returns the leased
+    /// entries as applied.
     pub async fn take_leases(
         &self,
         node: &str,
         now_ms: i64,
         lease_ms: i64,
         max_entries: u32,
+        reclaim_own: bool,
     ) -> Result<Vec<QueueEntry>, StoreError> {
         let command = CommandV2::TakeLeases {
             node: node.to_owned(),
             now_ms,
             expires_at_ms: now_ms.saturating_add(lease_ms.max(1)),
             max_entries,
+            reclaim_own,
         };
         match self.submit_v2(command).await? {
             Response::Leased(ids) => {

@@ -193,7 +193,8 @@ impl State {
                 now_ms,
                 expires_at_ms,
                 max_entries,
-            } => self.take_leases(node, now_ms, expires_at_ms, max_entries),
+                reclaim_own,
+            } => self.take_leases(node, now_ms, expires_at_ms, max_entries, reclaim_own),
             CommandV2::RecordAttempt {
                 id,
                 node,
@@ -348,6 +349,7 @@ impl State {
         now_ms: i64,
         expires_at_ms: i64,
         max_entries: u32,
+        reclaim_own: bool,
     ) -> Result<Response, ApplyError> {
         if node.is_empty() || node.len() > MAX_NODE_NAME_BYTES {
             return Err(ApplyError::Invalid("invalid node name".into()));
@@ -363,8 +365,10 @@ impl State {
             .queue
             .values()
             .filter(|entry| {
+                let own =
+                    reclaim_own && entry.lease.as_ref().is_some_and(|lease| lease.node == node);
                 entry.next_attempt_at_ms <= now_ms
-                    && !entry.is_leased_at(now_ms)
+                    && (own || !entry.is_leased_at(now_ms))
                     && !entry.is_finished()
             })
             .map(|entry| (entry.next_attempt_at_ms, entry.id))

@@ -186,7 +186,7 @@ async fn leases_are_exclusive_until_they_expire_and_results_finish_the_entry() {
     let now = created + 10;
     let first = fx
         .store
-        .take_leases("node-a", now, 60_000, 10)
+        .take_leases("node-a", now, 60_000, 10, false)
         .await
         .unwrap();
     assert_eq!(first.len(), 1);
@@ -194,16 +194,29 @@ async fn leases_are_exclusive_until_they_expire_and_results_finish_the_entry() {
     // Another node at the same time gets nothing; after expiry it takes the entry.
     assert!(fx
         .store
-        .take_leases("node-b", now + 1, 60_000, 10)
+        .take_leases("node-b", now + 1, 60_000, 10, false)
         .await
         .unwrap()
         .is_empty());
     let taken_over = fx
         .store
-        .take_leases("node-b", now + 60_000, 60_000, 10)
+        .take_leases("node-b", now + 60_000, 60_000, 10, false)
         .await
         .unwrap();
     assert_eq!(taken_over.len(), 1);
+    // Reclaiming takes back only one's own lease (node-b restarted), never another node's.
+    assert!(fx
+        .store
+        .take_leases("node-a", now + 60_001, 60_000, 10, true)
+        .await
+        .unwrap()
+        .is_empty());
+    let reclaimed = fx
+        .store
+        .take_leases("node-b", now + 60_001, 60_000, 10, true)
+        .await
+        .unwrap();
+    assert_eq!(reclaimed.len(), 1);
     // node-a's late result still counts for the recipient it finished, but leaves node-b's
     // lease and schedule alone.
     let removed = fx
@@ -252,13 +265,13 @@ async fn leases_are_exclusive_until_they_expire_and_results_finish_the_entry() {
     // Not due yet: no lease.
     assert!(fx
         .store
-        .take_leases("node-b", now + 60_001, 60_000, 10)
+        .take_leases("node-b", now + 60_001, 60_000, 10, false)
         .await
         .unwrap()
         .is_empty());
     assert_eq!(
         fx.store
-            .take_leases("node-b", now + 120_000, 60_000, 10)
+            .take_leases("node-b", now + 120_000, 60_000, 10, false)
             .await
             .unwrap()
             .len(),
@@ -297,7 +310,7 @@ async fn retry_and_delete_from_the_admin_side() {
     let id = fx.submit(&["x@remote.example"]).await.queued.unwrap();
     let entry = fx.store.queue_entry(id).unwrap();
     fx.store
-        .take_leases("n", entry.created_at_ms, 1_000, 1)
+        .take_leases("n", entry.created_at_ms, 1_000, 1, false)
         .await
         .unwrap();
     fx.store
@@ -431,6 +444,7 @@ fn queue_log() -> Vec<Vec<u8>> {
             now_ms: now,
             expires_at_ms: now + 60_000,
             max_entries: 4,
+            reclaim_own: false,
         }));
     }
     commands.push(Command::V2(CommandV2::RecordAttempt {
