@@ -573,3 +573,59 @@ print("\n".join(results))
     // Nothing was queued, so nothing can reach the sink.
     assert!(sink.events().is_empty());
 }
+
+#[test]
+fn a_delay_warning_then_an_expiry_dsn_reach_the_sender() {
+    let sink = Sink::start("tempfail");
+    let section = r#"
+[outbound]
+ehlo_hostname = "mx.kermail.test"
+poll_interval_secs = 1
+lease_secs = 30
+[outbound.overrides]
+"sink.test" = ["127.0.0.1:{PORT}"]
+[outbound.retry]
+first_retry_delay_secs = 1
+retry_delay_secs_max = 1
+backoff_factor = 1.0
+jitter_fraction = 0.0
+max_age_secs = 4
+delay_warning_secs = 2
+"#;
+    let (node, submission) = node_with(section, sink.port);
+    submit(&node, submission, "late@sink.test", 1);
+    let reports = wait_for(
+        "a delay warning and an expiry DSN",
+        Duration::from_secs(60),
+        || {
+            let out = node.py(
+                r#"
+for uid, flags, raw in inbox_messages():
+    if b"multipart/report" in raw:
+        print("=====")
+        print(raw.decode(errors="replace"))
+"#,
+                &[],
+            );
+            (out.matches("=====").count() >= 2).then_some(out)
+        },
+    );
+    let (warning, failure) = reports
+        .split("=====")
+        .filter(|part| !part.trim().is_empty())
+        .fold((None, None), |(w, f), part| {
+            if part.contains("Action: delayed") {
+                (Some(part.to_owned()), f)
+            } else {
+                (w, Some(part.to_owned()))
+            }
+        });
+    let warning = warning.expect("a delay warning");
+    let failure = failure.expect("a failure report");
+    assert!(warning.contains("late@sink.test"), "{warning}");
+    assert!(failure.contains("Action: failed"), "{failure}");
+    assert!(failure.contains("Status: 4.4.7"), "{failure}");
+    assert!(node.cli_ok(&["queue", "list"]).trim().is_empty());
+    // One warning only, however many attempts it took.
+    assert_eq!(reports.matches("Action: delayed").count(), 1, "{reports}");
+}
