@@ -302,20 +302,7 @@ impl MailStore {
     /// nothing to deliver. An entry leased at `now_ms` counts from its lease's end, unless the
     /// lease is `own_node`'s (a node reclaiming after a restart).
     pub fn next_queue_due_ms(&self, now_ms: i64, own_node: Option<&str>) -> Option<i64> {
-        self.state()
-            .outbound
-            .queue
-            .values()
-            .map(|entry| match &entry.lease {
-                Some(lease)
-                    if lease.expires_at_ms > now_ms
-                        && own_node.is_none_or(|own| own != lease.node) =>
-                {
-                    entry.next_attempt_at_ms.max(lease.expires_at_ms)
-                }
-                _ => entry.next_attempt_at_ms,
-            })
-            .min()
+        self.state().outbound.next_due_ms(now_ms, own_node)
     }
 
     /// Leases up to `max_entries` due entries to `node` for `lease_ms` from `now_ms`

@@ -109,6 +109,10 @@ pub struct Outbound {
     /// Domain -> its keys, oldest first. The oldest signs; a second one is its successor
     /// during a rotation (published, not signing until the old one is removed).
     pub dkim: BTreeMap<String, Vec<DkimKeyRecord>>,
+    /// (next attempt, id) of every entry, so that finding due entries does not scan the
+    /// queue. Derived (not serialized; rebuilt by [`Outbound::rebuild_due`]).
+    #[serde(skip)]
+    pub due: BTreeSet<(i64, QueueId)>,
 }
 
 impl Default for Outbound {
@@ -117,7 +121,41 @@ impl Default for Outbound {
             queue: BTreeMap::new(),
             next_queue_id: 1,
             dkim: BTreeMap::new(),
+            due: BTreeSet::new(),
         }
+    }
+}
+
+impl Outbound {
+    /// Rebuilds the due index from the entries (after a snapshot restore).
+    pub fn rebuild_due(&mut self) {
+        self.due = self
+            .queue
+            .values()
+            .map(|entry| (entry.next_attempt_at_ms, entry.id))
+            .collect();
+    }
+
+    /// The earliest time (Unix ms) at which an entry becomes takeable: its next attempt, or
+    /// the end of an unexpired lease on it (ignored when held by `own_node`).
+    pub fn next_due_ms(&self, now_ms: i64, own_node: Option<&str>) -> Option<i64> {
+        let mut best: Option<i64> = None;
+        for &(next, id) in &self.due {
+            if best.is_some_and(|best| next >= best) {
+                break;
+            }
+            let takeable_at = match self.queue.get(&id).and_then(|e| e.lease.as_ref()) {
+                Some(lease)
+                    if lease.expires_at_ms > now_ms
+                        && own_node.is_none_or(|own| own != lease.node) =>
+                {
+                    next.max(lease.expires_at_ms)
+                }
+                _ => next,
+            };
+            best = Some(best.map_or(takeable_at, |best| best.min(takeable_at)));
+        }
+        best
     }
 }
 
@@ -336,6 +374,7 @@ impl State {
         let queued = entry.map(|entry| {
             let id = entry.id;
             self.outbound.next_queue_id += 1;
+            self.outbound.due.insert((entry.next_attempt_at_ms, id));
             self.outbound.queue.insert(id, entry);
             self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
             id
@@ -360,23 +399,23 @@ impl State {
             ));
         }
         let max_entries = max_entries.min(MAX_LEASES_PER_COMMAND) as usize;
-        let mut due: Vec<(i64, QueueId)> = self
-            .outbound
-            .queue
-            .values()
-            .filter(|entry| {
-                let own =
-                    reclaim_own && entry.lease.as_ref().is_some_and(|lease| lease.node == node);
-                entry.next_attempt_at_ms <= now_ms
-                    && (own || !entry.is_leased_at(now_ms))
-                    && !entry.is_finished()
-            })
-            .map(|entry| (entry.next_attempt_at_ms, entry.id))
-            .collect();
-        due.sort_unstable();
-        due.truncate(max_entries);
+        // Oldest due first; the leased entries skipped on the way are at most the deliveries in
+        // flight over the cluster.
+        let mut due: Vec<QueueId> = Vec::new();
+        for &(next, id) in &self.outbound.due {
+            if next > now_ms || due.len() >= max_entries {
+                break;
+            }
+            let Some(entry) = self.outbound.queue.get(&id) else {
+                continue;
+            };
+            let own = reclaim_own && entry.lease.as_ref().is_some_and(|lease| lease.node == node);
+            if (own || !entry.is_leased_at(now_ms)) && !entry.is_finished() {
+                due.push(id);
+            }
+        }
         let mut granted = Vec::with_capacity(due.len());
-        for (_, id) in due {
+        for id in due {
             if let Some(entry) = self.outbound.queue.get_mut(&id) {
                 entry.lease = Some(Lease {
                     node: node.clone(),
@@ -438,6 +477,8 @@ impl State {
         }
         if holds_schedule {
             entry.attempts = entry.attempts.saturating_add(1);
+            self.outbound.due.remove(&(entry.next_attempt_at_ms, id));
+            self.outbound.due.insert((next_attempt_at_ms, id));
             entry.next_attempt_at_ms = next_attempt_at_ms;
             entry.lease = None;
             entry.delay_warned |= delay_warned;
@@ -448,6 +489,7 @@ impl State {
         }
         if finished {
             if let Some(entry) = self.outbound.queue.remove(&id) {
+                self.outbound.due.remove(&(entry.next_attempt_at_ms, id));
                 self.drop_ref(entry.blob, effects);
             }
         }
@@ -492,7 +534,10 @@ impl State {
             .queue
             .get_mut(&id)
             .ok_or_else(|| ApplyError::NotFound(format!("queue entry {id}")))?;
-        entry.next_attempt_at_ms = entry.next_attempt_at_ms.min(now_ms);
+        let next = entry.next_attempt_at_ms.min(now_ms);
+        self.outbound.due.remove(&(entry.next_attempt_at_ms, id));
+        self.outbound.due.insert((next, id));
+        entry.next_attempt_at_ms = next;
         Ok(Response::Done)
     }
 
@@ -502,6 +547,7 @@ impl State {
             .queue
             .remove(&id)
             .ok_or_else(|| ApplyError::NotFound(format!("queue entry {id}")))?;
+        self.outbound.due.remove(&(entry.next_attempt_at_ms, id));
         self.drop_ref(entry.blob, effects);
         Ok(Response::Done)
     }
@@ -565,6 +611,15 @@ impl State {
             {
                 return Err(format!("queue entry {id} has bad recipients"));
             }
+        }
+        let derived: BTreeSet<(i64, QueueId)> = self
+            .outbound
+            .queue
+            .values()
+            .map(|entry| (entry.next_attempt_at_ms, entry.id))
+            .collect();
+        if derived != self.outbound.due {
+            return Err("the queue's due index does not match its entries".into());
         }
         for (domain, keys) in &self.outbound.dkim {
             if keys.is_empty() || keys.len() > MAX_DKIM_KEYS_PER_DOMAIN {

@@ -194,6 +194,7 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
         SnapshotMeta::V1(state) => state,
         SnapshotMeta::V2(mut state, outbound) => {
             state.outbound = outbound;
+            state.outbound.rebuild_due();
             state
         }
     };
