@@ -169,7 +169,11 @@ impl Worker {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = self.store.queue_changed() => {}
-                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {}
+                Some(_) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    // Every delivery already done frees its slot too: one lease command for
+                    // all of them.
+                    while in_flight.try_join_next().is_some() {}
+                }
                 _ = tokio::time::sleep(wait) => {}
             }
         }
