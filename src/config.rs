@@ -39,6 +39,7 @@ pub struct Config {
     pub cluster: ClusterSection,
     pub smtp: crate::smtp::SmtpConfig,
     pub imap: crate::imap::ImapConfig,
+    pub outbound: crate::outbound::OutboundConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

@@ -51,6 +51,12 @@ enum Command {
     Alias(AliasCommand),
     /// Show the node's role, Raft indexes and store counts.
     Status,
+    /// Manage DKIM keys (the DNS records to publish, rotation).
+    #[command(subcommand)]
+    Dkim(kermail::admin::outbound::DkimCommand),
+    /// Inspect and steer the outbound queue.
+    #[command(subcommand)]
+    Queue(kermail::admin::outbound::QueueCommand),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +149,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Alias(AliasCommand::List { domain }) => AdminRequest::AliasList { domain },
         Command::Status => AdminRequest::Status,
+        Command::Dkim(command) => AdminRequest::Outbound(command.into()),
+        Command::Queue(command) => AdminRequest::Outbound(command.into()),
     };
     match client::send(&config.admin_socket_path(), &request)? {
         AdminResponse::Ok { lines } => {

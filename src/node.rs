@@ -129,6 +129,15 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
+    // The delivery worker: leases make it safe on every node of a cluster.
+    servers.spawn(crate::outbound::worker::run(
+        store.clone(),
+        config.outbound.clone(),
+        config.node.name.clone(),
+        config.node.hostname.clone(),
+        shutdown.clone(),
+    ));
+
     let socket_path = config.admin_socket_path();
     let admin_listener = crate::admin::server::bind(&socket_path)
         .with_context(|| format!("cannot open the admin socket {}", socket_path.display()))?;

@@ -84,6 +84,7 @@ impl Driver {
                 match action {
                     Action::Deliver(pending) => {
                         self.check_delivery(&pending.delivery);
+                        assert!(pending.submitter.is_none(), "an MX delivery with a submitter");
                         assert!(matches!(self.session.mode(), Mode::AwaitingDelivery));
                         self.n_deliveries += 1;
                         let result = if self.deliver_ok {

@@ -6,6 +6,7 @@
 //! administration goes to the cluster crate's own API.
 
 pub mod client;
+pub mod outbound;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -17,17 +18,41 @@ pub const MAX_ADMIN_MESSAGE_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
-    DomainAdd { domain: String },
-    DomainRemove { domain: String },
+    DomainAdd {
+        domain: String,
+    },
+    DomainRemove {
+        domain: String,
+    },
     DomainList,
-    UserAdd { address: String, password: String },
-    UserPasswd { address: String, password: String },
-    UserRemove { address: String },
-    UserList { domain: Option<String> },
-    AliasAdd { source: String, target: String },
-    AliasRemove { source: String, target: String },
-    AliasList { domain: Option<String> },
+    UserAdd {
+        address: String,
+        password: String,
+    },
+    UserPasswd {
+        address: String,
+        password: String,
+    },
+    UserRemove {
+        address: String,
+    },
+    UserList {
+        domain: Option<String>,
+    },
+    AliasAdd {
+        source: String,
+        target: String,
+    },
+    AliasRemove {
+        source: String,
+        target: String,
+    },
+    AliasList {
+        domain: Option<String>,
+    },
     Status,
+    /// DKIM keys and the outbound queue (`outbound.rs`).
+    Outbound(outbound::OutboundRequest),
 }
 
 /// The answer: lines to print, or an error to print on standard error (exit status 1).

@@ -168,6 +168,7 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 .map(|alias| format!("{} -> {}", alias.source, alias.target))
                 .collect(),
         ),
+        AdminRequest::Outbound(request) => super::outbound::handle(request, store).await,
         AdminRequest::Status => {
             let data_dir = context.data_dir.clone();
             let disk_bytes = tokio::task::spawn_blocking(move || folder_size_bytes(&data_dir))

@@ -10,6 +10,9 @@
 //! - [`client`]: the SMTP client (one message to one destination, per-recipient outcomes,
 //!   STARTTLS, policy limits, address failover) and its timeouts section.
 //! - [`dns`]: the hickory-resolver implementation of [`mx::Dns`].
+//! - [`worker`]: the delivery worker every node runs: takes leases on due queue entries,
+//!   delivers them with the client under the policies, commits per-recipient results,
+//!   retries, and puts DSNs and delay warnings into the sender's INBOX.
 //!
 //! The replicated queue (entries, leases) lives in the store, not here.
 
@@ -19,6 +22,7 @@ pub mod dns;
 pub mod dsn;
 pub mod mx;
 pub mod policy;
+pub mod worker;
 
 use std::collections::BTreeMap;
 
@@ -54,6 +58,16 @@ pub struct OutboundConfig {
     pub max_concurrent_deliveries: usize,
     /// SMTP client timeouts (RFC 5321 §4.5.3.2 defaults).
     pub timeouts: client::TimeoutConfig,
+    /// How long a node holds a queue entry it took for delivery; another node may take it
+    /// once it expires (the holder died). An attempt is cut `LEASE_MARGIN_SECS` (60) before
+    /// it, so it must exceed the longest attempt worth waiting for. Default: 900 s.
+    pub lease_secs: u64,
+    /// The worker looks at the queue at least this often (it is also woken when a message is
+    /// queued or a retry is asked). Default: 5 s.
+    pub poll_interval_secs: u64,
+    /// Key of the SRS hash in envelope senders of forwarded mail; set the same value on every
+    /// node. Default: empty (a fixed key: set one in production).
+    pub srs_secret: String,
 }
 
 impl Default for OutboundConfig {
@@ -68,6 +82,9 @@ impl Default for OutboundConfig {
             retry: policy::RetryConfig::default(),
             max_concurrent_deliveries: 20,
             timeouts: client::TimeoutConfig::default(),
+            lease_secs: 900,
+            poll_interval_secs: 5,
+            srs_secret: String::new(),
         }
     }
 }
@@ -82,6 +99,9 @@ mod tests {
 ehlo_hostname = "localhost"
 smtp_port = 25
 max_concurrent_deliveries = 20
+lease_secs = 900
+poll_interval_secs = 5
+srs_secret = ""
 
 [outbound.overrides]
 # "example.test" = ["127.0.0.1:2526", "[::1]:2526"]

@@ -10,10 +10,10 @@
 //!   [`session::Recipients`] trait, so the session is tested without a store.
 //! - [`data`]: the DATA reader (end-of-data detection and dot-unstuffing).
 //! - [`server`]: the tokio driver: accept loop, concurrency limits, timeouts, STARTTLS,
-//!   delivery through [`crate::store::MailStore::deliver`], graceful shutdown.
+//!   delivery through [`crate::store::MailStore::accept`], graceful shutdown.
 //!
 //! Invariants:
-//! - `250` to the end of a message is written only after `MailStore::deliver` returned `Ok`,
+//! - `250` to the end of a message is written only after `MailStore::accept` returned `Ok`,
 //!   which it does only after the delivery command is committed. Any failure: `451 4.3.0`.
 //! - A recipient is accepted only when the store says it is local; a foreign domain from an
 //!   unauthenticated client is `550 5.7.1` (this role never authenticates).
@@ -27,9 +27,11 @@
 //! - An authenticated user sends only as their own address or an alias source that expands to
 //!   them, as envelope sender (checked at MAIL) and as From (checked at the end of the message,
 //!   before anything is stored): `553 5.7.1` otherwise.
-//! - A foreign recipient is `550 5.7.1` on every listener: "relaying denied" without
-//!   authentication, "outbound delivery is not available yet" with it (the seam where the
-//!   replicated queue, issue 5 item 3, goes).
+//! - A foreign recipient is `550 5.7.1 relaying denied` without authentication, on every
+//!   listener. With it, it is accepted and the message goes to [`crate::store::MailStore::accept`]
+//!   with the submitting account, which queues it (replicated outbound queue) in the same
+//!   commit as the local copies, DKIM-signed; the store refuses foreign recipients again when
+//!   no submitter is named.
 //! - Failed logins are limited per client IP (IPv6: per /64) and per account, sending per
 //!   account ([`limits`]), over all listeners of the node.
 

@@ -38,6 +38,17 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
         delivery: Delivery,
     ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send;
 
+    /// Stores a message from an authenticated `submitter`: foreign recipients are queued
+    /// for delivery, the message is DKIM-signed. The default, for MX-only backends, stores it
+    /// like [`Backend::deliver`].
+    fn deliver_submitted(
+        &self,
+        delivery: Delivery,
+        _submitter: AccountId,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
+        self.deliver(delivery)
+    }
+
     /// Checks a login (submission AUTH): the account, or None for wrong credentials. The
     /// default, for MX-only backends, accepts nobody.
     fn authenticate(
@@ -59,12 +70,40 @@ impl Recipients for MailStore {
     }
 }
 
+/// [`MailStore::accept`], logging where the remote part went.
+async fn accept_logged(
+    store: &MailStore,
+    delivery: Delivery,
+    submitter: Option<AccountId>,
+) -> Result<DeliveryReceipt, StoreError> {
+    let accepted = store.accept(delivery, submitter).await?;
+    if let Some(queue_id) = accepted.queued {
+        tracing::info!(
+            queue_id,
+            n_remote = accepted.n_remote,
+            n_local = accepted.receipt.delivered.len(),
+            dkim_signed = accepted.dkim_signed,
+            "queued for outbound delivery"
+        );
+    }
+    Ok(accepted.receipt)
+}
+
 impl Backend for MailStore {
+    /// Local recipients, and local aliases forwarding outside (queued, SRS sender).
     fn deliver(
         &self,
         delivery: Delivery,
     ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
-        MailStore::deliver(self, delivery)
+        accept_logged(self, delivery, None)
+    }
+
+    fn deliver_submitted(
+        &self,
+        delivery: Delivery,
+        submitter: AccountId,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
+        accept_logged(self, delivery, Some(submitter))
     }
 
     fn authenticate(
@@ -390,7 +429,16 @@ where
                 }
                 Action::StartTls => return Ok(DriveEnd::StartTls),
                 Action::Deliver(pending) => {
-                    let result = context.store.deliver(pending.delivery).await;
+                    let pending = *pending;
+                    let result = match pending.submitter {
+                        Some(account) => {
+                            context
+                                .store
+                                .deliver_submitted(pending.delivery, account)
+                                .await
+                        }
+                        None => context.store.deliver(pending.delivery).await,
+                    };
                     next_output =
                         Some(session.step(Input::DeliveryDone(result), SystemTime::now()));
                 }
@@ -1375,20 +1423,11 @@ Subject: submitted\r\n\r\nhello bob\r\n";
             )
             .await;
         assert!(reply.starts_with("553 5.7.1 "), "{reply}");
-        // Authenticated to a foreign domain: refused until the outbound queue exists.
-        assert!(tls_465
-            .command("MAIL FROM:<alice@example.org>")
-            .await
-            .starts_with("250"));
-        let reply = tls_465.command(&format!("RCPT TO:<{foreign}>")).await;
-        assert_eq!(
-            reply,
-            format!("550 5.7.1 <{foreign}>: outbound delivery is not available yet\r\n")
-        );
         drop((mx, plain_587, tls_587, tls_465));
         let store = node.store.clone();
         node.stop().await;
         assert_eq!(store.stats().messages, 0);
+        assert!(store.queue_entries().is_empty());
     }
 
     #[tokio::test]

@@ -101,6 +101,9 @@ pub struct PendingDelivery {
     /// The id chosen for this message, already in its Received header.
     pub message_id: String,
     pub delivery: Delivery,
+    /// The authenticated account that submitted it: foreign recipients may then be queued,
+    /// and the message is DKIM-signed. None on the MX listener.
+    pub submitter: Option<AccountId>,
 }
 
 #[derive(Debug, Default)]
@@ -724,13 +727,14 @@ impl<R: Recipients> Session<R> {
                     format!("550 5.1.1 <{echoed}>: Recipient address rejected: user unknown");
                 self.push_reply(out, &reply);
             }
-            // SEAM (issue 5 item 3, the replicated queue): an authenticated submission
-            // session's foreign recipients are to be accepted here and queued. Until the queue
-            // exists they are refused permanently (a 4xx would make clients retry for days).
+            // An authenticated submission session's foreign recipients are accepted: the
+            // store queues them (replicated outbound queue) in the same commit as the local
+            // copies.
             RecipientCheck::ForeignDomain if self.authenticated.is_some() => {
-                transaction.n_recipients_refused += 1;
-                let reply = format!("550 5.7.1 <{echoed}>: outbound delivery is not available yet");
-                self.push_reply(out, &reply);
+                if !transaction.recipients.contains(&address) {
+                    transaction.recipients.push(address);
+                }
+                self.push_reply(out, "250 2.1.5 Ok");
             }
             // Without authentication, on any listener, a foreign recipient is a relay attempt.
             RecipientCheck::ForeignDomain => {
@@ -862,9 +866,14 @@ impl<R: Recipients> Session<R> {
         };
         self.delivering = Some((message_id.clone(), summary));
         self.mode = Mode::AwaitingDelivery;
+        let submitter = self
+            .authenticated
+            .as_ref()
+            .map(|authenticated| authenticated.account);
         out.actions.push(Action::Deliver(Box::new(PendingDelivery {
             message_id,
             delivery,
+            submitter,
         })));
     }
 
@@ -2728,8 +2737,8 @@ MAIL FROM:<>",
     }
 
     #[test]
-    fn foreign_recipients_are_refused_with_or_without_authentication() {
-        // Authenticated: the seam where the outbound queue goes.
+    fn foreign_recipients_are_queued_with_authentication_and_refused_without() {
+        // Authenticated: accepted, handed to the store with the submitter (it queues them).
         let run = as_alice(
             "MAIL FROM:<alice@example.org>
 RCPT TO:<someone@gmail.example>
@@ -2740,15 +2749,16 @@ From: alice@example.org
 hi
 .",
             "250 2.1.0 Ok
-550 5.7.1 <someone@gmail.example>: outbound delivery is not available yet
+250 2.1.5 Ok
 250 2.1.5 Ok
 354 End data with <CR><LF>.<CR><LF>
 250 2.0.0 Ok: stored as <ID>",
         );
         assert_eq!(
             run.deliveries[0].delivery.recipients,
-            vec!["bob@example.org"]
+            vec!["someone@gmail.example", "bob@example.org"]
         );
+        assert!(run.deliveries[0].submitter.is_some());
         // Unauthenticated on MX: relaying denied (on submission MAIL already needs AUTH).
         check(
             "EHLO c
@@ -3085,8 +3095,14 @@ hi
                 for pending in &run.deliveries {
                     let delivery = &pending.delivery;
                     prop_assert!(allowed.contains(&delivery.mail_from));
+                    // Foreign recipients only with the submitter named, so the store queues
+                    // them for this account and nobody else.
+                    prop_assert_eq!(pending.submitter, account);
                     for recipient in &delivery.recipients {
-                        prop_assert_eq!(Table.check_recipient(recipient), RecipientCheck::Local);
+                        prop_assert!(matches!(
+                            Table.check_recipient(recipient),
+                            RecipientCheck::Local | RecipientCheck::ForeignDomain
+                        ));
                     }
                     let body = String::from_utf8_lossy(&delivery.body);
                     prop_assert!(body.contains(" with ESMTPSA id "), "{}", body);

@@ -9,7 +9,9 @@
 use bincode::Options;
 use serde::{Deserialize, Serialize};
 
+use super::queue::{NewQueueEntry, Notice, QueueId, RecipientResult};
 use super::{AccountId, BlobId, FlagOp, FlagSet, MailboxId, SpecialUse, Uid};
+use crate::outbound::dkim::DkimKeyRecord;
 
 /// The largest raw message the store accepts (RFC822.SIZE is a u32; SMTP has its own, smaller,
 /// configurable limit).
@@ -23,6 +25,8 @@ pub const MAX_COMMAND_BYTES: u64 = MAX_MESSAGE_BYTES as u64 + 8 * 1024 * 1024;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     V1(CommandV1),
+    /// The outbound queue and DKIM keys (issue 5).
+    V2(CommandV2),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -241,6 +245,73 @@ impl std::fmt::Debug for CommandV1 {
     }
 }
 
+/// Outbound queue and DKIM key commands. Every time is chosen by the proposer (Unix
+/// milliseconds, `_ms`; INTERNALDATE in seconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV2 {
+    /// One accepted message in one commit: the local recipients' copies (aliases expanded
+    /// in apply, like `Deliver`) and the queue entry for the remote ones.
+    Accept {
+        mail_from: String,
+        local_recipients: Vec<String>,
+        remote: Option<NewQueueEntry>,
+        received_at: i64,
+        body: BodyV1,
+    },
+    /// Leases the due entries nobody holds at `now_ms` (oldest due first, at most
+    /// `max_entries`) to `node` until `expires_at_ms`. With `reclaim_own`, entries whose
+    /// unexpired lease is `node`'s own count as free: a node's first scan after a restart
+    /// takes back what it held when it died, instead of waiting for those leases to expire.
+    TakeLeases {
+        node: String,
+        now_ms: i64,
+        expires_at_ms: i64,
+        max_entries: u32,
+        reclaim_own: bool,
+    },
+    /// One delivery attempt's per-recipient results, the next attempt time, and an optional
+    /// DSN or delay warning for the sender's INBOX. Releases `node`'s lease; removes the entry
+    /// (and its body reference) once no recipient is pending.
+    RecordAttempt {
+        id: QueueId,
+        node: String,
+        results: Vec<RecipientResult>,
+        next_attempt_at_ms: i64,
+        delay_warned: bool,
+        notice: Option<Notice>,
+    },
+    /// Makes an entry due at `now_ms` (admin `queue retry`).
+    RetryQueueEntry {
+        id: QueueId,
+        now_ms: i64,
+    },
+    /// Drops an entry and its body reference (admin `queue delete`).
+    DeleteQueueEntry {
+        id: QueueId,
+    },
+    AddDkimKey {
+        key: DkimKeyRecord,
+    },
+    RemoveDkimKey {
+        domain: String,
+        selector: String,
+    },
+}
+
+impl CommandV2 {
+    /// The bodies this command carries (their files are written before it is applied).
+    pub fn bodies(&self) -> Vec<&BodyV1> {
+        match self {
+            CommandV2::Accept { body, .. } => vec![body],
+            CommandV2::RecordAttempt {
+                notice: Some(notice),
+                ..
+            } => vec![&notice.body],
+            _ => Vec::new(),
+        }
+    }
+}
+
 /// Why the state machine refused a command. The state is unchanged when this is answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyError {
@@ -277,6 +348,17 @@ pub enum Response {
         pairs: Vec<(Uid, Uid)>,
     },
     Refused(ApplyError),
+    /// `Accept`: the local copies and the queue entry, if any.
+    Accepted {
+        delivered: Vec<(AccountId, MailboxId, Uid)>,
+        queued: Option<QueueId>,
+    },
+    /// `TakeLeases`: the entries now leased to the proposer.
+    Leased(Vec<QueueId>),
+    /// `RecordAttempt`: whether the entry is finished and gone.
+    QueueUpdated {
+        removed: bool,
+    },
 }
 
 fn codec() -> impl Options {

@@ -31,6 +31,8 @@
 mod blob;
 mod command;
 mod names;
+mod outbound_api;
+mod queue;
 mod snapshot;
 mod state;
 
@@ -46,7 +48,12 @@ use serde::{Deserialize, Serialize};
 use blob::BlobStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
-    BodyV1, Command, CommandV1, Response,
+    BodyV1, Command, CommandV1, CommandV2, Response,
+};
+pub use outbound_api::{srs_rewrite, AcceptReceipt};
+pub use queue::{
+    AttemptVerdict, Lease, QueueEntry, QueueId, QueueRecipient, RecipientResult, RecipientStatus,
+    MAX_QUEUE_ENTRIES,
 };
 use state::State;
 
@@ -250,6 +257,8 @@ pub struct MailStateMachine {
     /// Serializes apply and restore (the cluster already calls them one at a time).
     apply_lock: Mutex<()>,
     last_applied: AtomicU64,
+    /// Fired when a queue entry is added or made due (the delivery worker waits on it).
+    queue_changed: tokio::sync::Notify,
 }
 
 impl MailStateMachine {
@@ -269,6 +278,7 @@ impl MailStateMachine {
             changes,
             apply_lock: Mutex::new(()),
             last_applied: AtomicU64::new(0),
+            queue_changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -320,24 +330,46 @@ impl MailStateMachine {
         self.blobs.unstage(blob, referenced);
     }
 
-    fn apply_command(&self, command: CommandV1) -> Response {
-        if let CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. } = &command {
-            // Apply cannot fail half-way: a replica that cannot write a file keeps the same
-            // state as the others and reports the body as unreadable until a replay or a
-            // snapshot restore writes it.
-            if let Err(error) = self.blobs.write(&body.blob, &body.compressed) {
-                tracing::error!(blob = %hex::encode(body.blob.0), %error, "cannot write a body file");
+    fn write_body(&self, body: &BodyV1) {
+        // Apply cannot fail half-way: a replica that cannot write a file keeps the same
+        // state as the others and reports the body as unreadable until a replay or a
+        // snapshot restore writes it.
+        if let Err(error) = self.blobs.write(&body.blob, &body.compressed) {
+            tracing::error!(blob = %hex::encode(body.blob.0), %error, "cannot write a body file");
+        }
+    }
+
+    fn apply_command(&self, command: Command) -> Response {
+        match &command {
+            Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
+                self.write_body(body)
+            }
+            Command::V1(_) => {}
+            Command::V2(command) => {
+                for body in command.bodies() {
+                    self.write_body(body);
+                }
             }
         }
+        let wakes_worker = matches!(
+            command,
+            Command::V2(CommandV2::Accept { .. } | CommandV2::RetryQueueEntry { .. })
+        );
         let outcome = {
             let mut state = self
                 .state
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
-            state.apply(command)
+            match command {
+                Command::V1(command) => state.apply(command),
+                Command::V2(command) => state.apply_v2(command),
+            }
         };
         self.blobs.release(outcome.effects.released);
         self.notify(outcome.effects.changed);
+        if wakes_worker {
+            self.queue_changed.notify_one();
+        }
         outcome.response
     }
 }
@@ -346,7 +378,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
     fn apply(&self, log_index: u64, command: &[u8]) -> Vec<u8> {
         let _serial = lock(&self.apply_lock);
         let response = match decode_command(command) {
-            Ok(Command::V1(command)) => {
+            Ok(command) => {
                 tracing::debug!(log_index, ?command, "apply");
                 self.apply_command(command)
             }
@@ -457,6 +489,8 @@ pub struct MailStore {
     /// Verified against when the account does not exist, so that a login to an unknown
     /// account costs the same time as a wrong password.
     dummy_hash: Arc<OnceLock<String>>,
+    /// Key of SRS hashes (see [`MailStore::set_srs_secret`]).
+    srs_secret: Arc<RwLock<Vec<u8>>>,
 }
 
 fn now_secs() -> i64 {
@@ -611,6 +645,7 @@ impl MailStore {
             proposer,
             password_params: argon2::Params::default(),
             dummy_hash: Arc::new(OnceLock::new()),
+            srs_secret: Arc::new(RwLock::new(Vec::new())),
         }
     }
 
@@ -640,6 +675,18 @@ impl MailStore {
 
     async fn submit(&self, command: CommandV1) -> Result<Response, StoreError> {
         let bytes = encode_command(&Command::V1(command))
+            .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
+        let reply = self.proposer.propose(bytes).await?;
+        match decode_response(&reply)
+            .map_err(|e| StoreError::Io(format!("undecodable response: {e}")))?
+        {
+            Response::Refused(error) => Err(error.into()),
+            response => Ok(response),
+        }
+    }
+
+    async fn submit_v2(&self, command: CommandV2) -> Result<Response, StoreError> {
+        let bytes = encode_command(&Command::V2(command))
             .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
         let reply = self.proposer.propose(bytes).await?;
         match decode_response(&reply)
@@ -741,18 +788,14 @@ impl MailStore {
         let Ok(address) = names::normalize_address(address) else {
             return RecipientCheck::UnknownUser;
         };
-        // Local when at least one local account would receive it: an alias whose targets are
-        // all foreign (forwarding is not there yet) or dangling is unknown, as delivery would
-        // store nothing.
+        // Local when at least one local account would receive it or an alias forwards it
+        // outside (queued by `accept`); an alias whose targets are all dangling is unknown, as
+        // delivery would store nothing.
         let state = self.state();
         let mut accounts = Vec::new();
-        state.expand_recipient(
-            &address,
-            &mut std::collections::BTreeSet::new(),
-            &mut accounts,
-            &mut std::collections::BTreeSet::new(),
-        );
-        if accounts.is_empty() {
+        let mut forwards = Vec::new();
+        state.expand_with_forwards(&address, &mut accounts, &mut forwards);
+        if accounts.is_empty() && forwards.is_empty() {
             RecipientCheck::UnknownUser
         } else {
             RecipientCheck::Local
@@ -1234,6 +1277,9 @@ impl MailStore {
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod queue_tests;
 
 #[cfg(test)]
 mod sender_address_tests {

@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::blob::{BlobStore, ReadGuard};
 use super::command::MAX_COMMAND_BYTES;
+use super::queue::Outbound;
 use super::state::State;
 use super::BlobId;
 
@@ -33,14 +34,19 @@ pub const MAX_META_BYTES: u64 = 1024 * 1024 * 1024;
 /// Distinct bodies in one snapshot.
 pub const MAX_BLOBS: u64 = 100_000_000;
 
+/// V1: before the outbound queue (its state restores empty). V2: the state and the outbound
+/// part (queue, DKIM keys), which `State` does not serialize itself.
 #[derive(Serialize, Deserialize)]
 enum SnapshotMeta {
     V1(State),
+    V2(State, Outbound),
 }
 
 #[derive(Serialize)]
 enum SnapshotMetaRef<'a> {
+    #[allow(dead_code)]
     V1(&'a State),
+    V2(&'a State, &'a Outbound),
 }
 
 fn meta_codec(limit: u64) -> impl Options {
@@ -105,7 +111,7 @@ pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> 
     };
     out.write_all(MAGIC)?;
     out.write_all(&VERSION.to_le_bytes())?;
-    let meta = SnapshotMetaRef::V1(state);
+    let meta = SnapshotMetaRef::V2(state, &state.outbound);
     let meta_len = meta_codec(MAX_META_BYTES)
         .serialized_size(&meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
@@ -184,7 +190,14 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
         .deserialize(&meta_bytes)
         .map_err(|e| invalid(format!("snapshot metadata is corrupt: {e}")))?;
     drop(meta_bytes);
-    let SnapshotMeta::V1(mut state) = meta;
+    let mut state = match meta {
+        SnapshotMeta::V1(state) => state,
+        SnapshotMeta::V2(mut state, outbound) => {
+            state.outbound = outbound;
+            state.outbound.rebuild_due();
+            state
+        }
+    };
 
     let blob_count = read_u64(&mut input)?;
     if blob_count > MAX_BLOBS {

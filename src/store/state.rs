@@ -15,6 +15,7 @@ use super::names::{
     ancestors, check_keyword, domain_of, normalize_address, normalize_domain,
     normalize_mailbox_name, INBOX, SEPARATOR,
 };
+use super::queue::Outbound;
 use super::{
     AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
     StoreStats, Uid,
@@ -213,6 +214,10 @@ pub struct State {
     pub blobs: BTreeMap<BlobId, BlobInfo>,
     #[serde(skip)]
     pub totals: Totals,
+    /// The outbound queue and the DKIM keys. Carried by the snapshot as a field of its own
+    /// (`SnapshotMeta::V2`), so that snapshots written before the queue existed still load.
+    #[serde(skip)]
+    pub outbound: Outbound,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -235,6 +240,7 @@ impl Default for State {
             uidvalidity_high: 0,
             blobs: BTreeMap::new(),
             totals: Totals::default(),
+            outbound: Outbound::default(),
         }
     }
 }
@@ -291,7 +297,11 @@ impl State {
             domains: self.domains.len() as u64,
             accounts: self.accounts.len() as u64,
             aliases: self.aliases.values().map(|t| t.len() as u64).sum(),
-            messages: self.totals.refs,
+            // Every queue entry holds one reference too.
+            messages: self
+                .totals
+                .refs
+                .saturating_sub(self.outbound.queue.len() as u64),
             blobs: self.blobs.len() as u64,
             blob_bytes_raw: self.totals.raw_bytes,
             blob_bytes_stored: self.totals.stored_bytes,
@@ -352,6 +362,7 @@ impl State {
             uidvalidity_high: self.uidvalidity_high,
             blobs: BTreeMap::new(),
             totals: Totals::default(),
+            outbound: self.outbound.clone(),
         }
     }
 
@@ -363,6 +374,7 @@ impl State {
                 referenced.extend(mailbox.messages.iter().map(|m| m.blob));
             }
         }
+        referenced.extend(self.outbound.queue.values().map(|entry| entry.blob));
         referenced
     }
 
@@ -382,6 +394,16 @@ impl State {
                         });
                 }
             }
+        }
+        for entry in self.outbound.queue.values() {
+            blobs
+                .entry(entry.blob)
+                .and_modify(|info| info.refs += 1)
+                .or_insert(BlobInfo {
+                    refs: 1,
+                    raw_size: entry.raw_size,
+                    stored_size: stored_size(&entry.blob),
+                });
         }
         let mut totals = Totals::default();
         for info in blobs.values() {
@@ -441,12 +463,12 @@ impl State {
                 }
             }
         }
-        Ok(())
+        self.check_outbound_invariants()
     }
 
     // ----- blob references -----
 
-    fn add_ref(&mut self, blob: BlobId, raw_size: u32, stored_size: u64) {
+    pub(super) fn add_ref(&mut self, blob: BlobId, raw_size: u32, stored_size: u64) {
         let info = self.blobs.entry(blob).or_insert_with(|| {
             self.totals.raw_bytes += u64::from(raw_size);
             self.totals.stored_bytes += stored_size;
@@ -460,7 +482,7 @@ impl State {
         self.totals.refs += 1;
     }
 
-    fn drop_ref(&mut self, blob: BlobId, effects: &mut Effects) {
+    pub(super) fn drop_ref(&mut self, blob: BlobId, effects: &mut Effects) {
         if let Some(info) = self.blobs.get_mut(&blob) {
             info.refs -= 1;
             self.totals.refs -= 1;
@@ -769,7 +791,7 @@ impl State {
         Ok(Response::Done)
     }
 
-    fn check_body(body: &BodyV1) -> Result<(), ApplyError> {
+    pub(super) fn check_body(body: &BodyV1) -> Result<(), ApplyError> {
         if body.raw_size as usize > MAX_MESSAGE_BYTES {
             return Err(ApplyError::Invalid(format!(
                 "message is larger than {MAX_MESSAGE_BYTES} bytes"
@@ -778,7 +800,7 @@ impl State {
         Ok(())
     }
 
-    fn deliver(
+    pub(super) fn deliver(
         &mut self,
         recipients: &[String],
         received_at: i64,

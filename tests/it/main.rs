@@ -11,4 +11,5 @@ mod config_file;
 mod durability;
 mod idle;
 mod mbsync;
+mod outbound;
 mod smtp_imap;

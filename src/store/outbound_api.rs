@@ -1,0 +1,538 @@
+//! [`MailStore`] methods for outbound mail: accepting a message for local and remote
+//! recipients in one command (with DKIM signing for authenticated senders and SRS for
+//! forwarded mail), the queue operations the delivery worker and the admin commands use, and
+//! the DKIM keys.
+
+use std::collections::BTreeSet;
+
+use super::command::CommandV2;
+use super::names;
+use super::queue::{NewQueueEntry, Notice, QueueEntry, QueueId, RecipientResult};
+use super::{
+    now_secs, prepare_body, unexpected, AccountId, Delivery, DeliveryReceipt, MailStore, Response,
+    StoreError,
+};
+use crate::outbound::dkim::{DkimAlgorithm, DkimKeyRecord};
+
+/// What an accepted message became.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AcceptReceipt {
+    pub receipt: DeliveryReceipt,
+    /// The queue entry for the remote recipients, if there were any.
+    pub queued: Option<QueueId>,
+    /// Remote recipients in that entry.
+    pub n_remote: usize,
+    /// Whether the message was DKIM-signed before being committed.
+    pub dkim_signed: bool,
+}
+
+/// SRS (Sender Rewriting Scheme) timestamp: days, modulo 1024, in two base32 characters.
+const SRS_TIMESTAMP_MODULUS_DAYS: i64 = 1024;
+const SRS_BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
+/// Characters of the SRS hash kept in the address.
+const SRS_HASH_CHARS: usize = 4;
+
+/// The SRS0 form of `mail_from` for mail forwarded by `forwarding_domain`:
+/// `SRS0=HHHH=TT=original.domain=local@forwarding_domain`, so that the destination's SPF
+/// check sees our domain, and a bounce comes back to us.
+pub fn srs_rewrite(
+    secret: &[u8],
+    mail_from: &str,
+    forwarding_domain: &str,
+    now_secs: i64,
+) -> String {
+    let Some((local, domain)) = mail_from.rsplit_once('@') else {
+        return mail_from.to_owned();
+    };
+    let days = now_secs
+        .div_euclid(86_400)
+        .rem_euclid(SRS_TIMESTAMP_MODULUS_DAYS) as usize;
+    let timestamp: String = [days >> 5, days & 31]
+        .iter()
+        .map(|&v| SRS_BASE32[v] as char)
+        .collect();
+    let key = blake3::derive_key("kermail srs 2026", secret);
+    let digest = blake3::keyed_hash(
+        &key,
+        format!("{timestamp}{}{local}", domain.to_ascii_lowercase()).as_bytes(),
+    );
+    let hash: String = digest.as_bytes()[..SRS_HASH_CHARS]
+        .iter()
+        .map(|&b| SRS_BASE32[usize::from(b) & 31] as char)
+        .collect();
+    format!("SRS0={hash}={timestamp}={domain}={local}@{forwarding_domain}")
+}
+
+/// The address of the first From header field, if readable.
+fn from_header_domain(message: &[u8]) -> Option<String> {
+    let parsed = mail_parser::MessageParser::new().parse_headers(message)?;
+    let field = parsed
+        .headers()
+        .iter()
+        .find(|header| header.name == mail_parser::HeaderName::From)?;
+    let address = field.value.as_address()?.first()?.address.as_deref()?;
+    address
+        .rsplit_once('@')
+        .map(|(_, domain)| domain.to_ascii_lowercase())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+impl MailStore {
+    /// Accepts one message: local recipients (and local aliases) get it in INBOX, remote
+    /// recipients (aliases forwarding outside, and, for an authenticated `submitter`, foreign
+    /// addresses) become one queue entry, all in ONE command, so that `250` means both are
+    /// committed. A foreign recipient without `submitter` is refused (never an open relay);
+    /// so is an envelope sender the submitter may not use. Messages of a submitter are
+    /// DKIM-signed when the From domain has a key; forwarded mail from a foreign sender gets
+    /// an SRS envelope sender.
+    pub async fn accept(
+        &self,
+        delivery: Delivery,
+        submitter: Option<AccountId>,
+    ) -> Result<AcceptReceipt, StoreError> {
+        let Delivery {
+            mail_from,
+            recipients,
+            mut body,
+            received_at,
+        } = delivery;
+        if recipients.is_empty() {
+            return Err(StoreError::Invalid("a delivery needs a recipient".into()));
+        }
+        if recipients.len() > super::state::MAX_RECIPIENTS_PER_DELIVERY {
+            return Err(StoreError::Invalid(format!(
+                "more than {} recipients",
+                super::state::MAX_RECIPIENTS_PER_DELIVERY
+            )));
+        }
+        if let Some(account) = submitter {
+            let sender = names::normalize_address(&mail_from)
+                .map_err(|_| StoreError::Invalid("sender address not owned by the user".into()))?;
+            if !self.sender_addresses(account).contains(&sender) {
+                return Err(StoreError::Invalid(
+                    "sender address not owned by the user".into(),
+                ));
+            }
+        }
+        let mut local_recipients = Vec::new();
+        let mut remote: Vec<String> = Vec::new();
+        let mut forwarding_domain = None;
+        let notify;
+        {
+            let state = self.state();
+            for recipient in &recipients {
+                let address = names::normalize_address(recipient)?;
+                let domain = names::domain_of(&address).to_owned();
+                if !state.domains.contains(&domain) {
+                    if submitter.is_none() {
+                        return Err(StoreError::Invalid(format!("relaying to {address} denied")));
+                    }
+                    if !remote.contains(&address) {
+                        remote.push(address);
+                    }
+                    continue;
+                }
+                let mut accounts = Vec::new();
+                let mut forwards = Vec::new();
+                state.expand_with_forwards(&address, &mut accounts, &mut forwards);
+                if !accounts.is_empty() {
+                    local_recipients.push(address.clone());
+                }
+                if !forwards.is_empty() && forwarding_domain.is_none() {
+                    forwarding_domain = Some(domain);
+                }
+                for target in forwards {
+                    if !remote.contains(&target) {
+                        remote.push(target);
+                    }
+                }
+            }
+            notify = names::normalize_address(&mail_from).ok().filter(|sender| {
+                let mut accounts = Vec::new();
+                state.expand_recipient(
+                    sender,
+                    &mut BTreeSet::new(),
+                    &mut accounts,
+                    &mut BTreeSet::new(),
+                );
+                !accounts.is_empty()
+            });
+        }
+        if local_recipients.is_empty() && remote.is_empty() {
+            return Err(StoreError::NotFound("local recipient".into()));
+        }
+        if remote.len() > super::state::MAX_RECIPIENTS_PER_DELIVERY {
+            return Err(StoreError::Invalid("too many forwarding targets".into()));
+        }
+
+        let mut dkim_signed = false;
+        if submitter.is_some() {
+            let domain = from_header_domain(&body).or_else(|| {
+                names::normalize_address(&mail_from)
+                    .ok()
+                    .map(|a| names::domain_of(&a).to_owned())
+            });
+            if let Some(key) = domain.and_then(|domain| self.dkim_signing_key(&domain)) {
+                let (signed, result) = tokio::task::spawn_blocking(move || {
+                    let result = key.sign(&body);
+                    (body, result)
+                })
+                .await
+                .map_err(|e| StoreError::Io(format!("signing task failed: {e}")))?;
+                body = signed;
+                match result {
+                    Ok(header) => {
+                        let mut with_signature = header.into_bytes();
+                        with_signature.extend_from_slice(&body);
+                        body = with_signature;
+                        dkim_signed = true;
+                    }
+                    // Unsigned mail is still mail: deliver it, but say so loudly.
+                    Err(error) => tracing::error!(%error, "cannot DKIM-sign a message"),
+                }
+            }
+        }
+
+        if remote.is_empty() {
+            let receipt = self
+                .deliver(Delivery {
+                    mail_from,
+                    recipients: local_recipients,
+                    body,
+                    received_at,
+                })
+                .await?;
+            return Ok(AcceptReceipt {
+                receipt,
+                queued: None,
+                n_remote: 0,
+                dkim_signed,
+            });
+        }
+
+        let queue_mail_from = match (&forwarding_domain, submitter) {
+            (Some(forwarding_domain), None)
+                if !mail_from.is_empty() && !self.is_sender_local(&mail_from) =>
+            {
+                srs_rewrite(
+                    &self.srs_secret(),
+                    &mail_from,
+                    forwarding_domain,
+                    now_secs(),
+                )
+            }
+            _ => mail_from.clone(),
+        };
+        let now = now_ms();
+        let n_remote = remote.len();
+        let (body, staged) = prepare_body(&self.machine, body).await?;
+        let blob = body.blob;
+        let command = CommandV2::Accept {
+            mail_from,
+            local_recipients,
+            remote: Some(NewQueueEntry {
+                mail_from: queue_mail_from,
+                notify,
+                recipients: remote,
+                created_at_ms: now,
+                next_attempt_at_ms: now,
+            }),
+            received_at,
+            body,
+        };
+        let result = self.submit_v2(command).await;
+        staged.finish().await;
+        match result? {
+            Response::Accepted { delivered, queued } => Ok(AcceptReceipt {
+                receipt: DeliveryReceipt { blob, delivered },
+                queued,
+                n_remote,
+                dkim_signed,
+            }),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    fn is_sender_local(&self, address: &str) -> bool {
+        address
+            .rsplit_once('@')
+            .is_some_and(|(_, domain)| self.is_local_domain(domain))
+    }
+
+    /// Sets the secret of SRS hashes (`[outbound] srs_secret`; the same on every node).
+    pub fn set_srs_secret(&self, secret: &str) {
+        let mut guard = self
+            .srs_secret
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *guard = secret.as_bytes().to_vec();
+    }
+
+    fn srs_secret(&self) -> Vec<u8> {
+        self.srs_secret
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Resolves once an entry was queued or made due (on any node: it fires when such a
+    /// command is applied here) since the last call returned. One waiter: the delivery worker.
+    pub async fn queue_changed(&self) {
+        self.machine.queue_changed.notified().await
+    }
+
+    // ----- the queue -----
+
+    /// Every queue entry, by id.
+    pub fn queue_entries(&self) -> Vec<QueueEntry> {
+        self.state().outbound.queue.values().cloned().collect()
+    }
+
+    pub fn queue_entry(&self, id: QueueId) -> Option<QueueEntry> {
+        self.state().outbound.queue.get(&id).cloned()
+    }
+
+    /// The earliest time (Unix ms) an entry nobody holds becomes due; none when the queue has
+    /// nothing to deliver. An entry leased at `now_ms` counts from its lease's end, unless the
+    /// lease is `own_node`'s (a node reclaiming after a restart).
+    pub fn next_queue_due_ms(&self, now_ms: i64, own_node: Option<&str>) -> Option<i64> {
+        self.state().outbound.next_due_ms(now_ms, own_node)
+    }
+
+    /// Leases up to `max_entries` due entries to `node` for `lease_ms` from `now_ms`
+    /// (decided in apply, in log order: an entry is never leased to two nodes at once).
+    /// `reclaim_own` also takes entries still leased to `node` itself (only for a node's first
+    /// scan after it started: nothing of its own is in flight then). Returns the leased
+    /// entries as applied.
+    pub async fn take_leases(
+        &self,
+        node: &str,
+        now_ms: i64,
+        lease_ms: i64,
+        max_entries: u32,
+        reclaim_own: bool,
+    ) -> Result<Vec<QueueEntry>, StoreError> {
+        let command = CommandV2::TakeLeases {
+            node: node.to_owned(),
+            now_ms,
+            expires_at_ms: now_ms.saturating_add(lease_ms.max(1)),
+            max_entries,
+            reclaim_own,
+        };
+        match self.submit_v2(command).await? {
+            Response::Leased(ids) => {
+                let state = self.state();
+                Ok(ids
+                    .iter()
+                    .filter_map(|id| state.outbound.queue.get(id).cloned())
+                    .collect())
+            }
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Records one attempt's per-recipient results and the next attempt time, releases
+    /// `node`'s lease, and delivers `notice` (recipient address, message) into that local
+    /// INBOX in the same command. Returns whether the entry is finished (and removed).
+    pub async fn record_attempt(
+        &self,
+        id: QueueId,
+        node: &str,
+        results: Vec<RecipientResult>,
+        next_attempt_at_ms: i64,
+        delay_warned: bool,
+        notice: Option<(String, Vec<u8>)>,
+    ) -> Result<bool, StoreError> {
+        let mut staged_notice = None;
+        let notice = match notice {
+            Some((to, message)) => {
+                let (body, staged) = prepare_body(&self.machine, message).await?;
+                staged_notice = Some(staged);
+                Some(Notice {
+                    to,
+                    received_at: now_secs(),
+                    body,
+                })
+            }
+            None => None,
+        };
+        let command = CommandV2::RecordAttempt {
+            id,
+            node: node.to_owned(),
+            results,
+            next_attempt_at_ms,
+            delay_warned,
+            notice,
+        };
+        let result = self.submit_v2(command).await;
+        if let Some(staged) = staged_notice {
+            staged.finish().await;
+        }
+        match result? {
+            Response::QueueUpdated { removed } => Ok(removed),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Makes an entry due now (`kermail queue retry`).
+    pub async fn retry_queue_entry(&self, id: QueueId) -> Result<(), StoreError> {
+        match self
+            .submit_v2(CommandV2::RetryQueueEntry {
+                id,
+                now_ms: now_ms(),
+            })
+            .await?
+        {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Drops an entry without delivering it (`kermail queue delete`).
+    pub async fn delete_queue_entry(&self, id: QueueId) -> Result<(), StoreError> {
+        match self.submit_v2(CommandV2::DeleteQueueEntry { id }).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    // ----- DKIM keys -----
+
+    /// Generates a key for a local domain and stores it. Without `rotate`, the domain must
+    /// have no key yet; with it, exactly one (the new key is its successor: it is published
+    /// now and signs once the old one is removed). The selector is `kYYYYMMDD` (with a
+    /// suffix when taken).
+    pub async fn generate_dkim_key(
+        &self,
+        domain: &str,
+        algorithm: DkimAlgorithm,
+        rotate: bool,
+    ) -> Result<DkimKeyRecord, StoreError> {
+        let domain = names::normalize_domain(domain)?;
+        if !self.state().domains.contains(&domain) {
+            return Err(StoreError::NotFound(format!("domain {domain}")));
+        }
+        let existing: Vec<String> = self
+            .dkim_keys()
+            .into_iter()
+            .filter(|key| key.domain == domain)
+            .map(|key| key.selector)
+            .collect();
+        match (rotate, existing.len()) {
+            (false, 0) | (true, 1) => {}
+            (false, _) => {
+                return Err(StoreError::AlreadyExists(format!(
+                    "a DKIM key for {domain} (use `kermail dkim rotate {domain}`)"
+                )))
+            }
+            (true, 0) => {
+                return Err(StoreError::NotFound(format!(
+                    "DKIM key for {domain} to rotate (use `kermail dkim generate {domain}`)"
+                )))
+            }
+            (true, _) => {
+                return Err(StoreError::Invalid(format!(
+                    "{domain} is already rotating: remove the old key first"
+                )))
+            }
+        }
+        let now = now_secs();
+        let date = time::OffsetDateTime::from_unix_timestamp(now)
+            .map(|t| format!("{:04}{:02}{:02}", t.year(), u8::from(t.month()), t.day()))
+            .unwrap_or_else(|_| "0".into());
+        let mut selector = format!("k{date}");
+        let mut suffix = 2;
+        while existing.contains(&selector) {
+            selector = format!("k{date}-{suffix}");
+            suffix += 1;
+        }
+        let generate_domain = domain.clone();
+        let key = tokio::task::spawn_blocking(move || {
+            DkimKeyRecord::generate(&generate_domain, &selector, algorithm, now.max(0) as u64)
+        })
+        .await
+        .map_err(|e| StoreError::Io(format!("key generation task failed: {e}")))?
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+        match self
+            .submit_v2(CommandV2::AddDkimKey { key: key.clone() })
+            .await?
+        {
+            Response::Done => Ok(key),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    pub async fn remove_dkim_key(&self, domain: &str, selector: &str) -> Result<(), StoreError> {
+        let domain = names::normalize_domain(domain)?;
+        match self
+            .submit_v2(CommandV2::RemoveDkimKey {
+                domain,
+                selector: selector.to_owned(),
+            })
+            .await?
+        {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Every DKIM key, by domain, oldest first.
+    pub fn dkim_keys(&self) -> Vec<DkimKeyRecord> {
+        self.state()
+            .outbound
+            .dkim
+            .values()
+            .flat_map(|keys| keys.iter().cloned())
+            .collect()
+    }
+
+    /// The key that signs for `domain`: its oldest.
+    pub fn dkim_signing_key(&self, domain: &str) -> Option<DkimKeyRecord> {
+        let domain = names::normalize_domain(domain).ok()?;
+        self.state()
+            .outbound
+            .dkim
+            .get(&domain)
+            .and_then(|keys| keys.first().cloned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn srs_keeps_the_original_and_uses_our_domain() {
+        let rewritten = srs_rewrite(
+            b"secret",
+            "bob@remote.example",
+            "example.org",
+            1_700_000_000,
+        );
+        assert!(rewritten.starts_with("SRS0="), "{rewritten}");
+        assert!(
+            rewritten.ends_with("=remote.example=bob@example.org"),
+            "{rewritten}"
+        );
+        // Deterministic for a secret and a day; another secret gives another hash.
+        assert_eq!(
+            rewritten,
+            srs_rewrite(
+                b"secret",
+                "bob@remote.example",
+                "example.org",
+                1_700_000_001
+            )
+        );
+        assert_ne!(
+            rewritten,
+            srs_rewrite(b"other", "bob@remote.example", "example.org", 1_700_000_000)
+        );
+    }
+}
