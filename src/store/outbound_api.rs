@@ -127,17 +127,24 @@ impl MailStore {
         {
             let state = self.state();
             for recipient in &recipients {
-                let address = names::normalize_address(recipient)?;
-                let domain = names::domain_of(&address).to_owned();
+                let raw = recipient.trim();
+                let Some((local_part, domain)) = raw.rsplit_once('@') else {
+                    return Err(StoreError::Invalid(format!("invalid address {raw:?}")));
+                };
+                let domain = domain.trim_end_matches('.').to_ascii_lowercase();
                 if !state.domains.contains(&domain) {
                     if submitter.is_none() {
-                        return Err(StoreError::Invalid(format!("relaying to {address} denied")));
+                        return Err(StoreError::Invalid(format!("relaying to {raw} denied")));
                     }
+                    // A foreign local part is the destination's business: kept as given (an
+                    // address it cannot take is refused by the client, with a DSN).
+                    let address = format!("{local_part}@{domain}");
                     if !remote.contains(&address) {
                         remote.push(address);
                     }
                     continue;
                 }
+                let address = names::normalize_address(raw)?;
                 let mut accounts = Vec::new();
                 let mut forwards = Vec::new();
                 state.expand_with_forwards(&address, &mut accounts, &mut forwards);
