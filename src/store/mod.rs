@@ -795,7 +795,7 @@ impl MailStore {
         let mut accounts = Vec::new();
         let mut forwards = Vec::new();
         state.expand_with_forwards(&address, &mut accounts, &mut forwards);
-        if accounts.is_empty() && forwards.is_empty() {
+        if accounts.is_empty() && forwards.is_empty() && !self.is_srs_address(&address) {
             RecipientCheck::UnknownUser
         } else {
             RecipientCheck::Local

@@ -31,6 +31,65 @@ const SRS_TIMESTAMP_MODULUS_DAYS: i64 = 1024;
 const SRS_BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
 /// Characters of the SRS hash kept in the address.
 const SRS_HASH_CHARS: usize = 4;
+/// A bounce to an SRS address older than this (days) is refused (the usual convention, as in
+/// libsrs2: 21 days).
+pub const SRS_MAX_AGE_DAYS: usize = 21;
+
+fn srs_timestamp(days: usize) -> String {
+    [days >> 5, days & 31]
+        .iter()
+        .map(|&v| SRS_BASE32[v & 31] as char)
+        .collect()
+}
+
+fn srs_hash(secret: &[u8], timestamp: &str, domain: &str, local: &str) -> String {
+    let key = blake3::derive_key("kermail srs 2026", secret);
+    let digest = blake3::keyed_hash(
+        &key,
+        format!("{timestamp}{}{local}", domain.to_ascii_lowercase()).as_bytes(),
+    );
+    digest.as_bytes()[..SRS_HASH_CHARS]
+        .iter()
+        .map(|&b| SRS_BASE32[usize::from(b) & 31] as char)
+        .collect()
+}
+
+/// The original address of an SRS0 address we made (`SRS0=HHHH=TT=domain=local@...`), if its
+/// hash checks and it is at most [`SRS_MAX_AGE_DAYS`] old; compared case-insensitively, as
+/// addresses reach us lowercased.
+pub fn srs_reverse(secret: &[u8], address: &str, now_secs: i64) -> Option<String> {
+    let (local_part, _) = address.rsplit_once('@')?;
+    let mut fields = local_part.splitn(5, '=');
+    let (tag, hash, timestamp, domain, local) = (
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+        fields.next()?,
+    );
+    if !tag.eq_ignore_ascii_case("SRS0") || domain.is_empty() || local.is_empty() {
+        return None;
+    }
+    let timestamp = timestamp.to_ascii_uppercase();
+    let stamp = timestamp.as_bytes();
+    if stamp.len() != 2 {
+        return None;
+    }
+    let expected = srs_hash(secret, &timestamp, domain, &local.to_ascii_lowercase());
+    if !hash.eq_ignore_ascii_case(&expected) {
+        return None;
+    }
+    let value = |c: u8| SRS_BASE32.iter().position(|&b| b == c);
+    let then = value(stamp[0])? * 32 + value(stamp[1])?;
+    let modulus = SRS_TIMESTAMP_MODULUS_DAYS as usize;
+    let today = now_secs
+        .div_euclid(86_400)
+        .rem_euclid(SRS_TIMESTAMP_MODULUS_DAYS) as usize;
+    if (today + modulus - then) % modulus > SRS_MAX_AGE_DAYS {
+        return None;
+    }
+    Some(format!("{local}@{domain}"))
+}
 
 /// The SRS0 form of `mail_from` for mail forwarded by `forwarding_domain`:
 /// `SRS0=HHHH=TT=original.domain=local@forwarding_domain`, so that the destination's SPF
@@ -47,19 +106,9 @@ pub fn srs_rewrite(
     let days = now_secs
         .div_euclid(86_400)
         .rem_euclid(SRS_TIMESTAMP_MODULUS_DAYS) as usize;
-    let timestamp: String = [days >> 5, days & 31]
-        .iter()
-        .map(|&v| SRS_BASE32[v] as char)
-        .collect();
-    let key = blake3::derive_key("kermail srs 2026", secret);
-    let digest = blake3::keyed_hash(
-        &key,
-        format!("{timestamp}{}{local}", domain.to_ascii_lowercase()).as_bytes(),
-    );
-    let hash: String = digest.as_bytes()[..SRS_HASH_CHARS]
-        .iter()
-        .map(|&b| SRS_BASE32[usize::from(b) & 31] as char)
-        .collect();
+    let timestamp = srs_timestamp(days);
+    // Hashed over the lowercased local part: addresses reach us lowercased on the way back.
+    let hash = srs_hash(secret, &timestamp, domain, &local.to_ascii_lowercase());
     format!("SRS0={hash}={timestamp}={domain}={local}@{forwarding_domain}")
 }
 
@@ -127,20 +176,33 @@ impl MailStore {
         {
             let state = self.state();
             for recipient in &recipients {
-                let address = names::normalize_address(recipient)?;
-                let domain = names::domain_of(&address).to_owned();
+                let raw = recipient.trim();
+                let Some((local_part, domain)) = raw.rsplit_once('@') else {
+                    return Err(StoreError::Invalid(format!("invalid address {raw:?}")));
+                };
+                let domain = domain.trim_end_matches('.').to_ascii_lowercase();
                 if !state.domains.contains(&domain) {
                     if submitter.is_none() {
-                        return Err(StoreError::Invalid(format!("relaying to {address} denied")));
+                        return Err(StoreError::Invalid(format!("relaying to {raw} denied")));
                     }
+                    // A foreign local part is the destination's business: kept as given (an
+                    // address it cannot take is refused by the client, with a DSN).
+                    let address = format!("{local_part}@{domain}");
                     if !remote.contains(&address) {
                         remote.push(address);
                     }
                     continue;
                 }
+                let address = names::normalize_address(raw)?;
                 let mut accounts = Vec::new();
                 let mut forwards = Vec::new();
                 state.expand_with_forwards(&address, &mut accounts, &mut forwards);
+                if accounts.is_empty() && forwards.is_empty() {
+                    // A bounce to an address our forwarding rewrote: back to the original.
+                    if let Some(original) = srs_reverse(&self.srs_secret(), &address, now_secs()) {
+                        forwards.push(original);
+                    }
+                }
                 if !accounts.is_empty() {
                     local_recipients.push(address.clone());
                 }
@@ -257,6 +319,11 @@ impl MailStore {
             }),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// Whether `address` (normalized) is an SRS address this cluster made and still honours.
+    pub fn is_srs_address(&self, address: &str) -> bool {
+        srs_reverse(&self.srs_secret(), address, now_secs()).is_some()
     }
 
     fn is_sender_local(&self, address: &str) -> bool {
@@ -506,6 +573,22 @@ impl MailStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn srs_addresses_reverse_only_with_the_right_hash_and_age() {
+        let now = 1_700_000_000;
+        let rewritten = srs_rewrite(b"secret", "Bob@Remote.example", "example.org", now);
+        let lowered = rewritten.to_ascii_lowercase();
+        assert_eq!(
+            srs_reverse(b"secret", &lowered, now + 86_400).as_deref(),
+            Some("bob@remote.example")
+        );
+        assert_eq!(srs_reverse(b"other", &lowered, now), None);
+        assert_eq!(srs_reverse(b"secret", &lowered, now + 22 * 86_400), None);
+        let forged = lowered.replacen("srs0=", "srs0=aaaa", 1);
+        assert_eq!(srs_reverse(b"secret", &forged, now), None);
+        assert_eq!(srs_reverse(b"secret", "bob@example.org", now), None);
+    }
 
     #[test]
     fn srs_keeps_the_original_and_uses_our_domain() {

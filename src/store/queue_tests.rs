@@ -172,6 +172,35 @@ async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
         .ends_with("=elsewhere.example=sender@example.org"));
     assert_eq!(entry.notify, None);
     assert_eq!(entry.recipients[0].address, "someone@remote.example");
+
+    // The destination bounces to the SRS address: the bounce goes back to the original sender.
+    let srs_address = entry.mail_from.to_ascii_lowercase();
+    assert_eq!(
+        fx.store.check_recipient(&srs_address),
+        RecipientCheck::Local
+    );
+    let bounce = fx
+        .store
+        .accept(
+            Delivery {
+                mail_from: String::new(),
+                recipients: vec![srs_address.clone()],
+                body: message("mailer-daemon@remote.example", "bounce"),
+                received_at: 0,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    let entry = fx.store.queue_entry(bounce.queued.unwrap()).unwrap();
+    assert_eq!(entry.mail_from, "");
+    assert_eq!(entry.recipients[0].address, "sender@elsewhere.example");
+    // A forged SRS address is unknown.
+    let forged = srs_address.replacen("srs0=", "srs0=x", 1);
+    assert_eq!(
+        fx.store.check_recipient(&forged),
+        RecipientCheck::UnknownUser
+    );
 }
 
 #[tokio::test]

@@ -44,7 +44,8 @@ enum SnapshotMeta {
 
 #[derive(Serialize)]
 enum SnapshotMetaRef<'a> {
-    #[allow(dead_code)]
+    /// Written only by the compatibility test.
+    #[cfg_attr(not(test), allow(dead_code))]
     V1(&'a State),
     V2(&'a State, &'a Outbound),
 }
@@ -105,13 +106,23 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 
 /// Writes the state and its bodies (the files must exist: the caller holds a [`ReadGuard`]).
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
+    write_snapshot_as(SnapshotMetaRef::V2(state, &state.outbound), blobs, out)
+}
+
+fn write_snapshot_as(
+    meta: SnapshotMetaRef<'_>,
+    blobs: &BlobStore,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let state = match meta {
+        SnapshotMetaRef::V1(state) | SnapshotMetaRef::V2(state, _) => state,
+    };
     let mut out = HashingWriter {
         inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
         hasher: blake3::Hasher::new(),
     };
     out.write_all(MAGIC)?;
     out.write_all(&VERSION.to_le_bytes())?;
-    let meta = SnapshotMetaRef::V2(state, &state.outbound);
     let meta_len = meta_codec(MAX_META_BYTES)
         .serialized_size(&meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
@@ -242,4 +253,28 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
         )));
     }
     Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_snapshot_from_before_the_queue_restores_with_an_empty_queue() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let mut state = State::default();
+        state.domains.insert("example.org".into());
+        state.outbound.next_queue_id = 42;
+        let mut legacy = Vec::new();
+        write_snapshot_as(SnapshotMetaRef::V1(&state), &blobs, &mut legacy).unwrap();
+        let restored = read_snapshot(&mut legacy.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.domains, state.domains);
+        assert_eq!(restored.outbound, super::super::queue::Outbound::default());
+        // And the current format carries the outbound part.
+        let mut current = Vec::new();
+        write_snapshot(&state, &blobs, &mut current).unwrap();
+        let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.outbound.next_queue_id, 42);
+    }
 }
