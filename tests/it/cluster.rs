@@ -765,3 +765,102 @@ fn status_verdict_two_sites_is_no() {
         "{table}"
     );
 }
+
+/// The local-cluster script itself, on nodes that need no multi-node support: a one-node `up`,
+/// two more `add`ed nodes (not joined), reachability host <-> nodes, `cut`/`heal` of a site
+/// (links across the cut vanish, links inside the site and to the host stay), `config` applied
+/// on the next `start` after a `kill`, `exec`, and `down` removing every namespace.
+#[test]
+fn local_cluster_network_cut_heal_config_and_down() {
+    let Some(mut cluster) = Cluster::up(5, 1, Some("a")) else {
+        return;
+    };
+    for (name, site) in [("n2", "b"), ("n3", "a")] {
+        let line = cluster.ok(&["add", name, "--site", site]);
+        cluster.nodes.extend(parse_lines(&line));
+    }
+    let host = cluster.ok(&["host"]).trim().to_string();
+    // A probe run inside a node's namespace: "open" or the error of a TCP connect.
+    let probe = |from: &str, to: &str| -> String {
+        let (addr, port) = to.rsplit_once(':').expect("addr:port");
+        let out = cluster.ok(&[
+            "exec",
+            from,
+            "--",
+            "python3",
+            "-c",
+            "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 2).close(); print('open')\nexcept Exception as e:\n print(type(e).__name__)",
+            addr,
+            port,
+        ]);
+        out.trim().to_string()
+    };
+    let smtp = |name: &str| -> String {
+        let node = cluster.nodes.iter().find(|n| n.name == name).expect("node");
+        node.addresses
+            .iter()
+            .find(|(k, _)| k == "SMTP")
+            .expect("SMTP")
+            .1
+            .clone()
+    };
+    // A sink on the host, reachable from every node.
+    let sink = std::net::TcpListener::bind(format!("{host}:0")).expect("bind on the host address");
+    let sink_addr = sink.local_addr().expect("sink address").to_string();
+    for from in ["n1", "n2", "n3"] {
+        assert_eq!(probe(from, &sink_addr), "open", "{from} -> host");
+    }
+    assert_eq!(probe("n1", &smtp("n2")), "open");
+    cluster.ok(&["cut", "b"]);
+    assert_eq!(
+        probe("n2", &smtp("n1")),
+        "TimeoutError",
+        "n2 -> n1 across the cut"
+    );
+    assert_eq!(
+        probe("n1", &smtp("n2")),
+        "TimeoutError",
+        "n1 -> n2 across the cut"
+    );
+    assert_eq!(
+        probe("n3", &smtp("n2")),
+        "TimeoutError",
+        "n3 -> n2 across the cut"
+    );
+    assert_eq!(probe("n1", &smtp("n3")), "open", "inside site a");
+    assert_eq!(probe("n2", &sink_addr), "open", "cut node -> host");
+    cluster.py("for n in NODES: smtp(n).quit()\nprint('ok')", &[]);
+    cluster.ok(&["heal", "b"]);
+    assert_eq!(probe("n2", &smtp("n1")), "open", "after heal");
+    assert_eq!(probe("n1", &smtp("n2")), "open", "after heal");
+
+    // Extra configuration, applied on the next start.
+    cluster.ok_stdin(
+        &["config", "n1", "-"],
+        "[smtp]\nmax_message_size_bytes = 123456\n",
+    );
+    cluster.ok(&["kill", "n1"]);
+    assert!(cluster
+        .ok(&["ls"])
+        .lines()
+        .any(|l| l.starts_with("n1 ") && l.contains("stopped")));
+    cluster.ok(&["start", "n1"]);
+    cluster.kermail("n1", &["status"]);
+    let out = cluster.py(
+        "s = smtp('n1')\nprint(s.esmtp_features.get('size'))\ns.quit()",
+        &[],
+    );
+    assert_eq!(out.trim(), "123456", "SIZE from the merged configuration");
+
+    let prefix = format!("kmc{}-", cluster.id);
+    cluster.ok(&["down"]);
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !netns.lines().any(|l| l.starts_with(&prefix)),
+        "namespaces left: {netns}"
+    );
+}
