@@ -43,8 +43,8 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
-    /// Addresses to listen on for links from other nodes. Default `0.0.0.0:7655` and `[::]:7655`
-    /// is not assumed; default is `0.0.0.0:7655` only.
+    /// Addresses to listen on for links from other nodes. Default `127.0.0.1:7655` (loopback
+    /// only: a node reachable from other sites must name its address).
     pub listen: Vec<SocketAddr>,
     /// The node's key file (created on first start, mode 0600). Default `node.key`.
     pub key_file: PathBuf,
@@ -83,7 +83,7 @@ pub struct MeshConfig {
 impl Default for MeshConfig {
     fn default() -> Self {
         MeshConfig {
-            listen: vec![SocketAddr::from(([0, 0, 0, 0], 7655))],
+            listen: vec![SocketAddr::from(([127, 0, 0, 1], 7655))],
             key_file: PathBuf::from("node.key"),
             cluster_id: "kermail".into(),
             psk_base64: None,
