@@ -5,12 +5,15 @@
 //!   committed commands in log order and asks it for snapshots.
 //! - [`raft`]: openraft wired to a sled log store, file snapshots and the application; its
 //!   [`Cluster`] handle is what the mail node opens, proposes through and asks for status.
+//! - [`mesh`]: the Noise-encrypted links between nodes (identity, handshake, framing, channels,
+//!   relaying).
 
 pub mod app;
+pub mod mesh;
 pub mod raft;
 
 pub use app::{AppStateMachine, SnapshotBuilder};
 pub use raft::{
-    Cluster, ClusterConfig, ClusterError, ClusterRole, ClusterStatus, MemberStatus, NodeInfo,
-    ProposeError, RaftTimings,
+    Cluster, ClusterConfig, ClusterError, ClusterRole, ClusterStatus, ClusterView, JoinPhase,
+    JoinReport, MemberStatus, NodeInfo, NodeView, ProposeError, RaftTimings,
 };

@@ -6,6 +6,7 @@
 //! administration goes to the cluster crate's own API.
 
 pub mod client;
+pub mod cluster;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -17,17 +18,65 @@ pub const MAX_ADMIN_MESSAGE_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum AdminRequest {
-    DomainAdd { domain: String },
-    DomainRemove { domain: String },
+    DomainAdd {
+        domain: String,
+    },
+    DomainRemove {
+        domain: String,
+    },
     DomainList,
-    UserAdd { address: String, password: String },
-    UserPasswd { address: String, password: String },
-    UserRemove { address: String },
-    UserList { domain: Option<String> },
-    AliasAdd { source: String, target: String },
-    AliasRemove { source: String, target: String },
-    AliasList { domain: Option<String> },
+    UserAdd {
+        address: String,
+        password: String,
+    },
+    UserPasswd {
+        address: String,
+        password: String,
+    },
+    UserRemove {
+        address: String,
+    },
+    UserList {
+        domain: Option<String>,
+    },
+    AliasAdd {
+        source: String,
+        target: String,
+    },
+    AliasRemove {
+        source: String,
+        target: String,
+    },
+    AliasList {
+        domain: Option<String>,
+    },
     Status,
+    /// The mesh links (`kermail mesh status`); `json`: one line of JSON.
+    MeshStatus {
+        json: bool,
+    },
+    /// Every node and the site-loss verdict (`kermail cluster status`).
+    ClusterStatus {
+        json: bool,
+    },
+    /// Records an invitation; the answer's only line is the token.
+    ClusterInvite {
+        name: String,
+        site: String,
+        learner: bool,
+    },
+    /// Starts joining the cluster a token invites this node to.
+    ClusterJoin {
+        token: String,
+    },
+    /// Where this node's join stands: one line of JSON ([`kermail_cluster::JoinReport`]).
+    ClusterJoinStatus,
+    /// Takes this node out of the cluster.
+    ClusterLeave,
+    /// Removes a member that is gone for good.
+    ClusterRemove {
+        name: String,
+    },
 }
 
 /// The answer: lines to print, or an error to print on standard error (exit status 1).
