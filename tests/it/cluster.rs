@@ -128,31 +128,42 @@ impl Cluster {
         cmd
     }
 
+    /// Runs the script with `input` on stdin; its stdout and stderr go to files (a pipe could
+    /// fill up and block it while we poll for its exit against the deadline).
     fn run_stdin(&self, args: &[&str], input: &str) -> Output {
+        let out_path = self.dir.path().join("script.stdout");
+        let err_path = self.dir.path().join("script.stderr");
+        let stdout = std::fs::File::create(&out_path).expect("script stdout file");
+        let stderr = std::fs::File::create(&err_path).expect("script stderr file");
         let mut child = self
             .command(args)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .expect("run scripts/local-cluster");
         if let Some(mut stdin) = child.stdin.take() {
             let _ = stdin.write_all(input.as_bytes());
         }
         let start = Instant::now();
-        loop {
-            if child.try_wait().expect("try_wait").is_some() {
-                return child.wait_with_output().expect("local-cluster output");
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
             }
             if start.elapsed() > SCRIPT_DEADLINE {
                 let _ = child.kill();
-                let out = child.wait_with_output().expect("local-cluster output");
+                let _ = child.wait();
                 panic!(
                     "local-cluster {args:?} still running after {SCRIPT_DEADLINE:?}; stderr:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
+                    std::fs::read_to_string(&err_path).unwrap_or_default()
                 );
             }
             std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap_or_default(),
+            stderr: std::fs::read(&err_path).unwrap_or_default(),
         }
     }
 
@@ -292,10 +303,22 @@ impl Cluster {
 
 impl Drop for Cluster {
     fn drop(&mut self) {
-        if std::thread::panicking() {
+        let failed = std::thread::panicking();
+        if failed {
             eprintln!("{}", self.log_tails());
+            // Keep the configs, data folders and full logs for a look afterwards.
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "cluster state kept in {} (remove it by hand)",
+                self.dir.path().display()
+            );
         }
-        let out = self.run(&["down"]);
+        let args: &[&str] = if failed {
+            &["down", "--keep"]
+        } else {
+            &["down"]
+        };
+        let out = self.run(args);
         if !out.status.success() {
             eprintln!(
                 "local-cluster down failed: {}",
@@ -311,6 +334,7 @@ import imaplib, json, os, re, smtplib, socket, ssl, subprocess, sys, threading, 
 NODES = json.loads(os.environ["LC_NODES"])
 USER = os.environ["LC_USER"]; PASSWORD = os.environ["LC_PASSWORD"]
 SCRIPT = os.environ["LC_SCRIPT"]
+POS = sys.argv[1:]
 TLS = ssl.create_default_context(); TLS.check_hostname = False; TLS.verify_mode = ssl.CERT_NONE
 
 def addr(node, key):
