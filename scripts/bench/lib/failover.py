@@ -199,7 +199,6 @@ def main():
         runs.append(first - t_kill)
         line = f"{preset} kill {run}: leader {leader}, kill to first 250: {first - t_kill:.3f} s"
         print(line, flush=True)
-        log(line)
         wait_until(lambda: gone(pid), f"pid {pid} to exit")
         lc("start", leader, preset=preset)
         load.dead.discard(leader)
