@@ -748,7 +748,20 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
             members.extend(departed.values().map(|(member, _)| member.clone()));
             members.sort_by(|a, b| a.name.cmp(&b.name));
             if last.as_ref() != Some(&members) {
-                match engine.mesh.set_members(members.clone()) {
+                let pending_names: Vec<String> = {
+                    let m = metrics.borrow();
+                    m.membership_config
+                        .membership()
+                        .nodes()
+                        .filter(|(_, info)| membership::is_pending_invitation(info))
+                        .map(|(_, info)| info.name.clone())
+                        .collect()
+                };
+                let (pending, full): (Vec<_>, Vec<_>) = members
+                    .iter()
+                    .cloned()
+                    .partition(|m| pending_names.contains(&m.name));
+                match engine.mesh.set_members(full) {
                     Ok(()) => {
                         tracing::debug!(n_members = members.len(), "mesh members updated");
                     }
@@ -756,6 +769,9 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
                         tracing::info!("this node is not in the membership (any more)");
                     }
                     Err(error) => warn!(%error, "cannot update the mesh members"),
+                }
+                if let Err(error) = engine.mesh.set_pending(pending) {
+                    warn!(%error, "cannot update the pending invitations");
                 }
                 last = Some(members);
             }
