@@ -40,6 +40,7 @@ const FLAG_FIRST: u8 = 1;
 const FLAG_LAST: u8 = 2;
 const RELAY_FLAG_DELIVER: u8 = 1;
 const RELAY_FLAG_CLOSE: u8 = 2;
+const RELAY_FLAG_INITIATOR: u8 = 4;
 
 const KIND_ONE_WAY: u8 = 0;
 const KIND_REQUEST: u8 = 1;
@@ -137,9 +138,15 @@ pub enum Record {
     /// Relayed bytes. `deliver == false`: "forward these bytes to `peer`" (sent to the relay);
     /// `deliver == true`: "these bytes come from `peer`" (sent by the relay). `close` ends the
     /// relayed stream. The bytes are an inner Noise link the relay cannot read.
+    ///
+    /// A relayed stream is named by the endpoint that opened it: `stream` is that endpoint's
+    /// id for it, and `initiator` says the bytes travel from that endpoint. So two streams
+    /// opened at the same time by both ends never mix.
     Relay {
         deliver: bool,
         close: bool,
+        initiator: bool,
+        stream: u64,
         peer: String,
         bytes: Bytes,
     },
@@ -283,6 +290,8 @@ impl Record {
             Record::Relay {
                 deliver,
                 close,
+                initiator,
+                stream,
                 peer,
                 bytes,
             } => {
@@ -294,7 +303,11 @@ impl Record {
                 if *close {
                     flags |= RELAY_FLAG_CLOSE;
                 }
+                if *initiator {
+                    flags |= RELAY_FLAG_INITIATOR;
+                }
                 out.put_u8(flags);
+                out.put_u64(*stream);
                 put_name(out, peer)?;
                 out.extend_from_slice(bytes);
             }
@@ -369,12 +382,15 @@ impl Record {
                 Record::Routes(names)
             }
             RECORD_RELAY => {
-                need(&input, 1)?;
+                need(&input, 9)?;
                 let flags = input.get_u8();
+                let stream = input.get_u64();
                 let peer = take_name(&mut input)?;
                 return Ok(Record::Relay {
                     deliver: flags & RELAY_FLAG_DELIVER != 0,
                     close: flags & RELAY_FLAG_CLOSE != 0,
+                    initiator: flags & RELAY_FLAG_INITIATOR != 0,
+                    stream,
                     peer,
                     bytes: input,
                 });
@@ -585,6 +601,8 @@ mod tests {
         roundtrip(Record::Relay {
             deliver: true,
             close: false,
+            initiator: true,
+            stream: 77,
             peer: "c".into(),
             bytes: Bytes::from_static(b"xyz"),
         });

@@ -65,7 +65,12 @@ pub(crate) struct LinkHandle {
     pub(crate) channels: Vec<mpsc::Sender<Outgoing>>,
     pub(crate) records: mpsc::Sender<Record>,
     pub(crate) relay: mpsc::Sender<Record>,
+    /// Aborts the link at once (errors, member removal, shutdown).
     pub(crate) close: CancellationToken,
+    /// Retires a link that lost the one-link-per-pair rule: it takes no new messages, sends
+    /// what it already holds, then closes its sending direction; the reader runs until the
+    /// peer does the same (bounded by the dead-peer timeout).
+    pub(crate) retire: CancellationToken,
     pub(crate) rtt_us: Arc<AtomicU64>,
 }
 
@@ -117,6 +122,7 @@ where
         records,
         relay,
         close: inner.shutdown.child_token(),
+        retire: CancellationToken::new(),
         rtt_us: Arc::new(AtomicU64::new(0)),
     };
     let Some(stats) = inner.register(handle.clone()) else {
@@ -141,10 +147,20 @@ where
     );
     tokio::spawn(
         async move {
-            let read_result = read_loop(&inner, reader, &transport, &handle, &stats).await;
+            let grace = Duration::from_millis(inner.config.dead_peer_timeout_ms.max(1));
+            let retired = async {
+                handle.retire.cancelled().await;
+                tokio::time::sleep(grace).await;
+            };
+            let read_result = tokio::select! {
+                result = read_loop(&inner, reader, &transport, &handle, &stats) => result,
+                _ = retired => Ok(()),
+            };
             handle.close.cancel();
             let write_result = writer_task.await.unwrap_or(Ok(()));
             let error = match (read_result, write_result) {
+                // The peer closing a retired link is the expected end.
+                (Err(LinkError::Eof), Ok(())) if handle.retire.is_cancelled() => None,
                 (Err(error), _) | (Ok(()), Err(error)) => Some(error.to_string()),
                 _ => None,
             };
@@ -239,6 +255,8 @@ async fn write_loop<S: AsyncWrite>(
     }
     // Relay records go after raft and forwarded writes, before bulk.
     const RELAY_SLOT: usize = 3;
+    // Set once the link is retired and its queues are closed to new messages.
+    let mut draining = false;
     loop {
         // One unit of work, highest priority first, without waiting.
         let mut worked = false;
@@ -304,7 +322,22 @@ async fn write_loop<S: AsyncWrite>(
             Some(message) = writes_rx.recv() => start(&mut splitters, Channel::Writes, message, &stats)?,
             Some(record) = relay.recv() => sealer.seal(&record, &mut out)?,
             Some(message) = bulk_rx.recv() => start(&mut splitters, Channel::Bulk, message, &stats)?,
-            _ = keepalive.tick() => {
+            _ = handle.retire.cancelled() => {
+                if draining {
+                    // Everything queued before the close is sent: end our direction.
+                    let _ = writer.shutdown().await;
+                    return Ok(());
+                }
+                // Senders racing with the close get their message back and retry on the
+                // peer's new link; what is already queued is still sent.
+                draining = true;
+                for receiver in receivers.iter_mut() {
+                    receiver.close();
+                }
+                records.close();
+                relay.close();
+            }
+            _ = keepalive.tick(), if !draining => {
                 sealer.seal(&Record::Ping { sent_at_us: inner.now_us() }, &mut out)?;
                 if is_direct {
                     sealer.seal(&Record::Routes(inner.direct_peers()), &mut out)?;
@@ -397,16 +430,21 @@ async fn read_loop<S: AsyncRead>(
                 Record::Relay {
                     deliver: false,
                     close,
+                    initiator,
+                    stream,
                     peer,
                     bytes,
                 } => {
-                    // We are the relay: pass the bytes on, marked with their authenticated source.
-                    if !matches!(handle.path, LinkPath::Direct(_)) {
+                    // We are the relay: pass the bytes on, marked with their authenticated
+                    // source. Only direct links relay, and never back to the sender.
+                    if !matches!(handle.path, LinkPath::Direct(_)) || peer == handle.peer {
                         continue;
                     }
                     let record = Record::Relay {
                         deliver: true,
                         close,
+                        initiator,
+                        stream,
                         peer: handle.peer.clone(),
                         bytes,
                     };
@@ -415,9 +453,13 @@ async fn read_loop<S: AsyncRead>(
                             let _ = next.relay.send(record).await;
                         }
                         None if !close => {
+                            // No way on: close the sender's stream (seen from its side, the
+                            // answer comes from the other end of the stream).
                             let _ = handle.relay.try_send(Record::Relay {
                                 deliver: true,
                                 close: true,
+                                initiator: !initiator,
+                                stream,
                                 peer,
                                 bytes: Bytes::new(),
                             });
@@ -428,11 +470,15 @@ async fn read_loop<S: AsyncRead>(
                 Record::Relay {
                     deliver: true,
                     close,
+                    initiator,
+                    stream,
                     peer,
                     bytes,
                 } => {
                     if matches!(handle.path, LinkPath::Direct(_)) {
-                        inner.relay_deliver(&peer, &handle.peer, close, bytes).await;
+                        inner
+                            .relay_deliver(&peer, &handle.peer, stream, initiator, close, bytes)
+                            .await;
                     }
                 }
             }

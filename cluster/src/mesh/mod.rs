@@ -44,7 +44,7 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 #[serde(default, deny_unknown_fields)]
 pub struct MeshConfig {
     /// Addresses to listen on for links from other nodes. Default `127.0.0.1:7655` (loopback
-    /// only: a node reachable from other sites must name its address).
+    /// only, like every embedded default; a real deployment lists its public addresses).
     pub listen: Vec<SocketAddr>,
     /// The node's key file (created on first start, mode 0600). Default `node.key`.
     pub key_file: PathBuf,
@@ -78,6 +78,11 @@ pub struct MeshConfig {
     /// TCP send and receive buffer size; `None` lets the kernel tune it. Smaller buffers bound
     /// how long a high-priority frame can wait behind bulk bytes already in the socket.
     pub tcp_buffer_bytes: Option<usize>,
+    /// Most bytes written to a link's socket but not yet sent (Linux `TCP_NOTSENT_LOWAT`):
+    /// keeps the send queue in the mesh, where raft frames overtake bulk frames, instead of in
+    /// the kernel, without limiting the bytes in flight. 0 leaves the kernel default.
+    /// Default 128 KiB.
+    pub tcp_notsent_lowat_bytes: u32,
 }
 
 impl Default for MeshConfig {
@@ -99,6 +104,7 @@ impl Default for MeshConfig {
             send_queue_messages: 256,
             receive_queue_messages: 1_024,
             tcp_buffer_bytes: None,
+            tcp_notsent_lowat_bytes: 128 * 1024,
         }
     }
 }
@@ -174,6 +180,9 @@ pub struct PeerStatus {
     /// Completion of the last handshake, milliseconds since the Unix epoch.
     pub last_handshake_unix_ms: Option<u64>,
     pub last_error: Option<String>,
+    /// A pending invitee (see [`Mesh::set_pending`]), not a member yet.
+    #[serde(default)]
+    pub pending: bool,
 }
 
 /// What `kermail mesh status` prints (as JSON or a table).

@@ -31,6 +31,12 @@ const RELAY_PIPE_BYTES: usize = 256 * 1024;
 pub(crate) const RELAY_CHUNK_BYTES: usize = 60 * 1024;
 /// Relay chunks queued towards an inner link before the carrying link stops reading.
 const RELAY_QUEUE_CHUNKS: usize = 64;
+/// Relayed streams open at once (both ends, all peers); more are refused.
+const MAX_RELAY_STREAMS: usize = 64;
+/// Links tried by one send before it reports the peer unreachable.
+const SEND_ATTEMPTS: usize = 3;
+/// A direct link that lived this long resets its dialer's backoff.
+const STABLE_LINK: Duration = Duration::from_secs(2);
 
 /// A message or request from a peer.
 #[derive(Debug)]
@@ -102,14 +108,40 @@ pub(crate) struct Inner {
     handshakes_refused: AtomicU64,
 }
 
+/// Members by name, with their decoded keys.
+type KeyedMembers = BTreeMap<String, (Member, [u8; KEY_BYTES])>;
+
 #[derive(Default)]
 struct State {
-    members: BTreeMap<String, (Member, [u8; KEY_BYTES])>,
+    members: KeyedMembers,
+    /// Invited nodes: accepted when they dial us (join), never dialed; a name in both lists
+    /// counts as a member.
+    pending: KeyedMembers,
     routing: RoutingTable,
     peers: BTreeMap<String, Peer>,
-    /// Inbound halves of relayed inner links, by (peer, via): stream id and its byte queue.
-    relay_streams: HashMap<(String, String), (u64, mpsc::Sender<Bytes>)>,
+    /// Byte queues towards our ends of relayed inner links.
+    relay_streams: HashMap<RelayKey, mpsc::Sender<Bytes>>,
     last_refusal: Option<String>,
+}
+
+impl State {
+    /// The key of a member or pending invitee.
+    fn known_key(&self, name: &str) -> Option<[u8; KEY_BYTES]> {
+        self.members
+            .get(name)
+            .or_else(|| self.pending.get(name))
+            .map(|(_, key)| *key)
+    }
+}
+
+/// Names a relayed stream: the remote end, the relay, and the stream id given by the end
+/// that opened it (`ours`: this node opened it).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct RelayKey {
+    peer: String,
+    via: String,
+    stream: u64,
+    ours: bool,
 }
 
 #[derive(Default)]
@@ -134,9 +166,7 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn parse_members(
-    members: Vec<Member>,
-) -> Result<BTreeMap<String, (Member, [u8; KEY_BYTES])>, MeshError> {
+fn parse_members(members: Vec<Member>) -> Result<KeyedMembers, MeshError> {
     let mut out = BTreeMap::new();
     for member in members {
         let key = decode_key(&member.public_key).map_err(|_| MeshError::BadMemberKey {
@@ -239,7 +269,7 @@ impl Mesh {
         for listener in listeners {
             tokio::spawn(accept_loop(inner.clone(), listener));
         }
-        inner.apply_members(members);
+        inner.apply_membership(Some(members), None);
         info!(node = %inner.local_name, "mesh started");
         Ok(Mesh {
             inner,
@@ -257,7 +287,18 @@ impl Mesh {
         {
             return Err(MeshError::NotAMember);
         }
-        self.inner.apply_members(members);
+        self.inner.apply_membership(Some(members), None);
+        Ok(())
+    }
+
+    /// Replaces the pending invitations: nodes that are not members yet but whose key the
+    /// responder accepts (a joining node dials a member before the membership change that adds
+    /// it). They are not dialed; messages and requests to and from them work while their link
+    /// is up. A name that is also in the member list counts as a member. Withdrawing an
+    /// invitation closes its links.
+    pub fn set_pending(&self, pending: Vec<Member>) -> Result<(), MeshError> {
+        let pending = parse_members(pending)?;
+        self.inner.apply_membership(None, Some(pending));
         Ok(())
     }
 
@@ -336,18 +377,30 @@ impl Inner {
         }
     }
 
-    fn apply_members(self: &Arc<Self>, members: BTreeMap<String, (Member, [u8; KEY_BYTES])>) {
+    /// Replaces the member list and/or the pending invitations. Links to peers that are no
+    /// longer known, or whose key changed, are closed; members without a dialer get one.
+    fn apply_membership(
+        self: &Arc<Self>,
+        members: Option<KeyedMembers>,
+        pending: Option<KeyedMembers>,
+    ) {
         let mut state = lock(&self.state);
-        let mut to_close = Vec::new();
-        let removed: Vec<String> = state
+        let before: Vec<(String, Option<[u8; KEY_BYTES]>)> = state
             .peers
             .keys()
-            .filter(|name| {
-                members.get(*name).map(|(_, k)| *k) != state.members.get(*name).map(|(_, k)| *k)
-            })
-            .cloned()
+            .map(|name| (name.clone(), state.known_key(name)))
             .collect();
-        for name in removed {
+        if let Some(members) = members {
+            state.members = members;
+        }
+        if let Some(pending) = pending {
+            state.pending = pending;
+        }
+        let mut to_close = Vec::new();
+        for (name, old_key) in before {
+            if state.known_key(&name) == old_key {
+                continue;
+            }
             if let Some(peer) = state.peers.remove(&name) {
                 if let Some(dialer) = peer.dialer {
                     dialer.cancel();
@@ -355,7 +408,6 @@ impl Inner {
                 to_close.extend(peer.links);
             }
         }
-        state.members = members;
         let names: Vec<String> = state
             .members
             .keys()
@@ -364,7 +416,7 @@ impl Inner {
             .collect();
         for name in names {
             let peer = state.peers.entry(name.clone()).or_default();
-            if peer.dialer.is_none() {
+            if peer.dialer.as_ref().is_none_or(|d| d.is_cancelled()) {
                 let token = self.shutdown.child_token();
                 peer.dialer = Some(token.clone());
                 tokio::spawn(dial_loop(self.clone(), name, token));
@@ -377,11 +429,13 @@ impl Inner {
         self.topology.notify_waiters();
     }
 
+    /// The member (or pending invitee) name of a static key; never our own.
     fn member_name_of_key(&self, key: &[u8; KEY_BYTES]) -> Option<String> {
         let state = lock(&self.state);
         state
             .members
             .values()
+            .chain(state.pending.values())
             .find(|(member, k)| k == key && member.name != self.local_name)
             .map(|(member, _)| member.name.clone())
     }
@@ -418,20 +472,25 @@ impl Inner {
                 max: self.config.max_message_bytes,
             });
         }
-        let link = self.active_link(peer)?;
-        link.channels[channel.index()]
-            .send(Outgoing { kind, body })
-            .await
-            .map_err(|_| MeshError::Unreachable(peer.to_string()))
+        let mut outgoing = Outgoing { kind, body };
+        // A link that is replaced or breaks while we wait hands the message back; it then goes
+        // on the peer's current link.
+        for _ in 0..SEND_ATTEMPTS {
+            let link = self.active_link(peer)?;
+            match link.channels[channel.index()].send(outgoing).await {
+                Ok(()) => return Ok(()),
+                Err(mpsc::error::SendError(back)) => outgoing = back,
+            }
+        }
+        Err(MeshError::Unreachable(peer.to_string()))
     }
 
     /// Registers an established link: the best link of the peer is kept first in the list,
     /// every other link of the peer is closed.
     pub(crate) fn register(&self, handle: LinkHandle) -> Option<Arc<PeerStats>> {
         let mut state = lock(&self.state);
-        if !state.members.contains_key(&handle.peer) {
-            return None;
-        }
+        // Only members and pending invitees have links.
+        state.known_key(&handle.peer)?;
         let peer = state.peers.entry(handle.peer.clone()).or_default();
         peer.last_handshake_unix_ms = Some(unix_ms());
         peer.links.push(handle.clone());
@@ -451,8 +510,8 @@ impl Inner {
         }
         drop(state);
         for loser in losers {
-            debug!(peer = %loser.peer, link = loser.id, "closing redundant link");
-            loser.close.cancel();
+            debug!(peer = %loser.peer, link = loser.id, "retiring redundant link");
+            loser.retire.cancel();
         }
         if direct {
             self.advertise_routes();
@@ -574,31 +633,42 @@ impl Inner {
         let _ = self.incoming[channel.index()].send(incoming).await;
     }
 
-    /// Bytes for the relayed inner link from `peer` through `via`: hands them to its stream,
-    /// opening it (as responder) when it is new.
+    /// Bytes for a relayed inner link from `peer` through `via`: hands them to its stream,
+    /// opening it (as responder) when the peer opens a new one. `from_initiator` tells whether
+    /// the peer opened the stream (else it is one of ours).
     pub(crate) async fn relay_deliver(
         self: &Arc<Self>,
         peer: &str,
         via: &str,
+        stream: u64,
+        from_initiator: bool,
         close: bool,
         bytes: Bytes,
     ) {
-        let key = (peer.to_string(), via.to_string());
-        let existing = lock(&self.state)
-            .relay_streams
-            .get(&key)
-            .map(|(_, tx)| tx.clone());
+        let key = RelayKey {
+            peer: peer.to_string(),
+            via: via.to_string(),
+            stream,
+            ours: !from_initiator,
+        };
         if close {
+            // Dropping the queue's sender ends the pipe: the inner link sees end of stream.
             lock(&self.state).relay_streams.remove(&key);
             return;
         }
+        let existing = lock(&self.state).relay_streams.get(&key).cloned();
         let tx = match existing {
             Some(tx) => tx,
-            None => {
-                if !lock(&self.state).members.contains_key(peer) {
+            None if from_initiator => {
+                let too_many = {
+                    let state = lock(&self.state);
+                    state.known_key(peer).is_none()
+                        || state.relay_streams.len() >= MAX_RELAY_STREAMS
+                };
+                if too_many {
                     return;
                 }
-                let Some((stream, tx)) = self.open_relay_stream(peer, via) else {
+                let Some((pipe, tx)) = self.open_relay_stream(key) else {
                     return;
                 };
                 let inner = self.clone();
@@ -606,31 +676,30 @@ impl Inner {
                 let peer_name = peer.to_string();
                 tokio::spawn(async move {
                     inner
-                        .accept_stream(stream, LinkPath::Relayed(via_name), &peer_name)
+                        .accept_stream(pipe, LinkPath::Relayed(via_name), &peer_name)
                         .await;
                 });
                 tx
             }
+            // Bytes for a stream of ours that is gone.
+            None => return,
         };
         let _ = tx.send(bytes).await;
     }
 
-    /// Opens the local end of a relayed inner link to `peer` through `via`; the returned stream
-    /// carries the inner Noise link, the pumps move its bytes as relay records.
+    /// Opens our end of the relayed stream `key`; the returned pipe carries the inner Noise
+    /// link, two pumps move its bytes as relay records over the direct link to `key.via`.
     fn open_relay_stream(
         self: &Arc<Self>,
-        peer: &str,
-        via: &str,
+        key: RelayKey,
     ) -> Option<(tokio::io::DuplexStream, mpsc::Sender<Bytes>)> {
-        let carrier = self.direct_link(via)?;
+        let carrier = self.direct_link(&key.via)?;
         let (ours, theirs) = tokio::io::duplex(RELAY_PIPE_BYTES);
         let (mut pipe_read, mut pipe_write) = tokio::io::split(theirs);
         let (tx, mut rx) = mpsc::channel::<Bytes>(RELAY_QUEUE_CHUNKS);
-        let stream_id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        let key = (peer.to_string(), via.to_string());
         lock(&self.state)
             .relay_streams
-            .insert(key.clone(), (stream_id, tx.clone()));
+            .insert(key.clone(), tx.clone());
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             loop {
@@ -645,9 +714,16 @@ impl Inner {
             let _ = pipe_write.shutdown().await;
         });
         let inner = self.clone();
-        let peer_name = peer.to_string();
         tokio::spawn(async move {
             let mut buffer = vec![0u8; RELAY_CHUNK_BYTES];
+            let record = |close: bool, bytes: Bytes| Record::Relay {
+                deliver: false,
+                close,
+                initiator: key.ours,
+                stream: key.stream,
+                peer: key.peer.clone(),
+                bytes,
+            };
             loop {
                 let read = tokio::select! {
                     _ = inner.shutdown.cancelled() => break,
@@ -658,30 +734,17 @@ impl Inner {
                     Ok(0) | Err(_) => break,
                     Ok(n) => n,
                 };
-                let record = Record::Relay {
-                    deliver: false,
-                    close: false,
-                    peer: peer_name.clone(),
-                    bytes: Bytes::copy_from_slice(&buffer[..n]),
-                };
-                if carrier.relay.send(record).await.is_err() {
+                if carrier
+                    .relay
+                    .send(record(false, Bytes::copy_from_slice(&buffer[..n])))
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
-            let _ = carrier.relay.try_send(Record::Relay {
-                deliver: false,
-                close: true,
-                peer: peer_name.clone(),
-                bytes: Bytes::new(),
-            });
-            let mut state = lock(&inner.state);
-            if state
-                .relay_streams
-                .get(&key)
-                .is_some_and(|(id, _)| *id == stream_id)
-            {
-                state.relay_streams.remove(&key);
-            }
+            let _ = carrier.relay.try_send(record(true, Bytes::new()));
+            lock(&inner.state).relay_streams.remove(&key);
         });
         Some((ours, tx))
     }
@@ -758,7 +821,11 @@ impl Inner {
     fn status(&self) -> MeshStatus {
         let state = lock(&self.state);
         let mut peers = Vec::new();
-        for (name, (member, _)) in &state.members {
+        let pending_only = state
+            .pending
+            .iter()
+            .filter(|(name, _)| !state.members.contains_key(*name));
+        for (name, (member, _)) in state.members.iter().chain(pending_only) {
             if *name == self.local_name {
                 continue;
             }
@@ -785,6 +852,7 @@ impl Inner {
                 messages_received: stats.messages_received.load(Ordering::Relaxed),
                 last_handshake_unix_ms: peer.and_then(|p| p.last_handshake_unix_ms),
                 last_error: peer.and_then(|p| p.last_error.clone()),
+                pending: !state.members.contains_key(name),
             });
         }
         MeshStatus {
@@ -836,7 +904,9 @@ async fn accept_loop(inner: Arc<Inner>, listener: TcpListener) {
         };
         match accepted {
             Ok((stream, addr)) => {
-                let _ = stream.set_nodelay(true);
+                if let Err(error) = tune_stream(&inner.config, &stream) {
+                    debug!(%error, "cannot tune an accepted mesh socket");
+                }
                 let inner = inner.clone();
                 tokio::spawn(async move {
                     inner
@@ -896,13 +966,33 @@ async fn connect(inner: &Inner, addr: SocketAddr) -> std::io::Result<TcpStream> 
     let stream = tokio::time::timeout(timeout, socket.connect(addr))
         .await
         .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
-    stream.set_nodelay(true)?;
+    tune_stream(&inner.config, &stream)?;
     Ok(stream)
 }
 
+/// Socket options of every link: no Nagle delay (frames are batched by the writer), and a
+/// small unsent queue in the kernel so that priorities are decided in the mesh.
+fn tune_stream(config: &MeshConfig, stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_nodelay(true)?;
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if config.tcp_notsent_lowat_bytes > 0 {
+        socket2::SockRef::from(stream).set_tcp_notsent_lowat(config.tcp_notsent_lowat_bytes)?;
+    }
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    let _ = config;
+    Ok(())
+}
+
 /// Keeps a link to `peer` up: direct when possible, relayed otherwise.
+///
+/// Every failed round (all addresses, then the relay) waits a jittered backoff delay, cut short
+/// by a topology change. A direct link that lived at least [`STABLE_LINK`] resets the backoff,
+/// so a link that breaks after a long life is redialed at once, while one that keeps dying
+/// right after its handshake is redialed ever more slowly.
 async fn dial_loop(inner: Arc<Inner>, peer: String, cancel: CancellationToken) {
     let mut backoff = Backoff::new(&inner.config);
+    let mut direct_since: Option<Instant> = None;
+    let mut wait_first = false;
     loop {
         let notified = inner.topology.notified();
         tokio::pin!(notified);
@@ -913,6 +1003,8 @@ async fn dial_loop(inner: Arc<Inner>, peer: String, cancel: CancellationToken) {
         let (member, key, has_direct, has_any, route) = {
             let state = lock(&inner.state);
             let Some((member, key)) = state.members.get(&peer).cloned() else {
+                // No longer a member: a later membership change starts a new dialer.
+                cancel.cancel();
                 return;
             };
             let links = state
@@ -930,13 +1022,29 @@ async fn dial_loop(inner: Arc<Inner>, peer: String, cancel: CancellationToken) {
             )
         };
         if has_direct {
-            backoff.reset();
+            direct_since.get_or_insert_with(Instant::now);
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = &mut notified => continue,
             }
         }
-        let mut last_error = None;
+        if let Some(since) = direct_since.take() {
+            if since.elapsed() >= STABLE_LINK {
+                backoff.reset();
+                wait_first = false;
+            }
+        }
+        if wait_first {
+            wait_first = false;
+            let delay = backoff.next_delay();
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(delay) => {}
+            }
+            continue;
+        }
+        wait_first = true;
+        let mut connected = false;
         for addr in &member.addrs {
             let attempt = async {
                 let stream = connect(&inner, *addr)
@@ -953,20 +1061,27 @@ async fn dial_loop(inner: Arc<Inner>, peer: String, cancel: CancellationToken) {
             };
             match result {
                 Ok(()) => {
-                    last_error = None;
+                    connected = true;
                     break;
                 }
-                Err(error) => last_error = Some(error),
+                Err(error) => {
+                    debug!(peer = %peer, %error, "direct dial failed");
+                    inner.set_last_error(&peer, error);
+                }
             }
         }
-        let Some(error) = last_error else {
+        if connected {
             continue;
-        };
-        debug!(peer = %peer, %error, "direct dial failed");
-        inner.set_last_error(&peer, error);
+        }
         if !has_any {
             if let Route::Via(via) = route {
-                if let Some((stream, _)) = inner.open_relay_stream(&peer, &via) {
+                let stream_key = RelayKey {
+                    peer: peer.clone(),
+                    via: via.clone(),
+                    stream: inner.next_id.fetch_add(1, Ordering::Relaxed),
+                    ours: true,
+                };
+                if let Some((stream, _)) = inner.open_relay_stream(stream_key) {
                     let attempt =
                         inner.initiate(stream, &peer, &key, LinkPath::Relayed(via.clone()));
                     let result = tokio::select! {
@@ -980,6 +1095,7 @@ async fn dial_loop(inner: Arc<Inner>, peer: String, cancel: CancellationToken) {
                 }
             }
         }
+        wait_first = false;
         let delay = backoff.next_delay();
         tokio::select! {
             _ = cancel.cancelled() => return,

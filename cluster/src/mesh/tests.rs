@@ -16,6 +16,10 @@ use super::*;
 const WAIT: Duration = Duration::from_secs(15);
 
 fn test_config() -> MeshConfig {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
     MeshConfig {
         listen: vec!["127.0.0.1:0".parse().unwrap()],
         cluster_id: "test".into(),
@@ -482,4 +486,39 @@ async fn blocked_direct_path_relays_through_third_node_then_returns() {
         .await
         .unwrap();
     assert_eq!(&answer[..], b"direct");
+}
+
+#[tokio::test]
+async fn pending_invitee_is_accepted_until_withdrawn() {
+    let (b, x) = (identity(2), identity(8));
+    let node_b = start_alone("b", &b, test_config()).await;
+    echo_requests(&node_b, Channel::Control).await;
+    let invitee = member("x", &x, vec![]);
+    // The invitee knows b (from its invitation) and dials it.
+    let node_x = Mesh::start(
+        test_config(),
+        x.clone(),
+        vec![member("b", &b, node_b.local_addrs()), invitee.clone()],
+    )
+    .await
+    .unwrap();
+    wait_for("refusal before the invitation", || {
+        node_b.status().handshakes_refused >= 1
+    })
+    .await;
+    node_b.set_pending(vec![invitee]).unwrap();
+    wait_for("invitee linked", || is_direct(&link_of(&node_x, "b"))).await;
+    let status = peer_status(&node_b, "x");
+    assert!(status.pending && is_direct(&status.link));
+    let answer = node_x
+        .request("b", Channel::Control, Bytes::from_static(b"join"), WAIT)
+        .await
+        .unwrap();
+    assert_eq!(&answer[..], b"join");
+    node_b.set_pending(vec![]).unwrap();
+    wait_for("invitation withdrawn", || {
+        link_of(&node_x, "b") == LinkState::Down
+    })
+    .await;
+    assert!(node_b.status().peers.iter().all(|p| p.name != "x"));
 }

@@ -180,6 +180,12 @@ pub fn invitation_expired(info: &NodeInfo, now_unix_ms: u64) -> bool {
         .is_some_and(|j| !j.connected && j.expires_unix_ms <= now_unix_ms)
 }
 
+/// Whether a node is an invitation whose node has not connected yet (the mesh accepts its key
+/// as a pending invitee but does not dial it).
+pub fn is_pending_invitation(info: &NodeInfo) -> bool {
+    info.joining.as_ref().is_some_and(|j| !j.connected)
+}
+
 /// The mesh member list for a membership: every node with a valid key, except invitations
 /// that expired before their node connected.
 pub fn mesh_members<'a>(

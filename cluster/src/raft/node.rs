@@ -651,6 +651,10 @@ async fn start_engine(
         service::follow_membership(Arc::downgrade(&engine), stop.clone())
             .instrument(tracing::info_span!("membership", node_id)),
     );
+    tokio::spawn(
+        service::watch_leader_link(Arc::downgrade(&engine), stop.clone())
+            .instrument(tracing::info_span!("leader_link", node_id)),
+    );
     if let Some(join) = joining {
         tokio::spawn(
             service::drive_join(

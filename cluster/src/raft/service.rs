@@ -45,6 +45,8 @@ pub const PROMOTION_LAG_MAX: u64 = 64;
 /// How often the member list is recomputed even without a membership change (so that an
 /// expired invitation's key is refused).
 const MEMBER_REFRESH: Duration = Duration::from_secs(1);
+/// How often the link to the leader is checked.
+const LEADER_LINK_POLL: Duration = Duration::from_millis(25);
 /// How long a member that left stays in the mesh's member list.
 const DEPARTED_GRACE: Duration = Duration::from_secs(10);
 /// Timeout of a control request whose handler changes the membership (two commits).
@@ -746,7 +748,20 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
             members.extend(departed.values().map(|(member, _)| member.clone()));
             members.sort_by(|a, b| a.name.cmp(&b.name));
             if last.as_ref() != Some(&members) {
-                match engine.mesh.set_members(members.clone()) {
+                let pending_names: Vec<String> = {
+                    let m = metrics.borrow();
+                    m.membership_config
+                        .membership()
+                        .nodes()
+                        .filter(|(_, info)| membership::is_pending_invitation(info))
+                        .map(|(_, info)| info.name.clone())
+                        .collect()
+                };
+                let (pending, full): (Vec<_>, Vec<_>) = members
+                    .iter()
+                    .cloned()
+                    .partition(|m| pending_names.contains(&m.name));
+                match engine.mesh.set_members(full) {
                     Ok(()) => {
                         tracing::debug!(n_members = members.len(), "mesh members updated");
                     }
@@ -754,6 +769,9 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
                         tracing::info!("this node is not in the membership (any more)");
                     }
                     Err(error) => warn!(%error, "cannot update the mesh members"),
+                }
+                if let Err(error) = engine.mesh.set_pending(pending) {
+                    warn!(%error, "cannot update the pending invitations");
                 }
                 last = Some(members);
             }
@@ -763,6 +781,93 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
             _ = stop.cancelled() => return,
             changed = metrics.changed() => if changed.is_err() { return },
             _ = tokio::time::sleep(MEMBER_REFRESH) => {}
+        }
+    }
+}
+
+/// Watches the mesh link to the leader. When it goes down (the leader's process died: its
+/// TCP connections close at once), every voter starts an election now instead of waiting for
+/// its election timer, and the lowest-id voter still reachable stands again a moment later at
+/// a higher term, which the others (now candidates without a leader lease) grant. Failover
+/// then takes a few round trips instead of up to two election timeouts (openraft refuses votes
+/// while the old leader's lease, the maximum election timeout, runs).
+pub(crate) async fn watch_leader_link(engine: Weak<Engine>, stop: CancellationToken) {
+    let mut seen_up: Option<(NodeId, u64)> = None;
+    let mut acted_for: Option<(NodeId, u64)> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(LEADER_LINK_POLL) => {}
+        }
+        let Some(engine) = engine.upgrade() else {
+            return;
+        };
+        let (leader, term, is_voter, voters) = {
+            let metrics = engine.raft.metrics();
+            let m = metrics.borrow();
+            let membership = m.membership_config.membership();
+            let voters: Vec<NodeId> = membership.voter_ids().collect();
+            (
+                m.current_leader,
+                m.current_term,
+                voters.contains(&engine.node_id) && m.state == ServerState::Follower,
+                voters,
+            )
+        };
+        let Some(leader) = leader.filter(|l| *l != engine.node_id) else {
+            continue;
+        };
+        if !is_voter {
+            continue;
+        }
+        let Some(leader_name) = engine.name_of(leader) else {
+            continue;
+        };
+        let status = engine.mesh.status();
+        let link_down = |name: &str| {
+            status
+                .peers
+                .iter()
+                .find(|p| p.name == name)
+                .is_none_or(|p| p.link == crate::mesh::LinkState::Down)
+        };
+        if !link_down(&leader_name) {
+            seen_up = Some((leader, term));
+            continue;
+        }
+        if seen_up != Some((leader, term)) || acted_for == Some((leader, term)) {
+            continue;
+        }
+        acted_for = Some((leader, term));
+        info!(leader = %leader_name, term, "link to the leader lost: starting an election");
+        if engine.raft.trigger().elect().await.is_err() {
+            return;
+        }
+        // The lowest-id voter with a live link stands again, at a higher term.
+        let designated = voters
+            .iter()
+            .copied()
+            .filter(|id| *id != leader)
+            .filter(|id| {
+                *id == engine.node_id || engine.name_of(*id).is_some_and(|name| !link_down(&name))
+            })
+            .min();
+        if designated == Some(engine.node_id) {
+            let engine_for_retry = Arc::downgrade(&engine);
+            let delay = Duration::from_millis(engine.timings.heartbeat_interval_ms * 2);
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                if let Some(engine) = engine_for_retry.upgrade() {
+                    let state = engine.raft.metrics().borrow().state;
+                    if state == ServerState::Candidate {
+                        let _ = engine.raft.trigger().elect().await;
+                    }
+                }
+            });
         }
     }
 }
