@@ -362,3 +362,89 @@ async fn rpc_claiming_another_node_is_refused() {
         node.cluster.shutdown().await.expect("shutdown");
     }
 }
+
+/// A node restarted in the middle of its join (after the swap, while catching up) resumes the
+/// join on the next open and ends a member with the cluster's data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn join_resumes_after_a_restart() {
+    let first = start_node("n1", "s1", timings()).await;
+    for i in 0..20 {
+        first
+            .cluster
+            .propose(format!("k{i}={i}").into_bytes())
+            .await
+            .expect("propose");
+    }
+    let token = first
+        .cluster
+        .invite("n2", "s2", false)
+        .await
+        .expect("invite");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = ClusterConfig {
+        data_dir: dir.path().to_path_buf(),
+        name: "fresh".to_string(),
+        site: "x".to_string(),
+        raft: timings(),
+        mesh: loopback_mesh(),
+    };
+    let app = Arc::new(MapApp::default());
+    let joining = Cluster::open(config.clone(), app).await.expect("open");
+    joining.join(&token).await.expect("join starts");
+    joining.shutdown().await.expect("shutdown mid-join");
+    drop(joining);
+
+    let app = Arc::new(MapApp::default());
+    let reopened = Cluster::open(config.clone(), app.clone())
+        .await
+        .expect("reopen");
+    assert_eq!(
+        reopened.status().name,
+        "n2",
+        "the name the token gave is kept"
+    );
+    let cluster = reopened.clone();
+    wait_for("the resumed join", || {
+        cluster
+            .join_report()
+            .is_some_and(|r| r.phase == JoinPhase::Done)
+    })
+    .await;
+    let expected = first.app.snapshot_of_map();
+    wait_for("the data", || app.snapshot_of_map() == expected).await;
+    // A second join with the same token is refused: this node already joined.
+    let again = reopened.join(&token).await;
+    assert!(again.is_err(), "{again:?}");
+    for cluster in [reopened, first.cluster] {
+        cluster.shutdown().await.expect("shutdown");
+    }
+}
+
+/// A node that already holds application data refuses to join (its data would be lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_with_data_refuses_to_join() {
+    let first = start_node("n1", "s1", timings()).await;
+    let other = start_node("m1", "s9", timings()).await;
+    other
+        .cluster
+        .propose(b"mine=1".to_vec())
+        .await
+        .expect("propose");
+    let token = first
+        .cluster
+        .invite("n2", "s2", false)
+        .await
+        .expect("invite");
+    let refused = other.cluster.join(&token).await;
+    let message = refused.expect_err("refused").to_string();
+    assert!(message.contains("already holds"), "{message}");
+    assert_eq!(other.cluster.status().name, "m1");
+    other
+        .cluster
+        .propose(b"still=1".to_vec())
+        .await
+        .expect("still works");
+    for node in [first, other] {
+        node.cluster.shutdown().await.expect("shutdown");
+    }
+}

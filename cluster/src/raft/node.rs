@@ -733,6 +733,13 @@ impl SenderCheck for EngineCheck {
         let Some(engine) = self.0.upgrade() else {
             return false;
         };
+        // An invitation whose node has not connected yet may only ask to join.
+        if engine
+            .member_named(from)
+            .is_some_and(|(_, info, _)| membership::is_pending_invitation(&info))
+        {
+            return false;
+        }
         engine.name_of(claimed).is_some_and(|name| name == from)
     }
 }

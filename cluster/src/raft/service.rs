@@ -3,7 +3,7 @@
 //! member list equal to the Raft membership.
 //!
 //! The data flow of a forwarded write: `Cluster::propose` on a follower sends a
-//! [`ForwardRequest`] to the leader on the `forward` channel; the leader proposes it through its
+//! [`ForwardRequest`] to the leader on the mesh's `writes` channel; the leader proposes it through its
 //! batcher (group commit), answers [`ForwardReply::Committed`] with the log index once the entry
 //! is committed and applied there; the follower then waits until its own state machine applied
 //! that index and answers its caller. If the leader changes while the request is out, the
@@ -1057,7 +1057,8 @@ async fn join_step(engine: &Arc<Engine>, state: &JoinState) -> Result<JoinProgre
 pub struct NodeView {
     pub name: String,
     pub site: String,
-    /// `leader`, `follower`, `learner` or `candidate` (`joining` for an invitation).
+    /// `leader`, `follower`, `learner` or `candidate` (an invitation not yet used is a
+    /// `learner` that is not reachable).
     pub role: String,
     pub voter: bool,
     pub reachable: bool,
@@ -1332,7 +1333,7 @@ impl Cluster {
             let applied = status.and_then(|s| s.applied_index).unwrap_or(0);
             let commit = status.and_then(|s| s.committed_index).unwrap_or(0);
             let role = match status {
-                _ if member.info.joining.as_ref().is_some_and(|j| !j.connected) => "invited",
+                _ if member.info.joining.as_ref().is_some_and(|j| !j.connected) => "learner",
                 Some(s) => role_name(s.role),
                 None if member.voter => "follower",
                 None => "learner",

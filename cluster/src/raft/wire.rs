@@ -3,7 +3,7 @@
 //! - Channel `raft`: [`RaftRpc`] requests (AppendEntries, Vote) answered by [`RaftReply`].
 //! - Channel `bulk`: [`RaftRpc::InstallSnapshot`] chunks (openraft's chunked transport), so that
 //!   a snapshot never delays a heartbeat.
-//! - Channel `forward`: [`ForwardRequest`], a follower's proposal for the leader.
+//! - Channel `writes`: [`ForwardRequest`], a follower's proposal for the leader.
 //! - Channel `control`: [`ControlRequest`], membership and status.
 
 use openraft::error::{InstallSnapshotError, RaftError};
