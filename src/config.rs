@@ -37,6 +37,7 @@ pub struct Config {
     pub node: NodeConfig,
     pub tls: TlsConfig,
     pub cluster: ClusterSection,
+    pub mesh: kermail_cluster::mesh::MeshConfig,
     pub smtp: crate::smtp::SmtpConfig,
     pub imap: crate::imap::ImapConfig,
     pub outbound: crate::outbound::OutboundConfig,
@@ -210,6 +211,15 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The mesh key file (`mesh.key_file`, relative to the data folder).
+    pub fn mesh_key_path(&self) -> PathBuf {
+        if self.mesh.key_file.is_absolute() {
+            self.mesh.key_file.clone()
+        } else {
+            self.node.data_dir.join(&self.mesh.key_file)
+        }
     }
 
     pub fn admin_socket_path(&self) -> PathBuf {

@@ -57,6 +57,54 @@ enum Command {
     /// Inspect and steer the outbound queue.
     #[command(subcommand)]
     Queue(kermail::admin::outbound::QueueCommand),
+    /// Create this node's mesh key (`node.key` in the data folder) and print its public key.
+    Keygen,
+    /// The encrypted mesh between nodes.
+    #[command(subcommand)]
+    Mesh(MeshCommand),
+    /// Cluster membership: invite, join, leave, remove, status.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+#[derive(Subcommand)]
+enum MeshCommand {
+    /// Each peer: site, link (direct, relayed via, down), round trip, traffic, last handshake
+    /// and error.
+    Status {
+        /// One line of JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Invite a new node: prints a one-time, expiring token (alone on standard output) to give
+    /// to `kermail cluster join` on the new node.
+    Invite {
+        /// The new node's name.
+        name: String,
+        /// The new node's site (its failure domain).
+        #[arg(long)]
+        site: String,
+        /// Keep the node a learner (replica without a vote) instead of promoting it.
+        #[arg(long)]
+        learner: bool,
+    },
+    /// Join the cluster a token invites this (new, empty, running) node to; returns once the
+    /// node is a caught-up member.
+    Join { token: String },
+    /// Take this node out of the cluster (hands leadership over first when it leads).
+    Leave,
+    /// Remove a member that is gone for good.
+    Remove { name: String },
+    /// Every node (site, role, reachability, indexes, lag) and the site-loss verdict.
+    Status {
+        /// One line of JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -151,6 +199,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Status => AdminRequest::Status,
         Command::Dkim(command) => AdminRequest::Outbound(command.into()),
         Command::Queue(command) => AdminRequest::Outbound(command.into()),
+        Command::Keygen => return keygen(&config),
+        Command::Mesh(MeshCommand::Status { json }) => AdminRequest::MeshStatus { json },
+        Command::Cluster(ClusterCommand::Invite {
+            name,
+            site,
+            learner,
+        }) => {
+            eprintln!(
+                "kermail: inviting {name} (site {site}{}); the token below is a secret, valid once and for one hour: run `kermail cluster join TOKEN` on the new node",
+                if learner { ", as a learner" } else { "" }
+            );
+            AdminRequest::ClusterInvite {
+                name,
+                site,
+                learner,
+            }
+        }
+        Command::Cluster(ClusterCommand::Join { token }) => return join(&config, token),
+        Command::Cluster(ClusterCommand::Leave) => AdminRequest::ClusterLeave,
+        Command::Cluster(ClusterCommand::Remove { name }) => AdminRequest::ClusterRemove { name },
+        Command::Cluster(ClusterCommand::Status { json }) => AdminRequest::ClusterStatus { json },
     };
     match client::send(&config.admin_socket_path(), &request)? {
         AdminResponse::Ok { lines } => {
@@ -162,6 +231,106 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         AdminResponse::Error { message } => {
             eprintln!("kermail: {message}");
             Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `kermail keygen`: writes the key file, refusing to overwrite one.
+fn keygen(config: &Config) -> anyhow::Result<ExitCode> {
+    use std::os::unix::fs::DirBuilderExt;
+    let data_dir = &config.node.data_dir;
+    if !data_dir.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(data_dir)
+            .with_context(|| format!("cannot create the data folder {}", data_dir.display()))?;
+    }
+    let path = config.mesh_key_path();
+    let public_key = kermail_cluster::mesh::keygen(&path)?;
+    eprintln!("kermail: wrote {}; its public key:", path.display());
+    println!("{public_key}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How long `cluster join` keeps trying to reach a node that restarts mid-join.
+const JOIN_NODE_RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(120);
+/// How often `cluster join` asks the node where the join stands.
+const JOIN_POLL: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// `kermail cluster join TOKEN`: starts the join, then shows its progress until the node is a
+/// caught-up member (exit 0) or the cluster refused it (exit 1).
+fn join(config: &Config, token: String) -> anyhow::Result<ExitCode> {
+    let socket = config.admin_socket_path();
+    match client::send(&socket, &AdminRequest::ClusterJoin { token })? {
+        AdminResponse::Ok { lines } => {
+            for line in lines {
+                eprintln!("kermail: {line}");
+            }
+        }
+        AdminResponse::Error { message } => {
+            eprintln!("kermail: {message}");
+            return Ok(ExitCode::FAILURE);
+        }
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} catching up {bar:40} {pos}/{len} entries {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut unreachable_since: Option<std::time::Instant> = None;
+    loop {
+        std::thread::sleep(JOIN_POLL);
+        let report = match client::send(&socket, &AdminRequest::ClusterJoinStatus) {
+            Ok(AdminResponse::Ok { lines }) => {
+                unreachable_since = None;
+                let line = lines.first().cloned().unwrap_or_default();
+                serde_json::from_str::<kermail_cluster::JoinReport>(&line)
+                    .context("the node sent a join report this CLI does not understand")?
+            }
+            Ok(AdminResponse::Error { message }) => {
+                bar.abandon();
+                eprintln!("kermail: {message}");
+                return Ok(ExitCode::FAILURE);
+            }
+            Err(error) => {
+                // The node may be restarting: the join resumes there; keep asking a while.
+                let since = *unreachable_since.get_or_insert_with(std::time::Instant::now);
+                if since.elapsed() > JOIN_NODE_RESTART_WAIT {
+                    bar.abandon();
+                    return Err(error.into());
+                }
+                bar.set_message("(node restarting?)");
+                continue;
+            }
+        };
+        if let (Some(last), Some(applied)) = (report.leader_last_index, report.applied_index) {
+            bar.set_length(last.max(applied));
+            bar.set_position(applied);
+        }
+        match report.phase {
+            kermail_cluster::JoinPhase::Done => {
+                bar.finish_and_clear();
+                eprintln!(
+                    "kermail: {} (site {}) is a member of the cluster",
+                    report.name, report.site
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            kermail_cluster::JoinPhase::Failed => {
+                bar.abandon();
+                eprintln!(
+                    "kermail: the join failed: {}",
+                    report.error.unwrap_or_else(|| "no reason given".to_owned())
+                );
+                return Ok(ExitCode::FAILURE);
+            }
+            _ => {
+                bar.set_message(report.error.unwrap_or_default());
+                bar.tick();
+            }
         }
     }
 }

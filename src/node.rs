@@ -60,6 +60,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         name: config.node.name.clone(),
         site: config.node.site.clone(),
         raft: config.cluster.timings(),
+        mesh: config.mesh.clone(),
     };
     let cluster = kermail_cluster::Cluster::open(cluster_config, machine.clone())
         .await

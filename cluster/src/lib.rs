@@ -14,6 +14,6 @@ pub mod raft;
 
 pub use app::{AppStateMachine, SnapshotBuilder};
 pub use raft::{
-    Cluster, ClusterConfig, ClusterError, ClusterRole, ClusterStatus, MemberStatus, NodeInfo,
-    ProposeError, RaftTimings,
+    Cluster, ClusterConfig, ClusterError, ClusterRole, ClusterStatus, ClusterView, JoinPhase,
+    JoinReport, MemberStatus, NodeInfo, NodeView, ProposeError, RaftTimings,
 };

@@ -7,6 +7,7 @@
 
 pub mod client;
 pub mod outbound;
+pub mod cluster;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
@@ -53,6 +54,32 @@ pub enum AdminRequest {
     Status,
     /// DKIM keys and the outbound queue (`outbound.rs`).
     Outbound(outbound::OutboundRequest),
+    /// The mesh links (`kermail mesh status`); `json`: one line of JSON.
+    MeshStatus {
+        json: bool,
+    },
+    /// Every node and the site-loss verdict (`kermail cluster status`).
+    ClusterStatus {
+        json: bool,
+    },
+    /// Records an invitation; the answer's only line is the token.
+    ClusterInvite {
+        name: String,
+        site: String,
+        learner: bool,
+    },
+    /// Starts joining the cluster a token invites this node to.
+    ClusterJoin {
+        token: String,
+    },
+    /// Where this node's join stands: one line of JSON ([`kermail_cluster::JoinReport`]).
+    ClusterJoinStatus,
+    /// Takes this node out of the cluster.
+    ClusterLeave,
+    /// Removes a member that is gone for good.
+    ClusterRemove {
+        name: String,
+    },
 }
 
 /// The answer: lines to print, or an error to print on standard error (exit status 1).

@@ -92,6 +92,21 @@ fn lines(lines: Vec<String>) -> AdminResponse {
     AdminResponse::Ok { lines }
 }
 
+fn json_line<T: serde::Serialize>(value: &T) -> AdminResponse {
+    match serde_json::to_string(value) {
+        Ok(line) => lines(vec![line]),
+        Err(error) => AdminResponse::Error {
+            message: format!("cannot encode the answer: {error}"),
+        },
+    }
+}
+
+fn failed(error: kermail_cluster::ClusterError) -> AdminResponse {
+    AdminResponse::Error {
+        message: error.to_string(),
+    }
+}
+
 fn done(result: Result<String, StoreError>) -> AdminResponse {
     match result {
         Ok(line) => lines(vec![line]),
@@ -169,6 +184,58 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 .collect(),
         ),
         AdminRequest::Outbound(request) => super::outbound::handle(request, store).await,
+        AdminRequest::MeshStatus { json } => match context.cluster.mesh_status() {
+            Ok(status) if json => json_line(&status),
+            Ok(status) => lines(super::cluster::mesh_status_lines(&status)),
+            Err(error) => failed(error),
+        },
+        AdminRequest::ClusterStatus { json } => match context.cluster.cluster_view().await {
+            Ok(view) if json => json_line(&view),
+            Ok(view) => lines(super::cluster::cluster_status_lines(&view)),
+            Err(error) => failed(error),
+        },
+        AdminRequest::ClusterInvite {
+            name,
+            site,
+            learner,
+        } => {
+            let result = context.cluster.invite(&name, &site, learner).await;
+            info!(%name, %site, learner, ok = result.is_ok(), "admin: cluster invite");
+            match result {
+                Ok(token) => lines(vec![token]),
+                Err(error) => failed(error),
+            }
+        }
+        AdminRequest::ClusterJoin { token } => {
+            let result = context.cluster.join(&token).await;
+            info!(ok = result.is_ok(), "admin: cluster join");
+            match result {
+                Ok(message) => lines(vec![message]),
+                Err(error) => failed(error),
+            }
+        }
+        AdminRequest::ClusterJoinStatus => match context.cluster.join_report() {
+            Some(report) => json_line(&report),
+            None => AdminResponse::Error {
+                message: "this node is not joining a cluster".to_owned(),
+            },
+        },
+        AdminRequest::ClusterLeave => {
+            let result = context.cluster.leave().await;
+            info!(ok = result.is_ok(), "admin: cluster leave");
+            match result {
+                Ok(message) => lines(vec![message]),
+                Err(error) => failed(error),
+            }
+        }
+        AdminRequest::ClusterRemove { name } => {
+            let result = context.cluster.remove(&name).await;
+            info!(%name, ok = result.is_ok(), "admin: cluster remove");
+            match result {
+                Ok(message) => lines(vec![message]),
+                Err(error) => failed(error),
+            }
+        }
         AdminRequest::Status => {
             let data_dir = context.data_dir.clone();
             let disk_bytes = tokio::task::spawn_blocking(move || folder_size_bytes(&data_dir))

@@ -14,7 +14,8 @@
 //!
 //! Invariants:
 //! - `250` to the end of a message is written only after `MailStore::accept` returned `Ok`,
-//!   which it does only after the delivery command is committed. Any failure: `451 4.3.0`.
+//!   which it does only after the delivery command is committed. No quorum: `451 4.4.3`;
+//!   any other failure: `451 4.3.0`.
 //! - A recipient is accepted only when the store says it is local; a foreign domain from an
 //!   unauthenticated client is `550 5.7.1` (this role never authenticates).
 //! - After STARTTLS, nothing the client sent in plaintext behind the command is used.

@@ -597,7 +597,7 @@ mod tests {
         let reply = client
             .send_message("s@example.net", &["alice@example.org"], b"x\r\n")
             .await;
-        assert!(reply.starts_with("451 4.3.0 "), "{reply}");
+        assert!(reply.starts_with("451 4.4.3 "), "{reply}");
         server.stop().await;
     }
 

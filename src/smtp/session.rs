@@ -337,10 +337,14 @@ impl<R: Recipients> Session<R> {
                         Err(error) => {
                             let outcome = format!("deferred: {error}");
                             self.log_transaction(&summary, &outcome, &message_id);
-                            self.push_reply(
-                                &mut out,
-                                "451 4.3.0 Error: cannot store the message now, try again later",
-                            );
+                            // No quorum (or no leader): RFC 3463 4.4.3, a temporary
+                            // routing/system failure; anything else is a local error.
+                            let reply = if matches!(error, StoreError::Unavailable(_)) {
+                                "451 4.4.3 Error: the cluster cannot commit the message now, try again later"
+                            } else {
+                                "451 4.3.0 Error: cannot store the message now, try again later"
+                            };
+                            self.push_reply(&mut out, reply);
                         }
                     }
                     self.process(&mut out, now);
@@ -2089,7 +2093,7 @@ NOOP",
 250 2.1.0 Ok
 250 2.1.5 Ok
 354 End data with <CR><LF>.<CR><LF>
-451 4.3.0 Error: cannot store the message now, try again later
+451 4.4.3 Error: the cluster cannot commit the message now, try again later
 250 2.0.0 Ok"
             )
         );

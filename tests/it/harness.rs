@@ -103,8 +103,10 @@ impl Node {
             "[node]\ndata_dir = \"{}\"\nhostname = \"mx.kermail.test\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp_port}\"]\n\
              submission_listen = [\"127.0.0.1:{}\"]\nsubmissions_listen = [\"127.0.0.1:{}\"]\n\
-             [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n",
+             [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n\
+             [mesh]\nlisten = [\"127.0.0.1:{}\"]\n",
             data_dir.display(),
+            free_port(),
             free_port(),
             free_port(),
         );

@@ -6,6 +6,7 @@ mod harness;
 
 mod bad_input;
 mod cli;
+mod cluster;
 mod concurrency;
 mod config_file;
 mod durability;

@@ -162,6 +162,24 @@ impl LogStore {
         Ok(node_id)
     }
 
+    /// Sets this node's id on a fresh store (a node joining with the id its invitation
+    /// names). Fails when the store already carries another id.
+    pub async fn set_node_id(&self, node_id: NodeId) -> Result<NodeId, sled::Error> {
+        if let Some(bytes) = self.shared.meta.get(KEY_NODE_ID)? {
+            if bytes.as_ref() != node_id.to_be_bytes() {
+                return Err(sled::Error::Unsupported(
+                    "the raft store already belongs to another node id".to_string(),
+                ));
+            }
+            return Ok(node_id);
+        }
+        self.shared
+            .meta
+            .insert(KEY_NODE_ID, &node_id.to_be_bytes())?;
+        self.durable_flush().await.map_err(sled::Error::Io)?;
+        Ok(node_id)
+    }
+
     /// The number of flushes `append` did since this store was opened.
     pub fn n_append_flushes(&self) -> u64 {
         self.shared.n_append_flushes.load(Ordering::Relaxed)

@@ -10,8 +10,14 @@
 //!   [`crate::AppStateMachine`] and builds, installs and restores snapshots.
 //! - [`snapshot_file`]: the on-disk snapshot format (versioned header, then the app stream
 //!   through zstd) and its atomic write.
-//! - [`network`]: [`UnreachableNetwork`], the network of a one-voter cluster; issue 4 replaces it
-//!   with the Noise mesh.
+//! - [`network`]: [`MeshNetwork`], openraft's network over the Noise mesh (AppendEntries and
+//!   Vote on the `raft` channel, snapshot chunks on `bulk`), and the RPC server that binds node
+//!   ids to mesh peers.
+//! - [`wire`]: the messages nodes exchange (bincode).
+//! - [`service`]: forwarded writes, membership changes on the leader (invite, join, remove,
+//!   leave), the join driver, `cluster status` ([`ClusterView`]) and the task keeping the
+//!   mesh's member list equal to the Raft membership.
+//! - [`membership`]: invitation tokens, join state files, the site-loss verdict.
 //! - [`node`]: [`Cluster`], the handle the mail node uses (open, propose, status, snapshot,
 //!   shutdown), with the proposal batcher that gives group commit.
 //!
@@ -25,18 +31,27 @@
 
 pub mod config;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod node;
+pub mod service;
 pub mod snapshot_file;
 pub mod state_machine;
 pub mod types;
+pub mod wire;
 
+#[cfg(test)]
+mod cluster_tests;
 #[cfg(test)]
 mod tests;
 
 pub use config::{ClusterConfig, RaftTimings};
 pub use log_store::LogStore;
-pub use network::UnreachableNetwork;
-pub use node::{Cluster, ClusterError, ClusterRole, ClusterStatus, MemberStatus, ProposeError};
+pub use membership::{critical_sites, InviteToken, JoinPhase};
+pub use network::MeshNetwork;
+pub use node::{
+    Cluster, ClusterError, ClusterRole, ClusterStatus, JoinReport, MemberStatus, ProposeError,
+};
+pub use service::{ClusterView, NodeView};
 pub use state_machine::StateMachineStore;
-pub use types::{CommandBatch, CommandResponses, NodeId, NodeInfo, TypeConfig};
+pub use types::{CommandBatch, CommandResponses, Joining, NodeId, NodeInfo, TypeConfig};

@@ -1,87 +1,280 @@
-//! The network of a cluster of one voter: there is nobody to talk to.
+//! openraft's network over the Noise mesh.
 //!
-//! Every RPC answers `Unreachable`, which openraft treats as a down peer (back off, retry
-//! quietly). A lone voter never sends any; the factory exists so that the rest of the wiring is
-//! the one a real cluster uses. Issue 4 replaces this file with a factory whose clients send
-//! the RPCs over the Noise mesh.
+//! A [`MeshNetwork`] hands openraft one [`MeshClient`] per peer. AppendEntries and Vote travel
+//! as requests on the mesh's `raft` channel, snapshot chunks (openraft's chunked transport:
+//! `install_snapshot`, one chunk of `snapshot_max_chunk_size` bytes per RPC) on the `bulk`
+//! channel, so a snapshot never delays a heartbeat. Each RPC waits at most openraft's
+//! `hard_ttl` (for AppendEntries that is the heartbeat interval).
+//!
+//! A peer the mesh has no link to (direct or relayed) is reported as `Unreachable`, so openraft
+//! backs off instead of retrying in a loop, and the log stays quiet (one debug line).
+//!
+//! The receiving side is [`serve_raft`]: it refuses an RPC unless the mesh peer it came from
+//! is the member whose node id the RPC claims (node ids are bound to mesh keys through the
+//! membership's [`NodeInfo`] records).
 
-use openraft::error::{InstallSnapshotError, RPCError, RaftError, Unreachable};
+use std::time::Duration;
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
+};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::RPCTypes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
-use super::types::{NodeId, NodeInfo, TypeConfig};
+use super::types::{NodeId, NodeInfo, Raft, TypeConfig};
+use super::wire::{decode, encode, RaftReply, RaftRpc};
+use crate::mesh::{Channel, Incoming, Mesh, MeshError};
 
-/// The error every [`UnreachableClient`] RPC carries.
+/// The Raft RPCs a node serves at once; more wait in the mesh's receive queue.
+pub const MAX_CONCURRENT_RAFT_RPCS: usize = 64;
+/// Backoff between RPCs to an unreachable peer.
+const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(500);
+
+/// The error carried by `Unreachable` and network failures.
 #[derive(Debug, thiserror::Error)]
-#[error("no network: node {target} ({name}) cannot be reached from a one-voter cluster")]
-pub struct NoNetwork {
+#[error("{0}")]
+pub struct MeshRpcError(String);
+
+/// The network factory: one client per target, all over the same mesh.
+#[derive(Clone)]
+pub struct MeshNetwork {
+    mesh: Mesh,
+}
+
+impl MeshNetwork {
+    pub fn new(mesh: Mesh) -> Self {
+        Self { mesh }
+    }
+}
+
+/// A client sending one peer's RPCs through the mesh.
+#[derive(Clone)]
+pub struct MeshClient {
+    mesh: Mesh,
     target: NodeId,
     name: String,
 }
 
-/// The network factory of a one-voter cluster.
-#[derive(Debug, Clone, Default)]
-pub struct UnreachableNetwork;
-
-/// A client to a peer that cannot be reached.
-#[derive(Debug, Clone)]
-pub struct UnreachableClient {
-    target: NodeId,
-    node: NodeInfo,
-}
-
-impl UnreachableClient {
-    fn unreachable<E: std::error::Error>(&self) -> RPCError<NodeId, NodeInfo, E> {
-        let error = NoNetwork {
-            target: self.target,
-            name: self.node.name.clone(),
-        };
-        RPCError::Unreachable(Unreachable::new(&error))
-    }
-}
-
-impl RaftNetworkFactory<TypeConfig> for UnreachableNetwork {
-    type Network = UnreachableClient;
+impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
+    type Network = MeshClient;
 
     async fn new_client(&mut self, target: NodeId, node: &NodeInfo) -> Self::Network {
-        UnreachableClient {
+        MeshClient {
+            mesh: self.mesh.clone(),
             target,
-            node: node.clone(),
+            name: node.name.clone(),
         }
     }
 }
 
-impl RaftNetwork<TypeConfig> for UnreachableClient {
-    #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]
-    async fn append_entries(
-        &mut self,
-        _rpc: AppendEntriesRequest<TypeConfig>,
-        _option: RPCOption,
-    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        Err(self.unreachable())
+impl MeshClient {
+    async fn call<E: std::error::Error>(
+        &self,
+        channel: Channel,
+        rpc: RaftRpc,
+        option: &RPCOption,
+        action: RPCTypes,
+    ) -> Result<RaftReply, RPCError<NodeId, NodeInfo, E>> {
+        let body =
+            encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&MeshRpcError(e))))?;
+        let ttl = option.hard_ttl();
+        match self.mesh.request(&self.name, channel, body, ttl).await {
+            Ok(reply) => decode::<RaftReply>(&reply)
+                .map_err(|e| RPCError::Network(NetworkError::new(&MeshRpcError(e)))),
+            Err(error @ (MeshError::Unreachable(_) | MeshError::UnknownPeer(_))) => {
+                tracing::debug!(target = self.target, peer = %self.name, %error, "peer unreachable");
+                Err(RPCError::Unreachable(Unreachable::new(&MeshRpcError(
+                    error.to_string(),
+                ))))
+            }
+            Err(MeshError::Timeout { .. }) => Err(RPCError::Timeout(Timeout {
+                action,
+                id: 0,
+                target: self.target,
+                timeout: ttl,
+            })),
+            Err(error) => Err(RPCError::Network(NetworkError::new(&MeshRpcError(
+                error.to_string(),
+            )))),
+        }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]
+    fn unexpected<E: std::error::Error>(&self, reply: RaftReply) -> RPCError<NodeId, NodeInfo, E> {
+        let message = match reply {
+            RaftReply::Refused(reason) => format!("{} refused the rpc: {reason}", self.name),
+            _ => format!("{} answered with the wrong reply type", self.name),
+        };
+        RPCError::Network(NetworkError::new(&MeshRpcError(message)))
+    }
+
+    fn remote<E: std::error::Error>(
+        &self,
+        error: RaftError<NodeId, E>,
+    ) -> RPCError<NodeId, NodeInfo, RaftError<NodeId, E>> {
+        RPCError::RemoteError(RemoteError::new(self.target, error))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for MeshClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
+        match self
+            .call(
+                Channel::Raft,
+                RaftRpc::AppendEntries(rpc),
+                &option,
+                RPCTypes::AppendEntries,
+            )
+            .await?
+        {
+            RaftReply::AppendEntries(Ok(response)) => Ok(response),
+            RaftReply::AppendEntries(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
+    }
+
     async fn install_snapshot(
         &mut self,
-        _rpc: InstallSnapshotRequest<TypeConfig>,
-        _option: RPCOption,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
     ) -> Result<
         InstallSnapshotResponse<NodeId>,
         RPCError<NodeId, NodeInfo, RaftError<NodeId, InstallSnapshotError>>,
     > {
-        Err(self.unreachable())
+        match self
+            .call(
+                Channel::Bulk,
+                RaftRpc::InstallSnapshot(rpc),
+                &option,
+                RPCTypes::InstallSnapshot,
+            )
+            .await?
+        {
+            RaftReply::InstallSnapshot(Ok(response)) => Ok(response),
+            RaftReply::InstallSnapshot(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
     }
 
-    #[tracing::instrument(level = "debug", skip_all, fields(target = self.target))]
     async fn vote(
         &mut self,
-        _rpc: VoteRequest<NodeId>,
-        _option: RPCOption,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, NodeInfo, RaftError<NodeId>>> {
-        Err(self.unreachable())
+        match self
+            .call(Channel::Raft, RaftRpc::Vote(rpc), &option, RPCTypes::Vote)
+            .await?
+        {
+            RaftReply::Vote(Ok(response)) => Ok(response),
+            RaftReply::Vote(Err(error)) => Err(self.remote(error)),
+            other => Err(self.unexpected(other)),
+        }
     }
+
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(std::iter::repeat(UNREACHABLE_BACKOFF))
+    }
+}
+
+/// Tells whether the mesh peer `from` is the member `claimed`.
+pub trait SenderCheck: Send + Sync + 'static {
+    fn is(&self, claimed: NodeId, from: &str) -> bool;
+}
+
+/// Serves the Raft RPCs arriving on one mesh channel until `stop`.
+pub async fn serve_raft(
+    raft: Raft,
+    mut incoming: mpsc::Receiver<Incoming>,
+    check: std::sync::Arc<dyn SenderCheck>,
+    stop: CancellationToken,
+) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_RAFT_RPCS));
+    loop {
+        let message = tokio::select! {
+            _ = stop.cancelled() => break,
+            message = incoming.recv() => match message {
+                Some(message) => message,
+                None => break,
+            },
+        };
+        let Some(responder) = message.responder else {
+            tracing::debug!(from = %message.from, "one-way message on a raft channel ignored");
+            continue;
+        };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let raft = raft.clone();
+        let check = check.clone();
+        let span = tracing::debug_span!("raft_rpc", from = %message.from);
+        tokio::spawn(
+            async move {
+                let reply = handle_rpc(&raft, check.as_ref(), &message.from, &message.body).await;
+                match encode(&reply) {
+                    Ok(body) => {
+                        if let Err(error) = responder.respond(body).await {
+                            tracing::debug!(%error, "cannot answer a raft rpc");
+                        }
+                    }
+                    Err(error) => tracing::error!(%error, "cannot encode a raft reply"),
+                }
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn handle_rpc(raft: &Raft, check: &dyn SenderCheck, from: &str, body: &[u8]) -> RaftReply {
+    let rpc = match decode::<RaftRpc>(body) {
+        Ok(rpc) => rpc,
+        Err(error) => {
+            tracing::warn!(from, %error, "malformed raft rpc");
+            return RaftReply::Refused(error);
+        }
+    };
+    let claimed = rpc.claimed_sender();
+    if !check.is(claimed, from) {
+        tracing::warn!(
+            from,
+            claimed,
+            "raft rpc refused: the sender is not the node it claims"
+        );
+        return RaftReply::Refused(format!(
+            "mesh peer {from} is not node {claimed} of this cluster"
+        ));
+    }
+    match rpc {
+        RaftRpc::AppendEntries(rpc) => RaftReply::AppendEntries(raft.append_entries(rpc).await),
+        RaftRpc::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
+        RaftRpc::InstallSnapshot(rpc) => {
+            RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
+        }
+    }
+}
+
+#[cfg(test)]
+pub(crate) async fn handle_rpc_for_test(
+    engine: &std::sync::Arc<super::node::Engine>,
+    from: &str,
+    rpc: RaftRpc,
+) -> RaftReply {
+    struct Check(std::sync::Arc<super::node::Engine>);
+    impl SenderCheck for Check {
+        fn is(&self, claimed: NodeId, from: &str) -> bool {
+            self.0.name_of(claimed).is_some_and(|name| name == from)
+        }
+    }
+    let body = encode(&rpc).expect("encode");
+    handle_rpc(&engine.raft, &Check(engine.clone()), from, &body).await
 }

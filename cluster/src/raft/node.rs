@@ -2,21 +2,25 @@
 //! network into openraft, and batches concurrent proposals so that they share one fsync.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock as StdRwLock, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::error::ClientWriteError;
 use openraft::{ServerState, SnapshotPolicy};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::app::AppStateMachine;
+use crate::mesh::{Channel, Identity, Member, Mesh, MeshConfig, MeshError, MeshStatus};
 
 use super::config::{ClusterConfig, RaftTimings};
 use super::log_store::{LogStore, LogStoreProbe};
-use super::network::UnreachableNetwork;
+use super::membership::{self, JoinPhase, JoinState, PersistedIdentity};
+use super::network::{serve_raft, MeshNetwork, SenderCheck};
+use super::service;
 use super::state_machine::StateMachineStore;
 use super::types::{CommandBatch, CommandResponses, NodeId, NodeInfo, Raft};
 
@@ -43,6 +47,11 @@ pub const LOG_BUSY_WAIT_MAX: Duration = Duration::from_millis(50);
 const SHUTDOWN_RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Poll period while waiting for a condition that has no notification (store release).
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
+/// How long a new mesh retries binding a port the previous one (before a join) still holds.
+const MESH_BIND_RETRY: Duration = Duration::from_secs(5);
+/// Pause before retrying a forward that was not proposed (leader unknown or unreachable),
+/// unless Raft reports news sooner.
+pub const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(50);
 /// The openraft cluster name (appears in its logs).
 const RAFT_CLUSTER_NAME: &str = "kermail";
 
@@ -67,12 +76,17 @@ pub enum ClusterError {
     Raft(String),
     #[error("{0}")]
     Timeout(String),
+    #[error("mesh: {0}")]
+    Mesh(String),
+    /// A membership command was refused (the message says why and what to do).
+    #[error("{0}")]
+    Refused(String),
     #[error("the cluster is shut down")]
     ShutDown,
 }
 
 /// Why a proposal did not commit.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, serde::Serialize, serde::Deserialize)]
 pub enum ProposeError {
     /// No leader, no quorum, timeout, or this node is not the leader (issue 4 forwards). The
     /// command may or may not commit later: answer the client with a temporary failure.
@@ -135,22 +149,53 @@ pub struct ClusterStatus {
     pub log_flushes: u64,
 }
 
-/// A proposal waiting for its batch.
+/// A proposal waiting for its batch: answered with the response and the log index.
 struct Pending {
     command: Vec<u8>,
-    reply: oneshot::Sender<Result<Vec<u8>, ProposeError>>,
+    reply: oneshot::Sender<Result<(Vec<u8>, u64), ProposeError>>,
+}
+
+/// One incarnation of the node's Raft and mesh. A join replaces it (new key, id, name).
+pub(crate) struct Engine {
+    pub(crate) raft: Raft,
+    pub(crate) node_id: NodeId,
+    pub(crate) name: String,
+    pub(crate) site: String,
+    pub(crate) mesh: Mesh,
+    pub(crate) addrs: Vec<String>,
+    pub(crate) timings: RaftTimings,
+    /// The mesh settings in force (a join replaces the cluster id and psk by the token's).
+    pub(crate) mesh_config: MeshConfig,
+    proposals: mpsc::Sender<Pending>,
+    stop: CancellationToken,
+    log_probe: LogStoreProbe,
+    /// Members named by the invitation token, for a joining node that has no membership yet.
+    pub(crate) known: BTreeMap<NodeId, NodeInfo>,
+    pub(crate) holds_app_data: Arc<AtomicBool>,
+    /// The join driver's last report, on a joining node.
+    pub(crate) join_report: watch::Sender<Option<JoinReport>>,
+}
+
+/// Where a join stands, on the joining node (`kermail cluster join` polls it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct JoinReport {
+    pub phase: JoinPhase,
+    pub name: String,
+    pub site: String,
+    /// The leader's last log index and this node's applied index, while catching up.
+    pub leader_last_index: Option<u64>,
+    pub applied_index: Option<u64>,
+    pub error: Option<String>,
 }
 
 struct Inner {
-    raft: Raft,
-    node_id: NodeId,
-    name: String,
-    site: String,
-    timings: RaftTimings,
-    proposals: mpsc::Sender<Pending>,
-    stop_batcher: watch::Sender<bool>,
+    config: ClusterConfig,
+    app: Arc<dyn AppStateMachine>,
+    engine: StdRwLock<Option<Arc<Engine>>>,
+    /// One membership change at a time on this node (the leader refuses a second one while
+    /// the first is visible in the membership).
+    pub(crate) membership_lock: tokio::sync::Mutex<()>,
     is_shut_down: AtomicBool,
-    log_probe: LogStoreProbe,
 }
 
 /// The replication engine of one node. Cheap to clone.
@@ -159,11 +204,59 @@ pub struct Cluster {
     inner: Arc<Inner>,
 }
 
+/// Resolves a path from the configuration against the data folder.
+fn in_data_dir(data_dir: &Path, path: &Path) -> PathBuf {
+    if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        data_dir.join(path)
+    }
+}
+
+fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ClusterError + '_ {
+    move |source| ClusterError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ClusterError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| ClusterError::Raft(format!("{what} task failed: {e}")))
+}
+
+/// Starts the mesh, retrying the bind for a while: after a join the previous mesh's listener
+/// may take a moment to close.
+async fn start_mesh(
+    config: MeshConfig,
+    identity: Identity,
+    members: Vec<Member>,
+) -> Result<Mesh, ClusterError> {
+    let deadline = Instant::now() + MESH_BIND_RETRY;
+    loop {
+        match Mesh::start(config.clone(), identity.clone(), members.clone()).await {
+            Ok(mesh) => return Ok(mesh),
+            Err(MeshError::Listen { addr, source })
+                if source.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline =>
+            {
+                tracing::debug!(%addr, "mesh port still in use, retrying");
+                tokio::time::sleep(POLL_INTERVAL * 10).await;
+            }
+            Err(error) => return Err(ClusterError::Mesh(error.to_string())),
+        }
+    }
+}
+
 impl Cluster {
-    /// Opens the node's Raft storage under `config.data_dir`, restores the application from
-    /// the newest snapshot, starts Raft, initialises a one-voter membership on a fresh store
-    /// and, when this node is the only voter, waits (bounded) until it leads and has applied
-    /// everything committed.
+    /// Opens the node: its mesh key (`node.key`, created on first start), its Raft storage
+    /// under `config.data_dir`, the application restored from the newest snapshot, the mesh
+    /// and Raft. A fresh store forms a one-voter cluster (unless a join is in progress); when
+    /// this node is the only voter, waits (bounded) until it leads and has applied everything
+    /// committed.
     ///
     /// `app` must hold no state yet: it is restored from the snapshot, then fed the log.
     pub async fn open(
@@ -171,213 +264,117 @@ impl Cluster {
         app: Arc<dyn AppStateMachine>,
     ) -> Result<Cluster, ClusterError> {
         let span = tracing::info_span!("cluster_open", name = %config.name, site = %config.site);
-        Self::open_inner(config, app).instrument(span).await
-    }
-
-    async fn open_inner(
-        config: ClusterConfig,
-        app: Arc<dyn AppStateMachine>,
-    ) -> Result<Cluster, ClusterError> {
-        let timings = config.raft.clone();
-        let data_dir = config.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| ClusterError::Io {
-            path: data_dir.clone(),
-            source,
-        })?;
-        let raft_path = data_dir.join("raft");
-        let open_path = raft_path.clone();
-        let log_store = tokio::task::spawn_blocking(move || LogStore::open(&open_path))
-            .await
-            .map_err(|e| ClusterError::Raft(format!("log store open task failed: {e}")))?
-            .map_err(|source| ClusterError::LogStore {
-                path: raft_path.clone(),
-                source,
-            })?;
-        let node_id =
-            log_store
-                .node_id_or_create()
-                .await
-                .map_err(|source| ClusterError::LogStore {
-                    path: raft_path.clone(),
-                    source,
-                })?;
-        let snapshot_dir = data_dir.join("snapshots");
-        let state_machine =
-            StateMachineStore::open(app, &snapshot_dir)
-                .await
-                .map_err(|source| ClusterError::Io {
-                    path: snapshot_dir.clone(),
-                    source,
-                })?;
-        let raft_config = raft_config(&timings)?;
-        let log_probe = log_store.probe();
-        let raft = Raft::new(
-            node_id,
-            Arc::new(raft_config),
-            UnreachableNetwork,
-            log_store,
-            state_machine,
-        )
-        .await
-        .map_err(|e| ClusterError::Raft(e.to_string()))?;
-
-        let me = NodeInfo {
-            name: config.name.clone(),
-            site: config.site.clone(),
-            addr: String::new(),
-        };
-        let is_initialized = raft
-            .is_initialized()
-            .await
-            .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        if !is_initialized {
-            tracing::info!(node_id, "fresh store: initialising a one-voter cluster");
-            raft.initialize(BTreeMap::from([(node_id, me)]))
-                .await
-                .map_err(|e| ClusterError::Raft(e.to_string()))?;
-        }
-
-        // Metrics are published by the Raft task; wait until they show the membership (a
-        // fresh store was just initialised, an old one has one in its log or snapshot).
-        let metrics = raft
-            .wait(Some(Duration::from_millis(timings.propose_timeout_ms)))
-            .metrics(
-                |m| m.membership_config.log_id().is_some(),
-                "membership loaded",
-            )
-            .await
-            .map_err(|e| ClusterError::Timeout(format!("raft did not load its membership: {e}")))?;
-        let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
-        if voters == [node_id] {
-            if metrics.state != ServerState::Leader {
-                // A lone voter needs nobody's vote: do not wait an election timeout for it.
-                raft.trigger()
-                    .elect()
-                    .await
-                    .map_err(|e| ClusterError::Raft(e.to_string()))?;
-            }
-            let wait_ms = timings.propose_timeout_ms + 2 * timings.election_timeout_max_ms;
-            raft.wait(Some(Duration::from_millis(wait_ms)))
-                .metrics(
-                    |m| {
-                        m.state == ServerState::Leader
-                            && m.current_leader == Some(node_id)
-                            && m.last_applied.map(|id| id.index) == m.last_log_index
-                    },
-                    "leader with every entry applied",
-                )
-                .await
-                .map_err(|e| {
-                    ClusterError::Timeout(format!(
-                        "node did not become leader with its log applied within {wait_ms} ms: {e}"
-                    ))
-                })?;
-        }
-
-        let (proposals, proposal_rx) = mpsc::channel(PROPOSAL_QUEUE_CAPACITY);
-        let (stop_batcher, stop_rx) = watch::channel(false);
-        tokio::spawn(
-            run_batcher(raft.clone(), proposal_rx, stop_rx, log_probe.clone())
-                .instrument(tracing::info_span!("raft_batcher", node_id)),
-        );
-        let status_metrics = raft.metrics().borrow().clone();
-        tracing::info!(
-            node_id,
-            term = status_metrics.current_term,
-            applied = ?status_metrics.last_applied,
-            "cluster open"
-        );
-        Ok(Cluster {
-            inner: Arc::new(Inner {
-                raft,
-                node_id,
-                name: config.name,
-                site: config.site,
-                timings,
-                proposals,
-                stop_batcher,
-                is_shut_down: AtomicBool::new(false),
-                log_probe,
-            }),
-        })
-    }
-
-    #[cfg(test)]
-    pub(crate) fn inner_raft(&self) -> &Raft {
-        &self.inner.raft
-    }
-
-    /// This node's id.
-    pub fn node_id(&self) -> NodeId {
-        self.inner.node_id
-    }
-
-    /// Replicates `command` and returns the application's response once the command is
-    /// committed and applied on this node.
-    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
-        let n_bytes = command.len();
-        let span = tracing::debug_span!("raft_propose", node_id = self.inner.node_id, n_bytes);
-        async {
-            if n_bytes > MAX_COMMAND_BYTES {
-                return Err(ProposeError::TooLarge {
-                    size_bytes: n_bytes,
-                    max_bytes: MAX_COMMAND_BYTES,
-                });
-            }
-            if self.inner.is_shut_down.load(Ordering::Acquire) {
-                return Err(ProposeError::Fatal("the cluster is shut down".to_string()));
-            }
-            let timeout_ms = self.inner.timings.propose_timeout_ms;
-            let (reply, response) = oneshot::channel();
-            let work = async {
-                self.inner
-                    .proposals
-                    .send(Pending { command, reply })
-                    .await
-                    .map_err(|_| ProposeError::Fatal("the cluster is shut down".to_string()))?;
-                response
-                    .await
-                    .map_err(|_| ProposeError::Fatal("raft stopped before answering".to_string()))?
-            };
-            match tokio::time::timeout(Duration::from_millis(timeout_ms), work).await {
-                Ok(result) => result,
-                Err(_) => {
-                    tracing::warn!(timeout_ms, "proposal timed out");
-                    Err(ProposeError::Unavailable(format!(
-                        "no commit within {timeout_ms} ms (no leader or no quorum?)"
-                    )))
+        async move {
+            let data_dir = config.data_dir.clone();
+            std::fs::create_dir_all(&data_dir).map_err(io_error(&data_dir))?;
+            let join_file = membership::join_path(&data_dir);
+            let mut join: Option<JoinState> =
+                membership::read_json(&join_file).map_err(io_error(&join_file))?;
+            if let Some(state) = join.as_mut() {
+                if state.phase == JoinPhase::Prepared {
+                    // A restart between writing the join and wiping the old store: wipe now.
+                    wipe_raft_dirs(&data_dir).await?;
+                    state.phase = JoinPhase::Joining;
+                    let write_state = state.clone();
+                    let path = join_file.clone();
+                    blocking("join state", move || {
+                        membership::write_json_atomic(&path, &write_state)
+                    })
+                    .await?
+                    .map_err(io_error(&join_file))?;
                 }
             }
+            let engine = start_engine(&config, app.clone(), join.as_ref()).await?;
+            Ok(Cluster {
+                inner: Arc::new(Inner {
+                    config,
+                    app,
+                    engine: StdRwLock::new(Some(engine)),
+                    membership_lock: tokio::sync::Mutex::new(()),
+                    is_shut_down: AtomicBool::new(false),
+                }),
+            })
         }
         .instrument(span)
         .await
     }
 
+    pub(crate) fn engine(&self) -> Result<Arc<Engine>, ClusterError> {
+        let guard = self
+            .inner
+            .engine
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        guard.clone().ok_or(ClusterError::ShutDown)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn inner_raft(&self) -> Raft {
+        self.engine()
+            .map(|e| e.raft.clone())
+            .expect("engine running")
+    }
+
+    /// This node's id (0 while a join swaps the engine).
+    pub fn node_id(&self) -> NodeId {
+        self.engine().map(|e| e.node_id).unwrap_or_default()
+    }
+
+    /// The mesh of this node (for status; the cluster owns it).
+    pub fn mesh_status(&self) -> Result<MeshStatus, ClusterError> {
+        Ok(self.engine()?.mesh.status())
+    }
+
+    /// Replicates `command` and returns the application's response once the command is
+    /// committed and applied on this node. A follower forwards the command to the leader over
+    /// the mesh, then waits until its own state machine applied the entry (read-your-writes).
+    /// Without a leader reachable with a quorum, fails with `Unavailable` within the propose
+    /// timeout.
+    pub async fn propose(&self, command: Vec<u8>) -> Result<Vec<u8>, ProposeError> {
+        let n_bytes = command.len();
+        if n_bytes > MAX_COMMAND_BYTES {
+            return Err(ProposeError::TooLarge {
+                size_bytes: n_bytes,
+                max_bytes: MAX_COMMAND_BYTES,
+            });
+        }
+        if self.inner.is_shut_down.load(Ordering::Acquire) {
+            return Err(ProposeError::Fatal("the cluster is shut down".to_string()));
+        }
+        let engine = self
+            .engine()
+            .map_err(|_| ProposeError::Unavailable("the node is joining a cluster".to_string()))?;
+        let span = tracing::debug_span!("raft_propose", node_id = engine.node_id, n_bytes);
+        let timeout_ms = engine.timings.propose_timeout_ms;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(timeout_ms);
+        let outcome = engine
+            .propose_until(command, deadline)
+            .instrument(span)
+            .await;
+        if let Err(ProposeError::Unavailable(reason)) = &outcome {
+            tracing::warn!(timeout_ms, %reason, "proposal failed");
+        }
+        outcome.map(|(response, _)| response)
+    }
+
     /// A point-in-time view of this node.
     pub fn status(&self) -> ClusterStatus {
-        let metrics = self.inner.raft.metrics().borrow().clone();
-        let membership = metrics.membership_config.membership();
-        let voters: Vec<NodeId> = membership.voter_ids().collect();
-        ClusterStatus {
-            node_id: self.inner.node_id,
-            name: self.inner.name.clone(),
-            site: self.inner.site.clone(),
-            role: metrics.state.into(),
-            term: metrics.current_term,
-            leader: metrics.current_leader,
-            last_log_index: metrics.last_log_index,
-            committed_index: self.inner.log_probe.committed_index(),
-            applied_index: metrics.last_applied.map(|id| id.index),
-            membership: membership
-                .nodes()
-                .map(|(id, info)| MemberStatus {
-                    node_id: *id,
-                    info: info.clone(),
-                    voter: voters.contains(id),
-                })
-                .collect(),
-            snapshot_index: metrics.snapshot.map(|id| id.index),
-            log_flushes: self.inner.log_probe.n_append_flushes(),
+        match self.engine() {
+            Ok(engine) => engine.status(),
+            Err(_) => ClusterStatus {
+                node_id: 0,
+                name: self.inner.config.name.clone(),
+                site: self.inner.config.site.clone(),
+                role: ClusterRole::Shutdown,
+                term: 0,
+                leader: None,
+                last_log_index: None,
+                committed_index: None,
+                applied_index: None,
+                membership: Vec::new(),
+                snapshot_index: None,
+                log_flushes: 0,
+            },
         }
     }
 
@@ -387,7 +384,8 @@ impl Cluster {
         if self.inner.is_shut_down.load(Ordering::Acquire) {
             return Err(ClusterError::ShutDown);
         }
-        let raft = &self.inner.raft;
+        let engine = self.engine()?;
+        let raft = &engine.raft;
         let applied = raft.metrics().borrow().last_applied.map(|id| id.index);
         raft.trigger()
             .snapshot()
@@ -397,7 +395,7 @@ impl Cluster {
             return Ok(None);
         };
         let wait_ms =
-            self.inner.timings.propose_timeout_ms + self.inner.timings.install_snapshot_timeout_ms;
+            engine.timings.propose_timeout_ms + engine.timings.install_snapshot_timeout_ms;
         let metrics = raft
             .wait(Some(Duration::from_millis(wait_ms)))
             .metrics(
@@ -411,17 +409,508 @@ impl Cluster {
         Ok(metrics.snapshot.map(|id| id.index))
     }
 
-    /// Stops Raft, flushes the log store and waits (bounded) until it is closed, so that the
-    /// same data folder can be opened again. Proposals get `Fatal` afterwards. Idempotent.
+    /// Stops Raft and the mesh, flushes the log store and waits (bounded) until it is closed,
+    /// so that the same data folder can be opened again. Proposals get `Fatal` afterwards.
+    /// Idempotent.
     pub async fn shutdown(&self) -> Result<(), ClusterError> {
         if self.inner.is_shut_down.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        let _ = self.inner.stop_batcher.send(true);
-        let raft_result = self.inner.raft.shutdown().await;
-        let flush_result = self.inner.log_probe.flush().await;
+        let engine = self
+            .inner
+            .engine
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        match engine {
+            Some(engine) => engine.stop().await,
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn config(&self) -> &ClusterConfig {
+        &self.inner.config
+    }
+
+    pub(crate) fn membership_lock(&self) -> &tokio::sync::Mutex<()> {
+        &self.inner.membership_lock
+    }
+
+    /// Replaces the running engine (a join): stops the old one, runs `between` (wipe, write
+    /// state) and starts the new one. Proposals meanwhile fail as unavailable.
+    pub(crate) async fn swap_engine(&self, join: JoinState) -> Result<(), ClusterError> {
+        let old = self
+            .inner
+            .engine
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(old) = old {
+            old.stop().await?;
+        }
+        let data_dir = self.inner.config.data_dir.clone();
+        wipe_raft_dirs(&data_dir).await?;
+        let mut join = join;
+        join.phase = JoinPhase::Joining;
+        let join_file = membership::join_path(&data_dir);
+        let state = join.clone();
+        let path = join_file.clone();
+        blocking("join state", move || {
+            membership::write_json_atomic(&path, &state)
+        })
+        .await?
+        .map_err(io_error(&join_file))?;
+        let engine = start_engine(&self.inner.config, self.inner.app.clone(), Some(&join)).await?;
+        *self
+            .inner
+            .engine
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(engine);
+        Ok(())
+    }
+
+    /// Whether the application has been given any command or snapshot.
+    pub fn holds_app_data(&self) -> bool {
+        self.engine()
+            .map(|e| e.holds_app_data.load(Ordering::Acquire))
+            .unwrap_or(true)
+    }
+}
+
+/// Removes the Raft log and the snapshots (a node about to join another cluster).
+async fn wipe_raft_dirs(data_dir: &Path) -> Result<(), ClusterError> {
+    for dir in [data_dir.join("raft"), data_dir.join("snapshots")] {
+        let path = dir.clone();
+        blocking("wipe", move || match std::fs::remove_dir_all(&path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+            _ => Ok(()),
+        })
+        .await?
+        .map_err(io_error(&dir))?;
+    }
+    Ok(())
+}
+
+/// Starts one engine: identity, log store, mesh, state machine, Raft and the tasks around it.
+async fn start_engine(
+    config: &ClusterConfig,
+    app: Arc<dyn AppStateMachine>,
+    join: Option<&JoinState>,
+) -> Result<Arc<Engine>, ClusterError> {
+    let timings = config.raft.clone();
+    let data_dir = config.data_dir.clone();
+    let key_path = in_data_dir(&data_dir, &config.mesh.key_file);
+    let load_path = key_path.clone();
+    let identity = blocking("key", move || Identity::load_or_create(&load_path))
+        .await?
+        .map_err(|e| ClusterError::Mesh(e.to_string()))?;
+    let identity_file = membership::identity_path(&data_dir);
+    let persisted: Option<PersistedIdentity> =
+        membership::read_json(&identity_file).map_err(io_error(&identity_file))?;
+    let (name, site) = match persisted {
+        Some(p) => (p.name, p.site),
+        None => (config.name.clone(), config.site.clone()),
+    };
+    let mut mesh_config = config.mesh.clone();
+    // A node that joined speaks the cluster's mesh settings, from its token.
+    if let Some(join) = join.filter(|j| j.phase != JoinPhase::Failed) {
+        mesh_config.cluster_id = join.token.cluster_id.clone();
+        mesh_config.psk_base64 = join.token.psk_base64.clone();
+    }
+    let joining = join.filter(|j| j.phase == JoinPhase::Joining);
+
+    let raft_path = data_dir.join("raft");
+    let open_path = raft_path.clone();
+    let log_store = blocking("log store open", move || LogStore::open(&open_path))
+        .await?
+        .map_err(|source| ClusterError::LogStore {
+            path: raft_path.clone(),
+            source,
+        })?;
+    let node_id = match joining {
+        Some(join) => log_store.set_node_id(join.token.node_id).await,
+        None => log_store.node_id_or_create().await,
+    }
+    .map_err(|source| ClusterError::LogStore {
+        path: raft_path.clone(),
+        source,
+    })?;
+
+    let public_key = identity.public_key_base64();
+    let listen_addrs: Vec<std::net::SocketAddr> = mesh_config.listen.clone();
+    let mut initial_members = vec![Member {
+        name: name.clone(),
+        site: site.clone(),
+        public_key: public_key.clone(),
+        addrs: listen_addrs,
+    }];
+    let mut known = BTreeMap::new();
+    if let Some(join) = join.filter(|j| j.phase != JoinPhase::Failed) {
+        for (id, info) in &join.token.members {
+            known.insert(*id, info.clone());
+        }
+        initial_members.extend(
+            membership::mesh_members(join.token.members.iter().map(|(id, info)| (id, info)), 0)
+                .into_iter()
+                .filter(|m| m.name != name),
+        );
+    }
+    let mesh = start_mesh(mesh_config.clone(), identity, initial_members).await?;
+    let addrs: Vec<String> = mesh.local_addrs().iter().map(|a| a.to_string()).collect();
+
+    let snapshot_dir = data_dir.join("snapshots");
+    let state_machine = StateMachineStore::open(app, &snapshot_dir)
+        .await
+        .map_err(io_error(&snapshot_dir))?;
+    let holds_app_data = state_machine.holds_app_data();
+    let raft_config = raft_config(&timings)?;
+    let log_probe = log_store.probe();
+    let raft = Raft::new(
+        node_id,
+        Arc::new(raft_config),
+        MeshNetwork::new(mesh.clone()),
+        log_store,
+        state_machine,
+    )
+    .await
+    .map_err(|e| ClusterError::Raft(e.to_string()))?;
+
+    let me = NodeInfo {
+        name: name.clone(),
+        site: site.clone(),
+        public_key: public_key.clone(),
+        addrs: addrs.clone(),
+        joining: None,
+    };
+    let is_initialized = raft
+        .is_initialized()
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    if !is_initialized && joining.is_none() {
+        tracing::info!(node_id, "fresh store: initialising a one-voter cluster");
+        raft.initialize(BTreeMap::from([(node_id, me.clone())]))
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    }
+    if joining.is_none() {
+        wait_lone_voter_ready(&raft, node_id, &timings).await?;
+    }
+
+    let stop = CancellationToken::new();
+    let (proposals, proposal_rx) = mpsc::channel(PROPOSAL_QUEUE_CAPACITY);
+    tokio::spawn(
+        run_batcher(raft.clone(), proposal_rx, stop.clone(), log_probe.clone())
+            .instrument(tracing::info_span!("raft_batcher", node_id)),
+    );
+    let (join_report, _) = watch::channel(joining.map(|j| JoinReport {
+        phase: j.phase,
+        name: name.clone(),
+        site: site.clone(),
+        leader_last_index: None,
+        applied_index: None,
+        error: None,
+    }));
+    let engine = Arc::new(Engine {
+        raft: raft.clone(),
+        node_id,
+        name,
+        site,
+        mesh: mesh.clone(),
+        addrs,
+        timings,
+        mesh_config,
+        proposals,
+        stop: stop.clone(),
+        log_probe,
+        known,
+        holds_app_data,
+        join_report,
+    });
+    let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
+    for channel in [Channel::Raft, Channel::Bulk] {
+        if let Some(incoming) = mesh.incoming(channel) {
+            tokio::spawn(
+                serve_raft(raft.clone(), incoming, check.clone(), stop.clone())
+                    .instrument(tracing::info_span!("raft_rpcs", node_id, ?channel)),
+            );
+        }
+    }
+    if let Some(incoming) = mesh.incoming(Channel::Writes) {
+        tokio::spawn(
+            service::serve_forward(Arc::downgrade(&engine), incoming, stop.clone())
+                .instrument(tracing::info_span!("forwarded_writes", node_id)),
+        );
+    }
+    if let Some(incoming) = mesh.incoming(Channel::Control) {
+        tokio::spawn(
+            service::serve_control(Arc::downgrade(&engine), incoming, stop.clone())
+                .instrument(tracing::info_span!("control", node_id)),
+        );
+    }
+    tokio::spawn(
+        service::follow_membership(Arc::downgrade(&engine), stop.clone())
+            .instrument(tracing::info_span!("membership", node_id)),
+    );
+    tokio::spawn(
+        service::watch_leader_link(Arc::downgrade(&engine), stop.clone())
+            .instrument(tracing::info_span!("leader_link", node_id)),
+    );
+    if let Some(join) = joining {
+        tokio::spawn(
+            service::drive_join(
+                Arc::downgrade(&engine),
+                join.clone(),
+                membership::join_path(&data_dir),
+                stop.clone(),
+            )
+            .instrument(tracing::info_span!("join", node_id)),
+        );
+    }
+    let status_metrics = raft.metrics().borrow().clone();
+    tracing::info!(
+        node_id,
+        term = status_metrics.current_term,
+        applied = ?status_metrics.last_applied,
+        mesh = ?engine.addrs,
+        "cluster open"
+    );
+    Ok(engine)
+}
+
+/// On a store with a membership where this node is the only voter, makes it leader at once
+/// and waits until everything committed is applied.
+async fn wait_lone_voter_ready(
+    raft: &Raft,
+    node_id: NodeId,
+    timings: &RaftTimings,
+) -> Result<(), ClusterError> {
+    // Metrics are published by the Raft task; wait until they show the membership (a fresh
+    // store was just initialised, an old one has one in its log or snapshot).
+    let metrics = raft
+        .wait(Some(Duration::from_millis(timings.propose_timeout_ms)))
+        .metrics(
+            |m| m.membership_config.log_id().is_some(),
+            "membership loaded",
+        )
+        .await
+        .map_err(|e| ClusterError::Timeout(format!("raft did not load its membership: {e}")))?;
+    let voters: Vec<NodeId> = metrics.membership_config.membership().voter_ids().collect();
+    if voters != [node_id] {
+        return Ok(());
+    }
+    if metrics.state != ServerState::Leader {
+        // A lone voter needs nobody's vote: do not wait an election timeout for it.
+        raft.trigger()
+            .elect()
+            .await
+            .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    }
+    let wait_ms = timings.propose_timeout_ms + 2 * timings.election_timeout_max_ms;
+    raft.wait(Some(Duration::from_millis(wait_ms)))
+        .metrics(
+            |m| {
+                m.state == ServerState::Leader
+                    && m.current_leader == Some(node_id)
+                    && m.last_applied.map(|id| id.index) == m.last_log_index
+            },
+            "leader with every entry applied",
+        )
+        .await
+        .map_err(|e| {
+            ClusterError::Timeout(format!(
+                "node did not become leader with its log applied within {wait_ms} ms: {e}"
+            ))
+        })?;
+    Ok(())
+}
+
+/// Binds node ids to mesh peers: a peer may only speak for the node whose record (in the
+/// membership, or in the invitation token of a joining node) carries its name.
+struct EngineCheck(Weak<Engine>);
+
+impl SenderCheck for EngineCheck {
+    fn is(&self, claimed: NodeId, from: &str) -> bool {
+        let Some(engine) = self.0.upgrade() else {
+            return false;
+        };
+        // An invitation whose node has not connected yet may only ask to join.
+        if engine
+            .member_named(from)
+            .is_some_and(|(_, info, _)| membership::is_pending_invitation(&info))
+        {
+            return false;
+        }
+        engine.name_of(claimed).is_some_and(|name| name == from)
+    }
+}
+
+impl Engine {
+    /// The name of node `id`, from the membership or the invitation token.
+    pub(crate) fn name_of(&self, id: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        if let Some(info) = metrics.membership_config.membership().get_node(&id) {
+            return Some(info.name.clone());
+        }
+        self.known.get(&id).map(|info| info.name.clone())
+    }
+
+    /// The membership record of the member called `name`.
+    pub(crate) fn member_named(&self, name: &str) -> Option<(NodeId, NodeInfo, bool)> {
+        let metrics = self.raft.metrics();
+        let metrics = metrics.borrow();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let found = membership
+            .nodes()
+            .find(|(_, info)| info.name == name)
+            .map(|(id, info)| (*id, info.clone(), voters.contains(id)));
+        found
+    }
+
+    pub(crate) fn status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        ClusterStatus {
+            node_id: self.node_id,
+            name: self.name.clone(),
+            site: self.site.clone(),
+            role: metrics.state.into(),
+            term: metrics.current_term,
+            leader: metrics.current_leader,
+            last_log_index: metrics.last_log_index,
+            committed_index: self.log_probe.committed_index(),
+            applied_index: metrics.last_applied.map(|id| id.index),
+            membership: membership
+                .nodes()
+                .map(|(id, info)| MemberStatus {
+                    node_id: *id,
+                    info: info.clone(),
+                    voter: voters.contains(id),
+                })
+                .collect(),
+            snapshot_index: metrics.snapshot.map(|id| id.index),
+            log_flushes: self.log_probe.n_append_flushes(),
+        }
+    }
+
+    /// Proposes through the local batcher (this node leads). Returns the response and the
+    /// entry's log index.
+    pub(crate) async fn propose_local(
+        &self,
+        command: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Vec<u8>, u64), ProposeError> {
+        let (reply, response) = oneshot::channel();
+        let work = async {
+            self.proposals
+                .send(Pending { command, reply })
+                .await
+                .map_err(|_| ProposeError::Fatal("the cluster is shut down".to_string()))?;
+            response
+                .await
+                .map_err(|_| ProposeError::Fatal("raft stopped before answering".to_string()))?
+        };
+        match tokio::time::timeout_at(deadline, work).await {
+            Ok(result) => result,
+            Err(_) => Err(ProposeError::Unavailable(format!(
+                "no commit within {} ms (no quorum?)",
+                self.timings.propose_timeout_ms
+            ))),
+        }
+    }
+
+    /// Proposes here when leading, else forwards to the leader; retries only while nothing
+    /// was proposed (no leader known, leader unreachable, the target is no longer leader).
+    pub(crate) async fn propose_until(
+        &self,
+        command: Vec<u8>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(Vec<u8>, u64), ProposeError> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            let (leader, state) = {
+                let m = metrics.borrow_and_update();
+                (m.current_leader, m.state)
+            };
+            match leader {
+                Some(leader) if leader == self.node_id && state == ServerState::Leader => {
+                    return self.propose_local(command, deadline).await;
+                }
+                Some(leader) if leader != self.node_id => {
+                    match service::forward(self, leader, &command, deadline).await {
+                        service::Forwarded::Done(result) => return result,
+                        service::Forwarded::Retry(reason) => {
+                            tracing::debug!(%reason, "forward not done, retrying");
+                            // Wait for news (a new leader) or a short pause, then retry.
+                            let pause = tokio::time::Instant::now() + FORWARD_RETRY_PAUSE;
+                            let until = pause.min(deadline);
+                            let _ = tokio::time::timeout_at(until, metrics.changed()).await;
+                        }
+                    }
+                }
+                _ => {
+                    // No leader known: wait for one.
+                    if tokio::time::timeout_at(deadline, metrics.changed())
+                        .await
+                        .is_err()
+                    {
+                        return Err(self.unavailable_no_leader());
+                    }
+                    continue;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(self.unavailable_no_leader());
+            }
+        }
+    }
+
+    fn unavailable_no_leader(&self) -> ProposeError {
+        ProposeError::Unavailable(format!(
+            "no leader with a quorum reachable within {} ms",
+            self.timings.propose_timeout_ms
+        ))
+    }
+
+    /// Waits until this node applied `log_index` (read-your-writes after a forward).
+    pub(crate) async fn wait_applied(
+        &self,
+        log_index: u64,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ProposeError> {
+        let mut metrics = self.raft.metrics();
+        loop {
+            if metrics
+                .borrow_and_update()
+                .last_applied
+                .is_some_and(|id| id.index >= log_index)
+            {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => {
+                    return Err(ProposeError::Fatal("raft stopped".to_string()));
+                }
+                Err(_) => {
+                    return Err(ProposeError::Unavailable(format!(
+                        "committed at index {log_index} but not applied on this node in time"
+                    )))
+                }
+            }
+        }
+    }
+
+    /// Stops the tasks, Raft and the mesh, and waits (bounded) until the log store is closed.
+    async fn stop(&self) -> Result<(), ClusterError> {
+        self.stop.cancel();
+        let raft_result = self.raft.shutdown().await;
+        self.mesh.shutdown();
+        let flush_result = self.log_probe.flush().await;
         let deadline = Instant::now() + SHUTDOWN_RELEASE_TIMEOUT;
-        while !self.inner.log_probe.is_closed() {
+        while !self.log_probe.is_closed() {
             if Instant::now() >= deadline {
                 return Err(ClusterError::Timeout(format!(
                     "raft tasks still hold the log store {} s after shutdown",
@@ -432,7 +921,7 @@ impl Cluster {
         }
         raft_result.map_err(|e| ClusterError::Raft(format!("raft task failed: {e}")))?;
         flush_result.map_err(|e| ClusterError::Raft(format!("final log flush failed: {e}")))?;
-        tracing::info!(node_id = self.inner.node_id, "cluster shut down");
+        tracing::info!(node_id = self.node_id, "cluster shut down");
         Ok(())
     }
 }
@@ -469,7 +958,7 @@ struct Submitted {
 async fn wait_log_free(
     previous: &Submitted,
     probe: &LogStoreProbe,
-    stop: &mut watch::Receiver<bool>,
+    stop: &CancellationToken,
 ) -> bool {
     let progress = probe.flushed().clone();
     let deadline = tokio::time::Instant::now() + LOG_BUSY_WAIT_MAX;
@@ -485,7 +974,7 @@ async fn wait_log_free(
         }
         tokio::select! {
             biased;
-            _ = stop.changed() => return false,
+            _ = stop.cancelled() => return false,
             _ = &mut notified => {}
             _ = tokio::time::sleep_until(deadline) => return true,
         }
@@ -499,7 +988,7 @@ async fn wait_log_free(
 async fn run_batcher(
     raft: Raft,
     mut proposals: mpsc::Receiver<Pending>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
     probe: LogStoreProbe,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_IN_FLIGHT_BATCHES));
@@ -507,20 +996,20 @@ async fn run_batcher(
     loop {
         let permit = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => break,
             },
         };
         if let Some(previous) = previous.take() {
-            if !wait_log_free(&previous, &probe, &mut stop).await {
+            if !wait_log_free(&previous, &probe, &stop).await {
                 break;
             }
         }
         let first = tokio::select! {
             biased;
-            _ = stop.changed() => break,
+            _ = stop.cancelled() => break,
             pending = proposals.recv() => match pending {
                 Some(pending) => pending,
                 None => break,
@@ -576,9 +1065,9 @@ async fn run_batcher(
                                 replies,
                                 Err(ProposeError::Unavailable(match forward.leader_id {
                                     Some(leader) => {
-                                        format!("this node is not the leader; node {leader} is")
+                                        format!("this node lost the leadership to node {leader}")
                                     }
-                                    None => "no leader at the moment".to_string(),
+                                    None => "this node lost the leadership".to_string(),
                                 })),
                             ),
                             Ok(Err(ClientWriteError::ChangeMembershipError(e))) => {
@@ -603,11 +1092,9 @@ async fn run_batcher(
     tracing::debug!("proposal batcher stopped");
 }
 
-fn deliver(
-    replies: Vec<oneshot::Sender<Result<Vec<u8>, ProposeError>>>,
-    responses: CommandResponses,
-    log_index: u64,
-) {
+type Reply = oneshot::Sender<Result<(Vec<u8>, u64), ProposeError>>;
+
+fn deliver(replies: Vec<Reply>, responses: CommandResponses, log_index: u64) {
     if responses.0.len() != replies.len() {
         tracing::error!(
             log_index,
@@ -630,14 +1117,11 @@ fn deliver(
     );
     for (reply, response) in replies.into_iter().zip(responses.0) {
         // A proposer that timed out meanwhile no longer listens: nothing to do.
-        let _ = reply.send(Ok(response));
+        let _ = reply.send(Ok((response, log_index)));
     }
 }
 
-fn answer_all(
-    replies: Vec<oneshot::Sender<Result<Vec<u8>, ProposeError>>>,
-    result: Result<Vec<u8>, ProposeError>,
-) {
+fn answer_all(replies: Vec<Reply>, result: Result<(Vec<u8>, u64), ProposeError>) {
     for reply in replies {
         let _ = reply.send(result.clone());
     }

@@ -38,6 +38,9 @@ pub struct StateMachineStore {
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     snapshots: Arc<SnapshotShared>,
+    /// Set once the application was given any command or snapshot: such a node holds data
+    /// and may not join another cluster.
+    holds_app_data: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl StateMachineStore {
@@ -70,6 +73,7 @@ impl StateMachineStore {
                 .as_ref()
                 .map(|m| m.last_membership.clone())
                 .unwrap_or_default(),
+            holds_app_data: Arc::new(std::sync::atomic::AtomicBool::new(restored.is_some())),
             snapshots: Arc::new(SnapshotShared {
                 dir: snapshot_dir.to_path_buf(),
                 current: Mutex::new(restored),
@@ -168,6 +172,13 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
     }
 }
 
+impl StateMachineStore {
+    /// True once the application was given a command or a snapshot.
+    pub fn holds_app_data(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        self.holds_app_data.clone()
+    }
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = StateMachineSnapshotBuilder;
 
@@ -187,6 +198,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let last_log_id = last.log_id;
         let mut last_membership = None;
+        if entries
+            .iter()
+            .any(|e| matches!(&e.payload, EntryPayload::Normal(batch) if !batch.0.is_empty()))
+        {
+            self.holds_app_data
+                .store(true, std::sync::atomic::Ordering::Release);
+        }
         for entry in &entries {
             if let EntryPayload::Membership(membership) = &entry.payload {
                 last_membership = Some(StoredMembership::new(
@@ -274,6 +292,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             ))
         })?;
         *current = Some(meta.clone());
+        self.holds_app_data
+            .store(true, std::sync::atomic::Ordering::Release);
         self.last_applied = meta.last_log_id;
         self.last_membership = meta.last_membership.clone();
         tracing::info!("snapshot installed");

@@ -20,11 +20,11 @@ use super::types::{StorageError, TypeConfig};
 
 /// A map from key to value. A command is `key=value`; the response is the previous value.
 #[derive(Default)]
-struct MapApp {
-    map: Mutex<BTreeMap<String, String>>,
+pub(crate) struct MapApp {
+    pub(crate) map: Mutex<BTreeMap<String, String>>,
     n_applied: AtomicU64,
     last_applied_index: AtomicU64,
-    n_restores: AtomicU64,
+    pub(crate) n_restores: AtomicU64,
 }
 
 struct MapSnapshot(BTreeMap<String, String>);
@@ -36,7 +36,7 @@ impl SnapshotBuilder for MapSnapshot {
 }
 
 impl MapApp {
-    fn snapshot_of_map(&self) -> BTreeMap<String, String> {
+    pub(crate) fn snapshot_of_map(&self) -> BTreeMap<String, String> {
         self.map.lock().map(|map| map.clone()).unwrap_or_default()
     }
 }
@@ -101,6 +101,15 @@ fn test_config(dir: &std::path::Path) -> ClusterConfig {
         name: "test-node".to_string(),
         site: "test-site".to_string(),
         raft: RaftTimings::lan(),
+        mesh: loopback_mesh(),
+    }
+}
+
+/// A mesh on a free loopback port.
+pub(crate) fn loopback_mesh() -> crate::mesh::MeshConfig {
+    crate::mesh::MeshConfig {
+        listen: vec![std::net::SocketAddr::from(([127, 0, 0, 1], 0))],
+        ..Default::default()
     }
 }
 

@@ -9,17 +9,36 @@ use serde::{Deserialize, Serialize};
 pub type NodeId = u64;
 
 /// What the cluster knows about a member: its name and site (for status and the site-loss
-/// verdict) and its mesh address (filled in by the mesh, issue 4).
+/// verdict), its mesh identity (static public key, base64) and the addresses its mesh listens
+/// on. The mesh's member list is built from these records, so a node id is bound to a key.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeInfo {
     pub name: String,
     pub site: String,
-    pub addr: String,
+    /// The node's static X25519 public key, base64 (as `kermail keygen` prints it).
+    pub public_key: String,
+    /// Mesh addresses (`ip:port`), tried in order.
+    pub addrs: Vec<String>,
+    /// Present while the node is joining: invited, then catching up, until it is a full
+    /// member (a voter, or a learner when invited as one).
+    pub joining: Option<Joining>,
+}
+
+/// The progress of a node invited by `kermail cluster invite`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Joining {
+    /// The invitation is refused after this time (milliseconds since the Unix epoch) unless
+    /// the node has already connected (`connected`).
+    pub expires_unix_ms: u64,
+    /// Promote to voter once caught up (false: stays a learner).
+    pub as_voter: bool,
+    /// The invited node connected and asked to join.
+    pub connected: bool,
 }
 
 impl fmt::Display for NodeInfo {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}@{} ({})", self.name, self.site, self.addr)
+        write!(f, "{}@{} ({})", self.name, self.site, self.addrs.join(","))
     }
 }
 

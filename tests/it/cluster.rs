@@ -1,0 +1,893 @@
+//! Multi-node clusters of real `kermail serve` processes, each node in its own network namespace,
+//! set up and broken by `scripts/local-cluster` (up, kill, cut, heal, add, exec) and driven by
+//! real clients on the host (Python's smtplib and imaplib over IMAPS: a non-loopback plain
+//! listener refuses LOGIN).
+//!
+//! These tests need root (namespaces, veths, a bridge): without it each prints why and returns.
+//! They run one at a time (a lock), each on its own cluster id (subnet 10.213.ID.0/24), so a
+//! cluster left behind by a failed test cannot break the next one.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::harness::{wait_for, KERMAIL, PASSWORD, USER};
+
+/// One cluster at a time: three to four debug-build nodes already fill the CI's two cores.
+static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+
+/// Deadline of one `local-cluster` step (it has its own, smaller deadlines inside).
+const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
+
+/// How long replicas may take to converge after a change (apply on followers, catch-up).
+const CONVERGE_DEADLINE: Duration = Duration::from_secs(180);
+
+/// First cluster id of these tests (`KERMAIL_LOCAL_CLUSTER_ID`); each test adds its own offset.
+const CLUSTER_ID_BASE: u32 = 120;
+
+fn script() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/local-cluster")
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid(2) has no preconditions and touches no memory.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// One node as printed by `local-cluster up`: name, site and listener addresses by key.
+#[derive(Debug, Clone)]
+struct NodeLine {
+    name: String,
+    site: String,
+    addresses: Vec<(String, String)>,
+}
+
+fn parse_lines(stdout: &str) -> Vec<NodeLine> {
+    stdout
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|line| {
+            let mut words = line.split_whitespace();
+            let name = words.next().expect("node name").to_string();
+            let site = words.next().expect("site").to_string();
+            let addresses = words
+                .map(|w| {
+                    let (k, v) = w.split_once('=').expect("KEY=addr:port");
+                    (k.to_string(), v.to_string())
+                })
+                .collect::<Vec<_>>();
+            for key in ["SMTP", "IMAP", "IMAPS", "SUBMISSION", "SUBMISSIONS"] {
+                assert!(
+                    addresses.iter().any(|(k, _)| k == key),
+                    "no {key}= in node line {line:?}"
+                );
+            }
+            NodeLine {
+                name,
+                site,
+                addresses,
+            }
+        })
+        .collect()
+}
+
+struct Cluster {
+    dir: tempfile::TempDir,
+    id: u32,
+    nodes: Vec<NodeLine>,
+    _one: MutexGuard<'static, ()>,
+}
+
+impl Cluster {
+    /// `local-cluster up N [--sites ...]`, or None (after saying why) when not root.
+    fn up(offset: u32, count: usize, sites: Option<&str>) -> Option<Cluster> {
+        if !is_root() {
+            eprintln!("skipped: cluster tests need root (network namespaces, veths, a bridge)");
+            return None;
+        }
+        let one = ONE_CLUSTER.lock().unwrap_or_else(|e| e.into_inner());
+        let dir = tempfile::Builder::new()
+            .prefix("kermail-cluster-it-")
+            .tempdir()
+            .expect("tempdir");
+        let mut cluster = Cluster {
+            dir,
+            id: CLUSTER_ID_BASE + offset,
+            nodes: Vec::new(),
+            _one: one,
+        };
+        // A cluster left by an earlier, interrupted run of this test.
+        let _ = cluster.run(&["down"]);
+        let count = count.to_string();
+        let mut args = vec!["up", count.as_str()];
+        if let Some(sites) = sites {
+            args.extend(["--sites", sites]);
+        }
+        let stdout = cluster.ok(&args);
+        cluster.nodes = parse_lines(&stdout);
+        assert_eq!(
+            cluster.nodes.len().to_string(),
+            count,
+            "node lines: {stdout}"
+        );
+        Some(cluster)
+    }
+
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(script());
+        cmd.args(args)
+            .env("KERMAIL_BIN", KERMAIL)
+            .env("KERMAIL_LOCAL_CLUSTER_DIR", self.dir.path().join("lc"))
+            .env("KERMAIL_LOCAL_CLUSTER_ID", self.id.to_string())
+            .env("KERMAIL_LOCAL_CLUSTER_TIMEOUT", "120")
+            .env("KERMAIL_LOG", "info");
+        cmd
+    }
+
+    /// Runs the script with `input` on stdin; its stdout and stderr go to files (a pipe could
+    /// fill up and block it while we poll for its exit against the deadline).
+    fn run_stdin(&self, args: &[&str], input: &str) -> Output {
+        let out_path = self.dir.path().join("script.stdout");
+        let err_path = self.dir.path().join("script.stderr");
+        let stdout = std::fs::File::create(&out_path).expect("script stdout file");
+        let stderr = std::fs::File::create(&err_path).expect("script stderr file");
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .expect("run scripts/local-cluster");
+        if let Some(mut stdin) = child.stdin.take() {
+            let _ = stdin.write_all(input.as_bytes());
+        }
+        let start = Instant::now();
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                break status;
+            }
+            if start.elapsed() > SCRIPT_DEADLINE {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "local-cluster {args:?} still running after {SCRIPT_DEADLINE:?}; stderr:\n{}",
+                    std::fs::read_to_string(&err_path).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        Output {
+            status,
+            stdout: std::fs::read(&out_path).unwrap_or_default(),
+            stderr: std::fs::read(&err_path).unwrap_or_default(),
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.run_stdin(args, "")
+    }
+
+    fn ok_stdin(&self, args: &[&str], input: &str) -> String {
+        let out = self.run_stdin(args, input);
+        assert!(
+            out.status.success(),
+            "local-cluster {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        self.ok_stdin(args, "")
+    }
+
+    /// `local-cluster exec NODE -- kermail ARGS`, which must succeed; its stdout.
+    fn kermail(&self, node: &str, args: &[&str]) -> String {
+        let mut all = vec!["exec", node, "--", "kermail"];
+        all.extend_from_slice(args);
+        self.ok(&all)
+    }
+
+    fn status(&self, node: &str) -> Value {
+        let out = self.kermail(node, &["cluster", "status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("cluster status --json: {e}: {out:?}"))
+    }
+
+    /// Waits until `node` reports a leader; returns its name.
+    fn leader(&self, node: &str) -> String {
+        wait_for("a leader", CONVERGE_DEADLINE, || {
+            self.status(node)["leader"].as_str().map(str::to_string)
+        })
+    }
+
+    /// The domain and the test account, created on n1 and usable (IMAPS login) on every node.
+    fn account(&self) {
+        let domain = USER.rsplit('@').next().expect("domain");
+        self.kermail("n1", &["domain", "add", domain]);
+        self.ok_stdin(
+            &[
+                "exec",
+                "n1",
+                "--",
+                "kermail",
+                "user",
+                "add",
+                USER,
+                "--password-stdin",
+            ],
+            &format!("{PASSWORD}\n"),
+        );
+        self.py(
+            "for n in NODES: wait_until(lambda: imap(n).logout() or True, f'login on {n}')",
+            &[],
+        );
+    }
+
+    /// Runs a Python client (with `CLUSTER_PRELUDE`) on the host; panics with its output and
+    /// the nodes' log tails unless it exits 0; returns stdout.
+    fn py(&self, code: &str, args: &[&str]) -> String {
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c")
+            .arg(format!("{CLUSTER_PRELUDE}\n{code}"))
+            .args(args)
+            .env("LC_SCRIPT", script())
+            .env("LC_NODES", Value::Object(self.nodes_json()).to_string())
+            .env("LC_USER", USER)
+            .env("LC_PASSWORD", PASSWORD)
+            .env("KERMAIL_BIN", KERMAIL)
+            .env("KERMAIL_LOCAL_CLUSTER_DIR", self.dir.path().join("lc"))
+            .env("KERMAIL_LOCAL_CLUSTER_ID", self.id.to_string())
+            .env("KERMAIL_LOCAL_CLUSTER_TIMEOUT", "120")
+            .stdin(Stdio::null());
+        let out = cmd.output().expect("run python3");
+        eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "python client failed ({}):\nstdout: {}\nstderr: {}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log_tails()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn nodes_json(&self) -> serde_json::Map<String, Value> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                let mut m = serde_json::Map::new();
+                m.insert("site".into(), Value::from(n.site.clone()));
+                for (k, v) in &n.addresses {
+                    m.insert(k.clone(), Value::from(v.clone()));
+                }
+                (n.name.clone(), Value::Object(m))
+            })
+            .collect()
+    }
+
+    /// The last lines of every node's log.
+    fn log_tails(&self) -> String {
+        let mut out = String::new();
+        let root = self.dir.path().join("lc");
+        let mut logs: Vec<PathBuf> = std::fs::read_dir(&root)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.path().join("kermail.log"))
+                    .filter(|p| p.is_file())
+                    .collect()
+            })
+            .unwrap_or_default();
+        logs.sort();
+        for path in logs {
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            let from = lines.len().saturating_sub(60);
+            out.push_str(&format!(
+                "--- {} (last {} lines) ---\n{}\n",
+                path.display(),
+                lines.len() - from,
+                lines[from..].join("\n")
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let failed = std::thread::panicking();
+        if failed {
+            eprintln!("{}", self.log_tails());
+            // Keep the configs, data folders and full logs for a look afterwards.
+            self.dir.disable_cleanup(true);
+            eprintln!(
+                "cluster state kept in {} (remove it by hand)",
+                self.dir.path().display()
+            );
+        }
+        let args: &[&str] = if failed {
+            &["down", "--keep"]
+        } else {
+            &["down"]
+        };
+        let out = self.run(args);
+        if !out.status.success() {
+            eprintln!(
+                "local-cluster down failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
+
+/// Python helpers for the cluster clients. `NODES[name]["SMTP"|"IMAPS"|...]` is "addr:port".
+const CLUSTER_PRELUDE: &str = r#"
+import imaplib, json, os, re, smtplib, socket, ssl, subprocess, sys, threading, time
+NODES = json.loads(os.environ["LC_NODES"])
+USER = os.environ["LC_USER"]; PASSWORD = os.environ["LC_PASSWORD"]
+SCRIPT = os.environ["LC_SCRIPT"]
+POS = sys.argv[1:]
+TLS = ssl.create_default_context(); TLS.check_hostname = False; TLS.verify_mode = ssl.CERT_NONE
+
+def addr(node, key):
+    host, port = NODES[node][key].rsplit(":", 1)
+    return host, int(port)
+
+def smtp(node, timeout=60):
+    s = smtplib.SMTP(*addr(node, "SMTP"), timeout=timeout)
+    s.ehlo("client.test")
+    return s
+
+def imap(node, timeout=60):
+    host, port = addr(node, "IMAPS")
+    c = imaplib.IMAP4_SSL(host, port, ssl_context=TLS, timeout=timeout)
+    c.login(USER, PASSWORD)
+    return c
+
+def ok(res, what="IMAP command"):
+    typ, data = res
+    assert typ == "OK", f"{what}: {typ} {data!r}"
+    return data
+
+def wait_until(cond, what, secs=180):
+    end = time.monotonic() + secs
+    last = None
+    while True:
+        try:
+            value = cond()
+            if value:
+                return value
+        except Exception as e:
+            last = e
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {secs}s waiting for {what}; last error: {last!r}")
+        time.sleep(0.05)
+
+def local_cluster(*args, check=True):
+    res = subprocess.run([SCRIPT, *args], capture_output=True, text=True, timeout=300)
+    if check and res.returncode != 0:
+        raise AssertionError(f"local-cluster {args}: {res.returncode} {res.stderr}")
+    return res
+
+def status(node):
+    res = local_cluster("exec", node, "--", "kermail", "cluster", "status", "--json")
+    return json.loads(res.stdout)
+
+def message(tag, to=None):
+    return (f"From: Bob <bob@example.org>\r\nTo: {to or USER}\r\nSubject: {tag}\r\n"
+            f"Date: Mon, 2 Nov 2026 10:00:00 +0000\r\nMessage-ID: <{tag}@example.org>\r\n\r\n"
+            f"Body of {tag}.\r\n").encode()
+
+def view(node, mailbox="INBOX"):
+    """(UIDVALIDITY, [(uid, sorted flags, subject)]) of a mailbox, read on `node`."""
+    c = imap(node)
+    ok(c.select(mailbox, readonly=True), "SELECT")
+    uidvalidity = int(c.untagged_responses.get("UIDVALIDITY", [b"0"])[-1])
+    typ, data = c.uid("FETCH", "1:*", "(UID FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+    assert typ == "OK", data
+    out = []
+    for item in data:
+        if isinstance(item, tuple):
+            meta = item[0].decode()
+            uid = int(re.search(r"UID (\d+)", meta).group(1))
+            flags = sorted(re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split())
+            subject = re.search(rb"Subject: ([^\r\n]*)", item[1]).group(1).decode()
+            out.append((uid, flags, subject))
+    c.logout()
+    return uidvalidity, sorted(out)
+
+def message_count(node):
+    c = imap(node)
+    typ, data = c.status("INBOX", "(MESSAGES)")
+    c.logout()
+    assert typ == "OK", data
+    return int(re.search(rb"MESSAGES (\d+)", data[0]).group(1))
+
+def send_load(nodes, sessions, per_session, tag, dead=None, on_ack=None, deadline=900):
+    """`sessions` concurrent SMTP sessions, session w on nodes[w % len(nodes)], each sending
+    `per_session` messages. Each attempt has its own Subject `{tag}-{w}-{j}-{attempt}`; after a
+    4xx or a broken connection the session moves to the next node not in `dead` and retries
+    with a new attempt. Returns (acked subjects, failed subjects, [(time, subject)] of 250s)."""
+    dead = dead if dead is not None else set()
+    acked, failed, times, errors = [], [], [], []
+    lock = threading.Lock()
+    end = time.monotonic() + deadline
+    def worker(w):
+        k = w
+        s = None
+        try:
+            for j in range(per_session):
+                attempt = 0
+                while True:
+                    if time.monotonic() > end:
+                        raise AssertionError(f"session {w}: message {j} not accepted before the deadline")
+                    node = nodes[k % len(nodes)]
+                    subject = f"{tag}-{w}-{j}-{attempt}"
+                    attempt += 1
+                    try:
+                        if s is None:
+                            if node in dead:
+                                k += 1
+                                continue
+                            s = smtp(node, timeout=30)
+                        t_sent = time.monotonic()
+                        s.sendmail("bob@example.org", [USER], message(subject))
+                        t = time.monotonic()
+                        with lock:
+                            acked.append(subject)
+                            times.append((t, t_sent, subject))
+                        if on_ack:
+                            on_ack()
+                        break
+                    except smtplib.SMTPResponseException as e:
+                        code = e.smtp_code
+                    except smtplib.SMTPRecipientsRefused as e:
+                        code = list(e.recipients.values())[0][0]
+                    except (smtplib.SMTPServerDisconnected, OSError) as e:
+                        code = 0
+                    if 500 <= code < 600:
+                        raise AssertionError(f"session {w}: permanent {code} for {subject}")
+                    with lock:
+                        failed.append(subject)
+                    try:
+                        if s is not None:
+                            s.close()
+                    except Exception:
+                        pass
+                    s = None
+                    k += 1
+                    time.sleep(0.05)
+            if s is not None:
+                try:
+                    s.quit()
+                except Exception:
+                    pass
+        except Exception as e:
+            errors.append(f"{type(e).__name__}: {e}")
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(sessions)]
+    for t in threads: t.start()
+    for t in threads: t.join(deadline + 60)
+    assert not any(t.is_alive() for t in threads), "a session hung"
+    assert not errors, errors
+    return acked, failed, times
+"#;
+
+/// Three nodes on three sites: a message sent by SMTP to each node is readable by IMAP on every
+/// node with the same UID and UIDVALIDITY; flags set on one node show on the others; status
+/// says the layout survives the loss of any one site.
+#[test]
+fn three_sites_same_uids_everywhere_and_flags_replicate() {
+    let Some(cluster) = Cluster::up(0, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let out = cluster.py(
+        r#"
+names = sorted(NODES)
+for n in names:
+    s = smtp(n)
+    assert s.sendmail("bob@example.org", [USER], message(f"via-{n}")) == {}
+    s.quit()
+# Every node serves all three, with the same UIDs and UIDVALIDITY.
+views = {n: wait_until(lambda: (lambda v: v if len(v[1]) == 3 else None)(view(n)), f"3 messages on {n}")
+         for n in names}
+first = views[names[0]]
+assert first[0] > 0, first
+for n in names:
+    assert views[n] == first, f"{n} differs: {views[n]} vs {first}"
+assert sorted(s for _, _, s in first[1]) == [f"via-{n}" for n in names], first
+# A flag set on the last node shows on every node.
+uid = next(u for u, _, s in first[1] if s == f"via-{names[0]}")
+c = imap(names[-1])
+ok(c.select("INBOX"))
+ok(c.uid("STORE", str(uid), "+FLAGS", r"(\Flagged)"), "STORE")
+c.logout()
+for n in names:
+    wait_until(lambda: any(u == uid and "\\Flagged" in f for u, f, _ in view(n)[1]), f"\\Flagged on {n}")
+final = {n: view(n) for n in names}
+assert all(v == final[names[0]] for v in final.values()), final
+print(json.dumps(final[names[0]]))
+"#,
+        &[],
+    );
+    assert!(out.contains("Flagged"), "{out}");
+
+    let status = cluster.status("n2");
+    assert_eq!(status["survives_site_loss"], Value::Bool(true), "{status}");
+    assert_eq!(status["critical_sites"], serde_json::json!([]), "{status}");
+    let nodes = status["nodes"].as_array().expect("nodes");
+    assert_eq!(nodes.len(), 3, "{status}");
+    assert!(
+        nodes.iter().all(|n| n["voter"] == Value::Bool(true)),
+        "{status}"
+    );
+    let table = cluster.kermail("n1", &["cluster", "status"]);
+    assert!(
+        table.contains("survives the loss of any one site: yes"),
+        "{table}"
+    );
+}
+
+/// 2,000 messages over 10 concurrent sessions spread over three nodes, `kill -9` of the leader
+/// after the first 1,000 acknowledgements: every message that got 250 is present exactly once
+/// on both survivors, and the survivors' INBOXes (UIDs, flags, subjects, UIDVALIDITY) are equal.
+#[test]
+fn leader_killed_under_load_loses_no_acknowledged_message() {
+    let Some(cluster) = Cluster::up(1, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let leader = cluster.leader("n1");
+    let out = cluster.py(
+        r#"
+leader = POS[0]
+names = sorted(NODES)
+survivors = [n for n in names if n != leader]
+dead = set()
+state = {"acks": 0, "t_kill": None}
+lock = threading.Lock()
+killed = threading.Event()
+def on_ack():
+    with lock:
+        state["acks"] += 1
+        go = state["acks"] == 1000
+    if go:
+        threading.Thread(target=kill).start()
+def kill():
+    dead.add(leader)
+    state["t_kill"] = time.monotonic()
+    local_cluster("kill", leader)
+    # Messages sent before the kill command returned may still be committed by the old
+    # leader: the first 250 after the kill counts from here, timed from before the command.
+    state["t_dead"] = time.monotonic()
+    killed.set()
+acked, failed, times = send_load(names, 10, 200, "load", dead=dead, on_ack=on_ack)
+assert killed.wait(60), "the leader was never killed"
+assert len(acked) == 2000, len(acked)
+t_kill, t_dead = state["t_kill"], state["t_dead"]
+after = [t - t_kill for t, t_sent, _ in times if t_sent > t_dead]
+first = min(after) if after else None
+# Both survivors converge on the same INBOX holding every acknowledged message.
+acked_set = set(acked)
+def converged():
+    a, b = view(survivors[0]), view(survivors[1])
+    subjects = [s for _, _, s in a[1]]
+    return (a, b) if a == b and acked_set <= set(subjects) else None
+a, b = wait_until(converged, "both survivors to hold every acknowledged message, identically", 300)
+subjects = [s for _, _, s in a[1]]
+dupes = {s for s in subjects if subjects.count(s) > 1} if len(subjects) != len(set(subjects)) else set()
+assert not dupes, f"stored more than once: {sorted(dupes)[:10]}"
+unknown = set(subjects) - acked_set - set(failed)
+assert not unknown, f"messages nobody sent: {sorted(unknown)[:10]}"
+uids = [u for u, _, _ in a[1]]
+assert len(uids) == len(set(uids)), "duplicate UIDs"
+print(json.dumps({"acked": len(acked), "failed_attempts": len(failed), "stored": len(subjects),
+                  "kill_to_first_250_s": first}))
+"#,
+        &[&leader],
+    );
+    eprintln!("leader kill under load: {out}");
+    let result: Value = serde_json::from_str(out.trim()).expect("result JSON");
+    assert_eq!(result["acked"], 2000, "{result}");
+    assert!(
+        result["kill_to_first_250_s"].is_number(),
+        "no 250 after the kill: {result}"
+    );
+}
+
+/// The leader's site is cut off: its node answers 4xx (never 250) to SMTP, refuses IMAP writes
+/// and still serves reads; the majority keeps accepting; after heal the cut node catches up and
+/// serves every message, and nothing it refused shows up anywhere.
+#[test]
+fn cut_site_refuses_writes_majority_accepts_heal_catches_up() {
+    let Some(cluster) = Cluster::up(2, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let leader = cluster.leader("n1");
+    let site = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name == leader)
+        .expect("leader in node list")
+        .site
+        .clone();
+    let out = cluster.py(
+        r#"
+cut = POS[0]; site = POS[1]
+names = sorted(NODES)
+majority = [n for n in names if n != cut]
+# Before the cut: two messages through the node about to be cut.
+s = smtp(cut)
+for i in range(2):
+    assert s.sendmail("bob@example.org", [USER], message(f"before-{i}")) == {}
+s.quit()
+wait_until(lambda: all(message_count(n) == 2 for n in names), "2 messages everywhere")
+local_cluster("cut", site)
+# The cut node: 4xx for every message, never 250.
+refused = []
+for i in range(3):
+    subject = f"refused-{i}"
+    try:
+        s = smtp(cut, timeout=60)
+        s.sendmail("bob@example.org", [USER], message(subject))
+        raise AssertionError(f"the cut node accepted {subject}")
+    except smtplib.SMTPResponseException as e:
+        assert 400 <= e.smtp_code < 500, f"{subject}: {e.smtp_code} {e.smtp_error!r}"
+    except smtplib.SMTPRecipientsRefused as e:
+        code = list(e.recipients.values())[0][0]
+        assert 400 <= code < 500, f"{subject}: {e.recipients}"
+    refused.append(subject)
+    try:
+        s.close()
+    except Exception:
+        pass
+# IMAP on the cut node: reads work, writes get NO.
+c = imap(cut)
+ok(c.select("INBOX"))
+ok(c.uid("FETCH", "1:*", "(FLAGS)"), "FETCH on the cut node")
+typ, data = c.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
+assert typ == "NO", f"STORE on the cut node: {typ} {data!r}"
+typ, data = c.append("INBOX", None, None, message("appended-while-cut"))
+assert typ == "NO", f"APPEND on the cut node: {typ} {data!r}"
+c.logout()
+# The majority keeps accepting (after electing a leader of its own).
+acked, failed, _ = send_load(majority, 4, 5, "majority", deadline=180)
+assert len(acked) == 20, acked
+local_cluster("heal", site)
+want = {"before-0", "before-1"} | set(acked)
+def caught_up():
+    v = view(cut)
+    subjects = {s for _, _, s in v[1]}
+    return v if want <= subjects else None
+v = wait_until(caught_up, "the healed node to serve every message", 180)
+subjects = [s for _, _, s in v[1]]
+assert not set(refused) & set(subjects), f"refused messages stored: {set(refused) & set(subjects)}"
+assert "appended-while-cut" not in subjects
+assert all("\\Deleted" not in f for _, f, _ in v[1]), v
+assert len(subjects) == len(set(subjects))
+wait_until(lambda: all(view(n) == view(cut) for n in majority), "identical INBOXes after heal", 120)
+# And the healed node accepts again.
+wait_until(lambda: smtp(cut).sendmail("bob@example.org", [USER], message("after-heal")) == {},
+           "a 250 from the healed node", 120)
+print(len(subjects))
+"#,
+        &[&leader, &site],
+    );
+    eprintln!("cut/heal: {out}");
+}
+
+/// A fourth node joins a cluster holding 10,000 messages, catches up and serves them over IMAP
+/// (same UIDs); then `leave` (the new node) and `remove` (a killed node) shrink the membership,
+/// and the two left keep accepting mail.
+#[test]
+fn fourth_node_joins_ten_thousand_messages_then_leave_and_remove_shrink() {
+    let Some(mut cluster) = Cluster::up(3, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let loaded = cluster.py(
+        r#"
+acked, failed, _ = send_load(sorted(NODES), 10, 1000, "bulk", deadline=1200)
+assert len(acked) == 10000
+print(len(acked))
+"#,
+        &[],
+    );
+    assert_eq!(loaded.trim(), "10000");
+    let line = cluster.ok(&["add", "n4", "--site", "s4"]);
+    cluster.nodes.extend(parse_lines(&line));
+    let token = cluster.kermail("n1", &["cluster", "invite", "n4", "--site", "s4"]);
+    let token = token.trim();
+    assert_eq!(
+        token.lines().count(),
+        1,
+        "token alone on one line: {token:?}"
+    );
+    cluster.kermail("n4", &["cluster", "join", token]);
+    cluster.py(
+        r#"
+def same():
+    a, b = view("n1"), view("n4")
+    return a if len(a[1]) >= 10000 and a == b else None
+a = wait_until(same, "n4 to serve the 10,000 messages like n1", 300)
+# Whole bodies too, for a sample.
+c1, c4 = imap("n1"), imap("n4")
+for c in (c1, c4):
+    ok(c.select("INBOX", readonly=True))
+for uid, _, _ in a[1][::997]:
+    b1 = ok(c1.uid("FETCH", str(uid), "(BODY.PEEK[])"))[0][1]
+    b4 = ok(c4.uid("FETCH", str(uid), "(BODY.PEEK[])"))[0][1]
+    assert b1 == b4, uid
+"#,
+        &[],
+    );
+    let status = cluster.status("n1");
+    let names = |s: &Value| -> Vec<String> {
+        let mut v: Vec<String> = s["nodes"]
+            .as_array()
+            .expect("nodes")
+            .iter()
+            .map(|n| n["name"].as_str().unwrap_or_default().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(names(&status), ["n1", "n2", "n3", "n4"], "{status}");
+
+    cluster.kermail("n4", &["cluster", "leave"]);
+    wait_for("n4 gone from the membership", CONVERGE_DEADLINE, || {
+        (names(&cluster.status("n1")) == ["n1", "n2", "n3"]).then_some(())
+    });
+    cluster.ok(&["kill", "n3"]);
+    cluster.kermail("n1", &["cluster", "remove", "n3"]);
+    wait_for("n3 gone from the membership", CONVERGE_DEADLINE, || {
+        (names(&cluster.status("n2")) == ["n1", "n2"]).then_some(())
+    });
+    cluster.py(
+        r#"
+acked, failed, _ = send_load(["n1", "n2"], 2, 5, "after-remove", deadline=120)
+assert len(acked) == 10
+"#,
+        &[],
+    );
+}
+
+/// `cluster status` verdict: three nodes on two sites cannot survive the loss of the site that
+/// holds two voters (critical), and the table says so.
+#[test]
+fn status_verdict_two_sites_is_no() {
+    let Some(cluster) = Cluster::up(4, 3, Some("a,b")) else {
+        return;
+    };
+    let status = wait_for("all three voters reachable", CONVERGE_DEADLINE, || {
+        let s = cluster.status("n1");
+        let nodes = s["nodes"].as_array()?;
+        (nodes.len() == 3 && nodes.iter().all(|n| n["reachable"] == Value::Bool(true))).then_some(s)
+    });
+    assert_eq!(status["survives_site_loss"], Value::Bool(false), "{status}");
+    assert_eq!(
+        status["critical_sites"],
+        serde_json::json!(["a"]),
+        "{status}"
+    );
+    let sites: Vec<&str> = status["nodes"]
+        .as_array()
+        .expect("nodes")
+        .iter()
+        .map(|n| n["site"].as_str().unwrap_or_default())
+        .collect();
+    assert_eq!(sites.iter().filter(|s| **s == "a").count(), 2, "{status}");
+    let table = cluster.kermail("n2", &["cluster", "status"]);
+    assert!(
+        table.contains("survives the loss of any one site: no"),
+        "{table}"
+    );
+}
+
+/// The local-cluster script itself, on nodes that need no multi-node support: a one-node `up`,
+/// two more `add`ed nodes (not joined), reachability host <-> nodes, `cut`/`heal` of a site
+/// (links across the cut vanish, links inside the site and to the host stay), `config` applied
+/// on the next `start` after a `kill`, `exec`, and `down` removing every namespace.
+#[test]
+fn local_cluster_network_cut_heal_config_and_down() {
+    let Some(mut cluster) = Cluster::up(5, 1, Some("a")) else {
+        return;
+    };
+    for (name, site) in [("n2", "b"), ("n3", "a")] {
+        let line = cluster.ok(&["add", name, "--site", site]);
+        cluster.nodes.extend(parse_lines(&line));
+    }
+    let host = cluster.ok(&["host"]).trim().to_string();
+    // A probe run inside a node's namespace: "open" or the error of a TCP connect.
+    let probe = |from: &str, to: &str| -> String {
+        let (addr, port) = to.rsplit_once(':').expect("addr:port");
+        let out = cluster.ok(&[
+            "exec",
+            from,
+            "--",
+            "python3",
+            "-c",
+            "import socket,sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), 2).close(); print('open')\nexcept Exception as e:\n print(type(e).__name__)",
+            addr,
+            port,
+        ]);
+        out.trim().to_string()
+    };
+    let smtp = |name: &str| -> String {
+        let node = cluster.nodes.iter().find(|n| n.name == name).expect("node");
+        node.addresses
+            .iter()
+            .find(|(k, _)| k == "SMTP")
+            .expect("SMTP")
+            .1
+            .clone()
+    };
+    // A sink on the host, reachable from every node.
+    let sink = std::net::TcpListener::bind(format!("{host}:0")).expect("bind on the host address");
+    let sink_addr = sink.local_addr().expect("sink address").to_string();
+    for from in ["n1", "n2", "n3"] {
+        assert_eq!(probe(from, &sink_addr), "open", "{from} -> host");
+    }
+    assert_eq!(probe("n1", &smtp("n2")), "open");
+    cluster.ok(&["cut", "b"]);
+    assert_eq!(
+        probe("n2", &smtp("n1")),
+        "TimeoutError",
+        "n2 -> n1 across the cut"
+    );
+    assert_eq!(
+        probe("n1", &smtp("n2")),
+        "TimeoutError",
+        "n1 -> n2 across the cut"
+    );
+    assert_eq!(
+        probe("n3", &smtp("n2")),
+        "TimeoutError",
+        "n3 -> n2 across the cut"
+    );
+    assert_eq!(probe("n1", &smtp("n3")), "open", "inside site a");
+    assert_eq!(probe("n2", &sink_addr), "open", "cut node -> host");
+    cluster.py("for n in NODES: smtp(n).quit()\nprint('ok')", &[]);
+    cluster.ok(&["heal", "b"]);
+    assert_eq!(probe("n2", &smtp("n1")), "open", "after heal");
+    assert_eq!(probe("n1", &smtp("n2")), "open", "after heal");
+
+    // Extra configuration, applied on the next start.
+    cluster.ok_stdin(
+        &["config", "n1", "-"],
+        "[smtp]\nmax_message_size_bytes = 123456\n",
+    );
+    cluster.ok(&["kill", "n1"]);
+    assert!(cluster
+        .ok(&["ls"])
+        .lines()
+        .any(|l| l.starts_with("n1 ") && l.contains("stopped")));
+    cluster.ok(&["start", "n1"]);
+    cluster.kermail("n1", &["status"]);
+    let out = cluster.py(
+        "s = smtp('n1')\nprint(s.esmtp_features.get('size'))\ns.quit()",
+        &[],
+    );
+    assert_eq!(out.trim(), "123456", "SIZE from the merged configuration");
+
+    let prefix = format!("kmc{}-", cluster.id);
+    cluster.ok(&["down"]);
+    let netns = Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .expect("ip netns list");
+    let netns = String::from_utf8_lossy(&netns.stdout);
+    assert!(
+        !netns.lines().any(|l| l.starts_with(&prefix)),
+        "namespaces left: {netns}"
+    );
+}
