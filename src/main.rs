@@ -51,6 +51,9 @@ enum Command {
     Alias(AliasCommand),
     /// Show the node's role, Raft indexes and store counts.
     Status,
+    /// Mesh throughput and latency measurements (scripts/bench/mesh).
+    #[command(hide = true)]
+    MeshBench(kermail::mesh_bench::MeshBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -143,6 +146,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Alias(AliasCommand::List { domain }) => AdminRequest::AliasList { domain },
         Command::Status => AdminRequest::Status,
+        Command::MeshBench(args) => {
+            kermail::mesh_bench::main(args)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     match client::send(&config.admin_socket_path(), &request)? {
         AdminResponse::Ok { lines } => {
