@@ -10,7 +10,7 @@
 //! kind and 4-byte length before each message), so it can run over a veth or a tinc tunnel.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -206,7 +206,7 @@ fn members(server_key: &str, server_addr: Vec<SocketAddr>, client_key: &str) -> 
     ]
 }
 
-async fn serve_mesh(listen: SocketAddr, key: &PathBuf, peer_key: &str) -> anyhow::Result<()> {
+async fn serve_mesh(listen: SocketAddr, key: &Path, peer_key: &str) -> anyhow::Result<()> {
     let identity = Identity::load(key)?;
     let members = members(&identity.public_key_base64(), Vec::new(), peer_key);
     let mesh = Mesh::start(bench_config(vec![listen]), identity, members).await?;
@@ -234,7 +234,7 @@ async fn serve_mesh(listen: SocketAddr, key: &PathBuf, peer_key: &str) -> anyhow
 
 async fn run_mesh(
     connect: SocketAddr,
-    key: &PathBuf,
+    key: &Path,
     peer_key: &str,
     bytes: u64,
     message_bytes: usize,
@@ -300,10 +300,7 @@ async fn serve_tcp(listen: SocketAddr) -> anyhow::Result<()> {
         let mut writer = writer;
         let mut body = vec![0u8; MAX_PLAIN_MESSAGE_BYTES.min(4 << 20)];
         let mut received = 0u64;
-        loop {
-            let Ok(kind) = reader.read_u8().await else {
-                break;
-            };
+        while let Ok(kind) = reader.read_u8().await {
             let len = reader.read_u32().await? as usize;
             if len > MAX_PLAIN_MESSAGE_BYTES {
                 bail!("message of {len} bytes");
