@@ -6,8 +6,8 @@
 //! administration goes to the cluster crate's own API.
 
 pub mod client;
-pub mod outbound;
 pub mod cluster;
+pub mod outbound;
 pub mod server;
 
 use serde::{Deserialize, Serialize};
