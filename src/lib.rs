@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod imap;
+pub mod mesh_bench;
 pub mod node;
 pub mod outbound;
 pub mod smtp;

@@ -59,6 +59,9 @@ enum Command {
     /// Cluster membership: invite, join, leave, remove, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Mesh throughput and latency measurements (scripts/bench/mesh).
+    #[command(hide = true)]
+    MeshBench(kermail::mesh_bench::MeshBenchArgs),
 }
 
 #[derive(Subcommand)]
@@ -212,6 +215,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Cluster(ClusterCommand::Leave) => AdminRequest::ClusterLeave,
         Command::Cluster(ClusterCommand::Remove { name }) => AdminRequest::ClusterRemove { name },
         Command::Cluster(ClusterCommand::Status { json }) => AdminRequest::ClusterStatus { json },
+        Command::MeshBench(args) => {
+            kermail::mesh_bench::main(args)?;
+            return Ok(ExitCode::SUCCESS);
+        }
     };
     match client::send(&config.admin_socket_path(), &request)? {
         AdminResponse::Ok { lines } => {

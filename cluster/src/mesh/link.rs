@@ -483,6 +483,10 @@ async fn read_loop<S: AsyncRead>(
                 }
             }
         }
+        // Room for several frames per read, whatever the last frame left over.
+        if buffer.capacity() - buffer.len() < READ_BUFFER_BYTES / 2 {
+            buffer.reserve(READ_BUFFER_BYTES);
+        }
         let read = tokio::select! {
             _ = handle.close.cancelled() => return Ok(()),
             read = tokio::time::timeout(Duration::from_millis(dead_ms), reader.read_buf(&mut buffer)) => read,

@@ -309,9 +309,12 @@ async fn flipped_bit_closes_the_link_and_it_comes_back() {
             .is_some_and(|e| e.contains("does not decrypt"))
     })
     .await;
+    // b registers the new link when it answers the handshake, a when it reads the answer.
     wait_for("link back", || {
         let status = peer_status(&node_b, "a");
-        is_direct(&status.link) && status.last_handshake_unix_ms > first_handshake
+        is_direct(&status.link)
+            && status.last_handshake_unix_ms > first_handshake
+            && is_direct(&link_of(&node_a, "b"))
     })
     .await;
     let mut raft = node_b.incoming(Channel::Raft).unwrap();
