@@ -96,11 +96,11 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
             .expect("flags");
         store.expunge(alice, work, None).await.expect("expunge");
         store
-            .rename_mailbox(alice, "Work", "Work/2023")
+            .rename_mailbox(alice, "Work", "Projects/2023")
             .await
             .expect("rename");
         store
-            .set_subscribed(alice, "Work/2023", true)
+            .set_subscribed(alice, "Projects/2023", true)
             .await
             .expect("subscribe");
     });
