@@ -85,6 +85,17 @@ struct Cluster {
 impl Cluster {
     /// `local-cluster up N [--sites ...]`, or None (after saying why) when not root.
     fn up(offset: u32, count: usize, sites: Option<&str>) -> Option<Cluster> {
+        Cluster::up_with(offset, count, sites, |_| None)
+    }
+
+    /// `up`, every node given the extra TOML that `config` builds from the host's address
+    /// (`local-cluster up N --config FILE`).
+    fn up_with(
+        offset: u32,
+        count: usize,
+        sites: Option<&str>,
+        config: impl FnOnce(&str) -> Option<String>,
+    ) -> Option<Cluster> {
         if !is_root() {
             eprintln!("skipped: cluster tests need root (network namespaces, veths, a bridge)");
             return None;
@@ -106,6 +117,13 @@ impl Cluster {
         let mut args = vec!["up", count.as_str()];
         if let Some(sites) = sites {
             args.extend(["--sites", sites]);
+        }
+        let host = cluster.ok(&["host"]).trim().to_string();
+        let config_path = cluster.dir.path().join("extra.toml");
+        let config_arg = config_path.to_string_lossy().into_owned();
+        if let Some(extra) = config(&host) {
+            std::fs::write(&config_path, extra).expect("write the extra TOML");
+            args.extend(["--config", config_arg.as_str()]);
         }
         let stdout = cluster.ok(&args);
         cluster.nodes = parse_lines(&stdout);
@@ -889,5 +907,199 @@ fn local_cluster_network_cut_heal_config_and_down() {
     assert!(
         !netns.lines().any(|l| l.starts_with(&prefix)),
         "namespaces left: {netns}"
+    );
+}
+
+/// The slow sink of `queue_survives_a_kill_of_the_lease_holder`: aiosmtpd on the host's address
+/// in the cluster network; every DATA is recorded (Message-ID, peer, arrival time) as soon as it
+/// arrives, then answered `250` only after `delay` seconds, so deliveries stay in flight.
+const SLOW_SINK: &str = r#"
+import asyncio, json, re, sys, time
+from aiosmtpd.controller import Controller
+host, port, delay, out, ready = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), sys.argv[4], sys.argv[5]
+class Handler:
+    async def handle_DATA(self, server, session, envelope):
+        data = envelope.original_content or envelope.content
+        m = re.search(rb"(?im)^Message-ID:\s*(<[^>\r\n]*>)", data)
+        event = {"t": time.time(), "peer": session.peer[0],
+                 "mid": m.group(1).decode() if m else "", "to": envelope.rcpt_tos}
+        with open(out, "a") as f:
+            f.write(json.dumps(event) + "\n")
+        await asyncio.sleep(delay)
+        return "250 2.0.0 OK"
+c = Controller(Handler(), hostname=host, port=port, ready_timeout=30)
+c.start()
+with open(ready, "w") as f:
+    f.write("ready")
+while True:
+    time.sleep(3600)
+"#;
+
+/// Messages per phase of `queue_survives_a_kill_of_the_lease_holder`.
+const QUEUE_MESSAGES: usize = 500;
+/// The worker's concurrency in that test: the bound on duplicates after a kill.
+const QUEUE_CONCURRENCY: usize = 4;
+/// How long the sink holds each message before its `250`.
+const SINK_DELAY_SECS: f64 = 0.15;
+
+/// Submits `QUEUE_MESSAGES` (STARTTLS + AUTH, spread over the nodes), optionally kills the node
+/// holding most leases while deliveries are in flight, waits until the sink has every message
+/// and the queue is empty, and prints `duplicates=N`.
+const QUEUE_PHASE: &str = r#"
+tag, kill, events, count, conc = POS[0], POS[1] == "kill", POS[2], int(POS[3]), int(POS[4])
+names = sorted(NODES)
+def sink_ids():
+    ids = []
+    try:
+        with open(events) as f:
+            for line in f:
+                try:
+                    mid = json.loads(line)["mid"]
+                except ValueError:
+                    continue
+                if mid.startswith(f"<{tag}-"):
+                    ids.append(mid)
+    except FileNotFoundError:
+        pass
+    return ids
+errors = []
+def submit(node, numbers):
+    try:
+        host, port = addr(node, "SUBMISSION")
+        s = smtplib.SMTP(host, port, timeout=60)
+        s.ehlo("client.test"); s.starttls(context=TLS); s.ehlo("client.test")
+        s.login(USER, PASSWORD)
+        for n in numbers:
+            msg = (f"From: {USER}\r\nTo: rcpt@slow.test\r\nSubject: {tag} {n}\r\n"
+                   f"Message-ID: <{tag}-{n}@kermail.test>\r\n\r\nBody {n}.\r\n").encode()
+            refused = s.sendmail(USER, ["rcpt@slow.test"], msg)
+            assert not refused, refused
+        s.quit()
+    except Exception as e:
+        errors.append(f"{node}: {e!r}")
+t0 = time.monotonic()
+threads = [threading.Thread(target=submit, args=(n, range(i, count, len(names))))
+           for i, n in enumerate(names)]
+for t in threads: t.start()
+for t in threads: t.join()
+assert not errors, errors
+print(f"{tag}: {count} submitted in {time.monotonic() - t0:.1f}s, {len(sink_ids())} at the sink",
+      file=sys.stderr)
+alive = list(names)
+def leases(node):
+    out = local_cluster("exec", node, "--", "kermail", "queue", "list").stdout
+    held = {}
+    for m in re.finditer(r"lease=(\S+) until", out):
+        held[m.group(1)] = held.get(m.group(1), 0) + 1
+    return held, len(re.findall(r"lease=", out))
+if kill:
+    held = wait_until(lambda: leases(names[0])[0], "leases held", secs=60)
+    victim = max(held, key=held.get)
+    before = len(sink_ids())
+    local_cluster("kill", victim)
+    alive.remove(victim)
+    print(f"{tag}: killed {victim} holding {held[victim]} leases (all: {held}); "
+          f"{before}/{count} at the sink", file=sys.stderr)
+    assert before < count, "every message was delivered before the kill"
+wait_until(lambda: len(set(sink_ids())) >= count, "every message at the sink", secs=90)
+wait_until(lambda: leases(alive[0])[1] == 0, "an empty queue", secs=60)
+ids = sink_ids()
+missing = [n for n in range(count) if f"<{tag}-{n}@kermail.test>" not in set(ids)]
+assert not missing, f"missing at the sink: {missing[:20]}"
+print(f"{tag}: all {count} at the sink {time.monotonic() - t0:.1f}s after the first submission",
+      file=sys.stderr)
+print(f"duplicates={len(ids) - len(set(ids))}")
+"#;
+
+/// Issue 5: 500 queued messages to a slow sink on a 3-node cluster. Without a kill every message
+/// arrives exactly once; with a `kill -9` of the node holding most leases while deliveries are in
+/// flight, every message still arrives and duplicates are at most the worker's concurrency.
+#[test]
+fn queue_survives_a_kill_of_the_lease_holder() {
+    let started = Instant::now();
+    let port = crate::harness::free_port();
+    let Some(cluster) = Cluster::up_with(6, 3, None, |host| {
+        Some(format!(
+            r#"
+[outbound]
+ehlo_hostname = "mx.kermail.test"
+poll_interval_secs = 1
+lease_secs = 6
+max_concurrent_deliveries = {QUEUE_CONCURRENCY}
+[outbound.overrides]
+"slow.test" = ["{host}:{port}"]
+[outbound.retry]
+first_retry_delay_secs = 1
+retry_delay_secs_max = 2
+backoff_factor = 2.0
+jitter_fraction = 0.0
+max_age_secs = 600
+delay_warning_secs = 86400
+[smtp]
+max_messages_per_account_per_minute = 100000
+"#
+        ))
+    }) else {
+        return;
+    };
+    let host = cluster.ok(&["host"]).trim().to_string();
+    let sink_dir = tempfile::tempdir().expect("tempdir");
+    let events = sink_dir.path().join("events.jsonl");
+    let ready = sink_dir.path().join("ready");
+    let mut sink = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(SLOW_SINK)
+        .arg(&host)
+        .arg(port.to_string())
+        .arg(SINK_DELAY_SECS.to_string())
+        .arg(&events)
+        .arg(&ready)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("run the aiosmtpd sink (apt-get install python3-aiosmtpd)");
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    wait_for("the sink to listen", Duration::from_secs(30), || {
+        if let Ok(Some(status)) = sink.try_wait() {
+            panic!("the sink exited: {status}");
+        }
+        ready.exists().then_some(())
+    });
+    let _sink = KillOnDrop(sink);
+    cluster.account();
+    let events_arg = events.to_string_lossy().into_owned();
+    let count = QUEUE_MESSAGES.to_string();
+    let concurrency = QUEUE_CONCURRENCY.to_string();
+    let duplicates = |out: &str| -> usize {
+        out.lines()
+            .find_map(|l| l.strip_prefix("duplicates="))
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no duplicates= line in {out:?}"))
+    };
+    let calm = duplicates(&cluster.py(
+        QUEUE_PHASE,
+        &["calm", "nokill", &events_arg, &count, &concurrency],
+    ));
+    let killed = duplicates(&cluster.py(
+        QUEUE_PHASE,
+        &["killed", "kill", &events_arg, &count, &concurrency],
+    ));
+    eprintln!(
+        "queue of {QUEUE_MESSAGES} messages, concurrency {QUEUE_CONCURRENCY}: \
+         duplicates without a kill={calm}, with a kill of the lease holder={killed} \
+         ({:.1}s in all)",
+        started.elapsed().as_secs_f64()
+    );
+    assert_eq!(calm, 0, "duplicates without a kill");
+    assert!(
+        killed <= QUEUE_CONCURRENCY,
+        "{killed} duplicates after the kill, more than the concurrency {QUEUE_CONCURRENCY}"
     );
 }
