@@ -191,14 +191,21 @@ pub trait SenderCheck: Send + Sync + 'static {
     fn is(&self, claimed: NodeId, from: &str) -> bool;
 }
 
-/// Serves the Raft RPCs arriving on one mesh channel until `stop`.
-pub async fn serve_raft(
-    raft: Raft,
+/// Answers the requests arriving on one mesh channel until `stop`, or until `handle` gives
+/// up (returns `None`, e.g. when the engine is gone): at most `max_concurrent` at a time, each
+/// in its own task inside `span(from)`. `handle` turns a request (sender, body) into the work
+/// that yields the encoded answer (`None`: nothing to send). One-way messages are ignored.
+pub(crate) async fn serve_requests<H, F>(
     mut incoming: mpsc::Receiver<Incoming>,
-    check: std::sync::Arc<dyn SenderCheck>,
     stop: CancellationToken,
-) {
-    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_RAFT_RPCS));
+    max_concurrent: usize,
+    span: fn(&str) -> tracing::Span,
+    mut handle: H,
+) where
+    H: FnMut(String, bytes::Bytes) -> Option<F>,
+    F: std::future::Future<Output = Option<bytes::Bytes>> + Send + 'static,
+{
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(max_concurrent));
     loop {
         let message = tokio::select! {
             _ = stop.cancelled() => break,
@@ -208,31 +215,55 @@ pub async fn serve_raft(
             },
         };
         let Some(responder) = message.responder else {
-            tracing::debug!(from = %message.from, "one-way message on a raft channel ignored");
+            tracing::debug!(from = %message.from, "one-way message on a request channel ignored");
             continue;
+        };
+        let span = span(&message.from);
+        let Some(work) = handle(message.from, message.body) else {
+            break;
         };
         let Ok(permit) = slots.clone().acquire_owned().await else {
             break;
         };
-        let raft = raft.clone();
-        let check = check.clone();
-        let span = tracing::debug_span!("raft_rpc", from = %message.from);
         tokio::spawn(
             async move {
-                let reply = handle_rpc(&raft, check.as_ref(), &message.from, &message.body).await;
-                match encode(&reply) {
-                    Ok(body) => {
-                        if let Err(error) = responder.respond(body).await {
-                            tracing::debug!(%error, "cannot answer a raft rpc");
-                        }
+                if let Some(body) = work.await {
+                    if let Err(error) = responder.respond(body).await {
+                        tracing::debug!(%error, "cannot answer a request");
                     }
-                    Err(error) => tracing::error!(%error, "cannot encode a raft reply"),
                 }
                 drop(permit);
             }
             .instrument(span),
         );
     }
+}
+
+/// Serves the Raft RPCs arriving on one mesh channel until `stop`.
+pub async fn serve_raft(
+    raft: Raft,
+    incoming: mpsc::Receiver<Incoming>,
+    check: std::sync::Arc<dyn SenderCheck>,
+    stop: CancellationToken,
+) {
+    let span: fn(&str) -> tracing::Span = |from| tracing::debug_span!("raft_rpc", from = %from);
+    serve_requests(
+        incoming,
+        stop,
+        MAX_CONCURRENT_RAFT_RPCS,
+        span,
+        move |from, body| {
+            let raft = raft.clone();
+            let check = check.clone();
+            Some(async move {
+                let reply = handle_rpc(&raft, check.as_ref(), &from, &body).await;
+                encode(&reply)
+                    .map_err(|error| tracing::error!(%error, "cannot encode a raft reply"))
+                    .ok()
+            })
+        },
+    )
+    .await
 }
 
 async fn handle_rpc(raft: &Raft, check: &dyn SenderCheck, from: &str, body: &[u8]) -> RaftReply {

@@ -19,9 +19,10 @@ use openraft::{ChangeMembers, ServerState};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn, Instrument};
+use tracing::{info, warn};
 
 use super::membership::{self, InviteToken, JoinPhase, JoinState, PersistedIdentity};
+use super::network::serve_requests;
 use super::node::{
     Cluster, ClusterError, ClusterRole, ClusterStatus, Engine, JoinReport, ProposeError,
 };
@@ -147,48 +148,33 @@ fn is_full_member(engine: &Engine, name: &str) -> bool {
 /// The leader side of forwarded writes.
 pub(crate) async fn serve_forward(
     engine: Weak<Engine>,
-    mut incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Incoming>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_FORWARDS));
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            message = incoming.recv() => match message {
-                Some(message) => message,
-                None => break,
-            },
-        };
-        let Some(responder) = message.responder else {
-            continue;
-        };
-        let Some(engine) = engine.upgrade() else {
-            break;
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let from = message.from;
-        let span = tracing::debug_span!("forwarded_write", from = %from);
-        tokio::spawn(
-            async move {
+    let span: fn(&str) -> tracing::Span =
+        |from| tracing::debug_span!("forwarded_write", from = %from);
+    serve_requests(
+        incoming,
+        stop,
+        MAX_CONCURRENT_FORWARDS,
+        span,
+        move |from, body| {
+            let engine = engine.upgrade()?;
+            Some(async move {
                 let reply = if !is_full_member(&engine, &from) {
                     warn!(from, "forwarded write refused: not a member");
                     ForwardReply::Failed(ProposeError::Fatal(format!("{from} is not a member")))
                 } else {
-                    match decode::<ForwardRequest>(&message.body) {
+                    match decode::<ForwardRequest>(&body) {
                         Err(error) => ForwardReply::Failed(ProposeError::Fatal(error)),
                         Ok(request) => leader_propose(&engine, request.command).await,
                     }
                 };
-                if let Ok(body) = encode(&reply) {
-                    let _ = responder.respond(body).await;
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+                encode(&reply).ok()
+            })
+        },
+    )
+    .await
 }
 
 async fn leader_propose(engine: &Engine, command: Vec<u8>) -> ForwardReply {
@@ -214,43 +200,27 @@ async fn leader_propose(engine: &Engine, command: Vec<u8>) -> ForwardReply {
 /// Control requests from other nodes.
 pub(crate) async fn serve_control(
     engine: Weak<Engine>,
-    mut incoming: mpsc::Receiver<Incoming>,
+    incoming: mpsc::Receiver<Incoming>,
     stop: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_CONTROL));
-    loop {
-        let message = tokio::select! {
-            _ = stop.cancelled() => break,
-            message = incoming.recv() => match message {
-                Some(message) => message,
-                None => break,
-            },
-        };
-        let Some(responder) = message.responder else {
-            continue;
-        };
-        let Some(engine) = engine.upgrade() else {
-            break;
-        };
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let from = message.from;
-        let span = tracing::info_span!("control", from = %from);
-        tokio::spawn(
-            async move {
-                let reply = match decode::<ControlRequest>(&message.body) {
+    let span: fn(&str) -> tracing::Span = |from| tracing::info_span!("control", from = %from);
+    serve_requests(
+        incoming,
+        stop,
+        MAX_CONCURRENT_CONTROL,
+        span,
+        move |from, body| {
+            let engine = engine.upgrade()?;
+            Some(async move {
+                let reply = match decode::<ControlRequest>(&body) {
                     Err(error) => ControlReply::Error(error),
                     Ok(request) => handle_control(&engine, &from, request).await,
                 };
-                if let Ok(body) = encode(&reply) {
-                    let _ = responder.respond(body).await;
-                }
-                drop(permit);
-            }
-            .instrument(span),
-        );
-    }
+                encode(&reply).ok()
+            })
+        },
+    )
+    .await
 }
 
 async fn handle_control(engine: &Arc<Engine>, from: &str, request: ControlRequest) -> ControlReply {
