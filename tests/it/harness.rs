@@ -47,12 +47,29 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut cond: impl FnMut() -> Opt
     }
 }
 
-/// A port on 127.0.0.1 that was free when asked.
+/// A port on 127.0.0.1 that was free when asked and that no other caller in this test process
+/// has been given. Ports come from below the kernel's ephemeral range (32768-60999 by default),
+/// so neither the outgoing connections of concurrent tests nor another `bind(0)` can take a port
+/// between the moment it is handed out and the moment the node binds it; each process starts
+/// at its own offset so two test processes rarely probe the same ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind 127.0.0.1:0")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let _ = NEXT.compare_exchange(
+        u32::MAX,
+        (std::process::id().wrapping_mul(2_654_435_761)) % SPAN,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    for _ in 0..SPAN {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::SeqCst) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + SPAN)
 }
 
 pub struct Node {
