@@ -18,6 +18,8 @@
 //!   leave), the join driver, `cluster status` ([`ClusterView`]) and the task keeping the
 //!   mesh's member list equal to the Raft membership.
 //! - [`membership`]: invitation tokens, join state files, the site-loss verdict.
+//! - [`applied`]: the applied index with its waiters (a follower's read-your-writes wait wakes
+//!   once, when its entry is applied, not at every metrics change).
 //! - [`node`]: [`Cluster`], the handle the mail node uses (open, propose, status, snapshot,
 //!   shutdown), with the proposal batcher that gives group commit.
 //!
@@ -29,6 +31,7 @@
 //!   concurrently may share one log entry (a [`CommandBatch`]); they are then applied in batch
 //!   order with the same `log_index`.
 
+pub(crate) mod applied;
 pub mod config;
 pub mod log_store;
 pub mod membership;

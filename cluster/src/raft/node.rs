@@ -16,6 +16,7 @@ use tracing::Instrument;
 use crate::app::AppStateMachine;
 use crate::mesh::{Channel, Identity, Member, Mesh, MeshConfig, MeshError, MeshStatus};
 
+use super::applied::{AppliedIndex, WaitError};
 use super::config::{ClusterConfig, RaftTimings};
 use super::log_store::{LogStore, LogStoreProbe};
 use super::membership::{self, JoinPhase, JoinState, PersistedIdentity};
@@ -174,6 +175,11 @@ pub(crate) struct Engine {
     pub(crate) holds_app_data: Arc<AtomicBool>,
     /// The join driver's last report, on a joining node.
     pub(crate) join_report: watch::Sender<Option<JoinReport>>,
+    /// What this node's state machine applied (read-your-writes waits).
+    applied: Arc<AppliedIndex>,
+    /// The current leader, changed only when Raft names another one (forwarded writes watch
+    /// it; Raft's own metrics change several times per entry).
+    pub(crate) leader: watch::Receiver<Option<NodeId>>,
 }
 
 /// Where a join stands, on the joining node (`kermail cluster join` polls it).
@@ -563,6 +569,7 @@ async fn start_engine(
         .await
         .map_err(io_error(&snapshot_dir))?;
     let holds_app_data = state_machine.holds_app_data();
+    let applied = state_machine.applied_index();
     let raft_config = raft_config(&timings)?;
     let log_probe = log_store.probe();
     let raft = Raft::new(
@@ -597,6 +604,11 @@ async fn start_engine(
     }
 
     let stop = CancellationToken::new();
+    let (leader_tx, leader) = watch::channel(raft.metrics().borrow().current_leader);
+    tokio::spawn(
+        publish_leader(raft.metrics(), leader_tx, stop.clone())
+            .instrument(tracing::info_span!("leader_watch", node_id)),
+    );
     let (proposals, proposal_rx) = mpsc::channel(PROPOSAL_QUEUE_CAPACITY);
     tokio::spawn(
         run_batcher(raft.clone(), proposal_rx, stop.clone(), log_probe.clone())
@@ -625,6 +637,8 @@ async fn start_engine(
         known,
         holds_app_data,
         join_report,
+        applied,
+        leader,
     });
     let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
     for channel in [Channel::Raft, Channel::Bulk] {
@@ -880,26 +894,12 @@ impl Engine {
         log_index: u64,
         deadline: tokio::time::Instant,
     ) -> Result<(), ProposeError> {
-        let mut metrics = self.raft.metrics();
-        loop {
-            if metrics
-                .borrow_and_update()
-                .last_applied
-                .is_some_and(|id| id.index >= log_index)
-            {
-                return Ok(());
-            }
-            match tokio::time::timeout_at(deadline, metrics.changed()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => {
-                    return Err(ProposeError::Fatal("raft stopped".to_string()));
-                }
-                Err(_) => {
-                    return Err(ProposeError::Unavailable(format!(
-                        "committed at index {log_index} but not applied on this node in time"
-                    )))
-                }
-            }
+        match self.applied.wait(log_index, deadline).await {
+            Ok(()) => Ok(()),
+            Err(WaitError::Closed) => Err(ProposeError::Fatal("raft stopped".to_string())),
+            Err(WaitError::Timeout) => Err(ProposeError::Unavailable(format!(
+                "committed at index {log_index} but not applied on this node in time"
+            ))),
         }
     }
 
@@ -907,6 +907,7 @@ impl Engine {
     async fn stop(&self) -> Result<(), ClusterError> {
         self.stop.cancel();
         let raft_result = self.raft.shutdown().await;
+        self.applied.close();
         self.mesh.shutdown();
         let flush_result = self.log_probe.flush().await;
         let deadline = Instant::now() + SHUTDOWN_RELEASE_TIMEOUT;
@@ -923,6 +924,27 @@ impl Engine {
         flush_result.map_err(|e| ClusterError::Raft(format!("final log flush failed: {e}")))?;
         tracing::info!(node_id = self.node_id, "cluster shut down");
         Ok(())
+    }
+}
+
+/// Publishes Raft's current leader on `leader` whenever it changes (and only then).
+async fn publish_leader(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>>,
+    leader: watch::Sender<Option<NodeId>>,
+    stop: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            changed = metrics.changed() => if changed.is_err() { return },
+        }
+        let current = metrics.borrow_and_update().current_leader;
+        leader.send_if_modified(|known| {
+            let changed = *known != current;
+            *known = current;
+            changed
+        });
     }
 }
 

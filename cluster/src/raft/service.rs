@@ -85,13 +85,13 @@ pub(crate) async fn forward(
     }
     // If Raft names another leader (or none) while the request is out, the leader we asked
     // lost its position: answer at once rather than wait the whole timeout.
-    let mut metrics = engine.raft.metrics();
+    let mut leader_watch = engine.leader.clone();
     let leader_changed = async {
         loop {
-            if metrics.changed().await.is_err() {
+            if *leader_watch.borrow_and_update() != Some(leader) {
                 return;
             }
-            if metrics.borrow_and_update().current_leader != Some(leader) {
+            if leader_watch.changed().await.is_err() {
                 return;
             }
         }

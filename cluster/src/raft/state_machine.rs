@@ -11,6 +11,7 @@ use tokio::sync::Mutex;
 
 use crate::app::{AppStateMachine, SnapshotBuilder};
 
+use super::applied::AppliedIndex;
 use super::snapshot_file;
 use super::types::{
     CommandResponses, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -41,6 +42,8 @@ pub struct StateMachineStore {
     /// Set once the application was given any command or snapshot: such a node holds data
     /// and may not join another cluster.
     holds_app_data: Arc<std::sync::atomic::AtomicBool>,
+    /// The applied index, for tasks waiting to read their own writes.
+    applied: Arc<AppliedIndex>,
 }
 
 impl StateMachineStore {
@@ -66,7 +69,15 @@ impl StateMachineStore {
         if let Some(meta) = &restored {
             tracing::info!(snapshot = %meta, "state restored from snapshot");
         }
+        let applied = Arc::new(AppliedIndex::default());
+        applied.set(
+            restored
+                .as_ref()
+                .and_then(|m| m.last_log_id)
+                .map(|id| id.index),
+        );
         Ok(Self {
+            applied,
             app,
             last_applied: restored.as_ref().and_then(|m| m.last_log_id),
             last_membership: restored
@@ -177,6 +188,11 @@ impl StateMachineStore {
     pub fn holds_app_data(&self) -> Arc<std::sync::atomic::AtomicBool> {
         self.holds_app_data.clone()
     }
+
+    /// The applied index this store advances after every apply and snapshot install.
+    pub(crate) fn applied_index(&self) -> Arc<AppliedIndex> {
+        self.applied.clone()
+    }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
@@ -235,6 +251,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         .await
         .map_err(join_error)?;
         self.last_applied = Some(last_log_id);
+        self.applied.set(Some(last_log_id.index));
         if let Some(membership) = last_membership {
             self.last_membership = membership;
         }
@@ -295,6 +312,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         self.holds_app_data
             .store(true, std::sync::atomic::Ordering::Release);
         self.last_applied = meta.last_log_id;
+        self.applied.set(meta.last_log_id.map(|id| id.index));
         self.last_membership = meta.last_membership.clone();
         tracing::info!("snapshot installed");
         Ok(())
