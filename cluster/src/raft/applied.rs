@@ -165,7 +165,7 @@ mod tests {
             tokio::spawn(async move { applied.wait(2, soon()).await })
         };
         let until = std::time::Instant::now() + Duration::from_secs(5);
-        while applied.waiters().by_index.get(&2).is_none() {
+        while !applied.waiters().by_index.contains_key(&2) {
             assert!(std::time::Instant::now() < until, "waiter never registered");
             tokio::task::yield_now().await;
         }
