@@ -11,8 +11,9 @@
 //! not write the file's metadata (the size of a growing file) nor flush the disk's write cache,
 //! and values above a quarter of a segment go to files under `blobs/` that are never synced.
 //! So after sled's flush the durable flush calls `fdatasync` on sled's `db` file (through our
-//! own descriptor: fsync works on the inode) and `fdatasync` on every blob file it has not
-//! synced yet, then fsyncs the `blobs` folder. Segments are 4 MiB here, so entries up to 1 MiB
+//! own descriptor: fsync works on the inode) and, when a value large enough to become a blob
+//! was written since the last flush, `fdatasync` on every blob file it has not synced yet, then
+//! fsyncs the `blobs` folder. Segments are 4 MiB here, so entries up to 1 MiB
 //! stay inline and blobs are rare.
 
 // openraft fixes the error type of the storage traits (`StorageError`, about 224 bytes); the
@@ -40,6 +41,9 @@ const KEY_NODE_ID: &[u8] = b"node_id";
 /// batches up to 1 MiB inline (the batcher closes a batch at `MAX_BATCH_BYTES`). sled records
 /// it at creation and refuses to open a database with another value.
 const SLED_SEGMENT_BYTES: usize = 4 << 20;
+/// A value at least this large may be stored by sled as a blob file (sled's threshold is a
+/// quarter of a segment, measured with its own framing; an eighth leaves a wide margin).
+const SLED_BLOB_MIN_BYTES: usize = SLED_SEGMENT_BYTES / 8;
 /// sled's data file and blob folder inside its directory (sled 0.34 layout).
 const SLED_DATA_FILE_NAME: &str = "db";
 const SLED_BLOB_DIR_NAME: &str = "blobs";
@@ -52,6 +56,9 @@ struct Shared {
     blob_dir: std::path::PathBuf,
     /// Blob files already synced (sled never rewrites a blob file in place).
     synced_blobs: std::sync::Mutex<std::collections::HashSet<std::ffi::OsString>>,
+    /// Set when a value large enough to become a sled blob file was written since the last
+    /// durable flush (and at open): only then does the flush list the blob folder.
+    blobs_maybe_new: std::sync::atomic::AtomicBool,
     log: sled::Tree,
     meta: sled::Tree,
     /// Number of log flushes (fsyncs) done by `append`, for the group-commit test and status.
@@ -125,6 +132,7 @@ impl LogStore {
                 data_file,
                 blob_dir,
                 synced_blobs: std::sync::Mutex::new(std::collections::HashSet::new()),
+                blobs_maybe_new: std::sync::atomic::AtomicBool::new(true),
                 log,
                 meta,
                 n_append_flushes: Arc::new(AtomicU64::new(0)),
@@ -288,7 +296,14 @@ impl Shared {
     fn durable_flush(&self) -> std::io::Result<()> {
         self.db.flush().map_err(std::io::Error::other)?;
         self.data_file.sync_data()?;
-        self.sync_new_blobs()
+        // Cleared before listing: a large value written meanwhile sets it again.
+        if self.blobs_maybe_new.swap(false, Ordering::AcqRel) {
+            if let Err(error) = self.sync_new_blobs() {
+                self.blobs_maybe_new.store(true, Ordering::Release);
+                return Err(error);
+            }
+        }
+        Ok(())
     }
 
     fn sync_new_blobs(&self) -> std::io::Result<()> {
@@ -444,6 +459,9 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         for entry in entries {
             let bytes = encode(&entry)
                 .map_err(|e| io_error(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, &e))?;
+            if bytes.len() >= SLED_BLOB_MIN_BYTES {
+                self.shared.blobs_maybe_new.store(true, Ordering::Release);
+            }
             batch.insert(&index_key(entry.log_id.index), bytes);
             n_entries += 1;
         }
