@@ -135,17 +135,17 @@ fn write_snapshot_as(
     let referenced = state.referenced_blobs();
     out.write_all(&(referenced.len() as u64).to_le_bytes())?;
     for id in &referenced {
-        let file = blobs.open_compressed(id).map_err(|error| {
+        let mut body = blobs.open_compressed(id).map_err(|error| {
             tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body file is missing");
             io::Error::new(
                 error.kind(),
                 format!("body {} is missing: {error}", hex::encode(id.0)),
             )
         })?;
-        let len = file.metadata()?.len();
+        let len = body.remaining_bytes();
         out.write_all(&id.0)?;
         out.write_all(&len.to_le_bytes())?;
-        let copied = io::copy(&mut file.take(len), &mut out)?;
+        let copied = io::copy(&mut body, &mut out)?;
         if copied != len {
             return Err(invalid(format!(
                 "body {} shrank while being read",
