@@ -967,7 +967,11 @@ impl Shared {
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
                 if let Some(id) = parse_hex_id(&name) {
-                    let bytes = fs::read(entry.path())?;
+                    let bytes = if entry.metadata()?.len() > MAX_COMMAND_BYTES {
+                        Vec::new()
+                    } else {
+                        fs::read(entry.path())?
+                    };
                     if let Err(error) = check_content(&id, &mut bytes.as_slice()) {
                         // A replay or a snapshot writes it again.
                         tracing::warn!(blob = %hex::encode(id.0), %error, "dropping a damaged body file");
