@@ -1220,7 +1220,7 @@ mod tests {
         let mut raw = format!("Subject: {n}\r\n\r\n").into_bytes();
         let mut seed = blake3::hash(&n.to_le_bytes());
         while raw.len() < bytes {
-            raw.extend_from_slice(&hex::encode(seed.as_bytes())[..32].as_bytes());
+            raw.extend_from_slice(&hex::encode(seed.as_bytes()).as_bytes()[..32]);
             seed = blake3::hash(seed.as_bytes());
         }
         let (id, compressed) = compress(&raw).unwrap();
