@@ -77,6 +77,8 @@ const INDEX_ENTRY_BYTES: usize = 44;
 /// .idx trailer: magic u32, entry count u64, .dat length u64, CRC-32 u32.
 const INDEX_TRAILER_BYTES: usize = 24;
 const INDEX_MAGIC: u32 = u32::from_le_bytes(*b"KMI1");
+/// Held locked while a store has the folder open.
+const LOCK_FILE_NAME: &str = "lock";
 /// Read buffer of the scan of a pack at open.
 const SCAN_BUFFER_BYTES: usize = 1024 * 1024;
 /// Chunk in which a scanned record's payload is checksummed.
@@ -309,6 +311,9 @@ struct Shared {
 pub struct BlobStore {
     shared: Arc<Shared>,
     worker: Option<std::thread::JoinHandle<()>>,
+    /// `blobs/lock`, locked (flock) while the store is open: a second process (or store)
+    /// opening the folder would scan, truncate and append to the same active pack.
+    _lock: fs::File,
 }
 
 /// Held by a snapshot build: deletions (and the unlinking of compacted packs) wait until
@@ -383,6 +388,21 @@ impl BlobStore {
     /// one-file-per-body layout, and starts the compaction thread.
     pub fn open_with(root: PathBuf, config: PackConfig) -> io::Result<Arc<BlobStore>> {
         fs::create_dir_all(&root)?;
+        let lock_file = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(root.join(LOCK_FILE_NAME))?;
+        match lock_file.try_lock() {
+            Ok(()) => {}
+            Err(fs::TryLockError::WouldBlock) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::WouldBlock,
+                    format!("{} is in use by another store", root.display()),
+                ))
+            }
+            Err(fs::TryLockError::Error(error)) => return Err(error),
+        }
         let mut seqs = BTreeSet::new();
         for entry in fs::read_dir(&root)? {
             let entry = entry?;
@@ -491,6 +511,7 @@ impl BlobStore {
         let store = Arc::new(BlobStore {
             shared,
             worker: Some(worker),
+            _lock: lock_file,
         });
         tracing::info!(stats = ?store.disk_stats(), "blob packs opened");
         Ok(store)
@@ -844,16 +865,17 @@ impl Shared {
 
     /// Fsyncs a full pack, then writes its .idx.
     fn seal(&self, seq: u32) -> io::Result<()> {
-        let file = match lock(&self.index).packs.get(&seq) {
-            Some(pack) if !pack.sealed => pack.file.clone(),
+        // No longer the active pack: its size is final.
+        let (file, size) = match lock(&self.index).packs.get(&seq) {
+            Some(pack) if !pack.sealed => (pack.file.clone(), pack.size),
             _ => return Ok(()),
         };
+        // A failed write may have left bytes past the last record.
+        if file.metadata()?.len() > size {
+            file.set_len(size)?;
+        }
         file.sync_all()?;
-        let (entries, size) = {
-            let index = lock(&self.index);
-            let size = index.packs.get(&seq).map_or(0, |pack| pack.size);
-            (index.entries_of(seq), size)
-        };
+        let entries = lock(&self.index).entries_of(seq);
         write_index_file(&self.root, seq, &entries, size)?;
         let mut index = lock(&self.index);
         let due = match index.packs.get_mut(&seq) {
@@ -1624,11 +1646,12 @@ mod tests {
             assert_eq!(*store.read(id, raw.len() as u32).unwrap(), *raw);
         }
         assert!(!store.contains(&damaged));
-        let left: Vec<_> = fs::read_dir(&root)
+        let mut left: Vec<_> = fs::read_dir(&root)
             .unwrap()
             .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(left, vec!["pack-00000001.dat".to_string()]);
+        left.sort();
+        assert_eq!(left, ["lock", "pack-00000001.dat"]);
         drop(store);
         let store = BlobStore::open(root).unwrap();
         assert_eq!(store.disk_stats().bodies, bodies.len());
@@ -1639,8 +1662,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = BlobStore::open(dir.path().join("blobs")).unwrap();
         let shared = Arc::downgrade(&store.shared);
+        assert!(
+            BlobStore::open(dir.path().join("blobs")).is_err(),
+            "one store per folder"
+        );
         drop(store);
         assert!(shared.upgrade().is_none(), "the thread let go of the store");
+        BlobStore::open(dir.path().join("blobs")).unwrap();
     }
 
     #[test]
