@@ -13,7 +13,8 @@
 //! - `command.rs`: the closed, versioned command enum carried by the log ([`Propose`] bytes
 //!   are bincode of `Command::V1`), and the response enum.
 //! - `state.rs`: the in-memory state (BTreeMaps only) and the pure `apply`.
-//! - `blob.rs`: bodies as content-addressed zstd files `blobs/ab/<hex>`, staging, deferred
+//! - `blob.rs`: content-addressed zstd bodies appended to pack files `blobs/pack-<seq>.dat`
+//!   (in-memory index, `.idx` per sealed pack, background compaction), staging, deferred
 //!   deletion, the cache of decompressed bodies.
 //! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
 //! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
@@ -428,7 +429,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         };
         match self.blobs.sweep(&keep) {
             Ok(removed) if removed > 0 => {
-                tracing::info!(removed, "removed body files no longer referenced")
+                tracing::info!(removed, "removed bodies no longer referenced")
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "cannot sweep the blob folder"),

@@ -10,7 +10,7 @@
 //! ```
 //! Reading is bounded everywhere: a corrupt or hostile stream gives an error, never a panic or
 //! an allocation sized by the stream. The state is replaced only after the trailing hash and
-//! the state's invariants have been checked; body files written before a failure are
+//! the state's invariants have been checked; bodies written before a failure are
 //! content-addressed and harmless (the next restore's sweep removes them).
 
 use std::collections::BTreeMap;
@@ -91,7 +91,7 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// A point-in-time view of the state and a guard that keeps its body files on disk.
+/// A point-in-time view of the state and a guard that keeps its bodies readable.
 pub struct Builder {
     pub(super) state: State,
     pub(super) blobs: Arc<BlobStore>,
@@ -104,7 +104,7 @@ impl kermail_cluster::SnapshotBuilder for Builder {
     }
 }
 
-/// Writes the state and its bodies (the files must exist: the caller holds a [`ReadGuard`]).
+/// Writes the state and its bodies (the bodies must be stored: the caller holds a [`ReadGuard`]).
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
     write_snapshot_as(SnapshotMetaRef::V2(state, &state.outbound), blobs, out)
 }
@@ -135,17 +135,17 @@ fn write_snapshot_as(
     let referenced = state.referenced_blobs();
     out.write_all(&(referenced.len() as u64).to_le_bytes())?;
     for id in &referenced {
-        let file = blobs.open_compressed(id).map_err(|error| {
-            tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body file is missing");
+        let mut body = blobs.open_compressed(id).map_err(|error| {
+            tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body is missing");
             io::Error::new(
                 error.kind(),
                 format!("body {} is missing: {error}", hex::encode(id.0)),
             )
         })?;
-        let len = file.metadata()?.len();
+        let len = body.remaining_bytes();
         out.write_all(&id.0)?;
         out.write_all(&len.to_le_bytes())?;
-        let copied = io::copy(&mut file.take(len), &mut out)?;
+        let copied = io::copy(&mut body, &mut out)?;
         if copied != len {
             return Err(invalid(format!(
                 "body {} shrank while being read",
@@ -164,7 +164,7 @@ fn read_u64(input: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// Reads a snapshot: writes its body files into `blobs` and returns the checked state.
+/// Reads a snapshot: writes its bodies into `blobs` and returns the checked state.
 pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<State> {
     let mut input = HashingReader {
         inner: io::BufReader::with_capacity(IO_BUFFER_BYTES, input),
