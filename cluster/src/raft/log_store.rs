@@ -63,9 +63,6 @@ struct Shared {
     meta: sled::Tree,
     /// Number of log flushes (fsyncs) done by `append`, for the group-commit test and status.
     n_append_flushes: Arc<AtomicU64>,
-    /// Woken after every flush by `append`: the proposal batcher hands Raft its next batch
-    /// when the log is free again (see `node.rs`).
-    flushed: Arc<tokio::sync::Notify>,
     /// The committed index + 1 (0: nothing committed), for status.
     committed_index_plus_one: Arc<AtomicU64>,
 }
@@ -83,7 +80,6 @@ pub(crate) struct LogStoreProbe {
     shared: std::sync::Weak<Shared>,
     committed_index_plus_one: Arc<AtomicU64>,
     n_append_flushes: Arc<AtomicU64>,
-    flushed: Arc<tokio::sync::Notify>,
 }
 
 fn io_error(
@@ -136,7 +132,6 @@ impl LogStore {
                 log,
                 meta,
                 n_append_flushes: Arc::new(AtomicU64::new(0)),
-                flushed: Arc::new(tokio::sync::Notify::new()),
                 committed_index_plus_one: Arc::new(AtomicU64::new(0)),
             }),
         };
@@ -198,7 +193,6 @@ impl LogStore {
             shared: Arc::downgrade(&self.shared),
             committed_index_plus_one: self.shared.committed_index_plus_one.clone(),
             n_append_flushes: self.shared.n_append_flushes.clone(),
-            flushed: self.shared.flushed.clone(),
         }
     }
 
@@ -358,11 +352,6 @@ impl LogStoreProbe {
         self.n_append_flushes.load(Ordering::Acquire)
     }
 
-    /// Notified after every flush by `append` (and by the batcher when a batch is answered).
-    pub(crate) fn flushed(&self) -> &Arc<tokio::sync::Notify> {
-        &self.flushed
-    }
-
     /// Flushes the store durably if it is still open.
     pub(crate) async fn flush(&self) -> std::io::Result<()> {
         if let Some(shared) = self.shared.upgrade() {
@@ -474,7 +463,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         match self.durable_flush().await {
             Ok(_) => {
                 self.shared.n_append_flushes.fetch_add(1, Ordering::Release);
-                self.shared.flushed.notify_waiters();
                 tracing::trace!(n_entries, "log entries flushed");
                 callback.log_io_completed(Ok(()));
                 Ok(())
