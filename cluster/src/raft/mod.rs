@@ -49,7 +49,7 @@ mod cluster_tests;
 mod tests;
 
 pub use config::{ClusterConfig, RaftTimings};
-pub use log_store::LogStore;
+pub use log_store::{LogStore, LogStoreError};
 pub use membership::{critical_sites, InviteToken, JoinPhase};
 pub use network::MeshNetwork;
 pub use node::{
