@@ -1209,3 +1209,401 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::raft::types::CommandBatch;
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    fn log_id(term: u64, index: u64) -> LogId {
+        LogId::new(CommittedLeaderId::new(term, 1), index)
+    }
+
+    /// An entry carrying `size` bytes of command.
+    fn entry(term: u64, index: u64, size: usize) -> Entry {
+        Entry {
+            log_id: log_id(term, index),
+            payload: EntryPayload::Normal(CommandBatch(vec![vec![(index % 251) as u8; size]])),
+        }
+    }
+
+    /// Appends like `RaftLogStorage::append` (whose callback cannot be built outside openraft).
+    fn append(store: &LogStore, entries: impl IntoIterator<Item = Entry>) {
+        let mut buf = Vec::new();
+        let mut records = Vec::new();
+        for entry in entries {
+            let start = buf.len();
+            push_record(&mut buf, &entry).expect("encode");
+            records.push((entry.log_id, start, buf.len()));
+        }
+        store.shared.append(&buf, &records).expect("append");
+    }
+
+    async fn indexes(store: &mut LogStore) -> Vec<u64> {
+        let entries = store.try_get_log_entries(..).await.expect("read");
+        for entry in &entries {
+            let EntryPayload::Normal(batch) = &entry.payload else {
+                panic!("not a normal entry");
+            };
+            assert_eq!(batch.0[0][0], (entry.log_id.index % 251) as u8);
+        }
+        entries.iter().map(|e| e.log_id.index).collect()
+    }
+
+    fn segment_files(dir: &Path) -> Vec<u64> {
+        let mut firsts: Vec<u64> = fs::read_dir(dir)
+            .expect("list")
+            .filter_map(|item| parse_segment_file_name(&item.ok()?.file_name().to_string_lossy()))
+            .collect();
+        firsts.sort_unstable();
+        firsts
+    }
+
+    fn last_segment_path(dir: &Path) -> PathBuf {
+        let last = *segment_files(dir).last().expect("a segment");
+        dir.join(segment_file_name(last))
+    }
+
+    #[tokio::test]
+    async fn restart_after_drop_finds_everything() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        {
+            let mut store = LogStore::open(&path).expect("open");
+            let node_id = store.node_id_or_create().await.expect("node id");
+            assert_eq!(store.set_node_id(node_id).await.expect("same id"), node_id);
+            assert!(matches!(
+                store.set_node_id(node_id + 1).await,
+                Err(LogStoreError::OtherNodeId { .. })
+            ));
+            store.save_vote(&Vote::new(3, node_id)).await.expect("vote");
+            append(&store, (0..10).map(|i| entry(1, i, 100)));
+            append(&store, (10..20).map(|i| entry(2, i, 100)));
+            store
+                .save_committed(Some(log_id(2, 15)))
+                .await
+                .expect("committed");
+        }
+        let mut store = LogStore::open(&path).expect("reopen");
+        assert_eq!(
+            store
+                .read_vote()
+                .await
+                .expect("vote")
+                .map(|v| v.leader_id.term),
+            Some(3)
+        );
+        assert_eq!(
+            store.read_committed().await.expect("c"),
+            Some(log_id(2, 15))
+        );
+        assert_eq!(store.probe().committed_index(), Some(15));
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id, Some(log_id(2, 19)));
+        assert_eq!(state.last_purged_log_id, None);
+        assert_eq!(indexes(&mut store).await, (0..20).collect::<Vec<_>>());
+        let some = store.try_get_log_entries(5..=7).await.expect("range");
+        assert_eq!(
+            some.iter().map(|e| e.log_id.index).collect::<Vec<_>>(),
+            vec![5, 6, 7]
+        );
+        let node_id = store.node_id_or_create().await.expect("node id");
+        drop(store);
+        let store = LogStore::open(&path).expect("reopen");
+        assert_eq!(store.node_id_or_create().await.expect("same"), node_id);
+    }
+
+    #[tokio::test]
+    async fn torn_tail_keeps_whole_records() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        {
+            let store = LogStore::open(&path).expect("open");
+            append(&store, (1..=10).map(|i| entry(1, i, 1000)));
+        }
+        // Cut the last record in its middle.
+        let segment = last_segment_path(&path);
+        let size = fs::metadata(&segment).expect("meta").len();
+        File::options()
+            .write(true)
+            .open(&segment)
+            .expect("open")
+            .set_len(size - 500)
+            .expect("cut");
+        {
+            let mut store = LogStore::open(&path).expect("reopen torn");
+            assert_eq!(indexes(&mut store).await, (1..=9).collect::<Vec<_>>());
+            let state = store.get_log_state().await.expect("state");
+            assert_eq!(state.last_log_id, Some(log_id(1, 9)));
+            // Appending continues after the whole records.
+            append(&store, [entry(2, 10, 10)]);
+        }
+        // Garbage after the last record, and a header promising more than there is.
+        {
+            let mut file = File::options().append(true).open(&segment).expect("open");
+            io::Write::write_all(&mut file, b"\x10\x00\x00\x00garbagegarbage").expect("garbage");
+        }
+        let mut store = LogStore::open(&path).expect("reopen garbage");
+        assert_eq!(indexes(&mut store).await, (1..=10).collect::<Vec<_>>());
+        append(&store, [entry(2, 11, 10)]);
+        drop(store);
+        // A flipped bit in the last record fails its CRC: cut there too.
+        let size = fs::metadata(&segment).expect("meta").len();
+        let mut bytes = fs::read(&segment).expect("read");
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x40;
+        fs::write(&segment, &bytes).expect("write");
+        let mut store = LogStore::open(&path).expect("reopen flipped");
+        assert_eq!(indexes(&mut store).await, (1..=10).collect::<Vec<_>>());
+        assert!(fs::metadata(&segment).expect("meta").len() < size);
+    }
+
+    #[tokio::test]
+    async fn corruption_in_an_earlier_segment_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        {
+            let store = LogStore::open_with_segment_bytes(&path, 4096).expect("open");
+            append(&store, (1..=20).map(|i| entry(1, i, 1000)));
+        }
+        let firsts = segment_files(&path);
+        assert!(firsts.len() >= 3, "{firsts:?}");
+        let first = path.join(segment_file_name(firsts[0]));
+        let mut bytes = fs::read(&first).expect("read");
+        bytes[RECORD_HEADER_BYTES + 20] ^= 0x01;
+        fs::write(&first, &bytes).expect("write");
+        match LogStore::open_with_segment_bytes(&path, 4096) {
+            Err(LogStoreError::Corrupt { path: bad, .. }) => assert_eq!(bad, first),
+            Err(other) => panic!("unexpected error {other}"),
+            Ok(_) => panic!("a corrupt segment was accepted"),
+        }
+        // A missing middle segment (a hole) is refused too.
+        bytes[RECORD_HEADER_BYTES + 20] ^= 0x01;
+        fs::write(&first, &bytes).expect("write");
+        fs::remove_file(path.join(segment_file_name(firsts[1]))).expect("remove");
+        assert!(matches!(
+            LogStore::open_with_segment_bytes(&path, 4096),
+            Err(LogStoreError::Corrupt { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn segments_roll_over_purge_and_truncate() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        // About three 1 KB entries per segment.
+        let segment_bytes = 3 * 1100;
+        let mut store = LogStore::open_with_segment_bytes(&path, segment_bytes).expect("open");
+        // One append spanning several segments, then single ones.
+        append(&store, (1..=10).map(|i| entry(1, i, 1000)));
+        for i in 11..=20 {
+            append(&store, [entry(1, i, 1000)]);
+        }
+        let firsts = segment_files(&path);
+        assert!(firsts.len() >= 6, "{firsts:?}");
+        assert_eq!(firsts[0], 1);
+        for first in &firsts {
+            let len = fs::metadata(path.join(segment_file_name(*first)))
+                .expect("m")
+                .len();
+            assert!(len <= segment_bytes, "segment {first} holds {len} bytes");
+        }
+        assert_eq!(indexes(&mut store).await, (1..=20).collect::<Vec<_>>());
+
+        // Purge in the middle of a segment: whole segments below go, the partial one stays
+        // but its purged entries are not read.
+        let cut = firsts[2] + 1;
+        store.purge(log_id(1, cut)).await.expect("purge");
+        let after = segment_files(&path);
+        assert_eq!(after[0], firsts[2]);
+        assert_eq!(
+            indexes(&mut store).await,
+            (cut + 1..=20).collect::<Vec<_>>()
+        );
+        assert!(store
+            .try_get_log_entries(1..=cut)
+            .await
+            .expect("read")
+            .is_empty());
+
+        // Truncate across a segment boundary: from the second entry of an earlier segment.
+        let boundary = firsts[4];
+        let from = firsts[3] + 1;
+        assert!(from < boundary);
+        store.truncate(log_id(1, from)).await.expect("truncate");
+        assert_eq!(*segment_files(&path).last().expect("last"), firsts[3]);
+        assert_eq!(
+            indexes(&mut store).await,
+            (cut + 1..from).collect::<Vec<_>>()
+        );
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id, Some(log_id(1, from - 1)));
+        // New entries with a new term continue the log and survive a reopen.
+        append(&store, (from..from + 5).map(|i| entry(2, i, 1000)));
+        drop(store);
+        let mut store = LogStore::open_with_segment_bytes(&path, segment_bytes).expect("reopen");
+        assert_eq!(
+            indexes(&mut store).await,
+            (cut + 1..from + 5).collect::<Vec<_>>()
+        );
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, cut)));
+        assert_eq!(state.last_log_id, Some(log_id(2, from + 4)));
+
+        // Truncating at a segment's first entry removes that file.
+        let last_first = *segment_files(&path).last().expect("last");
+        store
+            .truncate(log_id(2, last_first))
+            .await
+            .expect("truncate");
+        assert!(!segment_files(&path).contains(&last_first));
+
+        // Purging everything leaves no segment; the log continues after the purge point.
+        let state = store.get_log_state().await.expect("state");
+        let last = state.last_log_id.expect("last");
+        store.purge(last).await.expect("purge all");
+        assert!(segment_files(&path).is_empty());
+        let state = store.get_log_state().await.expect("state");
+        assert_eq!(state.last_log_id, Some(last));
+        append(&store, [entry(3, last.index + 1, 10)]);
+        drop(store);
+        let mut store = LogStore::open_with_segment_bytes(&path, segment_bytes).expect("reopen");
+        assert_eq!(indexes(&mut store).await, vec![last.index + 1]);
+    }
+
+    #[tokio::test]
+    async fn purge_interrupted_by_a_crash_is_finished_at_open() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        {
+            let store = LogStore::open_with_segment_bytes(&path, 2048).expect("open");
+            append(&store, (1..=10).map(|i| entry(1, i, 1000)));
+            // The marker written, the segments not yet deleted.
+            lock(&store.shared.inner).meta.last_purged = Some(log_id(1, 6));
+            store.shared.write_meta().expect("meta");
+        }
+        let mut store = LogStore::open_with_segment_bytes(&path, 2048).expect("reopen");
+        assert_eq!(indexes(&mut store).await, (7..=10).collect::<Vec<_>>());
+        assert!(segment_files(&path)[0] <= 7);
+        assert!(segment_files(&path)[0] > 2);
+    }
+
+    #[tokio::test]
+    async fn a_second_open_is_refused_until_the_first_is_dropped() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let store = LogStore::open(&path).expect("open");
+        assert!(matches!(
+            LogStore::open(&path),
+            Err(LogStoreError::Locked(_))
+        ));
+        let probe = store.probe();
+        assert!(!probe.is_closed());
+        drop(store);
+        assert!(probe.is_closed());
+        LogStore::open(&path).expect("open after drop");
+    }
+
+    #[test]
+    fn damaged_meta_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        drop(LogStore::open(&path).expect("open"));
+        let mut meta = Vec::new();
+        push_record(&mut meta, &Meta::default()).expect("encode");
+        let last = meta.len() - 1;
+        meta[last] ^= 0x01;
+        fs::write(path.join(META_FILE_NAME), &meta).expect("write");
+        assert!(matches!(
+            LogStore::open(&path),
+            Err(LogStoreError::Corrupt { .. })
+        ));
+    }
+
+    /// Writes a sled database in the layout of the earlier store.
+    fn write_sled_log(path: &Path, entries: &[Entry], meta: &Meta) {
+        let db = sled::Config::new()
+            .path(path)
+            .segment_size(sled_layout::SEGMENT_BYTES)
+            .open()
+            .expect("sled");
+        let log = db.open_tree(sled_layout::LOG_TREE).expect("tree");
+        let meta_tree = db.open_tree(sled_layout::META_TREE).expect("tree");
+        for entry in entries {
+            log.insert(
+                entry.log_id.index.to_be_bytes(),
+                bincode::serialize(entry).expect("encode"),
+            )
+            .expect("insert");
+        }
+        let put = |key: &[u8], value: Vec<u8>| {
+            meta_tree.insert(key, value).expect("insert");
+        };
+        if let Some(node_id) = meta.node_id {
+            put(sled_layout::KEY_NODE_ID, node_id.to_be_bytes().to_vec());
+        }
+        if let Some(vote) = &meta.vote {
+            put(sled_layout::KEY_VOTE, bincode::serialize(vote).expect("e"));
+        }
+        put(
+            sled_layout::KEY_COMMITTED,
+            bincode::serialize(&meta.committed).expect("e"),
+        );
+        if let Some(purged) = &meta.last_purged {
+            put(
+                sled_layout::KEY_LAST_PURGED,
+                bincode::serialize(purged).expect("e"),
+            );
+        }
+        db.flush().expect("flush");
+    }
+
+    #[tokio::test]
+    async fn sled_log_is_imported_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let meta = Meta {
+            node_id: Some(42),
+            vote: Some(Vote::new(5, 42)),
+            committed: Some(log_id(5, 30)),
+            last_purged: Some(log_id(4, 9)),
+        };
+        // Entries at or below the purge point are dropped by the import.
+        let entries: Vec<Entry> = (5..=40).map(|i| entry(5, i, 300)).collect();
+        write_sled_log(&path, &entries, &meta);
+        // A leftover of an import interrupted before its first rename is discarded.
+        let temp = sibling(&path, IMPORT_TEMP_SUFFIX).expect("temp");
+        fs::create_dir_all(&temp).expect("temp");
+        fs::write(temp.join(segment_file_name(1)), b"junk").expect("junk");
+
+        let check = |mut store: LogStore| async move {
+            assert_eq!(store.node_id_or_create().await.expect("id"), 42);
+            assert_eq!(store.read_vote().await.expect("v"), meta.vote);
+            assert_eq!(store.read_committed().await.expect("c"), meta.committed);
+            let state = store.get_log_state().await.expect("state");
+            assert_eq!(state.last_purged_log_id, meta.last_purged);
+            assert_eq!(state.last_log_id, Some(log_id(5, 40)));
+            assert_eq!(indexes(&mut store).await, (10..=40).collect::<Vec<_>>());
+        };
+        let store = LogStore::open(&path).expect("open imports");
+        let imported = sibling(&path, SLED_IMPORTED_SUFFIX).expect("imported");
+        assert!(is_sled_layout(&imported));
+        assert!(!is_sled_layout(&path));
+        assert!(!temp.exists());
+        check(store).await;
+
+        // A crash between the two renames: the next open finishes the switch.
+        fs::rename(&path, &temp).expect("simulate");
+        let store = LogStore::open(&path).expect("open finishes");
+        assert!(!temp.exists());
+        check(store).await;
+
+        // Later opens do not import again.
+        let store = LogStore::open(&path).expect("open again");
+        append(&store, [entry(6, 41, 10)]);
+        drop(store);
+        let mut store = LogStore::open(&path).expect("open again");
+        assert_eq!(indexes(&mut store).await.last(), Some(&41));
+    }
+}
