@@ -652,13 +652,25 @@ impl Shared {
                     Err(e) => cut_failed = Some(e),
                 }
             }
-            if cut_failed.is_none() {
-                new_last = Some(read_log_id(segment, segment.offsets.len() - 1)?);
-            }
         }
         if let Some(e) = cut_failed {
             inner.failed = true;
             return Err(e);
+        }
+        // A segment left empty by a failed write holds nothing to keep.
+        while let Some(empty) = inner
+            .segments
+            .last_key_value()
+            .filter(|(_, segment)| segment.offsets.is_empty())
+            .map(|(first, _)| *first)
+        {
+            if let Some(segment) = inner.segments.remove(&empty) {
+                fs::remove_file(&segment.path)?;
+                sync_dir(&self.dir)?;
+            }
+        }
+        if let Some((_, segment)) = inner.segments.last_key_value() {
+            new_last = Some(read_log_id(segment, segment.offsets.len() - 1)?);
         }
         inner.last_log_id = new_last;
         Ok(())
