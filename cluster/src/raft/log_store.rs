@@ -31,7 +31,9 @@
 //! scanned in order and every record is checked (length bounds, CRC, decodable, index in
 //! sequence). The first invalid record of the LAST segment is a torn write: the segment is cut
 //! there (logged at warn), an empty last segment is removed. An invalid record in an earlier
-//! segment, or a gap between segments, is corruption: the store refuses to open. Segments
+//! segment, or a gap between segments, is corruption: the store refuses to open. (openraft
+//! never appends after a hole; its conformance suite does, and `append` then starts a new
+//! segment and logs a warning, so such a log is readable until it is reopened.) Segments
 //! entirely at or below the last purged index (left by a purge interrupted by a crash) are
 //! removed; entries below it in a partly purged segment stay on disk but are never read.
 //!
