@@ -3,7 +3,7 @@
 //! Module map:
 //! - [`app`]: the trait the application implements ([`AppStateMachine`]); the cluster feeds it
 //!   committed commands in log order and asks it for snapshots.
-//! - [`raft`]: openraft wired to a sled log store, file snapshots and the application; its
+//! - [`raft`]: openraft wired to a segment-file log store, file snapshots and the application; its
 //!   [`Cluster`] handle is what the mail node opens, proposes through and asks for status.
 //! - [`mesh`]: the Noise-encrypted links between nodes (identity, handshake, framing, channels,
 //!   relaying).

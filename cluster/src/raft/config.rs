@@ -10,7 +10,7 @@ use crate::mesh::MeshConfig;
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ClusterConfig {
-    /// The node's data folder. The Raft log lives in `<data_dir>/raft` (sled), snapshots in
+    /// The node's data folder. The Raft log lives in `<data_dir>/raft` (segment files), snapshots in
     /// `<data_dir>/snapshots`. Default `kermail-data`.
     pub data_dir: PathBuf,
     /// This node's name, shown in status and membership. Default `kermail`.

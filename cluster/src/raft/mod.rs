@@ -1,11 +1,12 @@
-//! The Raft half of the replication engine: openraft 0.9 wired to sled, snapshot files and the
-//! application's state machine.
+//! The Raft half of the replication engine: openraft 0.9 wired to an append-only segment log,
+//! snapshot files and the application's state machine.
 //!
 //! Module map:
 //! - [`types`]: the openraft type configuration ([`TypeConfig`]), the log payload
 //!   ([`CommandBatch`]), its response ([`CommandResponses`]) and the node record ([`NodeInfo`]).
 //! - [`config`]: [`ClusterConfig`] and the [`RaftTimings`] presets.
-//! - [`log_store`]: [`LogStore`], the Raft log, vote and commit index in sled (fsync before ack).
+//! - [`log_store`]: [`LogStore`], the Raft log in append-only segment files with CRC'd records,
+//!   and the vote and commit index in an atomically replaced meta file (fsync before ack).
 //! - [`state_machine`]: [`StateMachineStore`], which feeds committed commands to the
 //!   [`crate::AppStateMachine`] and builds, installs and restores snapshots.
 //! - [`snapshot_file`]: the on-disk snapshot format (versioned header, then the app stream
@@ -24,8 +25,8 @@
 //!   shutdown), with the proposal batcher that gives group commit.
 //!
 //! Invariants:
-//! - An entry is acknowledged to openraft (`LogFlushed::log_io_completed`) only after sled's
-//!   flush, which fsyncs, returned successfully. The vote is flushed before `save_vote` returns.
+//! - An entry is acknowledged to openraft (`LogFlushed::log_io_completed`) only after the
+//!   segment files it was written to were fdatasync'd. The vote is flushed before `save_vote` returns.
 //! - The application sees every committed command exactly once per process lifetime, in log
 //!   order, starting after the snapshot it was restored from. Several commands proposed
 //!   concurrently may share one log entry (a [`CommandBatch`]); they are then applied in batch
@@ -49,7 +50,7 @@ mod cluster_tests;
 mod tests;
 
 pub use config::{ClusterConfig, RaftTimings};
-pub use log_store::LogStore;
+pub use log_store::{LogStore, LogStoreError};
 pub use membership::{critical_sites, InviteToken, JoinPhase};
 pub use network::MeshNetwork;
 pub use node::{

@@ -31,7 +31,6 @@ pub const MAX_COMMAND_BYTES: usize = 256 << 20;
 /// At most this many commands share one log entry (and one fsync).
 pub const MAX_BATCH_COMMANDS: usize = 512;
 /// A batch stops growing once it holds this many bytes (a single larger command goes alone).
-/// Small enough that a batch stays inline in sled's segments (see `log_store.rs`).
 pub const MAX_BATCH_BYTES: usize = 512 << 10;
 /// Proposals waiting for a batch; `propose` waits for room (within its timeout) beyond this.
 pub const PROPOSAL_QUEUE_CAPACITY: usize = 4096;
@@ -68,7 +67,7 @@ pub enum ClusterError {
     LogStore {
         path: PathBuf,
         #[source]
-        source: sled::Error,
+        source: super::log_store::LogStoreError,
     },
     #[error("invalid raft settings: {0}")]
     Config(String),

@@ -87,7 +87,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     }
 }
 
-/// openraft's own storage conformance suite over the sled log store and the state machine.
+/// openraft's own storage conformance suite over the segment log store and the state machine.
 #[test]
 fn storage_passes_openraft_conformance_suite() {
     if let Err(e) = Suite::test_all(SuiteBuilder) {
@@ -367,8 +367,7 @@ fn command_batch_round_trips() {
     );
 }
 
-/// A command above sled's inline limit (stored by sled as a separate blob file, which the log
-/// store syncs itself) commits and survives a restart.
+/// A large command (one multi-megabyte log record) commits and survives a restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_command_survives_restart() {
     const LARGE_COMMAND_BYTES: usize = 3 << 20;
