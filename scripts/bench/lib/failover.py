@@ -213,7 +213,7 @@ def main():
             lambda: (lambda n: n if n >= acked else None)(inbox_count(imaps[name])),
             f"{name} to hold the {acked} acknowledged messages",
         )
-    lc("down")
+    lc("down", *(["--keep"] if os.environ.get("BENCH_KEEP") else []))
     median = statistics.median(runs)
     print(
         f"# {preset}: {len(runs)} kills, {acked} messages acknowledged ({load.failed} temporary failures), "
