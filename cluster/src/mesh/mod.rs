@@ -129,6 +129,10 @@ pub enum MeshError {
     UnknownPeer(String),
     #[error("peer {0} is unreachable (no direct or relayed link)")]
     Unreachable(String),
+    /// The last link to the peer dropped while the request was out: it may or may not have
+    /// been handled there.
+    #[error("the link to {0} dropped while the request was in flight (outcome unknown)")]
+    LinkLost(String),
     #[error("no answer from {peer} within {timeout_ms} ms")]
     Timeout { peer: String, timeout_ms: u64 },
     #[error("message of {len} bytes exceeds the limit of {max} bytes")]

@@ -324,7 +324,14 @@ impl Mesh {
             self.inner
                 .send_kind(peer, channel, MessageKind::Request(id), body)
                 .await?;
-            rx.await.map_err(|_| MeshError::Shutdown)
+            // The sender is dropped when the mesh shuts down or the peer's last link drops.
+            rx.await.map_err(|_| {
+                if self.inner.shutdown.is_cancelled() {
+                    MeshError::Shutdown
+                } else {
+                    MeshError::LinkLost(peer.to_string())
+                }
+            })
         })
         .await;
         lock(&self.inner.pending).remove(&id);
@@ -528,6 +535,11 @@ impl Inner {
         peer.links.retain(|link| link.id != link_id);
         if let Some(error) = error {
             peer.last_error = Some(error);
+        }
+        if peer.links.is_empty() {
+            // No path left: requests waiting on this peer get `LinkLost` now rather than
+            // their timeout (a forwarded write to a leader that died answers at once).
+            lock(&self.pending).retain(|_, (to, _)| to != peer_name);
         }
         let direct_left = peer
             .links
