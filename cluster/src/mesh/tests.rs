@@ -525,3 +525,39 @@ async fn pending_invitee_is_accepted_until_withdrawn() {
     .await;
     assert!(node_b.status().peers.iter().all(|p| p.name != "x"));
 }
+
+#[tokio::test]
+async fn a_request_fails_with_link_lost_when_the_peer_goes_away() {
+    let meshes = cluster(&["a", "b"], |_, _, addr| vec![addr]).await;
+    let (node_a, node_b) = (meshes[0].clone(), meshes[1].clone());
+    wait_for("link up", || is_direct(&link_of(&node_a, "b"))).await;
+    // b takes the request and never answers, like a leader killed while handling it.
+    let mut held = node_b.incoming(Channel::Writes).unwrap();
+    let long = Duration::from_secs(600);
+    let request = tokio::spawn({
+        let node_a = node_a.clone();
+        async move {
+            node_a
+                .request("b", Channel::Writes, Bytes::from_static(b"write"), long)
+                .await
+        }
+    });
+    let incoming = tokio::time::timeout(WAIT, held.recv())
+        .await
+        .expect("request delivered")
+        .expect("incoming open");
+    assert!(incoming.responder.is_some());
+    let started = std::time::Instant::now();
+    node_b.shutdown();
+    drop(meshes);
+    let outcome = tokio::time::timeout(WAIT, request)
+        .await
+        .expect("the request ended long before its own timeout")
+        .unwrap();
+    assert!(
+        matches!(outcome, Err(MeshError::LinkLost(ref peer)) if peer == "b"),
+        "{outcome:?}"
+    );
+    assert!(started.elapsed() < long / 10);
+    drop(incoming);
+}
