@@ -1266,21 +1266,6 @@ mod tests {
         files
     }
 
-    /// Bytes the file system allocated for a folder (what `du` reports).
-    fn allocated_bytes(root: &Path) -> u64 {
-        use std::os::unix::fs::MetadataExt;
-        let mut total = 0;
-        for entry in fs::read_dir(root).unwrap() {
-            let entry = entry.unwrap();
-            let metadata = entry.metadata().unwrap();
-            total += metadata.blocks() * 512;
-            if metadata.is_dir() {
-                total += allocated_bytes(&entry.path());
-            }
-        }
-        total
-    }
-
     fn keep_only(ids: &[BlobId]) -> BTreeMap<BlobId, super::super::state::BlobInfo> {
         ids.iter()
             .map(|id| {
@@ -1538,7 +1523,7 @@ mod tests {
             store.write(id, compressed).unwrap();
         }
         store.wait_idle();
-        let before = allocated_bytes(&root);
+        let before = crate::store::tests::allocated_bytes(&root);
         let packs_before = store.disk_stats().packs;
         // Three bodies out of four go.
         let (gone, kept): (Vec<_>, Vec<_>) =
@@ -1562,7 +1547,7 @@ mod tests {
             assert!(reader.join().unwrap() > 0);
         });
         let stats = store.disk_stats();
-        let after = allocated_bytes(&root);
+        let after = crate::store::tests::allocated_bytes(&root);
         assert!(
             after * 2 < before,
             "allocated {before} bytes in {packs_before} packs before, {after} in {} after",

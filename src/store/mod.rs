@@ -675,19 +675,16 @@ impl MailStore {
     }
 
     async fn submit(&self, command: CommandV1) -> Result<Response, StoreError> {
-        let bytes = encode_command(&Command::V1(command))
-            .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
-        let reply = self.proposer.propose(bytes).await?;
-        match decode_response(&reply)
-            .map_err(|e| StoreError::Io(format!("undecodable response: {e}")))?
-        {
-            Response::Refused(error) => Err(error.into()),
-            response => Ok(response),
-        }
+        self.submit_command(Command::V1(command)).await
     }
 
     async fn submit_v2(&self, command: CommandV2) -> Result<Response, StoreError> {
-        let bytes = encode_command(&Command::V2(command))
+        self.submit_command(Command::V2(command)).await
+    }
+
+    /// Proposes a command and turns a refusal by the state machine into an error.
+    async fn submit_command(&self, command: Command) -> Result<Response, StoreError> {
+        let bytes = encode_command(&command)
             .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
         let reply = self.proposer.propose(bytes).await?;
         match decode_response(&reply)

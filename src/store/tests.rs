@@ -1121,7 +1121,7 @@ fn snapshot_build_keeps_files_of_its_view() {
 }
 
 /// Bytes the file system allocated for a folder tree (what `du` reports).
-fn allocated_bytes(root: &std::path::Path) -> u64 {
+pub(crate) fn allocated_bytes(root: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0;
     for entry in std::fs::read_dir(root).unwrap() {
