@@ -27,7 +27,16 @@ const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);
 const CONVERGE_DEADLINE: Duration = Duration::from_secs(180);
 
 /// First cluster id of these tests (`KERMAIL_LOCAL_CLUSTER_ID`); each test adds its own offset.
+/// `KERMAIL_IT_CLUSTER_ID_BASE` moves it, so that test runs from several checkouts at once
+/// (each with its own namespaces, bridge and subnet) do not take each other's clusters down.
 const CLUSTER_ID_BASE: u32 = 120;
+
+fn cluster_id_base() -> u32 {
+    std::env::var("KERMAIL_IT_CLUSTER_ID_BASE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(CLUSTER_ID_BASE)
+}
 
 fn script() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/local-cluster")
@@ -107,7 +116,7 @@ impl Cluster {
             .expect("tempdir");
         let mut cluster = Cluster {
             dir,
-            id: CLUSTER_ID_BASE + offset,
+            id: cluster_id_base() + offset,
             nodes: Vec::new(),
             _one: one,
         };
