@@ -196,14 +196,46 @@ async fn bind(
     Ok(listener)
 }
 
+/// Makes the data folder private whatever the umask and whoever created it: the process's
+/// umask becomes 0077 (every file this node creates from now on is 0600, every folder 0700),
+/// the folder is created 0700 or, when it already exists, set to 0700, and every file and
+/// folder already in it loses its group and other permissions (a folder created by an admin
+/// with a 0022 umask, or files left by an older version that created them 0644).
 fn create_private_dir(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::DirBuilderExt;
+    // SAFETY: umask only sets the process's file mode creation mask; it cannot fail.
+    unsafe { libc::umask(PRIVATE_UMASK) };
     if !path.exists() {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(path)
             .with_context(|| format!("cannot create the data folder {}", path.display()))?;
+    }
+    make_private(path)
+        .with_context(|| format!("cannot make the data folder {} private", path.display()))
+}
+
+/// The process umask of a node: no permission for group and others.
+pub const PRIVATE_UMASK: libc::mode_t = 0o077;
+
+/// Removes the group and other permission bits of `path` and, for a folder, of everything
+/// below it (symbolic links are neither followed nor changed).
+fn make_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let metadata = std::fs::symlink_metadata(path)?;
+    if metadata.file_type().is_symlink() {
+        return Ok(());
+    }
+    let mode = metadata.permissions().mode() & 0o7777;
+    let private = mode & 0o700;
+    if mode != private {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))?;
+    }
+    if metadata.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            make_private(&entry?.path())?;
+        }
     }
     Ok(())
 }

@@ -57,6 +57,23 @@ pub async fn serve(listener: UnixListener, context: AdminContext, shutdown: Canc
                 }
             },
         };
+        // The socket's mode (0600, in a 0700 folder) is the first gate; the peer's uid is
+        // the second, so that a socket whose mode was loosened by hand, or a file descriptor
+        // passed to another user, gives no one else the admin's authority.
+        match stream.peer_cred() {
+            Ok(credentials) if peer_uid_allowed(credentials.uid()) => {}
+            Ok(credentials) => {
+                warn!(
+                    uid = credentials.uid(),
+                    "admin connection refused: only root and the node's own user may administer it"
+                );
+                continue;
+            }
+            Err(error) => {
+                warn!(%error, "admin connection refused: the peer's credentials are unknown");
+                continue;
+            }
+        }
         let context = context.clone();
         tokio::spawn(
             async move {
@@ -67,6 +84,12 @@ pub async fn serve(listener: UnixListener, context: AdminContext, shutdown: Canc
             .instrument(info_span!("admin")),
         );
     }
+}
+
+/// Root and the user the node runs as may use the admin socket; nobody else.
+fn peer_uid_allowed(uid: u32) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    uid == 0 || uid == unsafe { libc::geteuid() }
 }
 
 async fn handle_connection(stream: UnixStream, context: &AdminContext) -> std::io::Result<()> {

@@ -143,6 +143,11 @@ impl Node {
         }
     }
 
+    /// From the next `spawn` on, the server process runs under `wrapper`.
+    pub fn set_wrapper(&mut self, wrapper: &[&str]) {
+        self.wrapper = wrapper.iter().map(|s| s.to_string()).collect();
+    }
+
     /// Starts `kermail serve --config` (under the wrapper, if any) and waits until ready.
     pub fn spawn(&mut self) {
         assert!(self.child.is_none(), "node already running");
