@@ -257,7 +257,12 @@ async fn write_loop<S: AsyncWrite>(
     const RELAY_SLOT: usize = 3;
     // Set once the link is retired and its queues are closed to new messages.
     let mut draining = false;
+    // No pass of this loop may come back without progress: each one takes a record or a chunk
+    // from a queue, writes `out` to the socket (emptying it), or waits in `select!`; a closed
+    // link ends the loop (`flush` says so). The budget point below is a second line: even a
+    // future mistake here yields to the runtime instead of pinning a worker thread.
     loop {
+        tokio::task::consume_budget().await;
         // One unit of work, highest priority first, without waiting.
         let mut worked = false;
         if let Ok(record) = records.try_recv() {
@@ -301,13 +306,17 @@ async fn write_loop<S: AsyncWrite>(
         }
         if worked {
             sealer.maybe_rekey(&inner, &mut out)?;
-            if out.len() >= WRITE_BATCH_BYTES {
-                flush(&mut writer, &mut out, &stats, &handle.close).await?;
+            if out.len() >= WRITE_BATCH_BYTES
+                && flush(&mut writer, &mut out, &stats, &handle.close).await? == Flushed::Closed
+            {
+                return Ok(());
             }
             continue;
         }
         if !out.is_empty() {
-            flush(&mut writer, &mut out, &stats, &handle.close).await?;
+            if flush(&mut writer, &mut out, &stats, &handle.close).await? == Flushed::Closed {
+                return Ok(());
+            }
             continue;
         }
         let [control_rx, raft_rx, writes_rx, bulk_rx] = &mut receivers[..] else {
@@ -359,21 +368,32 @@ fn start(
     Ok(())
 }
 
+/// Whether [`flush`] wrote its bytes or found the link closed.
+#[derive(Debug, PartialEq, Eq)]
+enum Flushed {
+    Written,
+    /// The link was closed (the reader ended, shutdown, membership) before the bytes were
+    /// written, typically because the socket stopped draining after a silent cut. The caller
+    /// must stop: the bytes are still in `out`, so going round again would find the same bytes
+    /// and the same cancelled token at once, a busy loop (issue 9).
+    Closed,
+}
+
 async fn flush<S: AsyncWrite>(
     writer: &mut WriteHalf<S>,
     out: &mut Vec<u8>,
     stats: &PeerStats,
     close: &CancellationToken,
-) -> Result<(), LinkError> {
+) -> Result<Flushed, LinkError> {
     tokio::select! {
-        _ = close.cancelled() => return Ok(()),
+        _ = close.cancelled() => return Ok(Flushed::Closed),
         written = writer.write_all(out) => written?,
     }
     stats
         .bytes_sent
         .fetch_add(out.len() as u64, Ordering::Relaxed);
     out.clear();
-    Ok(())
+    Ok(Flushed::Written)
 }
 
 async fn read_loop<S: AsyncRead>(

@@ -82,11 +82,17 @@ fn is_direct(state: &LinkState) -> bool {
 }
 
 /// A TCP proxy in front of a node: the in-test link filter. It can block (close and refuse
-/// connections) and flip one bit in the next chunk it forwards from client to server.
+/// connections), go silent (a blackhole: bytes are neither forwarded nor refused, no RST, no
+/// FIN, until it speaks again, like a cut site whose packets are dropped), flip one bit in the
+/// next chunk it forwards from client to server, and keeps the first handshake frame a client
+/// sent through it.
 struct FaultProxy {
     addr: SocketAddr,
     blocked: Arc<AtomicBool>,
     flip_next: Arc<AtomicBool>,
+    silent: tokio::sync::watch::Sender<bool>,
+    #[allow(dead_code)]
+    first_frame: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
 impl FaultProxy {
@@ -95,10 +101,22 @@ impl FaultProxy {
         let addr = listener.local_addr().unwrap();
         let blocked = Arc::new(AtomicBool::new(false));
         let flip_next = Arc::new(AtomicBool::new(false));
+        let (silent, _) = tokio::sync::watch::channel(false);
+        let first_frame = Arc::new(std::sync::Mutex::new(Vec::new()));
         let (b, f) = (blocked.clone(), flip_next.clone());
+        let (silence, capture) = (silent.clone(), first_frame.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if b.load(Ordering::SeqCst) {
+                    continue;
+                }
+                if *silence.borrow() {
+                    // A connection attempt into the blackhole: never answered, never refused.
+                    let mut until_heard = silence.subscribe();
+                    tokio::spawn(async move {
+                        let _ = until_heard.wait_for(|silent| !*silent).await;
+                        drop(client);
+                    });
                     continue;
                 }
                 let Ok(server) = TcpStream::connect(target).await else {
@@ -106,47 +124,106 @@ impl FaultProxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, b.clone(), Some(f.clone())));
-                tokio::spawn(pump(sr, cw, b.clone(), None));
+                let to_server = Pump {
+                    blocked: b.clone(),
+                    flip: Some(f.clone()),
+                    silent: silence.subscribe(),
+                    capture: Some(capture.clone()),
+                };
+                let to_client = Pump {
+                    blocked: b.clone(),
+                    flip: None,
+                    silent: silence.subscribe(),
+                    capture: None,
+                };
+                tokio::spawn(to_server.run(cr, sw));
+                tokio::spawn(to_client.run(sr, cw));
             }
         });
         FaultProxy {
             addr,
             blocked,
             flip_next,
+            silent,
+            first_frame,
         }
     }
 
     fn block(&self, on: bool) {
         self.blocked.store(on, Ordering::SeqCst);
     }
+
+    fn silence(&self, on: bool) {
+        self.silent.send_replace(on);
+    }
+
+    /// The first complete handshake frame (length header included) a client sent, if any.
+    #[allow(dead_code)]
+    fn first_frame(&self) -> Option<Vec<u8>> {
+        let frame = self.first_frame.lock().unwrap();
+        (frame.len() >= 2
+            && frame.len() == 2 + usize::from(u16::from_be_bytes([frame[0], frame[1]])))
+        .then(|| frame.clone())
+    }
 }
 
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
+/// One direction of a proxied connection.
+struct Pump {
     blocked: Arc<AtomicBool>,
     flip: Option<Arc<AtomicBool>>,
-) {
-    let mut buffer = vec![0u8; 64 * 1024];
-    loop {
-        let n = match tokio::time::timeout(Duration::from_millis(20), from.read(&mut buffer)).await
-        {
-            Err(_) if blocked.load(Ordering::SeqCst) => return,
-            Err(_) => continue,
-            Ok(Ok(0)) | Ok(Err(_)) => return,
-            Ok(Ok(n)) => n,
-        };
-        if blocked.load(Ordering::SeqCst) {
-            return;
-        }
-        if let Some(flip) = &flip {
-            if flip.swap(false, Ordering::SeqCst) {
-                buffer[n - 1] ^= 0x01;
+    silent: tokio::sync::watch::Receiver<bool>,
+    capture: Option<Arc<std::sync::Mutex<Vec<u8>>>>,
+}
+
+impl Pump {
+    async fn run(
+        mut self,
+        mut from: tokio::net::tcp::OwnedReadHalf,
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+    ) {
+        let mut buffer = vec![0u8; 64 * 1024];
+        // Only the first connection's first frame is kept.
+        let mut capturing = self
+            .capture
+            .as_ref()
+            .is_some_and(|c| c.lock().unwrap().is_empty());
+        loop {
+            // While silent, nothing is read: the sender's socket buffers fill up, as on a path
+            // that drops packets (TCP retransmits them once the path is back).
+            let _ = self.silent.wait_for(|silent| !*silent).await;
+            let n = match tokio::time::timeout(Duration::from_millis(20), from.read(&mut buffer))
+                .await
+            {
+                Err(_) if self.blocked.load(Ordering::SeqCst) => return,
+                Err(_) => continue,
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(n)) => n,
+            };
+            let _ = self.silent.wait_for(|silent| !*silent).await;
+            if self.blocked.load(Ordering::SeqCst) {
+                return;
             }
-        }
-        if to.write_all(&buffer[..n]).await.is_err() {
-            return;
+            if let Some(flip) = &self.flip {
+                if flip.swap(false, Ordering::SeqCst) {
+                    buffer[n - 1] ^= 0x01;
+                }
+            }
+            if capturing {
+                if let Some(capture) = &self.capture {
+                    let mut frame = capture.lock().unwrap();
+                    frame.extend_from_slice(&buffer[..n]);
+                    if frame.len() >= 2 {
+                        let want = 2 + usize::from(u16::from_be_bytes([frame[0], frame[1]]));
+                        if frame.len() >= want {
+                            frame.truncate(want);
+                            capturing = false;
+                        }
+                    }
+                }
+            }
+            if to.write_all(&buffer[..n]).await.is_err() {
+                return;
+            }
         }
     }
 }
@@ -560,4 +637,214 @@ async fn a_request_fails_with_link_lost_when_the_peer_goes_away() {
     );
     assert!(started.elapsed() < long / 10);
     drop(incoming);
+}
+
+/// Name of the worker threads of a test's own runtime, so that its CPU time can be told apart
+/// from the other tests running in the same process (at most 15 bytes: the kernel's `comm`).
+const CUT_TEST_THREADS: &str = "mesh-cut-test";
+
+/// CPU time (user + system) of this process's threads named `name`, from
+/// `/proc/self/task/*/stat` (in USER_HZ ticks, 100 per second on Linux).
+fn cpu_time_of_threads(name: &str) -> Duration {
+    const TICKS_PER_SECOND: u64 = 100;
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if &stat[open + 1..close] != name {
+            continue;
+        }
+        // After the name: state is field 3; utime and stime are fields 14 and 15.
+        let fields: Vec<&str> = stat[close + 2..].split(' ').collect();
+        let utime: u64 = fields[11].parse().unwrap();
+        let stime: u64 = fields[12].parse().unwrap();
+        ticks += utime + stime;
+    }
+    Duration::from_millis(ticks * 1000 / TICKS_PER_SECOND)
+}
+
+/// Retries a request with a short timeout until it succeeds; returns how long it took.
+async fn request_until_answered(from: &Mesh, to: &str, deadline: Duration) -> Duration {
+    let started = Instant::now();
+    loop {
+        let answer = from
+            .request(
+                to,
+                Channel::Raft,
+                Bytes::from_static(b"probe"),
+                Duration::from_millis(500),
+            )
+            .await;
+        match answer {
+            Ok(body) => {
+                assert_eq!(&body[..], b"probe");
+                return started.elapsed();
+            }
+            Err(error) => {
+                assert!(
+                    started.elapsed() < deadline,
+                    "no answer from {to} within {deadline:?}: {error}"
+                );
+                // Unreachable answers at once: wait for the topology rather than spin.
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    }
+}
+
+/// Issue 9: a link cut silently (packets dropped, no RST) under load and healed, 200 times.
+/// Each cut lasts until both ends declared the link dead; each heal until requests pass both
+/// ways again. Before the fix, a writer blocked on the full socket when its link closed went
+/// round its loop for ever without awaiting: each such link pinned a worker thread at 100 %,
+/// the link was never unregistered, and once both workers spun the runtime (timers, requests)
+/// stood still. So the test body runs on its own runtime and this thread, outside it, is the
+/// watchdog: it fails the test when the runtime's CPU share stays above a bound or when no
+/// cycle completes for a while, instead of hanging with it.
+#[test]
+fn silent_cut_and_heal_200_times_under_load_keeps_cpu_bounded() {
+    const CYCLES: usize = 200;
+    // CPU of the test's runtime, as a share of one core, averaged over each watchdog window.
+    // The load below needs a few percent; one spinning writer needs a whole core.
+    const CPU_SHARE_MAX: f64 = 0.6;
+    const WATCH_WINDOW: Duration = Duration::from_secs(3);
+    // A cycle takes well under a second; none may take this long.
+    const CYCLE_STALL_MAX: Duration = Duration::from_secs(15);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name(CUT_TEST_THREADS)
+        .enable_all()
+        .build()
+        .unwrap();
+    let cycles_done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let body = cut_and_heal_under_load(CYCLES, cycles_done.clone());
+    runtime.spawn(async move {
+        let outcome = tokio::spawn(body).await;
+        let _ = done_tx.send(outcome);
+    });
+    let started = Instant::now();
+    let mut window = (Instant::now(), cpu_time_of_threads(CUT_TEST_THREADS));
+    let mut last_progress = (Instant::now(), 0usize);
+    let mut share_max = 0.0f64;
+    let failure = loop {
+        match done_rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(Ok(())) => break None,
+            Ok(Err(panic)) => break Some(format!("test body failed: {panic}")),
+            Err(_) => {}
+        }
+        let done = cycles_done.load(Ordering::SeqCst);
+        if done != last_progress.1 {
+            last_progress = (Instant::now(), done);
+        } else if last_progress.0.elapsed() > CYCLE_STALL_MAX {
+            break Some(format!(
+                "no cycle completed for {CYCLE_STALL_MAX:?} (stuck after {done} cycles)"
+            ));
+        }
+        if window.0.elapsed() >= WATCH_WINDOW {
+            let cpu = cpu_time_of_threads(CUT_TEST_THREADS);
+            let share = (cpu - window.1).as_secs_f64() / window.0.elapsed().as_secs_f64();
+            share_max = share_max.max(share);
+            if share > CPU_SHARE_MAX {
+                break Some(format!(
+                    "the test runtime used {:.0} % of a core over {WATCH_WINDOW:?} \
+                     (after {done} cycles): a busy loop",
+                    share * 100.0
+                ));
+            }
+            window = (Instant::now(), cpu);
+        }
+    };
+    let total_cpu = cpu_time_of_threads(CUT_TEST_THREADS);
+    println!(
+        "{} silent cuts and heals in {:.1} s; runtime cpu {:.2} s in all, at most {:.0} % of a \
+         core over a {WATCH_WINDOW:?} window",
+        cycles_done.load(Ordering::SeqCst),
+        started.elapsed().as_secs_f64(),
+        total_cpu.as_secs_f64(),
+        share_max * 100.0
+    );
+    // A spinning runtime would not stop when asked: leave it behind.
+    runtime.shutdown_background();
+    if let Some(failure) = failure {
+        panic!("{failure}");
+    }
+}
+
+async fn cut_and_heal_under_load(cycles: usize, cycles_done: Arc<std::sync::atomic::AtomicUsize>) {
+    let config = || MeshConfig {
+        keepalive_interval_ms: 20,
+        dead_peer_timeout_ms: 120,
+        handshake_timeout_ms: 300,
+        connect_timeout_ms: 300,
+        backoff_initial_ms: 10,
+        backoff_max_ms: 50,
+        // Small queues and buffers: a silent path fills them at once, so the writer is blocked
+        // in a socket write when the link is declared dead.
+        tcp_buffer_bytes: Some(32 * 1024),
+        send_queue_messages: 8,
+        ..test_config()
+    };
+    let ids = [identity(1), identity(2)];
+    let node_a = start_alone("a", &ids[0], config()).await;
+    let node_b = start_alone("b", &ids[1], config()).await;
+    let to_b = FaultProxy::start(node_b.local_addrs()[0]).await;
+    let to_a = FaultProxy::start(node_a.local_addrs()[0]).await;
+    let members = vec![
+        member("a", &ids[0], vec![to_a.addr]),
+        member("b", &ids[1], vec![to_b.addr]),
+    ];
+    node_a.set_members(members.clone()).unwrap();
+    node_b.set_members(members).unwrap();
+    echo_requests(&node_a, Channel::Raft).await;
+    echo_requests(&node_b, Channel::Raft).await;
+    // Load: 32 KiB bulk messages both ways, about 4 MB/s each way.
+    let stop = tokio_util::sync::CancellationToken::new();
+    for (from, receiver) in [(&node_a, &node_b), (&node_b, &node_a)] {
+        let mut drain = receiver.incoming(Channel::Bulk).unwrap();
+        tokio::spawn(async move { while drain.recv().await.is_some() {} });
+        let to = receiver.local_name().to_string();
+        let (from, stop) = (from.clone(), stop.clone());
+        tokio::spawn(async move {
+            let body = Bytes::from(vec![7u8; 32 * 1024]);
+            while !stop.is_cancelled() {
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(200),
+                    from.send(&to, Channel::Bulk, body.clone()),
+                )
+                .await;
+                tokio::time::sleep(Duration::from_millis(8)).await;
+            }
+        });
+    }
+    request_until_answered(&node_a, "b", WAIT).await;
+    let mut back_max = Duration::ZERO;
+    for cycle in 0..cycles {
+        to_a.silence(true);
+        to_b.silence(true);
+        let cut = Instant::now();
+        while !(link_of(&node_a, "b") == LinkState::Down
+            && link_of(&node_b, "a") == LinkState::Down)
+        {
+            assert!(
+                cut.elapsed() < Duration::from_secs(5),
+                "cycle {cycle}: a link cut silently was not declared dead within 5 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        to_a.silence(false);
+        to_b.silence(false);
+        let back = request_until_answered(&node_a, "b", Duration::from_secs(5)).await;
+        request_until_answered(&node_b, "a", Duration::from_secs(5)).await;
+        back_max = back_max.max(back);
+        cycles_done.fetch_add(1, Ordering::SeqCst);
+    }
+    stop.cancel();
+    println!(
+        "max time from a heal to a first answer: {} ms",
+        back_max.as_millis()
+    );
 }
