@@ -12,5 +12,6 @@ mod config_file;
 mod durability;
 mod idle;
 mod mbsync;
+mod mesh_faults;
 mod outbound;
 mod smtp_imap;
