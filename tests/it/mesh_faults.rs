@@ -136,11 +136,11 @@ t_start = time.monotonic()
 cpu_start = {n: cpu_s(n) for n in names}
 try:
     for cycle in range(CYCLES):
+        t0 = time.monotonic()
+        c0 = {n: cpu_s(n) for n in names}
         leader = current_leader()
         leader_now[0] = leader
         site = NODES[leader]["site"]
-        t0 = time.monotonic()
-        c0 = {n: cpu_s(n) for n in names}
         local_cluster("cut", site)
         time.sleep(CUT_SECS)   # the fault's duration, not a wait for a condition
         local_cluster("heal", site)
