@@ -18,8 +18,8 @@ fn cut_cycles() -> u32 {
         .unwrap_or(CUT_CYCLES_DEFAULT)
 }
 
-/// Three nodes on three sites, SMTP load on the followers, the leader's site cut for 2 s and
-/// healed, `KERMAIL_IT_CUT_CYCLES` times (20 by default). Throughout, a watcher asks every
+/// Three nodes on three sites, SMTP load (64 KB mails) on the followers, the leader's site cut
+/// for 2 s or 6 s (longer than the dead-peer timeout) in turn and healed, `KERMAIL_IT_CUT_CYCLES` times (20 by default). Throughout, a watcher asks every
 /// node's admin socket for `status` every 250 ms (each answer within 1 s) and samples each
 /// node's CPU time from /proc/PID/stat: no node may use more than 90 % of a core over any
 /// cycle, and once the load stops every node must go quiet (under 30 % of a core over 5 s; a
@@ -35,7 +35,11 @@ fn leader_site_cut_and_healed_under_load_keeps_nodes_responsive() {
     let out = cluster.py(
         r#"
 CYCLES = int(POS[0])
-CUT_SECS = 2.0
+# Every second cut outlasts the dead-peer timeout (5 s): links then die while their writers
+# are stalled on a full socket, which is where the busy loop was.
+CUT_SECS = (2.0, 6.0)
+# Mails of about 64 KB: forwarded writes and log entries fill a stalled link's socket.
+PADDING = ("x" * 76 + "\r\n") * 820
 ADMIN_DEADLINE_S = 1.0
 CPU_SHARE_MAX_PER_CYCLE = 0.9
 IDLE_SHARE_MAX = 0.3
@@ -105,7 +109,7 @@ def load(w):
         j += 1
         try:
             s = smtp(node, timeout=15)
-            s.sendmail("bob@example.org", [USER], message(f"cut-{w}-{j}"))
+            s.sendmail("bob@example.org", [USER], message(f"cut-{w}-{j}") + PADDING.encode())
             s.quit()
             sent["ok"] += 1
         except Exception:
@@ -142,7 +146,7 @@ try:
         leader_now[0] = leader
         site = NODES[leader]["site"]
         local_cluster("cut", site)
-        time.sleep(CUT_SECS)   # the fault's duration, not a wait for a condition
+        time.sleep(CUT_SECS[cycle % 2])   # the fault's duration, not a wait for a condition
         local_cluster("heal", site)
         wall = time.monotonic() - t0
         for n in names:
