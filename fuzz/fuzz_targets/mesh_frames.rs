@@ -21,7 +21,9 @@ use kermail_cluster::mesh::codec::{
     decode_frame, frame_header, Reassembler, Record, FRAME_LEN_BYTES, MAX_NOISE_MESSAGE_BYTES,
     MAX_RECORD_BYTES,
 };
-use kermail_cluster::mesh::handshake::{respond, HandshakeError, HandshakeParams, Initiator};
+use kermail_cluster::mesh::handshake::{
+    respond, HandshakeError, HandshakeParams, Initiator, ReplayGuard,
+};
 use kermail_cluster::mesh::Identity;
 use libfuzzer_sys::fuzz_target;
 
@@ -67,8 +69,14 @@ fn pair() -> &'static Pair {
     static PAIR: OnceLock<Pair> = OnceLock::new();
     PAIR.get_or_init(|| {
         let (initiator, m1) =
-            Initiator::start(params(&KEY_A, "a"), "b", &public(KEY_B)).expect("message 1");
-        let (responder, m2) = respond(params(&KEY_B, "b"), &m1, member_of).expect("message 2");
+            Initiator::start(params(&KEY_A, "a"), "b", &public(KEY_B), 1).expect("message 1");
+        let (responder, m2) = respond(
+            params(&KEY_B, "b"),
+            &m1,
+            member_of,
+            &mut ReplayGuard::default(),
+        )
+        .expect("message 2");
         let initiator = initiator.finish(&m2).expect("handshake");
         Pair {
             sender: initiator.transport,
@@ -134,7 +142,12 @@ fuzz_target!(|data: &[u8]| {
     };
     match mode % 5 {
         0 => {
-            if let Ok((established, _)) = respond(params(&KEY_B, "b"), rest, member_of) {
+            if let Ok((established, _)) = respond(
+                params(&KEY_B, "b"),
+                rest,
+                member_of,
+                &mut ReplayGuard::default(),
+            ) {
                 // Only a forged message 1 of a member could get here: impossible without its key.
                 panic!("accepted arbitrary bytes from {}", established.peer_name);
             }
@@ -149,13 +162,18 @@ fuzz_target!(|data: &[u8]| {
                 _ => (KEY_STRANGER, None),
             };
             let name = String::from_utf8_lossy(name);
-            let Ok((_, mut m1)) = Initiator::start(params(&private, &name), "b", &public(KEY_B))
+            let Ok((_, mut m1)) = Initiator::start(params(&private, &name), "b", &public(KEY_B), 1)
             else {
                 return;
             };
             let flips = choice >> 2;
             flip_bits(&mut m1, flips, name.as_bytes());
-            match respond(params(&KEY_B, "b"), &m1, member_of) {
+            match respond(
+                params(&KEY_B, "b"),
+                &m1,
+                member_of,
+                &mut ReplayGuard::default(),
+            ) {
                 Ok((established, _)) => {
                     assert_eq!(Some(established.peer_name.as_str()), key_name);
                     assert_eq!(established.peer_name, name);
@@ -171,11 +189,14 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         2 => {
-            let Ok((initiator, _)) = Initiator::start(params(&KEY_A, "a"), "b", &public(KEY_B))
+            let Ok((initiator, _)) = Initiator::start(params(&KEY_A, "a"), "b", &public(KEY_B), 1)
             else {
                 return;
             };
-            assert!(initiator.finish(rest).is_err(), "accepted a forged message 2");
+            assert!(
+                initiator.finish(rest).is_err(),
+                "accepted a forged message 2"
+            );
         }
         3 => read_wire(rest, false),
         _ => {

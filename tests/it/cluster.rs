@@ -84,7 +84,7 @@ fn parse_lines(stdout: &str) -> Vec<NodeLine> {
         .collect()
 }
 
-struct Cluster {
+pub(crate) struct Cluster {
     dir: tempfile::TempDir,
     id: u32,
     nodes: Vec<NodeLine>,
@@ -93,7 +93,7 @@ struct Cluster {
 
 impl Cluster {
     /// `local-cluster up N [--sites ...]`, or None (after saying why) when not root.
-    fn up(offset: u32, count: usize, sites: Option<&str>) -> Option<Cluster> {
+    pub(crate) fn up(offset: u32, count: usize, sites: Option<&str>) -> Option<Cluster> {
         Cluster::up_with(offset, count, sites, |_| None)
     }
 
@@ -227,14 +227,14 @@ impl Cluster {
     }
 
     /// Waits until `node` reports a leader; returns its name.
-    fn leader(&self, node: &str) -> String {
+    pub(crate) fn leader(&self, node: &str) -> String {
         wait_for("a leader", CONVERGE_DEADLINE, || {
             self.status(node)["leader"].as_str().map(str::to_string)
         })
     }
 
     /// The domain and the test account, created on n1 and usable (IMAPS login) on every node.
-    fn account(&self) {
+    pub(crate) fn account(&self) {
         let domain = USER.rsplit('@').next().expect("domain");
         self.kermail("n1", &["domain", "add", domain]);
         self.ok_stdin(
@@ -258,7 +258,7 @@ impl Cluster {
 
     /// Runs a Python client (with `CLUSTER_PRELUDE`) on the host; panics with its output and
     /// the nodes' log tails unless it exits 0; returns stdout.
-    fn py(&self, code: &str, args: &[&str]) -> String {
+    pub(crate) fn py(&self, code: &str, args: &[&str]) -> String {
         let mut cmd = Command::new("python3");
         cmd.arg("-c")
             .arg(format!("{CLUSTER_PRELUDE}\n{code}"))

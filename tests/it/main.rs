@@ -12,6 +12,7 @@ mod config_file;
 mod durability;
 mod idle;
 mod mbsync;
+mod mesh_faults;
 mod outbound;
 mod private_files;
 mod smtp_imap;

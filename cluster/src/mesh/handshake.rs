@@ -2,19 +2,31 @@
 //! `Noise_IKpsk2_...` when the cluster has a pre-shared key.
 //!
 //! Message 1 (initiator to responder) carries the initiator's static key, encrypted, and a hello
-//! payload (protocol version, the initiator's name). The responder checks the static key against
-//! the membership before it looks at the payload; an unknown key, or a known key claiming another
-//! member's name, ends the handshake with no answer. Message 2 carries the responder's name. The
-//! prologue binds the cluster id and the protocol version, so nodes of another cluster or version
-//! fail the handshake. Neither payload is secret: IK's first payload has no forward secrecy.
+//! payload (protocol version, the initiator's name, a timestamp). The responder checks the static
+//! key against the membership before it looks at the payload; an unknown key, or a known key
+//! claiming another member's name, ends the handshake with no answer. Message 2 carries the
+//! responder's name. The prologue binds the cluster id and the protocol version, so nodes of
+//! another cluster or version fail the handshake. Neither payload is secret: IK's first payload
+//! has no forward secrecy.
+//!
+//! Anti-replay (as WireGuard's TAI64N): IK's message 1 can be replayed by anyone who captured
+//! it, and the responder would answer it as a new link. So message 1 carries the initiator's
+//! timestamp (nanoseconds since the Unix epoch, strictly increasing per process), and the
+//! responder's [`ReplayGuard`] keeps the greatest one accepted per initiator key and refuses
+//! any message 1 whose timestamp is not greater. Only the initiator's own clock is compared
+//! with itself, so clock skew between nodes does not matter; a node whose clock steps back
+//! across a restart is refused by peers that saw it until its clock passes the old value. A
+//! responder that restarts forgets the timestamps: a replay then gets an answer and a link
+//! that never confirms (the replayer cannot send one transport frame), which the link registry
+//! never prefers to a confirmed one (see `node.rs`).
 //!
 //! This file depends only on `snow` and `thiserror` (and on `codec` for limits) so that the fuzz
 //! project can include it.
 
 use snow::{Builder, HandshakeState, StatelessTransportState};
 
-/// Version of the mesh protocol, bound into the prologue.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the mesh protocol, bound into the prologue. 2: message 1 carries a timestamp.
+pub const PROTOCOL_VERSION: u16 = 2;
 /// Noise pattern without a pre-shared key.
 pub const NOISE_PARAMS_IK: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
 /// Noise pattern with the cluster-wide pre-shared key mixed in after message 2's `ee`/`se`.
@@ -23,6 +35,8 @@ pub const NOISE_PARAMS_IKPSK2: &str = "Noise_IKpsk2_25519_ChaChaPoly_BLAKE2s";
 pub const MAX_HANDSHAKE_MESSAGE_BYTES: usize = 1024;
 const PROLOGUE_TAG: &[u8] = b"kermail-mesh\0";
 const KEY_BYTES: usize = 32;
+/// Bytes of the anti-replay timestamp at the end of message 1's payload.
+const TIMESTAMP_BYTES: usize = 8;
 
 /// Why a handshake failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,6 +55,8 @@ pub enum HandshakeError {
     BadPayload,
     #[error("handshake message of {0} bytes is too long")]
     TooLong(usize),
+    #[error("replayed or stale handshake from {member}: its timestamp is not newer than the last accepted")]
+    Replayed { member: String },
 }
 
 impl From<snow::Error> for HandshakeError {
@@ -91,15 +107,23 @@ fn builder<'a>(
     Ok(builder)
 }
 
-fn encode_hello(name: &str) -> Result<Vec<u8>, HandshakeError> {
+/// Hello payload: version (2 bytes), name length (1), name, and in message 1 the timestamp
+/// (8 bytes, big-endian).
+fn encode_hello(name: &str, timestamp: Option<u64>) -> Result<Vec<u8>, HandshakeError> {
     let len = u8::try_from(name.len()).map_err(|_| HandshakeError::BadPayload)?;
     let mut out = PROTOCOL_VERSION.to_be_bytes().to_vec();
     out.push(len);
     out.extend_from_slice(name.as_bytes());
+    if let Some(timestamp) = timestamp {
+        out.extend_from_slice(&timestamp.to_be_bytes());
+    }
     Ok(out)
 }
 
-fn decode_hello(payload: &[u8]) -> Result<String, HandshakeError> {
+fn decode_hello(
+    payload: &[u8],
+    with_timestamp: bool,
+) -> Result<(String, Option<u64>), HandshakeError> {
     let [v0, v1, len, rest @ ..] = payload else {
         return Err(HandshakeError::BadPayload);
     };
@@ -107,10 +131,52 @@ fn decode_hello(payload: &[u8]) -> Result<String, HandshakeError> {
     if version != PROTOCOL_VERSION {
         return Err(HandshakeError::Version(version));
     }
-    if rest.len() != usize::from(*len) {
+    let name_len = usize::from(*len);
+    let extra = if with_timestamp { TIMESTAMP_BYTES } else { 0 };
+    if rest.len() != name_len + extra {
         return Err(HandshakeError::BadPayload);
     }
-    String::from_utf8(rest.to_vec()).map_err(|_| HandshakeError::BadPayload)
+    let (name, tail) = rest.split_at(name_len);
+    let name = String::from_utf8(name.to_vec()).map_err(|_| HandshakeError::BadPayload)?;
+    let timestamp = match <[u8; TIMESTAMP_BYTES]>::try_from(tail) {
+        Ok(bytes) => Some(u64::from_be_bytes(bytes)),
+        Err(_) => None,
+    };
+    Ok((name, timestamp))
+}
+
+/// The responder's anti-replay state: the greatest message-1 timestamp accepted per initiator
+/// static key. Only keys of members (or pending invitees) reach it, after their key and name
+/// were checked, so it holds at most one entry per member; [`ReplayGuard::retain`] drops the
+/// keys of departed members.
+#[derive(Debug, Default)]
+pub struct ReplayGuard {
+    greatest: std::collections::HashMap<[u8; KEY_BYTES], u64>,
+}
+
+impl ReplayGuard {
+    /// Accepts `timestamp` from `key` if it is greater than every one accepted before.
+    fn admit(
+        &mut self,
+        key: &[u8; KEY_BYTES],
+        member: &str,
+        timestamp: u64,
+    ) -> Result<(), HandshakeError> {
+        match self.greatest.get(key) {
+            Some(seen) if timestamp <= *seen => Err(HandshakeError::Replayed {
+                member: member.to_string(),
+            }),
+            _ => {
+                self.greatest.insert(*key, timestamp);
+                Ok(())
+            }
+        }
+    }
+
+    /// Keeps only the keys for which `keep` holds.
+    pub fn retain(&mut self, keep: impl Fn(&[u8; KEY_BYTES]) -> bool) {
+        self.greatest.retain(|key, _| keep(key));
+    }
 }
 
 fn remote_key(state: &HandshakeState) -> Result<[u8; KEY_BYTES], HandshakeError> {
@@ -147,18 +213,21 @@ pub struct Initiator {
 
 impl Initiator {
     /// Starts a handshake with the member `remote_name` whose key is `remote_key`; returns the
-    /// initiator and message 1 to send.
+    /// initiator and message 1 to send. `timestamp` must be greater than that of every earlier
+    /// handshake this key started (nanoseconds since the Unix epoch, made strictly increasing).
     pub fn start(
         params: HandshakeParams<'_>,
         remote_name: &str,
         remote_key: &[u8; KEY_BYTES],
+        timestamp: u64,
     ) -> Result<(Initiator, Vec<u8>), HandshakeError> {
         let prologue = prologue(params.cluster_id);
         let mut state = builder(&params, &prologue)?
             .remote_public_key(remote_key)?
             .build_initiator()?;
         let mut message = vec![0u8; MAX_HANDSHAKE_MESSAGE_BYTES];
-        let len = state.write_message(&encode_hello(params.local_name)?, &mut message)?;
+        let hello = encode_hello(params.local_name, Some(timestamp))?;
+        let len = state.write_message(&hello, &mut message)?;
         message.truncate(len);
         Ok((
             Initiator {
@@ -184,7 +253,7 @@ impl Initiator {
                 got: "another key".into(),
             });
         }
-        let name = decode_hello(&payload[..len])?;
+        let (name, _) = decode_hello(&payload[..len], false)?;
         if name != self.expected_name {
             return Err(HandshakeError::UnexpectedPeer {
                 expected: self.expected_name,
@@ -201,12 +270,13 @@ impl Initiator {
 }
 
 /// The responder's single step: reads message 1, checks the initiator against the membership
-/// (`member_name_of_key` gives the member name of a static key, `None` for non-members) and
-/// returns the established link and message 2 to send back.
+/// (`member_name_of_key` gives the member name of a static key, `None` for non-members) and its
+/// timestamp against `replay`, and returns the established link and message 2 to send back.
 pub fn respond(
     params: HandshakeParams<'_>,
     message: &[u8],
     member_name_of_key: impl Fn(&[u8; KEY_BYTES]) -> Option<String>,
+    replay: &mut ReplayGuard,
 ) -> Result<(Established, Vec<u8>), HandshakeError> {
     if message.len() > MAX_HANDSHAKE_MESSAGE_BYTES {
         return Err(HandshakeError::TooLong(message.len()));
@@ -220,12 +290,17 @@ pub fn respond(
     let Some(member) = member_name_of_key(&peer_key) else {
         return Err(HandshakeError::UnknownKey(base64_key(&peer_key)));
     };
-    let claimed = decode_hello(&payload[..len])?;
+    let (claimed, timestamp) = decode_hello(&payload[..len], true)?;
     if claimed != member {
         return Err(HandshakeError::WrongKeyForName { member, claimed });
     }
+    replay.admit(
+        &peer_key,
+        &member,
+        timestamp.ok_or(HandshakeError::BadPayload)?,
+    )?;
     let mut reply = vec![0u8; MAX_HANDSHAKE_MESSAGE_BYTES];
-    let reply_len = state.write_message(&encode_hello(params.local_name)?, &mut reply)?;
+    let reply_len = state.write_message(&encode_hello(params.local_name, None)?, &mut reply)?;
     reply.truncate(reply_len);
     let transport = state.into_stateless_transport_mode()?;
     Ok((
@@ -312,8 +387,14 @@ mod tests {
             params(a, a_cluster, psk_a),
             b.name,
             &b.identity.public_key(),
+            1,
         )?;
-        let (responder_side, m2) = respond(params(b, b_cluster, psk_b), &m1, members(known))?;
+        let (responder_side, m2) = respond(
+            params(b, b_cluster, psk_b),
+            &m1,
+            members(known),
+            &mut ReplayGuard::default(),
+        )?;
         let initiator_side = initiator.finish(&m2)?;
         Ok((initiator_side, responder_side))
     }
@@ -368,9 +449,14 @@ mod tests {
         // The initiator expects b's key; an impostor at b's address cannot read message 1.
         let (a, b, impostor) = (node("a", 1), node("b", 2), node("b", 4));
         let (_initiator, m1) =
-            Initiator::start(params(&a, "c1", None), "b", &b.identity.public_key()).unwrap();
+            Initiator::start(params(&a, "c1", None), "b", &b.identity.public_key(), 1).unwrap();
         assert!(matches!(
-            respond(params(&impostor, "c1", None), &m1, members(&[&a, &b])),
+            respond(
+                params(&impostor, "c1", None),
+                &m1,
+                members(&[&a, &b]),
+                &mut ReplayGuard::default()
+            ),
             Err(HandshakeError::Noise(_))
         ));
     }
@@ -398,8 +484,76 @@ mod tests {
         let b = node("b", 2);
         for len in [0usize, 1, 31, 32, 48, 96, 200, 2000] {
             let garbage = vec![0x5a; len];
-            assert!(respond(params(&b, "c1", None), &garbage, |_| Some("a".into())).is_err());
+            let mut guard = ReplayGuard::default();
+            let answer = respond(
+                params(&b, "c1", None),
+                &garbage,
+                |_| Some("a".into()),
+                &mut guard,
+            );
+            assert!(answer.is_err());
         }
+    }
+
+    #[test]
+    fn replayed_or_older_message_one_is_refused() {
+        let (a, b, c) = (node("a", 1), node("b", 2), node("c", 3));
+        let known = [&a, &b, &c];
+        let mut guard = ReplayGuard::default();
+        let start = |from: &Node, timestamp: u64| {
+            Initiator::start(
+                params(from, "c1", None),
+                "b",
+                &b.identity.public_key(),
+                timestamp,
+            )
+            .unwrap()
+        };
+        let mut answer = |m1: &[u8], guard: &mut ReplayGuard| {
+            respond(params(&b, "c1", None), m1, members(&known), guard).map(|(e, _)| e.peer_name)
+        };
+        let (_, m1_at_10) = start(&a, 10);
+        assert_eq!(answer(&m1_at_10, &mut guard).unwrap(), "a");
+        // The same bytes again: refused, before any answer.
+        let replayed = HandshakeError::Replayed { member: "a".into() };
+        assert_eq!(answer(&m1_at_10, &mut guard).unwrap_err(), replayed);
+        // A genuine but older or equal message 1 (say, delayed): refused too.
+        let (_, m1_at_9) = start(&a, 9);
+        assert_eq!(answer(&m1_at_9, &mut guard).unwrap_err(), replayed);
+        let (_, m1_at_10_again) = start(&a, 10);
+        assert_eq!(answer(&m1_at_10_again, &mut guard).unwrap_err(), replayed);
+        // Newer: accepted. Timestamps are per initiator key: c's 5 is fine.
+        let (_, m1_at_11) = start(&a, 11);
+        assert_eq!(answer(&m1_at_11, &mut guard).unwrap(), "a");
+        let (_, c_at_5) = start(&c, 5);
+        assert_eq!(answer(&c_at_5, &mut guard).unwrap(), "c");
+        // A refused handshake (unknown key) leaves no entry: the guard holds members only.
+        let stranger = node("x", 9);
+        let (_, x_at_1) = start(&stranger, 1);
+        assert!(matches!(
+            answer(&x_at_1, &mut guard),
+            Err(HandshakeError::UnknownKey(_))
+        ));
+        assert_eq!(guard.greatest.len(), 2);
+        // A departed member's entry goes.
+        guard.retain(|key| *key != c.identity.public_key());
+        assert_eq!(guard.greatest.len(), 1);
+    }
+
+    #[test]
+    fn message_one_without_timestamp_is_malformed() {
+        assert_eq!(
+            decode_hello(&encode_hello("a", None).unwrap(), true),
+            Err(HandshakeError::BadPayload)
+        );
+        assert_eq!(
+            decode_hello(&encode_hello("a", Some(3)).unwrap(), true),
+            Ok(("a".to_string(), Some(3)))
+        );
+        assert_eq!(
+            decode_hello(&encode_hello("a", Some(3)).unwrap(), false),
+            Err(HandshakeError::BadPayload)
+        );
     }
 
     #[test]

@@ -86,6 +86,8 @@ enum LinkError {
     Encrypt,
     #[error("no traffic for {0} ms: peer presumed dead")]
     DeadPeer(u64),
+    #[error("no transport frame within {0} ms of the handshake: link not confirmed (replayed handshake?)")]
+    Unconfirmed(u64),
     #[error("connection closed by peer")]
     Eof,
     #[error("i/o: {0}")]
@@ -93,12 +95,16 @@ enum LinkError {
 }
 
 /// Registers the link and starts its tasks. Returns false if the peer is no longer a member.
+/// `confirmed`: we initiated (message 2 proved the peer live); a responder's link is confirmed
+/// by the first transport frame that decrypts, and closed if none comes within the handshake
+/// timeout.
 pub(crate) fn spawn<S>(
     inner: Arc<Inner>,
     stream: S,
     established: Established,
     path: LinkPath,
     initiator_key: [u8; KEY_BYTES],
+    confirmed: bool,
 ) -> bool
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -125,11 +131,11 @@ where
         retire: CancellationToken::new(),
         rtt_us: Arc::new(AtomicU64::new(0)),
     };
-    let Some(stats) = inner.register(handle.clone()) else {
+    let Some(stats) = inner.register(handle.clone(), confirmed) else {
         return false;
     };
     let span = info_span!("mesh_link", peer = %handle.peer, id = handle.id, path = ?handle.path);
-    span.in_scope(|| info!("link up"));
+    span.in_scope(|| info!(confirmed, "link up"));
     let transport = Arc::new(RwLock::new(established.transport));
     let (reader, writer) = tokio::io::split(stream);
     let writer_task = tokio::spawn(
@@ -153,7 +159,7 @@ where
                 tokio::time::sleep(grace).await;
             };
             let read_result = tokio::select! {
-                result = read_loop(&inner, reader, &transport, &handle, &stats) => result,
+                result = read_loop(&inner, reader, &transport, &handle, &stats, confirmed) => result,
                 _ = retired => Ok(()),
             };
             handle.close.cancel();
@@ -250,6 +256,13 @@ async fn write_loop<S: AsyncWrite>(
         inner.config.keepalive_interval_ms.max(1),
     ));
     let is_direct = matches!(handle.path, LinkPath::Direct(_));
+    // A first record at once: it confirms the link at the responder (and measures the RTT).
+    sealer.seal(
+        &Record::Ping {
+            sent_at_us: inner.now_us(),
+        },
+        &mut out,
+    )?;
     if is_direct {
         sealer.seal(&Record::Routes(inner.direct_peers()), &mut out)?;
     }
@@ -402,11 +415,13 @@ async fn read_loop<S: AsyncRead>(
     transport: &RwLock<StatelessTransportState>,
     handle: &LinkHandle,
     stats: &PeerStats,
+    mut confirmed: bool,
 ) -> Result<(), LinkError> {
     let mut buffer = BytesMut::with_capacity(READ_BUFFER_BYTES);
     let mut nonce = 0u64;
     let mut reassembler = Reassembler::new(inner.config.max_message_bytes);
     let dead_ms = inner.config.dead_peer_timeout_ms.max(1);
+    let confirm_ms = inner.config.handshake_timeout_ms.max(1);
     loop {
         while let Some(frame) = decode_frame(&mut buffer)? {
             stats
@@ -420,6 +435,11 @@ async fn read_loop<S: AsyncRead>(
                 .map_err(|_| LinkError::Decrypt)?;
             nonce += 1;
             plain.truncate(len);
+            if !confirmed {
+                // Only the holder of the initiator's keys can produce this frame.
+                confirmed = true;
+                inner.confirm(&handle.peer, handle.id);
+            }
             match Record::decode(plain.freeze())? {
                 Record::Data(chunk) => {
                     if let Some(message) = reassembler.push(chunk)? {
@@ -507,11 +527,13 @@ async fn read_loop<S: AsyncRead>(
         if buffer.capacity() - buffer.len() < READ_BUFFER_BYTES / 2 {
             buffer.reserve(READ_BUFFER_BYTES);
         }
+        let wait_ms = if confirmed { dead_ms } else { confirm_ms };
         let read = tokio::select! {
             _ = handle.close.cancelled() => return Ok(()),
-            read = tokio::time::timeout(Duration::from_millis(dead_ms), reader.read_buf(&mut buffer)) => read,
+            read = tokio::time::timeout(Duration::from_millis(wait_ms), reader.read_buf(&mut buffer)) => read,
         };
         match read {
+            Err(_) if !confirmed => return Err(LinkError::Unconfirmed(confirm_ms)),
             Err(_) => return Err(LinkError::DeadPeer(dead_ms)),
             Ok(Err(error)) => return Err(LinkError::Io(error)),
             Ok(Ok(0)) => return Err(LinkError::Eof),

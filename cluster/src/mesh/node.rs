@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::codec::{frame_header, MessageKind, Record, CHANNEL_COUNT};
 use super::handshake::{
-    self, HandshakeError, HandshakeParams, Initiator, MAX_HANDSHAKE_MESSAGE_BYTES,
+    self, HandshakeError, HandshakeParams, Initiator, ReplayGuard, MAX_HANDSHAKE_MESSAGE_BYTES,
 };
 use super::identity::{decode_key, Identity, KEY_BYTES};
 use super::link::{self, LinkHandle, LinkPath, Outgoing, PeerStats};
@@ -106,6 +106,9 @@ pub(crate) struct Inner {
     /// Woken whenever links or routes change; dialers wait on it.
     pub(crate) topology: Notify,
     handshakes_refused: AtomicU64,
+    /// The greatest handshake timestamp accepted per initiator key (anti-replay). Locked
+    /// before `state` when both are held.
+    replay: Mutex<ReplayGuard>,
 }
 
 /// Members by name, with their decoded keys.
@@ -146,7 +149,12 @@ struct RelayKey {
 
 #[derive(Default)]
 struct Peer {
+    /// Confirmed links, the one carrying traffic first.
     links: Vec<LinkHandle>,
+    /// Links we answered a handshake for whose initiator has not yet sent a transport frame:
+    /// a replayed message 1 also gets an answer, so such a link carries nothing, takes part in
+    /// no ranking and retires nothing until it is confirmed (see [`Inner::confirm`]).
+    unconfirmed: Vec<LinkHandle>,
     stats: Arc<PeerStats>,
     last_handshake_unix_ms: Option<u64>,
     last_error: Option<String>,
@@ -158,6 +166,24 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The last handshake timestamp this process used (see [`handshake_timestamp`]).
+static LAST_HANDSHAKE_TIMESTAMP: AtomicU64 = AtomicU64::new(0);
+
+/// A timestamp for a handshake's message 1: nanoseconds since the Unix epoch, strictly greater
+/// than every earlier one of this process (two dials in the same nanosecond, or a clock that
+/// steps back while we run, still give increasing values).
+fn handshake_timestamp() -> u64 {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let previous = LAST_HANDSHAKE_TIMESTAMP
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |last| {
+            Some(now.max(last.saturating_add(1)))
+        })
+        .unwrap_or(0);
+    now.max(previous.saturating_add(1))
 }
 
 fn unix_ms() -> u64 {
@@ -265,6 +291,7 @@ impl Mesh {
             next_id: AtomicU64::new(1),
             topology: Notify::new(),
             handshakes_refused: AtomicU64::new(0),
+            replay: Mutex::new(ReplayGuard::default()),
         });
         for listener in listeners {
             tokio::spawn(accept_loop(inner.clone(), listener));
@@ -413,6 +440,7 @@ impl Inner {
                     dialer.cancel();
                 }
                 to_close.extend(peer.links);
+                to_close.extend(peer.unconfirmed);
             }
         }
         let names: Vec<String> = state
@@ -429,7 +457,14 @@ impl Inner {
                 tokio::spawn(dial_loop(self.clone(), name, token));
             }
         }
+        let known: Vec<[u8; KEY_BYTES]> = state
+            .members
+            .values()
+            .chain(state.pending.values())
+            .map(|(_, key)| *key)
+            .collect();
         drop(state);
+        lock(&self.replay).retain(|key| known.contains(key));
         for link in to_close {
             link.close.cancel();
         }
@@ -492,13 +527,49 @@ impl Inner {
         Err(MeshError::Unreachable(peer.to_string()))
     }
 
-    /// Registers an established link: the best link of the peer is kept first in the list,
-    /// every other link of the peer is closed.
-    pub(crate) fn register(&self, handle: LinkHandle) -> Option<Arc<PeerStats>> {
+    /// Registers an established link. A confirmed one (we initiated it: message 2 proved the
+    /// peer live) is ranked at once; an unconfirmed one (we answered message 1, which anyone
+    /// could have replayed) waits for [`Inner::confirm`].
+    pub(crate) fn register(&self, handle: LinkHandle, confirmed: bool) -> Option<Arc<PeerStats>> {
         let mut state = lock(&self.state);
         // Only members and pending invitees have links.
         state.known_key(&handle.peer)?;
         let peer = state.peers.entry(handle.peer.clone()).or_default();
+        let stats = peer.stats.clone();
+        if confirmed {
+            drop(state);
+            self.rank(handle);
+        } else {
+            peer.unconfirmed.push(handle);
+        }
+        Some(stats)
+    }
+
+    /// The initiator of an unconfirmed link sent its first transport frame: it holds the keys,
+    /// so the link is live and takes part in the ranking.
+    pub(crate) fn confirm(&self, peer_name: &str, link_id: u64) {
+        let mut state = lock(&self.state);
+        let Some(peer) = state.peers.get_mut(peer_name) else {
+            return;
+        };
+        let Some(position) = peer.unconfirmed.iter().position(|l| l.id == link_id) else {
+            return;
+        };
+        let handle = peer.unconfirmed.swap_remove(position);
+        drop(state);
+        self.rank(handle);
+    }
+
+    /// Adds a confirmed link: the best link of the peer is kept first in the list, every
+    /// other one is retired.
+    fn rank(&self, handle: LinkHandle) {
+        let mut state = lock(&self.state);
+        let Some(peer) = state.peers.get_mut(&handle.peer) else {
+            // Removed meanwhile (membership change): not a link any more.
+            drop(state);
+            handle.close.cancel();
+            return;
+        };
         peer.last_handshake_unix_ms = Some(unix_ms());
         peer.links.push(handle.clone());
         let mut best = 0;
@@ -510,7 +581,6 @@ impl Inner {
         let winner = peer.links.swap_remove(best);
         let losers: Vec<LinkHandle> = std::mem::take(&mut peer.links);
         peer.links.push(winner);
-        let stats = peer.stats.clone();
         let direct = matches!(handle.path, LinkPath::Direct(_));
         if direct {
             state.routing.set_direct(&handle.peer, true);
@@ -524,7 +594,6 @@ impl Inner {
             self.advertise_routes();
         }
         self.topology.notify_waiters();
-        Some(stats)
     }
 
     pub(crate) fn unregister(&self, peer_name: &str, link_id: u64, error: Option<String>) {
@@ -533,6 +602,7 @@ impl Inner {
             return;
         };
         peer.links.retain(|link| link.id != link_id);
+        peer.unconfirmed.retain(|link| link.id != link_id);
         if let Some(error) = error {
             peer.last_error = Some(error);
         }
@@ -771,8 +841,15 @@ impl Inner {
             let message = read_handshake_frame(&mut stream)
                 .await
                 .map_err(|e| HandshakeError::Noise(e.to_string()))?;
-            let (established, reply) =
-                handshake::respond(self.params(), &message, |key| self.member_name_of_key(key))?;
+            let (established, reply) = {
+                let mut replay = lock(&self.replay);
+                handshake::respond(
+                    self.params(),
+                    &message,
+                    |key| self.member_name_of_key(key),
+                    &mut replay,
+                )?
+            };
             write_handshake_frame(&mut stream, &reply)
                 .await
                 .map_err(|e| HandshakeError::Noise(e.to_string()))?;
@@ -782,7 +859,14 @@ impl Inner {
         match outcome {
             Ok(Ok(established)) => {
                 let initiator_key = established.peer_key;
-                link::spawn(self.clone(), stream, established, path, initiator_key);
+                link::spawn(
+                    self.clone(),
+                    stream,
+                    established,
+                    path,
+                    initiator_key,
+                    false,
+                );
             }
             Ok(Err(error)) => self.refuse(shown_from, &error),
             Err(_) => self.refuse(
@@ -806,7 +890,8 @@ impl Inner {
         let timeout = Duration::from_millis(self.config.handshake_timeout_ms);
         let established = tokio::time::timeout(timeout, async {
             let (initiator, message) =
-                Initiator::start(self.params(), peer, key).map_err(|e| e.to_string())?;
+                Initiator::start(self.params(), peer, key, handshake_timestamp())
+                    .map_err(|e| e.to_string())?;
             write_handshake_frame(&mut stream, &message)
                 .await
                 .map_err(|e| e.to_string())?;
@@ -823,6 +908,7 @@ impl Inner {
             established,
             path,
             self.identity.public_key(),
+            true,
         ) {
             Ok(())
         } else {

@@ -91,7 +91,6 @@ struct FaultProxy {
     blocked: Arc<AtomicBool>,
     flip_next: Arc<AtomicBool>,
     silent: tokio::sync::watch::Sender<bool>,
-    #[allow(dead_code)]
     first_frame: Arc<std::sync::Mutex<Vec<u8>>>,
 }
 
@@ -158,7 +157,6 @@ impl FaultProxy {
     }
 
     /// The first complete handshake frame (length header included) a client sent, if any.
-    #[allow(dead_code)]
     fn first_frame(&self) -> Option<Vec<u8>> {
         let frame = self.first_frame.lock().unwrap();
         (frame.len() >= 2
@@ -284,7 +282,7 @@ async fn unknown_key_is_refused_before_any_payload() {
         cluster_id: "test",
         psk: None,
     };
-    let (_initiator, message) = Initiator::start(params, "b", &b.public_key()).unwrap();
+    let (_initiator, message) = Initiator::start(params, "b", &b.public_key(), 1).unwrap();
     write_handshake_frame(&mut stream, &message).await.unwrap();
     // Bytes that would be a payload if the link had been accepted.
     let _ = stream
@@ -329,7 +327,7 @@ async fn wrong_key_for_a_name_is_refused() {
         cluster_id: "test",
         psk: None,
     };
-    let (_initiator, message) = Initiator::start(params, "b", &b.public_key()).unwrap();
+    let (_initiator, message) = Initiator::start(params, "b", &b.public_key(), 1).unwrap();
     write_handshake_frame(&mut stream, &message).await.unwrap();
     assert!(
         read_handshake_frame(&mut stream).await.is_err(),
@@ -847,4 +845,151 @@ async fn cut_and_heal_under_load(cycles: usize, cycles_done: Arc<std::sync::atom
         "max time from a heal to a first answer: {} ms",
         back_max.as_millis()
     );
+}
+
+/// Issue 10, point 7: a first handshake message captured on the wire and replayed to the
+/// responder while the link it opened is live. The responder refuses it (its timestamp is not
+/// newer than the last one accepted from that key) and the live link keeps carrying requests
+/// both ways, never replaced. Before the fix the responder answered the replay, ranked the new
+/// link first (same initiator key, newer) and retired the live one, so its messages went into
+/// a link nobody reads until the dead-peer timeout.
+#[tokio::test]
+async fn replayed_first_handshake_message_does_not_replace_the_live_link() {
+    let node_b = start_alone("b", &identity(2), test_config()).await;
+    let proxy = FaultProxy::start(node_b.local_addrs()[0]).await;
+    let node_a = start_alone("a", &identity(1), test_config()).await;
+    // Only a dials, through the proxy, which keeps its first handshake frame.
+    let members = vec![
+        member("a", &identity(1), vec![]),
+        member("b", &identity(2), vec![proxy.addr]),
+    ];
+    node_a.set_members(members.clone()).unwrap();
+    node_b.set_members(members).unwrap();
+    echo_requests(&node_a, Channel::Raft).await;
+    echo_requests(&node_b, Channel::Raft).await;
+    wait_for("link up", || {
+        is_direct(&link_of(&node_b, "a")) && is_direct(&link_of(&node_a, "b"))
+    })
+    .await;
+    let captured = proxy.first_frame().expect("a's first handshake frame");
+    request_until_answered(&node_b, "a", WAIT).await;
+    let live = peer_status(&node_b, "a");
+    let refused_before = node_b.status().handshakes_refused;
+
+    // The replay, straight to b's listener.
+    let mut replay = TcpStream::connect(node_b.local_addrs()[0]).await.unwrap();
+    replay.write_all(&captured).await.unwrap();
+    wait_for("the replay handled", || {
+        node_b.status().handshakes_refused > refused_before
+            || peer_status(&node_b, "a").last_handshake_unix_ms != live.last_handshake_unix_ms
+    })
+    .await;
+    // The live link keeps carrying requests both ways, each answered well within its timeout,
+    // for longer than the dead-peer timeout.
+    let until = Instant::now() + Duration::from_millis(test_config().dead_peer_timeout_ms * 2);
+    let mut n_requests = 0;
+    while Instant::now() < until {
+        for (from, to) in [(&node_a, "b"), (&node_b, "a")] {
+            let answer = from
+                .request(
+                    to,
+                    Channel::Raft,
+                    Bytes::from_static(b"live"),
+                    Duration::from_millis(500),
+                )
+                .await;
+            assert!(
+                matches!(&answer, Ok(body) if &body[..] == b"live"),
+                "request {n_requests} from {} to {to} after the replay: {answer:?}",
+                from.local_name()
+            );
+            n_requests += 1;
+        }
+    }
+    let after = peer_status(&node_b, "a");
+    assert_eq!(
+        after.last_handshake_unix_ms, live.last_handshake_unix_ms,
+        "the live link was replaced"
+    );
+    let refusal = node_b.status().last_refusal.unwrap_or_default();
+    assert!(
+        refusal.contains("replayed or stale handshake from a"),
+        "{refusal}"
+    );
+    // No answer to the replay.
+    let mut reply = Vec::new();
+    let read = tokio::time::timeout(WAIT, replay.read_to_end(&mut reply))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err() || reply.is_empty(),
+        "the responder answered a replay"
+    );
+}
+
+/// The second line behind the timestamps: a handshake the responder answers but whose
+/// initiator then sends nothing (what a replay looks like to a responder that restarted and
+/// forgot the timestamps) gives an unconfirmed link, which never displaces the live one and
+/// is closed after the handshake timeout.
+#[tokio::test]
+async fn unconfirmed_link_never_displaces_the_live_link() {
+    let meshes = cluster(&["a", "b"], |viewer, _, addr| {
+        // Only a dials.
+        if viewer == "a" {
+            vec![addr]
+        } else {
+            vec![]
+        }
+    })
+    .await;
+    let (node_a, node_b) = (meshes[0].clone(), meshes[1].clone());
+    echo_requests(&node_a, Channel::Raft).await;
+    echo_requests(&node_b, Channel::Raft).await;
+    wait_for("link up", || {
+        is_direct(&link_of(&node_b, "a")) && is_direct(&link_of(&node_a, "b"))
+    })
+    .await;
+    request_until_answered(&node_b, "a", WAIT).await;
+    let live = peer_status(&node_b, "a");
+    // A genuine, newer message 1 with a's key; message 2 is read and then nothing is sent.
+    let a_key = identity(1);
+    let params = HandshakeParams {
+        local_private_key: a_key.private_key(),
+        local_name: "a",
+        cluster_id: "test",
+        psk: None,
+    };
+    let timestamp = u64::MAX / 2;
+    let (_initiator, message) =
+        Initiator::start(params, "b", &identity(2).public_key(), timestamp).unwrap();
+    let mut silent = TcpStream::connect(node_b.local_addrs()[0]).await.unwrap();
+    write_handshake_frame(&mut silent, &message).await.unwrap();
+    read_handshake_frame(&mut silent).await.expect("message 2");
+    let until = Instant::now() + Duration::from_millis(test_config().handshake_timeout_ms);
+    while Instant::now() < until {
+        for (from, to) in [(&node_a, "b"), (&node_b, "a")] {
+            let answer = from
+                .request(
+                    to,
+                    Channel::Raft,
+                    Bytes::from_static(b"live"),
+                    Duration::from_millis(500),
+                )
+                .await;
+            assert!(
+                matches!(&answer, Ok(body) if &body[..] == b"live"),
+                "{answer:?}"
+            );
+        }
+    }
+    wait_for("unconfirmed link closed", || {
+        peer_status(&node_b, "a")
+            .last_error
+            .is_some_and(|e| e.contains("not confirmed"))
+    })
+    .await;
+    let after = peer_status(&node_b, "a");
+    assert_eq!(after.last_handshake_unix_ms, live.last_handshake_unix_ms);
+    assert!(is_direct(&after.link));
+    request_until_answered(&node_b, "a", Duration::from_secs(1)).await;
 }

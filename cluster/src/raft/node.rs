@@ -858,19 +858,23 @@ impl Engine {
                             // Wait for news (a new leader) or a short pause, then retry.
                             let pause = tokio::time::Instant::now() + FORWARD_RETRY_PAUSE;
                             let until = pause.min(deadline);
-                            let _ = tokio::time::timeout_at(until, metrics.changed()).await;
+                            if let Ok(Err(_)) =
+                                tokio::time::timeout_at(until, metrics.changed()).await
+                            {
+                                // Raft stopped: `changed` would return at once, every time.
+                                return Err(ProposeError::Fatal("raft stopped".to_string()));
+                            }
                         }
                     }
                 }
                 _ => {
                     // No leader known: wait for one.
-                    if tokio::time::timeout_at(deadline, metrics.changed())
-                        .await
-                        .is_err()
-                    {
-                        return Err(self.unavailable_no_leader());
+                    match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                        Ok(Ok(())) => continue,
+                        Err(_) => return Err(self.unavailable_no_leader()),
+                        // Raft stopped: `changed` would return at once, every time.
+                        Ok(Err(_)) => return Err(ProposeError::Fatal("raft stopped".to_string())),
                     }
-                    continue;
                 }
             }
             if tokio::time::Instant::now() >= deadline {

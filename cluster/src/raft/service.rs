@@ -634,13 +634,15 @@ async fn to_leader(
         };
         match reply {
             ControlReply::NotLeader { .. } => {
-                if tokio::time::timeout_at(deadline, metrics.changed())
-                    .await
-                    .is_err()
-                {
-                    return Err(ClusterError::Refused(
-                        "no leader: the cluster has no quorum right now".to_string(),
-                    ));
+                match tokio::time::timeout_at(deadline, metrics.changed()).await {
+                    Ok(Ok(())) => {}
+                    Err(_) => {
+                        return Err(ClusterError::Refused(
+                            "no leader: the cluster has no quorum right now".to_string(),
+                        ))
+                    }
+                    // Raft stopped: `changed` would return at once, every time.
+                    Ok(Err(_)) => return Err(ClusterError::Refused("raft stopped".to_string())),
                 }
             }
             other => return Ok(other),
