@@ -48,6 +48,8 @@ pub struct Limiter {
     failures_by_client: Mutex<Window<IpAddr>>,
     failures_by_login: Mutex<Window<String>>,
     sent_by_account: Mutex<Window<AccountId>>,
+    srs_failures_by_client: Mutex<Window<IpAddr>>,
+    srs_bounces_by_client: Mutex<Window<IpAddr>>,
 }
 
 impl Limiter {
@@ -92,6 +94,39 @@ impl Limiter {
         );
     }
 
+    /// Whether SRS recipients from `client` are refused for now: too many wrong SRS
+    /// addresses (guessing hashes), or too many bounces through SRS addresses.
+    pub fn srs_blocked(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) -> bool {
+        let window = Duration::from_secs(config.srs_window_secs);
+        let key = client_key(client);
+        lock(&self.srs_failures_by_client).count(&key, now, window)
+            >= config.max_srs_failures_per_ip as usize
+            || lock(&self.srs_bounces_by_client).count(&key, now, window)
+                >= config.max_srs_bounces_per_ip as usize
+    }
+
+    /// Records an SRS-shaped recipient from `client` that is not one of ours.
+    pub fn srs_failed(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) {
+        let window = Duration::from_secs(config.srs_window_secs);
+        lock(&self.srs_failures_by_client).record(
+            client_key(client),
+            now,
+            window,
+            config.max_srs_failures_per_ip as usize,
+        );
+    }
+
+    /// Records a bounce from `client` to one of our SRS addresses.
+    pub fn srs_bounce(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) {
+        let window = Duration::from_secs(config.srs_window_secs);
+        lock(&self.srs_bounces_by_client).record(
+            client_key(client),
+            now,
+            window,
+            config.max_srs_bounces_per_ip as usize,
+        );
+    }
+
     /// Whether `account` may start another message now.
     pub fn may_send(&self, account: AccountId, config: &SmtpConfig, now: SystemTime) -> bool {
         let n_sent = lock(&self.sent_by_account).count(&account, now, SEND_WINDOW);
@@ -116,7 +151,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// IPv4 addresses count alone; IPv6 ones by /64, the block one subscriber usually holds.
-fn client_key(client: IpAddr) -> IpAddr {
+pub fn client_key(client: IpAddr) -> IpAddr {
     match client.to_canonical() {
         IpAddr::V6(ip) => {
             let prefix = u128::from(ip) & !((1u128 << 64) - 1);

@@ -140,6 +140,15 @@ pub struct SmtpConfig {
     /// Messages one account may submit per minute (sliding window, all listeners); beyond,
     /// MAIL gets `450 4.7.1`. Default 60.
     pub max_messages_per_account_per_minute: u32,
+    /// SRS-shaped recipients (`SRS0=...`) that are not one of our SRS addresses, per client
+    /// address (IPv6: per /64) within `srs_window_secs`; beyond, every SRS recipient from it
+    /// gets `450 4.7.1`. Stops guessing of SRS hashes. Default 10.
+    pub max_srs_failures_per_ip: u32,
+    /// Bounces through our SRS addresses (they go back out to the original sender) per client
+    /// address (IPv6: per /64) within `srs_window_secs`; beyond, `450 4.7.1`. Default 100.
+    pub max_srs_bounces_per_ip: u32,
+    /// The sliding window of both SRS limits. Default 3600.
+    pub srs_window_secs: u64,
 }
 
 impl Default for SmtpConfig {
@@ -163,6 +172,9 @@ impl Default for SmtpConfig {
             auth_failure_delay_ms: 1000,
             max_auth_failures_per_session: 3,
             max_messages_per_account_per_minute: 60,
+            max_srs_failures_per_ip: 10,
+            max_srs_bounces_per_ip: 100,
+            srs_window_secs: 3600,
         }
     }
 }

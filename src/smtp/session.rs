@@ -24,8 +24,8 @@ use super::data::DotReader;
 use super::limits::Limiter;
 use super::{ListenerKind, SmtpConfig};
 use crate::store::{
-    AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
-    MAX_RECIPIENTS_PER_DELIVERY,
+    looks_like_srs, AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError,
+    MAX_MESSAGE_BYTES, MAX_RECIPIENTS_PER_DELIVERY,
 };
 
 /// Answers whether an address is one of ours. The driver implements it with
@@ -539,7 +539,7 @@ impl<R: Recipients> Session<R> {
                     }
                     to.address = format!("postmaster@{}", self.params.hostname).into();
                 }
-                self.rcpt(to, out)
+                self.rcpt(to, out, now)
             }
             Request::Data => self.data(out),
             Request::Bdat {
@@ -696,7 +696,12 @@ impl<R: Recipients> Session<R> {
         self.push_reply(out, "250 2.1.0 Ok");
     }
 
-    fn rcpt(&mut self, to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>, out: &mut Output) {
+    fn rcpt(
+        &mut self,
+        to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
         if self.greeting.is_none() {
             return self.push_reply(out, REPLY_NEED_HELO);
         }
@@ -713,6 +718,23 @@ impl<R: Recipients> Session<R> {
             return self.push_reply(out, "452 4.5.3 Error: too many recipients");
         }
         let address = to.address.into_owned();
+        let client = self.params.client_ip;
+        // SRS addresses are the one kind of local address that sends mail back out: each
+        // client address may try only a few wrong ones (so a 40-bit hash cannot be guessed)
+        // and send only so many bounces.
+        let srs_shaped = looks_like_srs(&address);
+        if srs_shaped
+            && self
+                .params
+                .limits
+                .srs_blocked(client, &self.params.config, now)
+        {
+            tracing::info!(client = %client, "smtp srs recipient refused: rate limit");
+            return self.push_reply(
+                out,
+                "450 4.7.1 Error: too many SRS recipients from your address, try again later",
+            );
+        }
         let check = self.recipients.check_recipient(&address);
         let echoed = printable(&address, ECHO_LENGTH_MAX);
         let Some(transaction) = self.transaction.as_mut() else {
@@ -725,8 +747,30 @@ impl<R: Recipients> Session<R> {
                 }
                 self.push_reply(out, "250 2.1.5 Ok");
             }
+            RecipientCheck::SrsBounce if transaction.mail_from.is_empty() => {
+                if !transaction.recipients.contains(&address) {
+                    transaction.recipients.push(address);
+                }
+                self.params
+                    .limits
+                    .srs_bounce(client, &self.params.config, now);
+                self.push_reply(out, "250 2.1.5 Ok");
+            }
+            // Anything but a bounce through an SRS address would be relaying.
+            RecipientCheck::SrsBounce => {
+                transaction.n_recipients_refused += 1;
+                let reply = format!(
+                    "550 5.7.1 <{echoed}>: Recipient address rejected: this address takes bounces only"
+                );
+                self.push_reply(out, &reply);
+            }
             RecipientCheck::UnknownUser => {
                 transaction.n_recipients_refused += 1;
+                if srs_shaped {
+                    self.params
+                        .limits
+                        .srs_failed(client, &self.params.config, now);
+                }
                 let reply =
                     format!("550 5.1.1 <{echoed}>: Recipient address rejected: user unknown");
                 self.push_reply(out, &reply);

@@ -13,4 +13,5 @@ mod durability;
 mod idle;
 mod mbsync;
 mod outbound;
+mod smtp_abuse;
 mod smtp_imap;
