@@ -1,4 +1,4 @@
-//! Rate limits shared by every session of the node's submission listeners: failed logins per
+//! Rate limits shared by every session of the node's SMTP listeners: failed logins per
 //! client address and per account, and messages submitted per account.
 //!
 //! Sans-IO like the session: the time is passed in. Each limit is a sliding window of event
@@ -18,9 +18,6 @@ use crate::store::AccountId;
 /// Keys one table remembers at most (client addresses, login names or accounts).
 pub const MAX_TRACKED_KEYS: usize = 65_536;
 
-/// Longest login name used as a key (longer ones are cut: RFC 5321 paths are at most 256).
-const LOGIN_KEY_LENGTH_MAX: usize = 320;
-
 /// The window of the sending limit.
 const SEND_WINDOW: Duration = Duration::from_secs(60);
 
@@ -29,15 +26,12 @@ const SEND_WINDOW: Duration = Duration::from_secs(60);
 pub enum AuthBlock {
     /// Too many recent failures from this client address.
     ClientAddress,
-    /// Too many recent failures for this login name.
-    Account,
 }
 
 impl AuthBlock {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthBlock::ClientAddress => "client address",
-            AuthBlock::Account => "account",
         }
     }
 }
@@ -46,7 +40,6 @@ impl AuthBlock {
 #[derive(Debug, Default)]
 pub struct Limiter {
     failures_by_client: Mutex<Window<IpAddr>>,
-    failures_by_login: Mutex<Window<String>>,
     sent_by_account: Mutex<Window<AccountId>>,
     srs_failures_by_client: Mutex<Window<IpAddr>>,
     srs_bounces_by_client: Mutex<Window<IpAddr>>,
@@ -70,10 +63,9 @@ impl Limiter {
         if n_client >= config.max_auth_failures_per_ip as usize {
             return Some(AuthBlock::ClientAddress);
         }
-        let n_login = lock(&self.failures_by_login).count(&login_key(login), now, window);
-        if n_login >= config.max_auth_failures_per_account as usize {
-            return Some(AuthBlock::Account);
-        }
+        // No refusal per account: strangers could lock its owner out. Accounts get capped
+        // delays from the shared login throttle instead (`crate::auth::throttle`).
+        let _ = login;
         None
     }
 
@@ -86,12 +78,7 @@ impl Limiter {
             window,
             config.max_auth_failures_per_ip as usize,
         );
-        lock(&self.failures_by_login).record(
-            login_key(login),
-            now,
-            window,
-            config.max_auth_failures_per_account as usize,
-        );
+        let _ = login;
     }
 
     /// Whether SRS recipients from `client` are refused for now: too many wrong SRS
@@ -158,22 +145,6 @@ pub fn client_key(client: IpAddr) -> IpAddr {
             IpAddr::V6(prefix.into())
         }
         ip => ip,
-    }
-}
-
-/// Login names are reduced the way the store normalizes addresses before looking them up
-/// (trimmed, ASCII lowercase, the domain trimmed and without trailing dots), so that every
-/// spelling that can log in as an account counts against that one account.
-fn login_key(login: &str) -> String {
-    let login: String = login
-        .trim()
-        .chars()
-        .take(LOGIN_KEY_LENGTH_MAX)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    match login.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", domain.trim().trim_end_matches('.')),
-        None => login,
     }
 }
 
@@ -290,32 +261,6 @@ mod tests {
     }
 
     #[test]
-    fn failures_for_one_login_from_many_addresses_block_that_login_only() {
-        let config = SmtpConfig::default();
-        let limiter = Limiter::new();
-        for index in 0..10u8 {
-            let client = IpAddr::from([198, 51, 100, index]);
-            let spelling = if index % 2 == 0 {
-                "Alice@Example.org "
-            } else {
-                "alice@example.org."
-            };
-            limiter.auth_failed(client, spelling, &config, at(1));
-        }
-        let fresh = IpAddr::from([203, 0, 113, 1]);
-        for spelling in ["alice@example.org", " ALICE@ example.org.. "] {
-            assert_eq!(
-                limiter.auth_blocked(fresh, spelling, &config, at(2)),
-                Some(AuthBlock::Account)
-            );
-        }
-        assert_eq!(
-            limiter.auth_blocked(fresh, "bob@example.org", &config, at(2)),
-            None
-        );
-    }
-
-    #[test]
     fn ipv6_clients_count_per_slash_64() {
         let config = SmtpConfig {
             max_auth_failures_per_ip: 2,
@@ -358,7 +303,5 @@ mod tests {
             limiter.auth_failed(IpAddr::from(index.to_be_bytes()), "a@x", &config, at(1));
         }
         assert!(lock(&limiter.failures_by_client).events.len() <= MAX_TRACKED_KEYS);
-        let times = lock(&limiter.failures_by_login);
-        assert!(times.events["a@x"].len() <= config.max_auth_failures_per_account as usize);
     }
 }

@@ -125,10 +125,9 @@ pub struct SmtpConfig {
     /// `auth_failure_window_secs`; beyond, every AUTH from it is answered
     /// `454 4.7.0` without checking the password. Default 5.
     pub max_auth_failures_per_ip: u32,
-    /// Failed logins to one account (the login name as given, existing or not) within
-    /// `auth_failure_window_secs`; beyond, AUTH for it is answered `454 4.7.0` from any
-    /// address. Default 10 (above the per-IP limit, so that one attacker address cannot lock
-    /// a user out alone).
+    /// Obsolete and ignored (kept so that older files load): failures per account no longer
+    /// refuse logins, since strangers could lock the owner out; the shared login throttle
+    /// (`[auth]`, [`crate::auth::throttle`]) delays them instead, capped. Default 10.
     pub max_auth_failures_per_account: u32,
     /// The sliding window of both failed-login limits. Default 300.
     pub auth_failure_window_secs: u64,

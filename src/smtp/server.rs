@@ -51,12 +51,16 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
 
     /// Checks a login (submission AUTH): the account, or None for wrong credentials. The
     /// default, for MX-only backends, accepts nobody.
+    /// `Err(Throttled)`: refused before any check (too many recent failures from this client
+    /// or for this login).
     fn authenticate(
         &self,
+        _client: IpAddr,
         _username: &str,
         _password: &str,
-    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
-        std::future::ready(None)
+    ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
+    {
+        std::future::ready(Ok(None))
     }
 }
 
@@ -108,10 +112,12 @@ impl Backend for MailStore {
 
     fn authenticate(
         &self,
+        client: IpAddr,
         username: &str,
         password: &str,
-    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
-        MailStore::authenticate(self, username, password)
+    ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
+    {
+        MailStore::authenticate_from(self, client, username, password)
     }
 }
 
@@ -443,12 +449,20 @@ where
                         Some(session.step(Input::DeliveryDone(result), SystemTime::now()));
                 }
                 Action::Authenticate(credentials) => {
-                    let account = context
+                    let result = context
                         .store
-                        .authenticate(&credentials.username, &credentials.password)
+                        .authenticate(
+                            session.client_ip(),
+                            &credentials.username,
+                            &credentials.password,
+                        )
                         .await;
                     drop(credentials);
-                    next_output = Some(session.step(Input::AuthDone(account), SystemTime::now()));
+                    let input = match result {
+                        Ok(account) => Input::AuthDone(account),
+                        Err(crate::auth::Throttled) => Input::AuthThrottled,
+                    };
+                    next_output = Some(session.step(input, SystemTime::now()));
                 }
             }
         }

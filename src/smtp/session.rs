@@ -55,6 +55,8 @@ pub enum Input<'a> {
     /// The outcome of the [`Action::Authenticate`] the session asked for: the account, or
     /// None when the credentials are wrong.
     AuthDone(Option<AccountId>),
+    /// The [`Action::Authenticate`] was refused by the login throttle before any check.
+    AuthThrottled,
     /// Nothing was read for [`Session::read_timeout`].
     Timeout,
     /// The server is shutting down: close now if idle, else after the current transaction.
@@ -279,6 +281,11 @@ impl<R: Recipients> Session<R> {
             .map(|authenticated| authenticated.account)
     }
 
+    /// The client's address (for the driver's login throttle).
+    pub fn client_ip(&self) -> IpAddr {
+        self.params.client_ip
+    }
+
     pub fn mode(&self) -> &Mode {
         &self.mode
     }
@@ -354,6 +361,22 @@ impl<R: Recipients> Session<R> {
                 if matches!(self.mode, Mode::AwaitingAuth) {
                     self.mode = Mode::Command;
                     self.auth_done(result, &mut out, now);
+                    self.process(&mut out, now);
+                }
+            }
+            Input::AuthThrottled => {
+                if matches!(self.mode, Mode::AwaitingAuth) {
+                    self.mode = Mode::Command;
+                    let (username, mechanism) = self
+                        .authenticating
+                        .take()
+                        .unwrap_or_else(|| (String::new(), "-"));
+                    self.log_auth(&login_shown(&username), mechanism, "refused: throttled");
+                    self.push_reply(
+                        &mut out,
+                        "454 4.7.0 Error: too many failed authentication attempts, try again later",
+                    );
+                    self.count_auth_failure(&mut out);
                     self.process(&mut out, now);
                 }
             }
@@ -884,6 +907,11 @@ impl<R: Recipients> Session<R> {
             self.log_transaction(&summary, "rejected: message too big", "-");
             return self.push_reply(out, REPLY_TOO_BIG);
         }
+        if count_received_headers(&transaction.body) > MAX_RECEIVED_HEADERS {
+            // RFC 5321 section 6.3: a message that went through this many hops is looping.
+            self.log_transaction(&summary, "rejected: mail loop (too many Received)", "-");
+            return self.push_reply(out, "554 5.4.6 Error: too many hops, mail loop detected");
+        }
         if self.params.kind.is_submission() && self.authenticated.is_none() {
             // MAIL already needs AUTH; this only guards the invariant.
             self.log_transaction(&summary, "rejected: not authenticated", "-");
@@ -1304,6 +1332,29 @@ impl<R: Recipients> Session<R> {
 /// Received hold at most two addresses of 256 bytes, a HELO name of 255, the host name, an id
 /// and a date.
 const TRACE_HEADERS_BYTES_MAX: usize = 4096;
+
+/// More `Received` header fields than this in a message (before ours) mean a mail loop
+/// (RFC 5321 section 6.3 suggests 100 as a "large" limit; Postfix uses 50).
+pub const MAX_RECEIVED_HEADERS: usize = 50;
+
+/// `Received:` fields in the header section of `message` (up to its first empty line),
+/// counted case-insensitively at line starts; stops as soon as the count passes the limit.
+pub fn count_received_headers(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&byte| byte == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+            if count > MAX_RECEIVED_HEADERS {
+                break;
+            }
+        }
+    }
+    count
+}
 
 /// The configured message size, never above what the store accepts (a larger setting would
 /// only turn into 451s at the end of DATA).
@@ -2144,6 +2195,18 @@ NOOP",
     }
 
     #[test]
+    fn received_fields_are_counted_in_the_header_section_only() {
+        let headers = "Received: a\r\nRECEIVED: b\r\n c\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received_headers(headers.as_bytes()), 2);
+        assert_eq!(count_received_headers(b""), 0);
+        let many = "Received: x\n".repeat(500);
+        assert_eq!(
+            count_received_headers(many.as_bytes()),
+            MAX_RECEIVED_HEADERS + 1
+        );
+    }
+
+    #[test]
     fn smuggled_end_of_data_with_bare_lf_is_message_content() {
         let run = check(
             "HELO c
@@ -2842,7 +2905,7 @@ hi
     }
 
     #[test]
-    fn failed_logins_are_limited_per_client_address_and_per_account_across_sessions() {
+    fn failed_logins_are_limited_per_client_address_but_never_lock_an_account() {
         let config = SmtpConfig {
             max_auth_failures_per_session: 100,
             ..SmtpConfig::default()
@@ -2885,7 +2948,8 @@ hi
         let (reply, _, _) = attempt(alice_home, "alice@example.org", "alice password");
         assert_eq!(reply, "235 2.7.0 Authentication successful");
 
-        // Ten failures for bob from ten addresses lock bob's login, from anywhere.
+        // Ten failures for bob from ten addresses do not lock bob out (issue 10): his own
+        // login still gets checked and succeeds (the shared login throttle only delays it).
         for index in 0..10u8 {
             let (reply, _, _) = attempt(
                 IpAddr::from([192, 0, 2, 100 + index]),
@@ -2899,8 +2963,8 @@ hi
             "BOB@example.org",
             "bob password",
         );
-        assert!(reply.starts_with("454 4.7.0 "), "{reply}");
-        assert_eq!(n_checks, 0);
+        assert_eq!(reply, "235 2.7.0 Authentication successful");
+        assert_eq!(n_checks, 1);
         let (reply, _, _) = attempt(
             IpAddr::from([203, 0, 113, 9]),
             "alice@example.org",

@@ -493,6 +493,8 @@ pub struct MailStore {
     /// Verified against when the account does not exist, so that a login to an unknown
     /// account costs the same time as a wrong password.
     dummy_hash: Arc<OnceLock<String>>,
+    /// Login throttling shared by IMAP and SMTP AUTH ([`MailStore::authenticate_from`]).
+    login_throttle: Arc<crate::auth::LoginThrottle>,
 }
 
 fn now_secs() -> i64 {
@@ -647,7 +649,29 @@ impl MailStore {
             proposer,
             password_params: argon2::Params::default(),
             dummy_hash: Arc::new(OnceLock::new()),
+            login_throttle: Arc::new(crate::auth::LoginThrottle::new(Default::default())),
         }
+    }
+
+    /// The same store with login throttling configured by `config` (`[auth]`).
+    pub fn with_login_throttle(mut self, config: crate::auth::ThrottleConfig) -> MailStore {
+        self.login_throttle = Arc::new(crate::auth::LoginThrottle::new(config));
+        self
+    }
+
+    /// [`MailStore::authenticate`] for a login from `client`, through the node's login
+    /// throttle (per client address and per account delays, bounded password checks at
+    /// once). `Err` means refused before any check: too many recent failures.
+    pub async fn authenticate_from(
+        &self,
+        client: std::net::IpAddr,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<AccountId>, crate::auth::Throttled> {
+        let attempt = self.login_throttle.begin(client, address).await?;
+        let verified = self.authenticate(address, password).await;
+        attempt.finish(verified.is_some());
+        Ok(verified)
     }
 
     /// Opens (or creates) a store in `data_dir` whose commands are applied directly, without

@@ -183,3 +183,183 @@ except smtplib.SMTPServerDisconnected:
         "the guessing address is still served: {output}"
     );
 }
+
+#[test]
+fn a_message_with_more_than_50_received_headers_is_refused_as_a_loop() {
+    let node = node_with("");
+    let output = node.py(
+        r#"
+def with_received(n):
+    hops = "".join(f"Received: from hop{i}.example by hop{i+1}.example; Mon, 2 Nov 2026 10:00:00 +0000\r\n" for i in range(n))
+    return hops.encode() + message(f"hops {n}")
+s = smtp()
+for n in (50, 51):
+    try:
+        s.sendmail("someone@elsewhere.test", [USER], with_received(n))
+        print(n, "accepted")
+    except smtplib.SMTPDataError as e:
+        print(n, e.smtp_code, e.smtp_error.decode())
+s.quit()
+"#,
+        &[],
+    );
+    assert!(output.contains("50 accepted"), "{output}");
+    assert!(output.contains("51 554 5.4.6"), "{output}");
+}
+
+/// The submission (STARTTLS) port of `node`, from its configuration.
+fn submission_port(node: &Node) -> u16 {
+    std::fs::read_to_string(&node.config)
+        .expect("read config")
+        .split("submission_listen = [\"127.0.0.1:")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .and_then(|port| port.parse().ok())
+        .expect("submission port in the config")
+}
+
+/// Clients from a chosen loopback source address (127.0.0.x): `imap_from(src)` and
+/// `submission_from(src)` (EHLO, STARTTLS, EHLO done), and `auth(s, user, password)` giving
+/// the AUTH PLAIN reply code.
+const SOURCE_CLIENTS: &str = r#"
+import base64, ssl, threading
+class SourcedIMAP(imaplib.IMAP4):
+    def __init__(self, source, *args, **kwargs):
+        self.source = source
+        super().__init__(*args, **kwargs)
+    def _create_socket(self, timeout):
+        return socket.create_connection((self.host, self.port), timeout, source_address=(self.source, 0))
+def imap_from(source):
+    return SourcedIMAP(source, HOST, IMAP_PORT, timeout=120)
+def submission_from(source):
+    ctx = ssl.create_default_context(); ctx.check_hostname = False; ctx.verify_mode = ssl.CERT_NONE
+    s = smtplib.SMTP(HOST, int(ENV["SUB"]), timeout=120, source_address=(source, 0))
+    s.ehlo("client.test"); s.starttls(context=ctx); s.ehlo("client.test")
+    return s
+def auth(s, user, password):
+    token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+    code, _ = s.docmd("AUTH", "PLAIN " + token)
+    return code
+"#;
+
+#[test]
+fn failed_logins_are_throttled_per_address_and_never_lock_the_owner_out() {
+    let node = Node::with_account();
+    let sub = format!("SUB={}", submission_port(&node));
+    // IMAP: one address guessing for 8 seconds, reconnecting after each BYE.
+    let output = node.py(
+        &format!(
+            "{SOURCE_CLIENTS}{}",
+            r#"
+start = time.time(); times = []; c = None
+while time.time() - start < 8:
+    try:
+        if c is None:
+            c = imap_from("127.0.0.9")
+        c.login(USER, "wrong password 123")
+    except imaplib.IMAP4.abort:
+        c = None; continue
+    except imaplib.IMAP4.error:
+        times.append(time.time())
+    except OSError:
+        c = None; continue
+late = [t for t in times if t > start + 3]
+print("imap_failures", len(times), "late_rate", len(late) / 5.0)
+c2 = imap_from("127.0.0.10")
+t0 = time.time()
+c2.login(USER, PASSWORD)
+print("imap_owner_login_secs", round(time.time() - t0, 2))
+c2.logout()
+"#
+        ),
+        &[&sub],
+    );
+    let value = |key: &str| -> f64 {
+        output
+            .split_whitespace()
+            .skip_while(|word| *word != key)
+            .nth(1)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("{key} in {output}"))
+    };
+    assert!(
+        value("late_rate") <= 5.0,
+        "IMAP guesses per second from one address after its first failures: {output}"
+    );
+    assert!(value("imap_owner_login_secs") < 10.0, "{output}");
+
+    // SMTP AUTH: two addresses guess the user's password at once; the owner, from a third
+    // address, still gets in.
+    let output = node.py(
+        &format!(
+            "{SOURCE_CLIENTS}{}",
+            r#"
+codes = []
+def guesser(source):
+    deadline = time.time() + 12
+    s = None
+    while time.time() < deadline and len([c for c in codes if c == 535]) < 12:
+        try:
+            if s is None:
+                s = submission_from(source)
+            codes.append(auth(s, USER, "wrong password 123"))
+        except (smtplib.SMTPServerDisconnected, OSError):
+            s = None
+threads = [threading.Thread(target=guesser, args=(src,)) for src in ("127.0.0.11", "127.0.0.12")]
+for t in threads: t.start()
+for t in threads: t.join()
+print("smtp_codes", sorted(set(codes)), "n", len(codes))
+s = submission_from("127.0.0.13")
+t0 = time.time()
+print("owner_auth", auth(s, USER, PASSWORD), "secs", round(time.time() - t0, 2))
+s.quit()
+"#
+        ),
+        &[&sub],
+    );
+    assert!(
+        output.contains("owner_auth 235"),
+        "the owner was locked out: {output}"
+    );
+}
+
+#[test]
+fn concurrent_logins_never_run_more_password_checks_than_the_semaphore() {
+    let node = Node::with_account();
+    // 60 wrong LOGINs at once, from 60 addresses (no per-address limit applies): each
+    // argon2id check takes 19 MiB, so 60 at once would take over 1 GiB. The node logs each new
+    // peak of checks running at once; it must never pass the default limit of 4.
+    let output = node.py(
+        &format!(
+            "{SOURCE_CLIENTS}{}",
+            r#"
+barrier = threading.Barrier(60)
+failed = []
+def one(n):
+    c = imap_from(f"127.0.1.{n + 1}")
+    barrier.wait()
+    try:
+        c.login(USER, "wrong password 123")
+    except imaplib.IMAP4.error:
+        failed.append(n)
+threads = [threading.Thread(target=one, args=(n,)) for n in range(60)]
+for t in threads: t.start()
+for t in threads: t.join()
+print("failed", len(failed))
+"#
+        ),
+        &["SUB=0"],
+    );
+    assert!(output.contains("failed 60"), "{output}");
+    let peaks: Vec<u32> = node
+        .stderr()
+        .split("password_checks_peak=")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect();
+    let peak = peaks.iter().copied().max().unwrap_or(0);
+    assert!(
+        (1..=4).contains(&peak),
+        "password checks at once: {peaks:?}"
+    );
+}
