@@ -112,10 +112,19 @@ pub struct SmtpConfig {
     /// Idle time allowed between two reads of message data (DATA or BDAT), then `421 4.4.2`
     /// and close, storing nothing. Default 180 (RFC 5321 section 4.5.3.2.5).
     pub data_timeout_secs: u64,
+    /// Total time a session that has not authenticated may spend outside message data: from
+    /// its greeting (or the end of its last message) until its next DATA or BDAT, however
+    /// busy it keeps the connection; then `421 4.4.2` and close. Default 600.
+    pub command_phase_deadline_secs: u64,
+    /// Total time one message's data (DATA, or every BDAT chunk of it) may take, however
+    /// often bytes trickle in (a byte a minute no longer holds a session forever); then
+    /// `421 4.4.2` and close, storing nothing. Default 600 (25 MiB at 42 KiB/s).
+    pub data_deadline_secs: u64,
     /// Sessions open at once over all clients; extra connections get `421 4.7.0` and are
     /// closed. Default 1000.
     pub max_sessions: usize,
-    /// Sessions open at once from one client IP address. Default 100 (the benchmark opens 50
+    /// Sessions open at once from one client address (IPv6: one /64, the block one subscriber
+    /// usually holds). Default 100 (the benchmark opens 50
     /// from 127.0.0.1).
     pub max_sessions_per_ip: usize,
     /// On shutdown, how long sessions in the middle of a transaction may take to finish it
@@ -162,6 +171,8 @@ impl Default for SmtpConfig {
             max_errors_per_session: 20,
             command_timeout_secs: 300,
             data_timeout_secs: 180,
+            command_phase_deadline_secs: 600,
+            data_deadline_secs: 600,
             max_sessions: 1000,
             max_sessions_per_ip: 100,
             shutdown_grace_period_secs: 30,

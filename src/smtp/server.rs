@@ -275,6 +275,8 @@ struct SessionPermit {
 
 impl SessionLimits {
     fn acquire(self: &Arc<Self>, ip: IpAddr, config: &SmtpConfig) -> Option<SessionPermit> {
+        // IPv6 clients count per /64: one subscriber's block must not reach the global cap.
+        let ip = super::limits::client_key(ip);
         let mut counts = self
             .counts
             .lock()
@@ -470,7 +472,7 @@ where
             output = next_output;
             continue;
         }
-        let read_timeout = session.read_timeout();
+        let read_timeout = session.read_timeout(SystemTime::now());
         let read = tokio::select! {
             biased;
             _ = context.shutdown.cancelled(), if !shutdown_told => {
@@ -691,6 +693,28 @@ mod tests {
         }
         drop(second);
         server.stop().await;
+    }
+
+    #[test]
+    fn ipv6_sessions_count_per_slash_64() {
+        let config = SmtpConfig {
+            max_sessions_per_ip: 2,
+            ..SmtpConfig::default()
+        };
+        let limits = Arc::new(SessionLimits::default());
+        let first = limits.acquire("2001:db8:1:2::1".parse().unwrap(), &config);
+        let second = limits.acquire("2001:db8:1:2::2".parse().unwrap(), &config);
+        assert!(first.is_some() && second.is_some());
+        assert!(limits
+            .acquire("2001:db8:1:2:ffff::3".parse().unwrap(), &config)
+            .is_none());
+        assert!(limits
+            .acquire("2001:db8:1:3::1".parse().unwrap(), &config)
+            .is_some());
+        drop(first);
+        assert!(limits
+            .acquire("2001:db8:1:2::9".parse().unwrap(), &config)
+            .is_some());
     }
 
     #[tokio::test]

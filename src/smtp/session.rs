@@ -230,6 +230,10 @@ pub struct Session<R> {
     authenticating: Option<(String, &'static str)>,
     /// Failed or refused AUTH attempts in this session.
     n_auth_failures: u32,
+    /// The total deadline of the current phase (see [`SmtpConfig::command_phase_deadline_secs`]
+    /// and [`SmtpConfig::data_deadline_secs`]); None for an authenticated session between
+    /// messages.
+    deadline: Option<SystemTime>,
 }
 
 /// What the transaction log line says about a transaction.
@@ -271,6 +275,7 @@ impl<R: Recipients> Session<R> {
             authenticated: None,
             authenticating: None,
             n_auth_failures: 0,
+            deadline: None,
         }
     }
 
@@ -299,13 +304,32 @@ impl<R: Recipients> Session<R> {
         self.transaction.is_some() || self.delivering.is_some()
     }
 
-    /// How long the driver waits for input before reporting [`Input::Timeout`].
-    pub fn read_timeout(&self) -> Duration {
+    /// How long the driver waits for input before reporting [`Input::Timeout`]: the idle
+    /// timeout of the mode, or less when the phase's total deadline comes first.
+    pub fn read_timeout(&self, now: SystemTime) -> Duration {
         let config = &self.params.config;
-        match self.mode {
+        let idle = match self.mode {
             Mode::Data(_) | Mode::Bdat { .. } => Duration::from_secs(config.data_timeout_secs),
             _ => Duration::from_secs(config.command_timeout_secs),
+        };
+        match self.deadline {
+            Some(deadline) => idle.min(deadline.duration_since(now).unwrap_or(Duration::ZERO)),
+            None => idle,
         }
+    }
+
+    /// Starts the command phase's total deadline (none once authenticated).
+    fn start_command_phase(&mut self, now: SystemTime) {
+        self.deadline = if self.authenticated.is_some() {
+            None
+        } else {
+            Some(now + Duration::from_secs(self.params.config.command_phase_deadline_secs))
+        };
+    }
+
+    /// Starts the total deadline of one message's data.
+    fn start_data_phase(&mut self, now: SystemTime) {
+        self.deadline = Some(now + Duration::from_secs(self.params.config.data_deadline_secs));
     }
 
     /// The transition function.
@@ -315,6 +339,7 @@ impl<R: Recipients> Session<R> {
             Input::Connected => {
                 if matches!(self.mode, Mode::New) {
                     self.mode = Mode::Command;
+                    self.start_command_phase(now);
                     let banner = format!("220 {} ESMTP kermail", self.params.hostname);
                     self.push_reply(&mut out, &banner);
                 }
@@ -564,7 +589,7 @@ impl<R: Recipients> Session<R> {
                 }
                 self.rcpt(to, out, now)
             }
-            Request::Data => self.data(out),
+            Request::Data => self.data(out, now),
             Request::Bdat {
                 chunk_size,
                 is_last,
@@ -816,7 +841,7 @@ impl<R: Recipients> Session<R> {
         }
     }
 
-    fn data(&mut self, out: &mut Output) {
+    fn data(&mut self, out: &mut Output, now: SystemTime) {
         if self.greeting.is_none() {
             return self.push_reply(out, REPLY_NEED_HELO);
         }
@@ -831,6 +856,7 @@ impl<R: Recipients> Session<R> {
         }
         self.push_reply(out, "354 End data with <CR><LF>.<CR><LF>");
         self.mode = Mode::Data(DotReader::new());
+        self.start_data_phase(now);
     }
 
     fn bdat(&mut self, chunk_size: usize, is_last: bool, out: &mut Output, now: SystemTime) {
@@ -853,7 +879,11 @@ impl<R: Recipients> Session<R> {
                 None => Some(REPLY_NEED_MAIL),
                 Some(transaction) if transaction.recipients.is_empty() => Some(REPLY_NEED_RCPT),
                 Some(transaction) => {
-                    transaction.used_bdat = true;
+                    if !transaction.used_bdat {
+                        transaction.used_bdat = true;
+                        self.deadline =
+                            Some(now + Duration::from_secs(self.params.config.data_deadline_secs));
+                    }
                     None
                 }
             }
@@ -899,6 +929,7 @@ impl<R: Recipients> Session<R> {
 
     /// The message is complete: refuse it or hand it to the driver for delivery.
     fn end_of_message(&mut self, out: &mut Output, now: SystemTime) {
+        self.start_command_phase(now);
         let Some(transaction) = self.transaction.take() else {
             return self.push_reply(out, REPLY_NEED_MAIL);
         };
@@ -1148,6 +1179,7 @@ impl<R: Recipients> Session<R> {
             Some(account) => {
                 self.log_auth(&login, mechanism, "success");
                 self.authenticated = Some(Authenticated { account, login });
+                self.deadline = None;
                 self.push_reply(out, "235 2.7.0 Authentication successful");
             }
             None => {
@@ -2241,7 +2273,7 @@ x\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ny\r\n
             crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
         let output = session.step(Input::Bytes(input.as_bytes()), test_now());
         perform(&mut session, output, &mut run, &stored);
-        assert_eq!(session.read_timeout(), Duration::from_secs(180));
+        assert_eq!(session.read_timeout(test_now()), Duration::from_secs(180));
         let output = session.step(Input::Closed, test_now());
         perform(&mut session, output, &mut run, &stored);
         assert!(run.deliveries.is_empty());

@@ -363,3 +363,78 @@ print("failed", len(failed))
         "password checks at once: {peaks:?}"
     );
 }
+
+#[test]
+fn trickling_clients_are_cut_at_the_total_deadlines_and_nothing_is_stored() {
+    let mut node = Node::create();
+    let config = std::fs::read_to_string(&node.config).expect("read config");
+    let config = config.replacen(
+        "[smtp]\n",
+        "[smtp]\ndata_deadline_secs = 3\ncommand_phase_deadline_secs = 4\n",
+        1,
+    );
+    std::fs::write(&node.config, config).expect("write config");
+    node.spawn();
+    node.add_account(USER, PASSWORD);
+    let output = node.py(
+        r#"
+def trickle(commands, byte):
+    sock = socket.create_connection((HOST, SMTP_PORT), timeout=30)
+    f = sock.makefile("rb")
+    f.readline()
+    for command in commands:
+        sock.sendall(command)
+        while True:
+            line = f.readline()
+            if line[3:4] != b"-":
+                break
+    start = time.time()
+    last = b""
+    try:
+        while time.time() - start < 20:
+            sock.sendall(byte)
+            sock.settimeout(0.5)
+            try:
+                chunk = sock.recv(4096)
+                if chunk == b"":
+                    break
+                last += chunk
+            except socket.timeout:
+                pass
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    return round(time.time() - start, 1), last.decode(errors="replace").strip()
+secs, reply = trickle([b"EHLO client.test\r\n", f"MAIL FROM:<a@elsewhere.test>\r\n".encode(),
+                       f"RCPT TO:<{USER}>\r\n".encode(), b"DATA\r\n"], b"x")
+print("data", secs, reply.replace(" ", "_"))
+secs, reply = trickle([b"EHLO client.test\r\n"], b"NOOP\r\n")
+print("command", secs, reply.splitlines()[-1].replace(" ", "_") if reply else "")
+c = imap()
+print("messages", len(ok(c.search(None, "ALL") if c.select("INBOX")[0] == "OK" else ("NO", []))[0].split()))
+c.logout()
+"#,
+        &[],
+    );
+    let line = |key: &str| -> (f64, String) {
+        let line = output
+            .lines()
+            .find(|l| l.starts_with(key))
+            .unwrap_or_else(|| panic!("{key} in {output}"));
+        let mut words = line.split_whitespace().skip(1);
+        let secs = words.next().and_then(|v| v.parse().ok()).unwrap_or(99.0);
+        (secs, words.next().unwrap_or("").to_owned())
+    };
+    let (secs, reply) = line("data");
+    assert!(
+        (2.5..8.0).contains(&secs),
+        "DATA trickle lasted {secs} s: {output}"
+    );
+    assert!(reply.contains("421_4.4.2"), "{output}");
+    let (secs, reply) = line("command");
+    assert!(
+        (3.5..9.0).contains(&secs),
+        "command trickle lasted {secs} s: {output}"
+    );
+    assert!(reply.contains("421_4.4.2"), "{output}");
+    assert!(output.contains("messages 0"), "{output}");
+}
