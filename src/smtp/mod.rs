@@ -20,7 +20,12 @@
 //!   unauthenticated client is `550 5.7.1` (this role never authenticates).
 //! - After STARTTLS, nothing the client sent in plaintext behind the command is used.
 //! - Every buffer is bounded: command lines by `max_command_line_length_bytes`, messages by
-//!   `max_message_size_bytes`, unprocessed input by one read buffer.
+//!   `max_message_size_bytes`, unprocessed input by one read buffer; and every phase by a
+//!   total deadline (`command_phase_deadline_secs` before authentication or DATA,
+//!   `data_deadline_secs` for one message), not only by per-read timeouts.
+//! - An SRS address takes bounces (null sender) only, and SRS-shaped recipients are limited
+//!   per client address; a message with more than 50 `Received` fields is `554 5.4.6`.
+//! - Password checks go through the login throttle shared with IMAP ([`crate::auth`]).
 //!
 //! Submission invariants (see [`session`]):
 //! - AUTH is never offered nor accepted before TLS, loopback included (`530 5.7.0`); the MX
