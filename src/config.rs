@@ -41,6 +41,8 @@ pub struct Config {
     pub smtp: crate::smtp::SmtpConfig,
     pub imap: crate::imap::ImapConfig,
     pub outbound: crate::outbound::OutboundConfig,
+    /// Login throttling shared by IMAP and SMTP AUTH.
+    pub auth: crate::auth::ThrottleConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

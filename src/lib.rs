@@ -9,6 +9,7 @@
 //! - [`config`], [`tls`]: configuration sections and TLS setup.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod imap;
 pub mod mesh_bench;

@@ -70,7 +70,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         Arc::new(ClusterProposer {
             cluster: cluster.clone(),
         }),
-    );
+    )
+    .with_login_throttle(config.auth.clone());
 
     let hostname: Arc<str> = Arc::from(config.node.hostname.as_str());
     let smtp_config = Arc::new(config.smtp.clone());

@@ -523,7 +523,11 @@ impl Session {
         });
         let verified = match cached {
             Some(account) => Some(account),
-            None => self.store.authenticate(user, password).await,
+            // Throttled (too many recent failures): answered like a failed login.
+            None => (self.store)
+                .authenticate_from(self.conn.peer.ip(), user, password)
+                .await
+                .unwrap_or(None),
         };
         match verified {
             Some(account) => {

@@ -65,8 +65,10 @@ pub struct OutboundConfig {
     /// The worker looks at the queue at least this often (it is also woken when a message is
     /// queued or a retry is asked). Default: 5 s.
     pub poll_interval_secs: u64,
-    /// Key of the SRS hash in envelope senders of forwarded mail; set the same value on every
-    /// node. Default: empty (a fixed key: set one in production).
+    /// Obsolete and ignored (a warning is logged when set): the SRS key is 32 random bytes
+    /// the cluster generates into its replicated state on first use, the same on every node
+    /// and printed by no command. Kept so that older configuration files still load.
+    /// Default: empty.
     pub srs_secret: String,
 }
 

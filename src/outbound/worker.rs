@@ -92,7 +92,11 @@ pub async fn run(
     if config.ehlo_hostname == OutboundConfig::default().ehlo_hostname {
         config.ehlo_hostname = node_hostname;
     }
-    store.set_srs_secret(&config.srs_secret);
+    if !config.srs_secret.is_empty() {
+        tracing::warn!(
+            "[outbound] srs_secret is ignored: the cluster generates its own SRS key on first use"
+        );
+    }
     let worker = Arc::new(Worker {
         client: OutboundClient::from_config(&config),
         dns: HickoryDns::from_system(),

@@ -1,4 +1,4 @@
-//! Rate limits shared by every session of the node's submission listeners: failed logins per
+//! Rate limits shared by every session of the node's SMTP listeners: failed logins per
 //! client address and per account, and messages submitted per account.
 //!
 //! Sans-IO like the session: the time is passed in. Each limit is a sliding window of event
@@ -18,9 +18,6 @@ use crate::store::AccountId;
 /// Keys one table remembers at most (client addresses, login names or accounts).
 pub const MAX_TRACKED_KEYS: usize = 65_536;
 
-/// Longest login name used as a key (longer ones are cut: RFC 5321 paths are at most 256).
-const LOGIN_KEY_LENGTH_MAX: usize = 320;
-
 /// The window of the sending limit.
 const SEND_WINDOW: Duration = Duration::from_secs(60);
 
@@ -29,15 +26,12 @@ const SEND_WINDOW: Duration = Duration::from_secs(60);
 pub enum AuthBlock {
     /// Too many recent failures from this client address.
     ClientAddress,
-    /// Too many recent failures for this login name.
-    Account,
 }
 
 impl AuthBlock {
     pub fn as_str(self) -> &'static str {
         match self {
             AuthBlock::ClientAddress => "client address",
-            AuthBlock::Account => "account",
         }
     }
 }
@@ -46,8 +40,9 @@ impl AuthBlock {
 #[derive(Debug, Default)]
 pub struct Limiter {
     failures_by_client: Mutex<Window<IpAddr>>,
-    failures_by_login: Mutex<Window<String>>,
     sent_by_account: Mutex<Window<AccountId>>,
+    srs_failures_by_client: Mutex<Window<IpAddr>>,
+    srs_bounces_by_client: Mutex<Window<IpAddr>>,
 }
 
 impl Limiter {
@@ -68,10 +63,9 @@ impl Limiter {
         if n_client >= config.max_auth_failures_per_ip as usize {
             return Some(AuthBlock::ClientAddress);
         }
-        let n_login = lock(&self.failures_by_login).count(&login_key(login), now, window);
-        if n_login >= config.max_auth_failures_per_account as usize {
-            return Some(AuthBlock::Account);
-        }
+        // No refusal per account: strangers could lock its owner out. Accounts get capped
+        // delays from the shared login throttle instead (`crate::auth::throttle`).
+        let _ = login;
         None
     }
 
@@ -84,11 +78,39 @@ impl Limiter {
             window,
             config.max_auth_failures_per_ip as usize,
         );
-        lock(&self.failures_by_login).record(
-            login_key(login),
+        let _ = login;
+    }
+
+    /// Whether SRS recipients from `client` are refused for now: too many wrong SRS
+    /// addresses (guessing hashes), or too many bounces through SRS addresses.
+    pub fn srs_blocked(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) -> bool {
+        let window = Duration::from_secs(config.srs_window_secs);
+        let key = client_key(client);
+        lock(&self.srs_failures_by_client).count(&key, now, window)
+            >= config.max_srs_failures_per_ip as usize
+            || lock(&self.srs_bounces_by_client).count(&key, now, window)
+                >= config.max_srs_bounces_per_ip as usize
+    }
+
+    /// Records an SRS-shaped recipient from `client` that is not one of ours.
+    pub fn srs_failed(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) {
+        let window = Duration::from_secs(config.srs_window_secs);
+        lock(&self.srs_failures_by_client).record(
+            client_key(client),
             now,
             window,
-            config.max_auth_failures_per_account as usize,
+            config.max_srs_failures_per_ip as usize,
+        );
+    }
+
+    /// Records a bounce from `client` to one of our SRS addresses.
+    pub fn srs_bounce(&self, client: IpAddr, config: &SmtpConfig, now: SystemTime) {
+        let window = Duration::from_secs(config.srs_window_secs);
+        lock(&self.srs_bounces_by_client).record(
+            client_key(client),
+            now,
+            window,
+            config.max_srs_bounces_per_ip as usize,
         );
     }
 
@@ -116,29 +138,13 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// IPv4 addresses count alone; IPv6 ones by /64, the block one subscriber usually holds.
-fn client_key(client: IpAddr) -> IpAddr {
+pub fn client_key(client: IpAddr) -> IpAddr {
     match client.to_canonical() {
         IpAddr::V6(ip) => {
             let prefix = u128::from(ip) & !((1u128 << 64) - 1);
             IpAddr::V6(prefix.into())
         }
         ip => ip,
-    }
-}
-
-/// Login names are reduced the way the store normalizes addresses before looking them up
-/// (trimmed, ASCII lowercase, the domain trimmed and without trailing dots), so that every
-/// spelling that can log in as an account counts against that one account.
-fn login_key(login: &str) -> String {
-    let login: String = login
-        .trim()
-        .chars()
-        .take(LOGIN_KEY_LENGTH_MAX)
-        .collect::<String>()
-        .to_ascii_lowercase();
-    match login.rsplit_once('@') {
-        Some((local, domain)) => format!("{local}@{}", domain.trim().trim_end_matches('.')),
-        None => login,
     }
 }
 
@@ -255,32 +261,6 @@ mod tests {
     }
 
     #[test]
-    fn failures_for_one_login_from_many_addresses_block_that_login_only() {
-        let config = SmtpConfig::default();
-        let limiter = Limiter::new();
-        for index in 0..10u8 {
-            let client = IpAddr::from([198, 51, 100, index]);
-            let spelling = if index % 2 == 0 {
-                "Alice@Example.org "
-            } else {
-                "alice@example.org."
-            };
-            limiter.auth_failed(client, spelling, &config, at(1));
-        }
-        let fresh = IpAddr::from([203, 0, 113, 1]);
-        for spelling in ["alice@example.org", " ALICE@ example.org.. "] {
-            assert_eq!(
-                limiter.auth_blocked(fresh, spelling, &config, at(2)),
-                Some(AuthBlock::Account)
-            );
-        }
-        assert_eq!(
-            limiter.auth_blocked(fresh, "bob@example.org", &config, at(2)),
-            None
-        );
-    }
-
-    #[test]
     fn ipv6_clients_count_per_slash_64() {
         let config = SmtpConfig {
             max_auth_failures_per_ip: 2,
@@ -323,7 +303,5 @@ mod tests {
             limiter.auth_failed(IpAddr::from(index.to_be_bytes()), "a@x", &config, at(1));
         }
         assert!(lock(&limiter.failures_by_client).events.len() <= MAX_TRACKED_KEYS);
-        let times = lock(&limiter.failures_by_login);
-        assert!(times.events["a@x"].len() <= config.max_auth_failures_per_account as usize);
     }
 }

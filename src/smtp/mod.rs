@@ -20,7 +20,12 @@
 //!   unauthenticated client is `550 5.7.1` (this role never authenticates).
 //! - After STARTTLS, nothing the client sent in plaintext behind the command is used.
 //! - Every buffer is bounded: command lines by `max_command_line_length_bytes`, messages by
-//!   `max_message_size_bytes`, unprocessed input by one read buffer.
+//!   `max_message_size_bytes`, unprocessed input by one read buffer; and every phase by a
+//!   total deadline (`command_phase_deadline_secs` before authentication or DATA,
+//!   `data_deadline_secs` for one message), not only by per-read timeouts.
+//! - An SRS address takes bounces (null sender) only, and SRS-shaped recipients are limited
+//!   per client address; a message with more than 50 `Received` fields is `554 5.4.6`.
+//! - Password checks go through the login throttle shared with IMAP ([`crate::auth`]).
 //!
 //! Submission invariants (see [`session`]):
 //! - AUTH is never offered nor accepted before TLS, loopback included (`530 5.7.0`); the MX
@@ -112,10 +117,19 @@ pub struct SmtpConfig {
     /// Idle time allowed between two reads of message data (DATA or BDAT), then `421 4.4.2`
     /// and close, storing nothing. Default 180 (RFC 5321 section 4.5.3.2.5).
     pub data_timeout_secs: u64,
+    /// Total time a session that has not authenticated may spend outside message data: from
+    /// its greeting (or the end of its last message) until its next DATA or BDAT, however
+    /// busy it keeps the connection; then `421 4.4.2` and close. Default 600.
+    pub command_phase_deadline_secs: u64,
+    /// Total time one message's data (DATA, or every BDAT chunk of it) may take, however
+    /// often bytes trickle in (a byte a minute no longer holds a session forever); then
+    /// `421 4.4.2` and close, storing nothing. Default 600 (25 MiB at 42 KiB/s).
+    pub data_deadline_secs: u64,
     /// Sessions open at once over all clients; extra connections get `421 4.7.0` and are
     /// closed. Default 1000.
     pub max_sessions: usize,
-    /// Sessions open at once from one client IP address. Default 100 (the benchmark opens 50
+    /// Sessions open at once from one client address (IPv6: one /64, the block one subscriber
+    /// usually holds). Default 100 (the benchmark opens 50
     /// from 127.0.0.1).
     pub max_sessions_per_ip: usize,
     /// On shutdown, how long sessions in the middle of a transaction may take to finish it
@@ -125,10 +139,9 @@ pub struct SmtpConfig {
     /// `auth_failure_window_secs`; beyond, every AUTH from it is answered
     /// `454 4.7.0` without checking the password. Default 5.
     pub max_auth_failures_per_ip: u32,
-    /// Failed logins to one account (the login name as given, existing or not) within
-    /// `auth_failure_window_secs`; beyond, AUTH for it is answered `454 4.7.0` from any
-    /// address. Default 10 (above the per-IP limit, so that one attacker address cannot lock
-    /// a user out alone).
+    /// Obsolete and ignored (kept so that older files load): failures per account no longer
+    /// refuse logins, since strangers could lock the owner out; the shared login throttle
+    /// (`[auth]`, [`crate::auth::throttle`]) delays them instead, capped. Default 10.
     pub max_auth_failures_per_account: u32,
     /// The sliding window of both failed-login limits. Default 300.
     pub auth_failure_window_secs: u64,
@@ -140,6 +153,15 @@ pub struct SmtpConfig {
     /// Messages one account may submit per minute (sliding window, all listeners); beyond,
     /// MAIL gets `450 4.7.1`. Default 60.
     pub max_messages_per_account_per_minute: u32,
+    /// SRS-shaped recipients (`SRS0=...`) that are not one of our SRS addresses, per client
+    /// address (IPv6: per /64) within `srs_window_secs`; beyond, every SRS recipient from it
+    /// gets `450 4.7.1`. Stops guessing of SRS hashes. Default 10.
+    pub max_srs_failures_per_ip: u32,
+    /// Bounces through our SRS addresses (they go back out to the original sender) per client
+    /// address (IPv6: per /64) within `srs_window_secs`; beyond, `450 4.7.1`. Default 100.
+    pub max_srs_bounces_per_ip: u32,
+    /// The sliding window of both SRS limits. Default 3600.
+    pub srs_window_secs: u64,
 }
 
 impl Default for SmtpConfig {
@@ -154,6 +176,8 @@ impl Default for SmtpConfig {
             max_errors_per_session: 20,
             command_timeout_secs: 300,
             data_timeout_secs: 180,
+            command_phase_deadline_secs: 600,
+            data_deadline_secs: 600,
             max_sessions: 1000,
             max_sessions_per_ip: 100,
             shutdown_grace_period_secs: 30,
@@ -163,6 +187,9 @@ impl Default for SmtpConfig {
             auth_failure_delay_ms: 1000,
             max_auth_failures_per_session: 3,
             max_messages_per_account_per_minute: 60,
+            max_srs_failures_per_ip: 10,
+            max_srs_bounces_per_ip: 100,
+            srs_window_secs: 3600,
         }
     }
 }

@@ -51,12 +51,16 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
 
     /// Checks a login (submission AUTH): the account, or None for wrong credentials. The
     /// default, for MX-only backends, accepts nobody.
+    /// `Err(Throttled)`: refused before any check (too many recent failures from this client
+    /// or for this login).
     fn authenticate(
         &self,
+        _client: IpAddr,
         _username: &str,
         _password: &str,
-    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
-        std::future::ready(None)
+    ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
+    {
+        std::future::ready(Ok(None))
     }
 }
 
@@ -108,10 +112,12 @@ impl Backend for MailStore {
 
     fn authenticate(
         &self,
+        client: IpAddr,
         username: &str,
         password: &str,
-    ) -> impl std::future::Future<Output = Option<AccountId>> + Send {
-        MailStore::authenticate(self, username, password)
+    ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
+    {
+        MailStore::authenticate_from(self, client, username, password)
     }
 }
 
@@ -269,6 +275,8 @@ struct SessionPermit {
 
 impl SessionLimits {
     fn acquire(self: &Arc<Self>, ip: IpAddr, config: &SmtpConfig) -> Option<SessionPermit> {
+        // IPv6 clients count per /64: one subscriber's block must not reach the global cap.
+        let ip = super::limits::client_key(ip);
         let mut counts = self
             .counts
             .lock()
@@ -443,12 +451,20 @@ where
                         Some(session.step(Input::DeliveryDone(result), SystemTime::now()));
                 }
                 Action::Authenticate(credentials) => {
-                    let account = context
+                    let result = context
                         .store
-                        .authenticate(&credentials.username, &credentials.password)
+                        .authenticate(
+                            session.client_ip(),
+                            &credentials.username,
+                            &credentials.password,
+                        )
                         .await;
                     drop(credentials);
-                    next_output = Some(session.step(Input::AuthDone(account), SystemTime::now()));
+                    let input = match result {
+                        Ok(account) => Input::AuthDone(account),
+                        Err(crate::auth::Throttled) => Input::AuthThrottled,
+                    };
+                    next_output = Some(session.step(input, SystemTime::now()));
                 }
             }
         }
@@ -456,7 +472,7 @@ where
             output = next_output;
             continue;
         }
-        let read_timeout = session.read_timeout();
+        let read_timeout = session.read_timeout(SystemTime::now());
         let read = tokio::select! {
             biased;
             _ = context.shutdown.cancelled(), if !shutdown_told => {
@@ -677,6 +693,28 @@ mod tests {
         }
         drop(second);
         server.stop().await;
+    }
+
+    #[test]
+    fn ipv6_sessions_count_per_slash_64() {
+        let config = SmtpConfig {
+            max_sessions_per_ip: 2,
+            ..SmtpConfig::default()
+        };
+        let limits = Arc::new(SessionLimits::default());
+        let first = limits.acquire("2001:db8:1:2::1".parse().unwrap(), &config);
+        let second = limits.acquire("2001:db8:1:2::2".parse().unwrap(), &config);
+        assert!(first.is_some() && second.is_some());
+        assert!(limits
+            .acquire("2001:db8:1:2:ffff::3".parse().unwrap(), &config)
+            .is_none());
+        assert!(limits
+            .acquire("2001:db8:1:3::1".parse().unwrap(), &config)
+            .is_some());
+        drop(first);
+        assert!(limits
+            .acquire("2001:db8:1:2::9".parse().unwrap(), &config)
+            .is_some());
     }
 
     #[tokio::test]

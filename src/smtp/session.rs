@@ -24,8 +24,8 @@ use super::data::DotReader;
 use super::limits::Limiter;
 use super::{ListenerKind, SmtpConfig};
 use crate::store::{
-    AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError, MAX_MESSAGE_BYTES,
-    MAX_RECIPIENTS_PER_DELIVERY,
+    looks_like_srs, AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError,
+    MAX_MESSAGE_BYTES, MAX_RECIPIENTS_PER_DELIVERY,
 };
 
 /// Answers whether an address is one of ours. The driver implements it with
@@ -55,6 +55,8 @@ pub enum Input<'a> {
     /// The outcome of the [`Action::Authenticate`] the session asked for: the account, or
     /// None when the credentials are wrong.
     AuthDone(Option<AccountId>),
+    /// The [`Action::Authenticate`] was refused by the login throttle before any check.
+    AuthThrottled,
     /// Nothing was read for [`Session::read_timeout`].
     Timeout,
     /// The server is shutting down: close now if idle, else after the current transaction.
@@ -228,6 +230,10 @@ pub struct Session<R> {
     authenticating: Option<(String, &'static str)>,
     /// Failed or refused AUTH attempts in this session.
     n_auth_failures: u32,
+    /// The total deadline of the current phase (see [`SmtpConfig::command_phase_deadline_secs`]
+    /// and [`SmtpConfig::data_deadline_secs`]); None for an authenticated session between
+    /// messages.
+    deadline: Option<SystemTime>,
 }
 
 /// What the transaction log line says about a transaction.
@@ -269,6 +275,7 @@ impl<R: Recipients> Session<R> {
             authenticated: None,
             authenticating: None,
             n_auth_failures: 0,
+            deadline: None,
         }
     }
 
@@ -277,6 +284,11 @@ impl<R: Recipients> Session<R> {
         self.authenticated
             .as_ref()
             .map(|authenticated| authenticated.account)
+    }
+
+    /// The client's address (for the driver's login throttle).
+    pub fn client_ip(&self) -> IpAddr {
+        self.params.client_ip
     }
 
     pub fn mode(&self) -> &Mode {
@@ -292,13 +304,32 @@ impl<R: Recipients> Session<R> {
         self.transaction.is_some() || self.delivering.is_some()
     }
 
-    /// How long the driver waits for input before reporting [`Input::Timeout`].
-    pub fn read_timeout(&self) -> Duration {
+    /// How long the driver waits for input before reporting [`Input::Timeout`]: the idle
+    /// timeout of the mode, or less when the phase's total deadline comes first.
+    pub fn read_timeout(&self, now: SystemTime) -> Duration {
         let config = &self.params.config;
-        match self.mode {
+        let idle = match self.mode {
             Mode::Data(_) | Mode::Bdat { .. } => Duration::from_secs(config.data_timeout_secs),
             _ => Duration::from_secs(config.command_timeout_secs),
+        };
+        match self.deadline {
+            Some(deadline) => idle.min(deadline.duration_since(now).unwrap_or(Duration::ZERO)),
+            None => idle,
         }
+    }
+
+    /// Starts the command phase's total deadline (none once authenticated).
+    fn start_command_phase(&mut self, now: SystemTime) {
+        self.deadline = if self.authenticated.is_some() {
+            None
+        } else {
+            Some(now + Duration::from_secs(self.params.config.command_phase_deadline_secs))
+        };
+    }
+
+    /// Starts the total deadline of one message's data.
+    fn start_data_phase(&mut self, now: SystemTime) {
+        self.deadline = Some(now + Duration::from_secs(self.params.config.data_deadline_secs));
     }
 
     /// The transition function.
@@ -308,6 +339,7 @@ impl<R: Recipients> Session<R> {
             Input::Connected => {
                 if matches!(self.mode, Mode::New) {
                     self.mode = Mode::Command;
+                    self.start_command_phase(now);
                     let banner = format!("220 {} ESMTP kermail", self.params.hostname);
                     self.push_reply(&mut out, &banner);
                 }
@@ -354,6 +386,22 @@ impl<R: Recipients> Session<R> {
                 if matches!(self.mode, Mode::AwaitingAuth) {
                     self.mode = Mode::Command;
                     self.auth_done(result, &mut out, now);
+                    self.process(&mut out, now);
+                }
+            }
+            Input::AuthThrottled => {
+                if matches!(self.mode, Mode::AwaitingAuth) {
+                    self.mode = Mode::Command;
+                    let (username, mechanism) = self
+                        .authenticating
+                        .take()
+                        .unwrap_or_else(|| (String::new(), "-"));
+                    self.log_auth(&login_shown(&username), mechanism, "refused: throttled");
+                    self.push_reply(
+                        &mut out,
+                        "454 4.7.0 Error: too many failed authentication attempts, try again later",
+                    );
+                    self.count_auth_failure(&mut out);
                     self.process(&mut out, now);
                 }
             }
@@ -539,9 +587,9 @@ impl<R: Recipients> Session<R> {
                     }
                     to.address = format!("postmaster@{}", self.params.hostname).into();
                 }
-                self.rcpt(to, out)
+                self.rcpt(to, out, now)
             }
-            Request::Data => self.data(out),
+            Request::Data => self.data(out, now),
             Request::Bdat {
                 chunk_size,
                 is_last,
@@ -696,7 +744,12 @@ impl<R: Recipients> Session<R> {
         self.push_reply(out, "250 2.1.0 Ok");
     }
 
-    fn rcpt(&mut self, to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>, out: &mut Output) {
+    fn rcpt(
+        &mut self,
+        to: smtp_proto::RcptTo<std::borrow::Cow<'_, str>>,
+        out: &mut Output,
+        now: SystemTime,
+    ) {
         if self.greeting.is_none() {
             return self.push_reply(out, REPLY_NEED_HELO);
         }
@@ -713,6 +766,23 @@ impl<R: Recipients> Session<R> {
             return self.push_reply(out, "452 4.5.3 Error: too many recipients");
         }
         let address = to.address.into_owned();
+        let client = self.params.client_ip;
+        // SRS addresses are the one kind of local address that sends mail back out: each
+        // client address may try only a few wrong ones (so a 40-bit hash cannot be guessed)
+        // and send only so many bounces.
+        let srs_shaped = looks_like_srs(&address);
+        if srs_shaped
+            && self
+                .params
+                .limits
+                .srs_blocked(client, &self.params.config, now)
+        {
+            tracing::info!(client = %client, "smtp srs recipient refused: rate limit");
+            return self.push_reply(
+                out,
+                "450 4.7.1 Error: too many SRS recipients from your address, try again later",
+            );
+        }
         let check = self.recipients.check_recipient(&address);
         let echoed = printable(&address, ECHO_LENGTH_MAX);
         let Some(transaction) = self.transaction.as_mut() else {
@@ -725,8 +795,30 @@ impl<R: Recipients> Session<R> {
                 }
                 self.push_reply(out, "250 2.1.5 Ok");
             }
+            RecipientCheck::SrsBounce if transaction.mail_from.is_empty() => {
+                if !transaction.recipients.contains(&address) {
+                    transaction.recipients.push(address);
+                }
+                self.params
+                    .limits
+                    .srs_bounce(client, &self.params.config, now);
+                self.push_reply(out, "250 2.1.5 Ok");
+            }
+            // Anything but a bounce through an SRS address would be relaying.
+            RecipientCheck::SrsBounce => {
+                transaction.n_recipients_refused += 1;
+                let reply = format!(
+                    "550 5.7.1 <{echoed}>: Recipient address rejected: this address takes bounces only"
+                );
+                self.push_reply(out, &reply);
+            }
             RecipientCheck::UnknownUser => {
                 transaction.n_recipients_refused += 1;
+                if srs_shaped {
+                    self.params
+                        .limits
+                        .srs_failed(client, &self.params.config, now);
+                }
                 let reply =
                     format!("550 5.1.1 <{echoed}>: Recipient address rejected: user unknown");
                 self.push_reply(out, &reply);
@@ -749,7 +841,7 @@ impl<R: Recipients> Session<R> {
         }
     }
 
-    fn data(&mut self, out: &mut Output) {
+    fn data(&mut self, out: &mut Output, now: SystemTime) {
         if self.greeting.is_none() {
             return self.push_reply(out, REPLY_NEED_HELO);
         }
@@ -764,6 +856,7 @@ impl<R: Recipients> Session<R> {
         }
         self.push_reply(out, "354 End data with <CR><LF>.<CR><LF>");
         self.mode = Mode::Data(DotReader::new());
+        self.start_data_phase(now);
     }
 
     fn bdat(&mut self, chunk_size: usize, is_last: bool, out: &mut Output, now: SystemTime) {
@@ -786,7 +879,11 @@ impl<R: Recipients> Session<R> {
                 None => Some(REPLY_NEED_MAIL),
                 Some(transaction) if transaction.recipients.is_empty() => Some(REPLY_NEED_RCPT),
                 Some(transaction) => {
-                    transaction.used_bdat = true;
+                    if !transaction.used_bdat {
+                        transaction.used_bdat = true;
+                        self.deadline =
+                            Some(now + Duration::from_secs(self.params.config.data_deadline_secs));
+                    }
                     None
                 }
             }
@@ -832,6 +929,7 @@ impl<R: Recipients> Session<R> {
 
     /// The message is complete: refuse it or hand it to the driver for delivery.
     fn end_of_message(&mut self, out: &mut Output, now: SystemTime) {
+        self.start_command_phase(now);
         let Some(transaction) = self.transaction.take() else {
             return self.push_reply(out, REPLY_NEED_MAIL);
         };
@@ -839,6 +937,11 @@ impl<R: Recipients> Session<R> {
         if transaction.too_big {
             self.log_transaction(&summary, "rejected: message too big", "-");
             return self.push_reply(out, REPLY_TOO_BIG);
+        }
+        if count_received_headers(&transaction.body) > MAX_RECEIVED_HEADERS {
+            // RFC 5321 section 6.3: a message that went through this many hops is looping.
+            self.log_transaction(&summary, "rejected: mail loop (too many Received)", "-");
+            return self.push_reply(out, "554 5.4.6 Error: too many hops, mail loop detected");
         }
         if self.params.kind.is_submission() && self.authenticated.is_none() {
             // MAIL already needs AUTH; this only guards the invariant.
@@ -1076,6 +1179,7 @@ impl<R: Recipients> Session<R> {
             Some(account) => {
                 self.log_auth(&login, mechanism, "success");
                 self.authenticated = Some(Authenticated { account, login });
+                self.deadline = None;
                 self.push_reply(out, "235 2.7.0 Authentication successful");
             }
             None => {
@@ -1260,6 +1364,29 @@ impl<R: Recipients> Session<R> {
 /// Received hold at most two addresses of 256 bytes, a HELO name of 255, the host name, an id
 /// and a date.
 const TRACE_HEADERS_BYTES_MAX: usize = 4096;
+
+/// More `Received` header fields than this in a message (before ours) mean a mail loop
+/// (RFC 5321 section 6.3 suggests 100 as a "large" limit; Postfix uses 50).
+pub const MAX_RECEIVED_HEADERS: usize = 50;
+
+/// `Received:` fields in the header section of `message` (up to its first empty line),
+/// counted case-insensitively at line starts; stops as soon as the count passes the limit.
+pub fn count_received_headers(message: &[u8]) -> usize {
+    let mut count = 0;
+    for line in message.split(|&byte| byte == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            break;
+        }
+        if line.len() >= 9 && line[..9].eq_ignore_ascii_case(b"received:") {
+            count += 1;
+            if count > MAX_RECEIVED_HEADERS {
+                break;
+            }
+        }
+    }
+    count
+}
 
 /// The configured message size, never above what the store accepts (a larger setting would
 /// only turn into 451s at the end of DATA).
@@ -2100,6 +2227,18 @@ NOOP",
     }
 
     #[test]
+    fn received_fields_are_counted_in_the_header_section_only() {
+        let headers = "Received: a\r\nRECEIVED: b\r\n c\r\nSubject: x\r\n\r\nReceived: body\r\n";
+        assert_eq!(count_received_headers(headers.as_bytes()), 2);
+        assert_eq!(count_received_headers(b""), 0);
+        let many = "Received: x\n".repeat(500);
+        assert_eq!(
+            count_received_headers(many.as_bytes()),
+            MAX_RECEIVED_HEADERS + 1
+        );
+    }
+
+    #[test]
     fn smuggled_end_of_data_with_bare_lf_is_message_content() {
         let run = check(
             "HELO c
@@ -2134,7 +2273,7 @@ x\n.\nMAIL FROM:<evil@example.net>\r\nRCPT TO:<bob@example.org>\r\nDATA\r\ny\r\n
             crlf("HELO c\nMAIL FROM:<a@example.net>\nRCPT TO:<alice@example.org>\nDATA\nhalf");
         let output = session.step(Input::Bytes(input.as_bytes()), test_now());
         perform(&mut session, output, &mut run, &stored);
-        assert_eq!(session.read_timeout(), Duration::from_secs(180));
+        assert_eq!(session.read_timeout(test_now()), Duration::from_secs(180));
         let output = session.step(Input::Closed, test_now());
         perform(&mut session, output, &mut run, &stored);
         assert!(run.deliveries.is_empty());
@@ -2798,7 +2937,7 @@ hi
     }
 
     #[test]
-    fn failed_logins_are_limited_per_client_address_and_per_account_across_sessions() {
+    fn failed_logins_are_limited_per_client_address_but_never_lock_an_account() {
         let config = SmtpConfig {
             max_auth_failures_per_session: 100,
             ..SmtpConfig::default()
@@ -2841,7 +2980,8 @@ hi
         let (reply, _, _) = attempt(alice_home, "alice@example.org", "alice password");
         assert_eq!(reply, "235 2.7.0 Authentication successful");
 
-        // Ten failures for bob from ten addresses lock bob's login, from anywhere.
+        // Ten failures for bob from ten addresses do not lock bob out (issue 10): his own
+        // login still gets checked and succeeds (the shared login throttle only delays it).
         for index in 0..10u8 {
             let (reply, _, _) = attempt(
                 IpAddr::from([192, 0, 2, 100 + index]),
@@ -2855,8 +2995,8 @@ hi
             "BOB@example.org",
             "bob password",
         );
-        assert!(reply.starts_with("454 4.7.0 "), "{reply}");
-        assert_eq!(n_checks, 0);
+        assert_eq!(reply, "235 2.7.0 Authentication successful");
+        assert_eq!(n_checks, 1);
         let (reply, _, _) = attempt(
             IpAddr::from([203, 0, 113, 9]),
             "alice@example.org",

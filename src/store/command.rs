@@ -296,6 +296,23 @@ pub enum CommandV2 {
         domain: String,
         selector: String,
     },
+    /// The cluster's SRS key, chosen at random by the first node that needs it (issue 10).
+    /// Apply keeps the first one it sees and ignores the later ones, so nodes that propose at
+    /// once end up with the same key. Added last: logs written before it still decode.
+    InitSrsKey {
+        key: SrsKey,
+    },
+}
+
+/// The key of SRS hashes, 32 random bytes. Its `Debug` never shows it, so neither a log line
+/// nor a command dump prints it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SrsKey(pub [u8; 32]);
+
+impl std::fmt::Debug for SrsKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SrsKey(<redacted>)")
+    }
 }
 
 impl CommandV2 {

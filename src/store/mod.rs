@@ -51,7 +51,7 @@ use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
     BodyV1, Command, CommandV1, CommandV2, Response,
 };
-pub use outbound_api::{srs_rewrite, AcceptReceipt};
+pub use outbound_api::{looks_like_srs, srs_reverse, srs_rewrite, AcceptReceipt};
 pub use queue::{
     AttemptVerdict, Lease, QueueEntry, QueueId, QueueRecipient, RecipientResult, RecipientStatus,
     MAX_QUEUE_ENTRIES,
@@ -59,7 +59,7 @@ pub use queue::{
 use state::State;
 
 /// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
-pub use command::MAX_MESSAGE_BYTES;
+pub use command::{SrsKey, MAX_MESSAGE_BYTES};
 /// The most envelope recipients one delivery may name.
 pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
@@ -161,6 +161,9 @@ pub enum RecipientCheck {
     UnknownUser,
     /// Not one of our domains.
     ForeignDomain,
+    /// An SRS address our forwarding made (hash and age check): it takes bounces (null
+    /// sender) only, which go back to the original sender.
+    SrsBounce,
 }
 
 /// A message accepted by SMTP for local recipients.
@@ -490,8 +493,8 @@ pub struct MailStore {
     /// Verified against when the account does not exist, so that a login to an unknown
     /// account costs the same time as a wrong password.
     dummy_hash: Arc<OnceLock<String>>,
-    /// Key of SRS hashes (see [`MailStore::set_srs_secret`]).
-    srs_secret: Arc<RwLock<Vec<u8>>>,
+    /// Login throttling shared by IMAP and SMTP AUTH ([`MailStore::authenticate_from`]).
+    login_throttle: Arc<crate::auth::LoginThrottle>,
 }
 
 fn now_secs() -> i64 {
@@ -646,8 +649,29 @@ impl MailStore {
             proposer,
             password_params: argon2::Params::default(),
             dummy_hash: Arc::new(OnceLock::new()),
-            srs_secret: Arc::new(RwLock::new(Vec::new())),
+            login_throttle: Arc::new(crate::auth::LoginThrottle::new(Default::default())),
         }
+    }
+
+    /// The same store with login throttling configured by `config` (`[auth]`).
+    pub fn with_login_throttle(mut self, config: crate::auth::ThrottleConfig) -> MailStore {
+        self.login_throttle = Arc::new(crate::auth::LoginThrottle::new(config));
+        self
+    }
+
+    /// [`MailStore::authenticate`] for a login from `client`, through the node's login
+    /// throttle (per client address and per account delays, bounded password checks at
+    /// once). `Err` means refused before any check: too many recent failures.
+    pub async fn authenticate_from(
+        &self,
+        client: std::net::IpAddr,
+        address: &str,
+        password: &str,
+    ) -> Result<Option<AccountId>, crate::auth::Throttled> {
+        let attempt = self.login_throttle.begin(client, address).await?;
+        let verified = self.authenticate(address, password).await;
+        attempt.finish(verified.is_some());
+        Ok(verified)
     }
 
     /// Opens (or creates) a store in `data_dir` whose commands are applied directly, without
@@ -793,10 +817,12 @@ impl MailStore {
         let mut accounts = Vec::new();
         let mut forwards = Vec::new();
         state.expand_with_forwards(&address, &mut accounts, &mut forwards);
-        if accounts.is_empty() && forwards.is_empty() && !self.is_srs_address(&address) {
-            RecipientCheck::UnknownUser
-        } else {
+        if !accounts.is_empty() || !forwards.is_empty() {
             RecipientCheck::Local
+        } else if self.is_srs_address(&address) {
+            RecipientCheck::SrsBounce
+        } else {
+            RecipientCheck::UnknownUser
         }
     }
 

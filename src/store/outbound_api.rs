@@ -5,7 +5,7 @@
 
 use std::collections::BTreeSet;
 
-use super::command::CommandV2;
+use super::command::{CommandV2, SrsKey};
 use super::names;
 use super::queue::{NewQueueEntry, Notice, QueueEntry, QueueId, RecipientResult};
 use super::{
@@ -29,11 +29,15 @@ pub struct AcceptReceipt {
 /// SRS (Sender Rewriting Scheme) timestamp: days, modulo 1024, in two base32 characters.
 const SRS_TIMESTAMP_MODULUS_DAYS: i64 = 1024;
 const SRS_BASE32: &[u8; 32] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567";
-/// Characters of the SRS hash kept in the address.
-const SRS_HASH_CHARS: usize = 4;
+/// Characters of the SRS hash kept in the address: 8 base32 characters, 40 bits. With the
+/// per-address limit on wrong SRS recipients (`[smtp] max_srs_failures_per_ip`), guessing one
+/// takes about 2^39 tries, not the 2^19 a 4-character hash allowed.
+pub const SRS_HASH_CHARS: usize = 8;
 /// A bounce to an SRS address older than this (days) is refused (the usual convention, as in
 /// libsrs2: 21 days).
 pub const SRS_MAX_AGE_DAYS: usize = 21;
+/// Domain separation of the SRS hash (a new scheme gets a new tag).
+const SRS_HASH_CONTEXT: &[u8] = b"kermail srs v2";
 
 fn srs_timestamp(days: usize) -> String {
     [days >> 5, days & 31]
@@ -42,22 +46,51 @@ fn srs_timestamp(days: usize) -> String {
         .collect()
 }
 
-fn srs_hash(secret: &[u8], timestamp: &str, domain: &str, local: &str) -> String {
-    let key = blake3::derive_key("kermail srs 2026", secret);
-    let digest = blake3::keyed_hash(
-        &key,
-        format!("{timestamp}{}{local}", domain.to_ascii_lowercase()).as_bytes(),
-    );
-    digest.as_bytes()[..SRS_HASH_CHARS]
-        .iter()
-        .map(|&b| SRS_BASE32[usize::from(b) & 31] as char)
-        .collect()
+/// The hash of (timestamp, domain, local) under `key`: each field length-prefixed, so that
+/// moving a character from one field to the next changes the hash.
+fn srs_hash(key: &SrsKey, timestamp: &str, domain: &str, local: &str) -> [u8; SRS_HASH_CHARS] {
+    let mut hasher = blake3::Hasher::new_keyed(&key.0);
+    hasher.update(SRS_HASH_CONTEXT);
+    let domain = domain.to_ascii_lowercase();
+    for field in [timestamp, domain.as_str(), local] {
+        hasher.update(&(field.len() as u64).to_le_bytes());
+        hasher.update(field.as_bytes());
+    }
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest.as_bytes()[..8]);
+    let bits = u64::from_le_bytes(first);
+    let mut hash = [0u8; SRS_HASH_CHARS];
+    for (index, character) in hash.iter_mut().enumerate() {
+        *character = SRS_BASE32[((bits >> (5 * index)) & 31) as usize];
+    }
+    hash
 }
 
-/// The original address of an SRS0 address we made (`SRS0=HHHH=TT=domain=local@...`), if its
-/// hash checks and it is at most [`SRS_MAX_AGE_DAYS`] old; compared case-insensitively, as
-/// addresses reach us lowercased.
-pub fn srs_reverse(secret: &[u8], address: &str, now_secs: i64) -> Option<String> {
+/// Compares without an early exit, so that the time taken says nothing about how many
+/// leading characters of a guess were right.
+fn constant_time_eq(left: &[u8], right: &[u8]) -> bool {
+    if left.len() != right.len() {
+        return false;
+    }
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+/// Whether the local part of `address` has the shape of an SRS address (`SRS0=` or `SRS1=`),
+/// whether or not its hash checks: such recipients are rate-limited per client.
+pub fn looks_like_srs(address: &str) -> bool {
+    let local = address.rsplit_once('@').map_or(address, |(local, _)| local);
+    let prefix = local.get(..5).unwrap_or("");
+    prefix.eq_ignore_ascii_case("SRS0=") || prefix.eq_ignore_ascii_case("SRS1=")
+}
+
+/// The original address of an SRS0 address we made (`SRS0=HHHHHHHH=TT=domain=local@...`),
+/// if its hash checks under `key` and it is at most [`SRS_MAX_AGE_DAYS`] old; compared
+/// case-insensitively, as addresses reach us lowercased.
+pub fn srs_reverse(key: &SrsKey, address: &str, now_secs: i64) -> Option<String> {
     let (local_part, _) = address.rsplit_once('@')?;
     let mut fields = local_part.splitn(5, '=');
     let (tag, hash, timestamp, domain, local) = (
@@ -67,7 +100,11 @@ pub fn srs_reverse(secret: &[u8], address: &str, now_secs: i64) -> Option<String
         fields.next()?,
         fields.next()?,
     );
-    if !tag.eq_ignore_ascii_case("SRS0") || domain.is_empty() || local.is_empty() {
+    if !tag.eq_ignore_ascii_case("SRS0")
+        || hash.len() != SRS_HASH_CHARS
+        || domain.is_empty()
+        || local.is_empty()
+    {
         return None;
     }
     let timestamp = timestamp.to_ascii_uppercase();
@@ -75,8 +112,8 @@ pub fn srs_reverse(secret: &[u8], address: &str, now_secs: i64) -> Option<String
     if stamp.len() != 2 {
         return None;
     }
-    let expected = srs_hash(secret, &timestamp, domain, &local.to_ascii_lowercase());
-    if !hash.eq_ignore_ascii_case(&expected) {
+    let expected = srs_hash(key, &timestamp, domain, &local.to_ascii_lowercase());
+    if !constant_time_eq(hash.to_ascii_uppercase().as_bytes(), &expected) {
         return None;
     }
     let value = |c: u8| SRS_BASE32.iter().position(|&b| b == c);
@@ -92,10 +129,10 @@ pub fn srs_reverse(secret: &[u8], address: &str, now_secs: i64) -> Option<String
 }
 
 /// The SRS0 form of `mail_from` for mail forwarded by `forwarding_domain`:
-/// `SRS0=HHHH=TT=original.domain=local@forwarding_domain`, so that the destination's SPF
+/// `SRS0=HHHHHHHH=TT=original.domain=local@forwarding_domain`, so that the destination's SPF
 /// check sees our domain, and a bounce comes back to us.
 pub fn srs_rewrite(
-    secret: &[u8],
+    key: &SrsKey,
     mail_from: &str,
     forwarding_domain: &str,
     now_secs: i64,
@@ -108,7 +145,8 @@ pub fn srs_rewrite(
         .rem_euclid(SRS_TIMESTAMP_MODULUS_DAYS) as usize;
     let timestamp = srs_timestamp(days);
     // Hashed over the lowercased local part: addresses reach us lowercased on the way back.
-    let hash = srs_hash(secret, &timestamp, domain, &local.to_ascii_lowercase());
+    let hash = srs_hash(key, &timestamp, domain, &local.to_ascii_lowercase());
+    let hash = String::from_utf8_lossy(&hash);
     format!("SRS0={hash}={timestamp}={domain}={local}@{forwarding_domain}")
 }
 
@@ -169,6 +207,7 @@ impl MailStore {
                 ));
             }
         }
+        let srs_key = self.srs_key();
         let mut local_recipients = Vec::new();
         let mut remote: Vec<String> = Vec::new();
         let mut forwarding_domain = None;
@@ -197,9 +236,13 @@ impl MailStore {
                 let mut accounts = Vec::new();
                 let mut forwards = Vec::new();
                 state.expand_with_forwards(&address, &mut accounts, &mut forwards);
-                if accounts.is_empty() && forwards.is_empty() {
-                    // A bounce to an address our forwarding rewrote: back to the original.
-                    if let Some(original) = srs_reverse(&self.srs_secret(), &address, now_secs()) {
+                if accounts.is_empty() && forwards.is_empty() && mail_from.is_empty() {
+                    // A bounce (null sender: nothing else may use an SRS address, or it would
+                    // be a relay) to an address our forwarding rewrote: back to the original.
+                    if let Some(original) = srs_key
+                        .as_ref()
+                        .and_then(|key| srs_reverse(key, &address, now_secs()))
+                    {
                         forwards.push(original);
                     }
                 }
@@ -282,12 +325,8 @@ impl MailStore {
             (Some(forwarding_domain), None)
                 if !mail_from.is_empty() && !self.is_sender_local(&mail_from) =>
             {
-                srs_rewrite(
-                    &self.srs_secret(),
-                    &mail_from,
-                    forwarding_domain,
-                    now_secs(),
-                )
+                let key = self.srs_key_or_init().await?;
+                srs_rewrite(&key, &mail_from, forwarding_domain, now_secs())
             }
             _ => mail_from.clone(),
         };
@@ -323,7 +362,8 @@ impl MailStore {
 
     /// Whether `address` (normalized) is an SRS address this cluster made and still honours.
     pub fn is_srs_address(&self, address: &str) -> bool {
-        srs_reverse(&self.srs_secret(), address, now_secs()).is_some()
+        self.srs_key()
+            .is_some_and(|key| srs_reverse(&key, address, now_secs()).is_some())
     }
 
     fn is_sender_local(&self, address: &str) -> bool {
@@ -332,20 +372,22 @@ impl MailStore {
             .is_some_and(|(_, domain)| self.is_local_domain(domain))
     }
 
-    /// Sets the secret of SRS hashes (`[outbound] srs_secret`; the same on every node).
-    pub fn set_srs_secret(&self, secret: &str) {
-        let mut guard = self
-            .srs_secret
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        *guard = secret.as_bytes().to_vec();
+    /// The cluster's SRS key, if one was chosen yet.
+    fn srs_key(&self) -> Option<SrsKey> {
+        self.state().outbound.srs_key.clone()
     }
 
-    fn srs_secret(&self) -> Vec<u8> {
-        self.srs_secret
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+    /// The cluster's SRS key; the first call anywhere in the cluster chooses it (32 random
+    /// bytes, through the log, so that every node uses the same one; when two nodes race,
+    /// apply keeps the first and both read it back). No command prints it.
+    async fn srs_key_or_init(&self) -> Result<SrsKey, StoreError> {
+        if let Some(key) = self.srs_key() {
+            return Ok(key);
+        }
+        let key = SrsKey(rand::random());
+        self.submit_v2(CommandV2::InitSrsKey { key }).await?;
+        self.srs_key()
+            .ok_or_else(|| StoreError::Io("the SRS key was not recorded".into()))
     }
 
     /// Resolves once an entry was queued or made due (on any node: it fires when such a
@@ -574,48 +616,70 @@ impl MailStore {
 mod tests {
     use super::*;
 
+    const SECRET: SrsKey = SrsKey([7; 32]);
+    const OTHER: SrsKey = SrsKey([8; 32]);
+
     #[test]
     fn srs_addresses_reverse_only_with_the_right_hash_and_age() {
         let now = 1_700_000_000;
-        let rewritten = srs_rewrite(b"secret", "Bob@Remote.example", "example.org", now);
+        let rewritten = srs_rewrite(&SECRET, "Bob@Remote.example", "example.org", now);
         let lowered = rewritten.to_ascii_lowercase();
         assert_eq!(
-            srs_reverse(b"secret", &lowered, now + 86_400).as_deref(),
+            srs_reverse(&SECRET, &lowered, now + 86_400).as_deref(),
             Some("bob@remote.example")
         );
-        assert_eq!(srs_reverse(b"other", &lowered, now), None);
-        assert_eq!(srs_reverse(b"secret", &lowered, now + 22 * 86_400), None);
+        assert_eq!(srs_reverse(&OTHER, &lowered, now), None);
+        assert_eq!(srs_reverse(&SECRET, &lowered, now + 22 * 86_400), None);
         let forged = lowered.replacen("srs0=", "srs0=aaaa", 1);
-        assert_eq!(srs_reverse(b"secret", &forged, now), None);
-        assert_eq!(srs_reverse(b"secret", "bob@example.org", now), None);
+        assert_eq!(srs_reverse(&SECRET, &forged, now), None);
+        assert_eq!(srs_reverse(&SECRET, "bob@example.org", now), None);
+        // One character of the hash changed.
+        let hash = lowered.split('=').nth(1).unwrap();
+        assert_eq!(hash.len(), SRS_HASH_CHARS);
+        let flipped = if hash.starts_with('a') { "b" } else { "a" };
+        let other_hash = format!("{flipped}{}", &hash[1..]);
+        assert_eq!(
+            srs_reverse(&SECRET, &lowered.replacen(hash, &other_hash, 1), now),
+            None
+        );
+    }
+
+    #[test]
+    fn srs_fields_are_separated_in_the_hash() {
+        // Moving a character between the domain and the local part changes the hash.
+        let now = 1_700_000_000;
+        let one = srs_rewrite(&SECRET, "ab@c.example", "example.org", now);
+        let two = srs_rewrite(&SECRET, "a@bc.example", "example.org", now);
+        assert_ne!(one.split('=').nth(1), two.split('=').nth(1));
+        let hash_one = srs_hash(&SECRET, "AA", "xy", "z");
+        let hash_two = srs_hash(&SECRET, "AA", "x", "yz");
+        assert_ne!(hash_one, hash_two);
+    }
+
+    #[test]
+    fn srs_shape_is_recognised_case_insensitively() {
+        assert!(looks_like_srs("srs0=x@example.org"));
+        assert!(looks_like_srs("SRS1=x@example.org"));
+        assert!(!looks_like_srs("srs@example.org"));
+        assert!(!looks_like_srs("é@example.org"));
     }
 
     #[test]
     fn srs_keeps_the_original_and_uses_our_domain() {
-        let rewritten = srs_rewrite(
-            b"secret",
-            "bob@remote.example",
-            "example.org",
-            1_700_000_000,
-        );
+        let rewritten = srs_rewrite(&SECRET, "bob@remote.example", "example.org", 1_700_000_000);
         assert!(rewritten.starts_with("SRS0="), "{rewritten}");
         assert!(
             rewritten.ends_with("=remote.example=bob@example.org"),
             "{rewritten}"
         );
-        // Deterministic for a secret and a day; another secret gives another hash.
+        // Deterministic for a key and a day; another key gives another hash.
         assert_eq!(
             rewritten,
-            srs_rewrite(
-                b"secret",
-                "bob@remote.example",
-                "example.org",
-                1_700_000_001
-            )
+            srs_rewrite(&SECRET, "bob@remote.example", "example.org", 1_700_000_001)
         );
         assert_ne!(
             rewritten,
-            srs_rewrite(b"other", "bob@remote.example", "example.org", 1_700_000_000)
+            srs_rewrite(&OTHER, "bob@remote.example", "example.org", 1_700_000_000)
         );
     }
 }

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use super::command::{ApplyError, BodyV1, CommandV2, Response};
+use super::command::{ApplyError, BodyV1, CommandV2, Response, SrsKey};
 use super::names::{domain_of, normalize_address, normalize_domain};
 use super::state::{Effects, Outcome, State, MAX_ALIAS_DEPTH, MAX_RECIPIENTS_PER_DELIVERY};
 use super::BlobId;
@@ -113,6 +113,11 @@ pub struct Outbound {
     /// queue. Derived (not serialized; rebuilt by [`Outbound::rebuild_due`]).
     #[serde(skip)]
     pub due: BTreeSet<(i64, QueueId)>,
+    /// The SRS key ([`CommandV2::InitSrsKey`]); None until the first forwarded message.
+    /// Not serialized with the rest (snapshots written before it still load): the snapshot
+    /// carries it on its own.
+    #[serde(skip)]
+    pub srs_key: Option<SrsKey>,
 }
 
 impl Default for Outbound {
@@ -122,6 +127,7 @@ impl Default for Outbound {
             next_queue_id: 1,
             dkim: BTreeMap::new(),
             due: BTreeSet::new(),
+            srs_key: None,
         }
     }
 }
@@ -254,6 +260,14 @@ impl State {
             CommandV2::AddDkimKey { key } => self.add_dkim_key(key),
             CommandV2::RemoveDkimKey { domain, selector } => {
                 self.remove_dkim_key(&domain, &selector)
+            }
+            CommandV2::InitSrsKey { key } => {
+                // The first key wins: a second node that proposed at the same time reads the
+                // same one back.
+                if self.outbound.srs_key.is_none() {
+                    self.outbound.srs_key = Some(key);
+                }
+                Ok(Response::Done)
             }
         };
         let response = match result {

@@ -147,7 +147,6 @@ async fn the_store_refuses_relaying_and_foreign_senders_itself() {
 #[tokio::test]
 async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
     let fx = Fixture::new().await;
-    fx.store.set_srs_secret("test secret");
     assert_eq!(
         fx.store.check_recipient("fwd@example.org"),
         RecipientCheck::Local
@@ -177,8 +176,23 @@ async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
     let srs_address = entry.mail_from.to_ascii_lowercase();
     assert_eq!(
         fx.store.check_recipient(&srs_address),
-        RecipientCheck::Local
+        RecipientCheck::SrsBounce
     );
+    // Anything but a bounce through it would be relaying.
+    let relayed = fx
+        .store
+        .accept(
+            Delivery {
+                mail_from: "spammer@evil.example".into(),
+                recipients: vec![srs_address.clone()],
+                body: message("spammer@evil.example", "spam"),
+                received_at: 0,
+            },
+            None,
+        )
+        .await;
+    assert!(relayed.is_err(), "{relayed:?}");
+    assert_eq!(fx.store.queue_entries().len(), 1);
     let bounce = fx
         .store
         .accept(

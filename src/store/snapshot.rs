@@ -21,6 +21,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use super::blob::{BlobStore, ReadGuard};
+use super::command::SrsKey;
 use super::command::MAX_COMMAND_BYTES;
 use super::queue::Outbound;
 use super::state::State;
@@ -40,6 +41,8 @@ pub const MAX_BLOBS: u64 = 100_000_000;
 enum SnapshotMeta {
     V1(State),
     V2(State, Outbound),
+    /// V2 plus the SRS key (issue 10).
+    V3(State, Outbound, Option<SrsKey>),
 }
 
 #[derive(Serialize)]
@@ -47,7 +50,9 @@ enum SnapshotMetaRef<'a> {
     /// Written only by the compatibility test.
     #[cfg_attr(not(test), allow(dead_code))]
     V1(&'a State),
+    #[cfg_attr(not(test), allow(dead_code))]
     V2(&'a State, &'a Outbound),
+    V3(&'a State, &'a Outbound, &'a Option<SrsKey>),
 }
 
 fn meta_codec(limit: u64) -> impl Options {
@@ -106,7 +111,11 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 
 /// Writes the state and its bodies (the bodies must be stored: the caller holds a [`ReadGuard`]).
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
-    write_snapshot_as(SnapshotMetaRef::V2(state, &state.outbound), blobs, out)
+    write_snapshot_as(
+        SnapshotMetaRef::V3(state, &state.outbound, &state.outbound.srs_key),
+        blobs,
+        out,
+    )
 }
 
 fn write_snapshot_as(
@@ -115,7 +124,9 @@ fn write_snapshot_as(
     out: &mut dyn Write,
 ) -> io::Result<()> {
     let state = match meta {
-        SnapshotMetaRef::V1(state) | SnapshotMetaRef::V2(state, _) => state,
+        SnapshotMetaRef::V1(state)
+        | SnapshotMetaRef::V2(state, _)
+        | SnapshotMetaRef::V3(state, _, _) => state,
     };
     let mut out = HashingWriter {
         inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
@@ -208,6 +219,12 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
             state.outbound.rebuild_due();
             state
         }
+        SnapshotMeta::V3(mut state, outbound, srs_key) => {
+            state.outbound = outbound;
+            state.outbound.srs_key = srs_key;
+            state.outbound.rebuild_due();
+            state
+        }
     };
 
     let blob_count = read_u64(&mut input)?;
@@ -276,5 +293,28 @@ mod tests {
         write_snapshot(&state, &blobs, &mut current).unwrap();
         let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
         assert_eq!(restored.outbound.next_queue_id, 42);
+    }
+
+    #[test]
+    fn a_snapshot_from_before_the_srs_key_restores_without_one_and_the_key_survives() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let mut state = State::default();
+        state.outbound.next_queue_id = 7;
+        state.outbound.srs_key = Some(SrsKey([9; 32]));
+        let mut legacy = Vec::new();
+        write_snapshot_as(
+            SnapshotMetaRef::V2(&state, &state.outbound),
+            &blobs,
+            &mut legacy,
+        )
+        .unwrap();
+        let restored = read_snapshot(&mut legacy.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.outbound.next_queue_id, 7);
+        assert_eq!(restored.outbound.srs_key, None);
+        let mut current = Vec::new();
+        write_snapshot(&state, &blobs, &mut current).unwrap();
+        let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.outbound.srs_key, Some(SrsKey([9; 32])));
     }
 }

@@ -15,4 +15,5 @@ mod mbsync;
 mod mesh_faults;
 mod outbound;
 mod private_files;
+mod smtp_abuse;
 mod smtp_imap;
