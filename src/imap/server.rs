@@ -157,36 +157,6 @@ impl Slots {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ipv6_clients_are_counted_per_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(client_key(a), client_key(b));
-        assert_ne!(client_key(a), client_key(c));
-        let v4: IpAddr = "192.0.2.7".parse().unwrap();
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(client_key(v4), v4);
-        assert_eq!(client_key(mapped), v4);
-        let config = ImapConfig {
-            max_sessions_per_ip: 2,
-            ..ImapConfig::default()
-        };
-        let slots = Arc::new(Slots::default());
-        let first = Slots::acquire(&slots, a, &config);
-        let second = Slots::acquire(&slots, b, &config);
-        assert!(first.is_some() && second.is_some());
-        assert!(Slots::acquire(&slots, "2001:db8:1:2::77".parse().unwrap(), &config).is_none());
-        assert!(Slots::acquire(&slots, c, &config).is_some());
-        drop(first);
-        assert!(Slots::acquire(&slots, a, &config).is_some());
-    }
-}
-
 impl Drop for Slot {
     fn drop(&mut self) {
         let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
@@ -380,5 +350,35 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+        assert_eq!(client_key(mapped), v4);
+        let config = ImapConfig {
+            max_sessions_per_ip: 2,
+            ..ImapConfig::default()
+        };
+        let slots = Arc::new(Slots::default());
+        let first = Slots::acquire(&slots, a, &config);
+        let second = Slots::acquire(&slots, b, &config);
+        assert!(first.is_some() && second.is_some());
+        assert!(Slots::acquire(&slots, "2001:db8:1:2::77".parse().unwrap(), &config).is_none());
+        assert!(Slots::acquire(&slots, c, &config).is_some());
+        drop(first);
+        assert!(Slots::acquire(&slots, a, &config).is_some());
     }
 }
