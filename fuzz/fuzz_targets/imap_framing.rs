@@ -52,6 +52,7 @@ fn frame<'a>(
                     buffer.drain(..len);
                     events.push(Event::TooBig(tag, len));
                 }
+                Frame::Spill { .. } => unreachable!("no spill threshold was set"),
                 Frame::Fatal(why) => {
                     events.push(Event::Fatal(why));
                     return events;

@@ -17,11 +17,13 @@ pub struct ImapConfig {
     /// An authenticated client silent this long is logged out (RFC 3501 asks for at least
     /// 30 minutes). Default 1800.
     pub idle_timeout_secs: u64,
-    /// A client that has not logged in after this long is dropped. Default 60.
+    /// A client that has not logged in this long after connecting is dropped: a total
+    /// deadline for the pre-auth phase (TLS handshakes, STARTTLS, reads and writes), which
+    /// trickling bytes cannot extend. Default 60.
     pub preauth_timeout_secs: u64,
     /// Concurrent sessions over all clients. Default 1000.
     pub max_sessions: usize,
-    /// Concurrent sessions from one IP address. Default 50.
+    /// Concurrent sessions from one IP address (IPv6: from one /64). Default 50.
     pub max_sessions_per_ip: usize,
     /// Failed LOGIN/AUTHENTICATE attempts before the session is closed. Default 3.
     pub max_failed_auth_per_session: u32,

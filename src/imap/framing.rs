@@ -16,6 +16,15 @@ pub enum Frame {
     Incomplete,
     /// A synchronizing literal over the limit: answer `tag NO [TOOBIG]`, drop `buffer[..len]`.
     LiteralTooBig { tag: String, len: usize },
+    /// A literal of `length` bytes over the spill threshold was announced by the line ending
+    /// at `buffer[..len]` (the command so far, `{N}` included): the caller takes those bytes,
+    /// sends a continuation request if `synchronizing`, and stores the literal's bytes
+    /// elsewhere. The framer starts afresh.
+    Spill {
+        len: usize,
+        length: u32,
+        synchronizing: bool,
+    },
     /// The stream cannot be resynchronised (an overlong line, an oversized non-synchronizing
     /// literal): say BYE and close.
     Fatal(&'static str),
@@ -25,6 +34,8 @@ pub enum Frame {
 pub struct Framer {
     max_line_length_bytes: usize,
     max_literal_size_bytes: u32,
+    /// Literals over this many bytes are handed out as [`Frame::Spill`] (`None`: never).
+    spill_threshold: Option<u32>,
     /// Where the current line segment (after the last literal) starts.
     segment_start: usize,
     /// Where to resume looking for the end of the current line.
@@ -38,10 +49,18 @@ impl Framer {
         Framer {
             max_line_length_bytes,
             max_literal_size_bytes,
+            spill_threshold: None,
             segment_start: 0,
             scan: 0,
             literal_end: None,
         }
+    }
+
+    /// Changes the literal limit and the spill threshold (e.g. at login); they apply to
+    /// literals announced from now on.
+    pub fn set_limits(&mut self, max_literal_size_bytes: u32, spill_threshold: Option<u32>) {
+        self.max_literal_size_bytes = max_literal_size_bytes;
+        self.spill_threshold = spill_threshold;
     }
 
     fn reset(&mut self) {
@@ -98,6 +117,17 @@ impl Framer {
                         }
                         return Frame::Fatal("literal too large");
                     }
+                    if self
+                        .spill_threshold
+                        .is_some_and(|threshold| length > threshold)
+                    {
+                        self.reset();
+                        return Frame::Spill {
+                            len: newline + 1,
+                            length,
+                            synchronizing,
+                        };
+                    }
                     self.literal_end = Some(end);
                     if synchronizing {
                         return Frame::ContinuationNeeded;
@@ -137,27 +167,34 @@ pub fn first_token(buffer: &[u8]) -> String {
 
 /// Position of the first `needle` in `haystack`.
 pub fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
-    haystack.iter().position(|&b| b == needle)
+    ::memchr::memchr(needle, haystack)
 }
 
-/// Takes one line (without its line ending) off the front of `buffer`, for the modes that read
-/// plain lines (AUTHENTICATE responses, IDLE's DONE). `Err` when the line is too long.
+/// The first line of `buffer` for the modes that read plain lines (AUTHENTICATE responses,
+/// IDLE's DONE): `(line without its ending, bytes to consume)`. `Err` when the line is too long.
 // `Err(())` means only "line too long"; it became public for the fuzz targets.
 #[allow(clippy::result_unit_err)]
-pub fn take_line(buffer: &mut Vec<u8>, max_len: usize) -> Result<Option<Vec<u8>>, ()> {
+pub fn first_line(buffer: &[u8], max_len: usize) -> Result<Option<(&[u8], usize)>, ()> {
     match memchr(b'\n', buffer) {
         None if buffer.len() > max_len => Err(()),
         None => Ok(None),
         Some(newline) => {
-            let rest = buffer.split_off(newline + 1);
-            let mut line = std::mem::replace(buffer, rest);
-            line.truncate(newline);
-            if line.last() == Some(&b'\r') {
-                line.pop();
-            }
-            Ok(Some(line))
+            let line = &buffer[..newline];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            Ok(Some((line, newline + 1)))
         }
     }
+}
+
+/// Takes one line (without its line ending) off the front of `buffer` (see [`first_line`]).
+#[allow(clippy::result_unit_err)]
+pub fn take_line(buffer: &mut Vec<u8>, max_len: usize) -> Result<Option<Vec<u8>>, ()> {
+    let Some((line, consumed)) = first_line(buffer, max_len)? else {
+        return Ok(None);
+    };
+    let line = line.to_vec();
+    buffer.drain(..consumed);
+    Ok(Some(line))
 }
 
 #[cfg(test)]
@@ -206,6 +243,32 @@ mod tests {
         assert_eq!(
             framer.next(&[b'x'; 11]),
             Frame::Fatal("command line too long")
+        );
+    }
+
+    #[test]
+    fn literals_over_the_spill_threshold_are_handed_out() {
+        let mut framer = Framer::new(100, 1000);
+        framer.set_limits(1000, Some(10));
+        let input = b"A1 APPEND INBOX {11}\r\n";
+        assert_eq!(
+            framer.next(input),
+            Frame::Spill {
+                len: input.len(),
+                length: 11,
+                synchronizing: true
+            }
+        );
+        assert_eq!(framer.next(b"A2 APPEND INBOX {10+}\r\n"), Frame::Incomplete);
+        // A lower literal limit (before login) refuses what was fine before.
+        let mut framer = Framer::new(100, 1000);
+        framer.set_limits(4, None);
+        assert_eq!(
+            framer.next(b"A1 LOGIN {5}\r\n"),
+            Frame::LiteralTooBig {
+                tag: "A1".into(),
+                len: 14
+            }
         );
     }
 }

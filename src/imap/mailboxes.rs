@@ -21,9 +21,6 @@ use crate::store::{BlobId, Flag, FlagSet, MailboxInfo, SpecialUse};
 /// The hierarchy separator of every mailbox name.
 const SEPARATOR: u8 = b'/';
 
-/// Wildcards allowed in one LIST pattern: matching is backtracking, so this bounds its cost.
-const MAX_LIST_WILDCARDS: usize = 8;
-
 impl Session {
     pub(super) async fn authenticated_command(
         &mut self,
@@ -238,10 +235,6 @@ impl Session {
         }
         let mut pattern = reference;
         pattern.extend_from_slice(wildcard);
-        if pattern.iter().filter(|&&b| b == b'*' || b == b'%').count() > MAX_LIST_WILDCARDS {
-            tagged(out, tag, "BAD", None, "too many wildcards");
-            return;
-        }
         if pattern.len() >= 5
             && pattern[..5].eq_ignore_ascii_case(b"INBOX")
             && (pattern.len() == 5 || pattern[5] == SEPARATOR)
@@ -370,10 +363,25 @@ impl Session {
         let Some(account) = self.account() else {
             return;
         };
+        // A large literal arrived in a spill file (the command itself carries `{0+}`).
+        let body: Vec<u8> = match self.spilled.take() {
+            Some(file) => match read_spill(file).await {
+                Ok(body) => body,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot read an APPEND spill file");
+                    tagged(out, tag, "NO", Some("SERVERBUG"), "try again later");
+                    return;
+                }
+            },
+            None => message.to_vec(),
+        };
         let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
             tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
             return;
         };
+        // Later header fetches and searches need not read the body back.
+        let blob = BlobId(*blake3::hash(&body).as_bytes());
+        let header: Arc<[u8]> = Arc::from(top_header(&body));
         let (internal_date, offset_min) = match date {
             Some(date) => {
                 let date = date.as_ref();
@@ -397,14 +405,7 @@ impl Session {
         }
         let result = self
             .store
-            .append(
-                account,
-                target,
-                flags,
-                internal_date,
-                offset_min,
-                message.to_vec(),
-            )
+            .append(account, target, flags, internal_date, offset_min, body)
             .await;
         if let State::Selected { account, mailbox } = &mut self.state {
             if mailbox.id == target {
@@ -416,15 +417,26 @@ impl Session {
         }
         match result {
             Ok((uidvalidity, uid)) => {
-                // Later header fetches and searches need not read the body back.
-                let blob = BlobId(*blake3::hash(message).as_bytes());
-                self.headers.insert(blob, Arc::from(top_header(message)));
+                self.headers.insert(blob, header);
                 let code = format!("APPENDUID {uidvalidity} {uid}");
                 tagged(out, tag, "OK", Some(&code), "APPEND completed");
             }
             Err(error) => no(out, tag, &error),
         }
     }
+}
+
+/// The bytes of a spilled APPEND literal (read off the runtime's worker threads).
+async fn read_spill(mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Read, Seek};
+        file.seek(std::io::SeekFrom::Start(0))?;
+        let mut body = Vec::new();
+        file.read_to_end(&mut body)?;
+        Ok(body)
+    })
+    .await
+    .map_err(std::io::Error::other)?
 }
 
 /// `tag NO [code] text` for a store error.
@@ -456,17 +468,121 @@ pub(super) fn to_flag_set(flags: &[ImapFlag<'_>]) -> FlagSet {
 }
 
 /// LIST pattern matching: `*` matches anything, `%` anything but the separator.
+///
+/// Dynamic programming over (pattern byte, name position), O(pattern × name) with no
+/// backtracking. Runs of wildcards collapse first (`*%*` is `*`, `%%` is `%`), so the pattern
+/// is at most twice its literal bytes long, and a pattern with more literal bytes than the
+/// longest mailbox name matches nothing: the cost per name is bounded whatever the client sends.
 pub(super) fn matches_pattern(pattern: &[u8], name: &[u8]) -> bool {
-    match pattern.split_first() {
-        None => name.is_empty(),
-        Some((b'*', rest)) => (0..=name.len()).any(|i| matches_pattern(rest, &name[i..])),
-        Some((b'%', rest)) => {
-            let limit = name
-                .iter()
-                .position(|&b| b == SEPARATOR)
-                .unwrap_or(name.len());
-            (0..=limit).any(|i| matches_pattern(rest, &name[i..]))
+    let mut compact: Vec<u8> = Vec::with_capacity(pattern.len().min(1024));
+    let mut literal_bytes = 0usize;
+    for &b in pattern {
+        match (b, compact.last().copied()) {
+            (b'*', Some(b'*')) | (b'%', Some(b'*')) | (b'%', Some(b'%')) => {}
+            (b'*', Some(b'%')) => {
+                compact.pop();
+                // A `%` run before this `*` may itself follow a `*`.
+                if compact.last() != Some(&b'*') {
+                    compact.push(b'*');
+                }
+            }
+            (b'*' | b'%', _) => compact.push(b),
+            _ => {
+                literal_bytes += 1;
+                if literal_bytes > name.len() {
+                    return false;
+                }
+                compact.push(b);
+            }
         }
-        Some((&c, rest)) => name.first() == Some(&c) && matches_pattern(rest, &name[1..]),
+    }
+    // reach[j]: the pattern so far matches name[..j].
+    let mut reach = vec![false; name.len() + 1];
+    reach[0] = true;
+    let mut next = vec![false; name.len() + 1];
+    for &p in &compact {
+        match p {
+            b'*' => {
+                let mut any = false;
+                for j in 0..=name.len() {
+                    any |= reach[j];
+                    next[j] = any;
+                }
+            }
+            b'%' => {
+                let mut run = false;
+                for j in 0..=name.len() {
+                    if j > 0 && name[j - 1] == SEPARATOR {
+                        run = false;
+                    }
+                    run |= reach[j];
+                    next[j] = run;
+                }
+            }
+            c => {
+                next[0] = false;
+                for j in 1..=name.len() {
+                    next[j] = reach[j - 1] && name[j - 1] == c;
+                }
+            }
+        }
+        std::mem::swap(&mut reach, &mut next);
+        if !reach.contains(&true) {
+            return false;
+        }
+    }
+    reach[name.len()]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// The obvious backtracking definition (exponential, fine for tiny inputs).
+    fn reference(pattern: &[u8], name: &[u8]) -> bool {
+        match pattern.split_first() {
+            None => name.is_empty(),
+            Some((b'*', rest)) => (0..=name.len()).any(|i| reference(rest, &name[i..])),
+            Some((b'%', rest)) => {
+                let limit = name
+                    .iter()
+                    .position(|&b| b == SEPARATOR)
+                    .unwrap_or(name.len());
+                (0..=limit).any(|i| reference(rest, &name[i..]))
+            }
+            Some((&c, rest)) => name.first() == Some(&c) && reference(rest, &name[1..]),
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn matching_agrees_with_the_reference(
+            pattern in proptest::collection::vec(prop_oneof![Just(b'*'), Just(b'%'), Just(b'/'), Just(b'a'), Just(b'b')], 0..10),
+            name in proptest::collection::vec(prop_oneof![Just(b'/'), Just(b'a'), Just(b'b')], 0..10),
+        ) {
+            prop_assert_eq!(matches_pattern(&pattern, &name), reference(&pattern, &name));
+        }
+    }
+
+    #[test]
+    fn pathological_patterns_are_fast() {
+        let name = [b'a'; 255];
+        let start = std::time::Instant::now();
+        for pattern in [
+            &b"********b"[..],
+            b"%%%%%%%%b",
+            b"*%*%*%*%*%*%*%b",
+            &[b'*'; 60000],
+        ] {
+            assert!(!matches_pattern(pattern, &name) || pattern.iter().all(|&b| b == b'*'));
+        }
+        let mut long = b"*a".repeat(300);
+        long.push(b'b');
+        assert!(!matches_pattern(&long, &name));
+        assert!(start.elapsed() < std::time::Duration::from_secs(1));
+        assert!(matches_pattern(b"INBOX/%", b"INBOX/x"));
+        assert!(!matches_pattern(b"INBOX/%", b"INBOX/x/y"));
+        assert!(matches_pattern(b"%/*", b"a/b/c"));
     }
 }

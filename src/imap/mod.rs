@@ -7,6 +7,7 @@
 //! - `session`: the sans-IO [`Session`]: state, authentication, command dispatch.
 //! - `mailboxes`, `messages`: the command families (mailbox commands; message commands).
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
+//! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
 //! - `response`, `cache`: response writing helpers; the shared header cache.
 //! - `fetch`, `search`: message parsing for FETCH and SEARCH keys (imapmsg branch).
 //! - `server`: the thin tokio driver ([`serve`]): TLS, timeouts, IDLE wake-ups, shutdown.
@@ -26,6 +27,9 @@ mod messages;
 mod response;
 pub mod search;
 mod selected;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod seqset;
 mod server;
 mod session;
 

@@ -5,9 +5,10 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
+use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::response::flag_list;
+use super::seqset::Ranges;
 use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
 
 /// What [`Selected::release`] keeps.
@@ -208,43 +209,37 @@ impl Selected {
     }
 
     /// Indexes into `messages` of a sequence set (message numbers, or UIDs with `uid`),
-    /// ascending and without duplicates.
+    /// ascending and without duplicates. The set is merged into ranges first, so the result
+    /// never holds more than the mailbox has, however often the set repeats itself.
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, &'static str> {
         let messages = &self.messages;
-        let mut indexes: Vec<usize> = Vec::new();
         if messages.is_empty() {
             // `1:*` on an empty mailbox names nothing; clients send it routinely.
-            return Ok(indexes);
+            return Ok(Vec::new());
         }
         let largest = if uid {
             self.last_uid()
         } else {
             messages.len() as u32
         };
-        let value = |v: &SeqOrUid| match v {
-            SeqOrUid::Value(n) => n.get(),
-            SeqOrUid::Asterisk => largest,
-        };
-        for sequence in set.0.as_ref() {
-            let (a, b) = match sequence {
-                Sequence::Single(v) => (value(v), value(v)),
-                Sequence::Range(a, b) => (value(a), value(b)),
-            };
-            let (low, high) = (a.min(b), a.max(b));
-            if uid {
+        let ranges = Ranges::of(set, largest);
+        let mut indexes: Vec<usize> = Vec::new();
+        if uid {
+            for &(low, high) in &ranges.0 {
                 let start = messages.partition_point(|m| m.uid < low);
                 let end = messages.partition_point(|m| m.uid <= high);
                 indexes.extend(start..end);
-            } else {
-                if low == 0 || high as usize > messages.len() {
+            }
+        } else {
+            match ranges.bounds() {
+                Some((low, high)) if low == 0 || high as usize > messages.len() => {
                     return Err("invalid message sequence number");
                 }
+                _ => {}
+            }
+            for &(low, high) in &ranges.0 {
                 indexes.extend(low as usize - 1..high as usize);
             }
-        }
-        if set.0.as_ref().len() > 1 {
-            indexes.sort_unstable();
-            indexes.dedup();
         }
         Ok(indexes)
     }

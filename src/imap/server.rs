@@ -7,6 +7,8 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::broadcast::error::RecvError;
@@ -26,6 +28,27 @@ const READ_CHUNK_BYTES: usize = 64 * 1024;
 const OUTPUT_AHEAD_QUEUE: usize = 4;
 /// Pause after a failed accept (e.g. out of file descriptors) before trying again.
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
+/// The output buffer's capacity is given back above this after a write (a large FETCH
+/// response must not stay allocated for the rest of the session).
+const OUTPUT_KEEP_CAPACITY_BYTES: usize = 256 * 1024;
+/// IPv6 clients are counted per /64 for `max_sessions_per_ip` (one host commonly holds a
+/// whole /64).
+const IPV6_CLIENT_PREFIX_BITS: u32 = 64;
+
+/// The address a client's sessions are counted under: IPv4 as is, IPv6 by its /64 (an
+/// IPv4-mapped IPv6 address counts as its IPv4 address).
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mask = u128::MAX << (128 - IPV6_CLIENT_PREFIX_BITS);
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+            }
+        },
+    }
+}
 
 /// Serves IMAP on `listener` until `shutdown` is cancelled; then stops accepting, lets each
 /// session finish its current command, says BYE to the waiting ones, and returns when all
@@ -119,6 +142,7 @@ struct Slot {
 
 impl Slots {
     fn acquire(slots: &Arc<Slots>, ip: IpAddr, config: &ImapConfig) -> Option<Slot> {
+        let ip = client_key(ip);
         let mut per_ip = slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let total: usize = per_ip.values().sum();
         let mine = per_ip.get(&ip).copied().unwrap_or(0);
@@ -177,11 +201,15 @@ impl Connection {
             Arc::clone(&self.logins),
             conn,
         );
-        let handshake_timeout = Duration::from_secs(self.config.preauth_timeout_secs);
+        // The whole pre-auth phase (TLS handshakes included) ends at this instant, however
+        // the client spreads its bytes.
+        let preauth_deadline =
+            Instant::now() + Duration::from_secs(self.config.preauth_timeout_secs);
         if self.implicit_tls {
-            match tokio::time::timeout(handshake_timeout, self.acceptor.accept(tcp)).await {
+            match tokio::time::timeout_at(preauth_deadline, self.acceptor.accept(tcp)).await {
                 Ok(Ok(mut tls)) => {
-                    self.drive(&mut tls, &mut session, true).await;
+                    self.drive(&mut tls, &mut session, true, preauth_deadline)
+                        .await;
                 }
                 Ok(Err(error)) => tracing::info!(%error, "tls handshake failed"),
                 Err(_) => tracing::info!("tls handshake timed out"),
@@ -189,11 +217,15 @@ impl Connection {
             return;
         }
         let mut tcp = tcp;
-        if let Ended::StartTls = self.drive(&mut tcp, &mut session, true).await {
-            match tokio::time::timeout(handshake_timeout, self.acceptor.accept(tcp)).await {
+        if let Ended::StartTls = self
+            .drive(&mut tcp, &mut session, true, preauth_deadline)
+            .await
+        {
+            match tokio::time::timeout_at(preauth_deadline, self.acceptor.accept(tcp)).await {
                 Ok(Ok(mut tls)) => {
                     session.tls_established();
-                    self.drive(&mut tls, &mut session, false).await;
+                    self.drive(&mut tls, &mut session, false, preauth_deadline)
+                        .await;
                 }
                 Ok(Err(error)) => tracing::info!(%error, "starttls handshake failed"),
                 Err(_) => tracing::info!("starttls handshake timed out"),
@@ -243,6 +275,7 @@ impl Connection {
         stream: &mut S,
         session: &mut Session,
         greet: bool,
+        preauth_deadline: Instant,
     ) -> Ended {
         let mut out: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         if greet {
@@ -251,16 +284,28 @@ impl Connection {
         let mut changes = self.store.subscribe_changes();
         let mut changes_open = true;
         let mut buffer = vec![0u8; READ_CHUNK_BYTES];
-        let write_timeout = Duration::from_secs(self.config.idle_timeout_secs);
+        let idle = Duration::from_secs(self.config.idle_timeout_secs);
         let mut action = Action::Continue;
         loop {
+            // Before login, every wait ends at the pre-auth deadline; after it, a write or a
+            // silence may last `idle_timeout_secs`.
+            let wait_until = |session: &Session| {
+                if session.is_authenticated() {
+                    Instant::now() + idle
+                } else {
+                    preauth_deadline
+                }
+            };
             if !out.is_empty() {
-                let written = tokio::time::timeout(write_timeout, async {
+                let written = tokio::time::timeout_at(wait_until(session), async {
                     stream.write_all(&out).await?;
                     stream.flush().await
                 })
                 .await;
                 out.clear();
+                if out.capacity() > OUTPUT_KEEP_CAPACITY_BYTES {
+                    out = Vec::with_capacity(READ_CHUNK_BYTES);
+                }
                 if !matches!(written, Ok(Ok(()))) {
                     return Ended::Closed;
                 }
@@ -273,17 +318,13 @@ impl Connection {
                     return Ended::Closed;
                 }
             }
-            let silence = Duration::from_secs(if session.is_authenticated() {
-                self.config.idle_timeout_secs
-            } else {
-                self.config.preauth_timeout_secs
-            });
+            let silence_ends = wait_until(session);
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
                     session.shutdown(&mut out);
                     action = Action::Close;
                 }
-                _ = tokio::time::sleep(silence) => {
+                _ = tokio::time::sleep_until(silence_ends) => {
                     session.timed_out(&mut out);
                     action = Action::Close;
                 }
@@ -309,5 +350,35 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv6_clients_are_counted_per_64() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(a), client_key(b));
+        assert_ne!(client_key(a), client_key(c));
+        let v4: IpAddr = "192.0.2.7".parse().unwrap();
+        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
+        assert_eq!(client_key(v4), v4);
+        assert_eq!(client_key(mapped), v4);
+        let config = ImapConfig {
+            max_sessions_per_ip: 2,
+            ..ImapConfig::default()
+        };
+        let slots = Arc::new(Slots::default());
+        let first = Slots::acquire(&slots, a, &config);
+        let second = Slots::acquire(&slots, b, &config);
+        assert!(first.is_some() && second.is_some());
+        assert!(Slots::acquire(&slots, "2001:db8:1:2::77".parse().unwrap(), &config).is_none());
+        assert!(Slots::acquire(&slots, c, &config).is_some());
+        drop(first);
+        assert!(Slots::acquire(&slots, a, &config).is_some());
     }
 }

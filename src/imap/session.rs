@@ -17,13 +17,36 @@ use imap_codec::CommandCodec;
 
 use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
-use super::framing::{first_token, take_line, Frame, Framer};
+use super::framing::{first_line, first_token, Frame, Framer};
 use super::response::{tagged, untagged};
 use super::selected::Selected;
 use crate::store::{AccountId, MailStore};
 
 /// Longest AUTHENTICATE response or IDLE "DONE" line accepted.
 const MAX_CONTINUATION_LINE_BYTES: usize = 8 * 1024;
+/// Largest literal accepted before login (a username or password); a larger synchronizing
+/// literal is refused with `NO [TOOBIG]` (no continuation request), a larger LITERAL+ one
+/// closes the session with BYE.
+pub const PREAUTH_MAX_LITERAL_BYTES: u32 = 4 * 1024;
+/// An APPEND literal over this size is written to an anonymous temporary file while it
+/// arrives instead of being held in memory.
+pub const APPEND_SPILL_THRESHOLD_BYTES: u32 = 64 * 1024;
+/// The input buffer's capacity is given back above this once it is empty.
+const INPUT_KEEP_CAPACITY_BYTES: usize = 128 * 1024;
+/// Client-given strings (usernames) are cut to this many bytes in log lines.
+pub const MAX_LOGGED_CLIENT_STRING_BYTES: usize = 256;
+
+/// `text` cut to at most [`MAX_LOGGED_CLIENT_STRING_BYTES`] (on a character boundary).
+pub(super) fn log_capped(text: &str) -> &str {
+    if text.len() <= MAX_LOGGED_CLIENT_STRING_BYTES {
+        return text;
+    }
+    let mut end = MAX_LOGGED_CLIENT_STRING_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
 /// A long response (FETCH over many messages) is handed to the driver in pieces of about
 /// this size while the rest is being built, so the client reads and parses the first
 /// messages while the server works on the next ones.
@@ -92,6 +115,16 @@ enum Mode {
     Idle {
         tag: String,
     },
+    /// Copying the bytes of a large APPEND literal to [`Spill::file`].
+    Spilling,
+}
+
+/// A large APPEND literal on its way to a temporary file.
+struct Spill {
+    file: std::fs::File,
+    /// The command's bytes before the literal, with `{0+}` in place of its announcement.
+    prefix: Vec<u8>,
+    remaining: u64,
 }
 
 /// What the session knows about its connection.
@@ -114,7 +147,13 @@ pub struct Session {
     pub(super) user: String,
     conn: ConnectionInfo,
     framer: Framer,
+    /// Bytes received; `input[consumed..]` are not handled yet (consumed by moving the
+    /// offset, compacted at the next read).
     input: Vec<u8>,
+    consumed: usize,
+    spill: Option<Spill>,
+    /// The spilled literal of the command being run (an APPEND whose literal was `{0+}`).
+    pub(super) spilled: Option<std::fs::File>,
     failed_auth: u32,
     client_name: Option<String>,
     /// Set by the driver while it feeds input: see [`send_ahead`].
@@ -141,6 +180,9 @@ impl Session {
             conn,
             framer,
             input: Vec::new(),
+            consumed: 0,
+            spill: None,
+            spilled: None,
             failed_auth: 0,
             client_name: None,
             output_ahead: None,
@@ -183,6 +225,7 @@ impl Session {
     pub fn tls_established(&mut self) {
         self.conn.secure = true;
         self.input.clear();
+        self.consumed = 0;
     }
 
     /// The server is shutting down.
@@ -243,8 +286,45 @@ impl Session {
         caps
     }
 
+    /// The bytes not handled yet.
+    fn pending(&self) -> &[u8] {
+        &self.input[self.consumed..]
+    }
+
+    /// Literal limits for the next frame: small before login; a large APPEND literal after
+    /// login goes to a spill file.
+    fn frame_limits(&self) -> (u32, Option<u32>) {
+        if !self.is_authenticated() {
+            return (
+                PREAUTH_MAX_LITERAL_BYTES.min(self.config.max_literal_size_bytes),
+                None,
+            );
+        }
+        let pending = self.pending();
+        let head = &pending[..pending.len().min(64)];
+        let mut words = head.splitn(3, |&b| b == b' ');
+        let is_append = words.next().is_some()
+            && words
+                .next()
+                .is_some_and(|verb| verb.eq_ignore_ascii_case(b"APPEND"));
+        let spill = (is_append && self.spilled.is_none()).then_some(APPEND_SPILL_THRESHOLD_BYTES);
+        (self.config.max_literal_size_bytes, spill)
+    }
+
     /// Feeds bytes read from the client; appends responses to `out`.
     pub async fn handle_input(&mut self, data: &[u8], out: &mut Vec<u8>) -> Action {
+        // Compact: drop what was consumed when it is at least half the buffer, so each byte
+        // is moved at most about once.
+        if self.consumed == self.input.len() {
+            self.input.clear();
+            self.consumed = 0;
+            if self.input.capacity() > INPUT_KEEP_CAPACITY_BYTES {
+                self.input.shrink_to(INPUT_KEEP_CAPACITY_BYTES);
+            }
+        } else if self.consumed > 0 && self.consumed >= self.input.len() / 2 {
+            self.input.drain(..self.consumed);
+            self.consumed = 0;
+        }
         self.input.extend_from_slice(data);
         loop {
             if matches!(self.state, State::Logout) {
@@ -253,12 +333,14 @@ impl Session {
             match &self.mode {
                 Mode::Idle { tag } => {
                     let tag = tag.clone();
-                    match take_line(&mut self.input, MAX_CONTINUATION_LINE_BYTES) {
+                    match first_line(self.pending(), MAX_CONTINUATION_LINE_BYTES) {
                         Err(()) => return self.fatal(out, "line too long"),
                         Ok(None) => return Action::Continue,
-                        Ok(Some(line)) => {
+                        Ok(Some((line, consumed))) => {
+                            let done = line.eq_ignore_ascii_case(b"DONE");
+                            self.consumed += consumed;
                             self.mode = Mode::Commands;
-                            if line.eq_ignore_ascii_case(b"DONE") {
+                            if done {
                                 self.idle_wakeup(out);
                                 tagged(out, &tag, "OK", None, "IDLE terminated");
                             } else {
@@ -269,16 +351,19 @@ impl Session {
                 }
                 Mode::AuthenticatePlain { tag } => {
                     let tag = tag.clone();
-                    match take_line(&mut self.input, MAX_CONTINUATION_LINE_BYTES) {
+                    match first_line(self.pending(), MAX_CONTINUATION_LINE_BYTES) {
                         Err(()) => return self.fatal(out, "line too long"),
                         Ok(None) => return Action::Continue,
-                        Ok(Some(line)) => {
+                        Ok(Some((line, consumed))) => {
+                            let cancelled = line == b"*";
+                            let decoded = base64::engine::general_purpose::STANDARD.decode(line);
+                            self.consumed += consumed;
                             self.mode = Mode::Commands;
-                            if line == b"*" {
+                            if cancelled {
                                 tagged(out, &tag, "BAD", None, "AUTHENTICATE cancelled");
                                 continue;
                             }
-                            match base64::engine::general_purpose::STANDARD.decode(&line) {
+                            match decoded {
                                 Ok(response) => {
                                     let action =
                                         self.authenticate_plain(&tag, &response, out).await;
@@ -291,34 +376,117 @@ impl Session {
                         }
                     }
                 }
-                Mode::Commands => match self.framer.next(&self.input) {
-                    Frame::Incomplete => return Action::Continue,
-                    Frame::ContinuationNeeded => {
-                        out.extend_from_slice(b"+ Ready for literal data\r\n")
+                Mode::Spilling => {
+                    if let Some(action) = self.spill_input(out) {
+                        return action;
                     }
-                    Frame::Fatal(reason) => return self.fatal(out, reason),
-                    Frame::LiteralTooBig { tag, len } => {
-                        self.input.drain(..len);
-                        tagged(out, &tag, "NO", Some("TOOBIG"), "literal too large");
-                    }
-                    Frame::Command { len } => {
-                        let rest = self.input.split_off(len);
-                        let command = std::mem::replace(&mut self.input, rest);
-                        let action = self.command(&command, out).await;
-                        match action {
-                            Action::Continue => {}
-                            Action::StartTls => {
-                                // Anything pipelined after STARTTLS was sent in plaintext and
-                                // must not be taken as coming over TLS.
-                                self.input.clear();
-                                return action;
+                }
+                Mode::Commands => {
+                    let (max_literal, spill) = self.frame_limits();
+                    self.framer.set_limits(max_literal, spill);
+                    match self.framer.next(&self.input[self.consumed..]) {
+                        Frame::Incomplete => return Action::Continue,
+                        Frame::ContinuationNeeded => {
+                            out.extend_from_slice(b"+ Ready for literal data\r\n")
+                        }
+                        Frame::Fatal(reason) => return self.fatal(out, reason),
+                        Frame::LiteralTooBig { tag, len } => {
+                            self.consumed += len;
+                            tagged(out, &tag, "NO", Some("TOOBIG"), "literal too large");
+                        }
+                        Frame::Spill {
+                            len,
+                            length,
+                            synchronizing,
+                        } => {
+                            let mut prefix = self.pending()[..len].to_vec();
+                            self.consumed += len;
+                            if let Some(open) = prefix.iter().rposition(|&b| b == b'{') {
+                                prefix.truncate(open);
                             }
-                            Action::Close => return action,
+                            prefix.extend_from_slice(b"{0+}\r\n");
+                            match tempfile::tempfile() {
+                                Ok(file) => {
+                                    self.spill = Some(Spill {
+                                        file,
+                                        prefix,
+                                        remaining: u64::from(length),
+                                    });
+                                    self.mode = Mode::Spilling;
+                                    if synchronizing {
+                                        out.extend_from_slice(b"+ Ready for literal data\r\n");
+                                    }
+                                }
+                                Err(error) => {
+                                    tracing::warn!(%error, "cannot create an APPEND spill file");
+                                    if !synchronizing {
+                                        return self.fatal(out, "cannot take the literal now");
+                                    }
+                                    let tag = first_token(&prefix);
+                                    tagged(out, &tag, "NO", Some("SERVERBUG"), "try again later");
+                                }
+                            }
+                        }
+                        Frame::Command { len } => {
+                            let start = self.consumed;
+                            self.consumed += len;
+                            let command = std::mem::take(&mut self.input);
+                            let action = self.command(&command[start..start + len], out).await;
+                            self.input = command;
+                            self.spilled = None;
+                            match action {
+                                Action::Continue => {}
+                                Action::StartTls => {
+                                    // Anything pipelined after STARTTLS was sent in plaintext
+                                    // and must not be taken as coming over TLS.
+                                    self.input.clear();
+                                    self.consumed = 0;
+                                    return action;
+                                }
+                                Action::Close => return action,
+                            }
                         }
                     }
-                },
+                }
             }
         }
+    }
+
+    /// Copies pending input into the spill file; when the literal is complete, puts the
+    /// command's prefix (with an empty literal) back in front of the rest of the input.
+    /// `Some` when the session must stop here.
+    fn spill_input(&mut self, out: &mut Vec<u8>) -> Option<Action> {
+        use std::io::Write as _;
+        let Some(spill) = self.spill.as_mut() else {
+            self.mode = Mode::Commands;
+            return None;
+        };
+        let available = self.input.len() - self.consumed;
+        let n = (available as u64).min(spill.remaining) as usize;
+        if n == 0 {
+            return Some(Action::Continue);
+        }
+        if let Err(error) = spill
+            .file
+            .write_all(&self.input[self.consumed..self.consumed + n])
+        {
+            tracing::warn!(%error, "cannot write an APPEND spill file");
+            self.spill = None;
+            return Some(self.fatal(out, "cannot take the literal now"));
+        }
+        self.consumed += n;
+        spill.remaining -= n as u64;
+        if spill.remaining > 0 {
+            return Some(Action::Continue);
+        }
+        let Spill { file, prefix, .. } = self.spill.take()?;
+        let mut input = prefix;
+        input.extend_from_slice(self.pending());
+        self.input = input;
+        self.consumed = 0;
+        self.spilled = Some(file);
+        self.mode = Mode::Commands;
+        None
     }
 
     fn fatal(&mut self, out: &mut Vec<u8>, reason: &str) -> Action {
@@ -537,7 +705,7 @@ impl Session {
                 tracing::info!(
                     peer = %self.conn.peer,
                     client = self.client_name.as_deref().unwrap_or("-"),
-                    user,
+                    user = log_capped(user),
                     method,
                     tls = self.conn.secure,
                     outcome = "ok",
@@ -566,7 +734,7 @@ impl Session {
         tracing::info!(
             peer = %self.conn.peer,
             client = self.client_name.as_deref().unwrap_or("-"),
-            user,
+            user = log_capped(user),
             method,
             tls = self.conn.secure,
             outcome = "failed",

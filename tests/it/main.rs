@@ -11,6 +11,7 @@ mod concurrency;
 mod config_file;
 mod durability;
 mod idle;
+mod imap_abuse;
 mod mbsync;
 mod mesh_faults;
 mod outbound;

@@ -11,10 +11,18 @@
                                                    interleaved (A, B, A, B, ...) so that both see
                                                    the same background load; prints
                                                    {"a": {...}, "b": {...}}.
+  imap_bench.py stress PORT USER PASSWORD SECONDS PID CLIENTS
+                                                   CLIENTS threads (imaptest-style) loop over
+                                                   LOGIN, SELECT, FETCH (flags, headers,
+                                                   bodies), STORE, APPEND, EXPUNGE, LOGOUT for
+                                                   SECONDS against a mailbox kept at about its
+                                                   size; prints JSON with the operation count
+                                                   and PID's VmHWM/VmRSS (kB) from /proc.
 Messages are deterministic (message i is the same on both servers).
 """
 import imaplib
 import json
+import re
 import socket
 import statistics
 import sys
@@ -171,7 +179,90 @@ def measure_pair(port_a, port_b, user, password, runs, count):
     return out
 
 
+def proc_status_kb(pid, key):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def stress(port, user, password, seconds, pid, clients):
+    """Each client keeps a session (LOGIN, SELECT; LOGOUT and again every 10 rounds) and loops:
+    NOOP, STATUS, FETCH flags of all, headers of all, bodies of the last 10 (setting \\Seen),
+    STORE +/-FLAGS on a few, APPEND one, STORE \\Deleted on the first, EXPUNGE, until the
+    time is up. The mailbox stays at about its size (one in, one out per round)."""
+    import threading
+    stop = time.monotonic() + seconds
+    counts = {"rounds": 0, "commands": 0, "no": 0, "errors": 0}
+    lock = threading.Lock()
+
+    def client(k):
+        i = 2_000_000 + k * 1_000_000
+        c = None
+        rounds = 0
+        while time.monotonic() < stop:
+            try:
+                if c is None:
+                    c = connect(port, user, password)
+                    check(*c.select("INBOX"), "SELECT")
+                    with lock:
+                        counts["commands"] += 2
+                typ, data = c.noop()
+                typ, data = c.status("INBOX", "(MESSAGES)")
+                exists = int(re.search(rb"MESSAGES (\d+)", data[0]).group(1))
+                top = max(exists, 1)
+                replies = [
+                    c.fetch("1:*", "(UID FLAGS)"),
+                    c.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (From Subject Date)])"),
+                    c.fetch(f"{max(top - 9, 1)}:{top}", "(BODY[])"),
+                    c.store(f"1:{min(5, top)}", "+FLAGS", "(\\Flagged)"),
+                    c.store(f"1:{min(5, top)}", "-FLAGS", "(\\Flagged \\Seen)"),
+                    c.append("INBOX", None, None, message(i)),
+                    c.store("1", "+FLAGS.SILENT", "(\\Deleted)"),
+                    c.expunge(),
+                ]
+                i += 1
+                rounds += 1
+                bad = sum(1 for typ, _ in replies if typ != "OK")
+                with lock:
+                    counts["rounds"] += 1
+                    counts["commands"] += 2 + len(replies)
+                    counts["no"] += bad
+                # imaptest-style: sessions live on, and now and then log out and back in.
+                if rounds % 10 == 0:
+                    c.logout()
+                    c = None
+                    with lock:
+                        counts["commands"] += 1
+            except Exception:  # a session lost to a race is counted, the load goes on
+                with lock:
+                    counts["errors"] += 1
+                c = None
+        if c is not None:
+            c.logout()
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
+    for t in threads:
+        t.start()
+    peak_rss = 0
+    while any(t.is_alive() for t in threads):
+        peak_rss = max(peak_rss, proc_status_kb(pid, "VmRSS"))
+        time.sleep(0.2)
+    for t in threads:
+        t.join()
+    counts["vm_hwm_kb"] = proc_status_kb(pid, "VmHWM")
+    counts["max_sampled_rss_kb"] = peak_rss
+    counts["rss_after_kb"] = proc_status_kb(pid, "VmRSS")
+    return counts
+
+
 def main():
+    if sys.argv[1] == "stress":
+        port, user, password = int(sys.argv[2]), sys.argv[3], sys.argv[4]
+        seconds, pid, clients = float(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7])
+        print(json.dumps(stress(port, user, password, seconds, pid, clients)))
+        return
     if sys.argv[1] == "measure-pair":
         port_a, port_b, user, password = int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
         runs, count = int(sys.argv[6]), int(sys.argv[7])
