@@ -41,6 +41,7 @@ pub struct Config {
     pub smtp: crate::smtp::SmtpConfig,
     pub imap: crate::imap::ImapConfig,
     pub outbound: crate::outbound::OutboundConfig,
+    pub store: crate::store::StoreConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

@@ -34,6 +34,7 @@ mod command;
 mod names;
 mod outbound_api;
 mod queue;
+mod quota;
 mod snapshot;
 mod state;
 
@@ -49,12 +50,16 @@ use serde::{Deserialize, Serialize};
 use blob::BlobStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
-    BodyV1, Command, CommandV1, CommandV2, Response,
+    BodyV1, Command, CommandV1, CommandV2, CommandV3, Response,
 };
 pub use outbound_api::{srs_rewrite, AcceptReceipt};
 pub use queue::{
     AttemptVerdict, Lease, QueueEntry, QueueId, QueueRecipient, RecipientResult, RecipientStatus,
     MAX_QUEUE_ENTRIES,
+};
+pub use quota::{
+    AccountQuota, QuotaLimits, QuotaReport, QuotaSetting, StoreConfig, Usage as QuotaUsage,
+    DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_MESSAGES,
 };
 use state::State;
 
@@ -223,6 +228,10 @@ pub enum StoreError {
     /// The request was refused by a rule (bad name, mailbox not empty, short password...).
     #[error("{0}")]
     Invalid(String),
+    /// The write would bring an account over its quota; nothing was stored. SMTP answers
+    /// `552 5.2.2`, IMAP `NO [OVERQUOTA]`.
+    #[error("{0}")]
+    OverQuota(String),
     #[error("storage error: {0}")]
     Io(String),
 }
@@ -345,7 +354,7 @@ impl MailStateMachine {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) => {}
+            Command::V1(_) | Command::V3(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -364,6 +373,7 @@ impl MailStateMachine {
             match command {
                 Command::V1(command) => state.apply(command),
                 Command::V2(command) => state.apply_v2(command),
+                Command::V3(command) => state.apply_v3(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -1047,6 +1057,7 @@ impl MailStore {
         if self.mailbox_view(account, mailbox).is_none() {
             return Err(StoreError::NotFound("mailbox".into()));
         }
+        self.precheck_quota(account, quota::Usage::one(body.len() as u32))?;
         let (body, staged) = prepare_body(&self.machine, body).await?;
         let command = CommandV1::Append {
             account,
@@ -1113,6 +1124,15 @@ impl MailStore {
         to: MailboxId,
         remove_source: bool,
     ) -> Result<(u32, Vec<(Uid, Uid)>), StoreError> {
+        if !remove_source {
+            let copied = self.mailbox_view(account, from).map(|view| {
+                let wanted: std::collections::BTreeSet<Uid> = uids.iter().copied().collect();
+                quota::Usage::of_messages(view.messages.iter().filter(|m| wanted.contains(&m.uid)))
+            });
+            if let Some(copied) = copied {
+                self.precheck_quota(account, copied)?;
+            }
+        }
         let command = CommandV1::Copy {
             account,
             from,
@@ -1270,6 +1290,133 @@ impl MailStore {
 
     pub fn stats(&self) -> StoreStats {
         self.state().stats()
+    }
+
+    // ----- quotas (`quota.rs`) -----
+
+    /// An account's usage and limits (local replica).
+    pub fn quota(&self, account: AccountId) -> Option<QuotaReport> {
+        let state = self.state();
+        state
+            .accounts
+            .contains_key(&account)
+            .then(|| state.quota_report(account))
+    }
+
+    /// [`MailStore::quota`] by address.
+    pub fn quota_of(&self, address: &str) -> Result<QuotaReport, StoreError> {
+        let address = names::normalize_address(address)?;
+        let state = self.state();
+        let id = *state
+            .account_ids
+            .get(&address)
+            .ok_or_else(|| StoreError::NotFound(format!("account {address}")))?;
+        Ok(state.quota_report(id))
+    }
+
+    /// The cluster's default limits (replicated).
+    pub fn default_quota(&self) -> QuotaLimits {
+        self.state().quotas.default
+    }
+
+    /// Sets the cluster's default limits (a node does it at start from its `[store]` section
+    /// when the replicated value differs).
+    pub async fn set_default_quota(&self, limits: QuotaLimits) -> Result<(), StoreError> {
+        match self
+            .submit_command(Command::V3(CommandV3::SetDefaultQuota { limits }))
+            .await?
+        {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets an account's own limits; `None` leaves that one as it is.
+    pub async fn set_account_quota(
+        &self,
+        address: &str,
+        storage: Option<QuotaSetting>,
+        messages: Option<QuotaSetting>,
+    ) -> Result<(), StoreError> {
+        let address = names::normalize_address(address)?;
+        if !self.state().account_ids.contains_key(&address) {
+            return Err(StoreError::NotFound(format!("account {address}")));
+        }
+        let command = CommandV3::SetAccountQuota {
+            address,
+            storage,
+            messages,
+        };
+        match self.submit_command(Command::V3(command)).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether a message of `size` bytes (at least 1) to `address` would bring one of the
+    /// local accounts it reaches (aliases expanded) over its quota: SMTP's check at RCPT,
+    /// with the size declared by `MAIL FROM ... SIZE=` if any. Apply checks again.
+    pub fn recipient_over_quota(&self, address: &str, size: u64) -> bool {
+        let Ok(address) = names::normalize_address(address) else {
+            return false;
+        };
+        let state = self.state();
+        let mut accounts = Vec::new();
+        state.expand_recipient(
+            &address,
+            &mut std::collections::BTreeSet::new(),
+            &mut accounts,
+            &mut std::collections::BTreeSet::new(),
+        );
+        let added = quota::Usage {
+            bytes: size.max(1),
+            messages: 1,
+        };
+        accounts
+            .into_iter()
+            .any(|account| state.check_quota(account, added).is_err())
+    }
+
+    /// The early refusal of a write that apply would refuse for quota, so that a hopeless
+    /// command costs no log entry.
+    fn precheck_quota(&self, account: AccountId, added: quota::Usage) -> Result<(), StoreError> {
+        self.state()
+            .check_quota(account, added)
+            .map_err(StoreError::from)
+    }
+}
+
+/// Pauses between attempts of [`keep_default_quota`] while the cluster cannot commit.
+const DEFAULT_QUOTA_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+const DEFAULT_QUOTA_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Makes the cluster's default quota the configured one (`[store]`), once, at start: proposes
+/// it when the replicated value differs, retrying while the cluster cannot commit, until done
+/// or `shutdown`.
+pub async fn keep_default_quota(
+    store: MailStore,
+    wanted: QuotaLimits,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> io::Result<()> {
+    let mut pause = DEFAULT_QUOTA_RETRY_MIN;
+    loop {
+        if store.default_quota() == wanted {
+            return Ok(());
+        }
+        match store.set_default_quota(wanted).await {
+            Ok(()) => {
+                tracing::info!(?wanted, "default quota set from the configuration");
+                return Ok(());
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot set the default quota yet; retrying");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(pause) => {}
+        }
+        pause = (pause * 2).min(DEFAULT_QUOTA_RETRY_MAX);
     }
 }
 
