@@ -1112,3 +1112,45 @@ max_messages_per_account_per_minute = 100000
         "{killed} duplicates after the kill, more than the concurrency {QUEUE_CONCURRENCY}"
     );
 }
+
+/// Quotas (issue 10) on three nodes: a COPY refused for quota on one node and an APPEND
+/// refused on another leave every replica with the same messages and UIDs, and the same usage.
+#[test]
+fn quota_refusals_are_identical_on_every_replica() {
+    let Some(cluster) = Cluster::up(5, 3, None) else {
+        return;
+    };
+    cluster.account();
+    cluster.kermail("n1", &["user", "quota", USER, "none", "--messages", "4"]);
+    cluster.py(
+        r#"
+names = sorted(NODES)
+s = smtp("n1")
+for n in range(2):
+    assert s.sendmail("bob@example.org", [USER], message(f"quota-{n}")) == {}
+s.quit()
+wait_until(lambda: all(len(view(n)[1]) == 2 for n in names), "2 messages everywhere")
+c = imap("n2")
+ok(c.select("INBOX"))
+ok(c.copy("1:*", "INBOX"), "first COPY")
+typ, data = c.copy("1:*", "INBOX")
+assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+c.logout()
+c = imap("n3")
+typ, data = c.append("INBOX", None, None, message("quota-append"))
+assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+c.logout()
+first = wait_until(lambda: (lambda v: v if len(v[1]) == 4 else None)(view("n1")), "4 messages on n1")
+for n in names:
+    wait_until(lambda: view(n) == first, f"{n} equal to n1")
+assert [u for u, _, _ in first[1]] == [1, 2, 3, 4], first
+"#,
+        &[],
+    );
+    let lines: Vec<String> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|node| cluster.kermail(node, &["user", "quota", USER]))
+        .collect();
+    assert!(lines[0].contains("messages 4/4"), "{lines:?}");
+    assert!(lines.iter().all(|line| line == &lines[0]), "{lines:?}");
+}

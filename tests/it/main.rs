@@ -13,4 +13,5 @@ mod durability;
 mod idle;
 mod mbsync;
 mod outbound;
+mod quota;
 mod smtp_imap;
