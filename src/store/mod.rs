@@ -18,6 +18,7 @@
 //!   deletion, the cache of decompressed bodies.
 //! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
 //! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
+//! - `quota.rs`: per-account quotas (limits, usage, their apply; `[store]`).
 //! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
 //!   [`LocalProposer`] (direct apply for tests) and [`MailStore`].
 //!
