@@ -1387,37 +1387,46 @@ impl MailStore {
     }
 }
 
-/// Pauses between attempts of [`keep_default_quota`] while the cluster cannot commit.
-const DEFAULT_QUOTA_RETRY_MIN: std::time::Duration = std::time::Duration::from_secs(1);
+/// How often [`keep_default_quota`] looks whether the state holds a domain yet.
+const DEFAULT_QUOTA_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Pauses between its attempts while the cluster cannot commit.
 const DEFAULT_QUOTA_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Makes the cluster's default quota the configured one (`[store]`), once, at start: proposes
-/// it when the replicated value differs, retrying while the cluster cannot commit, until done
-/// or `shutdown`.
+/// Makes the cluster's default quota the configured one (`[store]`), once per start: as soon
+/// as the replicated state holds a domain, proposes it if the replicated value differs,
+/// retrying while the cluster cannot commit, until done or `shutdown`. It waits for a domain
+/// so that a new, empty node stays empty (a node holding any replicated data cannot join a
+/// cluster) and proposes nothing before it has joined one.
 pub async fn keep_default_quota(
     store: MailStore,
     wanted: QuotaLimits,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> io::Result<()> {
-    let mut pause = DEFAULT_QUOTA_RETRY_MIN;
+    let mut pause = DEFAULT_QUOTA_POLL;
     loop {
-        if store.default_quota() == wanted {
-            return Ok(());
-        }
-        match store.set_default_quota(wanted).await {
-            Ok(()) => {
-                tracing::info!(?wanted, "default quota set from the configuration");
+        let (holds_data, current) = {
+            let state = store.state();
+            (!state.domains.is_empty(), state.quotas.default)
+        };
+        if holds_data {
+            if current == wanted {
                 return Ok(());
             }
-            Err(error) => {
-                tracing::debug!(%error, "cannot set the default quota yet; retrying");
+            match store.set_default_quota(wanted).await {
+                Ok(()) => {
+                    tracing::info!(?wanted, "default quota set from the configuration");
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot set the default quota yet; retrying");
+                    pause = (pause * 2).min(DEFAULT_QUOTA_RETRY_MAX);
+                }
             }
         }
         tokio::select! {
             () = shutdown.cancelled() => return Ok(()),
             () = tokio::time::sleep(pause) => {}
         }
-        pause = (pause * 2).min(DEFAULT_QUOTA_RETRY_MAX);
     }
 }
 

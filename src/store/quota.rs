@@ -40,8 +40,8 @@ pub const DEFAULT_QUOTA_BYTES: u64 = 2 * 1024 * 1024 * 1024;
 pub const DEFAULT_QUOTA_MESSAGES: u64 = 200_000;
 
 /// `[store]`: the default quota of every account without limits of its own. The value is
-/// replicated: a node proposes its configured one when it starts, if the cluster's differs,
-/// so give every node the same.
+/// replicated: once per start, as soon as the state holds a domain, a node proposes its
+/// configured one if the cluster's differs (`keep_default_quota`), so give every node the same.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {

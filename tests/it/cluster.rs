@@ -1113,15 +1113,25 @@ max_messages_per_account_per_minute = 100000
     );
 }
 
-/// Quotas (issue 10) on three nodes: a COPY refused for quota on one node and an APPEND
-/// refused on another leave every replica with the same messages and UIDs, and the same usage.
+/// Quotas (issue 10) on three nodes configured with a default of 4 messages (which must not
+/// keep the new nodes from joining): a COPY refused for quota on one node and an APPEND refused
+/// on another leave every replica with the same messages and UIDs, and the same usage.
 #[test]
 fn quota_refusals_are_identical_on_every_replica() {
-    let Some(cluster) = Cluster::up(5, 3, None) else {
+    let Some(cluster) = Cluster::up_with(5, 3, None, |_| {
+        Some("[store]\ndefault_quota_messages = 4\n".to_owned())
+    }) else {
         return;
     };
     cluster.account();
-    cluster.kermail("n1", &["user", "quota", USER, "none", "--messages", "4"]);
+    for node in ["n1", "n2", "n3"] {
+        wait_for("the configured default quota", CONVERGE_DEADLINE, || {
+            cluster
+                .kermail(node, &["user", "quota", USER])
+                .contains("messages 0/4 (default)")
+                .then_some(())
+        });
+    }
     cluster.py(
         r#"
 names = sorted(NODES)
@@ -1151,6 +1161,6 @@ assert [u for u, _, _ in first[1]] == [1, 2, 3, 4], first
         .iter()
         .map(|node| cluster.kermail(node, &["user", "quota", USER]))
         .collect();
-    assert!(lines[0].contains("messages 4/4"), "{lines:?}");
+    assert!(lines[0].contains("messages 4/4 (default)"), "{lines:?}");
     assert!(lines.iter().all(|line| line == &lines[0]), "{lines:?}");
 }
