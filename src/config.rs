@@ -43,6 +43,7 @@ pub struct Config {
     pub outbound: crate::outbound::OutboundConfig,
     /// Login throttling shared by IMAP and SMTP AUTH.
     pub auth: crate::auth::ThrottleConfig,
+    pub store: crate::store::StoreConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

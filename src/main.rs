@@ -143,8 +143,17 @@ enum UserCommand {
     },
     /// Remove an account and all its mail.
     Remove { address: String },
-    /// List accounts, of one domain or of all.
+    /// List accounts, of one domain or of all, with their quota usage and limits.
     List { domain: Option<String> },
+    /// Show an account's quota and usage; with SIZE (`2G`, `500M`, `100K`, bytes; `0` or
+    /// `none`: unlimited; `default`: the configured default) or --messages, set it first.
+    Quota {
+        address: String,
+        size: Option<String>,
+        /// The most messages the account may hold (`0` or `none`: unlimited; `default`).
+        #[arg(long)]
+        messages: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -192,6 +201,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::User(UserCommand::Remove { address }) => AdminRequest::UserRemove { address },
         Command::User(UserCommand::List { domain }) => AdminRequest::UserList { domain },
+        Command::User(UserCommand::Quota {
+            address,
+            size,
+            messages,
+        }) => AdminRequest::UserQuota {
+            address,
+            storage: size
+                .map(|size| kermail::store::QuotaSetting::parse(&size, true))
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            messages: messages
+                .map(|count| kermail::store::QuotaSetting::parse(&count, false))
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+        },
         Command::Alias(AliasCommand::Add { source, target }) => {
             AdminRequest::AliasAdd { source, target }
         }

@@ -131,6 +131,12 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         }
     }
 
+    servers.spawn(crate::store::keep_default_quota(
+        store.clone(),
+        config.store.default_quota(),
+        shutdown.clone(),
+    ));
+
     // The delivery worker: leases make it safe on every node of a cluster.
     servers.spawn(crate::outbound::worker::run(
         store.clone(),

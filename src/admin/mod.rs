@@ -40,6 +40,13 @@ pub enum AdminRequest {
     UserList {
         domain: Option<String>,
     },
+    /// `kermail user quota`: shows the account's quota and usage, after setting the limits
+    /// given (none given: only shows).
+    UserQuota {
+        address: String,
+        storage: Option<crate::store::QuotaSetting>,
+        messages: Option<crate::store::QuotaSetting>,
+    },
     AliasAdd {
         source: String,
         target: String,

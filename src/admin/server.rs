@@ -139,6 +139,27 @@ fn done(result: Result<String, StoreError>) -> AdminResponse {
     }
 }
 
+/// `storage USED/LIMIT messages USED/LIMIT`, bytes and counts, each limit `unlimited` when
+/// there is none and followed by `(default)` when it is the cluster's default.
+fn quota_text(report: &crate::store::QuotaReport) -> String {
+    use crate::store::QuotaSetting;
+    let limit = |limit: Option<u64>, setting: QuotaSetting| {
+        let value = limit.map_or_else(|| "unlimited".to_owned(), |n| n.to_string());
+        if setting == QuotaSetting::Default {
+            format!("{value} (default)")
+        } else {
+            value
+        }
+    };
+    format!(
+        "storage {}/{} messages {}/{}",
+        report.usage.bytes,
+        limit(report.limits.storage_bytes, report.settings.storage),
+        report.usage.messages,
+        limit(report.limits.messages, report.settings.messages),
+    )
+}
+
 /// Executes one request. Never logs a password.
 pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminResponse {
     let store = &context.store;
@@ -185,8 +206,29 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 store
                     .list_accounts(domain.as_deref())
                     .into_iter()
-                    .map(|account| account.address)
+                    .map(|account| match store.quota(account.id) {
+                        Some(report) => format!("{} {}", account.address, quota_text(&report)),
+                        None => account.address,
+                    })
                     .collect(),
+            )
+        }
+        AdminRequest::UserQuota {
+            address,
+            storage,
+            messages,
+        } => {
+            if storage.is_some() || messages.is_some() {
+                let result = store.set_account_quota(&address, storage, messages).await;
+                info!(%address, ?storage, ?messages, ok = result.is_ok(), "admin: user quota");
+                if let Err(error) = result {
+                    return done(Err(error));
+                }
+            }
+            done(
+                store
+                    .quota_of(&address)
+                    .map(|report| format!("{address} {}", quota_text(&report))),
             )
         }
         AdminRequest::AliasAdd { source, target } => {

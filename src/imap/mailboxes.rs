@@ -71,6 +71,11 @@ impl Session {
                 )
                 .await
             }
+            CommandBody::GetQuotaRoot { mailbox } => {
+                self.get_quota_root(tag, name_of(&mailbox), out)
+            }
+            CommandBody::GetQuota { root } => self.get_quota(tag, root.as_ref(), out),
+            CommandBody::SetQuota { .. } => self.set_quota(tag, out),
             body => self.selected_command(tag, body, out).await,
         }
     }

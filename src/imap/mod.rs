@@ -1,11 +1,12 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
-//! ID, ENABLE, UNSELECT, CHILDREN).
+//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
 //! - `framing`: splits the byte stream into complete commands (literals, limits).
 //! - `session`: the sans-IO [`Session`]: state, authentication, command dispatch.
 //! - `mailboxes`, `messages`: the command families (mailbox commands; message commands).
+//! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
 //! - `response`, `cache`: response writing helpers; the shared header cache.
@@ -24,6 +25,7 @@ pub mod fetch;
 pub mod framing;
 mod mailboxes;
 mod messages;
+mod quota;
 mod response;
 pub mod search;
 mod selected;

@@ -45,6 +45,7 @@ pub fn store_error(error: &StoreError) -> (&'static str, String) {
         StoreError::NotFound(_) => "NONEXISTENT",
         StoreError::AlreadyExists(_) => "ALREADYEXISTS",
         StoreError::Invalid(_) => "CANNOT",
+        StoreError::OverQuota(_) => "OVERQUOTA",
         StoreError::Io(_) => "SERVERBUG",
     };
     (code, error.to_string().replace(['\r', '\n'], " "))

@@ -273,6 +273,9 @@ impl Session {
 
     pub(super) fn capabilities(&self) -> String {
         let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE");
+        if self.is_authenticated() {
+            caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
+        }
         if !self.is_authenticated() {
             if !self.conn.secure {
                 caps.push_str(" STARTTLS");

@@ -72,6 +72,10 @@ impl Recipients for MailStore {
     fn sender_addresses(&self, account: AccountId) -> Vec<String> {
         MailStore::sender_addresses(self, account)
     }
+
+    fn over_quota(&self, address: &str, size: u64) -> bool {
+        MailStore::recipient_over_quota(self, address, size)
+    }
 }
 
 /// [`MailStore::accept`], logging where the remote part went.

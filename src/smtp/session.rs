@@ -39,6 +39,13 @@ pub trait Recipients {
     fn sender_addresses(&self, _account: AccountId) -> Vec<String> {
         Vec::new()
     }
+
+    /// Whether a message of `size` bytes (`MAIL FROM ... SIZE=`, else 0) to this local
+    /// address would bring an account it reaches over its quota
+    /// ([`crate::store::MailStore::recipient_over_quota`]): refused at RCPT with `552 5.2.2`.
+    fn over_quota(&self, _address: &str, _size: u64) -> bool {
+        false
+    }
 }
 
 /// What happened, as told to the session by its driver.
@@ -186,6 +193,8 @@ struct Transaction {
     size_received: usize,
     too_big: bool,
     used_bdat: bool,
+    /// `MAIL FROM ... SIZE=` (0 when not given), for the quota check at RCPT.
+    declared_size: usize,
 }
 
 /// Fixed parts of a session, set by the driver.
@@ -373,6 +382,9 @@ impl<R: Recipients> Session<R> {
                             // routing/system failure; anything else is a local error.
                             let reply = if matches!(error, StoreError::Unavailable(_)) {
                                 "451 4.4.3 Error: the cluster cannot commit the message now, try again later"
+                            } else if matches!(error, StoreError::OverQuota(_)) {
+                                // Some recipient's quota would be passed: nothing was stored.
+                                "552 5.2.2 Error: mailbox full"
                             } else {
                                 "451 4.3.0 Error: cannot store the message now, try again later"
                             };
@@ -740,6 +752,7 @@ impl<R: Recipients> Session<R> {
             size_received: 0,
             too_big: false,
             used_bdat: false,
+            declared_size: from.size,
         });
         self.push_reply(out, "250 2.1.0 Ok");
     }
@@ -789,6 +802,18 @@ impl<R: Recipients> Session<R> {
             return;
         };
         match check {
+            // Like Postfix with Dovecot's quota-status: a full mailbox is refused here, where
+            // SMTP can answer per recipient, so that the message still reaches the others.
+            RecipientCheck::Local
+                if self
+                    .recipients
+                    .over_quota(&address, transaction.declared_size as u64) =>
+            {
+                transaction.n_recipients_refused += 1;
+                let reply =
+                    format!("552 5.2.2 <{echoed}>: Recipient address rejected: mailbox full");
+                self.push_reply(out, &reply);
+            }
             RecipientCheck::Local => {
                 if !transaction.recipients.contains(&address) {
                     transaction.recipients.push(address);

@@ -10,6 +10,7 @@ use bincode::Options;
 use serde::{Deserialize, Serialize};
 
 use super::queue::{NewQueueEntry, Notice, QueueId, RecipientResult};
+use super::quota::{QuotaLimits, QuotaSetting};
 use super::{AccountId, BlobId, FlagOp, FlagSet, MailboxId, SpecialUse, Uid};
 use crate::outbound::dkim::DkimKeyRecord;
 
@@ -27,6 +28,8 @@ pub enum Command {
     V1(CommandV1),
     /// The outbound queue and DKIM keys (issue 5).
     V2(CommandV2),
+    /// Quotas (issue 10).
+    V3(CommandV3),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -329,12 +332,28 @@ impl CommandV2 {
     }
 }
 
+/// Quota settings (issue 10; `quota.rs`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV3 {
+    /// The limits of every account without settings of its own (from the proposer's
+    /// `[store]` configuration).
+    SetDefaultQuota { limits: QuotaLimits },
+    /// An account's own limits (`kermail user quota`); `None` leaves that one unchanged.
+    SetAccountQuota {
+        address: String,
+        storage: Option<QuotaSetting>,
+        messages: Option<QuotaSetting>,
+    },
+}
+
 /// Why the state machine refused a command. The state is unchanged when this is answered.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ApplyError {
     NotFound(String),
     AlreadyExists(String),
     Invalid(String),
+    /// The command would bring an account over its quota (SMTP 552 5.2.2, IMAP OVERQUOTA).
+    OverQuota(String),
 }
 
 impl From<ApplyError> for super::StoreError {
@@ -343,6 +362,7 @@ impl From<ApplyError> for super::StoreError {
             ApplyError::NotFound(what) => super::StoreError::NotFound(what),
             ApplyError::AlreadyExists(what) => super::StoreError::AlreadyExists(what),
             ApplyError::Invalid(why) => super::StoreError::Invalid(why),
+            ApplyError::OverQuota(why) => super::StoreError::OverQuota(why),
         }
     }
 }

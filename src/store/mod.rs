@@ -18,6 +18,7 @@
 //!   deletion, the cache of decompressed bodies.
 //! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
 //! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
+//! - `quota.rs`: per-account quotas (limits, usage, their apply; `[store]`).
 //! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
 //!   [`LocalProposer`] (direct apply for tests) and [`MailStore`].
 //!
@@ -34,6 +35,7 @@ mod command;
 mod names;
 mod outbound_api;
 mod queue;
+mod quota;
 mod snapshot;
 mod state;
 
@@ -49,12 +51,16 @@ use serde::{Deserialize, Serialize};
 use blob::BlobStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
-    BodyV1, Command, CommandV1, CommandV2, Response,
+    BodyV1, Command, CommandV1, CommandV2, CommandV3, Response,
 };
 pub use outbound_api::{looks_like_srs, srs_reverse, srs_rewrite, AcceptReceipt};
 pub use queue::{
     AttemptVerdict, Lease, QueueEntry, QueueId, QueueRecipient, RecipientResult, RecipientStatus,
     MAX_QUEUE_ENTRIES,
+};
+pub use quota::{
+    AccountQuota, QuotaLimits, QuotaReport, QuotaSetting, StoreConfig, Usage as QuotaUsage,
+    DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_MESSAGES,
 };
 use state::State;
 
@@ -226,6 +232,10 @@ pub enum StoreError {
     /// The request was refused by a rule (bad name, mailbox not empty, short password...).
     #[error("{0}")]
     Invalid(String),
+    /// The write would bring an account over its quota; nothing was stored. SMTP answers
+    /// `552 5.2.2`, IMAP `NO [OVERQUOTA]`.
+    #[error("{0}")]
+    OverQuota(String),
     #[error("storage error: {0}")]
     Io(String),
 }
@@ -348,7 +358,7 @@ impl MailStateMachine {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) => {}
+            Command::V1(_) | Command::V3(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -367,6 +377,7 @@ impl MailStateMachine {
             match command {
                 Command::V1(command) => state.apply(command),
                 Command::V2(command) => state.apply_v2(command),
+                Command::V3(command) => state.apply_v3(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -1073,6 +1084,7 @@ impl MailStore {
         if self.mailbox_view(account, mailbox).is_none() {
             return Err(StoreError::NotFound("mailbox".into()));
         }
+        self.precheck_quota(account, quota::Usage::one(body.len() as u32))?;
         let (body, staged) = prepare_body(&self.machine, body).await?;
         let command = CommandV1::Append {
             account,
@@ -1139,6 +1151,15 @@ impl MailStore {
         to: MailboxId,
         remove_source: bool,
     ) -> Result<(u32, Vec<(Uid, Uid)>), StoreError> {
+        if !remove_source {
+            let copied = self.mailbox_view(account, from).map(|view| {
+                let wanted: std::collections::BTreeSet<Uid> = uids.iter().copied().collect();
+                quota::Usage::of_messages(view.messages.iter().filter(|m| wanted.contains(&m.uid)))
+            });
+            if let Some(copied) = copied {
+                self.precheck_quota(account, copied)?;
+            }
+        }
         let command = CommandV1::Copy {
             account,
             from,
@@ -1296,6 +1317,142 @@ impl MailStore {
 
     pub fn stats(&self) -> StoreStats {
         self.state().stats()
+    }
+
+    // ----- quotas (`quota.rs`) -----
+
+    /// An account's usage and limits (local replica).
+    pub fn quota(&self, account: AccountId) -> Option<QuotaReport> {
+        let state = self.state();
+        state
+            .accounts
+            .contains_key(&account)
+            .then(|| state.quota_report(account))
+    }
+
+    /// [`MailStore::quota`] by address.
+    pub fn quota_of(&self, address: &str) -> Result<QuotaReport, StoreError> {
+        let address = names::normalize_address(address)?;
+        let state = self.state();
+        let id = *state
+            .account_ids
+            .get(&address)
+            .ok_or_else(|| StoreError::NotFound(format!("account {address}")))?;
+        Ok(state.quota_report(id))
+    }
+
+    /// The cluster's default limits (replicated).
+    pub fn default_quota(&self) -> QuotaLimits {
+        self.state().quotas.default
+    }
+
+    /// Sets the cluster's default limits (a node does it at start from its `[store]` section
+    /// when the replicated value differs).
+    pub async fn set_default_quota(&self, limits: QuotaLimits) -> Result<(), StoreError> {
+        match self
+            .submit_command(Command::V3(CommandV3::SetDefaultQuota { limits }))
+            .await?
+        {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets an account's own limits; `None` leaves that one as it is.
+    pub async fn set_account_quota(
+        &self,
+        address: &str,
+        storage: Option<QuotaSetting>,
+        messages: Option<QuotaSetting>,
+    ) -> Result<(), StoreError> {
+        let address = names::normalize_address(address)?;
+        if !self.state().account_ids.contains_key(&address) {
+            return Err(StoreError::NotFound(format!("account {address}")));
+        }
+        let command = CommandV3::SetAccountQuota {
+            address,
+            storage,
+            messages,
+        };
+        match self.submit_command(Command::V3(command)).await? {
+            Response::Done => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Whether a message of `size` bytes (at least 1) to `address` would bring one of the
+    /// local accounts it reaches (aliases expanded) over its quota: SMTP's check at RCPT,
+    /// with the size declared by `MAIL FROM ... SIZE=` if any. Apply checks again.
+    pub fn recipient_over_quota(&self, address: &str, size: u64) -> bool {
+        let Ok(address) = names::normalize_address(address) else {
+            return false;
+        };
+        let state = self.state();
+        let mut accounts = Vec::new();
+        state.expand_recipient(
+            &address,
+            &mut std::collections::BTreeSet::new(),
+            &mut accounts,
+            &mut std::collections::BTreeSet::new(),
+        );
+        let added = quota::Usage {
+            bytes: size.max(1),
+            messages: 1,
+        };
+        accounts
+            .into_iter()
+            .any(|account| state.check_quota(account, added).is_err())
+    }
+
+    /// The early refusal of a write that apply would refuse for quota, so that a hopeless
+    /// command costs no log entry.
+    fn precheck_quota(&self, account: AccountId, added: quota::Usage) -> Result<(), StoreError> {
+        self.state()
+            .check_quota(account, added)
+            .map_err(StoreError::from)
+    }
+}
+
+/// How often [`keep_default_quota`] looks whether the state holds a domain yet.
+const DEFAULT_QUOTA_POLL: std::time::Duration = std::time::Duration::from_secs(1);
+/// Pauses between its attempts while the cluster cannot commit.
+const DEFAULT_QUOTA_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Makes the cluster's default quota the configured one (`[store]`), once per start: as soon
+/// as the replicated state holds a domain, proposes it if the replicated value differs,
+/// retrying while the cluster cannot commit, until done or `shutdown`. It waits for a domain
+/// so that a new, empty node stays empty (a node holding any replicated data cannot join a
+/// cluster) and proposes nothing before it has joined one.
+pub async fn keep_default_quota(
+    store: MailStore,
+    wanted: QuotaLimits,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> io::Result<()> {
+    let mut pause = DEFAULT_QUOTA_POLL;
+    loop {
+        let (holds_data, current) = {
+            let state = store.state();
+            (!state.domains.is_empty(), state.quotas.default)
+        };
+        if holds_data {
+            if current == wanted {
+                return Ok(());
+            }
+            match store.set_default_quota(wanted).await {
+                Ok(()) => {
+                    tracing::info!(?wanted, "default quota set from the configuration");
+                    return Ok(());
+                }
+                Err(error) => {
+                    tracing::debug!(%error, "cannot set the default quota yet; retrying");
+                    pause = (pause * 2).min(DEFAULT_QUOTA_RETRY_MAX);
+                }
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            () = tokio::time::sleep(pause) => {}
+        }
     }
 }
 

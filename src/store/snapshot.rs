@@ -24,6 +24,7 @@ use super::blob::{BlobStore, ReadGuard};
 use super::command::SrsKey;
 use super::command::MAX_COMMAND_BYTES;
 use super::queue::Outbound;
+use super::quota::Quotas;
 use super::state::State;
 use super::BlobId;
 
@@ -36,13 +37,14 @@ pub const MAX_META_BYTES: u64 = 1024 * 1024 * 1024;
 pub const MAX_BLOBS: u64 = 100_000_000;
 
 /// V1: before the outbound queue (its state restores empty). V2: the state and the outbound
-/// part (queue, DKIM keys), which `State` does not serialize itself.
+/// part (queue, DKIM keys), which `State` does not serialize itself. V3: and the quota
+/// settings (before them, the built-in default applies to every account).
 #[derive(Serialize, Deserialize)]
 enum SnapshotMeta {
     V1(State),
     V2(State, Outbound),
-    /// V2 plus the SRS key (issue 10).
-    V3(State, Outbound, Option<SrsKey>),
+    /// V2 plus the SRS key (issue 10) and the quota settings (usage is derived at restore).
+    V3(State, Outbound, Option<SrsKey>, Quotas),
 }
 
 #[derive(Serialize)]
@@ -50,9 +52,10 @@ enum SnapshotMetaRef<'a> {
     /// Written only by the compatibility test.
     #[cfg_attr(not(test), allow(dead_code))]
     V1(&'a State),
+    /// Written only by the compatibility tests.
     #[cfg_attr(not(test), allow(dead_code))]
     V2(&'a State, &'a Outbound),
-    V3(&'a State, &'a Outbound, &'a Option<SrsKey>),
+    V3(&'a State, &'a Outbound, &'a Option<SrsKey>, &'a Quotas),
 }
 
 fn meta_codec(limit: u64) -> impl Options {
@@ -112,7 +115,7 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 /// Writes the state and its bodies (the bodies must be stored: the caller holds a [`ReadGuard`]).
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
     write_snapshot_as(
-        SnapshotMetaRef::V3(state, &state.outbound, &state.outbound.srs_key),
+        SnapshotMetaRef::V3(state, &state.outbound, &state.outbound.srs_key, &state.quotas),
         blobs,
         out,
     )
@@ -219,10 +222,12 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
             state.outbound.rebuild_due();
             state
         }
-        SnapshotMeta::V3(mut state, outbound, srs_key) => {
+        SnapshotMeta::V3(mut state, outbound, srs_key, quotas) => {
             state.outbound = outbound;
             state.outbound.srs_key = srs_key;
             state.outbound.rebuild_due();
+            // Usage is derived: `rebuild_blobs` below recomputes it from the messages.
+            state.quotas = quotas;
             state
         }
     };
@@ -316,5 +321,40 @@ mod tests {
         write_snapshot(&state, &blobs, &mut current).unwrap();
         let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
         assert_eq!(restored.outbound.srs_key, Some(SrsKey([9; 32])));
+    }
+
+    #[test]
+    fn quota_settings_survive_a_snapshot_and_older_snapshots_get_the_default() {
+        use super::super::quota::{AccountQuota, QuotaLimits, QuotaSetting};
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = BlobStore::open(dir.path().join("blobs")).unwrap();
+        let mut state = State::default();
+        state.quotas.default = QuotaLimits::from_config(1000, 0);
+        state.quotas.accounts.clear();
+        let mut v2 = Vec::new();
+        write_snapshot_as(
+            SnapshotMetaRef::V2(&state, &state.outbound),
+            &blobs,
+            &mut v2,
+        )
+        .unwrap();
+        let restored = read_snapshot(&mut v2.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.quotas.default, QuotaLimits::default());
+        let mut current = Vec::new();
+        write_snapshot(&state, &blobs, &mut current).unwrap();
+        let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
+        assert_eq!(restored.quotas.default, state.quotas.default);
+        // Settings of an account that is not in the state are dropped at restore.
+        state.quotas.accounts.insert(
+            7,
+            AccountQuota {
+                storage: QuotaSetting::Limit(5),
+                messages: QuotaSetting::Default,
+            },
+        );
+        let mut current = Vec::new();
+        write_snapshot(&state, &blobs, &mut current).unwrap();
+        let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
+        assert!(restored.quotas.accounts.is_empty());
     }
 }

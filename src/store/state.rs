@@ -16,6 +16,7 @@ use super::names::{
     normalize_mailbox_name, INBOX, SEPARATOR,
 };
 use super::queue::Outbound;
+use super::quota::{Quotas, Usage};
 use super::{
     AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
     StoreStats, Uid,
@@ -218,6 +219,10 @@ pub struct State {
     /// (`SnapshotMeta::V2`), so that snapshots written before the queue existed still load.
     #[serde(skip)]
     pub outbound: Outbound,
+    /// Quota settings and usage (`quota.rs`); carried by the snapshot as a field of its own
+    /// (`SnapshotMeta::V3`).
+    #[serde(skip)]
+    pub quotas: Quotas,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -241,6 +246,7 @@ impl Default for State {
             blobs: BTreeMap::new(),
             totals: Totals::default(),
             outbound: Outbound::default(),
+            quotas: Quotas::default(),
         }
     }
 }
@@ -363,6 +369,7 @@ impl State {
             blobs: BTreeMap::new(),
             totals: Totals::default(),
             outbound: self.outbound.clone(),
+            quotas: self.quotas.clone(),
         }
     }
 
@@ -413,6 +420,7 @@ impl State {
         }
         self.blobs = blobs;
         self.totals = totals;
+        self.rebuild_usage();
     }
 
     /// Checks the structural invariants (used on restore, where the input is untrusted, and by
@@ -740,6 +748,7 @@ impl State {
             .remove(&id)
             .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))?;
         self.account_ids.remove(&address);
+        self.forget_quota(id);
         for mailbox in account.mailboxes.values() {
             self.drop_mailbox_refs(&mailbox.messages, effects);
             effects.changed.push(MailboxChanged {
@@ -830,6 +839,7 @@ impl State {
                 .inbox_id()
                 .ok_or_else(|| ApplyError::NotFound("INBOX".into()))?;
             account.mailbox(inbox_id)?.has_room_for(1)?;
+            self.check_quota(account_id, Usage::one(body.raw_size))?;
             targets.push((account_id, inbox_id));
         }
         if targets.is_empty() {
@@ -852,6 +862,7 @@ impl State {
             inbox.touch(account_id, effects);
             delivered.push((account_id, inbox_id, uid));
             self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
+            self.charge_usage(account_id, Usage::one(body.raw_size));
         }
         Ok(Response::Delivered(delivered))
     }
@@ -929,6 +940,7 @@ impl State {
             .remove(&id)
             .ok_or_else(|| ApplyError::NotFound(format!("mailbox {name:?}")))?;
         self.drop_mailbox_refs(&mailbox.messages, effects);
+        self.credit_usage(account_id, Usage::of_messages(mailbox.messages.iter()));
         effects.changed.push(MailboxChanged {
             account: account_id,
             mailbox: id,
@@ -1078,6 +1090,7 @@ impl State {
         Self::check_body(body)?;
         let mailbox = self.account(account_id)?.mailbox(mailbox_id)?;
         mailbox.has_room_for(1)?;
+        self.check_quota(account_id, Usage::one(body.raw_size))?;
         let (flags, new_keywords) = mailbox.canonical_flags(flags)?;
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         mailbox.remember_keywords(new_keywords);
@@ -1094,6 +1107,7 @@ impl State {
         });
         mailbox.touch(account_id, effects);
         self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
+        self.charge_usage(account_id, Usage::one(body.raw_size));
         Ok(Response::Appended { uidvalidity, uid })
     }
 
@@ -1165,15 +1179,19 @@ impl State {
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         let messages = Arc::make_mut(&mut mailbox.messages);
         let mut removed = Vec::with_capacity(doomed.len());
+        let mut freed = Usage::default();
         messages.retain(|message| {
             if doomed.contains(&message.uid) {
                 removed.push(message.blob);
+                freed.bytes += u64::from(message.size);
+                freed.messages += 1;
                 false
             } else {
                 true
             }
         });
         mailbox.touch(account_id, effects);
+        self.credit_usage(account_id, freed);
         for blob in removed {
             self.drop_ref(blob, effects);
         }
@@ -1206,6 +1224,14 @@ impl State {
             });
         }
         destination.has_room_for(selected.len())?;
+        // A MOVE stays inside the account: its usage does not change. A COPY is refused whole
+        // when its result would pass the quota.
+        let copied = Usage::of_messages(&selected);
+        if !remove_source {
+            self.check_quota(account_id, copied)?;
+        }
+        let account = self.account(account_id)?;
+        let destination = account.mailbox(to)?;
         let mut all_flags = FlagSet::new();
         for message in &selected {
             all_flags.extend(message.flags.iter().cloned());
@@ -1246,11 +1272,13 @@ impl State {
             // The copy's file is the source's, so the stored size is already known.
             self.add_ref(message.blob, message.size, 0);
         }
+        self.charge_usage(account_id, copied);
         if remove_source {
             let moved: BTreeSet<Uid> = selected.iter().map(|m| m.uid).collect();
             let source = self.account_mut(account_id)?.mailbox_mut(from)?;
             Arc::make_mut(&mut source.messages).retain(|m| !moved.contains(&m.uid));
             source.touch(account_id, effects);
+            self.credit_usage(account_id, copied);
             for message in &selected {
                 self.drop_ref(message.blob, effects);
             }

@@ -1448,6 +1448,60 @@ mod determinism {
             prop_assert_eq!(machines[0].blobs.disk_stats().bodies, referenced.len());
         }
     }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+        /// Quota accounting (issue 10): after any sequence of commands, every account's usage
+        /// is exactly the sum of its messages' sizes and their count, no account passes a
+        /// limit that was never lowered, and a refusal for quota changes nothing.
+        #[test]
+        fn quota_usage_is_the_sum_of_sizes_and_stays_within_limits(
+            ops in proptest::collection::vec(op(), 1..120),
+            bytes_limit in 20u64..400,
+            messages_limit in 1u64..12,
+        ) {
+            use super::super::quota::QuotaLimits;
+            use super::super::command::CommandV3;
+            let dir = tempfile::tempdir().unwrap();
+            let machine = MailStateMachine::open(dir.path()).unwrap();
+            let mut commands: Vec<Vec<u8>> = setup_commands().into_iter().map(encode).collect();
+            let limits = QuotaLimits { storage_bytes: Some(bytes_limit), messages: Some(messages_limit) };
+            commands.push(encode_command(&Command::V3(CommandV3::SetDefaultQuota { limits })).unwrap());
+            commands.extend(ops.into_iter().enumerate().map(|(step, op)| encode(command(op, step as i64))));
+            for (index, bytes) in commands.iter().enumerate() {
+                let before = machine.read().clone();
+                let reply = command::decode_response(&machine.apply(index as u64 + 1, bytes)).unwrap();
+                let state = machine.read();
+                if matches!(reply, command::Response::Refused(command::ApplyError::OverQuota(_))) {
+                    prop_assert_eq!(&before.accounts, &state.accounts);
+                    prop_assert_eq!(&before.quotas.usage, &state.quotas.usage);
+                }
+                prop_assert_eq!(state.check_quota_usage(), Ok(()));
+                for (&id, account) in &state.accounts {
+                    let usage = state.quota_usage(id);
+                    let messages: Vec<&MessageMeta> = account
+                        .mailboxes
+                        .values()
+                        .flat_map(|m| m.messages.iter())
+                        .collect();
+                    prop_assert_eq!(usage.messages, messages.len() as u64);
+                    prop_assert_eq!(usage.bytes, messages.iter().map(|m| u64::from(m.size)).sum::<u64>());
+                    prop_assert!(usage.messages <= messages_limit);
+                    prop_assert!(usage.bytes <= bytes_limit);
+                }
+                // Removed accounts leave nothing behind.
+                for id in state.quotas.usage.keys() {
+                    prop_assert!(state.accounts.contains_key(id));
+                }
+            }
+            // A restore recomputes the same usage.
+            let restored_dir = tempfile::tempdir().unwrap();
+            let restored = MailStateMachine::open(restored_dir.path()).unwrap();
+            restored.restore(&mut snapshot_bytes(&machine).as_slice()).unwrap();
+            prop_assert_eq!(&restored.read().quotas, &machine.read().quotas);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1491,4 +1545,110 @@ async fn concurrent_deliveries_through_the_store() {
     let inbox = fx.mailbox(alice, "INBOX");
     assert_eq!(uids(&inbox), (1..=total as Uid).collect::<Vec<_>>());
     assert_eq!(fx.blob_files(), total);
+}
+
+/// Quotas through the store (issue 10): COPY refused whole, MOVE allowed at the limit, a
+/// delivery refused for all when one recipient is full, EXPUNGE and settings take effect.
+#[tokio::test]
+async fn quotas_refuse_whole_commands_and_follow_settings() {
+    let fx = Fixture::new().await;
+    let store = &fx.store;
+    let alice = fx.account("alice@example.org").await;
+    fx.account("bob@example.org").await;
+    store
+        .set_account_quota("alice@example.org", None, Some(QuotaSetting::Limit(4)))
+        .await
+        .unwrap();
+    for n in 0..3 {
+        fx.deliver(&["alice@example.org"], message(&format!("m{n}")))
+            .await;
+    }
+    let inbox = fx.mailbox(alice, "INBOX");
+    let archive = fx.mailbox(alice, "Archive");
+    let sizes: u64 = inbox.messages.iter().map(|m| u64::from(m.size)).sum();
+    let report = store.quota(alice).unwrap();
+    assert_eq!(report.usage.messages, 3);
+    assert_eq!(report.usage.bytes, sizes);
+    assert_eq!(report.limits.messages, Some(4));
+    assert_eq!(report.limits.storage_bytes, Some(DEFAULT_QUOTA_BYTES));
+
+    // COPY 1:* would make 6: refused whole, nothing copied.
+    let copied = store.copy(alice, inbox.id, uids(&inbox), inbox.id).await;
+    assert!(
+        matches!(copied, Err(StoreError::OverQuota(_))),
+        "{copied:?}"
+    );
+    assert_eq!(uids(&fx.mailbox(alice, "INBOX")), vec![1, 2, 3]);
+    // One more fits exactly; then the account is full.
+    store
+        .copy(alice, inbox.id, vec![1], inbox.id)
+        .await
+        .unwrap();
+    assert!(store.recipient_over_quota("alice@example.org", 0));
+    assert!(!store.recipient_over_quota("bob@example.org", 0));
+    // MOVE keeps the usage: allowed at the limit.
+    store
+        .move_messages(alice, inbox.id, vec![1, 2], archive.id)
+        .await
+        .unwrap();
+    assert_eq!(store.quota(alice).unwrap().usage.messages, 4);
+    // A delivery to a full and a free account is refused for both (SMTP checks at RCPT).
+    let refused = store
+        .deliver(Delivery {
+            mail_from: String::new(),
+            recipients: vec!["alice@example.org".into(), "bob@example.org".into()],
+            body: message("both"),
+            received_at: 0,
+        })
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::OverQuota(_))),
+        "{refused:?}"
+    );
+    fx.deliver(&["bob@example.org"], message("bob only")).await;
+    let appended = store
+        .append(alice, archive.id, FlagSet::new(), 0, 0, message("a"))
+        .await;
+    assert!(
+        matches!(appended, Err(StoreError::OverQuota(_))),
+        "{appended:?}"
+    );
+
+    // EXPUNGE frees room; a deleted mailbox too.
+    let mut deleted = FlagSet::new();
+    deleted.insert(Flag::Deleted);
+    store
+        .store_flags(alice, inbox.id, vec![3], FlagOp::Add, deleted)
+        .await
+        .unwrap();
+    store.expunge(alice, inbox.id, None).await.unwrap();
+    assert_eq!(store.quota(alice).unwrap().usage.messages, 3);
+    store.delete_mailbox(alice, "Archive").await.unwrap();
+    assert_eq!(store.quota(alice).unwrap().usage.messages, 1);
+
+    // Unlimited, then back to the default.
+    store
+        .set_account_quota(
+            "alice@example.org",
+            Some(QuotaSetting::Limit(10)),
+            Some(QuotaSetting::Unlimited),
+        )
+        .await
+        .unwrap();
+    let report = store.quota(alice).unwrap();
+    assert_eq!(report.limits.messages, None);
+    assert_eq!(report.limits.storage_bytes, Some(10));
+    assert!(store.recipient_over_quota("alice@example.org", 0));
+    store
+        .set_account_quota(
+            "alice@example.org",
+            Some(QuotaSetting::Default),
+            Some(QuotaSetting::Default),
+        )
+        .await
+        .unwrap();
+    assert_eq!(store.quota(alice).unwrap().limits, QuotaLimits::default());
+    store.remove_account("alice@example.org").await.unwrap();
+    assert!(store.quota(alice).is_none());
+    assert!(!store.state().quotas.usage.contains_key(&alice));
 }

@@ -1112,3 +1112,55 @@ max_messages_per_account_per_minute = 100000
         "{killed} duplicates after the kill, more than the concurrency {QUEUE_CONCURRENCY}"
     );
 }
+
+/// Quotas (issue 10) on three nodes configured with a default of 4 messages (which must not
+/// keep the new nodes from joining): a COPY refused for quota on one node and an APPEND refused
+/// on another leave every replica with the same messages and UIDs, and the same usage.
+#[test]
+fn quota_refusals_are_identical_on_every_replica() {
+    let Some(cluster) = Cluster::up_with(5, 3, None, |_| {
+        Some("[store]\ndefault_quota_messages = 4\n".to_owned())
+    }) else {
+        return;
+    };
+    cluster.account();
+    for node in ["n1", "n2", "n3"] {
+        wait_for("the configured default quota", CONVERGE_DEADLINE, || {
+            cluster
+                .kermail(node, &["user", "quota", USER])
+                .contains("messages 0/4 (default)")
+                .then_some(())
+        });
+    }
+    cluster.py(
+        r#"
+names = sorted(NODES)
+s = smtp("n1")
+for n in range(2):
+    assert s.sendmail("bob@example.org", [USER], message(f"quota-{n}")) == {}
+s.quit()
+wait_until(lambda: all(len(view(n)[1]) == 2 for n in names), "2 messages everywhere")
+c = imap("n2")
+ok(c.select("INBOX"))
+ok(c.copy("1:*", "INBOX"), "first COPY")
+typ, data = c.copy("1:*", "INBOX")
+assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+c.logout()
+c = imap("n3")
+typ, data = c.append("INBOX", None, None, message("quota-append"))
+assert typ == "NO" and b"[OVERQUOTA]" in data[0], (typ, data)
+c.logout()
+first = wait_until(lambda: (lambda v: v if len(v[1]) == 4 else None)(view("n1")), "4 messages on n1")
+for n in names:
+    wait_until(lambda: view(n) == first, f"{n} equal to n1")
+assert [u for u, _, _ in first[1]] == [1, 2, 3, 4], first
+"#,
+        &[],
+    );
+    let lines: Vec<String> = ["n1", "n2", "n3"]
+        .iter()
+        .map(|node| cluster.kermail(node, &["user", "quota", USER]))
+        .collect();
+    assert!(lines[0].contains("messages 4/4 (default)"), "{lines:?}");
+    assert!(lines.iter().all(|line| line == &lines[0]), "{lines:?}");
+}

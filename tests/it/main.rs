@@ -16,5 +16,6 @@ mod mbsync;
 mod mesh_faults;
 mod outbound;
 mod private_files;
+mod quota;
 mod smtp_abuse;
 mod smtp_imap;
