@@ -129,7 +129,7 @@ fn write_snapshot_as(
     let state = match meta {
         SnapshotMetaRef::V1(state)
         | SnapshotMetaRef::V2(state, _)
-        | SnapshotMetaRef::V3(state, _, _) => state,
+        | SnapshotMetaRef::V3(state, _, _, _) => state,
     };
     let mut out = HashingWriter {
         inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
