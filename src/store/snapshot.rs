@@ -1,19 +1,32 @@
-//! Snapshot stream: the whole mail state plus every referenced body, so that a snapshot alone
-//! rebuilds a node (on another machine too).
+//! Snapshot stream: the whole mail state and a reference to every body, so that a snapshot
+//! costs the metadata only (bodies are immutable, content-addressed and already in the pack
+//! files); the stream sent to a follower inlines the bodies' bytes.
 //!
 //! Layout (integers little-endian):
 //! ```text
-//! MAGIC (16 bytes) | version u32 = 1
+//! MAGIC (16 bytes) | version u32 = 2
 //! meta_len u64 | meta: bincode of SnapshotMeta (varint, limited to meta_len)
-//! blob_count u64 | blob_count × ( blob id [32] | len u64 | zstd bytes [len] ), ids ascending
+//! blob_count u64 | blob_count × ( blob id [32] | len u64 | kind u8 | zstd bytes [len] if kind = 1 )
+//!                  ids ascending; kind 0: a reference to a body in this node's packs,
+//!                  kind 1: the body's compressed bytes follow
 //! BLAKE3 of every byte above [32]
 //! ```
+//! Version 1 (still read) has no kind byte: every body's bytes follow its length.
+//!
+//! A node's own snapshot ([`write_snapshot`]) holds references only: building it writes the
+//! metadata, whatever the amount of mail, and restoring it at a restart reads the metadata and
+//! touches no body. Before it is kept, the packs are fsynced (the log entries that carried the
+//! bodies may be purged after it), and the bodies it references are pinned in the blob store
+//! until a newer snapshot is kept, so that compaction never drops a body it needs. The stream
+//! sent to a follower ([`write_transfer`]) is the same with every body inlined; the receiver
+//! writes only the bodies its packs lack.
+//!
 //! Reading is bounded everywhere: a corrupt or hostile stream gives an error, never a panic or
 //! an allocation sized by the stream. The state is replaced only after the trailing hash and
 //! the state's invariants have been checked; bodies written before a failure are
 //! content-addressed and harmless (the next restore's sweep removes them).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::sync::Arc;
 
@@ -27,7 +40,12 @@ use super::state::State;
 use super::BlobId;
 
 pub const MAGIC: &[u8; 16] = b"kermail-snapshot";
-pub const VERSION: u32 = 1;
+/// The version written. 1: every body inlined (read for snapshots of earlier versions).
+pub const VERSION: u32 = 2;
+const VERSION_INLINE_ONLY: u32 = 1;
+/// Kind byte of a body entry (version 2).
+const KIND_REFERENCE: u8 = 0;
+const KIND_INLINE: u8 = 1;
 /// The encoded metadata (accounts, mailboxes, message lists): 1 GiB is about ten million
 /// messages, far above a small provider.
 pub const MAX_META_BYTES: u64 = 1024 * 1024 * 1024;
@@ -96,61 +114,126 @@ pub struct Builder {
     pub(super) state: State,
     pub(super) blobs: Arc<BlobStore>,
     pub(super) _guard: ReadGuard,
+    /// Bodies still to be written after a storage failure (the app retries them first).
+    pub(super) machine: std::sync::Weak<super::MailStateMachine>,
+    /// The bodies the view references, computed by the first write.
+    pub(super) referenced: std::sync::OnceLock<BTreeSet<BlobId>>,
 }
 
-impl kermail_cluster::SnapshotBuilder for Builder {
-    fn write_to(self: Box<Self>, out: &mut dyn Write) -> io::Result<()> {
-        write_snapshot(&self.state, &self.blobs, out)
+impl Builder {
+    fn referenced(&self) -> &BTreeSet<BlobId> {
+        self.referenced
+            .get_or_init(|| self.state.referenced_blobs())
     }
 }
 
-/// Writes the state and its bodies (the bodies must be stored: the caller holds a [`ReadGuard`]).
-pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
-    write_snapshot_as(SnapshotMetaRef::V2(state, &state.outbound), blobs, out)
+impl kermail_cluster::SnapshotBuilder for Builder {
+    fn write_to(&self, out: &mut dyn Write) -> io::Result<()> {
+        if let Some(machine) = self.machine.upgrade() {
+            // A body whose write failed must reach the packs before a snapshot that only
+            // references it lets the log that carries it be purged.
+            machine.retry_unwritten_bodies()?;
+        }
+        let referenced = self.referenced();
+        // Kept pinned from now on (with the previous snapshot's, until this one is kept).
+        self.blobs.pin(referenced.iter().copied());
+        self.blobs.sync()?;
+        write_snapshot_with(
+            SnapshotMetaRef::V2(&self.state, &self.state.outbound),
+            referenced,
+            &self.blobs,
+            false,
+            out,
+        )
+    }
+
+    fn kept(&self) {
+        self.blobs.replace_pins(self.referenced().clone());
+    }
 }
 
-fn write_snapshot_as(
+/// Writes the state and references to its bodies (this node's own snapshot).
+#[cfg(test)]
+pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
+    write_snapshot_with(
+        SnapshotMetaRef::V2(state, &state.outbound),
+        &state.referenced_blobs(),
+        blobs,
+        false,
+        out,
+    )
+}
+
+fn write_header(out: &mut dyn Write, version: u32, meta_len: u64) -> io::Result<()> {
+    out.write_all(MAGIC)?;
+    out.write_all(&version.to_le_bytes())?;
+    out.write_all(&meta_len.to_le_bytes())
+}
+
+fn missing_body(id: &BlobId, error: io::Error) -> io::Error {
+    tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body is missing");
+    io::Error::new(
+        error.kind(),
+        format!("body {} is missing: {error}", hex::encode(id.0)),
+    )
+}
+
+/// Copies one body's compressed bytes from the packs (`len` of them).
+fn copy_body(blobs: &BlobStore, id: &BlobId, out: &mut dyn Write) -> io::Result<u64> {
+    let mut body = blobs.open_compressed(id).map_err(|e| missing_body(id, e))?;
+    let len = body.remaining_bytes();
+    out.write_all(&len.to_le_bytes())?;
+    out.write_all(&[KIND_INLINE])?;
+    let copied = io::copy(&mut body, out)?;
+    if copied != len {
+        return Err(invalid(format!(
+            "body {} shrank while being read",
+            hex::encode(id.0)
+        )));
+    }
+    Ok(len)
+}
+
+fn write_snapshot_with(
     meta: SnapshotMetaRef<'_>,
+    referenced: &BTreeSet<BlobId>,
     blobs: &BlobStore,
+    inline: bool,
     out: &mut dyn Write,
 ) -> io::Result<()> {
-    let state = match meta {
-        SnapshotMetaRef::V1(state) | SnapshotMetaRef::V2(state, _) => state,
-    };
     let mut out = HashingWriter {
         inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
         hasher: blake3::Hasher::new(),
     };
-    out.write_all(MAGIC)?;
-    out.write_all(&VERSION.to_le_bytes())?;
     let meta_len = meta_codec(MAX_META_BYTES)
         .serialized_size(&meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
-    out.write_all(&meta_len.to_le_bytes())?;
+    write_header(&mut out, VERSION, meta_len)?;
     meta_codec(MAX_META_BYTES)
         .serialize_into(&mut out, &meta)
         .map_err(|e| invalid(format!("cannot encode the state: {e}")))?;
     // The referenced bodies come from the message lists, not from `state.blobs`: the capture
     // for a snapshot leaves that table out to stay cheap.
-    let referenced = state.referenced_blobs();
     out.write_all(&(referenced.len() as u64).to_le_bytes())?;
-    for id in &referenced {
-        let mut body = blobs.open_compressed(id).map_err(|error| {
-            tracing::error!(blob = %hex::encode(id.0), %error, "a referenced body is missing");
-            io::Error::new(
-                error.kind(),
-                format!("body {} is missing: {error}", hex::encode(id.0)),
-            )
-        })?;
-        let len = body.remaining_bytes();
+    for id in referenced {
         out.write_all(&id.0)?;
-        out.write_all(&len.to_le_bytes())?;
-        let copied = io::copy(&mut body, &mut out)?;
-        if copied != len {
-            return Err(invalid(format!(
-                "body {} shrank while being read",
-                hex::encode(id.0)
-            )));
+        if inline {
+            copy_body(blobs, id, &mut out)?;
+        } else {
+            // A body missing here was lost before this snapshot (logged); the reference keeps
+            // the state whole, and its reader reports the body as missing.
+            let len = match blobs.stored_len(id) {
+                Some(len) => len,
+                None => {
+                    tracing::error!(
+                        blob = %hex::encode(id.0),
+                        "a body referenced by the snapshot is not in the packs"
+                    );
+                    0
+                }
+            };
+            out.write_all(&len.to_le_bytes())?;
+            out.write_all(&[KIND_REFERENCE])?;
         }
     }
     let hash = out.hasher.finalize();
@@ -164,12 +247,8 @@ fn read_u64(input: &mut impl Read) -> io::Result<u64> {
     Ok(u64::from_le_bytes(bytes))
 }
 
-/// Reads a snapshot: writes its bodies into `blobs` and returns the checked state.
-pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<State> {
-    let mut input = HashingReader {
-        inner: io::BufReader::with_capacity(IO_BUFFER_BYTES, input),
-        hasher: blake3::Hasher::new(),
-    };
+/// Reads the fixed header and the encoded metadata, bounded.
+fn read_header_and_meta(input: &mut impl Read) -> io::Result<(u32, Vec<u8>)> {
     let mut magic = [0u8; 16];
     input.read_exact(&mut magic)?;
     if &magic != MAGIC {
@@ -178,26 +257,84 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
     let mut version = [0u8; 4];
     input.read_exact(&mut version)?;
     let version = u32::from_le_bytes(version);
-    if version != VERSION {
+    if version != VERSION && version != VERSION_INLINE_ONLY {
         return Err(invalid(format!(
-            "snapshot version {version} is not supported (this node reads {VERSION})"
+            "snapshot version {version} is not supported (this node reads 1 and {VERSION})"
         )));
     }
-    let meta_len = read_u64(&mut input)?;
+    let meta_len = read_u64(input)?;
     if meta_len > MAX_META_BYTES {
         return Err(invalid("snapshot metadata is too large"));
     }
     // Read into memory as the bytes arrive (never sized by the claimed length), then decode
     // from the slice, where every length is checked against the bytes actually there.
     let mut meta_bytes = Vec::new();
-    (&mut input).take(meta_len).read_to_end(&mut meta_bytes)?;
+    input.take(meta_len).read_to_end(&mut meta_bytes)?;
     if meta_bytes.len() as u64 != meta_len {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "snapshot ends inside its metadata",
         ));
     }
-    let meta: SnapshotMeta = meta_codec(meta_len)
+    Ok((version, meta_bytes))
+}
+
+/// One body entry's id, length and kind; checks the order.
+fn read_body_entry(
+    input: &mut impl Read,
+    version: u32,
+    previous: &mut Option<BlobId>,
+) -> io::Result<(BlobId, u64, u8)> {
+    let mut id = [0u8; 32];
+    input.read_exact(&mut id)?;
+    let id = BlobId(id);
+    if previous.is_some_and(|p| p >= id) {
+        return Err(invalid("snapshot bodies are not in ascending order"));
+    }
+    *previous = Some(id);
+    let len = read_u64(input)?;
+    if len > MAX_COMMAND_BYTES {
+        return Err(invalid("snapshot body is larger than any message"));
+    }
+    let kind = if version == VERSION_INLINE_ONLY {
+        KIND_INLINE
+    } else {
+        let mut kind = [0u8; 1];
+        input.read_exact(&mut kind)?;
+        kind[0]
+    };
+    if kind != KIND_INLINE && kind != KIND_REFERENCE {
+        return Err(invalid("snapshot body entry of an unknown kind"));
+    }
+    Ok((id, len, kind))
+}
+
+fn check_trailer<R: Read>(input: HashingReader<R>) -> io::Result<()> {
+    let HashingReader { mut inner, hasher } = input;
+    let expected = hasher.finalize();
+    let mut hash = [0u8; 32];
+    inner.read_exact(&mut hash)?;
+    if &hash != expected.as_bytes() {
+        return Err(invalid("snapshot checksum does not match"));
+    }
+    let mut extra = [0u8; 1];
+    if inner.read(&mut extra)? != 0 {
+        return Err(invalid("snapshot has trailing bytes"));
+    }
+    Ok(())
+}
+
+/// Reads a snapshot: writes the inlined bodies that `blobs` lacks and returns the checked
+/// state. A referenced body must be in `blobs` already: with `local` (this node's own snapshot
+/// at a restart) a missing one is logged and the restore goes on (it was lost before the
+/// snapshot was written); otherwise it is an error.
+pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore, local: bool) -> io::Result<State> {
+    let mut input = HashingReader {
+        inner: io::BufReader::with_capacity(IO_BUFFER_BYTES, input),
+        hasher: blake3::Hasher::new(),
+    };
+    let (version, meta_bytes) = read_header_and_meta(&mut input)?;
+    let meta: SnapshotMeta = meta_codec(meta_bytes.len() as u64)
         .deserialize(&meta_bytes)
         .map_err(|e| invalid(format!("snapshot metadata is corrupt: {e}")))?;
     drop(meta_bytes);
@@ -216,30 +353,37 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
     }
     let mut stored_sizes: BTreeMap<BlobId, u64> = BTreeMap::new();
     let mut previous: Option<BlobId> = None;
+    let mut missing = Vec::new();
     for _ in 0..blob_count {
-        let mut id = [0u8; 32];
-        input.read_exact(&mut id)?;
-        let id = BlobId(id);
-        if previous.is_some_and(|p| p >= id) {
-            return Err(invalid("snapshot bodies are not in ascending order"));
+        let (id, len, kind) = read_body_entry(&mut input, version, &mut previous)?;
+        if kind == KIND_INLINE {
+            blobs.write_from(&id, len, &mut input)?;
+            stored_sizes.insert(id, len);
+        } else {
+            match blobs.stored_len(&id) {
+                Some(stored) => {
+                    stored_sizes.insert(id, stored);
+                }
+                None => missing.push(id),
+            }
         }
-        previous = Some(id);
-        let len = read_u64(&mut input)?;
-        if len > MAX_COMMAND_BYTES {
-            return Err(invalid("snapshot body is larger than any message"));
+    }
+    check_trailer(input)?;
+    if let Some(first) = missing.first() {
+        if !local {
+            return Err(invalid(format!(
+                "snapshot references body {} which this node does not have",
+                hex::encode(first.0)
+            )));
         }
-        blobs.write_from(&id, len, &mut input)?;
-        stored_sizes.insert(id, len);
-    }
-    let expected = input.hasher.finalize();
-    let mut hash = [0u8; 32];
-    input.inner.read_exact(&mut hash)?;
-    if &hash != expected.as_bytes() {
-        return Err(invalid("snapshot checksum does not match"));
-    }
-    let mut extra = [0u8; 1];
-    if input.inner.read(&mut extra)? != 0 {
-        return Err(invalid("snapshot has trailing bytes"));
+        tracing::error!(
+            n_missing = missing.len(),
+            first = %hex::encode(first.0),
+            "bodies referenced by the local snapshot are missing from the packs"
+        );
+        for id in &missing {
+            stored_sizes.insert(*id, 0);
+        }
     }
 
     state
@@ -255,6 +399,57 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Stat
     Ok(state)
 }
 
+/// Turns this node's own snapshot stream (`local`, references) into the stream a follower
+/// installs: the same metadata, every body inlined from the packs. A version 1 stream (bodies
+/// inlined already) is copied as it is. The input's checksum is verified on the way.
+pub fn write_transfer(
+    local: &mut dyn Read,
+    blobs: &BlobStore,
+    out: &mut dyn Write,
+) -> io::Result<()> {
+    let mut input = HashingReader {
+        inner: io::BufReader::with_capacity(IO_BUFFER_BYTES, local),
+        hasher: blake3::Hasher::new(),
+    };
+    let (version, meta_bytes) = read_header_and_meta(&mut input)?;
+    let mut out = HashingWriter {
+        inner: io::BufWriter::with_capacity(IO_BUFFER_BYTES, out),
+        hasher: blake3::Hasher::new(),
+    };
+    write_header(&mut out, version, meta_bytes.len() as u64)?;
+    out.write_all(&meta_bytes)?;
+    drop(meta_bytes);
+    let blob_count = read_u64(&mut input)?;
+    if blob_count > MAX_BLOBS {
+        return Err(invalid("snapshot holds too many bodies"));
+    }
+    out.write_all(&blob_count.to_le_bytes())?;
+    let mut previous = None;
+    for _ in 0..blob_count {
+        let (id, len, kind) = read_body_entry(&mut input, version, &mut previous)?;
+        out.write_all(&id.0)?;
+        if kind == KIND_INLINE {
+            out.write_all(&len.to_le_bytes())?;
+            if version != VERSION_INLINE_ONLY {
+                out.write_all(&[KIND_INLINE])?;
+            }
+            let copied = io::copy(&mut (&mut input).take(len), &mut out)?;
+            if copied != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot ends inside a message body",
+                ));
+            }
+        } else {
+            copy_body(blobs, &id, &mut out)?;
+        }
+    }
+    check_trailer(input)?;
+    let hash = out.hasher.finalize();
+    out.inner.write_all(hash.as_bytes())?;
+    out.inner.flush()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,14 +462,21 @@ mod tests {
         state.domains.insert("example.org".into());
         state.outbound.next_queue_id = 42;
         let mut legacy = Vec::new();
-        write_snapshot_as(SnapshotMetaRef::V1(&state), &blobs, &mut legacy).unwrap();
-        let restored = read_snapshot(&mut legacy.as_slice(), &blobs).unwrap();
+        write_snapshot_with(
+            SnapshotMetaRef::V1(&state),
+            &state.referenced_blobs(),
+            &blobs,
+            false,
+            &mut legacy,
+        )
+        .unwrap();
+        let restored = read_snapshot(&mut legacy.as_slice(), &blobs, false).unwrap();
         assert_eq!(restored.domains, state.domains);
         assert_eq!(restored.outbound, super::super::queue::Outbound::default());
         // And the current format carries the outbound part.
         let mut current = Vec::new();
         write_snapshot(&state, &blobs, &mut current).unwrap();
-        let restored = read_snapshot(&mut current.as_slice(), &blobs).unwrap();
+        let restored = read_snapshot(&mut current.as_slice(), &blobs, false).unwrap();
         assert_eq!(restored.outbound.next_queue_id, 42);
     }
 }

@@ -811,9 +811,20 @@ fn apply(machine: &MailStateMachine, index: &mut u64, command: CommandV1) -> com
     command::decode_response(&machine.apply(*index, &encode(command))).unwrap()
 }
 
-fn snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
+/// A node's own snapshot stream (bodies by reference).
+fn local_snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
     let mut bytes = Vec::new();
     machine.begin_snapshot().write_to(&mut bytes).unwrap();
+    bytes
+}
+
+/// The stream a follower installs (bodies inlined).
+fn snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
+    let local = local_snapshot_bytes(machine);
+    let mut bytes = Vec::new();
+    machine
+        .write_transfer(&mut local.as_slice(), &mut bytes)
+        .unwrap();
     bytes
 }
 
@@ -975,7 +986,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
     let bytes = snapshot_bytes(&store.machine);
     let dir = tempfile::tempdir().unwrap();
     let restored = MailStateMachine::open(dir.path()).unwrap();
-    restored.restore(&mut bytes.as_slice()).unwrap();
+    restored.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(*restored.read(), *store.machine.read());
     assert_eq!(restored.read().stats(), store.stats());
     assert_eq!(snapshot_bytes(&restored), bytes);
@@ -1007,7 +1018,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
     // Restoring again over existing files (and an orphan) gives the same state.
     let orphan = BlobId([0xab; 32]);
     restored.blobs.write(&orphan, b"orphan").unwrap();
-    restored.restore(&mut bytes.as_slice()).unwrap();
+    restored.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(*restored.read(), *store.machine.read());
     assert!(!restored.blobs.contains(&orphan));
 }
@@ -1034,7 +1045,7 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let target_dir = tempfile::tempdir().unwrap();
     let target = MailStateMachine::open(target_dir.path()).unwrap();
     let check_refused = |bytes: &[u8]| {
-        assert!(target.restore(&mut &bytes[..]).is_err());
+        assert!(target.restore(&mut &bytes[..], false).is_err());
         assert!(
             target.read().accounts.is_empty(),
             "state replaced by a bad snapshot"
@@ -1062,7 +1073,7 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let mut trailing = good.clone();
     trailing.push(0);
     check_refused(&trailing);
-    target.restore(&mut good.as_slice()).unwrap();
+    target.restore(&mut good.as_slice(), false).unwrap();
     assert_eq!(*target.read(), *machine.read());
 }
 
@@ -1106,18 +1117,30 @@ fn snapshot_build_keeps_files_of_its_view() {
             uids: None,
         },
     );
-    let mut bytes = Vec::new();
-    builder.write_to(&mut bytes).unwrap();
-    // The build is done: the body file is gone now.
+    let mut local = Vec::new();
+    builder.write_to(&mut local).unwrap();
+    drop(builder);
+    // The build is done, but the snapshot references the body (it may be kept): pinned.
     assert_eq!(machine.read().blobs.len(), 0);
     let blob = body_of(b"short-lived").blob;
-    assert!(!machine.blobs.contains(&blob));
-    // And the snapshot still holds it.
+    assert!(machine.blobs.contains(&blob));
+    // A follower gets it from the transfer stream.
+    let mut bytes = Vec::new();
+    machine
+        .write_transfer(&mut local.as_slice(), &mut bytes)
+        .unwrap();
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
-    other.restore(&mut bytes.as_slice()).unwrap();
+    other.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(other.read().blobs.len(), 1);
     assert!(other.blobs.contains(&blob));
+    // Once a newer snapshot (without it) is kept, the body goes.
+    let newer = machine.begin_snapshot();
+    newer.write_to(&mut Vec::new()).unwrap();
+    assert!(machine.blobs.contains(&blob));
+    newer.kept();
+    drop(newer);
+    assert!(!machine.blobs.contains(&blob));
 }
 
 /// Bytes the file system allocated for a folder tree (what `du` reports).
@@ -1191,10 +1214,16 @@ fn apply_timing_for_ten_thousand_deliveries() {
     let mut bytes = Vec::new();
     builder.write_to(&mut bytes).unwrap();
     let written = started.elapsed();
+    drop(builder);
+    let mut transfer = Vec::new();
+    machine
+        .write_transfer(&mut bytes.as_slice(), &mut transfer)
+        .unwrap();
+    let bytes = transfer;
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
     let started = Instant::now();
-    other.restore(&mut bytes.as_slice()).unwrap();
+    other.restore(&mut bytes.as_slice(), false).unwrap();
     let restored = started.elapsed();
     let stats = machine.read().stats();
     assert_eq!(stats.messages, (DELIVERIES + HELD_VIEW_DELIVERIES) as u64);
@@ -1385,12 +1414,12 @@ mod determinism {
             spliced.extend_from_slice(&bytes);
             let _ = machine.apply(101, &spliced);
             // Garbage as a snapshot, and a real snapshot with garbage spliced in.
-            prop_assert!(machine.restore(&mut bytes.as_slice()).is_err());
+            prop_assert!(machine.restore(&mut bytes.as_slice(), false).is_err());
             let mut broken = before.clone();
             let at = prefix_len * before.len() / 64;
             broken.splice(at..at, bytes.iter().copied());
             if !bytes.is_empty() {
-                prop_assert!(machine.restore(&mut broken.as_slice()).is_err());
+                prop_assert!(machine.restore(&mut broken.as_slice(), false).is_err());
             }
             prop_assert_eq!(machine.read().check_invariants(), Ok(()));
         }
@@ -1434,7 +1463,7 @@ mod determinism {
             }
             let late_dir = tempfile::tempdir().unwrap();
             let late = MailStateMachine::open(late_dir.path()).unwrap();
-            late.restore(&mut snapshot_bytes(&source).as_slice()).unwrap();
+            late.restore(&mut snapshot_bytes(&source).as_slice(), false).unwrap();
             for (index, bytes) in commands.iter().enumerate().skip(half) {
                 late.apply(index as u64 + 1, bytes);
             }
