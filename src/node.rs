@@ -29,23 +29,39 @@ pub const FD_RESERVE: u64 = 1024;
 /// written), so that writes resume by themselves once space returns.
 pub const STORAGE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often a proposal in flight checks whether this node's storage failed meanwhile.
+const STORAGE_FAILURE_POLL: Duration = Duration::from_millis(50);
+
 /// Proposes mail commands through Raft.
 struct ClusterProposer {
     cluster: kermail_cluster::Cluster,
+    health: Arc<kermail_cluster::StorageHealth>,
 }
 
 impl Propose for ClusterProposer {
     fn propose(&self, command: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
         Box::pin(async move {
-            self.cluster
-                .propose(command)
-                .await
-                .map_err(|error| match error {
-                    kermail_cluster::ProposeError::Unavailable(message) => {
-                        StoreError::Unavailable(message)
+            let storage_failed = async {
+                loop {
+                    tokio::time::sleep(STORAGE_FAILURE_POLL).await;
+                    if let Some(failure) = self.health.failure() {
+                        return failure.reason;
                     }
-                    other => StoreError::Unavailable(other.to_string()),
-                })
+                }
+            };
+            // A storage failure while the proposal waits (the log append is being retried)
+            // answers at once: not stored as far as the client knows (the entry may still
+            // commit once the disk recovers, as after a timeout).
+            let proposed = tokio::select! {
+                proposed = self.cluster.propose(command) => proposed,
+                reason = storage_failed => return Err(StoreError::StorageFailed(reason)),
+            };
+            proposed.map_err(|error| match error {
+                kermail_cluster::ProposeError::Unavailable(message) => {
+                    StoreError::Unavailable(message)
+                }
+                other => StoreError::Unavailable(other.to_string()),
+            })
         })
     }
 }
@@ -76,9 +92,10 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         .await
         .context("cannot start the replication engine")?;
     let store = MailStore::new(
-        machine,
+        machine.clone(),
         Arc::new(ClusterProposer {
             cluster: cluster.clone(),
+            health: machine.health().clone(),
         }),
     );
 

@@ -417,6 +417,11 @@ impl MailStateMachine {
     pub fn retry_unwritten_bodies(&self) -> io::Result<()> {
         let mut unwritten = lock(&self.unwritten);
         if unwritten.bodies.is_empty() && unwritten.dropped.is_empty() {
+            if self.health.is_failed() {
+                // A failed staging: see whether the disk takes a write again.
+                probe_disk(&self.data_dir.join("blobs"))?;
+                self.health.report_ok(StorageComponent::AppData);
+            }
             return Ok(());
         }
         let ids: Vec<BlobId> = unwritten.bodies.keys().copied().collect();
@@ -789,6 +794,9 @@ async fn prepare_body(
         machine.blobs.stage(&blob, &compressed).map_err(|error| {
             tracing::warn!(blob = %hex::encode(blob.0), %error, "cannot write a body");
             if kermail_cluster::health::is_retryable(&error) {
+                machine
+                    .health
+                    .report_failure(StorageComponent::AppData, &error);
                 StoreError::StorageFailed(kermail_cluster::health::reason(&error))
             } else {
                 StoreError::Io(format!("cannot write the message body: {error}"))
@@ -808,6 +816,23 @@ async fn prepare_body(
         ))
     })
     .await
+}
+
+/// Bytes the storage probe writes (and fsyncs, then removes) to see whether the disk takes
+/// writes again after a failure.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Writes, fsyncs and removes a probe file in `dir`.
+fn probe_disk(dir: &Path) -> io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join("storage-probe.tmp");
+    let result = (|| {
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&[0u8; PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 /// Free space (for unprivileged users) of the file system holding `path`, in bytes.

@@ -14,3 +14,4 @@ mod idle;
 mod mbsync;
 mod outbound;
 mod smtp_imap;
+mod storage_faults;

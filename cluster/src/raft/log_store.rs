@@ -1453,6 +1453,52 @@ mod tests {
         dir.join(segment_file_name(last))
     }
 
+    /// An I/O error on the write or the flush of an append is not returned to openraft (that
+    /// would stop Raft): the append is undone and retried until it is durable, the failure is
+    /// reported meanwhile, and the log holds every entry exactly once afterwards.
+    #[tokio::test]
+    async fn an_append_failing_with_eio_is_retried_until_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let health = Arc::new(StorageHealth::new());
+        {
+            let mut store = LogStore::open_with_segment_bytes(&path, 4096).expect("open");
+            store.set_health(health.clone());
+            append(&store, (1..=3).map(|i| entry(1, i, 100)));
+            // EIO on the next writes and flushes (write, flush, roll-over...).
+            const EIO: i32 = 5;
+            store.shared.injected_errno.store(EIO, Ordering::Release);
+            store.shared.injected_failures.store(4, Ordering::Release);
+            let mut buf = Vec::new();
+            let mut records = Vec::new();
+            for entry in (4..=60).map(|i| entry(1, i, 300)) {
+                let start = buf.len();
+                push_record(&mut buf, &entry).expect("encode");
+                records.push((entry.log_id, start, buf.len()));
+            }
+            let appending = {
+                let store = store.clone();
+                tokio::spawn(async move { store.append_durably(buf, records).await })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !health.is_failed() && !appending.is_finished() {
+                assert!(std::time::Instant::now() < deadline, "no failure reported");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Four failures mean at least 50 + 100 + 200 + 400 ms of retrying.
+            assert!(health.is_failed(), "the failure is reported while retrying");
+            appending
+                .await
+                .expect("join")
+                .expect("the append succeeds once the errors stop");
+            assert!(!health.is_failed(), "the failure is cleared");
+            assert_eq!(store.shared.injected_failures.load(Ordering::Acquire), 0);
+            assert_eq!(indexes(&mut store).await, (1..=60).collect::<Vec<_>>());
+        }
+        let mut reopened = LogStore::open_with_segment_bytes(&path, 4096).expect("reopen");
+        assert_eq!(indexes(&mut reopened).await, (1..=60).collect::<Vec<_>>());
+    }
+
     #[tokio::test]
     async fn restart_after_drop_finds_everything() {
         let dir = tempfile::tempdir().expect("tempdir");
