@@ -1521,3 +1521,86 @@ async fn concurrent_deliveries_through_the_store() {
     assert_eq!(uids(&inbox), (1..=total as Uid).collect::<Vec<_>>());
     assert_eq!(fx.blob_files(), total);
 }
+
+/// Snapshot cost against the amount of mail: a node's own snapshot holds references only, so
+/// its time and size follow the metadata, not the bodies. Prints the figures (no timed
+/// assertion); `scripts/bench/snapshot` runs it at 10,000 and 200,000 messages through
+/// `KERMAIL_SNAPSHOT_BENCH_COUNTS` (default: small counts, for the test suite).
+#[test]
+fn snapshot_timing_against_the_number_of_messages() {
+    const BODY_BYTES: usize = 4096;
+    let counts: Vec<usize> = std::env::var("KERMAIL_SNAPSHOT_BENCH_COUNTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![500, 2000]);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for count in counts {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = MailStateMachine::open(dir.path()).unwrap();
+        let mut index = 0;
+        for command in setup_commands() {
+            apply(&machine, &mut index, command);
+        }
+        let started = Instant::now();
+        for n in 0..count {
+            let mut raw = message(&format!("snapshot timing {n}"));
+            // Letters from a xorshift stream: every body distinct, compressing like text.
+            raw.extend((0..BODY_BYTES).map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                b'a' + (seed % 26) as u8
+            }));
+            index += 1;
+            machine.apply(
+                index,
+                &encode(CommandV1::Deliver {
+                    mail_from: "a@example.net".into(),
+                    recipients: vec!["alice@example.org".into()],
+                    received_at: 1_700_000_000 + n as i64,
+                    body: body_of(&raw),
+                }),
+            );
+        }
+        let filled = started.elapsed();
+        let stats = machine.read().stats();
+        assert_eq!(stats.messages, count as u64);
+
+        let started = Instant::now();
+        let builder = machine.begin_snapshot();
+        let path = dir.path().join("local.snap");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        builder.write_to(&mut file).unwrap();
+        let file = file.into_inner().unwrap();
+        file.sync_all().unwrap();
+        builder.kept();
+        drop(builder);
+        let local_time = started.elapsed();
+        let local_bytes = std::fs::metadata(&path).unwrap().len();
+
+        let started = Instant::now();
+        let mut transfer = Vec::new();
+        machine
+            .write_transfer(&mut std::fs::File::open(&path).unwrap(), &mut transfer)
+            .unwrap();
+        let transfer_time = started.elapsed();
+
+        // A restart: the same folder, the snapshot restored, no body touched.
+        drop(machine);
+        let restarted = MailStateMachine::open(dir.path()).unwrap();
+        let started = Instant::now();
+        restarted
+            .restore(&mut std::fs::File::open(&path).unwrap(), true)
+            .unwrap();
+        let restore_time = started.elapsed();
+        assert_eq!(restarted.read().stats().messages, count as u64);
+        println!(
+            "snapshot timing: {count} messages of ~{BODY_BYTES} bytes ({} bytes stored, filled \
+             in {filled:?}): own snapshot {local_time:?}, {local_bytes} bytes; restore at \
+             restart {restore_time:?}; with every body inlined (what a follower receives, and \
+             what every snapshot was before) {transfer_time:?}, {} bytes",
+            stats.blob_bytes_stored,
+            transfer.len(),
+        );
+    }
+}
