@@ -37,7 +37,7 @@
 //! [`kermail_cluster::StorageHealth`] is failed and every write is refused with
 //! [`StoreError::StorageFailed`] (SMTP `451 4.3.1`). New messages are also refused
 //! ([`StoreError::InsufficientStorage`], SMTP `452 4.3.1`) while the data folder's free space
-//! is under the reserve ([`MailStore::set_min_free_disk_bytes`]).
+//! is under the reserve ([`MailStateMachine::set_min_free_disk_bytes`]).
 
 mod blob;
 mod command;
