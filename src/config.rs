@@ -10,6 +10,9 @@ use serde::{Deserialize, Serialize};
 
 /// The data folder used when no configuration file is given.
 pub const DEFAULT_DATA_DIR: &str = "kermail-data";
+/// New messages are refused (SMTP `452 4.3.1`) while the data folder's file system has less
+/// free space than this, so that the Raft log and snapshots keep room to work.
+pub const MIN_FREE_DISK_MB_DEFAULT: u64 = 100;
 
 /// The admin socket's file name inside the data folder.
 pub const ADMIN_SOCKET_FILE: &str = "admin.sock";
@@ -60,6 +63,9 @@ pub struct NodeConfig {
     /// The public host name: SMTP banner, Received headers, the TLS certificate generated on
     /// first start. Default: the node name.
     pub hostname: String,
+    /// Free space reserve of the data folder, in MiB: new messages are refused below it.
+    /// 0 turns the check off. Default: [`MIN_FREE_DISK_MB_DEFAULT`].
+    pub min_free_disk_mb: u64,
 }
 
 impl Default for NodeConfig {
@@ -70,6 +76,7 @@ impl Default for NodeConfig {
             name: host.clone(),
             site: "default".to_owned(),
             hostname: host,
+            min_free_disk_mb: MIN_FREE_DISK_MB_DEFAULT,
         }
     }
 }

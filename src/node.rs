@@ -21,32 +21,57 @@ use crate::store::{BoxFuture, MailStateMachine, MailStore, Propose, StoreError};
 
 /// How long in-flight sessions get to finish after SIGTERM/SIGINT before they are dropped.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// File descriptors kept for everything but client sessions (Raft segments, packs, snapshot
+/// files, mesh links, DNS, outbound connections, the admin socket): the session limits of the
+/// listeners are lowered so that all of them together stay this far under `RLIMIT_NOFILE`.
+pub const FD_RESERVE: u64 = 1024;
+/// How often a failed storage is probed again in the background (bodies waiting to be
+/// written), so that writes resume by themselves once space returns.
+pub const STORAGE_RETRY_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How often a proposal in flight checks whether this node's storage failed meanwhile.
+const STORAGE_FAILURE_POLL: Duration = Duration::from_millis(50);
 
 /// Proposes mail commands through Raft.
 struct ClusterProposer {
     cluster: kermail_cluster::Cluster,
+    health: Arc<kermail_cluster::StorageHealth>,
 }
 
 impl Propose for ClusterProposer {
     fn propose(&self, command: Vec<u8>) -> BoxFuture<'_, Result<Vec<u8>, StoreError>> {
         Box::pin(async move {
-            self.cluster
-                .propose(command)
-                .await
-                .map_err(|error| match error {
-                    kermail_cluster::ProposeError::Unavailable(message) => {
-                        StoreError::Unavailable(message)
+            let storage_failed = async {
+                loop {
+                    tokio::time::sleep(STORAGE_FAILURE_POLL).await;
+                    if let Some(failure) = self.health.failure() {
+                        return failure.reason;
                     }
-                    other => StoreError::Unavailable(other.to_string()),
-                })
+                }
+            };
+            // A storage failure while the proposal waits (the log append is being retried)
+            // answers at once: not stored as far as the client knows (the entry may still
+            // commit once the disk recovers, as after a timeout).
+            let proposed = tokio::select! {
+                proposed = self.cluster.propose(command) => proposed,
+                reason = storage_failed => return Err(StoreError::StorageFailed(reason)),
+            };
+            proposed.map_err(|error| match error {
+                kermail_cluster::ProposeError::Unavailable(message) => {
+                    StoreError::Unavailable(message)
+                }
+                other => StoreError::Unavailable(other.to_string()),
+            })
         })
     }
 }
 
 /// Runs a node until `shutdown` is cancelled (the binary cancels it on SIGTERM/SIGINT).
-pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let data_dir = config.node.data_dir.clone();
     create_private_dir(&data_dir)?;
+    let nofile = raise_nofile_limit();
+    cap_sessions(&mut config, nofile);
 
     crate::tls::install_crypto_provider();
     let tls = match (&config.tls.cert_file, &config.tls.key_file) {
@@ -55,6 +80,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     };
 
     let machine = MailStateMachine::open(&data_dir).context("cannot open the mail store")?;
+    machine.set_min_free_disk_bytes(config.node.min_free_disk_mb.saturating_mul(1024 * 1024));
     let cluster_config = kermail_cluster::ClusterConfig {
         data_dir: data_dir.clone(),
         name: config.node.name.clone(),
@@ -66,9 +92,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         .await
         .context("cannot start the replication engine")?;
     let store = MailStore::new(
-        machine,
+        machine.clone(),
         Arc::new(ClusterProposer {
             cluster: cluster.clone(),
+            health: machine.health().clone(),
         }),
     )
     .with_login_throttle(config.auth.clone());
@@ -136,6 +163,8 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
         config.store.default_quota(),
         shutdown.clone(),
     ));
+    // Bodies whose write failed are written again as soon as the disk takes them.
+    servers.spawn(retry_storage(store.machine().clone(), shutdown.clone()));
 
     // The delivery worker: leases make it safe on every node of a cluster.
     servers.spawn(crate::outbound::worker::run(
@@ -179,6 +208,85 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> anyhow::Result<
     }
     info!("kermail node stopped");
     Ok(())
+}
+
+/// Retries, every [`STORAGE_RETRY_INTERVAL`] while the storage is failed, the bodies whose
+/// write failed (the log store and snapshots retry their own writes).
+async fn retry_storage(
+    machine: Arc<MailStateMachine>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STORAGE_RETRY_INTERVAL) => {}
+        }
+        if machine.health().is_failed() {
+            let machine = machine.clone();
+            let _ = tokio::task::spawn_blocking(move || machine.retry_unwritten_bodies()).await;
+        }
+    }
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (a mail server holds a socket per
+/// session, plus its files) and returns the soft limit in force.
+fn raise_nofile_limit() -> u64 {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills in the struct it is given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(error = %std::io::Error::last_os_error(), "cannot read RLIMIT_NOFILE");
+        return 1024;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            rlim_max: limit.rlim_max,
+        };
+        // SAFETY: setrlimit reads the struct it is given.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            info!(
+                from = limit.rlim_cur,
+                to = limit.rlim_max,
+                "raised the open files limit"
+            );
+            return limit.rlim_max;
+        }
+        warn!(error = %std::io::Error::last_os_error(), "cannot raise RLIMIT_NOFILE");
+    }
+    limit.rlim_cur
+}
+
+/// Lowers the listeners' session limits so that every session allowed at once, on every
+/// listener, stays [`FD_RESERVE`] descriptors under `nofile` (a session that would hit the
+/// limit would fail its accept or a file open elsewhere: EMFILE).
+fn cap_sessions(config: &mut Config, nofile: u64) {
+    let n_smtp = config.smtp.listen.len()
+        + config.smtp.submission_listen.len()
+        + config.smtp.submissions_listen.len();
+    let n_imap = config.imap.listen.len() + config.imap.listen_tls.len();
+    let n_listeners = (n_smtp + n_imap).max(1) as u64;
+    let share = (nofile.saturating_sub(FD_RESERVE) / n_listeners).max(1) as usize;
+    if config.smtp.max_sessions > share {
+        warn!(
+            configured = config.smtp.max_sessions,
+            capped = share,
+            nofile,
+            "smtp max_sessions lowered to fit the open files limit"
+        );
+        config.smtp.max_sessions = share;
+    }
+    if config.imap.max_sessions > share {
+        warn!(
+            configured = config.imap.max_sessions,
+            capped = share,
+            nofile,
+            "imap max_sessions lowered to fit the open files limit"
+        );
+        config.imap.max_sessions = share;
+    }
 }
 
 async fn drain(servers: &mut JoinSet<std::io::Result<()>>) {

@@ -1,6 +1,9 @@
 //! The seam between the replication engine and the application it replicates.
 
 use std::io;
+use std::sync::Arc;
+
+use crate::health::StorageHealth;
 
 /// The application's replicated state machine.
 ///
@@ -22,12 +25,37 @@ pub trait AppStateMachine: Send + Sync + 'static {
     fn begin_snapshot(&self) -> Box<dyn SnapshotBuilder>;
 
     /// Replaces the whole state with the one read from a snapshot stream written by a
-    /// [`SnapshotBuilder`] (possibly on another node).
-    fn restore(&self, snapshot: &mut dyn io::Read) -> io::Result<()>;
+    /// [`SnapshotBuilder`] (possibly on another node). `local` is true when the stream is this
+    /// node's own kept snapshot (a restart): then the data the application keeps beside its
+    /// snapshots (message bodies) is already on disk.
+    fn restore(&self, snapshot: &mut dyn io::Read, local: bool) -> io::Result<()>;
+
+    /// Writes the stream that a follower installing `local_snapshot` (a stream written by
+    /// [`SnapshotBuilder::write_to`]) needs to rebuild this state: the application adds what it
+    /// keeps beside its snapshots (message bodies). Runs on a blocking thread. The default
+    /// copies the stream as it is.
+    fn write_transfer(
+        &self,
+        local_snapshot: &mut dyn io::Read,
+        out: &mut dyn io::Write,
+    ) -> io::Result<()> {
+        io::copy(local_snapshot, out).map(|_| ())
+    }
+
+    /// The health of this node's storage, shared with the cluster's log store and snapshots:
+    /// the application refuses writes while it is failed.
+    fn storage_health(&self) -> Arc<StorageHealth> {
+        Arc::new(StorageHealth::new())
+    }
 }
 
 /// Writes a snapshot captured by [`AppStateMachine::begin_snapshot`].
-pub trait SnapshotBuilder: Send + 'static {
-    /// Writes the snapshot to `out`. Runs on a blocking thread.
-    fn write_to(self: Box<Self>, out: &mut dyn io::Write) -> io::Result<()>;
+pub trait SnapshotBuilder: Send + Sync + 'static {
+    /// Writes the snapshot to `out`. Runs on a blocking thread. May be called again after a
+    /// failed attempt (a full disk): it writes the same view again.
+    fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()>;
+
+    /// Called once the snapshot written by this builder is the one the node keeps (the
+    /// previous one is gone): the application may release what only the previous one needed.
+    fn kept(&self) {}
 }

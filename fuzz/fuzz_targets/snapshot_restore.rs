@@ -68,7 +68,7 @@ fuzz_target!(|data: &[u8]| {
     if mode & 1 != 0 {
         bytes.extend_from_slice(blake3::hash(stream).as_bytes());
     }
-    match w.machine.restore(&mut bytes.as_slice()) {
+    match w.machine.restore(&mut bytes.as_slice(), false) {
         Err(_) => assert!(
             common::snapshot(&w.machine) == w.base,
             "a failed restore changed the state"
@@ -76,14 +76,14 @@ fuzz_target!(|data: &[u8]| {
         Ok(()) => {
             let written = common::snapshot(&w.machine);
             w.other
-                .restore(&mut written.as_slice())
+                .restore(&mut written.as_slice(), false)
                 .expect("a snapshot of a restored state restores");
             assert!(
                 common::snapshot(&w.other) == written,
                 "a restored state does not survive a second snapshot"
             );
             w.machine
-                .restore(&mut w.base.as_slice())
+                .restore(&mut w.base.as_slice(), false)
                 .expect("the base snapshot restores");
         }
     }

@@ -359,5 +359,30 @@ fn status_lines(context: &AdminContext) -> Vec<String> {
             stats.blob_bytes_stored
         ),
         format!("data folder: {}", context.data_dir.display()),
+        storage_line(context),
     ]
+}
+
+/// `storage: ok`, `storage: failed (REASON) since TIME (COMPONENT)`, or `storage: low (...)`.
+fn storage_line(context: &AdminContext) -> String {
+    let machine = context.store.machine();
+    if let Some(failure) = machine.health().failure() {
+        let since = time::OffsetDateTime::from(failure.since);
+        let since = since
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| "unknown".to_owned());
+        return format!(
+            "storage: failed ({}) since {since} ({}); writes are refused until it recovers",
+            failure.reason,
+            failure.component.name()
+        );
+    }
+    if let Some((free, reserve)) = machine.low_disk_space() {
+        return format!(
+            "storage: low ({} MB free, reserve {} MB); new messages are refused",
+            free / (1024 * 1024),
+            reserve / (1024 * 1024)
+        );
+    }
+    "storage: ok".to_owned()
 }

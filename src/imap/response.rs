@@ -41,7 +41,8 @@ pub fn untagged(out: &mut Vec<u8>, text: &str) {
 /// The response code and text for a failed store call.
 pub fn store_error(error: &StoreError) -> (&'static str, String) {
     let code = match error {
-        StoreError::Unavailable(_) => "UNAVAILABLE",
+        StoreError::Unavailable(_) | StoreError::StorageFailed(_) => "UNAVAILABLE",
+        StoreError::InsufficientStorage(_) => "LIMIT",
         StoreError::NotFound(_) => "NONEXISTENT",
         StoreError::AlreadyExists(_) => "ALREADYEXISTS",
         StoreError::Invalid(_) => "CANNOT",

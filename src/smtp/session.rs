@@ -380,13 +380,14 @@ impl<R: Recipients> Session<R> {
                             self.log_transaction(&summary, &outcome, &message_id);
                             // No quorum (or no leader): RFC 3463 4.4.3, a temporary
                             // routing/system failure; anything else is a local error.
-                            let reply = if matches!(error, StoreError::Unavailable(_)) {
-                                "451 4.4.3 Error: the cluster cannot commit the message now, try again later"
-                            } else if matches!(error, StoreError::OverQuota(_)) {
+                            let reply = match error {
+                                StoreError::Unavailable(_) => "451 4.4.3 Error: the cluster cannot commit the message now, try again later",
                                 // Some recipient's quota would be passed: nothing was stored.
-                                "552 5.2.2 Error: mailbox full"
-                            } else {
-                                "451 4.3.0 Error: cannot store the message now, try again later"
+                                StoreError::OverQuota(_) => "552 5.2.2 Error: mailbox full",
+                                // RFC 3463 4.3.1: mail system full.
+                                StoreError::StorageFailed(_) => "451 4.3.1 Error: the storage of this server failed, try again later",
+                                StoreError::InsufficientStorage(_) => "452 4.3.1 Error: insufficient system storage, try again later",
+                                _ => "451 4.3.0 Error: cannot store the message now, try again later",
                             };
                             self.push_reply(&mut out, reply);
                         }

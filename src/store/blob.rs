@@ -128,6 +128,29 @@ struct Collector {
     staged: BTreeMap<BlobId, usize>,
     /// Compacted packs whose files go when the running builds are done.
     awaiting_unlink: BTreeSet<u32>,
+    /// Bodies the kept snapshot references (it holds references only, not the bytes): never
+    /// deleted while pinned, so that a restart (snapshot, then the log after it) finds them.
+    pinned: BTreeSet<BlobId>,
+    /// Bodies whose last reference went while they were pinned: deleted when a new snapshot
+    /// no longer pins them (unless written again meanwhile).
+    unpinned_later: BTreeSet<BlobId>,
+}
+
+impl Collector {
+    /// The body is wanted again (written, staged): cancel its deferred deletions.
+    fn keep(&mut self, id: &BlobId) {
+        self.pending.remove(id);
+        self.unpinned_later.remove(id);
+    }
+
+    /// Deletes a body now unless pinned by the kept snapshot (then deferred).
+    fn delete(&mut self, shared: &Shared, id: &BlobId) {
+        if self.pinned.contains(id) {
+            self.unpinned_later.insert(*id);
+        } else {
+            shared.forget(id);
+        }
+    }
 }
 
 #[derive(Default)]
@@ -329,7 +352,7 @@ impl Drop for ReadGuard {
         collector.running_builds -= 1;
         if collector.running_builds == 0 {
             for id in std::mem::take(&mut collector.pending) {
-                shared.forget(&id);
+                collector.delete(shared, &id);
             }
             for pack in std::mem::take(&mut collector.awaiting_unlink) {
                 shared.unlink_pack(pack);
@@ -522,6 +545,14 @@ impl BlobStore {
         lock(&self.shared.index).locs.contains_key(id)
     }
 
+    /// The stored (compressed) length of an indexed body.
+    pub fn stored_len(&self, id: &BlobId) -> Option<u64> {
+        lock(&self.shared.index)
+            .locs
+            .get(id)
+            .map(|loc| u64::from(loc.len))
+    }
+
     /// Pack count, indexed bodies, live and dead bytes.
     pub fn disk_stats(&self) -> DiskStats {
         let index = lock(&self.shared.index);
@@ -536,7 +567,7 @@ impl BlobStore {
     /// Makes sure the body is stored with these bytes, and cancels a pending deletion of it.
     /// Called by apply. A body already indexed is whole (see the module comment): nothing to do.
     pub fn write(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
-        lock(&self.shared.collector).pending.remove(id);
+        lock(&self.shared.collector).keep(id);
         if self.contains(id) {
             return Ok(());
         }
@@ -550,7 +581,7 @@ impl BlobStore {
     /// appended only if they decompress to content matching `id`, so a corrupt stream never
     /// enters the index. Used by restore.
     pub fn write_from(&self, id: &BlobId, len: u64, input: &mut dyn io::Read) -> io::Result<()> {
-        lock(&self.shared.collector).pending.remove(id);
+        lock(&self.shared.collector).keep(id);
         if len > MAX_COMMAND_BYTES {
             return Err(corrupt("body is larger than any message"));
         }
@@ -582,7 +613,7 @@ impl BlobStore {
     pub fn stage(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
         {
             let mut collector = lock(&self.shared.collector);
-            collector.pending.remove(id);
+            collector.keep(id);
             *collector.staged.entry(*id).or_insert(0) += 1;
         }
         // Appended outside the collector lock: a staged body is never deleted, and the append
@@ -617,7 +648,7 @@ impl BlobStore {
         collector.staged.remove(id);
         if !referenced {
             if collector.running_builds == 0 {
-                self.shared.forget(id);
+                collector.delete(&self.shared, id);
             } else {
                 collector.pending.insert(*id);
             }
@@ -633,7 +664,7 @@ impl BlobStore {
                 continue;
             }
             if collector.running_builds == 0 {
-                self.shared.forget(&id);
+                collector.delete(&self.shared, &id);
             } else {
                 collector.pending.insert(id);
             }
@@ -652,7 +683,7 @@ impl BlobStore {
     /// Deletes every body that is not one of `keep` nor staged (after a restore replaced the
     /// state), unless a snapshot build is running. Returns how many bodies were deleted.
     pub fn sweep(&self, keep: &BTreeMap<BlobId, super::state::BlobInfo>) -> io::Result<u64> {
-        let collector = lock(&self.shared.collector);
+        let mut collector = lock(&self.shared.collector);
         if collector.running_builds > 0 {
             return Ok(0);
         }
@@ -663,9 +694,54 @@ impl BlobStore {
             .copied()
             .collect();
         for id in &unwanted {
-            self.shared.forget(id);
+            collector.delete(&self.shared, id);
         }
         Ok(unwanted.len() as u64)
+    }
+
+    /// Adds bodies to the pinned set (a snapshot referencing them is about to be kept; the
+    /// previous one may still be kept if that fails, so both stay pinned).
+    pub fn pin(&self, ids: impl IntoIterator<Item = BlobId>) {
+        lock(&self.shared.collector).pinned.extend(ids);
+    }
+
+    /// Makes `ids` the pinned set (the snapshot referencing exactly them is now the kept one)
+    /// and deletes the bodies whose deletion only the previous pins held back.
+    pub fn replace_pins(&self, ids: BTreeSet<BlobId>) {
+        let mut collector = lock(&self.shared.collector);
+        collector.pinned = ids;
+        let released: Vec<BlobId> = collector
+            .unpinned_later
+            .iter()
+            .filter(|id| !collector.pinned.contains(id))
+            .copied()
+            .collect();
+        for id in released {
+            collector.unpinned_later.remove(&id);
+            if collector.running_builds == 0 {
+                self.shared.forget(&id);
+            } else {
+                collector.pending.insert(id);
+            }
+        }
+    }
+
+    /// Makes every record written so far durable: fsyncs the packs not sealed yet (a sealed
+    /// pack was fsynced before its .idx was written) and the folder. A snapshot holding only
+    /// references calls this before it is kept, since the log entries carrying those bodies
+    /// may be purged after it.
+    pub fn sync(&self) -> io::Result<()> {
+        // A pack rotated away meanwhile is either still unsealed here or fsynced by its seal.
+        let files: Vec<Arc<fs::File>> = lock(&self.shared.index)
+            .packs
+            .values()
+            .filter(|pack| !pack.sealed)
+            .map(|pack| pack.file.clone())
+            .collect();
+        for file in files {
+            file.sync_data()?;
+        }
+        sync_dir(&self.shared.root)
     }
 
     /// A body from the cache only (no I/O).

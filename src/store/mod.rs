@@ -16,7 +16,8 @@
 //! - `blob.rs`: content-addressed zstd bodies appended to pack files `blobs/pack-<seq>.dat`
 //!   (in-memory index, `.idx` per sealed pack, background compaction), staging, deferred
 //!   deletion, the cache of decompressed bodies.
-//! - `snapshot.rs`: the snapshot stream (state + every referenced body + BLAKE3 trailer).
+//! - `snapshot.rs`: the snapshot stream (state + a reference to every body + BLAKE3 trailer;
+//!   the stream sent to a follower inlines the bodies).
 //! - `names.rs`: syntax of domains, addresses, mailbox names and keywords.
 //! - `quota.rs`: per-account quotas (limits, usage, their apply; `[store]`).
 //! - here: [`MailStateMachine`] (the `kermail_cluster::AppStateMachine` the cluster drives),
@@ -26,9 +27,18 @@
 //! its file (staging, on a blocking thread), proposes the command (which carries the
 //! compressed bytes, so followers and replays can write the file), and answers once the
 //! command is committed and applied here. Apply on the proposing node only checks the staged
-//! file. Body files are not fsync'd: the log holds every body until a snapshot, and a snapshot
-//! holds every referenced body, so the cluster must restore its last snapshot before replaying
-//! the log at start (it does), which rewrites any file lost in a crash.
+//! file. Body records are not fsync'd when written: the log holds every body until a snapshot,
+//! a snapshot fsyncs the packs before it is kept and pins the bodies it references, and the
+//! cluster restores its last snapshot before replaying the log at start (it does), which
+//! rewrites any record lost in a crash.
+//!
+//! Storage faults: a body that cannot be written during apply (no space left, an I/O error)
+//! is kept in memory ([`UNWRITTEN_BODIES_BYTES_MAX`]) and retried; meanwhile, and while the
+//! cluster's log store or snapshots report a failure, the shared
+//! [`kermail_cluster::StorageHealth`] is failed and every write is refused with
+//! [`StoreError::StorageFailed`] (SMTP `451 4.3.1`). New messages are also refused
+//! ([`StoreError::InsufficientStorage`], SMTP `452 4.3.1`) while the data folder's free space
+//! is under the reserve ([`MailStateMachine::set_min_free_disk_bytes`]).
 
 mod blob;
 mod command;
@@ -39,12 +49,15 @@ mod quota;
 mod snapshot;
 mod state;
 
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard, Weak};
+
+use kermail_cluster::{StorageComponent, StorageHealth};
 
 use serde::{Deserialize, Serialize};
 
@@ -238,6 +251,14 @@ pub enum StoreError {
     OverQuota(String),
     #[error("storage error: {0}")]
     Io(String),
+    /// This node's storage failed (no space left, an I/O error): writes are refused until it
+    /// recovers. Nothing was stored. SMTP `451 4.3.1`, IMAP `NO [UNAVAILABLE]`.
+    #[error("the storage of this node failed ({0}); writes are refused until it recovers")]
+    StorageFailed(String),
+    /// The data folder's free space is under the configured reserve: new messages are refused.
+    /// Nothing was stored. SMTP `452 4.3.1`, IMAP `NO [LIMIT]`.
+    #[error("insufficient storage on this node: {0}")]
+    InsufficientStorage(String),
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -262,11 +283,33 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Bodies whose write failed during apply are kept in memory up to this many bytes and
+/// retried; beyond it they are dropped and only a restart (which replays the log still holding
+/// them: no snapshot is written meanwhile) writes them.
+pub const UNWRITTEN_BODIES_BYTES_MAX: usize = 256 * 1024 * 1024;
+
+/// Bodies committed and applied whose record could not be written yet.
+#[derive(Default)]
+struct Unwritten {
+    bodies: BTreeMap<BlobId, Vec<u8>>,
+    bytes: usize,
+    /// Bodies dropped over the bound: a snapshot is refused while any is listed.
+    dropped: std::collections::BTreeSet<BlobId>,
+    /// The OS error of the last failure (given back to a snapshot that must wait).
+    last_os_error: Option<i32>,
+}
+
 /// The replicated mail state machine: the cluster applies committed commands to it in log
 /// order; the store reads it. Readers take the lock briefly and never do I/O under it.
 pub struct MailStateMachine {
     state: RwLock<State>,
     blobs: Arc<BlobStore>,
+    data_dir: PathBuf,
+    health: Arc<StorageHealth>,
+    unwritten: Mutex<Unwritten>,
+    /// New messages are refused while the data folder has less free space than this.
+    min_free_disk_bytes: AtomicU64,
+    self_ref: Weak<MailStateMachine>,
     changes: tokio::sync::broadcast::Sender<MailboxChanged>,
     /// Serializes apply and restore (the cluster already calls them one at a time).
     apply_lock: Mutex<()>,
@@ -286,9 +329,14 @@ impl MailStateMachine {
             ))
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        Ok(Arc::new(MailStateMachine {
+        Ok(Arc::new_cyclic(|self_ref| MailStateMachine {
             state: RwLock::new(State::default()),
             blobs,
+            data_dir: data_dir.to_path_buf(),
+            health: Arc::new(StorageHealth::new()),
+            unwritten: Mutex::new(Unwritten::default()),
+            min_free_disk_bytes: AtomicU64::new(0),
+            self_ref: self_ref.clone(),
             changes,
             apply_lock: Mutex::new(()),
             last_applied: AtomicU64::new(0),
@@ -345,12 +393,123 @@ impl MailStateMachine {
     }
 
     fn write_body(&self, body: &BodyV1) {
-        // Apply cannot fail half-way: a replica that cannot write a file keeps the same
-        // state as the others and reports the body as unreadable until a replay or a
-        // snapshot restore writes it.
-        if let Err(error) = self.blobs.write(&body.blob, &body.compressed) {
-            tracing::error!(blob = %hex::encode(body.blob.0), %error, "cannot write a body file");
+        // Apply cannot fail half-way: a replica that cannot write a body keeps the same state
+        // as the others, reports its storage as failed (writes are refused), keeps the bytes
+        // and writes them when it can (see `retry_unwritten_bodies`).
+        let has_unwritten = !lock(&self.unwritten).bodies.is_empty();
+        if has_unwritten {
+            let _ = self.retry_unwritten_bodies();
         }
+        if let Err(error) = self.blobs.write(&body.blob, &body.compressed) {
+            self.health
+                .report_failure(StorageComponent::AppData, &error);
+            let mut unwritten = lock(&self.unwritten);
+            unwritten.last_os_error = error.raw_os_error().or(unwritten.last_os_error);
+            if unwritten.bytes + body.compressed.len() <= UNWRITTEN_BODIES_BYTES_MAX {
+                if unwritten
+                    .bodies
+                    .insert(body.blob, body.compressed.clone())
+                    .is_none()
+                {
+                    unwritten.bytes += body.compressed.len();
+                }
+            } else {
+                tracing::error!(
+                    blob = %hex::encode(body.blob.0),
+                    "cannot write a body and too many are waiting: it is written again by the \
+                     replay of the log at the next restart"
+                );
+                unwritten.dropped.insert(body.blob);
+            }
+        }
+    }
+
+    /// Writes the bodies whose write failed during apply (those still referenced). Ok once
+    /// none is waiting; the storage health recovers then. Fails with the OS error while some
+    /// cannot be written.
+    pub fn retry_unwritten_bodies(&self) -> io::Result<()> {
+        let mut unwritten = lock(&self.unwritten);
+        if unwritten.bodies.is_empty() && unwritten.dropped.is_empty() {
+            if self.health.is_failed() {
+                // A failed staging: see whether the disk takes a write again.
+                probe_disk(&self.data_dir.join("blobs"))?;
+                self.health.report_ok(StorageComponent::AppData);
+            }
+            return Ok(());
+        }
+        let ids: Vec<BlobId> = unwritten.bodies.keys().copied().collect();
+        for id in ids {
+            if !self.read().blobs.contains_key(&id) {
+                // No longer referenced: nothing to keep.
+                if let Some(bytes) = unwritten.bodies.remove(&id) {
+                    unwritten.bytes -= bytes.len();
+                }
+                continue;
+            }
+            let result = match unwritten.bodies.get(&id) {
+                Some(bytes) => self.blobs.write(&id, bytes),
+                None => Ok(()),
+            };
+            match result {
+                Ok(()) => {
+                    if let Some(bytes) = unwritten.bodies.remove(&id) {
+                        unwritten.bytes -= bytes.len();
+                    }
+                }
+                Err(error) => {
+                    unwritten.last_os_error = error.raw_os_error().or(unwritten.last_os_error);
+                    return Err(error);
+                }
+            }
+        }
+        let state = self.read();
+        let still_dropped = unwritten
+            .dropped
+            .iter()
+            .any(|id| state.blobs.contains_key(id) && !self.blobs.contains(id));
+        drop(state);
+        if still_dropped {
+            // Only a replay of the log writes these: keep the log (no snapshot) until then.
+            return Err(io::Error::from_raw_os_error(
+                unwritten.last_os_error.unwrap_or(libc::EIO),
+            ));
+        }
+        unwritten.dropped.clear();
+        self.health.report_ok(StorageComponent::AppData);
+        Ok(())
+    }
+
+    /// The storage health this node's log store, snapshots and bodies report to.
+    pub fn health(&self) -> &Arc<StorageHealth> {
+        &self.health
+    }
+
+    /// New messages are refused while the data folder has less free space than this.
+    pub fn set_min_free_disk_bytes(&self, bytes: u64) {
+        self.min_free_disk_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Free space of the data folder's file system and the reserve, in bytes, if it is low.
+    pub fn low_disk_space(&self) -> Option<(u64, u64)> {
+        let reserve = self.min_free_disk_bytes.load(Ordering::Relaxed);
+        if reserve == 0 {
+            return None;
+        }
+        let free = free_disk_bytes(&self.data_dir)?;
+        (free < reserve).then_some((free, reserve))
+    }
+
+    /// Refuses a write while the storage is failed.
+    fn check_health(&self) -> Result<(), StoreError> {
+        if self.health.is_failed() {
+            let reason = self
+                .health
+                .failure()
+                .map(|f| f.reason)
+                .unwrap_or_else(|| "storage failure".to_owned());
+            return Err(StoreError::StorageFailed(reason));
+        }
+        Ok(())
     }
 
     fn apply_command(&self, command: Command) -> Response {
@@ -415,12 +574,29 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
             state: state.capture(),
             blobs: self.blobs.clone(),
             _guard: guard,
+            machine: self.self_ref.clone(),
+            referenced: OnceLock::new(),
         })
     }
 
-    fn restore(&self, input: &mut dyn io::Read) -> io::Result<()> {
+    fn write_transfer(
+        &self,
+        local_snapshot: &mut dyn io::Read,
+        out: &mut dyn io::Write,
+    ) -> io::Result<()> {
+        snapshot::write_transfer(local_snapshot, &self.blobs, out)
+    }
+
+    fn storage_health(&self) -> Arc<StorageHealth> {
+        self.health.clone()
+    }
+
+    fn restore(&self, input: &mut dyn io::Read, local: bool) -> io::Result<()> {
         let _serial = lock(&self.apply_lock);
-        let restored = snapshot::read_snapshot(input, &self.blobs)?;
+        let restored = snapshot::read_snapshot(input, &self.blobs, local)?;
+        // The snapshot now kept references these: pinned until a newer one is kept.
+        self.blobs
+            .replace_pins(restored.blobs.keys().copied().collect());
         let old = {
             let mut state = self
                 .state
@@ -617,13 +793,28 @@ async fn prepare_body(
             "message is larger than {MAX_MESSAGE_BYTES} bytes"
         )));
     }
+    machine.check_health()?;
     let machine = machine.clone();
     blocking(move || {
+        if let Some((free, reserve)) = machine.low_disk_space() {
+            return Err(StoreError::InsufficientStorage(format!(
+                "{} MB free in the data folder, under the reserve of {} MB",
+                free / (1024 * 1024),
+                reserve / (1024 * 1024)
+            )));
+        }
         let (blob, compressed) =
             blob::compress(&body).map_err(|e| StoreError::Io(format!("cannot compress: {e}")))?;
         machine.blobs.stage(&blob, &compressed).map_err(|error| {
-            tracing::error!(blob = %hex::encode(blob.0), %error, "cannot write a body file");
-            StoreError::Io(format!("cannot write the message body: {error}"))
+            tracing::warn!(blob = %hex::encode(blob.0), %error, "cannot write a body");
+            if kermail_cluster::health::is_retryable(&error) {
+                machine
+                    .health
+                    .report_failure(StorageComponent::AppData, &error);
+                StoreError::StorageFailed(kermail_cluster::health::reason(&error))
+            } else {
+                StoreError::Io(format!("cannot write the message body: {error}"))
+            }
         })?;
         let staged = StagedBody {
             machine: Some(machine),
@@ -639,6 +830,36 @@ async fn prepare_body(
         ))
     })
     .await
+}
+
+/// Bytes the storage probe writes (and fsyncs, then removes) to see whether the disk takes
+/// writes again after a failure.
+const PROBE_BYTES: usize = 64 * 1024;
+
+/// Writes, fsyncs and removes a probe file in `dir`.
+fn probe_disk(dir: &Path) -> io::Result<()> {
+    use std::io::Write as _;
+    let path = dir.join("storage-probe.tmp");
+    let result = (|| {
+        let mut file = std::fs::File::create(&path)?;
+        file.write_all(&[0u8; PROBE_BYTES])?;
+        file.sync_all()
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
+}
+
+/// Free space (for unprivileged users) of the file system holding `path`, in bytes.
+pub fn free_disk_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c_path = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid NUL-terminated path and a zeroed statvfs the call fills in.
+    let rc = unsafe { libc::statvfs(c_path.as_ptr(), &mut stat) };
+    if rc != 0 {
+        return None;
+    }
+    Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
 fn mailbox_view(mailbox: &state::Mailbox) -> MailboxView {
@@ -719,6 +940,7 @@ impl MailStore {
 
     /// Proposes a command and turns a refusal by the state machine into an error.
     async fn submit_command(&self, command: Command) -> Result<Response, StoreError> {
+        self.machine.check_health()?;
         let bytes = encode_command(&command)
             .map_err(|e| StoreError::Invalid(format!("command cannot be encoded: {e}")))?;
         let reply = self.proposer.propose(bytes).await?;

@@ -559,14 +559,15 @@ fn queue_commands_apply_identically_and_survive_a_snapshot() {
         assert_eq!(rebuilt.blobs, state.blobs);
         assert_eq!(rebuilt.totals, state.totals);
     }
+    let mut local = Vec::new();
+    machines[0].begin_snapshot().write_to(&mut local).unwrap();
     let mut snapshot = Vec::new();
     machines[0]
-        .begin_snapshot()
-        .write_to(&mut snapshot)
+        .write_transfer(&mut local.as_slice(), &mut snapshot)
         .unwrap();
     let restored_dir = tempfile::tempdir().unwrap();
     let restored = MailStateMachine::open(restored_dir.path()).unwrap();
-    restored.restore(&mut snapshot.as_slice()).unwrap();
+    restored.restore(&mut snapshot.as_slice(), false).unwrap();
     assert_eq!(*restored.read(), *machines[0].read());
     assert_eq!(restored.read().stats(), machines[0].read().stats());
     // Every queued body travelled with the snapshot.

@@ -811,9 +811,20 @@ fn apply(machine: &MailStateMachine, index: &mut u64, command: CommandV1) -> com
     command::decode_response(&machine.apply(*index, &encode(command))).unwrap()
 }
 
-fn snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
+/// A node's own snapshot stream (bodies by reference).
+fn local_snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
     let mut bytes = Vec::new();
     machine.begin_snapshot().write_to(&mut bytes).unwrap();
+    bytes
+}
+
+/// The stream a follower installs (bodies inlined).
+fn snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
+    let local = local_snapshot_bytes(machine);
+    let mut bytes = Vec::new();
+    machine
+        .write_transfer(&mut local.as_slice(), &mut bytes)
+        .unwrap();
     bytes
 }
 
@@ -975,7 +986,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
     let bytes = snapshot_bytes(&store.machine);
     let dir = tempfile::tempdir().unwrap();
     let restored = MailStateMachine::open(dir.path()).unwrap();
-    restored.restore(&mut bytes.as_slice()).unwrap();
+    restored.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(*restored.read(), *store.machine.read());
     assert_eq!(restored.read().stats(), store.stats());
     assert_eq!(snapshot_bytes(&restored), bytes);
@@ -1007,7 +1018,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
     // Restoring again over existing files (and an orphan) gives the same state.
     let orphan = BlobId([0xab; 32]);
     restored.blobs.write(&orphan, b"orphan").unwrap();
-    restored.restore(&mut bytes.as_slice()).unwrap();
+    restored.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(*restored.read(), *store.machine.read());
     assert!(!restored.blobs.contains(&orphan));
 }
@@ -1034,7 +1045,7 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let target_dir = tempfile::tempdir().unwrap();
     let target = MailStateMachine::open(target_dir.path()).unwrap();
     let check_refused = |bytes: &[u8]| {
-        assert!(target.restore(&mut &bytes[..]).is_err());
+        assert!(target.restore(&mut &bytes[..], false).is_err());
         assert!(
             target.read().accounts.is_empty(),
             "state replaced by a bad snapshot"
@@ -1062,7 +1073,7 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let mut trailing = good.clone();
     trailing.push(0);
     check_refused(&trailing);
-    target.restore(&mut good.as_slice()).unwrap();
+    target.restore(&mut good.as_slice(), false).unwrap();
     assert_eq!(*target.read(), *machine.read());
 }
 
@@ -1106,18 +1117,30 @@ fn snapshot_build_keeps_files_of_its_view() {
             uids: None,
         },
     );
-    let mut bytes = Vec::new();
-    builder.write_to(&mut bytes).unwrap();
-    // The build is done: the body file is gone now.
+    let mut local = Vec::new();
+    builder.write_to(&mut local).unwrap();
+    drop(builder);
+    // The build is done, but the snapshot references the body (it may be kept): pinned.
     assert_eq!(machine.read().blobs.len(), 0);
     let blob = body_of(b"short-lived").blob;
-    assert!(!machine.blobs.contains(&blob));
-    // And the snapshot still holds it.
+    assert!(machine.blobs.contains(&blob));
+    // A follower gets it from the transfer stream.
+    let mut bytes = Vec::new();
+    machine
+        .write_transfer(&mut local.as_slice(), &mut bytes)
+        .unwrap();
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
-    other.restore(&mut bytes.as_slice()).unwrap();
+    other.restore(&mut bytes.as_slice(), false).unwrap();
     assert_eq!(other.read().blobs.len(), 1);
     assert!(other.blobs.contains(&blob));
+    // Once a newer snapshot (without it) is kept, the body goes.
+    let newer = machine.begin_snapshot();
+    newer.write_to(&mut Vec::new()).unwrap();
+    assert!(machine.blobs.contains(&blob));
+    newer.kept();
+    drop(newer);
+    assert!(!machine.blobs.contains(&blob));
 }
 
 /// Bytes the file system allocated for a folder tree (what `du` reports).
@@ -1191,10 +1214,16 @@ fn apply_timing_for_ten_thousand_deliveries() {
     let mut bytes = Vec::new();
     builder.write_to(&mut bytes).unwrap();
     let written = started.elapsed();
+    drop(builder);
+    let mut transfer = Vec::new();
+    machine
+        .write_transfer(&mut bytes.as_slice(), &mut transfer)
+        .unwrap();
+    let bytes = transfer;
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
     let started = Instant::now();
-    other.restore(&mut bytes.as_slice()).unwrap();
+    other.restore(&mut bytes.as_slice(), false).unwrap();
     let restored = started.elapsed();
     let stats = machine.read().stats();
     assert_eq!(stats.messages, (DELIVERIES + HELD_VIEW_DELIVERIES) as u64);
@@ -1385,12 +1414,12 @@ mod determinism {
             spliced.extend_from_slice(&bytes);
             let _ = machine.apply(101, &spliced);
             // Garbage as a snapshot, and a real snapshot with garbage spliced in.
-            prop_assert!(machine.restore(&mut bytes.as_slice()).is_err());
+            prop_assert!(machine.restore(&mut bytes.as_slice(), false).is_err());
             let mut broken = before.clone();
             let at = prefix_len * before.len() / 64;
             broken.splice(at..at, bytes.iter().copied());
             if !bytes.is_empty() {
-                prop_assert!(machine.restore(&mut broken.as_slice()).is_err());
+                prop_assert!(machine.restore(&mut broken.as_slice(), false).is_err());
             }
             prop_assert_eq!(machine.read().check_invariants(), Ok(()));
         }
@@ -1434,7 +1463,7 @@ mod determinism {
             }
             let late_dir = tempfile::tempdir().unwrap();
             let late = MailStateMachine::open(late_dir.path()).unwrap();
-            late.restore(&mut snapshot_bytes(&source).as_slice()).unwrap();
+            late.restore(&mut snapshot_bytes(&source).as_slice(), false).unwrap();
             for (index, bytes) in commands.iter().enumerate().skip(half) {
                 late.apply(index as u64 + 1, bytes);
             }
@@ -1498,7 +1527,7 @@ mod determinism {
             // A restore recomputes the same usage.
             let restored_dir = tempfile::tempdir().unwrap();
             let restored = MailStateMachine::open(restored_dir.path()).unwrap();
-            restored.restore(&mut snapshot_bytes(&machine).as_slice()).unwrap();
+            restored.restore(&mut snapshot_bytes(&machine).as_slice(), false).unwrap();
             prop_assert_eq!(&restored.read().quotas, &machine.read().quotas);
         }
     }
@@ -1651,4 +1680,87 @@ async fn quotas_refuse_whole_commands_and_follow_settings() {
     store.remove_account("alice@example.org").await.unwrap();
     assert!(store.quota(alice).is_none());
     assert!(!store.state().quotas.usage.contains_key(&alice));
+}
+
+/// Snapshot cost against the amount of mail: a node's own snapshot holds references only, so
+/// its time and size follow the metadata, not the bodies. Prints the figures (no timed
+/// assertion); `scripts/bench/snapshot` runs it at 10,000 and 200,000 messages through
+/// `KERMAIL_SNAPSHOT_BENCH_COUNTS` (default: small counts, for the test suite).
+#[test]
+fn snapshot_timing_against_the_number_of_messages() {
+    const BODY_BYTES: usize = 4096;
+    let counts: Vec<usize> = std::env::var("KERMAIL_SNAPSHOT_BENCH_COUNTS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+        .unwrap_or_else(|| vec![500, 2000]);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    for count in counts {
+        let dir = tempfile::tempdir().unwrap();
+        let machine = MailStateMachine::open(dir.path()).unwrap();
+        let mut index = 0;
+        for command in setup_commands() {
+            apply(&machine, &mut index, command);
+        }
+        let started = Instant::now();
+        for n in 0..count {
+            let mut raw = message(&format!("snapshot timing {n}"));
+            // Letters from a xorshift stream: every body distinct, compressing like text.
+            raw.extend((0..BODY_BYTES).map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                b'a' + (seed % 26) as u8
+            }));
+            index += 1;
+            machine.apply(
+                index,
+                &encode(CommandV1::Deliver {
+                    mail_from: "a@example.net".into(),
+                    recipients: vec!["alice@example.org".into()],
+                    received_at: 1_700_000_000 + n as i64,
+                    body: body_of(&raw),
+                }),
+            );
+        }
+        let filled = started.elapsed();
+        let stats = machine.read().stats();
+        assert_eq!(stats.messages, count as u64);
+
+        let started = Instant::now();
+        let builder = machine.begin_snapshot();
+        let path = dir.path().join("local.snap");
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+        builder.write_to(&mut file).unwrap();
+        let file = file.into_inner().unwrap();
+        file.sync_all().unwrap();
+        builder.kept();
+        drop(builder);
+        let local_time = started.elapsed();
+        let local_bytes = std::fs::metadata(&path).unwrap().len();
+
+        let started = Instant::now();
+        let mut transfer = Vec::new();
+        machine
+            .write_transfer(&mut std::fs::File::open(&path).unwrap(), &mut transfer)
+            .unwrap();
+        let transfer_time = started.elapsed();
+
+        // A restart: the same folder, the snapshot restored, no body touched.
+        drop(machine);
+        let restarted = MailStateMachine::open(dir.path()).unwrap();
+        let started = Instant::now();
+        restarted
+            .restore(&mut std::fs::File::open(&path).unwrap(), true)
+            .unwrap();
+        let restore_time = started.elapsed();
+        assert_eq!(restarted.read().stats().messages, count as u64);
+        println!(
+            "snapshot timing: {count} messages of ~{BODY_BYTES} bytes ({} bytes stored, filled \
+             in {filled:?}): own snapshot {local_time:?}, {local_bytes} bytes; restore at \
+             restart {restore_time:?}; with every body inlined (what a follower receives, and \
+             what every snapshot was before) {transfer_time:?}, {} bytes",
+            stats.blob_bytes_stored,
+            transfer.len(),
+        );
+    }
 }

@@ -19,3 +19,4 @@ mod private_files;
 mod quota;
 mod smtp_abuse;
 mod smtp_imap;
+mod storage_faults;

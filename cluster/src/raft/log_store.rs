@@ -27,6 +27,19 @@
 //! with the next meta write, by [`LogStoreProbe::flush`] at shutdown and when the store is
 //! dropped.
 //!
+//! Storage faults: with openraft 0.9 a `StorageError` stops Raft for good. So an append,
+//! or a meta file write (vote, purge marker), that fails with an OS error (no space left, an
+//! I/O error, too many open files) is not returned: the partial write is rolled back (the
+//! segment cut to its size before the append, segments the append created removed) and the
+//! whole operation is retried with backoff (`health::retry_delay`) until it succeeds, while
+//! the shared [`StorageHealth`] reports the failure. `log_io_completed` is called only once
+//! the entries are durable, so a leader whose disk is full acknowledges nothing (its Raft core
+//! waits in the append: it stops sending heartbeats and the other nodes elect a leader); a
+//! follower does not answer, and its leader carries on with the others. A failed fsync is
+//! handled by rewriting the records, never by retrying the fsync alone (after a failed fsync
+//! the kernel may have dropped the dirty pages). Shutdown stops the retries
+//! ([`LogStoreProbe::stop_retrying`]); the pending append then fails (fatal, as before).
+//!
 //! Recovery at open: the meta file is read (a damaged meta file is refused), segments are
 //! scanned in order and every record is checked (length bounds, CRC, decodable, index in
 //! sequence). The first invalid record of the LAST segment is a torn write: the segment is cut
@@ -60,6 +73,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
 use openraft::{AnyError, ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError, Vote};
+
+use crate::health::{self, StorageComponent, StorageHealth};
 
 use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
@@ -179,6 +194,22 @@ struct Shared {
     n_append_flushes: Arc<AtomicU64>,
     /// The committed index + 1 (0: nothing committed), for status.
     committed_index_plus_one: Arc<AtomicU64>,
+    /// Where failed writes are reported while they are retried.
+    health: std::sync::RwLock<Arc<StorageHealth>>,
+    /// Set at shutdown: a write being retried gives up.
+    stop_retrying: std::sync::atomic::AtomicBool,
+    /// Test hook: the next this many writes or flushes fail with `injected_errno`.
+    #[cfg(test)]
+    injected_failures: std::sync::atomic::AtomicU32,
+    #[cfg(test)]
+    injected_errno: std::sync::atomic::AtomicI32,
+}
+
+/// Where an append started, to undo it after a failure.
+struct RollbackPoint {
+    /// First index, size and record count of the active segment.
+    active: Option<(u64, u64, usize)>,
+    last_log_id: Option<LogId>,
 }
 
 /// The Raft log store. Cloning gives another handle on the same log (used as the log reader).
@@ -466,7 +497,70 @@ impl Shared {
             _lock: lock_file,
             n_append_flushes: Arc::new(AtomicU64::new(0)),
             committed_index_plus_one: Arc::new(AtomicU64::new(committed_plus_one)),
+            health: std::sync::RwLock::new(Arc::new(StorageHealth::new())),
+            stop_retrying: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            injected_failures: std::sync::atomic::AtomicU32::new(0),
+            #[cfg(test)]
+            injected_errno: std::sync::atomic::AtomicI32::new(0),
         })
+    }
+
+    /// Test hook: fails the call if a failure is injected.
+    #[cfg(test)]
+    fn injected(&self) -> io::Result<()> {
+        let remaining = self.injected_failures.load(Ordering::Acquire);
+        if remaining > 0 {
+            self.injected_failures
+                .store(remaining - 1, Ordering::Release);
+            return Err(io::Error::from_raw_os_error(
+                self.injected_errno.load(Ordering::Acquire),
+            ));
+        }
+        Ok(())
+    }
+
+    #[cfg(not(test))]
+    fn injected(&self) -> io::Result<()> {
+        Ok(())
+    }
+
+    fn health(&self) -> Arc<StorageHealth> {
+        self.health
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Undoes a failed append: removes the segments it created and cuts the segment that was
+    /// active back to its size. On failure the store refuses writes until reopened.
+    fn rollback(&self, inner: &mut Inner, point: &RollbackPoint) {
+        let created: Vec<u64> = inner
+            .segments
+            .keys()
+            .copied()
+            .filter(|first| point.active.is_none_or(|(active, _, _)| *first > active))
+            .collect();
+        let mut ok = true;
+        for first in created {
+            if let Some(segment) = inner.segments.remove(&first) {
+                ok &= fs::remove_file(&segment.path).is_ok();
+            }
+        }
+        if let Some((first, size, n_records)) = point.active {
+            if let Some(segment) = inner.segments.get_mut(&first) {
+                ok &= segment.file.set_len(size).is_ok();
+                segment.size = size;
+                segment.offsets.truncate(n_records);
+            }
+        }
+        inner.last_log_id = point.last_log_id;
+        if !ok {
+            tracing::error!(
+                "raft log: cannot undo a failed append; the store refuses writes until restarted"
+            );
+            inner.failed = true;
+        }
     }
 
     /// Writes the meta file with the current values, durably.
@@ -491,6 +585,7 @@ impl Shared {
             return Ok(());
         };
         let mut to_sync: Vec<Arc<File>> = Vec::new();
+        let point;
         {
             let mut inner = lock(&self.inner);
             if inner.failed {
@@ -498,6 +593,13 @@ impl Shared {
                     "the raft log store failed earlier and refuses writes until reopened",
                 ));
             }
+            point = RollbackPoint {
+                active: inner
+                    .segments
+                    .last_key_value()
+                    .map(|(first, s)| (*first, s.size, s.offsets.len())),
+                last_log_id: inner.last_log_id,
+            };
             // openraft appends after the last entry (it truncates before overwriting). A
             // hole (which openraft never makes, but its conformance suite does) starts a new
             // segment; `open` refuses a log with a hole as corrupt.
@@ -552,12 +654,18 @@ impl Shared {
                     // Roll over: the previous segment is made durable before a later one
                     // exists, so only the last segment can have a torn tail.
                     if let Some((_, previous)) = inner.segments.last_key_value() {
-                        if let Err(e) = previous.file.sync_data() {
-                            inner.failed = true;
+                        if let Err(e) = self.injected().and_then(|()| previous.file.sync_data()) {
+                            self.rollback(&mut inner, &point);
                             return Err(e);
                         }
                     }
-                    let segment = self.create_segment(first)?;
+                    let segment = match self.create_segment(first) {
+                        Ok(segment) => segment,
+                        Err(e) => {
+                            self.rollback(&mut inner, &point);
+                            return Err(e);
+                        }
+                    };
                     inner.segments.insert(first, segment);
                     continue;
                 }
@@ -566,11 +674,12 @@ impl Shared {
                 };
                 let segment = active.get_mut();
                 let bytes = &buf[records[chunk_start].1..records[chunk_end - 1].2];
-                if let Err(e) = segment.file.write_all_at(bytes, segment.size) {
+                if let Err(e) = self
+                    .injected()
+                    .and_then(|()| segment.file.write_all_at(bytes, segment.size))
+                {
                     // Undo the partial write so that the next append lands after whole records.
-                    if segment.file.set_len(segment.size).is_err() {
-                        inner.failed = true;
-                    }
+                    self.rollback(&mut inner, &point);
                     return Err(e);
                 }
                 let base = records[chunk_start].1 as u64;
@@ -586,8 +695,11 @@ impl Shared {
             inner.last_log_id = Some(last_id);
         }
         for file in to_sync {
-            if let Err(e) = file.sync_data() {
-                lock(&self.inner).failed = true;
+            if let Err(e) = self.injected().and_then(|()| file.sync_data()) {
+                // The records are written again by the retry (the kernel may have dropped
+                // the dirty pages a failed fsync did not write).
+                let mut inner = lock(&self.inner);
+                self.rollback(&mut inner, &point);
                 return Err(e);
             }
         }
@@ -603,7 +715,10 @@ impl Shared {
             .create(true)
             .truncate(true)
             .open(&path)?;
-        sync_dir(&self.dir)?;
+        if let Err(e) = sync_dir(&self.dir) {
+            let _ = fs::remove_file(&path);
+            return Err(e);
+        }
         Ok(Segment {
             first_index,
             path,
@@ -1025,12 +1140,67 @@ impl LogStore {
             .store(value, Ordering::Relaxed);
     }
 
-    /// Writes the meta file on a blocking thread.
+    /// Reports storage failures to `health` (shared with the application) from now on.
+    pub fn set_health(&self, health: Arc<StorageHealth>) {
+        *self
+            .shared
+            .health
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = health;
+    }
+
+    /// Writes the meta file on a blocking thread, retrying OS errors (see the module comment).
     async fn write_meta(&self) -> io::Result<()> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || shared.write_meta())
+        self.retrying(|shared| shared.write_meta()).await
+    }
+
+    /// Runs `work` on a blocking thread until it succeeds, retrying OS errors with backoff
+    /// (reported to the storage health) unless the store is shutting down.
+    async fn retrying(
+        &self,
+        work: impl Fn(&Shared) -> io::Result<()> + Send + Sync + 'static,
+    ) -> io::Result<()> {
+        let work = Arc::new(work);
+        let mut attempt = 0;
+        loop {
+            let shared = self.shared.clone();
+            let step = work.clone();
+            let result = tokio::task::spawn_blocking(move || step(&shared))
+                .await
+                .map_err(io::Error::other)?;
+            match result {
+                Ok(()) => {
+                    if attempt > 0 {
+                        self.shared.health().report_ok(StorageComponent::RaftLog);
+                    }
+                    return Ok(());
+                }
+                Err(e)
+                    if health::is_retryable(&e)
+                        && !self.shared.stop_retrying.load(Ordering::Acquire)
+                        && !lock(&self.shared.inner).failed =>
+                {
+                    self.shared
+                        .health()
+                        .report_failure(StorageComponent::RaftLog, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Appends encoded records durably, retrying OS errors (see the module comment).
+    async fn append_durably(
+        &self,
+        buf: Vec<u8>,
+        records: Vec<(LogId, usize, usize)>,
+    ) -> io::Result<()> {
+        let buf = Arc::new(buf);
+        let records = Arc::new(records);
+        self.retrying(move |shared| shared.append(&buf, &records))
             .await
-            .map_err(io::Error::other)?
     }
 
     /// Runs `work` on the shared state on a blocking thread.
@@ -1066,6 +1236,13 @@ impl LogStoreProbe {
                 .map_err(io::Error::other)??;
         }
         Ok(())
+    }
+
+    /// Makes a write being retried give up (at shutdown: openraft's core waits in it).
+    pub(crate) fn stop_retrying(&self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.stop_retrying.store(true, Ordering::Release);
+        }
     }
 
     /// True once every handle on the store is dropped, so that its lock is released.
@@ -1172,10 +1349,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         let n_entries = records.len();
         // The acknowledgement below is the durability promise: only after the fdatasync.
-        match self
-            .blocking(move |shared| shared.append(&buf, &records))
-            .await
-        {
+        match self.append_durably(buf, records).await {
             Ok(()) => {
                 self.shared.n_append_flushes.fetch_add(1, Ordering::Release);
                 tracing::trace!(n_entries, "log entries flushed");
@@ -1277,6 +1451,52 @@ mod tests {
     fn last_segment_path(dir: &Path) -> PathBuf {
         let last = *segment_files(dir).last().expect("a segment");
         dir.join(segment_file_name(last))
+    }
+
+    /// An I/O error on the write or the flush of an append is not returned to openraft (that
+    /// would stop Raft): the append is undone and retried until it is durable, the failure is
+    /// reported meanwhile, and the log holds every entry exactly once afterwards.
+    #[tokio::test]
+    async fn an_append_failing_with_eio_is_retried_until_durable() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let health = Arc::new(StorageHealth::new());
+        {
+            let mut store = LogStore::open_with_segment_bytes(&path, 4096).expect("open");
+            store.set_health(health.clone());
+            append(&store, (1..=3).map(|i| entry(1, i, 100)));
+            // EIO on the next writes and flushes (write, flush, roll-over...).
+            const EIO: i32 = 5;
+            store.shared.injected_errno.store(EIO, Ordering::Release);
+            store.shared.injected_failures.store(4, Ordering::Release);
+            let mut buf = Vec::new();
+            let mut records = Vec::new();
+            for entry in (4..=60).map(|i| entry(1, i, 300)) {
+                let start = buf.len();
+                push_record(&mut buf, &entry).expect("encode");
+                records.push((entry.log_id, start, buf.len()));
+            }
+            let appending = {
+                let store = store.clone();
+                tokio::spawn(async move { store.append_durably(buf, records).await })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !health.is_failed() && !appending.is_finished() {
+                assert!(std::time::Instant::now() < deadline, "no failure reported");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            // Four failures mean at least 50 + 100 + 200 + 400 ms of retrying.
+            assert!(health.is_failed(), "the failure is reported while retrying");
+            appending
+                .await
+                .expect("join")
+                .expect("the append succeeds once the errors stop");
+            assert!(!health.is_failed(), "the failure is cleared");
+            assert_eq!(store.shared.injected_failures.load(Ordering::Acquire), 0);
+            assert_eq!(indexes(&mut store).await, (1..=60).collect::<Vec<_>>());
+        }
+        let mut reopened = LogStore::open_with_segment_bytes(&path, 4096).expect("reopen");
+        assert_eq!(indexes(&mut reopened).await, (1..=60).collect::<Vec<_>>());
     }
 
     #[tokio::test]

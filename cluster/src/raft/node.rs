@@ -531,6 +531,7 @@ async fn start_engine(
             path: raft_path.clone(),
             source,
         })?;
+    log_store.set_health(app.storage_health());
     let node_id = match joining {
         Some(join) => log_store.set_node_id(join.token.node_id).await,
         None => log_store.node_id_or_create().await,
@@ -908,6 +909,8 @@ impl Engine {
     /// Stops the tasks, Raft and the mesh, and waits (bounded) until the log store is closed.
     async fn stop(&self) -> Result<(), ClusterError> {
         self.stop.cancel();
+        // openraft's core may be waiting in an append retried on a full disk.
+        self.log_probe.stop_retrying();
         let raft_result = self.raft.shutdown().await;
         self.applied.close();
         self.mesh.shutdown();

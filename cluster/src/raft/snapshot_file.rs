@@ -11,6 +11,13 @@
 //!
 //! A node keeps one snapshot, `current.snap` in its snapshot folder. A new one is written to a
 //! temporary file, fsync'd, renamed over it, and the folder is fsync'd.
+//!
+//! What a follower receives is not `current.snap` itself: the application's stream of its own
+//! snapshot may refer to data it keeps beside it (the mail node's bodies, in its packs), so
+//! the leader writes a transfer file once per kept snapshot ([`write_transfer`], the same
+//! layout, the stream passed through [`AppStateMachine::write_transfer`]), named
+//! `tmp-transfer-<snapshot id>.snap` so that it is removed at the next open, and removed when
+//! a newer snapshot is kept.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
@@ -134,7 +141,7 @@ pub fn read_current_meta(dir: &Path) -> io::Result<Option<SnapshotMeta>> {
 pub fn write_temp(
     dir: &Path,
     meta: &SnapshotMeta,
-    builder: Box<dyn SnapshotBuilder>,
+    builder: &dyn SnapshotBuilder,
 ) -> io::Result<PathBuf> {
     let path = temp_path(dir);
     let result = (|| {
@@ -158,13 +165,13 @@ pub fn write_temp(
     Ok(path)
 }
 
-/// Copies a snapshot received from the leader to a new temporary file in `dir` with `meta` in
-/// its header (the header it came with is checked and replaced), fsyncs it; returns its path.
-pub fn write_temp_from_received(
-    dir: &Path,
+/// Restores `app` from a snapshot received from the leader (an unlinked file), checking that
+/// its header names `meta`'s last log id.
+pub fn restore_received(
     received: &mut File,
     meta: &SnapshotMeta,
-) -> io::Result<PathBuf> {
+    app: &dyn AppStateMachine,
+) -> io::Result<()> {
     received.seek(SeekFrom::Start(0))?;
     let mut input = BufReader::with_capacity(IO_BUFFER_BYTES, received);
     let sent_meta = read_header(&mut input)?;
@@ -174,33 +181,20 @@ pub fn write_temp_from_received(
             sent_meta.last_log_id, meta.last_log_id
         )));
     }
-    let path = temp_path(dir);
-    let result = (|| {
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&path)?;
-        let mut out = BufWriter::with_capacity(IO_BUFFER_BYTES, file);
-        write_header(&mut out, meta)?;
-        io::copy(&mut input, &mut out)?;
-        let file = out.into_inner().map_err(|e| e.into_error())?;
-        file.sync_all()
-    })();
-    if let Err(e) = result {
-        let _ = fs::remove_file(&path);
-        return Err(e);
-    }
-    Ok(path)
+    let mut decoder = zstd::Decoder::with_buffer(input)?;
+    app.restore(&mut decoder, false)?;
+    io::copy(&mut decoder, &mut io::sink())?;
+    Ok(())
 }
 
 /// Restores `app` from the snapshot file at `path` and returns its metadata. The whole zstd
 /// frame is read, so its checksum is verified.
-pub fn restore(path: &Path, app: &dyn AppStateMachine) -> io::Result<SnapshotMeta> {
+pub fn restore(path: &Path, app: &dyn AppStateMachine, local: bool) -> io::Result<SnapshotMeta> {
     let file = File::open(path)?;
     let mut input = BufReader::with_capacity(IO_BUFFER_BYTES, file);
     let meta = read_header(&mut input)?;
     let mut decoder = zstd::Decoder::with_buffer(input)?;
-    app.restore(&mut decoder)?;
+    app.restore(&mut decoder, local)?;
     io::copy(&mut decoder, &mut io::sink())?;
     Ok(meta)
 }
@@ -228,4 +222,85 @@ pub fn receiving_file(dir: &Path) -> io::Result<File> {
         .open(&path)?;
     fs::remove_file(&path)?;
     Ok(file)
+}
+
+/// Prefix of the transfer file written for followers (see the module comment).
+const TRANSFER_FILE_PREFIX: &str = "tmp-transfer-";
+
+/// The transfer file of the snapshot `snapshot_id` in `dir`.
+pub fn transfer_path(dir: &Path, snapshot_id: &str) -> PathBuf {
+    // Snapshot ids are made of digits, letters and dashes; keep the name safe regardless.
+    let safe: String = snapshot_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    dir.join(format!("{TRANSFER_FILE_PREFIX}{safe}.snap"))
+}
+
+/// Opens the transfer file of the kept snapshot, writing it first if it is not there: the
+/// header of `current.snap`, then the application's transfer stream of its content.
+pub fn open_transfer(
+    dir: &Path,
+    meta: &SnapshotMeta,
+    app: &dyn AppStateMachine,
+) -> io::Result<File> {
+    let path = transfer_path(dir, &meta.snapshot_id);
+    match File::open(&path) {
+        Ok(file) => return Ok(file),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let temp = temp_path(dir);
+    let result = (|| {
+        let current = File::open(current_path(dir))?;
+        let mut input = BufReader::with_capacity(IO_BUFFER_BYTES, current);
+        let kept_meta = read_header(&mut input)?;
+        if kept_meta.snapshot_id != meta.snapshot_id {
+            return Err(invalid(format!(
+                "the kept snapshot is {}, not {}",
+                kept_meta.snapshot_id, meta.snapshot_id
+            )));
+        }
+        let mut decoder = zstd::Decoder::with_buffer(input)?;
+        let file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&temp)?;
+        let mut out = BufWriter::with_capacity(IO_BUFFER_BYTES, file);
+        write_header(&mut out, meta)?;
+        let mut encoder = zstd::Encoder::new(out, ZSTD_LEVEL)?;
+        encoder.include_checksum(true)?;
+        app.write_transfer(&mut decoder, &mut encoder)?;
+        let out = encoder.finish()?;
+        let file = out.into_inner().map_err(|e| e.into_error())?;
+        // Not needed across a crash (it is removed at open): no fsync.
+        drop(file);
+        fs::rename(&temp, &path)
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(e);
+    }
+    File::open(&path)
+}
+
+/// Removes the transfer files of snapshots other than `keep_id`.
+pub fn remove_stale_transfers(dir: &Path, keep_id: Option<&str>) -> io::Result<()> {
+    let keep = keep_id.map(|id| transfer_path(dir, id));
+    for item in fs::read_dir(dir)? {
+        let item = item?;
+        let name = item.file_name();
+        if name.to_string_lossy().starts_with(TRANSFER_FILE_PREFIX)
+            && keep.as_deref() != Some(item.path().as_path())
+        {
+            fs::remove_file(item.path())?;
+        }
+    }
+    Ok(())
 }

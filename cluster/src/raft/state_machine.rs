@@ -1,4 +1,11 @@
 //! The Raft state machine: committed entries go to the application, snapshots go to files.
+//!
+//! Storage faults: with openraft 0.9 a `StorageError` from here stops Raft for good. Writing a
+//! snapshot (build or install) that fails with an OS error (no space left, an I/O error, too
+//! many open files) is therefore retried with backoff (`health::retry_delay`) until it
+//! succeeds, and the failure is reported to the shared [`StorageHealth`] meanwhile. A build
+//! runs in its own task (openraft starts no other build meanwhile and keeps the log); an
+//! install holds the state machine worker, as an install does anyway.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex as StdMutex};
@@ -10,6 +17,7 @@ use openraft::{
 use tokio::sync::Mutex;
 
 use crate::app::{AppStateMachine, SnapshotBuilder};
+use crate::health::{self, StorageComponent, StorageHealth};
 
 use super::applied::AppliedIndex;
 use super::snapshot_file;
@@ -29,6 +37,9 @@ fn join_error(e: tokio::task::JoinError) -> StorageError {
 /// its own task while entries keep being applied).
 struct SnapshotShared {
     dir: PathBuf,
+    health: Arc<StorageHealth>,
+    /// Turns the kept snapshot into what a follower installs (see `snapshot_file`).
+    app: Arc<dyn AppStateMachine>,
     /// Metadata of the snapshot kept on disk; the lock also serialises replacing the file.
     current: Mutex<Option<SnapshotMeta>>,
 }
@@ -44,6 +55,10 @@ pub struct StateMachineStore {
     holds_app_data: Arc<std::sync::atomic::AtomicBool>,
     /// The applied index, for tasks waiting to read their own writes.
     applied: Arc<AppliedIndex>,
+    /// False until openraft's first `get_current_snapshot`, the one its start-up makes to
+    /// read the metadata (openraft 0.9's storage helper): that one gets the kept file itself,
+    /// every later one (a follower to feed) the transfer file.
+    metadata_read: bool,
 }
 
 impl StateMachineStore {
@@ -62,7 +77,7 @@ impl StateMachineStore {
                 if !path.exists() {
                     return Ok(None);
                 }
-                snapshot_file::restore(&path, restore_app.as_ref()).map(Some)
+                snapshot_file::restore(&path, restore_app.as_ref(), true).map(Some)
             })
             .await
             .map_err(std::io::Error::other)??;
@@ -77,8 +92,9 @@ impl StateMachineStore {
                 .map(|id| id.index),
         );
         Ok(Self {
+            metadata_read: false,
             applied,
-            app,
+            app: app.clone(),
             last_applied: restored.as_ref().and_then(|m| m.last_log_id),
             last_membership: restored
                 .as_ref()
@@ -87,6 +103,8 @@ impl StateMachineStore {
             holds_app_data: Arc::new(std::sync::atomic::AtomicBool::new(restored.is_some())),
             snapshots: Arc::new(SnapshotShared {
                 dir: snapshot_dir.to_path_buf(),
+                health: app.storage_health(),
+                app: app.clone(),
                 current: Mutex::new(restored),
             }),
         })
@@ -97,7 +115,7 @@ impl StateMachineStore {
 pub struct StateMachineSnapshotBuilder {
     /// The application's captured view; taken by the first `build_snapshot`. A `Mutex` only
     /// because openraft wants builders `Sync`.
-    captured: StdMutex<Option<Box<dyn SnapshotBuilder>>>,
+    captured: StdMutex<Option<Arc<dyn SnapshotBuilder>>>,
     last_applied: Option<LogId>,
     last_membership: StoredMembership,
     snapshots: Arc<SnapshotShared>,
@@ -136,14 +154,27 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
             last_membership: self.last_membership.clone(),
             snapshot_id,
         };
-        let dir = self.snapshots.dir.clone();
-        let write_meta = meta.clone();
-        let temp = tokio::task::spawn_blocking(move || {
-            snapshot_file::write_temp(&dir, &write_meta, captured)
-        })
-        .await
-        .map_err(join_error)?
-        .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let health = self.snapshots.health.clone();
+        let mut attempt = 0;
+        let temp = loop {
+            let dir = self.snapshots.dir.clone();
+            let write_meta = meta.clone();
+            let builder = captured.clone();
+            let written = tokio::task::spawn_blocking(move || {
+                snapshot_file::write_temp(&dir, &write_meta, builder.as_ref())
+            })
+            .await
+            .map_err(join_error)?;
+            match written {
+                Ok(temp) => break temp,
+                Err(e) if health::is_retryable(&e) => {
+                    health.report_failure(StorageComponent::Snapshot, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(snapshot_error(ErrorVerb::Write, &e)),
+            }
+        };
 
         // Keep only the newest: an older build finishing late is discarded.
         let mut current = self.snapshots.current.lock().await;
@@ -167,14 +198,35 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineSnapshotBuilder {
                 snapshot: Box::new(tokio::fs::File::from_std(file)),
             });
         }
-        let file = tokio::task::spawn_blocking(move || {
-            snapshot_file::commit(&dir, &temp)?;
-            snapshot_file::open_current(&dir)
-        })
-        .await
-        .map_err(join_error)?
-        .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let mut attempt = 0;
+        let file = loop {
+            let dir = dir.clone();
+            let moving = temp.clone();
+            let committed = tokio::task::spawn_blocking(move || {
+                snapshot_file::commit(&dir, &moving)?;
+                snapshot_file::open_current(&dir)
+            })
+            .await
+            .map_err(join_error)?;
+            match committed {
+                Ok(file) => break file,
+                Err(e) if health::is_retryable(&e) && temp.exists() => {
+                    health.report_failure(StorageComponent::Snapshot, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(snapshot_error(ErrorVerb::Write, &e)),
+            }
+        };
+        health.report_ok(StorageComponent::Snapshot);
         *current = Some(meta.clone());
+        captured.kept();
+        let stale_dir = dir.clone();
+        let keep_id = meta.snapshot_id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            snapshot_file::remove_stale_transfers(&stale_dir, Some(&keep_id))
+        })
+        .await;
         tracing::info!(snapshot = %meta, "snapshot written");
         Ok(Snapshot {
             meta,
@@ -263,7 +315,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     /// in its own task while applying goes on.
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
         StateMachineSnapshotBuilder {
-            captured: StdMutex::new(Some(self.app.begin_snapshot())),
+            captured: StdMutex::new(Some(Arc::from(self.app.begin_snapshot()))),
             last_applied: self.last_applied,
             last_membership: self.last_membership.clone(),
             snapshots: self.snapshots.clone(),
@@ -285,29 +337,57 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         meta: &SnapshotMeta,
         snapshot: Box<tokio::fs::File>,
     ) -> Result<(), StorageError> {
-        let mut received = snapshot.into_std().await;
-        let dir = self.snapshots.dir.clone();
-        let app = self.app.clone();
-        let install_meta = meta.clone();
+        let received = snapshot.into_std().await;
+        let received = Arc::new(StdMutex::new(received));
         let mut current = self.snapshots.current.lock().await;
-        tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-            let temp = snapshot_file::write_temp_from_received(&dir, &mut received, &install_meta)?;
-            let result = snapshot_file::restore(&temp, app.as_ref())
-                .and_then(|_| snapshot_file::commit(&dir, &temp));
-            if result.is_err() {
-                let _ = std::fs::remove_file(&temp);
+        let health = self.snapshots.health.clone();
+        let mut attempt = 0;
+        let builder = loop {
+            let dir = self.snapshots.dir.clone();
+            let app = self.app.clone();
+            let install_meta = meta.clone();
+            let received = received.clone();
+            // Restore from what the leader sent (bodies inlined), then keep this node's own
+            // snapshot of the restored state (references only), under the same metadata.
+            let installed = tokio::task::spawn_blocking(
+                move || -> std::io::Result<Box<dyn SnapshotBuilder>> {
+                    let mut received = received.lock().unwrap_or_else(|p| p.into_inner());
+                    snapshot_file::restore_received(&mut received, &install_meta, app.as_ref())?;
+                    let builder = app.begin_snapshot();
+                    let temp = snapshot_file::write_temp(&dir, &install_meta, builder.as_ref())?;
+                    let result = snapshot_file::commit(&dir, &temp);
+                    if result.is_err() {
+                        let _ = std::fs::remove_file(&temp);
+                    }
+                    result.map(|()| builder)
+                },
+            )
+            .await
+            .map_err(join_error)?;
+            match installed {
+                Ok(builder) => break builder,
+                Err(e) if health::is_retryable(&e) => {
+                    health.report_failure(StorageComponent::Snapshot, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => {
+                    return Err(StorageError::from(StorageIOError::new(
+                        ErrorSubject::Snapshot(Some(meta.signature())),
+                        ErrorVerb::Write,
+                        &e,
+                    )))
+                }
             }
-            result
+        };
+        health.report_ok(StorageComponent::Snapshot);
+        builder.kept();
+        let stale_dir = self.snapshots.dir.clone();
+        let keep_id = meta.snapshot_id.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            snapshot_file::remove_stale_transfers(&stale_dir, Some(&keep_id))
         })
-        .await
-        .map_err(join_error)?
-        .map_err(|e| {
-            StorageError::from(StorageIOError::new(
-                ErrorSubject::Snapshot(Some(meta.signature())),
-                ErrorVerb::Write,
-                &e,
-            ))
-        })?;
+        .await;
         *current = Some(meta.clone());
         self.holds_app_data
             .store(true, std::sync::atomic::Ordering::Release);
@@ -323,8 +403,26 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let Some(meta) = current.clone() else {
             return Ok(None);
         };
-        let file = snapshot_file::open_current(&self.snapshots.dir)
-            .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?;
+        if !self.metadata_read {
+            self.metadata_read = true;
+            let file = snapshot_file::open_current(&self.snapshots.dir)
+                .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?;
+            return Ok(Some(Snapshot {
+                meta,
+                snapshot: Box::new(tokio::fs::File::from_std(file)),
+            }));
+        }
+        // A follower needs it: the transfer file (bodies inlined), written once per snapshot.
+        // It runs on the state machine worker (applies wait), once per kept snapshot.
+        let dir = self.snapshots.dir.clone();
+        let app = self.snapshots.app.clone();
+        let transfer_meta = meta.clone();
+        let file = tokio::task::spawn_blocking(move || {
+            snapshot_file::open_transfer(&dir, &transfer_meta, app.as_ref())
+        })
+        .await
+        .map_err(join_error)?
+        .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?;
         Ok(Some(Snapshot {
             meta,
             snapshot: Box::new(tokio::fs::File::from_std(file)),

@@ -30,7 +30,7 @@ pub(crate) struct MapApp {
 struct MapSnapshot(BTreeMap<String, String>);
 
 impl SnapshotBuilder for MapSnapshot {
-    fn write_to(self: Box<Self>, out: &mut dyn io::Write) -> io::Result<()> {
+    fn write_to(&self, out: &mut dyn io::Write) -> io::Result<()> {
         serde_json::to_writer(out, &self.0).map_err(io::Error::other)
     }
 }
@@ -61,7 +61,7 @@ impl AppStateMachine for MapApp {
         Box::new(MapSnapshot(self.snapshot_of_map()))
     }
 
-    fn restore(&self, snapshot: &mut dyn io::Read) -> io::Result<()> {
+    fn restore(&self, snapshot: &mut dyn io::Read, _local: bool) -> io::Result<()> {
         let restored: BTreeMap<String, String> =
             serde_json::from_reader(snapshot).map_err(io::Error::other)?;
         *self.map.lock().map_err(|_| io::Error::other("poisoned"))? = restored;
@@ -411,8 +411,8 @@ fn snapshot_file_round_trips_and_refuses_damage() {
         last_membership: Default::default(),
         snapshot_id: "1-7-100-test".to_string(),
     };
-    let temp =
-        snapshot_file::write_temp(dir.path(), &meta, source.begin_snapshot()).expect("write");
+    let temp = snapshot_file::write_temp(dir.path(), &meta, source.begin_snapshot().as_ref())
+        .expect("write");
     snapshot_file::commit(dir.path(), &temp).expect("commit");
     assert_eq!(
         snapshot_file::read_current_meta(dir.path()).expect("meta"),
@@ -421,7 +421,7 @@ fn snapshot_file_round_trips_and_refuses_damage() {
     let restored = MapApp::default();
     let path = snapshot_file::current_path(dir.path());
     assert_eq!(
-        snapshot_file::restore(&path, &restored).expect("restore"),
+        snapshot_file::restore(&path, &restored, true).expect("restore"),
         meta
     );
     assert_eq!(restored.snapshot_of_map(), source.snapshot_of_map());
@@ -430,7 +430,7 @@ fn snapshot_file_round_trips_and_refuses_damage() {
     let check_refused = |damaged: Vec<u8>, what: &str| {
         let damaged_path = dir.path().join("damaged.snap");
         std::fs::write(&damaged_path, damaged).expect("write damaged");
-        let result = snapshot_file::restore(&damaged_path, &MapApp::default());
+        let result = snapshot_file::restore(&damaged_path, &MapApp::default(), true);
         assert!(result.is_err(), "{what} was accepted");
     };
     let mut bad_magic = bytes.clone();

@@ -108,13 +108,18 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
     log
 }
 
-/// The machine's state as snapshot bytes (state and bodies).
+/// The machine's state as the snapshot bytes a follower receives (state and every body
+/// inlined: the node's own snapshot holds references, turned into this by `write_transfer`).
 pub fn snapshot(machine: &MailStateMachine) -> Vec<u8> {
-    let mut bytes = Vec::new();
+    let mut local = Vec::new();
     machine
         .begin_snapshot()
-        .write_to(&mut bytes)
+        .write_to(&mut local)
         .expect("snapshot of a live state");
+    let mut bytes = Vec::new();
+    machine
+        .write_transfer(&mut local.as_slice(), &mut bytes)
+        .expect("transfer of a live state");
     bytes
 }
 
