@@ -739,7 +739,10 @@ print(len(acked))
         1,
         "token alone on one line: {token:?}"
     );
-    cluster.kermail("n4", &["cluster", "join", token]);
+    cluster.ok_stdin(
+        &["exec", "n4", "--", "kermail", "cluster", "join"],
+        &format!("{token}\n"),
+    );
     cluster.py(
         r#"
 def same():
