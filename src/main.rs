@@ -96,8 +96,16 @@ enum ClusterCommand {
         learner: bool,
     },
     /// Join the cluster a token invites this (new, empty, running) node to; returns once the
-    /// node is a caught-up member.
-    Join { token: String },
+    /// node is a caught-up member. The token is a secret: it is read from standard input (one
+    /// line) or from `--token-file`, never from the command line, where `ps` would show it.
+    Join {
+        /// Read the token from this file instead of standard input.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// Refused: a token on the command line is visible to every user of the machine.
+        #[arg(hide = true)]
+        token_in_argv: Option<String>,
+    },
     /// Take this node out of the cluster (hands leadership over first when it leads).
     Leave,
     /// Remove a member that is gone for good.
@@ -234,7 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             learner,
         }) => {
             eprintln!(
-                "kermail: inviting {name} (site {site}{}); the token below is a secret, valid once and for one hour: run `kermail cluster join TOKEN` on the new node",
+                "kermail: inviting {name} (site {site}{}); the token below is a secret, valid once and for one hour: give it to `kermail cluster join` on the new node on standard input (or with --token-file PATH)",
                 if learner { ", as a learner" } else { "" }
             );
             AdminRequest::ClusterInvite {
@@ -243,7 +251,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 learner,
             }
         }
-        Command::Cluster(ClusterCommand::Join { token }) => return join(&config, token),
+        Command::Cluster(ClusterCommand::Join {
+            token_file,
+            token_in_argv,
+        }) => {
+            if token_in_argv.is_some() {
+                bail!(
+                    "the token is a secret and the command line is visible to every user (ps): \
+                     pass it on standard input (`kermail cluster join < token`) or with --token-file PATH"
+                );
+            }
+            let token = read_token(token_file.as_deref())?;
+            return join(&config, token);
+        }
         Command::Cluster(ClusterCommand::Leave) => AdminRequest::ClusterLeave,
         Command::Cluster(ClusterCommand::Remove { name }) => AdminRequest::ClusterRemove { name },
         Command::Cluster(ClusterCommand::Status { json }) => AdminRequest::ClusterStatus { json },
@@ -289,7 +309,32 @@ const JOIN_NODE_RESTART_WAIT: std::time::Duration = std::time::Duration::from_se
 /// How often `cluster join` asks the node where the join stands.
 const JOIN_POLL: std::time::Duration = std::time::Duration::from_millis(300);
 
-/// `kermail cluster join TOKEN`: starts the join, then shows its progress until the node is a
+/// Reads an invitation token from `path`, or else from standard input (first line).
+fn read_token(path: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let text = match path {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        None => {
+            let stdin = std::io::stdin();
+            if stdin.is_terminal() {
+                eprintln!("kermail: paste the invitation token, then Enter:");
+            }
+            let mut line = String::new();
+            stdin
+                .lock()
+                .read_line(&mut line)
+                .context("cannot read the token from standard input")?;
+            line
+        }
+    };
+    let token = text.lines().map(str::trim).find(|l| !l.is_empty());
+    match token {
+        Some(token) => Ok(token.to_string()),
+        None => bail!("no token given: pass it on standard input or with --token-file PATH"),
+    }
+}
+
+/// `kermail cluster join < TOKEN`: starts the join, then shows its progress until the node is a
 /// caught-up member (exit 0) or the cluster refused it (exit 1).
 fn join(config: &Config, token: String) -> anyhow::Result<ExitCode> {
     let socket = config.admin_socket_path();

@@ -448,3 +448,82 @@ async fn node_with_data_refuses_to_join() {
         node.cluster.shutdown().await.expect("shutdown");
     }
 }
+
+/// A learner has no authority: a voter refuses its Elect, Invite, Remove (of another node) and
+/// PreVote requests, and its Raft requests (only a leader or a candidate sends those); the
+/// cluster's term does not move and every voter stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn learner_may_not_elect_invite_remove_or_send_raft_requests() {
+    use super::wire::{ControlReply, ControlRequest, RaftReply, RaftRpc};
+    let nodes = form_cluster(2).await;
+    let learner = join_new(&nodes[0].cluster, "n3", "s3", true).await;
+    let id_n3 = learner.cluster.node_id();
+    let engine = nodes[1].cluster.engine().expect("engine");
+    wait_for("n2 to know n3", || engine.name_of(id_n3).is_some()).await;
+    let term_before = nodes[0].cluster.status().term;
+    let requests = [
+        ControlRequest::Elect,
+        ControlRequest::Invite {
+            name: "n4".to_string(),
+            site: "s4".to_string(),
+            learner: false,
+            valid_ms: 60_000,
+        },
+        ControlRequest::Remove {
+            name: "n1".to_string(),
+        },
+        ControlRequest::PreVote { last_log: None },
+    ];
+    for request in requests {
+        let what = format!("{request:?}");
+        let reply = super::service::handle_control(&engine, "n3", request).await;
+        match reply {
+            ControlReply::Error(message) => {
+                assert!(message.contains("learner"), "{what}: {message}")
+            }
+            other => panic!("{what} from a learner must be refused: {other:?}"),
+        }
+    }
+    let vote = openraft::raft::VoteRequest::new(openraft::Vote::new(term_before + 5, id_n3), None);
+    let reply = super::network::handle_rpc_for_test(&engine, "n3", RaftRpc::Vote(vote)).await;
+    assert!(
+        matches!(&reply, RaftReply::Refused(reason) if reason.contains("learner")),
+        "a vote request from a learner must be refused: {reply:?}"
+    );
+    let append = openraft::raft::AppendEntriesRequest {
+        vote: openraft::Vote::new_committed(term_before + 5, id_n3),
+        prev_log_id: None,
+        entries: Vec::new(),
+        leader_commit: None,
+    };
+    let reply =
+        super::network::handle_rpc_for_test(&engine, "n3", RaftRpc::AppendEntries(append)).await;
+    assert!(
+        matches!(&reply, RaftReply::Refused(reason) if reason.contains("learner")),
+        "AppendEntries from a learner must be refused: {reply:?}"
+    );
+    let status = nodes[0].cluster.status();
+    assert_eq!(status.term, term_before, "the term moved");
+    assert_eq!(
+        status.membership.iter().filter(|m| m.voter).count(),
+        2,
+        "a voter was removed: {:?}",
+        status.membership
+    );
+    // A learner may still take itself out.
+    let reply = super::service::handle_control(
+        &engine,
+        "n3",
+        ControlRequest::Remove {
+            name: "n3".to_string(),
+        },
+    )
+    .await;
+    assert!(
+        !matches!(&reply, ControlReply::Error(message) if message.contains("learner")),
+        "a learner's own leave must not be refused for being a learner: {reply:?}"
+    );
+    for node in nodes.into_iter().chain([learner]) {
+        node.cluster.shutdown().await.expect("shutdown");
+    }
+}

@@ -39,15 +39,19 @@ impl Default for ClusterConfig {
 ///
 /// openraft uses `heartbeat_interval_ms` both as the heartbeat period and as the timeout of
 /// every AppendEntries RPC (and of the read-index heartbeat), so it must exceed the worst round
-/// trip plus the follower's fsync. The election timeout is about ten heartbeats (etcd's
-/// guidance), so that a slow fsync or one lost heartbeat does not start an election.
+/// trip plus the follower's fsync. Elections are the application's (`service::run_elections`):
+/// a voter whose leader has been silent for a random time in the election timeout range, or
+/// whose mesh link to the leader dropped, asks the others for a pre-vote and stands only with
+/// a majority; a leader that heard no majority for `election_timeout_min_ms` refuses writes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RaftTimings {
     /// Heartbeat period and AppendEntries RPC timeout.
     pub heartbeat_interval_ms: u64,
     /// A follower that hears no leader for a random time in
-    /// `[election_timeout_min_ms, election_timeout_max_ms)` starts an election.
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` asks for a pre-vote (and stands if
+    /// a majority hears no leader either); a leader that hears no majority for
+    /// `election_timeout_min_ms` refuses writes (check-quorum).
     pub election_timeout_min_ms: u64,
     /// See `election_timeout_min_ms`.
     pub election_timeout_max_ms: u64,
@@ -67,16 +71,17 @@ pub struct RaftTimings {
 impl RaftTimings {
     /// One site, one LAN: round trips under 1 ms, fsync 1 to 30 ms on a busy shared disk. A
     /// 150 ms heartbeat (and AppendEntries timeout) leaves room for a 512 KiB batch plus fsync
-    /// on a loaded 2-core box; elections after 0.8 to 1.6 s, five to ten heartbeats, so that a
-    /// stalled heartbeat or two do not start one. With two survivors the first timer fires after
-    /// about 1.07 s on average, so a killed leader is replaced, and writes flow again, in
-    /// about 1.2 s (the failover goal is a median under 2 s). Snapshot chunks of 3 MiB cross a
-    /// LAN well within 10 s.
+    /// on a loaded 2-core box. A leader silent for 0.5 to 0.8 s (more than three heartbeats)
+    /// is suspected; the pre-vote keeps a false suspicion harmless (the other voters still hear
+    /// the leader and refuse). A silently cut leader is replaced about 0.6 s after the cut (the
+    /// goal: writes flow again within 1 s median, 3 s worst); a crashed one as soon as its links
+    /// drop and openraft's lease (one heartbeat) ran out. Snapshot chunks of 3 MiB cross a LAN
+    /// well within 10 s.
     pub fn lan() -> Self {
         Self {
             heartbeat_interval_ms: 150,
-            election_timeout_min_ms: 800,
-            election_timeout_max_ms: 1_600,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 800,
             install_snapshot_timeout_ms: 10_000,
             propose_timeout_ms: 5_000,
             snapshot_after_logs: 5_000,
@@ -86,14 +91,15 @@ impl RaftTimings {
 
     /// Sites across the internet: round trips up to about 150 ms, plus a follower's fsync (up
     /// to about 50 ms on a busy disk), plus margin: a 300 ms heartbeat (and AppendEntries
-    /// timeout). Elections after 3 to 6 s, about ten heartbeats and twenty round trips. A 3 MiB
-    /// snapshot chunk over a 5 Mbit/s home uplink takes about 5 s: 60 s per chunk. Proposals
-    /// wait up to 10 s, enough for an election plus a commit.
+    /// timeout). A leader silent for 1.2 to 2.4 s (four to eight heartbeats, eight to sixteen
+    /// round trips) is suspected (the goal: writes flow again within 3 s median, 10 s worst).
+    /// A 3 MiB snapshot chunk over a 5 Mbit/s home uplink takes about 5 s: 60 s per chunk.
+    /// Proposals wait up to 10 s, enough for an election plus a commit.
     pub fn wan() -> Self {
         Self {
             heartbeat_interval_ms: 300,
-            election_timeout_min_ms: 3_000,
-            election_timeout_max_ms: 6_000,
+            election_timeout_min_ms: 1_200,
+            election_timeout_max_ms: 2_400,
             install_snapshot_timeout_ms: 60_000,
             propose_timeout_ms: 10_000,
             snapshot_after_logs: 5_000,

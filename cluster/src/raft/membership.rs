@@ -186,6 +186,18 @@ pub fn is_pending_invitation(info: &NodeInfo) -> bool {
     info.joining.as_ref().is_some_and(|j| !j.connected)
 }
 
+/// Whether a member may act as a leader or a candidate (send AppendEntries, Vote or snapshot
+/// requests): a voter, or a node invited as a voter that connected and is being promoted (a
+/// replica that has not seen the promotion yet must still follow it once it leads). A learner
+/// never may.
+pub fn may_lead(info: &NodeInfo, is_voter: bool) -> bool {
+    is_voter
+        || info
+            .joining
+            .as_ref()
+            .is_some_and(|j| j.as_voter && j.connected)
+}
+
 /// The mesh member list for a membership: every node with a valid key, except invitations
 /// that expired before their node connected.
 pub fn mesh_members<'a>(

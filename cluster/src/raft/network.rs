@@ -11,9 +11,16 @@
 //!
 //! The receiving side is [`serve_raft`]: it refuses an RPC unless the mesh peer it came from
 //! is the member whose node id the RPC claims (node ids are bound to mesh keys through the
-//! membership's [`NodeInfo`] records).
+//! membership's [`NodeInfo`] records) and that member may lead: every Raft request is sent by a
+//! leader or a candidate, which a learner never is.
+//!
+//! Both sides note when they last heard from each peer ([`Contacts`]): a follower how long its
+//! leader has been silent (elections, pre-votes), a leader whether a majority still answers
+//! (check-quorum).
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Timeout, Unreachable,
@@ -42,15 +49,38 @@ const UNREACHABLE_BACKOFF: Duration = Duration::from_millis(500);
 #[error("{0}")]
 pub struct MeshRpcError(String);
 
+/// When this node last heard from each peer at the Raft level: an RPC it accepted from the
+/// peer (a follower hears its leader's AppendEntries), or the peer's answer to an RPC (a leader
+/// hears its followers' acknowledgements).
+#[derive(Debug, Default)]
+pub struct Contacts {
+    heard: Mutex<BTreeMap<NodeId, Instant>>,
+}
+
+impl Contacts {
+    /// Notes that `peer` was heard now.
+    pub fn heard_from(&self, peer: NodeId) {
+        let mut heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.insert(peer, Instant::now());
+    }
+
+    /// How long ago `peer` was last heard (`None`: never since this node started).
+    pub fn silence(&self, peer: NodeId) -> Option<Duration> {
+        let heard = self.heard.lock().unwrap_or_else(|p| p.into_inner());
+        heard.get(&peer).map(|at| at.elapsed())
+    }
+}
+
 /// The network factory: one client per target, all over the same mesh.
 #[derive(Clone)]
 pub struct MeshNetwork {
     mesh: Mesh,
+    contacts: Arc<Contacts>,
 }
 
 impl MeshNetwork {
-    pub fn new(mesh: Mesh) -> Self {
-        Self { mesh }
+    pub fn new(mesh: Mesh, contacts: Arc<Contacts>) -> Self {
+        Self { mesh, contacts }
     }
 }
 
@@ -60,6 +90,7 @@ pub struct MeshClient {
     mesh: Mesh,
     target: NodeId,
     name: String,
+    contacts: Arc<Contacts>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
@@ -70,6 +101,7 @@ impl RaftNetworkFactory<TypeConfig> for MeshNetwork {
             mesh: self.mesh.clone(),
             target,
             name: node.name.clone(),
+            contacts: self.contacts.clone(),
         }
     }
 }
@@ -86,8 +118,14 @@ impl MeshClient {
             encode(&rpc).map_err(|e| RPCError::Network(NetworkError::new(&MeshRpcError(e))))?;
         let ttl = option.hard_ttl();
         match self.mesh.request(&self.name, channel, body, ttl).await {
-            Ok(reply) => decode::<RaftReply>(&reply)
-                .map_err(|e| RPCError::Network(NetworkError::new(&MeshRpcError(e)))),
+            Ok(reply) => {
+                let reply = decode::<RaftReply>(&reply)
+                    .map_err(|e| RPCError::Network(NetworkError::new(&MeshRpcError(e))))?;
+                if !matches!(reply, RaftReply::Refused(_)) {
+                    self.contacts.heard_from(self.target);
+                }
+                Ok(reply)
+            }
             Err(error @ (MeshError::Unreachable(_) | MeshError::UnknownPeer(_))) => {
                 tracing::debug!(target = self.target, peer = %self.name, %error, "peer unreachable");
                 Err(RPCError::Unreachable(Unreachable::new(&MeshRpcError(
@@ -186,9 +224,11 @@ impl RaftNetwork<TypeConfig> for MeshClient {
     }
 }
 
-/// Tells whether the mesh peer `from` is the member `claimed`.
+/// Decides whether the mesh peer `from` may send a Raft request as node `claimed`: it must be
+/// that member, and one that may lead (a voter, or a node invited as a voter that is joining);
+/// `Err` says why not.
 pub trait SenderCheck: Send + Sync + 'static {
-    fn is(&self, claimed: NodeId, from: &str) -> bool;
+    fn check(&self, claimed: NodeId, from: &str) -> Result<(), String>;
 }
 
 /// Answers the requests arriving on one mesh channel until `stop`, or until `handle` gives
@@ -244,6 +284,7 @@ pub async fn serve_raft(
     raft: Raft,
     incoming: mpsc::Receiver<Incoming>,
     check: std::sync::Arc<dyn SenderCheck>,
+    contacts: Arc<Contacts>,
     stop: CancellationToken,
 ) {
     let span: fn(&str) -> tracing::Span = |from| tracing::debug_span!("raft_rpc", from = %from);
@@ -255,8 +296,9 @@ pub async fn serve_raft(
         move |from, body| {
             let raft = raft.clone();
             let check = check.clone();
+            let contacts = contacts.clone();
             Some(async move {
-                let reply = handle_rpc(&raft, check.as_ref(), &from, &body).await;
+                let reply = handle_rpc(&raft, check.as_ref(), &contacts, &from, &body).await;
                 encode(&reply)
                     .map_err(|error| tracing::error!(%error, "cannot encode a raft reply"))
                     .ok()
@@ -266,7 +308,13 @@ pub async fn serve_raft(
     .await
 }
 
-async fn handle_rpc(raft: &Raft, check: &dyn SenderCheck, from: &str, body: &[u8]) -> RaftReply {
+async fn handle_rpc(
+    raft: &Raft,
+    check: &dyn SenderCheck,
+    contacts: &Contacts,
+    from: &str,
+    body: &[u8],
+) -> RaftReply {
     let rpc = match decode::<RaftRpc>(body) {
         Ok(rpc) => rpc,
         Err(error) => {
@@ -275,16 +323,11 @@ async fn handle_rpc(raft: &Raft, check: &dyn SenderCheck, from: &str, body: &[u8
         }
     };
     let claimed = rpc.claimed_sender();
-    if !check.is(claimed, from) {
-        tracing::warn!(
-            from,
-            claimed,
-            "raft rpc refused: the sender is not the node it claims"
-        );
-        return RaftReply::Refused(format!(
-            "mesh peer {from} is not node {claimed} of this cluster"
-        ));
+    if let Err(reason) = check.check(claimed, from) {
+        tracing::warn!(from, claimed, %reason, "raft rpc refused");
+        return RaftReply::Refused(reason);
     }
+    contacts.heard_from(claimed);
     match rpc {
         RaftRpc::AppendEntries(rpc) => RaftReply::AppendEntries(raft.append_entries(rpc).await),
         RaftRpc::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
@@ -300,12 +343,7 @@ pub(crate) async fn handle_rpc_for_test(
     from: &str,
     rpc: RaftRpc,
 ) -> RaftReply {
-    struct Check(std::sync::Arc<super::node::Engine>);
-    impl SenderCheck for Check {
-        fn is(&self, claimed: NodeId, from: &str) -> bool {
-            self.0.name_of(claimed).is_some_and(|name| name == from)
-        }
-    }
+    let check = super::node::EngineCheck(std::sync::Arc::downgrade(engine));
     let body = encode(&rpc).expect("encode");
-    handle_rpc(&engine.raft, &Check(engine.clone()), from, &body).await
+    handle_rpc(&engine.raft, &check, &engine.contacts, from, &body).await
 }

@@ -20,7 +20,7 @@ use super::applied::{AppliedIndex, WaitError};
 use super::config::{ClusterConfig, RaftTimings};
 use super::log_store::{LogStore, LogStoreProbe};
 use super::membership::{self, JoinPhase, JoinState, PersistedIdentity};
-use super::network::{serve_raft, MeshNetwork, SenderCheck};
+use super::network::{serve_raft, Contacts, MeshNetwork, SenderCheck};
 use super::service;
 use super::state_machine::StateMachineStore;
 use super::types::{CommandBatch, CommandResponses, NodeId, NodeInfo, Raft};
@@ -178,6 +178,15 @@ pub(crate) struct Engine {
     /// The current leader, changed only when Raft names another one (forwarded writes watch
     /// it; Raft's own metrics change several times per entry).
     pub(crate) leader: watch::Receiver<Option<NodeId>>,
+    /// When each peer was last heard at the Raft level (elections, check-quorum).
+    pub(crate) contacts: Arc<Contacts>,
+    /// On the leader: whether a majority of the voters answered within the minimum election
+    /// timeout (check-quorum, kept by `service::run_elections`). A leader without it refuses
+    /// writes at once instead of letting them wait for a commit that cannot come.
+    pub(crate) quorum: watch::Sender<bool>,
+    /// Set when this node vetoed another's pre-vote (it holds a better claim and hears no
+    /// leader either): it stands at its next election step without waiting for its own timeout.
+    pub(crate) stand_now: AtomicBool,
 }
 
 /// Where a join stands, on the joining node (`kermail cluster join` polls it).
@@ -571,10 +580,11 @@ async fn start_engine(
     let applied = state_machine.applied_index();
     let raft_config = raft_config(&timings)?;
     let log_probe = log_store.probe();
+    let contacts = Arc::new(Contacts::default());
     let raft = Raft::new(
         node_id,
         Arc::new(raft_config),
-        MeshNetwork::new(mesh.clone()),
+        MeshNetwork::new(mesh.clone(), contacts.clone()),
         log_store,
         state_machine,
     )
@@ -638,13 +648,22 @@ async fn start_engine(
         join_report,
         applied,
         leader,
+        contacts: contacts.clone(),
+        quorum: watch::channel(true).0,
+        stand_now: AtomicBool::new(false),
     });
     let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
     for channel in [Channel::Raft, Channel::Bulk] {
         if let Some(incoming) = mesh.incoming(channel) {
             tokio::spawn(
-                serve_raft(raft.clone(), incoming, check.clone(), stop.clone())
-                    .instrument(tracing::info_span!("raft_rpcs", node_id, ?channel)),
+                serve_raft(
+                    raft.clone(),
+                    incoming,
+                    check.clone(),
+                    contacts.clone(),
+                    stop.clone(),
+                )
+                .instrument(tracing::info_span!("raft_rpcs", node_id, ?channel)),
             );
         }
     }
@@ -665,8 +684,8 @@ async fn start_engine(
             .instrument(tracing::info_span!("membership", node_id)),
     );
     tokio::spawn(
-        service::watch_leader_link(Arc::downgrade(&engine), stop.clone())
-            .instrument(tracing::info_span!("leader_link", node_id)),
+        service::run_elections(Arc::downgrade(&engine), stop.clone())
+            .instrument(tracing::info_span!("elections", node_id)),
     );
     if let Some(join) = joining {
         tokio::spawn(
@@ -738,22 +757,36 @@ async fn wait_lone_voter_ready(
 }
 
 /// Binds node ids to mesh peers: a peer may only speak for the node whose record (in the
-/// membership, or in the invitation token of a joining node) carries its name.
-struct EngineCheck(Weak<Engine>);
+/// membership, or in the invitation token of a joining node) carries its name, and, since
+/// every Raft request comes from a leader or a candidate, only if that node may lead.
+pub(crate) struct EngineCheck(pub(crate) Weak<Engine>);
 
 impl SenderCheck for EngineCheck {
-    fn is(&self, claimed: NodeId, from: &str) -> bool {
+    fn check(&self, claimed: NodeId, from: &str) -> Result<(), String> {
         let Some(engine) = self.0.upgrade() else {
-            return false;
+            return Err("this node is shutting down".to_string());
         };
-        // An invitation whose node has not connected yet may only ask to join.
-        if engine
-            .member_named(from)
-            .is_some_and(|(_, info, _)| membership::is_pending_invitation(&info))
-        {
-            return false;
+        if engine.name_of(claimed).is_none_or(|name| name != from) {
+            return Err(format!(
+                "mesh peer {from} is not node {claimed} of this cluster"
+            ));
         }
-        engine.name_of(claimed).is_some_and(|name| name == from)
+        let metrics = engine.raft.metrics();
+        let m = metrics.borrow();
+        let membership = m.membership_config.membership();
+        let Some(info) = membership.get_node(&claimed) else {
+            // Only a joining node knows members from its token before it has a membership:
+            // the token's members are the cluster's voters.
+            return if membership.nodes().next().is_none() {
+                Ok(())
+            } else {
+                Err(format!("{from} is not a member"))
+            };
+        };
+        let is_voter = membership.voter_ids().any(|id| id == claimed);
+        membership::may_lead(info, is_voter)
+            .then_some(())
+            .ok_or_else(|| format!("{from} is a learner: it may not lead or stand"))
     }
 }
 
@@ -815,6 +848,20 @@ impl Engine {
         command: Vec<u8>,
         deadline: tokio::time::Instant,
     ) -> Result<(Vec<u8>, u64), ProposeError> {
+        let mut quorum = self.quorum.subscribe();
+        if !*quorum.borrow_and_update() {
+            return Err(self.unavailable_no_quorum());
+        }
+        let quorum_lost = async {
+            loop {
+                if quorum.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if !*quorum.borrow_and_update() {
+                    return;
+                }
+            }
+        };
         let (reply, response) = oneshot::channel();
         let work = async {
             self.proposals
@@ -825,13 +872,23 @@ impl Engine {
                 .await
                 .map_err(|_| ProposeError::Fatal("raft stopped before answering".to_string()))?
         };
-        match tokio::time::timeout_at(deadline, work).await {
-            Ok(result) => result,
-            Err(_) => Err(ProposeError::Unavailable(format!(
-                "no commit within {} ms (no quorum?)",
-                self.timings.propose_timeout_ms
-            ))),
+        tokio::select! {
+            outcome = tokio::time::timeout_at(deadline, work) => match outcome {
+                Ok(result) => result,
+                Err(_) => Err(ProposeError::Unavailable(format!(
+                    "no commit within {} ms (no quorum?)",
+                    self.timings.propose_timeout_ms
+                ))),
+            },
+            () = quorum_lost => Err(self.unavailable_no_quorum()),
         }
+    }
+
+    fn unavailable_no_quorum(&self) -> ProposeError {
+        ProposeError::Unavailable(format!(
+            "this leader has not heard from a majority of the voters for {} ms; outcome unknown, retry",
+            self.timings.election_timeout_min_ms
+        ))
     }
 
     /// Proposes here when leading, else forwards to the leader; retries only while nothing
@@ -953,17 +1010,32 @@ async fn publish_leader(
     }
 }
 
+/// openraft's leader lease under [`raft_config`]: after its leader's last AppendEntries a
+/// follower refuses every vote for this long (openraft's maximum election timeout).
+pub(crate) fn leader_lease(timings: &RaftTimings) -> Duration {
+    Duration::from_millis(timings.heartbeat_interval_ms + 2)
+}
+
 fn raft_config(timings: &RaftTimings) -> Result<openraft::Config, ClusterError> {
     let snapshot_policy = if timings.snapshot_after_logs == 0 {
         SnapshotPolicy::Never
     } else {
         SnapshotPolicy::LogsSinceLast(timings.snapshot_after_logs)
     };
+    // Elections are run by `service::run_elections` (pre-vote, then `trigger().elect()`), never
+    // by openraft's own timer, so that a node cut off and healed cannot depose a working
+    // leader with a term it raised alone. openraft still uses the election timeouts for two
+    // things: the Vote RPC timeout (the minimum) and the leader lease (the maximum: a follower
+    // refuses every vote that long after its leader's last AppendEntries). The pre-vote already
+    // keeps a working leader in place, so the lease is cut to about one heartbeat: a candidate
+    // that passed its pre-vote is not refused for a second and a half more.
+    let openraft_election_timeout_min = timings.heartbeat_interval_ms + 1;
     openraft::Config {
         cluster_name: RAFT_CLUSTER_NAME.to_string(),
         heartbeat_interval: timings.heartbeat_interval_ms,
-        election_timeout_min: timings.election_timeout_min_ms,
-        election_timeout_max: timings.election_timeout_max_ms,
+        election_timeout_min: openraft_election_timeout_min,
+        election_timeout_max: openraft_election_timeout_min + 1,
+        enable_elect: false,
         install_snapshot_timeout: timings.install_snapshot_timeout_ms,
         snapshot_policy,
         max_in_snapshot_log_to_keep: timings.logs_kept_after_snapshot,

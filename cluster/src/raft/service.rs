@@ -29,6 +29,7 @@ use super::node::{
 use super::types::{Joining, NodeId, NodeInfo};
 use super::wire::{
     decode, encode, ControlReply, ControlRequest, ForwardReply, ForwardRequest, JoinProgress,
+    PreVoteVerdict,
 };
 use crate::mesh::{Channel, Identity, Incoming, MeshError};
 
@@ -46,7 +47,7 @@ pub const PROMOTION_LAG_MAX: u64 = 64;
 /// How often the member list is recomputed even without a membership change (so that an
 /// expired invitation's key is refused).
 const MEMBER_REFRESH: Duration = Duration::from_secs(1);
-/// How often the link to the leader is checked.
+/// How often a follower checks its leader's silence and a leader its quorum.
 const LEADER_LINK_POLL: Duration = Duration::from_millis(25);
 /// How long a member that left stays in the mesh's member list.
 const DEPARTED_GRACE: Duration = Duration::from_secs(10);
@@ -223,7 +224,11 @@ pub(crate) async fn serve_control(
     .await
 }
 
-async fn handle_control(engine: &Arc<Engine>, from: &str, request: ControlRequest) -> ControlReply {
+pub(crate) async fn handle_control(
+    engine: &Arc<Engine>,
+    from: &str,
+    request: ControlRequest,
+) -> ControlReply {
     if let ControlRequest::Join { node_id, addrs } = request {
         // The only request an invited node may send.
         return match engine.name_of(node_id) {
@@ -240,6 +245,31 @@ async fn handle_control(engine: &Arc<Engine>, from: &str, request: ControlReques
     if !is_full_member(engine, from) {
         warn!(from, "control request refused: not a member");
         return ControlReply::Error(format!("{from} is not a member"));
+    }
+    // Control authority: only voters change the membership or start elections. A learner may
+    // ask for status and take itself out (`cluster leave`), nothing else.
+    let from_voter = engine.member_named(from).is_some_and(|(_, _, voter)| voter);
+    let allowed = match &request {
+        ControlRequest::Status => true,
+        ControlRequest::Remove { name } => from_voter || name == from,
+        ControlRequest::Elect => {
+            // The leader that just left (no longer a voter) hands over to a voter.
+            let leader = engine.raft.metrics().borrow().current_leader;
+            from_voter || leader.is_some_and(|l| engine.name_of(l).as_deref() == Some(from))
+        }
+        ControlRequest::Invite { .. } | ControlRequest::PreVote { .. } => from_voter,
+        ControlRequest::Join { .. } => false,
+    };
+    if !allowed {
+        warn!(
+            from,
+            request = request_kind(&request),
+            "control request refused: the sender is a learner"
+        );
+        return ControlReply::Error(format!(
+            "refused: {from} is a learner; only voters may {}",
+            request_kind(&request)
+        ));
     }
     match request {
         ControlRequest::Status => ControlReply::Status(Box::new(engine.status())),
@@ -263,7 +293,21 @@ async fn handle_control(engine: &Arc<Engine>, from: &str, request: ControlReques
                 Err(error) => ControlReply::Error(error.to_string()),
             }
         }
+        ControlRequest::PreVote { last_log } => {
+            ControlReply::PreVote(pre_vote_verdict(engine, from, last_log))
+        }
         ControlRequest::Join { .. } => ControlReply::Error("unreachable".to_string()),
+    }
+}
+
+fn request_kind(request: &ControlRequest) -> &'static str {
+    match request {
+        ControlRequest::Status => "ask for status",
+        ControlRequest::Invite { .. } => "invite nodes",
+        ControlRequest::Join { .. } => "join",
+        ControlRequest::Remove { .. } => "remove nodes",
+        ControlRequest::Elect => "start elections",
+        ControlRequest::PreVote { .. } => "stand for election",
     }
 }
 
@@ -670,6 +714,9 @@ fn copy_request(request: &ControlRequest) -> ControlRequest {
         },
         ControlRequest::Remove { name } => ControlRequest::Remove { name: name.clone() },
         ControlRequest::Elect => ControlRequest::Elect,
+        ControlRequest::PreVote { last_log } => ControlRequest::PreVote {
+            last_log: *last_log,
+        },
     }
 }
 
@@ -757,15 +804,87 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
     }
 }
 
-/// Watches the mesh link to the leader. When it goes down (the leader's process died: its
-/// TCP connections close at once), every voter starts an election now instead of waiting for
-/// its election timer, and the lowest-id voter still reachable stands again a moment later at
-/// a higher term, which the others (now candidates without a leader lease) grant. Failover
-/// then takes a few round trips instead of up to two election timeouts (openraft refuses votes
-/// while the old leader's lease, the maximum election timeout, runs).
-pub(crate) async fn watch_leader_link(engine: Weak<Engine>, stop: CancellationToken) {
-    let mut seen_up: Option<(NodeId, u64)> = None;
-    let mut acted_for: Option<(NodeId, u64)> = None;
+/// What [`run_elections`] remembers between two polls.
+struct ElectionState {
+    /// The silence after which this follower suspects its leader, drawn at random in
+    /// `[election_timeout_min_ms, election_timeout_max_ms)` after each attempt.
+    timeout: Duration,
+    /// No pre-vote before this instant.
+    next_attempt: tokio::time::Instant,
+    /// Pre-votes in a row vetoed by a better candidate.
+    n_vetoes: u32,
+    /// When this node began to suspect the current leader (for the log lines).
+    suspected_at: Option<tokio::time::Instant>,
+    /// The last state seen, to log transitions.
+    last_state: ServerState,
+}
+
+/// Pre-votes in a row a voter lets a better candidate veto before it stands anyway (the better
+/// one may reach this node but not a majority).
+const MAX_VETOES_IN_A_ROW: u32 = 3;
+
+fn random_between(min_ms: u64, max_ms: u64) -> Duration {
+    let max_ms = max_ms.max(min_ms + 1);
+    Duration::from_millis(rand::Rng::gen_range(
+        &mut rand::thread_rng(),
+        min_ms..max_ms,
+    ))
+}
+
+/// Whether this node has lost its leader `leader`: silent for at least `threshold` (and for
+/// at least openraft's leader lease, so that a vote would no longer be refused), or silent for
+/// the lease and its mesh link is down (its process died: the kernel closed the sockets).
+fn leader_lost(engine: &Engine, leader: NodeId, threshold: Duration) -> bool {
+    let silence = engine.contacts.silence(leader).unwrap_or(Duration::MAX);
+    let lease = super::node::leader_lease(&engine.timings);
+    if silence < lease {
+        return false;
+    }
+    silence >= threshold || link_down(engine, leader)
+}
+
+fn link_down(engine: &Engine, node: NodeId) -> bool {
+    let Some(name) = engine.name_of(node) else {
+        return true;
+    };
+    engine
+        .mesh
+        .status()
+        .peers
+        .iter()
+        .find(|p| p.name == name)
+        .is_none_or(|p| p.link == crate::mesh::LinkState::Down)
+}
+
+/// Elections, run by the application instead of openraft's timer (which is off:
+/// `enable_elect: false`), and check-quorum.
+///
+/// On a voter that follows (or stands): once its leader has been silent for a random
+/// election timeout, or its mesh link to the leader drops (the leader's process died), it asks
+/// the other voters for a pre-vote ([`ControlRequest::PreVote`]). They grant it only when they
+/// do not hear a leader either, and veto it when they would make a better candidate (longer
+/// log, or the same log and a lower id), so exactly one node stands and wins in one round trip.
+/// With a majority of grants it starts the election (`trigger().elect()`). Nothing raises a
+/// term without a majority agreeing that the leader is gone: a node cut off alone keeps its
+/// term, and when the cut heals it follows the working leader without an election.
+///
+/// On the leader: when fewer than a majority of the voters answered within the minimum
+/// election timeout, it stops accepting writes (`Engine::quorum`), so its clients get a
+/// temporary failure at once instead of waiting for a commit that cannot come.
+pub(crate) async fn run_elections(engine: Weak<Engine>, stop: CancellationToken) {
+    let Some(timings) = engine.upgrade().map(|e| e.timings.clone()) else {
+        return;
+    };
+    let mut state = ElectionState {
+        timeout: random_between(
+            timings.election_timeout_min_ms,
+            timings.election_timeout_max_ms,
+        ),
+        next_attempt: tokio::time::Instant::now(),
+        n_vetoes: 0,
+        suspected_at: None,
+        last_state: ServerState::Learner,
+    };
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -774,74 +893,233 @@ pub(crate) async fn watch_leader_link(engine: Weak<Engine>, stop: CancellationTo
         let Some(engine) = engine.upgrade() else {
             return;
         };
-        let (leader, term, is_voter, voters) = {
-            let metrics = engine.raft.metrics();
-            let m = metrics.borrow();
-            let membership = m.membership_config.membership();
-            let voters: Vec<NodeId> = membership.voter_ids().collect();
-            (
-                m.current_leader,
-                m.current_term,
-                voters.contains(&engine.node_id) && m.state == ServerState::Follower,
-                voters,
-            )
-        };
-        let Some(leader) = leader.filter(|l| *l != engine.node_id) else {
-            continue;
-        };
-        if !is_voter {
-            continue;
+        election_step(&engine, &timings, &mut state).await;
+    }
+}
+
+async fn election_step(
+    engine: &Arc<Engine>,
+    timings: &super::config::RaftTimings,
+    state: &mut ElectionState,
+) {
+    let (leader, term, server_state, voters, last_log) = {
+        let metrics = engine.raft.metrics();
+        let m = metrics.borrow();
+        let voters: Vec<NodeId> = m.membership_config.membership().voter_ids().collect();
+        (
+            m.current_leader,
+            m.current_term,
+            m.state,
+            voters,
+            engine.raft.data_metrics().borrow().last_log,
+        )
+    };
+    let now = tokio::time::Instant::now();
+    if server_state != state.last_state {
+        if server_state == ServerState::Leader {
+            let since = state
+                .suspected_at
+                .map(|t| now.duration_since(t).as_millis());
+            info!(term, ms_since_suspicion = ?since, "elected leader");
+        } else if state.last_state == ServerState::Leader {
+            info!(term, state = ?server_state, "no longer the leader");
         }
-        let Some(leader_name) = engine.name_of(leader) else {
-            continue;
-        };
-        let status = engine.mesh.status();
-        let link_down = |name: &str| {
-            status
-                .peers
-                .iter()
-                .find(|p| p.name == name)
-                .is_none_or(|p| p.link == crate::mesh::LinkState::Down)
-        };
-        if !link_down(&leader_name) {
-            seen_up = Some((leader, term));
-            continue;
-        }
-        if seen_up != Some((leader, term)) || acted_for == Some((leader, term)) {
-            continue;
-        }
-        acted_for = Some((leader, term));
-        info!(leader = %leader_name, term, "link to the leader lost: starting an election");
-        if engine.raft.trigger().elect().await.is_err() {
-            return;
-        }
-        // The lowest-id voter with a live link stands again, at a higher term.
-        let designated = voters
+        state.last_state = server_state;
+    }
+    let majority = voters.len() / 2 + 1;
+    if server_state == ServerState::Leader {
+        state.suspected_at = None;
+        let threshold = Duration::from_millis(timings.election_timeout_min_ms);
+        let heard = voters
             .iter()
-            .copied()
-            .filter(|id| *id != leader)
             .filter(|id| {
-                *id == engine.node_id || engine.name_of(*id).is_some_and(|name| !link_down(&name))
+                **id == engine.node_id
+                    || engine
+                        .contacts
+                        .silence(**id)
+                        .is_some_and(|silence| silence < threshold)
             })
-            .min();
-        if designated == Some(engine.node_id) {
-            let engine_for_retry = Arc::downgrade(&engine);
-            let delay = Duration::from_millis(engine.timings.heartbeat_interval_ms * 2);
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(delay) => {}
-                }
-                if let Some(engine) = engine_for_retry.upgrade() {
-                    let state = engine.raft.metrics().borrow().state;
-                    if state == ServerState::Candidate {
-                        let _ = engine.raft.trigger().elect().await;
-                    }
-                }
-            });
+            .count();
+        let has_quorum = heard >= majority;
+        let changed = engine.quorum.send_if_modified(|known| {
+            let changed = *known != has_quorum;
+            *known = has_quorum;
+            changed
+        });
+        if changed {
+            if has_quorum {
+                info!(term, "a majority answers again: accepting writes");
+            } else {
+                warn!(
+                    term,
+                    heard,
+                    n_voters = voters.len(),
+                    "check-quorum: no answer from a majority within the election timeout; refusing writes"
+                );
+            }
+        }
+        return;
+    }
+    engine.quorum.send_if_modified(|known| {
+        let changed = !*known;
+        *known = true;
+        changed
+    });
+    if !voters.contains(&engine.node_id) || server_state == ServerState::Shutdown {
+        return;
+    }
+    let leader = leader.filter(|l| *l != engine.node_id);
+    let hb = timings.heartbeat_interval_ms;
+    let stand_now = engine
+        .stand_now
+        .swap(false, std::sync::atomic::Ordering::AcqRel);
+    let suspect = match leader {
+        Some(leader) => {
+            leader_lost(engine, leader, state.timeout)
+                || (stand_now && leader_lost(engine, leader, Duration::from_millis(2 * hb)))
+        }
+        // No leader known (a candidate, or a node that just started): the silence of the
+        // last leader heard still counts, but nobody to wait for.
+        None => true,
+    };
+    if !suspect {
+        state.suspected_at = None;
+        state.n_vetoes = 0;
+        return;
+    }
+    if state.suspected_at.is_none() {
+        state.suspected_at = Some(now);
+        if let Some(leader) = leader {
+            let silence_ms = engine.contacts.silence(leader).map(|d| d.as_millis());
+            info!(
+                leader,
+                term,
+                ?silence_ms,
+                link_down = link_down(engine, leader),
+                "leader lost: asking the other voters for a pre-vote"
+            );
         }
     }
+    if now < state.next_attempt && !stand_now {
+        return;
+    }
+    let mut asks = JoinSet::new();
+    let body = match encode(&ControlRequest::PreVote { last_log }) {
+        Ok(body) => body,
+        Err(error) => {
+            warn!(%error, "cannot encode a pre-vote");
+            return;
+        }
+    };
+    for voter in voters.iter().copied() {
+        if voter == engine.node_id || Some(voter) == leader {
+            continue;
+        }
+        let Some(name) = engine.name_of(voter) else {
+            continue;
+        };
+        let mesh = engine.mesh.clone();
+        let body = body.clone();
+        asks.spawn(async move {
+            let reply = mesh
+                .request(&name, Channel::Control, body, Duration::from_millis(hb))
+                .await;
+            let verdict = match reply {
+                Ok(bytes) => match decode::<ControlReply>(&bytes) {
+                    Ok(ControlReply::PreVote(verdict)) => verdict,
+                    Ok(other) => PreVoteVerdict::Refused(format!("unexpected answer {other:?}")),
+                    Err(error) => PreVoteVerdict::Refused(error),
+                },
+                Err(error) => PreVoteVerdict::Refused(error.to_string()),
+            };
+            (name, verdict)
+        });
+    }
+    let mut n_granted = 1;
+    let mut veto: Option<String> = None;
+    let mut refusals: Vec<String> = Vec::new();
+    while let Some(joined) = asks.join_next().await {
+        let Ok((name, verdict)) = joined else {
+            continue;
+        };
+        match verdict {
+            PreVoteVerdict::Granted => n_granted += 1,
+            PreVoteVerdict::Veto(reason) => veto = Some(format!("{name}: {reason}")),
+            PreVoteVerdict::Refused(reason) => refusals.push(format!("{name}: {reason}")),
+        }
+    }
+    let now = tokio::time::Instant::now();
+    if let Some(reason) = veto.filter(|_| state.n_vetoes < MAX_VETOES_IN_A_ROW) {
+        state.n_vetoes += 1;
+        tracing::debug!(%reason, "pre-vote vetoed: a better candidate stands");
+        state.next_attempt = now
+            + random_between(
+                timings.election_timeout_min_ms,
+                timings.election_timeout_max_ms,
+            );
+        return;
+    }
+    if n_granted < majority {
+        tracing::debug!(n_granted, majority, ?refusals, "pre-vote not granted");
+        state.next_attempt = now + random_between(hb / 4, hb / 2 + 1);
+        return;
+    }
+    state.n_vetoes = 0;
+    let since = state
+        .suspected_at
+        .map(|t| now.duration_since(t).as_millis());
+    info!(term, n_granted, ms_since_suspicion = ?since, "pre-vote granted: starting an election");
+    if let Err(error) = engine.raft.trigger().elect().await {
+        warn!(%error, "cannot start an election");
+    }
+    state.timeout = random_between(
+        timings.election_timeout_min_ms,
+        timings.election_timeout_max_ms,
+    );
+    // If this round does not end with a leader (a split or a vote lost to a lease), stand
+    // again after one or two heartbeats.
+    state.next_attempt = now + random_between(hb, 2 * hb);
+}
+
+/// A voter's answer to another voter's pre-vote (see [`run_elections`]).
+fn pre_vote_verdict(
+    engine: &Engine,
+    from: &str,
+    last_log: Option<openraft::LogId<NodeId>>,
+) -> PreVoteVerdict {
+    let Some((candidate, _, true)) = engine.member_named(from) else {
+        warn!(from, "pre-vote refused: not a voter");
+        return PreVoteVerdict::Refused(format!("{from} is not a voter"));
+    };
+    let (leader, server_state, is_voter) = {
+        let metrics = engine.raft.metrics();
+        let m = metrics.borrow();
+        let is_voter = m
+            .membership_config
+            .membership()
+            .voter_ids()
+            .any(|id| id == engine.node_id);
+        (m.current_leader, m.state, is_voter)
+    };
+    if server_state == ServerState::Leader {
+        return PreVoteVerdict::Refused("I lead".to_string());
+    }
+    let threshold = Duration::from_millis(engine.timings.heartbeat_interval_ms * 2);
+    if let Some(leader) = leader.filter(|l| *l != engine.node_id && *l != candidate) {
+        if !leader_lost(engine, leader, threshold) {
+            return PreVoteVerdict::Refused(format!("I still hear the leader {leader}"));
+        }
+    }
+    let mine = engine.raft.data_metrics().borrow().last_log;
+    if is_voter && (mine > last_log || (mine == last_log && engine.node_id < candidate)) {
+        engine
+            .stand_now
+            .store(true, std::sync::atomic::Ordering::Release);
+        return PreVoteVerdict::Veto(format!(
+            "my log ends at {mine:?}, the candidate's at {last_log:?}: I stand"
+        ));
+    }
+    PreVoteVerdict::Granted
 }
 
 /// On the leader: when this node's record in the membership carries other addresses than the

@@ -11,6 +11,7 @@ use openraft::raft::{
     AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
     VoteRequest, VoteResponse,
 };
+use openraft::LogId;
 use serde::{Deserialize, Serialize};
 
 use super::node::{ClusterStatus, ProposeError};
@@ -83,8 +84,27 @@ pub enum ControlRequest {
     /// Remove a node from the membership (run on the leader).
     Remove { name: String },
     /// The leader left the membership: the receiver should start an election now instead of
-    /// waiting for its election timeout.
+    /// waiting for its election timeout. Only a voter (or the receiver's leader) may ask.
     Elect,
+    /// A voter that no longer hears its leader asks whether it may stand (pre-vote): the
+    /// receiver grants it only when it does not hear a leader either, and vetoes it when it
+    /// holds a better claim itself (a longer log, or the same log and a lower node id).
+    /// Nothing changes on the receiver: no term, no vote.
+    PreVote {
+        /// The candidate's last log id.
+        last_log: Option<LogId<NodeId>>,
+    },
+}
+
+/// The answer to a [`ControlRequest::PreVote`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PreVoteVerdict {
+    /// The receiver hears no leader and would vote for the candidate.
+    Granted,
+    /// The receiver still hears a leader (or leads): no election.
+    Refused(String),
+    /// The receiver hears no leader either, and would make a better candidate: let it stand.
+    Veto(String),
 }
 
 /// The answer to a [`ControlRequest`].
@@ -99,6 +119,7 @@ pub enum ControlReply {
     NotLeader {
         leader: Option<NodeId>,
     },
+    PreVote(PreVoteVerdict),
     Error(String),
 }
 

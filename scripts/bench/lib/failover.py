@@ -2,17 +2,24 @@
 """Leader failover under a steady SMTP load, on a 3-node scripts/local-cluster (run by
 scripts/bench/failover, which sets KERMAIL_BIN, KERMAIL_LOCAL_CLUSTER_DIR/_ID).
 
-  failover.py PRESET KILLS SESSIONS
+  failover.py PRESET MODE CYCLES SESSIONS        # MODE: kill or cut
 
-Brings a 3-node cluster up with the Raft timing PRESET (lan or wan), starts SESSIONS SMTP
-sessions (smtplib, spread over the three nodes, each sending one small message after another to
-one account), then KILLS times: waits until all three nodes are up, caught up and mail flows,
-SIGKILLs the leader (reading its pid from the local-cluster state, so that the kill instant is
-exact), and measures the time from the kill to the first 250 to a message whose DATA was sent
-after the kill (a 250 for a message sent before could come from the old leader's commit).
-The killed node is started again before the next kill. A session whose node died, or that got a
-4xx, moves to the next node. Prints one line per kill, then `failover_PRESET_median_s=X.XX`
-(and the runs as JSON on the line before).
+Brings a 3-node cluster (n1..n3 on sites s1..s3) up with the Raft timing PRESET (lan or wan),
+starts SESSIONS SMTP sessions (smtplib, spread over the three nodes, each sending one small
+message after another to one account), then CYCLES times: waits until all three nodes are up,
+caught up and mail flows, then takes the leader away and measures the time to the first 250 to
+a message whose DATA was sent after that instant (a 250 for a message sent before could come
+from the old leader's commit).
+- kill: SIGKILL of the leader (its pid read from the local-cluster state, so that the kill
+  instant is exact); it is started again before the next cycle.
+- cut: `local-cluster cut SITE` of the leader's site (a silent partition: packets vanish, no
+  RST), timed from the moment the command returns (the cut is then complete), held CUT_HOLD_S
+  seconds (and at least until the first 250), then `heal SITE`. After the
+  heal, the cycle waits until the old leader follows again and counts a term change on the
+  new leader as an election forced by the healed node.
+A session whose node died, was cut or answered 4xx moves to the next node. Prints one line per
+cycle, then `failover_MODE_PRESET_median_s=X.XX` and `failover_MODE_PRESET_max_s=X.XX` (and,
+for kill, the older `failover_PRESET_median_s=X.XX`), the runs as JSON on the line before.
 """
 
 import imaplib
@@ -35,6 +42,8 @@ USER, PASSWORD = "bench@bench.test", "bench-password-1234"
 WAIT_SECS = float(os.environ.get("BENCH_WAIT_SECS", "300"))
 # A restarted node counts as caught up within this many log entries (the load goes on).
 LAG_OK = 1000
+# How long a cut lasts (seconds), at least: the brief's scenario holds it 2 s.
+CUT_HOLD_S = float(os.environ.get("BENCH_CUT_HOLD_S", "2"))
 TLS = ssl.create_default_context()
 TLS.check_hostname = False
 TLS.verify_mode = ssl.CERT_NONE
@@ -75,6 +84,12 @@ def status(node):
 
 def healthy(nodes):
     """The leader's name once some node reports three reachable, caught-up voters."""
+    found = healthy_view(nodes)
+    return found[0] if found else None
+
+
+def healthy_view(nodes):
+    """(leader, term) once some node reports three reachable, caught-up voters."""
     for n in nodes:
         try:
             s = status(n)
@@ -86,7 +101,7 @@ def healthy(nodes):
             and len(members) == 3
             and all(m.get("reachable") and m.get("voter") and m.get("lag", LAG_OK) < LAG_OK for m in members)
         ):
-            return s["leader"]
+            return s["leader"], s.get("term")
     return None
 
 
@@ -168,13 +183,52 @@ def inbox_count(address):
         c.logout()
 
 
-def pid_of(name):
+def node_state(name):
     with open(STATE) as f:
-        return json.load(f)["nodes"][name]["pid"]
+        return json.load(f)["nodes"][name]
+
+
+def pid_of(name):
+    return node_state(name)["pid"]
+
+
+def take_leader_away(mode, preset, leader, load):
+    """Kills or cuts `leader`; returns (instant, undo) where undo() brings it back."""
+    load.dead.add(leader)
+    if mode == "kill":
+        pid = pid_of(leader)
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+
+        def undo():
+            wait_until(lambda: gone(pid), f"pid {pid} to exit")
+            lc("start", leader, preset=preset)
+            load.dead.discard(leader)
+
+        return t0, undo
+    site = node_state(leader)["site"]
+    t_call = time.monotonic()
+    lc("cut", site)
+    # The cut is complete once `local-cluster cut` returns (its routes go in one namespace
+    # after the other): measure from there. A message sent earlier may still commit through
+    # the old leader.
+    t0 = time.monotonic()
+    log(f"cut {site}: the command took {t0 - t_call:.3f} s")
+
+    def undo():
+        rest = CUT_HOLD_S - (time.monotonic() - t0)
+        if rest > 0:
+            time.sleep(rest)  # the scenario holds the cut this long; nothing to wait for
+        lc("heal", site)
+        load.dead.discard(leader)
+
+    return t0, undo
 
 
 def main():
-    preset, kills, sessions = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    preset, mode, cycles, sessions = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    if mode not in ("kill", "cut"):
+        raise SystemExit(f"unknown mode {mode!r}: kill or cut")
     lines = lc("up", "3", preset=preset).splitlines()
     addresses, imaps = {}, {}
     for line in lines:
@@ -188,20 +242,29 @@ def main():
     load = Load(addresses, sessions)
     load.start()
     runs = []
-    for run in range(1, kills + 1):
-        leader = wait_until(lambda: healthy(sorted(addresses)), "three reachable, caught-up voters and a leader")
+    forced = 0
+    for run in range(1, cycles + 1):
+        leader, _ = wait_until(lambda: healthy_view(sorted(addresses)), "three reachable, caught-up voters and a leader")
         wait_until(load.flowing, "250s flowing")
-        pid = pid_of(leader)
-        load.dead.add(leader)
-        t_kill = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        first = wait_until(lambda: load.first_ack_after(t_kill), "a 250 after the kill")
-        runs.append(first - t_kill)
-        line = f"{preset} kill {run}: leader {leader}, kill to first 250: {first - t_kill:.3f} s"
+        t0, undo = take_leader_away(mode, preset, leader, load)
+        first = wait_until(lambda: load.first_ack_after(t0), f"a 250 after the {mode}")
+        runs.append(first - t0)
+        new_leader, new_term = wait_until(
+            lambda: (lambda v: v if v and v[0] != leader else None)(
+                healthy_view([n for n in sorted(addresses) if n != leader]) or status_leader(addresses, leader)
+            ),
+            "the new leader",
+        )
+        undo()
+        note = ""
+        if mode == "cut":
+            # After the heal: the old leader follows the new one, whose term did not move.
+            view = wait_until(lambda: healthy_view(sorted(addresses)), "all three nodes back after the heal")
+            if view != (new_leader, new_term):
+                forced += 1
+                note = f" (after the heal: leader {view[0]} term {view[1]}, was {new_leader} term {new_term}: election forced)"
+        line = f"{preset} {mode} {run}: leader {leader}, {mode} to first 250: {first - t0:.3f} s, new leader {new_leader}{note}"
         print(line, flush=True)
-        wait_until(lambda: gone(pid), f"pid {pid} to exit")
-        lc("start", leader, preset=preset)
-        load.dead.discard(leader)
     load.stop.set()
     for t in load.threads:
         t.join(60)
@@ -215,13 +278,31 @@ def main():
         )
     lc("down", *(["--keep"] if os.environ.get("BENCH_KEEP") else []))
     median = statistics.median(runs)
+    extra = f", elections forced by a heal: {forced}" if mode == "cut" else ""
     print(
-        f"# {preset}: {len(runs)} kills, {acked} messages acknowledged ({load.failed} temporary failures), "
-        f"stored per node {stored}; kill to first 250 (s): min {min(runs):.2f} median {median:.2f} max {max(runs):.2f}",
+        f"# {preset} {mode}: {len(runs)} cycles, {acked} messages acknowledged ({load.failed} temporary failures), "
+        f"stored per node {stored}; {mode} to first 250 (s): min {min(runs):.2f} median {median:.2f} max {max(runs):.2f}{extra}",
         flush=True,
     )
-    print(json.dumps({"preset": preset, "runs_s": [round(r, 3) for r in runs]}), flush=True)
-    print(f"failover_{preset}_median_s={median:.2f}", flush=True)
+    print(json.dumps({"preset": preset, "mode": mode, "runs_s": [round(r, 3) for r in runs]}), flush=True)
+    if mode == "kill":
+        print(f"failover_{preset}_median_s={median:.2f}", flush=True)
+    print(f"failover_{mode}_{preset}_median_s={median:.2f}", flush=True)
+    print(f"failover_{mode}_{preset}_max_s={max(runs):.2f}", flush=True)
+
+
+def status_leader(addresses, old):
+    """(leader, term) as a surviving node reports it (the cut node may still call itself leader)."""
+    for n in sorted(addresses):
+        if n == old:
+            continue
+        try:
+            s = status(n)
+        except SystemExit:
+            continue
+        if s.get("leader") and s["leader"] != old:
+            return s["leader"], s.get("term")
+    return None
 
 
 if __name__ == "__main__":
