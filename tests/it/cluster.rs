@@ -18,7 +18,7 @@ use serde_json::Value;
 use crate::harness::{wait_for, KERMAIL, PASSWORD, USER};
 
 /// One cluster at a time: three to four debug-build nodes already fill the CI's two cores.
-static ONE_CLUSTER: Mutex<()> = Mutex::new(());
+pub(crate) static ONE_CLUSTER: Mutex<()> = Mutex::new(());
 
 /// Deadline of one `local-cluster` step (it has its own, smaller deadlines inside).
 const SCRIPT_DEADLINE: Duration = Duration::from_secs(300);

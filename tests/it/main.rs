@@ -5,6 +5,7 @@
 mod harness;
 
 mod bad_input;
+mod chaos;
 mod cli;
 mod cluster;
 mod concurrency;
