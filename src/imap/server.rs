@@ -31,24 +31,11 @@ const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// The output buffer's capacity is given back above this after a write (a large FETCH
 /// response must not stay allocated for the rest of the session).
 const OUTPUT_KEEP_CAPACITY_BYTES: usize = 256 * 1024;
-/// IPv6 clients are counted per /64 for `max_sessions_per_ip` (one host commonly holds a
-/// whole /64).
-const IPV6_CLIENT_PREFIX_BITS: u32 = 64;
 
-/// The address a client's sessions are counted under: IPv4 as is, IPv6 by its /64 (an
-/// IPv4-mapped IPv6 address counts as its IPv4 address).
-fn client_key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mask = u128::MAX << (128 - IPV6_CLIENT_PREFIX_BITS);
-                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
-            }
-        },
-    }
-}
+// The address a client's sessions are counted under for `max_sessions_per_ip`: IPv4 as is,
+// IPv6 by its /64 (one host commonly holds a whole /64), an IPv4-mapped address as its IPv4
+// address; the same key as SMTP and the login throttle.
+use crate::auth::throttle::client_key;
 
 /// Serves IMAP on `listener` until `shutdown` is cancelled; then stops accepting, lets each
 /// session finish its current command, says BYE to the waiting ones, and returns when all

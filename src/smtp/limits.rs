@@ -137,16 +137,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// IPv4 addresses count alone; IPv6 ones by /64, the block one subscriber usually holds.
-pub fn client_key(client: IpAddr) -> IpAddr {
-    match client.to_canonical() {
-        IpAddr::V6(ip) => {
-            let prefix = u128::from(ip) & !((1u128 << 64) - 1);
-            IpAddr::V6(prefix.into())
-        }
-        ip => ip,
-    }
-}
+pub use crate::auth::throttle::client_key;
 
 /// Event times (milliseconds since the epoch) per key, oldest first.
 #[derive(Debug)]
