@@ -269,23 +269,21 @@ fn cap_sessions(config: &mut Config, nofile: u64) {
     let n_imap = config.imap.listen.len() + config.imap.listen_tls.len();
     let n_listeners = (n_smtp + n_imap).max(1) as u64;
     let share = (nofile.saturating_sub(FD_RESERVE) / n_listeners).max(1) as usize;
-    if config.smtp.max_sessions > share {
+    cap_protocol_sessions("smtp", &mut config.smtp.max_sessions, share, nofile);
+    cap_protocol_sessions("imap", &mut config.imap.max_sessions, share, nofile);
+}
+
+/// Lowers one protocol's `max_sessions` to its share of the open files limit.
+fn cap_protocol_sessions(protocol: &str, max_sessions: &mut usize, share: usize, nofile: u64) {
+    if *max_sessions > share {
         warn!(
-            configured = config.smtp.max_sessions,
+            protocol,
+            configured = *max_sessions,
             capped = share,
             nofile,
-            "smtp max_sessions lowered to fit the open files limit"
+            "max_sessions lowered to fit the open files limit"
         );
-        config.smtp.max_sessions = share;
-    }
-    if config.imap.max_sessions > share {
-        warn!(
-            configured = config.imap.max_sessions,
-            capped = share,
-            nofile,
-            "imap max_sessions lowered to fit the open files limit"
-        );
-        config.imap.max_sessions = share;
+        *max_sessions = share;
     }
 }
 

@@ -339,10 +339,7 @@ impl State {
         messages: Option<QuotaSetting>,
     ) -> Result<Response, ApplyError> {
         let address = normalize_address(address)?;
-        let id = *self
-            .account_ids
-            .get(&address)
-            .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))?;
+        let id = self.account_id_of(&address)?;
         let settings = self.quotas.accounts.entry(id).or_default();
         if let Some(storage) = storage {
             settings.storage = storage;

@@ -725,12 +725,17 @@ impl State {
     ) -> Result<Response, ApplyError> {
         let address = normalize_address(address)?;
         Self::check_password_hash(&password_hash)?;
-        let id = *self
-            .account_ids
-            .get(&address)
-            .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))?;
+        let id = self.account_id_of(&address)?;
         self.account_mut(id)?.password_hash = password_hash;
         Ok(Response::Done)
+    }
+
+    /// The id of the account with this (normalized) address.
+    pub(super) fn account_id_of(&self, address: &str) -> Result<AccountId, ApplyError> {
+        self.account_ids
+            .get(address)
+            .copied()
+            .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))
     }
 
     fn remove_account(
@@ -739,10 +744,7 @@ impl State {
         effects: &mut Effects,
     ) -> Result<Response, ApplyError> {
         let address = normalize_address(address)?;
-        let id = *self
-            .account_ids
-            .get(&address)
-            .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))?;
+        let id = self.account_id_of(&address)?;
         let account = self
             .accounts
             .remove(&id)
