@@ -51,6 +51,10 @@ const MESH_BIND_RETRY: Duration = Duration::from_secs(5);
 /// Pause before retrying a forward that was not proposed (leader unknown or unreachable),
 /// unless Raft reports news sooner.
 pub const FORWARD_RETRY_PAUSE: Duration = Duration::from_millis(50);
+/// A follower that has not heard its leader for this many maximum election timeouts answers
+/// proposals `Unavailable` at once (it is cut off from the majority), instead of after the
+/// propose timeout.
+pub const CUT_OFF_ELECTION_TIMEOUTS: u64 = 2;
 /// The openraft cluster name (appears in its logs).
 const RAFT_CLUSTER_NAME: &str = "kermail";
 
@@ -909,6 +913,9 @@ impl Engine {
                     return self.propose_local(command, deadline).await;
                 }
                 Some(leader) if leader != self.node_id => {
+                    if let Some(error) = self.cut_off_from(leader) {
+                        return Err(error);
+                    }
                     match service::forward(self, leader, &command, deadline).await {
                         service::Forwarded::Done(result) => return result,
                         service::Forwarded::Retry(reason) => {
@@ -939,6 +946,22 @@ impl Engine {
                 return Err(self.unavailable_no_leader());
             }
         }
+    }
+
+    /// `Unavailable` at once when this follower has not heard its leader `leader` for
+    /// [`CUT_OFF_ELECTION_TIMEOUTS`] maximum election timeouts: a majority that could elect
+    /// a leader would have done so by then (and this node would hear it), so this node is cut
+    /// off from the majority and a write would only wait out the propose timeout.
+    fn cut_off_from(&self, leader: NodeId) -> Option<ProposeError> {
+        let threshold =
+            Duration::from_millis(self.timings.election_timeout_max_ms * CUT_OFF_ELECTION_TIMEOUTS);
+        let silence = self.contacts.silence(leader)?;
+        (silence >= threshold).then(|| {
+            ProposeError::Unavailable(format!(
+                "no leader heard for {} ms: this node is cut off from the majority",
+                silence.as_millis()
+            ))
+        })
     }
 
     fn unavailable_no_leader(&self) -> ProposeError {
