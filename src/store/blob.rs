@@ -128,26 +128,37 @@ struct Collector {
     staged: BTreeMap<BlobId, usize>,
     /// Compacted packs whose files go when the running builds are done.
     awaiting_unlink: BTreeSet<u32>,
-    /// Bodies the kept snapshot references (it holds references only, not the bytes): never
-    /// deleted while pinned, so that a restart (snapshot, then the log after it) finds them.
-    pinned: BTreeSet<BlobId>,
-    /// Bodies whose last reference went while they were pinned: deleted when a new snapshot
-    /// no longer pins them (unless written again meanwhile).
-    unpinned_later: BTreeSet<BlobId>,
+    /// A snapshot was captured (or restored) in this process: from then on, a body that loses
+    /// its last reference may still be referenced by the kept snapshot (which holds references
+    /// only, not the bytes), so its deletion waits until a snapshot captured after it is kept.
+    /// Tracked by sequence, not as the set of bodies the kept snapshot references, so that a
+    /// snapshot costs what changed and not every body stored.
+    snapshots_pin: bool,
+    /// Advanced by every capture ([`BlobStore::snapshot_captured`]).
+    release_seq: u64,
+    /// Bodies whose deletion waits for a kept snapshot, with the `release_seq` at release.
+    deferred: BTreeMap<BlobId, u64>,
+    /// Bodies first written after the latest capture: no snapshot references them, so their
+    /// deletion need not wait.
+    born: BTreeSet<BlobId>,
 }
 
 impl Collector {
     /// The body is wanted again (written, staged): cancel its deferred deletions.
     fn keep(&mut self, id: &BlobId) {
         self.pending.remove(id);
-        self.unpinned_later.remove(id);
+        self.deferred.remove(id);
     }
 
-    /// Deletes a body now unless pinned by the kept snapshot (then deferred).
+    /// Deletes a body now (once no build is running), or once a snapshot captured after this
+    /// point is kept if a captured snapshot may reference it.
     fn delete(&mut self, shared: &Shared, id: &BlobId) {
-        if self.pinned.contains(id) {
-            self.unpinned_later.insert(*id);
+        if self.snapshots_pin && !self.born.contains(id) {
+            self.deferred.insert(*id, self.release_seq);
+        } else if self.running_builds > 0 {
+            self.pending.insert(*id);
         } else {
+            self.born.remove(id);
             shared.forget(id);
         }
     }
@@ -352,7 +363,8 @@ impl Drop for ReadGuard {
         collector.running_builds -= 1;
         if collector.running_builds == 0 {
             for id in std::mem::take(&mut collector.pending) {
-                collector.delete(shared, &id);
+                collector.born.remove(&id);
+                shared.forget(&id);
             }
             for pack in std::mem::take(&mut collector.awaiting_unlink) {
                 shared.unlink_pack(pack);
@@ -567,9 +579,13 @@ impl BlobStore {
     /// Makes sure the body is stored with these bytes, and cancels a pending deletion of it.
     /// Called by apply. A body already indexed is whole (see the module comment): nothing to do.
     pub fn write(&self, id: &BlobId, compressed: &[u8]) -> io::Result<()> {
-        lock(&self.shared.collector).keep(id);
-        if self.contains(id) {
-            return Ok(());
+        {
+            let mut collector = lock(&self.shared.collector);
+            collector.keep(id);
+            if self.contains(id) {
+                return Ok(());
+            }
+            collector.born.insert(*id);
         }
         self.shared
             .append(id, compressed, |current| current.is_none())
@@ -615,6 +631,9 @@ impl BlobStore {
             let mut collector = lock(&self.shared.collector);
             collector.keep(id);
             *collector.staged.entry(*id).or_insert(0) += 1;
+            if !self.contains(id) {
+                collector.born.insert(*id);
+            }
         }
         // Appended outside the collector lock: a staged body is never deleted, and the append
         // lock makes concurrent stagings of the same body append it once.
@@ -647,11 +666,7 @@ impl BlobStore {
         }
         collector.staged.remove(id);
         if !referenced {
-            if collector.running_builds == 0 {
-                collector.delete(&self.shared, id);
-            } else {
-                collector.pending.insert(*id);
-            }
+            collector.delete(&self.shared, id);
         }
     }
 
@@ -663,11 +678,7 @@ impl BlobStore {
             if collector.staged.contains_key(&id) {
                 continue;
             }
-            if collector.running_builds == 0 {
-                collector.delete(&self.shared, &id);
-            } else {
-                collector.pending.insert(id);
-            }
+            collector.delete(&self.shared, &id);
         }
     }
 
@@ -694,36 +705,50 @@ impl BlobStore {
             .copied()
             .collect();
         for id in &unwanted {
-            collector.delete(&self.shared, id);
+            // Not in the restored state, which is the kept snapshot now: nothing pins it.
+            collector.deferred.remove(id);
+            self.shared.forget(id);
         }
         Ok(unwanted.len() as u64)
     }
 
-    /// Adds bodies to the pinned set (a snapshot referencing them is about to be kept; the
-    /// previous one may still be kept if that fails, so both stay pinned).
-    pub fn pin(&self, ids: impl IntoIterator<Item = BlobId>) {
-        lock(&self.shared.collector).pinned.extend(ids);
+    /// A snapshot is being captured (call under the state lock): returns its mark. Bodies
+    /// released from now on may be referenced by it, so they stay until a snapshot with a
+    /// greater mark is kept.
+    pub fn snapshot_captured(&self) -> u64 {
+        let mut collector = lock(&self.shared.collector);
+        collector.snapshots_pin = true;
+        collector.release_seq += 1;
+        collector.born.clear();
+        collector.release_seq
     }
 
-    /// Makes `ids` the pinned set (the snapshot referencing exactly them is now the kept one)
-    /// and deletes the bodies whose deletion only the previous pins held back.
-    pub fn replace_pins(&self, ids: BTreeSet<BlobId>) {
+    /// The snapshot captured with `mark` is now the kept one: bodies released before its
+    /// capture are in no snapshot any more and go (once no build is running).
+    pub fn snapshot_kept(&self, mark: u64) {
         let mut collector = lock(&self.shared.collector);
-        collector.pinned = ids;
         let released: Vec<BlobId> = collector
-            .unpinned_later
+            .deferred
             .iter()
-            .filter(|id| !collector.pinned.contains(id))
-            .copied()
+            .filter(|(_, &seq)| seq < mark)
+            .map(|(id, _)| *id)
             .collect();
         for id in released {
-            collector.unpinned_later.remove(&id);
+            collector.deferred.remove(&id);
             if collector.running_builds == 0 {
                 self.shared.forget(&id);
             } else {
                 collector.pending.insert(id);
             }
         }
+    }
+
+    /// A restored state is now the kept snapshot: what it references stays (a deferred
+    /// deletion of it is cancelled), the rest goes with the [`BlobStore::sweep`] that follows.
+    pub fn snapshot_restored(&self) {
+        let mut collector = lock(&self.shared.collector);
+        collector.snapshots_pin = true;
+        collector.deferred.clear();
     }
 
     /// Makes every record written so far durable: fsyncs the packs not sealed yet (a sealed

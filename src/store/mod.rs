@@ -47,6 +47,7 @@ mod outbound_api;
 mod queue;
 mod quota;
 mod snapshot;
+mod snapshot_chunks;
 mod state;
 
 use std::collections::BTreeMap;
@@ -304,6 +305,8 @@ struct Unwritten {
 pub struct MailStateMachine {
     state: RwLock<State>,
     blobs: Arc<BlobStore>,
+    /// The metadata chunks of this node's snapshots (`snapshot_chunks.rs`).
+    chunks: Arc<snapshot_chunks::ChunkStore>,
     data_dir: PathBuf,
     health: Arc<StorageHealth>,
     unwritten: Mutex<Unwritten>,
@@ -328,10 +331,18 @@ impl MailStateMachine {
                 data_dir.display()
             ))
         })?;
+        let chunks = snapshot_chunks::ChunkStore::open(data_dir.join(snapshot_chunks::CHUNK_DIR))
+            .map_err(|e| {
+            StoreError::Io(format!(
+                "cannot open the snapshot chunk folder in {}: {e}",
+                data_dir.display()
+            ))
+        })?;
         let (changes, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         Ok(Arc::new_cyclic(|self_ref| MailStateMachine {
             state: RwLock::new(State::default()),
             blobs,
+            chunks,
             data_dir: data_dir.to_path_buf(),
             health: Arc::new(StorageHealth::new()),
             unwritten: Mutex::new(Unwritten::default()),
@@ -570,12 +581,16 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         // Taken under the state lock: a body dropped after this point is not deleted until the
         // build is done, so every file of the captured state stays readable.
         let guard = self.blobs.begin_read();
+        let mark = self.blobs.snapshot_captured();
         Box::new(snapshot::Builder {
             state: state.capture(),
             blobs: self.blobs.clone(),
+            chunks: self.chunks.clone(),
             _guard: guard,
             machine: self.self_ref.clone(),
-            referenced: OnceLock::new(),
+            mark,
+            build: self.chunks.begin_build(),
+            written: Mutex::new(None),
         })
     }
 
@@ -584,7 +599,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         local_snapshot: &mut dyn io::Read,
         out: &mut dyn io::Write,
     ) -> io::Result<()> {
-        snapshot::write_transfer(local_snapshot, &self.blobs, out)
+        snapshot::write_transfer(local_snapshot, &self.blobs, &self.chunks, out)
     }
 
     fn storage_health(&self) -> Arc<StorageHealth> {
@@ -593,10 +608,9 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
 
     fn restore(&self, input: &mut dyn io::Read, local: bool) -> io::Result<()> {
         let _serial = lock(&self.apply_lock);
-        let restored = snapshot::read_snapshot(input, &self.blobs, local)?;
-        // The snapshot now kept references these: pinned until a newer one is kept.
-        self.blobs
-            .replace_pins(restored.blobs.keys().copied().collect());
+        let restored = snapshot::read_snapshot(input, &self.blobs, &self.chunks, local)?;
+        // The restored state is the kept snapshot now: what it references stays.
+        self.blobs.snapshot_restored();
         let old = {
             let mut state = self
                 .state

@@ -17,6 +17,7 @@ use super::names::{
 };
 use super::queue::Outbound;
 use super::quota::{Quotas, Usage};
+use super::snapshot_chunks::ChunkStamps;
 use super::{
     AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
     StoreStats, Uid,
@@ -69,6 +70,11 @@ pub struct Mailbox {
     pub change_counter: u64,
     /// Lowercased keyword -> the first spelling seen in this mailbox.
     pub keywords: BTreeMap<String, String>,
+    /// Which UID ranges of `messages` changed when: local bookkeeping for incremental
+    /// snapshots (`snapshot_chunks.rs`), no part of the replicated state. Every change to
+    /// `messages` touches the ranges of the UIDs it added, removed or changed.
+    #[serde(skip)]
+    pub chunk_stamps: ChunkStamps,
 }
 
 impl Mailbox {
@@ -82,6 +88,7 @@ impl Mailbox {
             messages: Arc::new(Vec::new()),
             change_counter: 0,
             keywords: BTreeMap::new(),
+            chunk_stamps: ChunkStamps::default(),
         }
     }
 
@@ -371,6 +378,27 @@ impl State {
             outbound: self.outbound.clone(),
             quotas: self.quotas.clone(),
         }
+    }
+
+    /// The state without its message lists (the snapshot's state section: the lists are
+    /// chunks of their own). Costs the accounts and mailboxes, not the messages.
+    pub fn without_messages(&self) -> State {
+        let mut state = State {
+            domains: self.domains.clone(),
+            accounts: self.accounts.clone(),
+            account_ids: self.account_ids.clone(),
+            aliases: self.aliases.clone(),
+            next_account_id: self.next_account_id,
+            next_mailbox_id: self.next_mailbox_id,
+            uidvalidity_high: self.uidvalidity_high,
+            ..State::default()
+        };
+        for account in state.accounts.values_mut() {
+            for mailbox in account.mailboxes.values_mut() {
+                mailbox.messages = Arc::new(Vec::new());
+            }
+        }
+        state
     }
 
     /// Every body some message references, ascending.
@@ -853,6 +881,7 @@ impl State {
             let inbox = account.mailbox_mut(inbox_id)?;
             let uid = inbox.uidnext;
             inbox.uidnext += 1;
+            inbox.chunk_stamps.touch(uid);
             Arc::make_mut(&mut inbox.messages).push(MessageMeta {
                 uid,
                 blob: body.blob,
@@ -999,10 +1028,12 @@ impl State {
             let account = self.account_mut(account_id)?;
             let inbox = account.mailbox_mut(from_id)?;
             let messages = std::mem::replace(&mut inbox.messages, Arc::new(Vec::new()));
+            inbox.chunk_stamps.touch_messages(&messages);
             let uidnext = inbox.uidnext;
             let keywords = inbox.keywords.clone();
             inbox.touch(account_id, effects);
             let new_mailbox = account.mailbox_mut(new_id)?;
+            new_mailbox.chunk_stamps.touch_messages(&messages);
             new_mailbox.messages = messages;
             new_mailbox.uidnext = uidnext;
             new_mailbox.keywords = keywords;
@@ -1099,6 +1130,7 @@ impl State {
         let uid = mailbox.uidnext;
         mailbox.uidnext += 1;
         let uidvalidity = mailbox.uidvalidity;
+        mailbox.chunk_stamps.touch(uid);
         Arc::make_mut(&mut mailbox.messages).push(MessageMeta {
             uid,
             blob: body.blob,
@@ -1150,6 +1182,9 @@ impl State {
                 mailbox.remember_keywords(new_keywords);
             }
             let messages = Arc::make_mut(&mut mailbox.messages);
+            mailbox
+                .chunk_stamps
+                .touch_all(updates.iter().map(|(index, _)| messages[*index].uid));
             for (index, updated) in updates {
                 messages[index].flags = updated;
             }
@@ -1179,6 +1214,7 @@ impl State {
             return Ok(Response::Expunged(Vec::new()));
         }
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
+        mailbox.chunk_stamps.touch_all(doomed.iter().copied());
         let messages = Arc::make_mut(&mut mailbox.messages);
         let mut removed = Vec::with_capacity(doomed.len());
         let mut freed = Usage::default();
@@ -1268,6 +1304,7 @@ impl State {
             });
             pairs.push((message.uid, uid));
         }
+        destination.chunk_stamps.touch_messages(&copies);
         Arc::make_mut(&mut destination.messages).extend(copies);
         destination.touch(account_id, effects);
         for message in &selected {
@@ -1278,6 +1315,7 @@ impl State {
         if remove_source {
             let moved: BTreeSet<Uid> = selected.iter().map(|m| m.uid).collect();
             let source = self.account_mut(account_id)?.mailbox_mut(from)?;
+            source.chunk_stamps.touch_all(moved.iter().copied());
             Arc::make_mut(&mut source.messages).retain(|m| !moved.contains(&m.uid));
             source.touch(account_id, effects);
             self.credit_usage(account_id, copied);

@@ -1682,9 +1682,12 @@ async fn quotas_refuse_whole_commands_and_follow_settings() {
     assert!(!store.state().quotas.usage.contains_key(&alice));
 }
 
-/// Snapshot cost against the amount of mail: a node's own snapshot holds references only, so
-/// its time and size follow the metadata, not the bodies. Prints the figures (no timed
-/// assertion); `scripts/bench/snapshot` runs it at 10,000 and 200,000 messages through
+/// Snapshot cost against the amount of mail. A snapshot writes the metadata chunks that
+/// changed since the previous one (and references, no body), so the steady-state figure is the
+/// periodic snapshot after `KERMAIL_SNAPSHOT_BENCH_CHANGES` (default 5,000: openraft's snapshot
+/// interval) deliveries since the previous snapshot; the first (full) snapshot, the restore at
+/// a restart and the transfer stream (every body inlined) are printed too. No timed assertion;
+/// `scripts/bench/snapshot` runs it at 10,000 and 200,000 messages through
 /// `KERMAIL_SNAPSHOT_BENCH_COUNTS` (default: small counts, for the test suite).
 #[test]
 fn snapshot_timing_against_the_number_of_messages() {
@@ -1693,6 +1696,10 @@ fn snapshot_timing_against_the_number_of_messages() {
         .ok()
         .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![500, 2000]);
+    let changes: usize = std::env::var("KERMAIL_SNAPSHOT_BENCH_CHANGES")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(5000);
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     for count in counts {
         let dir = tempfile::tempdir().unwrap();
@@ -1701,8 +1708,7 @@ fn snapshot_timing_against_the_number_of_messages() {
         for command in setup_commands() {
             apply(&machine, &mut index, command);
         }
-        let started = Instant::now();
-        for n in 0..count {
+        let mut deliver = |machine: &MailStateMachine, index: &mut u64, n: usize| {
             let mut raw = message(&format!("snapshot timing {n}"));
             // Letters from a xorshift stream: every body distinct, compressing like text.
             raw.extend((0..BODY_BYTES).map(|_| {
@@ -1711,9 +1717,9 @@ fn snapshot_timing_against_the_number_of_messages() {
                 seed ^= seed << 17;
                 b'a' + (seed % 26) as u8
             }));
-            index += 1;
+            *index += 1;
             machine.apply(
-                index,
+                *index,
                 &encode(CommandV1::Deliver {
                     mail_from: "a@example.net".into(),
                     recipients: vec!["alice@example.org".into()],
@@ -1721,22 +1727,35 @@ fn snapshot_timing_against_the_number_of_messages() {
                     body: body_of(&raw),
                 }),
             );
+        };
+        let started = Instant::now();
+        let first_part = count.saturating_sub(changes);
+        for n in 0..first_part {
+            deliver(&machine, &mut index, n);
         }
         let filled = started.elapsed();
+        let snapshot = |name: &str| {
+            let started = Instant::now();
+            let builder = machine.begin_snapshot();
+            let path = dir.path().join(name);
+            let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
+            builder.write_to(&mut file).unwrap();
+            let file = file.into_inner().unwrap();
+            file.sync_all().unwrap();
+            builder.kept();
+            drop(builder);
+            (started.elapsed(), path)
+        };
+        let (full_time, _) = snapshot("first.snap");
+        let chunk_bytes_full = machine.chunks.disk_bytes();
+        // The changes since the previous snapshot: deliveries, plus flag changes on old mail.
+        for n in first_part..count {
+            deliver(&machine, &mut index, n);
+        }
+        let (local_time, path) = snapshot("local.snap");
+        let local_bytes = std::fs::metadata(&path).unwrap().len();
         let stats = machine.read().stats();
         assert_eq!(stats.messages, count as u64);
-
-        let started = Instant::now();
-        let builder = machine.begin_snapshot();
-        let path = dir.path().join("local.snap");
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&path).unwrap());
-        builder.write_to(&mut file).unwrap();
-        let file = file.into_inner().unwrap();
-        file.sync_all().unwrap();
-        builder.kept();
-        drop(builder);
-        let local_time = started.elapsed();
-        let local_bytes = std::fs::metadata(&path).unwrap().len();
 
         let started = Instant::now();
         let mut transfer = Vec::new();
@@ -1756,11 +1775,133 @@ fn snapshot_timing_against_the_number_of_messages() {
         assert_eq!(restarted.read().stats().messages, count as u64);
         println!(
             "snapshot timing: {count} messages of ~{BODY_BYTES} bytes ({} bytes stored, filled \
-             in {filled:?}): own snapshot {local_time:?}, {local_bytes} bytes; restore at \
-             restart {restore_time:?}; with every body inlined (what a follower receives, and \
-             what every snapshot was before) {transfer_time:?}, {} bytes",
+             in {filled:?}): periodic snapshot after {changes} changes {local_time:?}, stream \
+             {local_bytes} bytes; first (full) snapshot {full_time:?}, {chunk_bytes_full} \
+             chunk bytes; restore at restart {restore_time:?}; transfer to a follower \
+             (chunks and every body inlined) {transfer_time:?}, {} bytes",
             stats.blob_bytes_stored,
             transfer.len(),
         );
     }
+}
+
+/// Incremental snapshots restore to exactly the state they were taken from, after many rounds
+/// of deliveries, flag changes, expunges, copies, moves and a renamed INBOX; and a snapshot
+/// with no change since the previous one writes no chunk.
+#[test]
+fn incremental_snapshots_restore_the_same_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let machine = MailStateMachine::open(dir.path()).unwrap();
+    let mut index = 0;
+    for command in setup_commands() {
+        apply(&machine, &mut index, command);
+    }
+    let archive = machine.read().accounts[&1].names["Archive"];
+    let mut delivered = 0u32;
+    let mut last_local = Vec::new();
+    for round in 0..24u32 {
+        for n in 0..400 {
+            apply(
+                &machine,
+                &mut index,
+                CommandV1::Deliver {
+                    mail_from: String::new(),
+                    recipients: vec!["alice@example.org".into(), "bob@example.org".into()],
+                    received_at: i64::from(round * 1000 + n),
+                    body: body_of(&message(&format!("round {round} message {n}"))),
+                },
+            );
+        }
+        delivered += 400;
+        let inbox = machine.read().accounts[&1].inbox_id().unwrap();
+        // Flags on old mail (an early range), deletions spread over every range.
+        let low = 1 + round * 37;
+        apply(
+            &machine,
+            &mut index,
+            CommandV1::StoreFlags {
+                account: 1,
+                mailbox: inbox,
+                uids: vec![(low, low + 20)],
+                op: FlagOp::Add,
+                flags: flags(&[Flag::Seen, Flag::Keyword(format!("k{round}"))]),
+            },
+        );
+        let doomed: Vec<(u32, u32)> = (0..8)
+            .map(|k| {
+                let uid = 1 + (round * 131 + k * 1009) % delivered;
+                (uid, uid)
+            })
+            .collect();
+        apply(
+            &machine,
+            &mut index,
+            CommandV1::StoreFlags {
+                account: 1,
+                mailbox: inbox,
+                uids: doomed.clone(),
+                op: FlagOp::Add,
+                flags: flags(&[Flag::Deleted]),
+            },
+        );
+        apply(
+            &machine,
+            &mut index,
+            CommandV1::Expunge {
+                account: 1,
+                mailbox: inbox,
+                uids: None,
+            },
+        );
+        apply(
+            &machine,
+            &mut index,
+            CommandV1::Copy {
+                account: 1,
+                from: inbox,
+                uids: vec![(low + 100, low + 110)],
+                to: archive,
+                remove_source: round % 2 == 0,
+            },
+        );
+        if round == 12 {
+            apply(
+                &machine,
+                &mut index,
+                CommandV1::RenameMailbox {
+                    account: 2,
+                    from: "INBOX".into(),
+                    to: "Old".into(),
+                    now: 2_000_000_000,
+                },
+            );
+        }
+        let builder = machine.begin_snapshot();
+        let mut local = Vec::new();
+        builder.write_to(&mut local).unwrap();
+        builder.kept();
+        drop(builder);
+        // Nothing changed since: nothing to write.
+        let (_, stats) =
+            snapshot::write_chunks(&machine.read().capture(), &machine.chunks, None).unwrap();
+        assert_eq!(stats.written, 0, "round {round}");
+        last_local = local.clone();
+        if round % 6 == 5 {
+            // A follower installing it from the transfer stream.
+            let mut transfer = Vec::new();
+            machine
+                .write_transfer(&mut local.as_slice(), &mut transfer)
+                .unwrap();
+            let other_dir = tempfile::tempdir().unwrap();
+            let other = MailStateMachine::open(other_dir.path()).unwrap();
+            other.restore(&mut transfer.as_slice(), false).unwrap();
+            assert_eq!(*other.read(), *machine.read(), "round {round}");
+        }
+    }
+    // A restart on the same folder restores the last snapshot from its chunks.
+    let expected = machine.read().clone();
+    drop(machine);
+    let restarted = MailStateMachine::open(dir.path()).unwrap();
+    restarted.restore(&mut last_local.as_slice(), true).unwrap();
+    assert_eq!(*restarted.read(), expected);
 }
