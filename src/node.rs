@@ -175,6 +175,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
 
+    let backup_jobs = std::sync::Arc::new(crate::backup::Jobs::default());
+    servers.spawn(crate::backup::schedule::run(
+        store.clone(),
+        config.backup.clone(),
+        config.node.name.clone(),
+        backup_jobs.clone(),
+        shutdown.clone(),
+    ));
+
     let socket_path = config.admin_socket_path();
     let admin_listener = crate::admin::server::bind(&socket_path)
         .with_context(|| format!("cannot open the admin socket {}", socket_path.display()))?;
@@ -184,6 +193,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             store: store.clone(),
             cluster: cluster.clone(),
             data_dir: data_dir.clone(),
+            node_name: config.node.name.clone(),
+            backup_config: config.backup.clone(),
+            backup_jobs: backup_jobs.clone(),
         },
         shutdown.clone(),
     ));

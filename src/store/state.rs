@@ -223,6 +223,10 @@ pub struct State {
     /// (`SnapshotMeta::V3`).
     #[serde(skip)]
     pub quotas: Quotas,
+    /// The backup key and lease (`backup_state.rs`); carried by the snapshot as a field of its
+    /// own (`SnapshotMeta::V4`).
+    #[serde(skip)]
+    pub backup: super::backup_state::BackupState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -247,6 +251,7 @@ impl Default for State {
             totals: Totals::default(),
             outbound: Outbound::default(),
             quotas: Quotas::default(),
+            backup: Default::default(),
         }
     }
 }
@@ -370,6 +375,7 @@ impl State {
             totals: Totals::default(),
             outbound: self.outbound.clone(),
             quotas: self.quotas.clone(),
+            backup: self.backup.clone(),
         }
     }
 
