@@ -65,6 +65,8 @@ pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
             Ok(Arc::new(DirTarget { root }))
         }
         TargetKind::S3 => {
+            // reqwest is built without a provider of its own: the process-wide one (ring).
+            crate::tls::install_crypto_provider();
             let mut builder = object_store::aws::AmazonS3Builder::from_env()
                 .with_bucket_name(config.bucket.clone().ok_or_else(|| missing("bucket"))?)
                 .with_region(config.region.clone().unwrap_or_else(|| "us-east-1".into()));

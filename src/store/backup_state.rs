@@ -246,12 +246,17 @@ impl BackupView {
     /// key), bincode.
     pub fn encode_meta(&self) -> Result<Vec<u8>, String> {
         use bincode::Options;
+        // The lease changes with every backup: left out, unchanged mail gives unchanged bytes.
+        let backup = BackupState {
+            key: self.state.backup.key.clone(),
+            lease: None,
+        };
         meta_codec()
             .serialize(&BackupMetaVersionRef::V1(BackupMetaRef {
                 state: &self.state,
                 outbound: &self.state.outbound,
                 quotas: &self.state.quotas,
-                backup: &self.state.backup,
+                backup: &backup,
             }))
             .map_err(|e| format!("cannot encode the state: {e}"))
     }
