@@ -638,10 +638,26 @@ fn backup_offline(
 /// `kermail restore ID --to FOLDER` (offline), or `--account` (into the running cluster).
 fn restore(config: &Config, args: RestoreArgs) -> anyhow::Result<ExitCode> {
     let Some(folder) = args.to.clone() else {
-        if args.account.is_some() {
-            bail!("restore --account is not available yet: restore --to a folder and copy the mail over IMAP");
-        }
-        bail!("say where to restore: --to FOLDER or --account ADDRESS");
+        let Some(account) = args.account else {
+            bail!("say where to restore: --to FOLDER or --account ADDRESS");
+        };
+        // Into the running cluster: the node holds the key and does it.
+        let request = AdminRequest::Backup(kermail::admin::backup::BackupRequest::RestoreAccount {
+            id: args.id,
+            target: args.access.target,
+            account,
+            as_address: args.as_address,
+            mailbox: args.mailbox,
+        });
+        return match client::send(&config.admin_socket_path(), &request)? {
+            AdminResponse::Ok { lines } => {
+                for line in lines {
+                    println!("{line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            AdminResponse::Error { message } => bail!("{message}"),
+        };
     };
     let keys = backup_key(config, &args.access)?;
     let target_config = config

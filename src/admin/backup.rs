@@ -16,6 +16,14 @@ pub enum BackupRequest {
     Job { id: u64 },
     /// The backup key in hex (created if the cluster has none yet).
     KeyExport,
+    /// `kermail restore ID --account ADDRESS [--as ADDRESS2] [--mailbox NAME]`.
+    RestoreAccount {
+        id: String,
+        target: Option<String>,
+        account: String,
+        as_address: Option<String>,
+        mailbox: Option<String>,
+    },
 }
 
 pub async fn handle(request: BackupRequest, context: &AdminContext) -> AdminResponse {
@@ -48,5 +56,38 @@ pub async fn handle(request: BackupRequest, context: &AdminContext) -> AdminResp
             }
             Err(e) => error(format!("cannot get the backup key: {e}")),
         },
+        BackupRequest::RestoreAccount {
+            id,
+            target,
+            account,
+            as_address,
+            mailbox,
+        } => {
+            let result = async {
+                let key = context
+                    .store
+                    .backup_key()
+                    .ok_or("this cluster has no backup key: no backup was ever made")?;
+                let keys = crate::backup::Keys::derive(&key.0);
+                let target_config = context.backup_config.target(target.as_deref())?;
+                let target =
+                    crate::backup::target::open(target_config).map_err(|e| e.to_string())?;
+                crate::backup::restore_account(
+                    &context.store,
+                    target.as_ref(),
+                    &keys,
+                    &id,
+                    &account,
+                    as_address.as_deref(),
+                    mailbox.as_deref(),
+                )
+                .await
+            }
+            .await;
+            match result {
+                Ok(line) => AdminResponse::Ok { lines: vec![line] },
+                Err(message) => error(message.to_string()),
+            }
+        }
     }
 }

@@ -591,6 +591,81 @@ pub async fn restore_to(
     ))
 }
 
+/// Puts one account's mail of a backup (or one mailbox's) back into the running cluster, as new
+/// messages (same flags and INTERNALDATE) in `Restored/<backup date>` of `into` (default: the
+/// same address; the account must exist: after `user remove`, `user add` it first).
+pub async fn restore_account(
+    store: &MailStore,
+    target: &dyn Target,
+    keys: &Keys,
+    id: &str,
+    address: &str,
+    into: Option<&str>,
+    mailbox: Option<&str>,
+) -> Result<String, String> {
+    let manifest = read_manifest(target, keys, id).await?;
+    let (meta, _) = read_meta(target, keys, &manifest).await?;
+    let mail = meta
+        .account_mail(address, mailbox)
+        .ok_or_else(|| format!("backup {id} has no account {address}"))?;
+    if mail.is_empty() {
+        return Err(format!(
+            "backup {id} has no mailbox {} for {address}",
+            mailbox.unwrap_or("")
+        ));
+    }
+    let into = into.unwrap_or(address);
+    let account = store
+        .list_accounts(None)
+        .into_iter()
+        .find(|a| a.address.eq_ignore_ascii_case(into))
+        .ok_or_else(|| {
+            format!("no account {into} in the cluster: add it with `kermail user add`")
+        })?;
+    let date = time::OffsetDateTime::from_unix_timestamp(manifest.created_at)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let name = format!(
+        "Restored/{:04}-{:02}-{:02}",
+        date.year(),
+        date.month() as u8,
+        date.day()
+    );
+    let mailbox_id = match store.mailbox_by_name(account.id, &name) {
+        Some(view) => view.id,
+        None => store
+            .create_mailbox(account.id, &name, None)
+            .await
+            .map_err(|e| format!("cannot create {name}: {e}"))?,
+    };
+    let mut restored = 0u64;
+    for (_, messages) in mail {
+        for message in messages {
+            let sealed = target
+                .get(chunk_path(&keys.body_chunk(&message.blob)))
+                .await
+                .map_err(|e| format!("a body of backup {id} is unreadable: {e}"))?;
+            let compressed = open_body(keys, &message.blob, &sealed)?;
+            let raw = zstd::stream::decode_all(compressed.as_slice()).map_err(|e| e.to_string())?;
+            store
+                .append(
+                    account.id,
+                    mailbox_id,
+                    message.flags.clone(),
+                    message.internal_date,
+                    message.internal_date_offset_min,
+                    raw,
+                )
+                .await
+                .map_err(|e| format!("cannot append a restored message: {e}"))?;
+            restored += 1;
+        }
+    }
+    tracing::info!(%id, account = %address, into = %into, restored, "account restored from a backup");
+    Ok(format!(
+        "restored {restored} messages of {address} from backup {id} into {into} {name}"
+    ))
+}
+
 /// The backups retention keeps: the newest of each of the last `daily` days, `weekly` ISO
 /// weeks and `monthly` months (UTC).
 pub fn kept_by_retention(manifests: &[Manifest], retention: Retention) -> BTreeSet<String> {

@@ -316,6 +316,27 @@ impl BackupMeta {
     pub fn messages(&self) -> u64 {
         count_messages(&self.state)
     }
+
+    /// One account's mailboxes (all, or the one named) and their messages, by name order.
+    pub fn account_mail(
+        &self,
+        address: &str,
+        mailbox: Option<&str>,
+    ) -> Option<Vec<(String, Vec<super::MessageMeta>)>> {
+        let address = super::names::normalize_address(address).ok()?;
+        let account = self.state.account_by_address(&address)?;
+        Some(
+            account
+                .names
+                .iter()
+                .filter(|(name, _)| mailbox.is_none_or(|wanted| wanted == name.as_str()))
+                .filter_map(|(name, id)| {
+                    let mailbox = account.mailboxes.get(id)?;
+                    Some((name.clone(), mailbox.messages.as_ref().clone()))
+                })
+                .collect(),
+        )
+    }
 }
 
 /// The restored state of a folder made by `kermail restore --to`, if it is one.

@@ -273,3 +273,56 @@ print(n, leaked)
         "an unchanged backup sent {second_new} bytes"
     );
 }
+
+/// Bodies and flags of every message of one mailbox, as JSON (mailbox name in POS[0]).
+const MAILBOX_CONTENT: &str = r#"
+c = imap(ENV.get("AS"), PASSWORD)
+typ, names = c.list()
+mailbox = [n.decode().rsplit(' "/" ', 1)[1].strip('"') for n in names if b"Restored/" in n] if POS[0] == "restored" else [POS[0]]
+assert len(mailbox) == 1, names
+msgs = inbox_messages(c, mailbox[0])
+c.logout()
+print(json.dumps(sorted([sorted(f), strip_trace_headers(b).decode()] for u, f, b in msgs)))
+"#;
+
+#[test]
+fn an_account_restore_after_user_remove_brings_its_mail_back() {
+    let target_dir = tempfile::tempdir().expect("tempdir");
+    let node = node_with_backup_target(&format!(
+        "[backup]\n[[backup.targets]]\nname = \"disk\"\nkind = \"dir\"\npath = \"{}\"\n",
+        target_dir.path().display()
+    ));
+    deliver(&node, 6, 3_000, "account-restore-canary");
+    let before = node.py(MAILBOX_CONTENT, &["INBOX"]);
+    let (id, _, _) = backup_now(&node);
+
+    node.cli_ok(&["user", "remove", USER]);
+    node.add_account(USER, PASSWORD);
+    assert_eq!(node.py(MAILBOX_CONTENT, &["INBOX"]).trim(), "[]");
+    let out = node.cli_ok(&["restore", &id, "--account", USER]);
+    assert!(out.contains("restored 6 messages"), "{out}");
+    // Same bodies and flags, as new messages in Restored/<date>; INBOX untouched.
+    assert_eq!(node.py(MAILBOX_CONTENT, &["restored"]), before);
+    assert_eq!(node.py(MAILBOX_CONTENT, &["INBOX"]).trim(), "[]");
+
+    // --as another account, --mailbox one mailbox.
+    let other = "carol@kermail.test";
+    node.add_account(other, PASSWORD);
+    let out = node.cli_ok(&[
+        "restore",
+        &id,
+        "--account",
+        USER,
+        "--as",
+        other,
+        "--mailbox",
+        "INBOX",
+    ]);
+    assert!(out.contains("restored 6 messages"), "{out}");
+    let as_other = format!("AS={other}");
+    assert_eq!(node.py(MAILBOX_CONTENT, &["restored", &as_other]), before);
+    // An unknown account in the backup is refused clearly.
+    let out = node.cli(&["restore", &id, "--account", "nobody@kermail.test"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no account"));
+}
