@@ -91,6 +91,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     let cluster = kermail_cluster::Cluster::open(cluster_config, machine.clone())
         .await
         .context("cannot start the replication engine")?;
+    // A folder restored from a backup (`kermail restore --to`) starts from a state its log does
+    // not hold: snapshot it at once and drop the log before it, so that a node joining later
+    // is sent the snapshot, not a log that would start it from an empty state.
+    if data_dir.join(crate::store::RESTORE_BASE_FILE).exists()
+        && cluster.status().snapshot_index.is_none()
+    {
+        let snapshot = cluster
+            .trigger_snapshot()
+            .await
+            .context("cannot snapshot the restored state")?;
+        cluster
+            .purge_log_to_snapshot()
+            .await
+            .context("cannot purge the log of the restored folder")?;
+        info!(
+            ?snapshot,
+            "restored state snapshotted; the log before it is purged"
+        );
+    }
     let store = MailStore::new(
         machine.clone(),
         Arc::new(ClusterProposer {

@@ -173,6 +173,10 @@ fn a_folder_backup_is_encrypted_incremental_verifiable_and_restores_to_a_serving
     ]);
     assert!(out.contains("140 messages"), "{out}");
     restored.spawn();
+    assert!(
+        restored.stderr().contains("restored state snapshotted"),
+        "a restored folder must snapshot its base state before others can join it"
+    );
     assert_eq!(restored.py(SNAPSHOT, &[]), before, "restored mail differs");
     // It is a working node: it takes new mail, and keeps everything over a restart.
     deliver(&restored, 1, 500, "after-restore");
