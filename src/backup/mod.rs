@@ -138,6 +138,8 @@ pub struct ProgressReport {
 pub struct Jobs {
     next: AtomicU64,
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
+    /// Set while this node runs a backup (the lease lets the same node through twice).
+    running: std::sync::atomic::AtomicBool,
     /// Last successful backup per target: (Unix seconds, id).
     last_success: Mutex<BTreeMap<String, (i64, String)>>,
 }
@@ -202,7 +204,16 @@ impl Jobs {
         node: &str,
         progress: &Progress,
     ) -> Result<String, String> {
-        match run_backup(store, target, node, progress).await {
+        if self
+            .running
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return Err("backup refused: a backup is already running on this node".to_owned());
+        }
+        let result = run_backup(store, target, node, progress).await;
+        self.running.store(false, Ordering::Release);
+        match result {
             Ok(manifest) => {
                 lock(&self.last_success).insert(
                     target_config.name.clone(),
