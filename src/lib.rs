@@ -5,11 +5,13 @@
 //!   listeners, admin socket, shutdown).
 //! - [`admin`]: the admin socket server and the CLI client that talks to it.
 //! - [`smtp`], [`imap`]: protocol servers (tokio drivers) around sans-IO sessions.
+//! - [`backup`]: encrypted, deduplicated backups to a folder or an S3 bucket, and restore.
 //! - [`store`]: the mail store, the one door to the replicated mail state.
 //! - [`config`], [`tls`]: configuration sections and TLS setup.
 
 pub mod admin;
 pub mod auth;
+pub mod backup;
 pub mod config;
 pub mod imap;
 pub mod mesh_bench;

@@ -65,9 +65,81 @@ enum Command {
     /// Cluster membership: invite, join, leave, remove, status.
     #[command(subcommand)]
     Cluster(ClusterCommand),
+    /// Encrypted backups: now, list, verify, prune, key export.
+    #[command(subcommand)]
+    Backup(BackupCommand),
+    /// Restore a backup: into a fresh data folder (--to), or one account into the running
+    /// cluster (--account).
+    Restore(RestoreArgs),
     /// Mesh throughput and latency measurements (scripts/bench/mesh).
     #[command(hide = true)]
     MeshBench(kermail::mesh_bench::MeshBenchArgs),
+}
+
+/// Where list, verify, prune and restore read: the target and the key.
+#[derive(Args)]
+struct BackupAccess {
+    /// The target (a name from `[[backup.targets]]`); default: the first one.
+    #[arg(long)]
+    target: Option<String>,
+    /// The backup key (as `kermail backup key export` printed it) from this file instead of
+    /// the running node.
+    #[arg(long, value_name = "PATH")]
+    key_file: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum BackupCommand {
+    /// Back up now (the node's applied state at one Raft index), with a progress bar.
+    Now {
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Backups at a target: id, time, Raft index, messages, bytes new/total.
+    List {
+        #[command(flatten)]
+        access: BackupAccess,
+    },
+    /// Re-read every chunk of a backup: decryption and hashes.
+    Verify {
+        id: String,
+        #[command(flatten)]
+        access: BackupAccess,
+    },
+    /// Apply the retention of `[backup.retention]`; chunks a kept backup uses stay.
+    Prune {
+        #[command(flatten)]
+        access: BackupAccess,
+    },
+    /// The backup key.
+    #[command(subcommand)]
+    Key(BackupKeyCommand),
+}
+
+#[derive(Subcommand)]
+enum BackupKeyCommand {
+    /// Print the backup key (hex) for safekeeping offline: without it no backup can be read.
+    Export,
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// The backup id (`kermail backup list`).
+    id: String,
+    /// A new, empty data folder to restore the whole cluster state into.
+    #[arg(long, value_name = "FOLDER", conflicts_with = "account")]
+    to: Option<PathBuf>,
+    /// Restore this account's mail into the running cluster (as new messages in Restored/DATE).
+    #[arg(long, value_name = "ADDRESS")]
+    account: Option<String>,
+    /// Into this account instead.
+    #[arg(long = "as", value_name = "ADDRESS2", requires = "account")]
+    as_address: Option<String>,
+    /// Only this mailbox.
+    #[arg(long, value_name = "NAME", requires = "account")]
+    mailbox: Option<String>,
+    #[command(flatten)]
+    access: BackupAccess,
 }
 
 #[derive(Subcommand)]
@@ -235,6 +307,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Dkim(command) => AdminRequest::Outbound(command.into()),
         Command::Queue(command) => AdminRequest::Outbound(command.into()),
         Command::Keygen => return keygen(&config),
+        Command::Backup(BackupCommand::Now { target }) => return backup_now(&config, target),
+        Command::Backup(BackupCommand::Key(BackupKeyCommand::Export)) => {
+            AdminRequest::Backup(kermail::admin::backup::BackupRequest::KeyExport)
+        }
+        Command::Backup(BackupCommand::List { access }) => {
+            return backup_offline(&config, &access, BackupOffline::List)
+        }
+        Command::Backup(BackupCommand::Verify { id, access }) => {
+            return backup_offline(&config, &access, BackupOffline::Verify(id))
+        }
+        Command::Backup(BackupCommand::Prune { access }) => {
+            return backup_offline(&config, &access, BackupOffline::Prune)
+        }
+        Command::Restore(args) => return restore(&config, args),
         Command::Mesh(MeshCommand::Status { json }) => AdminRequest::MeshStatus { json },
         Command::Cluster(ClusterCommand::Invite {
             name,
@@ -409,6 +495,197 @@ fn join(config: &Config, token: String) -> anyhow::Result<ExitCode> {
             }
         }
     }
+}
+
+/// How often `backup now` asks the node how far the backup is.
+const BACKUP_POLL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// `kermail backup now`: starts the backup on the node and shows its progress.
+fn backup_now(config: &Config, target: Option<String>) -> anyhow::Result<ExitCode> {
+    use kermail::admin::backup::BackupRequest;
+    let socket = config.admin_socket_path();
+    let job = match client::send(
+        &socket,
+        &AdminRequest::Backup(BackupRequest::Now { target }),
+    )? {
+        AdminResponse::Ok { lines } => lines
+            .first()
+            .and_then(|l| l.parse::<u64>().ok())
+            .context("the node did not answer with a job number")?,
+        AdminResponse::Error { message } => bail!("{message}"),
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {bytes}/{total_bytes} {msg} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    loop {
+        let report = match client::send(
+            &socket,
+            &AdminRequest::Backup(BackupRequest::Job { id: job }),
+        )? {
+            AdminResponse::Ok { lines } => serde_json::from_str::<kermail::backup::ProgressReport>(
+                lines.first().map(String::as_str).unwrap_or(""),
+            )
+            .context("the node sent a progress report this CLI does not understand")?,
+            AdminResponse::Error { message } => bail!("{message}"),
+        };
+        bar.set_length(report.bytes_total);
+        bar.set_position(report.bytes_done);
+        bar.set_message(format!(
+            "bodies {}/{} sent {} B",
+            report.bodies_done, report.bodies_total, report.bytes_sent
+        ));
+        match report.done {
+            Some(Ok(summary)) => {
+                bar.finish_and_clear();
+                println!("{summary}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Some(Err(error)) => {
+                bar.abandon();
+                bail!("{error}");
+            }
+            None => std::thread::sleep(BACKUP_POLL),
+        }
+    }
+}
+
+enum BackupOffline {
+    List,
+    Verify(String),
+    Prune,
+}
+
+/// The backup key: from `--key-file`, or from the running node.
+fn backup_key(config: &Config, access: &BackupAccess) -> anyhow::Result<kermail::backup::Keys> {
+    let text = match &access.key_file {
+        Some(path) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the key file {}", path.display()))?,
+        None => {
+            let request = AdminRequest::Backup(kermail::admin::backup::BackupRequest::KeyExport);
+            match client::send(&config.admin_socket_path(), &request)
+                .context("no --key-file given and the node cannot give the key")?
+            {
+                AdminResponse::Ok { lines } => lines.first().cloned().unwrap_or_default(),
+                AdminResponse::Error { message } => bail!("{message}"),
+            }
+        }
+    };
+    let key = kermail::backup::parse_key(&text).map_err(anyhow::Error::msg)?;
+    Ok(kermail::backup::Keys::derive(&key))
+}
+
+fn offline_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    kermail::tls::install_crypto_provider();
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn backup_offline(
+    config: &Config,
+    access: &BackupAccess,
+    what: BackupOffline,
+) -> anyhow::Result<ExitCode> {
+    let keys = backup_key(config, access)?;
+    let target_config = config
+        .backup
+        .target(access.target.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let target = kermail::backup::target::open(target_config)?;
+    let runtime = offline_runtime()?;
+    let result = runtime.block_on(async {
+        match what {
+            BackupOffline::List => {
+                let manifests = kermail::backup::list(target.as_ref(), &keys).await?;
+                println!("id time raft_index messages bytes_new/bytes_total");
+                for m in manifests {
+                    let time = time::OffsetDateTime::from_unix_timestamp(m.created_at)
+                        .ok()
+                        .and_then(|t| {
+                            t.format(&time::format_description::well_known::Rfc3339)
+                                .ok()
+                        })
+                        .unwrap_or_else(|| m.created_at.to_string());
+                    println!(
+                        "{} {time} {} {} {}/{}",
+                        m.id, m.raft_index, m.messages, m.bytes_new, m.bytes_total
+                    );
+                }
+                Ok(())
+            }
+            BackupOffline::Verify(id) => kermail::backup::verify(target.as_ref(), &keys, &id)
+                .await
+                .map(|line| println!("{line}")),
+            BackupOffline::Prune => {
+                kermail::backup::prune(target.as_ref(), &keys, config.backup.retention)
+                    .await
+                    .map(|line| println!("{line}"))
+            }
+        }
+    });
+    result.map_err(anyhow::Error::msg)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `kermail restore ID --to FOLDER` (offline), or `--account` (into the running cluster).
+fn restore(config: &Config, args: RestoreArgs) -> anyhow::Result<ExitCode> {
+    let Some(folder) = args.to.clone() else {
+        let Some(account) = args.account else {
+            bail!("say where to restore: --to FOLDER or --account ADDRESS");
+        };
+        // Into the running cluster: the node holds the key and does it.
+        let request = AdminRequest::Backup(kermail::admin::backup::BackupRequest::RestoreAccount {
+            id: args.id,
+            target: args.access.target,
+            account,
+            as_address: args.as_address,
+            mailbox: args.mailbox,
+        });
+        return match client::send(&config.admin_socket_path(), &request)? {
+            AdminResponse::Ok { lines } => {
+                for line in lines {
+                    println!("{line}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            AdminResponse::Error { message } => bail!("{message}"),
+        };
+    };
+    let keys = backup_key(config, &args.access)?;
+    let target_config = config
+        .backup
+        .target(args.access.target.as_deref())
+        .map_err(anyhow::Error::msg)?;
+    let target = kermail::backup::target::open(target_config)?;
+    let runtime = offline_runtime()?;
+    let bar = indicatif::ProgressBar::new(0);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let on_body = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let line = runtime
+        .block_on(kermail::backup::restore_to(
+            target.as_ref(),
+            &keys,
+            &args.id,
+            &folder,
+            &on_body,
+        ))
+        .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    println!("{line}");
+    Ok(ExitCode::SUCCESS)
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

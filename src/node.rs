@@ -91,6 +91,25 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     let cluster = kermail_cluster::Cluster::open(cluster_config, machine.clone())
         .await
         .context("cannot start the replication engine")?;
+    // A folder restored from a backup (`kermail restore --to`) starts from a state its log does
+    // not hold: snapshot it at once and drop the log before it, so that a node joining later
+    // is sent the snapshot, not a log that would start it from an empty state.
+    if data_dir.join(crate::store::RESTORE_BASE_FILE).exists()
+        && cluster.status().snapshot_index.is_none()
+    {
+        let snapshot = cluster
+            .trigger_snapshot()
+            .await
+            .context("cannot snapshot the restored state")?;
+        cluster
+            .purge_log_to_snapshot()
+            .await
+            .context("cannot purge the log of the restored folder")?;
+        info!(
+            ?snapshot,
+            "restored state snapshotted; the log before it is purged"
+        );
+    }
     let store = MailStore::new(
         machine.clone(),
         Arc::new(ClusterProposer {
@@ -175,6 +194,15 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         shutdown.clone(),
     ));
 
+    let backup_jobs = std::sync::Arc::new(crate::backup::Jobs::default());
+    servers.spawn(crate::backup::schedule::run(
+        store.clone(),
+        config.backup.clone(),
+        config.node.name.clone(),
+        backup_jobs.clone(),
+        shutdown.clone(),
+    ));
+
     let socket_path = config.admin_socket_path();
     let admin_listener = crate::admin::server::bind(&socket_path)
         .with_context(|| format!("cannot open the admin socket {}", socket_path.display()))?;
@@ -184,6 +212,9 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             store: store.clone(),
             cluster: cluster.clone(),
             data_dir: data_dir.clone(),
+            node_name: config.node.name.clone(),
+            backup_config: config.backup.clone(),
+            backup_jobs: backup_jobs.clone(),
         },
         shutdown.clone(),
     ));

@@ -5,6 +5,7 @@
 //! Mail administration (domains, accounts, aliases) goes through the mail store; cluster
 //! administration goes to the cluster crate's own API.
 
+pub mod backup;
 pub mod client;
 pub mod cluster;
 pub mod outbound;
@@ -87,6 +88,8 @@ pub enum AdminRequest {
     ClusterRemove {
         name: String,
     },
+    /// Backups (`backup.rs`).
+    Backup(backup::BackupRequest),
 }
 
 /// The answer: lines to print, or an error to print on standard error (exit status 1).

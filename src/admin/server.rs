@@ -21,6 +21,9 @@ pub struct AdminContext {
     pub store: MailStore,
     pub cluster: kermail_cluster::Cluster,
     pub data_dir: PathBuf,
+    pub node_name: String,
+    pub backup_config: crate::backup::BackupConfig,
+    pub backup_jobs: std::sync::Arc<crate::backup::Jobs>,
 }
 
 /// Binds the socket with mode 0600. A stale socket file left by a killed node is replaced;
@@ -301,6 +304,7 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 Err(error) => failed(error),
             }
         }
+        AdminRequest::Backup(request) => super::backup::handle(request, context).await,
         AdminRequest::Status => {
             let data_dir = context.data_dir.clone();
             let disk_bytes = tokio::task::spawn_blocking(move || folder_size_bytes(&data_dir))
@@ -308,6 +312,11 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 .unwrap_or(0);
             let mut status = status_lines(context);
             status.push(format!("data folder size on disk: {disk_bytes}"));
+            status.extend(
+                context
+                    .backup_jobs
+                    .status_lines(&context.backup_config, crate::backup::now_secs()),
+            );
             lines(status)
         }
     }

@@ -30,6 +30,8 @@ pub enum Command {
     V2(CommandV2),
     /// Quotas (issue 10).
     V3(CommandV3),
+    /// Backups: the backup key and lease (issue 11, `backup_state.rs`).
+    V4(super::backup_state::CommandV4),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big

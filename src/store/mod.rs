@@ -40,6 +40,7 @@
 //! ([`StoreError::InsufficientStorage`], SMTP `452 4.3.1`) while the data folder's free space
 //! is under the reserve ([`MailStateMachine::set_min_free_disk_bytes`]).
 
+mod backup_state;
 mod blob;
 mod command;
 mod names;
@@ -62,7 +63,11 @@ use kermail_cluster::{StorageComponent, StorageHealth};
 
 use serde::{Deserialize, Serialize};
 
+pub use backup_state::{
+    BackupKey, BackupMeta, BackupState, BackupView, CommandV4, RESTORE_BASE_FILE,
+};
 use blob::BlobStore;
+pub use blob::BlobStore as BodyStore;
 use command::{
     decode_command, decode_response, encode_command, encode_response, uids_to_ranges, ApplyError,
     BodyV1, Command, CommandV1, CommandV2, CommandV3, Response,
@@ -339,8 +344,10 @@ impl MailStateMachine {
             ))
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        // A folder made by `kermail restore --to` starts from the restored state (issue 11).
+        let initial = backup_state::load_restore_base(data_dir, &blobs)?.unwrap_or_default();
         Ok(Arc::new_cyclic(|self_ref| MailStateMachine {
-            state: RwLock::new(State::default()),
+            state: RwLock::new(initial),
             blobs,
             chunks,
             data_dir: data_dir.to_path_buf(),
@@ -528,7 +535,7 @@ impl MailStateMachine {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) | Command::V3(_) => {}
+            Command::V1(_) | Command::V3(_) | Command::V4(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -548,6 +555,7 @@ impl MailStateMachine {
                 Command::V1(command) => state.apply(command),
                 Command::V2(command) => state.apply_v2(command),
                 Command::V3(command) => state.apply_v3(command),
+                Command::V4(command) => state.apply_v4(command),
             }
         };
         self.blobs.release(outcome.effects.released);

@@ -230,6 +230,10 @@ pub struct State {
     /// (`SnapshotMeta::V3`).
     #[serde(skip)]
     pub quotas: Quotas,
+    /// The backup key and lease (`backup_state.rs`); carried by the snapshot as a field of its
+    /// own (`SnapshotMeta::V4`).
+    #[serde(skip)]
+    pub backup: super::backup_state::BackupState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -254,6 +258,7 @@ impl Default for State {
             totals: Totals::default(),
             outbound: Outbound::default(),
             quotas: Quotas::default(),
+            backup: Default::default(),
         }
     }
 }
@@ -377,6 +382,7 @@ impl State {
             totals: Totals::default(),
             outbound: self.outbound.clone(),
             quotas: self.quotas.clone(),
+            backup: self.backup.clone(),
         }
     }
 
@@ -391,6 +397,8 @@ impl State {
             next_account_id: self.next_account_id,
             next_mailbox_id: self.next_mailbox_id,
             uidvalidity_high: self.uidvalidity_high,
+            // Small replicated records of later issues travel in the state section.
+            backup: self.backup.clone(),
             ..State::default()
         };
         for account in state.accounts.values_mut() {

@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod backup;
 mod bad_input;
 mod chaos;
 mod cli;

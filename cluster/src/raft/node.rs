@@ -426,6 +426,24 @@ impl Cluster {
         Ok(metrics.snapshot.map(|id| id.index))
     }
 
+    /// Purges the log up to the kept snapshot, whatever `logs_kept_after_snapshot` says, so
+    /// that a node joining later gets that snapshot instead of the log from its start (a data
+    /// folder restored from a backup starts from a state the log does not hold). Returns the
+    /// snapshot's index; openraft may purge a little later.
+    pub async fn purge_log_to_snapshot(&self) -> Result<Option<u64>, ClusterError> {
+        let engine = self.engine()?;
+        let snapshot = engine.raft.metrics().borrow().snapshot.map(|id| id.index);
+        if let Some(index) = snapshot {
+            engine
+                .raft
+                .trigger()
+                .purge_log(index)
+                .await
+                .map_err(|e| ClusterError::Raft(e.to_string()))?;
+        }
+        Ok(snapshot)
+    }
+
     /// Stops Raft and the mesh, flushes the log store and waits (bounded) until it is closed,
     /// so that the same data folder can be opened again. Proposals get `Fatal` afterwards.
     /// Idempotent.

@@ -1,0 +1,370 @@
+//! The replicated part of backups (issue 11): the cluster's backup key and the lease that keeps
+//! two nodes from backing up at once. One struct, [`BackupState`], kept in `State` and carried
+//! by the snapshot as one field of its own (`SnapshotMeta::V4`).
+//!
+//! Everything random or timed is chosen by the proposer: the key is generated before
+//! `InitBackupKey` is proposed (the first one applied wins, like the SRS key), and a lease
+//! carries the proposer's `now_ms`, so apply stays a pure function of (state, command).
+
+use serde::{Deserialize, Serialize};
+
+use super::command::{ApplyError, Command, Response};
+use super::state::{Effects, Outcome, State};
+use super::{MailStore, StoreError};
+
+/// The cluster's backup key: 32 random bytes from which the chunk encryption key and the chunk
+/// id key are derived (`src/backup/crypto.rs`). `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupKey(pub [u8; 32]);
+
+impl std::fmt::Debug for BackupKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BackupKey(<redacted>)")
+    }
+}
+
+/// Who is running a backup, until when (proposer's clock, Unix milliseconds).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupLease {
+    pub node: String,
+    pub expires_at_ms: i64,
+}
+
+/// Everything about backups that is replicated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupState {
+    pub key: Option<BackupKey>,
+    pub lease: Option<BackupLease>,
+}
+
+/// Backup commands (issue 11).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CommandV4 {
+    /// The first key applied is kept; later ones are ignored.
+    InitBackupKey { key: BackupKey },
+    /// Granted unless another node holds an unexpired lease at `now_ms`.
+    TakeBackupLease {
+        node: String,
+        now_ms: i64,
+        expires_at_ms: i64,
+    },
+    /// Drops `node`'s lease (nothing if another node holds it).
+    ReleaseBackupLease { node: String },
+}
+
+impl State {
+    pub fn apply_v4(&mut self, command: CommandV4) -> Outcome {
+        let response = match command {
+            CommandV4::InitBackupKey { key } => {
+                if self.backup.key.is_none() {
+                    self.backup.key = Some(key);
+                }
+                Response::Done
+            }
+            CommandV4::TakeBackupLease {
+                node,
+                now_ms,
+                expires_at_ms,
+            } => match &self.backup.lease {
+                Some(lease) if lease.node != node && lease.expires_at_ms > now_ms => {
+                    Response::Refused(ApplyError::AlreadyExists(format!(
+                        "a backup is running on node {} (lease until {} ms)",
+                        lease.node, lease.expires_at_ms
+                    )))
+                }
+                _ => {
+                    self.backup.lease = Some(BackupLease {
+                        node,
+                        expires_at_ms,
+                    });
+                    Response::Done
+                }
+            },
+            CommandV4::ReleaseBackupLease { node } => {
+                if self.backup.lease.as_ref().is_some_and(|l| l.node == node) {
+                    self.backup.lease = None;
+                }
+                Response::Done
+            }
+        };
+        Outcome {
+            response,
+            effects: Effects::default(),
+        }
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A consistent view for a backup: the metadata cloned under the state lock (a few ms), the
+/// index it was applied up to, and a guard that keeps every body it references readable.
+pub struct BackupView {
+    pub state: State,
+    pub applied_index: u64,
+    pub blobs: std::sync::Arc<super::blob::BlobStore>,
+    pub _guard: super::blob::ReadGuard,
+}
+
+impl MailStore {
+    async fn submit_v4(&self, command: CommandV4) -> Result<Response, StoreError> {
+        self.submit_command(Command::V4(command)).await
+    }
+
+    /// The cluster's backup key, created (at random, before proposing) on first use.
+    pub async fn backup_key_or_init(&self) -> Result<BackupKey, StoreError> {
+        if let Some(key) = self.state().backup.key.clone() {
+            return Ok(key);
+        }
+        let key = BackupKey(rand::random());
+        self.submit_v4(CommandV4::InitBackupKey { key }).await?;
+        self.state()
+            .backup
+            .key
+            .clone()
+            .ok_or_else(|| StoreError::Io("the backup key was not recorded".into()))
+    }
+
+    /// The backup key if one exists (`kermail backup key export`).
+    pub fn backup_key(&self) -> Option<BackupKey> {
+        self.state().backup.key.clone()
+    }
+
+    pub async fn take_backup_lease(&self, node: &str, lease_ms: i64) -> Result<(), StoreError> {
+        let now = now_ms();
+        self.submit_v4(CommandV4::TakeBackupLease {
+            node: node.to_owned(),
+            now_ms: now,
+            expires_at_ms: now.saturating_add(lease_ms),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    pub async fn release_backup_lease(&self, node: &str) -> Result<(), StoreError> {
+        self.submit_v4(CommandV4::ReleaseBackupLease {
+            node: node.to_owned(),
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Clones the metadata under the read lock; bodies are immutable and stay readable while
+    /// the view's guard lives.
+    pub fn backup_view(&self) -> BackupView {
+        let machine = self.machine();
+        let state = machine.read();
+        let guard = machine.blobs.begin_read();
+        BackupView {
+            state: state.capture(),
+            applied_index: machine.last_applied_index(),
+            blobs: machine.blobs.clone(),
+            _guard: guard,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_key_wins_and_a_lease_refuses_another_node_until_it_expires() {
+        let mut state = State::default();
+        state.apply_v4(CommandV4::InitBackupKey {
+            key: BackupKey([1; 32]),
+        });
+        state.apply_v4(CommandV4::InitBackupKey {
+            key: BackupKey([2; 32]),
+        });
+        assert_eq!(state.backup.key, Some(BackupKey([1; 32])));
+        let take = |node: &str, now_ms| CommandV4::TakeBackupLease {
+            node: node.into(),
+            now_ms,
+            expires_at_ms: now_ms + 100,
+        };
+        assert_eq!(state.apply_v4(take("a", 0)).response, Response::Done);
+        assert!(matches!(
+            state.apply_v4(take("b", 50)).response,
+            Response::Refused(_)
+        ));
+        assert_eq!(state.apply_v4(take("b", 100)).response, Response::Done);
+        state.apply_v4(CommandV4::ReleaseBackupLease { node: "a".into() });
+        assert!(state.backup.lease.is_some());
+        state.apply_v4(CommandV4::ReleaseBackupLease { node: "b".into() });
+        assert!(state.backup.lease.is_none());
+    }
+}
+
+/// The file `kermail restore --to` leaves in a fresh data folder: the restored metadata
+/// ([`BackupMeta::encode`]). The state machine starts from it instead of an empty state (the
+/// log of the new one-node cluster is applied on top, and once a snapshot exists it is
+/// restored instead); it is kept so that every start replays onto the same base.
+pub const RESTORE_BASE_FILE: &str = "restore-base.bin";
+
+/// The largest encoded backup metadata (same bound as a snapshot's).
+pub const MAX_BACKUP_META_BYTES: u64 = super::snapshot::MAX_META_BYTES;
+
+#[derive(Serialize)]
+struct BackupMetaRef<'a> {
+    state: &'a State,
+    outbound: &'a super::queue::Outbound,
+    quotas: &'a super::quota::Quotas,
+    backup: &'a BackupState,
+}
+
+#[derive(Deserialize)]
+struct BackupMetaOwned {
+    state: State,
+    outbound: super::queue::Outbound,
+    quotas: super::quota::Quotas,
+    backup: BackupState,
+}
+
+/// Versioned envelope of the backup metadata.
+#[derive(Serialize)]
+enum BackupMetaVersionRef<'a> {
+    V1(BackupMetaRef<'a>),
+}
+
+#[derive(Deserialize)]
+enum BackupMetaVersion {
+    V1(BackupMetaOwned),
+}
+
+fn meta_codec() -> impl bincode::Options {
+    use bincode::Options;
+    bincode::DefaultOptions::new().with_limit(MAX_BACKUP_META_BYTES)
+}
+
+impl BackupView {
+    /// The metadata of the view (state, outbound queue and DKIM keys, SRS key, quotas, backup
+    /// key), bincode.
+    pub fn encode_meta(&self) -> Result<Vec<u8>, String> {
+        use bincode::Options;
+        // The lease changes with every backup: left out, unchanged mail gives unchanged bytes.
+        let backup = BackupState {
+            key: self.state.backup.key.clone(),
+            lease: None,
+        };
+        meta_codec()
+            .serialize(&BackupMetaVersionRef::V1(BackupMetaRef {
+                state: &self.state,
+                outbound: &self.state.outbound,
+                quotas: &self.state.quotas,
+                backup: &backup,
+            }))
+            .map_err(|e| format!("cannot encode the state: {e}"))
+    }
+
+    /// Every body the view references.
+    pub fn referenced(&self) -> std::collections::BTreeSet<super::BlobId> {
+        self.state.referenced_blobs()
+    }
+
+    pub fn messages(&self) -> u64 {
+        count_messages(&self.state)
+    }
+}
+
+fn count_messages(state: &State) -> u64 {
+    state
+        .accounts
+        .values()
+        .flat_map(|a| a.mailboxes.values())
+        .map(|m| m.messages.len() as u64)
+        .sum()
+}
+
+/// Backup metadata read back (the state of one backup).
+pub struct BackupMeta {
+    state: State,
+}
+
+impl BackupMeta {
+    /// The largest decoded metadata.
+    pub const MAX_BYTES: u64 = MAX_BACKUP_META_BYTES;
+
+    pub fn decode(bytes: &[u8]) -> Result<BackupMeta, String> {
+        use bincode::Options;
+        let BackupMetaVersion::V1(meta) = meta_codec()
+            .deserialize(bytes)
+            .map_err(|e| format!("backup metadata is corrupt: {e}"))?;
+        let mut state = meta.state;
+        state.outbound = meta.outbound;
+        state.outbound.rebuild_due();
+        state.quotas = meta.quotas;
+        // A restored cluster holds no lease of the old one.
+        state.backup = BackupState {
+            key: meta.backup.key,
+            lease: None,
+        };
+        state
+            .check_invariants()
+            .map_err(|why| format!("backup state is inconsistent: {why}"))?;
+        Ok(BackupMeta { state })
+    }
+
+    pub fn referenced(&self) -> std::collections::BTreeSet<super::BlobId> {
+        self.state.referenced_blobs()
+    }
+
+    pub fn messages(&self) -> u64 {
+        count_messages(&self.state)
+    }
+
+    /// One account's mailboxes (all, or the one named) and their messages, by name order.
+    pub fn account_mail(
+        &self,
+        address: &str,
+        mailbox: Option<&str>,
+    ) -> Option<Vec<(String, Vec<super::MessageMeta>)>> {
+        let address = super::names::normalize_address(address).ok()?;
+        let account = self.state.account_by_address(&address)?;
+        Some(
+            account
+                .names
+                .iter()
+                .filter(|(name, _)| mailbox.is_none_or(|wanted| wanted == name.as_str()))
+                .filter_map(|(name, id)| {
+                    let mailbox = account.mailboxes.get(id)?;
+                    Some((name.clone(), mailbox.messages.as_ref().clone()))
+                })
+                .collect(),
+        )
+    }
+}
+
+/// The restored state of a folder made by `kermail restore --to`, if it is one.
+pub(super) fn load_restore_base(
+    data_dir: &std::path::Path,
+    blobs: &super::blob::BlobStore,
+) -> Result<Option<State>, StoreError> {
+    let path = data_dir.join(RESTORE_BASE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => {
+            return Err(StoreError::Io(format!(
+                "cannot read {}: {error}",
+                path.display()
+            )))
+        }
+    };
+    let mut state = BackupMeta::decode(&bytes)
+        .map_err(|why| StoreError::Io(format!("{}: {why}", path.display())))?
+        .state;
+    state.rebuild_blobs(|id| blobs.stored_len(id).unwrap_or(0));
+    if let Some(missing) = state.blobs.keys().find(|id| !blobs.contains(id)) {
+        return Err(StoreError::Io(format!(
+            "{}: the restored state references body {} which the folder lacks",
+            path.display(),
+            hex::encode(missing.0)
+        )));
+    }
+    Ok(Some(state))
+}
