@@ -509,7 +509,7 @@ mod tests {
             )
             .unwrap()
         };
-        let mut answer = |m1: &[u8], guard: &mut ReplayGuard| {
+        let answer = |m1: &[u8], guard: &mut ReplayGuard| {
             respond(params(&b, "c1", None), m1, members(&known), guard).map(|(e, _)| e.peer_name)
         };
         let (_, m1_at_10) = start(&a, 10);

@@ -51,6 +51,14 @@
 //! entirely at or below the last purged index (left by a purge interrupted by a crash) are
 //! removed; entries below it in a partly purged segment stay on disk but are never read.
 //!
+//! Restart: this node's own vote, if committed (it led), is restored NOT committed, so that
+//! openraft does not resume leadership in that term at startup: a leader replicates entries
+//! before its own flush, so after a crash (or a disk that lost flushed entries) followers
+//! may hold entries of that term that its log lacks, and a leader resuming the term would
+//! write other entries under the same log ids (found by `scripts/chaos` with a cut tail). It
+//! leads again only through an election, in a later term. A commit index beyond the last
+//! entry on disk is lowered to it (see `restore_after_restart`).
+//!
 //! Import: data folders of earlier versions hold a sled database at the same path (files `db`
 //! and `conf`). `open` then imports it once: it copies the meta values and every entry into a
 //! new log in `<path>.seglog-import` (fsync'd), renames the sled folder to
@@ -422,6 +430,79 @@ fn load_segment(
     ))
 }
 
+/// Adjusts the persisted vote and commit index to the log found at open (see the module
+/// documentation, "Restart").
+///
+/// - This node's own vote, if committed (it was leader), is restored as not committed, so that
+///   openraft does not resume leadership in that term at startup. A leader appends before its
+///   own flush and replicates in parallel, so after a crash (or a cut tail) the followers may
+///   hold entries of that term that this node's log no longer has; a leader resuming in the
+///   same term would write different entries under the same log ids. Not committed, the vote
+///   still keeps this node from voting for another node in that term, and the only way back
+///   to leadership is an election, in a later term.
+/// - A commit index beyond the last entry on disk (the log lost entries it had flushed: a
+///   lying disk, or a copy of the folder) is lowered to the last entry; the node learns the
+///   rest again from the leader.
+fn restore_after_restart(meta: &mut Meta, last_log_id: Option<LogId>) {
+    if let (Some(vote), Some(node_id)) = (meta.vote, meta.node_id) {
+        if vote.is_committed() && vote.leader_id().voted_for() == Some(node_id) {
+            let term = vote.leader_id().get_term();
+            tracing::info!(
+                term,
+                "raft log: this node led term {term} before the restart; it leads again only \
+                 after an election in a later term"
+            );
+            meta.vote = Some(Vote::new(term, node_id));
+        }
+    }
+    let last = last_log_id.or(meta.last_purged);
+    if let Some(committed) = meta.committed {
+        if last.is_none_or(|last| last.index < committed.index) {
+            tracing::warn!(
+                committed = %committed,
+                last = ?last,
+                "raft log: the log ends before its recorded commit index (entries flushed \
+                 earlier are gone); the commit index is lowered to the last entry"
+            );
+            meta.committed = last;
+        }
+    }
+}
+
+/// Test hook: removes the last `n` whole records of the last segment of the log in `dir`
+/// (what a disk that lost flushed data leaves: nothing torn to detect). Returns the log
+/// index of the first removed entry.
+#[cfg(test)]
+pub(crate) fn cut_last_records(dir: &Path, n: usize) -> u64 {
+    let mut firsts: Vec<u64> = fs::read_dir(dir)
+        .expect("list the log folder")
+        .filter_map(|item| parse_segment_file_name(&item.ok()?.file_name().to_string_lossy()))
+        .collect();
+    firsts.sort_unstable();
+    let first = *firsts.last().expect("a segment");
+    let path = dir.join(segment_file_name(first));
+    let bytes = fs::read(&path).expect("read the segment");
+    let mut ends = vec![0usize];
+    while *ends.last().expect("ends") < bytes.len() {
+        let at = *ends.last().expect("ends");
+        let (_, len) = parse_record(&bytes[at..]).expect("a whole record");
+        ends.push(at + len);
+    }
+    let n_records = ends.len() - 1;
+    assert!(
+        n <= n_records,
+        "the last segment holds only {n_records} records"
+    );
+    let keep = n_records - n;
+    File::options()
+        .write(true)
+        .open(&path)
+        .expect("open the segment")
+        .set_len(ends[keep] as u64)
+        .expect("cut the segment");
+    first + keep as u64
+}
+
 impl Shared {
     /// Opens (or creates) the segment log in `dir` (no import).
     fn open_dir(dir: &Path, segment_bytes: u64) -> Result<Shared, LogStoreError> {
@@ -491,6 +572,8 @@ impl Shared {
         if removed_any {
             sync_dir(dir).map_err(io_at(dir))?;
         }
+        let mut meta = meta;
+        restore_after_restart(&mut meta, last_log_id);
         let committed_plus_one = meta.committed.map(|id| id.index + 1).unwrap_or(0);
         Ok(Shared {
             dir: dir.to_path_buf(),
@@ -1663,6 +1746,50 @@ mod tests {
         let mut store = LogStore::open(&path).expect("reopen flipped");
         assert_eq!(indexes(&mut store).await, (1..=10).collect::<Vec<_>>());
         assert!(fs::metadata(&segment).expect("meta").len() < size);
+    }
+
+    /// A node that led a term does not lead it again after a restart (its vote comes back
+    /// not committed), and a commit index beyond a log that lost flushed entries is lowered
+    /// to the last entry on disk.
+    #[tokio::test]
+    async fn restart_demotes_the_own_leader_vote_and_clamps_the_commit_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let node_id = {
+            let mut store = LogStore::open(&path).expect("open");
+            let node_id = store.node_id_or_create().await.expect("node id");
+            append(&store, (1..=10).map(|i| entry(5, i, 100)));
+            let mut vote = Vote::new(5, node_id);
+            vote.commit();
+            store.save_vote(&vote).await.expect("vote");
+            store
+                .save_committed(Some(log_id(5, 10)))
+                .await
+                .expect("committed");
+            node_id
+        };
+        assert_eq!(cut_last_records(&path, 3), 8);
+        {
+            let mut store = LogStore::open(&path).expect("reopen");
+            let vote = store.read_vote().await.expect("vote").expect("a vote");
+            assert!(
+                !vote.is_committed(),
+                "the own leader vote comes back not committed"
+            );
+            assert_eq!(vote, Vote::new(5, node_id));
+            assert_eq!(
+                store.read_committed().await.expect("committed"),
+                Some(log_id(5, 7))
+            );
+            // Another node's committed vote (this node followed it) stays as it is.
+            let mut other = Vote::new(6, node_id + 1);
+            other.commit();
+            store.save_vote(&other).await.expect("vote");
+        }
+        let mut store = LogStore::open(&path).expect("reopen");
+        let vote = store.read_vote().await.expect("vote").expect("a vote");
+        assert!(vote.is_committed());
+        assert_eq!(vote.leader_id().voted_for(), Some(node_id + 1));
     }
 
     #[tokio::test]
