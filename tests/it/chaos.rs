@@ -16,12 +16,13 @@ use crate::harness::KERMAIL;
 /// The fixed seed of the CI run: the same fault schedule every time.
 const CHAOS_SEED: u64 = 20261205;
 const CHAOS_CYCLES: u32 = 10;
-/// The fault kinds of the CI run. On this branch the others fail: `freeze`, `cut` and
-/// `oneway` (a mesh link writer busy-loops once its peer stops reading, and its node stops
-/// answering), `truncate` (a leader restarted after a torn log tail writes a different entry
-/// under the torn entry's log id) and `disk` (Raft stops for good after ENOSPC). Add each back
-/// here once its fix is in.
-const CHAOS_FAULTS: &str = "kill,slow";
+/// The fault kinds of the CI run: every kind but `truncate`. With a torn log tail a restarted
+/// follower can lose entries its leader had counted as matching, and openraft 0.9 then panics
+/// the leader's core ("follower log reversion is not allowed"): reproduced by
+/// `scripts/chaos --cycles 20 --seed 2 --faults oneway,slow,truncate --hold-secs 2,3` (cycle 9).
+/// Add it here once that is handled. `disk` fills a tmpfs mounted over the last node's data
+/// folder.
+const CHAOS_FAULTS: &str = "kill,freeze,cut,oneway,slow,disk";
 /// Offset of this test's cluster id above `KERMAIL_IT_CLUSTER_ID_BASE` (cluster.rs uses 0..6).
 const CLUSTER_ID_OFFSET: u32 = 9;
 const CLUSTER_ID_BASE: u32 = 120;

@@ -99,7 +99,7 @@ impl Cluster {
 
     /// `up`, every node given the extra TOML that `config` builds from the host's address
     /// (`local-cluster up N --config FILE`).
-    fn up_with(
+    pub(crate) fn up_with(
         offset: u32,
         count: usize,
         sites: Option<&str>,
@@ -210,15 +210,20 @@ impl Cluster {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    fn ok(&self, args: &[&str]) -> String {
+    pub(crate) fn ok(&self, args: &[&str]) -> String {
         self.ok_stdin(args, "")
     }
 
     /// `local-cluster exec NODE -- kermail ARGS`, which must succeed; its stdout.
-    fn kermail(&self, node: &str, args: &[&str]) -> String {
+    pub(crate) fn kermail(&self, node: &str, args: &[&str]) -> String {
         let mut all = vec!["exec", node, "--", "kermail"];
         all.extend_from_slice(args);
         self.ok(&all)
+    }
+
+    /// The folder of one node (its config, log and `data/`), as `local-cluster` keeps it.
+    pub(crate) fn node_dir(&self, node: &str) -> PathBuf {
+        self.dir.path().join("lc").join(node)
     }
 
     fn status(&self, node: &str) -> Value {

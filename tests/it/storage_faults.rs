@@ -58,13 +58,16 @@ fn fill(dir: &Path, name: &str, leave_bytes: u64) {
     let mut file = std::fs::File::create(dir.join(name)).expect("filler");
     let chunk = vec![0x5au8; 1 << 20];
     let mut to_write = free.saturating_sub(leave_bytes);
+    // Until full: MiB chunks, then pages, so that not even a page is left.
+    let mut step = chunk.len();
     while leave_bytes == 0 || to_write > 0 {
         let n = if leave_bytes == 0 {
-            chunk.len()
+            step
         } else {
             (to_write as usize).min(chunk.len())
         };
         match file.write(&chunk[..n]) {
+            Ok(0) | Err(_) if leave_bytes == 0 && step > 4096 => step = 4096,
             Ok(0) | Err(_) => break,
             Ok(written) => to_write = to_write.saturating_sub(written as u64),
         }
@@ -229,4 +232,152 @@ fn a_full_disk_gets_451_and_a_status_line_and_writes_resume_when_space_returns()
     node.terminate();
     node.spawn();
     assert_delivered(&node, &accepted);
+}
+
+/// Offset of the three-node test's cluster id above `KERMAIL_IT_CLUSTER_ID_BASE` (cluster.rs
+/// uses 0..9, chaos.rs 9).
+const CLUSTER_OFFSET: u32 = 11;
+/// Size of the tmpfs holding the third node's data folder in the three-node test.
+const CLUSTER_TMPFS_MB: u64 = 48;
+
+/// One reply per send of a ~24 KB message: `250` (acked, the subject is printed on an `ACKED` line) or the 4xx
+/// code and text. `send(node, subject)` never raises for a 4xx or a dropped connection.
+const CLUSTER_SEND: &str = r#"
+import base64
+ACKED = []
+def big_message(subject):
+    # About 24 KB, incompressible: a write that a full tmpfs cannot take in a page it already
+    # gave the file (small Raft entries can fit in the last page of a log segment).
+    body = base64.b64encode(os.urandom(18000)).decode()
+    body = "\r\n".join(body[i:i+76] for i in range(0, len(body), 76))
+    return (f"From: Bob <bob@example.org>\r\nTo: {USER}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{subject}@example.org>\r\n\r\n{body}\r\n").encode()
+
+def send(node, subject):
+    try:
+        s = smtp(node, timeout=60)
+        try:
+            s.sendmail("bob@example.org", [USER], big_message(subject))
+        finally:
+            try: s.quit()
+            except Exception: pass
+    except smtplib.SMTPResponseException as e:
+        return f"{e.smtp_code} {e.smtp_error.decode(errors='replace')}"
+    except smtplib.SMTPRecipientsRefused as e:
+        code, text = list(e.recipients.values())[0]
+        return f"{code} {text.decode(errors='replace')}"
+    except (smtplib.SMTPException, OSError) as e:
+        return f"000 {type(e).__name__}: {e}"
+    ACKED.append(subject)
+    print("ACKED", subject, flush=True)
+    return "250"
+
+def send_until_250(node, subject, secs=120):
+    replies = []
+    def attempt():
+        reply = send(node, f"{subject}-{len(replies)}")
+        replies.append(reply)
+        return reply == "250"
+    wait_until(attempt, f"a 250 from {node} (replies: {replies[-3:]})", secs)
+
+def storage_line(node):
+    res = local_cluster("exec", node, "--", "kermail", "status")
+    return next((l for l in res.stdout.splitlines() if l.startswith("storage:")), "")
+"#;
+
+/// A full disk on one node of three: that node refuses new mail with `451 4.3.1` and says
+/// `storage: failed` in `kermail status`, the other two keep committing (`250`), and once
+/// space returns the node recovers by itself and holds every acked message, with the same
+/// UIDs as the others.
+#[test]
+fn a_full_disk_on_one_node_of_three_the_others_commit_and_it_catches_up() {
+    let Some(cluster) =
+        crate::cluster::Cluster::up_with(CLUSTER_OFFSET, 3, Some("s1,s2,s3"), |_| {
+            // No free-space reserve: the disk itself runs full (451, not the reserve's 452).
+            Some("[node]\nmin_free_disk_mb = 0\n".to_owned())
+        })
+    else {
+        return;
+    };
+    cluster.account();
+
+    // n3's data folder moves onto a small tmpfs (n3 stopped meanwhile).
+    cluster.ok(&["stop", "n3"]);
+    let data = cluster.node_dir("n3").join("data");
+    let before = cluster.node_dir("n3").join("data.before-tmpfs");
+    std::fs::rename(&data, &before).expect("move the data folder aside");
+    let _tmpfs = Tmpfs::mount(&data, CLUSTER_TMPFS_MB);
+    let copied = Command::new("cp")
+        .arg("-a")
+        .arg(before.join("."))
+        .arg(&data)
+        .status()
+        .expect("run cp");
+    assert!(copied.success(), "copy the data folder onto the tmpfs");
+    let _ = std::fs::remove_file(data.join("admin.sock"));
+    std::fs::remove_dir_all(&before).expect("remove the old data folder");
+    cluster.ok(&["start", "n3"]);
+
+    let mut acked: Vec<String> = Vec::new();
+    let take_acked = |out: &str, acked: &mut Vec<String>| {
+        acked.extend(
+            out.lines()
+                .filter_map(|l| l.strip_prefix("ACKED "))
+                .map(str::to_owned),
+        );
+    };
+    let out = cluster.py(
+        &format!(
+            "{CLUSTER_SEND}\nfor n in NODES: send_until_250(n, f'before-{{n}}')\n\
+             assert storage_line('n3') == 'storage: ok', storage_line('n3')"
+        ),
+        &[],
+    );
+    take_acked(&out, &mut acked);
+
+    fill(&data, "filler", 0);
+    let out = cluster.py(
+        &format!(
+            "{CLUSTER_SEND}\n\
+             refused = 0\n\
+             for i in range(5):\n\
+             \x20   reply = send('n3', f'while-full-n3-{{i}}')\n\
+             \x20   print(f'n3 while full: {{reply}}', file=sys.stderr)\n\
+             \x20   if reply != '250':\n\
+             \x20       assert reply.startswith('451 4.3.1'), reply\n\
+             \x20       refused += 1\n\
+             assert refused, 'the full node never refused a message'\n\
+             wait_until(lambda: storage_line('n3').startswith('storage: failed (no space left on device) since '), \
+             f'storage: failed on n3 (now {{storage_line(\"n3\")!r}})', 60)\n\
+             for n in ('n1', 'n2'):\n\
+             \x20   for i in range(3):\n\
+             \x20       send_until_250(n, f'while-full-via-{{n}}-{{i}}')\n\
+             assert storage_line('n3').startswith('storage: failed'), storage_line('n3')\n"
+        ),
+        &[],
+    );
+    take_acked(&out, &mut acked);
+    assert!(
+        acked.iter().any(|s| s.starts_with("while-full-via-n1"))
+            && acked.iter().any(|s| s.starts_with("while-full-via-n2")),
+        "n1 and n2 committed while n3 was full: {acked:?}"
+    );
+
+    std::fs::remove_file(data.join("filler")).expect("remove filler");
+    let out = cluster.py(
+        &format!(
+            "{CLUSTER_SEND}\n\
+             acked = set(POS)\n\
+             wait_until(lambda: storage_line('n3') == 'storage: ok', 'storage: ok on n3', 120)\n\
+             send_until_250('n3', 'after-n3')\n\
+             acked |= set(ACKED)\n\
+             def caught_up():\n\
+             \x20   views = [view(n) for n in ('n1', 'n2', 'n3')]\n\
+             \x20   subjects = [s for (_, _, s) in views[2][1]]\n\
+             \x20   return views[0] == views[1] == views[2] and acked <= set(subjects) and len(subjects) == len(set(subjects))\n\
+             wait_until(caught_up, 'n3 holds every acked message, with the same UIDs as n1 and n2', 180)\n"
+        ),
+        &acked.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    take_acked(&out, &mut acked);
 }

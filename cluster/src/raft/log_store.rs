@@ -27,12 +27,13 @@
 //! with the next meta write, by [`LogStoreProbe::flush`] at shutdown and when the store is
 //! dropped.
 //!
-//! Storage faults: with openraft 0.9 a `StorageError` stops Raft for good. So an append,
-//! or a meta file write (vote, purge marker), that fails with an OS error (no space left, an
+//! Storage faults: with openraft 0.9 a `StorageError` stops Raft for good. So an append, a
+//! truncate, a purge (segment removal) or a meta file write (vote, purge marker) that fails with an OS error (no space left, an
 //! I/O error, too many open files) is not returned: the partial write is rolled back (the
 //! segment cut to its size before the append, segments the append created removed) and the
 //! whole operation is retried with backoff (`health::retry_delay`) until it succeeds, while
-//! the shared [`StorageHealth`] reports the failure. `log_io_completed` is called only once
+//! the shared [`StorageHealth`] reports the failure (a truncate or purge is simply done again:
+//! both change the in-memory view only for what is done on disk). `log_io_completed` is called only once
 //! the entries are durable, so a leader whose disk is full acknowledges nothing (its Raft core
 //! waits in the append: it stops sending heartbeats and the other nodes elect a leader); a
 //! follower does not answer, and its leader carries on with the others. A failed fsync is
@@ -266,6 +267,14 @@ fn parse_segment_file_name(name: &str) -> Option<u64> {
         return None;
     }
     digits.parse().ok()
+}
+
+/// Removes a file; one that is already gone (removed by an earlier, failed attempt) is fine.
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match fs::remove_file(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -811,7 +820,9 @@ impl Shared {
         })
     }
 
-    /// Removes every entry at or after `index`, durably.
+    /// Removes every entry at or after `index`, durably. Safe to call again after it failed
+    /// (it is retried, see [`LogStore::retrying`]): the in-memory view changes only for what
+    /// is done on disk, and a segment already unlinked by a failed attempt counts as removed.
     fn truncate(&self, index: u64) -> io::Result<()> {
         let mut inner = lock(&self.inner);
         if inner.failed {
@@ -828,34 +839,26 @@ impl Shared {
             .collect();
         for first in later {
             if let Some(segment) = inner.segments.get(&first) {
-                fs::remove_file(&segment.path)?;
+                self.injected()?;
+                remove_if_present(&segment.path)?;
                 sync_dir(&self.dir)?;
             }
             inner.segments.remove(&first);
         }
-        let mut new_last = None;
-        let mut cut_failed = None;
         if let Some(mut active) = inner.segments.last_entry() {
             let segment = active.get_mut();
             if segment.next_index() > index {
                 let position = (index - segment.first_index) as usize;
                 let cut = segment.offsets[position];
-                match segment
-                    .file
-                    .set_len(cut)
-                    .and_then(|()| segment.file.sync_data())
-                {
-                    Ok(()) => {
-                        segment.offsets.truncate(position);
-                        segment.size = cut;
-                    }
-                    Err(e) => cut_failed = Some(e),
-                }
+                // On failure nothing changes in memory and the retry cuts again: the cut
+                // drops only bytes that are discarded anyway, and the retried set_len and
+                // fdatasync make the new size durable.
+                self.injected()
+                    .and_then(|()| segment.file.set_len(cut))
+                    .and_then(|()| segment.file.sync_data())?;
+                segment.offsets.truncate(position);
+                segment.size = cut;
             }
-        }
-        if let Some(e) = cut_failed {
-            inner.failed = true;
-            return Err(e);
         }
         // A segment left empty by a failed write holds nothing to keep.
         while let Some(empty) = inner
@@ -864,20 +867,23 @@ impl Shared {
             .filter(|(_, segment)| segment.offsets.is_empty())
             .map(|(first, _)| *first)
         {
-            if let Some(segment) = inner.segments.remove(&empty) {
-                fs::remove_file(&segment.path)?;
+            if let Some(segment) = inner.segments.get(&empty) {
+                remove_if_present(&segment.path)?;
                 sync_dir(&self.dir)?;
             }
+            inner.segments.remove(&empty);
         }
-        if let Some((_, segment)) = inner.segments.last_key_value() {
-            new_last = Some(read_log_id(segment, segment.offsets.len() - 1)?);
-        }
+        let new_last = match inner.segments.last_key_value() {
+            Some((_, segment)) => Some(read_log_id(segment, segment.offsets.len() - 1)?),
+            None => None,
+        };
         inner.last_log_id = new_last;
         Ok(())
     }
 
     /// Deletes the segments whose entries are all at or below `index` (the caller recorded
-    /// the purge in the meta file first).
+    /// the purge in the meta file first). Safe to call again after it failed: a segment
+    /// leaves the in-memory view once its file is gone.
     fn remove_purged(&self, index: u64) -> io::Result<()> {
         let mut inner = lock(&self.inner);
         let purged: Vec<u64> = inner
@@ -890,9 +896,11 @@ impl Shared {
             return Ok(());
         }
         for first in purged {
-            if let Some(segment) = inner.segments.remove(&first) {
-                fs::remove_file(&segment.path)?;
+            if let Some(segment) = inner.segments.get(&first) {
+                self.injected()?;
+                remove_if_present(&segment.path)?;
             }
+            inner.segments.remove(&first);
         }
         if inner.segments.is_empty() {
             inner.last_log_id = None;
@@ -1285,17 +1293,6 @@ impl LogStore {
         self.retrying(move |shared| shared.append(&buf, &records))
             .await
     }
-
-    /// Runs `work` on the shared state on a blocking thread.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        work: impl FnOnce(&Shared) -> io::Result<T> + Send + 'static,
-    ) -> io::Result<T> {
-        let shared = self.shared.clone();
-        tokio::task::spawn_blocking(move || work(&shared))
-            .await
-            .map_err(io::Error::other)?
-    }
 }
 
 impl LogStoreProbe {
@@ -1451,7 +1448,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // Durable before returning, so that truncated entries cannot come back after a crash
         // once newer ones were acknowledged in their place.
         let index = log_id.index;
-        self.blocking(move |shared| shared.truncate(index))
+        self.retrying(move |shared| shared.truncate(index))
             .await
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
     }
@@ -1475,7 +1472,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .await
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Write, &e))?;
         let index = log_id.index;
-        self.blocking(move |shared| shared.remove_purged(index))
+        self.retrying(move |shared| shared.remove_purged(index))
             .await
             .map_err(|e| io_error(ErrorSubject::Logs, ErrorVerb::Delete, &e))
     }
@@ -1580,6 +1577,81 @@ mod tests {
         }
         let mut reopened = LogStore::open_with_segment_bytes(&path, 4096).expect("reopen");
         assert_eq!(indexes(&mut reopened).await, (1..=60).collect::<Vec<_>>());
+    }
+
+    /// A truncate or a purge whose unlink, cut or flush fails with an OS error is not returned
+    /// to openraft either: it is done again until it succeeds, reported meanwhile.
+    #[tokio::test]
+    async fn a_truncate_or_purge_failing_with_eio_is_retried_and_reported() {
+        const EIO: i32 = 5;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft");
+        let segment_bytes = 3 * 1100;
+        let health = Arc::new(StorageHealth::new());
+        let (cut, from) = {
+            let mut store = LogStore::open_with_segment_bytes(&path, segment_bytes).expect("open");
+            store.set_health(health.clone());
+            append(&store, (1..=20).map(|i| entry(1, i, 1000)));
+            let firsts = segment_files(&path);
+            assert!(firsts.len() >= 6, "{firsts:?}");
+
+            // Truncate across segments: the first unlink and the retried one fail.
+            let from = firsts[3] + 1;
+            store.shared.injected_errno.store(EIO, Ordering::Release);
+            store.shared.injected_failures.store(2, Ordering::Release);
+            let truncating = {
+                let mut store = store.clone();
+                tokio::spawn(async move { store.truncate(log_id(1, from)).await })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !health.is_failed() && !truncating.is_finished() {
+                assert!(std::time::Instant::now() < deadline, "no failure reported");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(health.is_failed(), "the failure is reported while retrying");
+            truncating
+                .await
+                .expect("join")
+                .expect("the truncate succeeds once the errors stop");
+            assert!(!health.is_failed(), "the failure is cleared");
+            assert_eq!(indexes(&mut store).await, (1..from).collect::<Vec<_>>());
+            assert_eq!(*segment_files(&path).last().expect("last"), firsts[3]);
+
+            // Purge: the removal of the first segment fails twice.
+            let cut = firsts[2] + 1;
+            store.shared.injected_failures.store(2, Ordering::Release);
+            let purging = {
+                let mut store = store.clone();
+                tokio::spawn(async move { store.purge(log_id(1, cut)).await })
+            };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !health.is_failed() && !purging.is_finished() {
+                assert!(std::time::Instant::now() < deadline, "no failure reported");
+                tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            }
+            assert!(health.is_failed(), "the failure is reported while retrying");
+            purging
+                .await
+                .expect("join")
+                .expect("the purge succeeds once the errors stop");
+            assert!(!health.is_failed(), "the failure is cleared");
+            assert_eq!(segment_files(&path)[0], firsts[2]);
+            assert_eq!(
+                indexes(&mut store).await,
+                (cut + 1..from).collect::<Vec<_>>()
+            );
+            // The log goes on after both.
+            append(&store, (from..from + 3).map(|i| entry(2, i, 1000)));
+            (cut, from)
+        };
+        let mut reopened = LogStore::open_with_segment_bytes(&path, segment_bytes).expect("reopen");
+        assert_eq!(
+            indexes(&mut reopened).await,
+            (cut + 1..from + 3).collect::<Vec<_>>()
+        );
+        let state = reopened.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, cut)));
+        assert_eq!(state.last_log_id, Some(log_id(2, from + 2)));
     }
 
     #[tokio::test]

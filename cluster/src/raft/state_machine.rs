@@ -322,12 +322,30 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         }
     }
 
+    /// An OS error creating the file (no space left...) is retried and reported, not returned:
+    /// openraft's state machine worker would stop Raft for good on it. (A failed chunk write
+    /// later only fails that request: the leader sends the snapshot again from offset 0.)
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, StorageError> {
-        let dir = self.snapshots.dir.clone();
-        let file = tokio::task::spawn_blocking(move || snapshot_file::receiving_file(&dir))
-            .await
-            .map_err(join_error)?
-            .map_err(|e| snapshot_error(ErrorVerb::Write, &e))?;
+        let health = self.snapshots.health.clone();
+        let mut attempt = 0;
+        let file = loop {
+            let dir = self.snapshots.dir.clone();
+            match tokio::task::spawn_blocking(move || snapshot_file::receiving_file(&dir))
+                .await
+                .map_err(join_error)?
+            {
+                Ok(file) => break file,
+                Err(e) if health::is_retryable(&e) => {
+                    health.report_failure(StorageComponent::Snapshot, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                }
+                Err(e) => return Err(snapshot_error(ErrorVerb::Write, &e)),
+            }
+        };
+        if attempt > 0 {
+            health.report_ok(StorageComponent::Snapshot);
+        }
         Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
