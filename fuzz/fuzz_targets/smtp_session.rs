@@ -161,6 +161,7 @@ fuzz_target!(|data: &[u8]| {
         id_seed: 7,
         kind: ListenerKind::Mx,
         limits: Arc::new(Limiter::new()),
+        spool_dir: None,
     };
     let now = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
     let mut driver = Driver {

@@ -77,7 +77,7 @@ impl Harness {
             .deliver(Delivery {
                 mail_from: "a@example.net".into(),
                 recipients: vec![USER.into()],
-                body: message(subject),
+                body: message(subject).into(),
                 received_at: 1_700_000_000,
             })
             .await
@@ -968,7 +968,7 @@ mod sockets {
             .deliver(Delivery {
                 mail_from: "a@example.net".into(),
                 recipients: vec![USER.into()],
-                body: message("wake up"),
+                body: message("wake up").into(),
                 received_at: 1_700_000_000,
             })
             .await

@@ -62,6 +62,12 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
     {
         std::future::ready(Ok(None))
     }
+
+    /// Where the part of a message past the in-memory threshold goes; None: the system's
+    /// temporary folder.
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        None
+    }
 }
 
 impl Recipients for MailStore {
@@ -122,6 +128,10 @@ impl Backend for MailStore {
     ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
     {
         MailStore::authenticate_from(self, client, username, password)
+    }
+
+    fn spool_dir(&self) -> Option<std::path::PathBuf> {
+        Some(MailStore::spool_dir(self))
     }
 }
 
@@ -343,6 +353,7 @@ async fn run_session<B: Backend>(stream: TcpStream, peer: SocketAddr, context: S
             id_seed: rand::random(),
             kind: context.kind,
             limits: context.limits.clone(),
+            spool_dir: context.store.spool_dir(),
         };
         let mut session = Session::new(params, context.store.clone());
         if context.kind == ListenerKind::Submissions {
@@ -643,7 +654,7 @@ mod tests {
             .send_message("s@example.net", &["bob@example.org"], b"secret\r\n")
             .await;
         assert!(reply.starts_with("250 2.0.0"), "{reply}");
-        let body = store.delivered.lock().unwrap()[0].body.clone();
+        let body = store.delivered.lock().unwrap()[0].body.to_vec().unwrap();
         assert!(String::from_utf8_lossy(&body).contains(" with ESMTPS id "));
         server.stop().await;
     }

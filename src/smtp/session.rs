@@ -13,6 +13,7 @@
 
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +25,7 @@ use super::data::DotReader;
 use super::limits::Limiter;
 use super::{ListenerKind, SmtpConfig};
 use crate::store::{
-    looks_like_srs, AccountId, Delivery, DeliveryReceipt, RecipientCheck, StoreError,
+    looks_like_srs, AccountId, BodyWriter, Delivery, DeliveryReceipt, RecipientCheck, StoreError,
     MAX_MESSAGE_BYTES, MAX_RECIPIENTS_PER_DELIVERY,
 };
 
@@ -187,8 +188,11 @@ struct Transaction {
     recipients: Vec<String>,
     n_recipients_refused: usize,
     smtputf8: bool,
-    /// The message as received (unstuffed), at most `max_message_size_bytes`.
-    body: Vec<u8>,
+    /// The message as received (unstuffed), at most `max_message_size_bytes`: in memory up
+    /// to [`crate::store::BODY_MEMORY_BYTES_MAX`], then in an unlinked temporary file.
+    body: BodyWriter,
+    /// The temporary file could not be written: the message is refused with a 451.
+    spool_failed: bool,
     /// Every message byte the client sent, kept or not.
     size_received: usize,
     too_big: bool,
@@ -213,6 +217,9 @@ pub struct SessionParams {
     pub kind: ListenerKind,
     /// The node-wide rate limits (failed logins, messages per account).
     pub limits: Arc<Limiter>,
+    /// Where the part of a message past [`crate::store::BODY_MEMORY_BYTES_MAX`] goes (an unlinked file in
+    /// the data folder's `tmp`); None: the system's temporary folder.
+    pub spool_dir: Option<PathBuf>,
 }
 
 /// The SMTP session. See the module comment.
@@ -255,6 +262,7 @@ struct TransactionSummary {
 }
 
 /// Replies used in several places.
+const REPLY_SPOOL_FAILED: &str = "451 4.3.0 Error: cannot store the message, try again later";
 const REPLY_LINE_TOO_LONG: &str = "500 5.5.2 Error: line too long";
 const REPLY_NEED_HELO: &str = "503 5.5.1 Error: send HELO/EHLO first";
 const REPLY_NEED_MAIL: &str = "503 5.5.1 Error: need MAIL command";
@@ -749,7 +757,8 @@ impl<R: Recipients> Session<R> {
             recipients: Vec::new(),
             n_recipients_refused: 0,
             smtputf8,
-            body: Vec::new(),
+            body: BodyWriter::new(self.params.spool_dir.clone()),
+            spool_failed: false,
             size_received: 0,
             too_big: false,
             used_bdat: false,
@@ -956,7 +965,7 @@ impl<R: Recipients> Session<R> {
     /// The message is complete: refuse it or hand it to the driver for delivery.
     fn end_of_message(&mut self, out: &mut Output, now: SystemTime) {
         self.start_command_phase(now);
-        let Some(transaction) = self.transaction.take() else {
+        let Some(mut transaction) = self.transaction.take() else {
             return self.push_reply(out, REPLY_NEED_MAIL);
         };
         let summary = transaction.summary();
@@ -964,7 +973,25 @@ impl<R: Recipients> Session<R> {
             self.log_transaction(&summary, "rejected: message too big", "-");
             return self.push_reply(out, REPLY_TOO_BIG);
         }
-        if count_received_headers(&transaction.body) > MAX_RECEIVED_HEADERS {
+        if transaction.spool_failed {
+            self.log_transaction(&summary, "failed: cannot write the temporary file", "-");
+            return self.push_reply(out, REPLY_SPOOL_FAILED);
+        }
+        let message = match std::mem::replace(&mut transaction.body, BodyWriter::new(None)).finish()
+        {
+            Ok(message) => message,
+            Err(error) => {
+                tracing::warn!(%error, "cannot finish a message's temporary file");
+                self.log_transaction(&summary, "failed: cannot write the temporary file", "-");
+                return self.push_reply(out, REPLY_SPOOL_FAILED);
+            }
+        };
+        if !message.head_is_complete() {
+            // The checks below read the header section from memory: it must end there.
+            self.log_transaction(&summary, "rejected: header section too large", "-");
+            return self.push_reply(out, "552 5.3.4 Error: header section too large");
+        }
+        if count_received_headers(message.head()) > MAX_RECEIVED_HEADERS {
             // RFC 5321 section 6.3: a message that went through this many hops is looping.
             self.log_transaction(&summary, "rejected: mail loop (too many Received)", "-");
             return self.push_reply(out, "554 5.4.6 Error: too many hops, mail loop detected");
@@ -976,7 +1003,7 @@ impl<R: Recipients> Session<R> {
         }
         if let Some(authenticated) = &self.authenticated {
             let allowed = self.recipients.sender_addresses(authenticated.account);
-            if let Err(reason) = check_from_header(&transaction.body, &allowed) {
+            if let Err(reason) = check_from_header(message.head(), &allowed) {
                 let reply = format!("553 5.7.1 Error: From header refused: {reason}");
                 self.log_transaction(&summary, &format!("rejected: From header: {reason}"), "-");
                 return self.push_reply(out, &reply);
@@ -985,8 +1012,8 @@ impl<R: Recipients> Session<R> {
             self.params.limits.sent(account, &self.params.config, now);
         }
         let message_id = format!("{:016X}", self.id_rng.gen::<u64>());
-        let mut body = self.trace_headers(&transaction, &message_id, now);
-        body.extend_from_slice(&transaction.body);
+        let mut body = message;
+        body.prepend(&self.trace_headers(&transaction, &message_id, now));
         let received_at = now
             .duration_since(UNIX_EPOCH)
             .map(|elapsed| elapsed.as_secs() as i64)
@@ -1438,11 +1465,17 @@ impl Transaction {
         if self.too_big {
             return;
         }
+        if self.spool_failed {
+            return;
+        }
         if self.body.len() + bytes.len() > max_size {
             self.too_big = true;
-            self.body = Vec::new();
-        } else {
-            self.body.extend_from_slice(bytes);
+            // Drops what was kept (and its temporary file).
+            self.body = BodyWriter::new(None);
+        } else if let Err(error) = self.body.write(bytes) {
+            tracing::warn!(%error, "cannot write a message's temporary file");
+            self.spool_failed = true;
+            self.body = BodyWriter::new(None);
         }
     }
 
@@ -1651,6 +1684,7 @@ mod tests {
             id_seed: 7,
             kind,
             limits,
+            spool_dir: None,
         };
         Session::new(params, Table)
     }
@@ -1820,7 +1854,7 @@ QUIT",
              Subject: hi\r\n\r\n.dot stuffed\r\nbody\r\n",
             pending.message_id
         );
-        assert_eq!(String::from_utf8_lossy(&delivery.body), expected);
+        assert_eq!(String::from_utf8_lossy(delivery.body.head()), expected);
     }
 
     #[test]
@@ -1863,7 +1897,7 @@ QUIT",
             first.recipients,
             vec!["alice@example.org", "BOB@example.org"]
         );
-        let body = String::from_utf8_lossy(&first.body);
+        let body = String::from_utf8_lossy(first.body.head());
         assert!(body.starts_with("Return-Path: <>\r\n"));
         assert!(
             !body.contains("\tfor <"),
@@ -2090,7 +2124,7 @@ BDAT 10\r\nA: b\r\n\r\n.\rBDAT 6 LAST\r\n\n.\r\nxyQUIT\r\n";
             let [pending] = run.deliveries.as_slice() else {
                 panic!("one delivery expected");
             };
-            let body = &pending.delivery.body;
+            let body = pending.delivery.body.head();
             assert!(
                 body.ends_with(b"+0000\r\nA: b\r\n\r\n.\r\n.\r\nxy"),
                 "{body:?}"
@@ -2216,7 +2250,7 @@ STARTTLS",
         let [pending] = run.deliveries.as_slice() else {
             panic!("one delivery expected");
         };
-        let body = String::from_utf8_lossy(&pending.delivery.body);
+        let body = String::from_utf8_lossy(pending.delivery.body.head());
         assert!(body.contains(" with ESMTPS id "), "{body}");
     }
 
@@ -2371,7 +2405,7 @@ x
 250 2.0.0 Ok: stored as <ID>"
             ),
         );
-        let body = String::from_utf8_lossy(&run.deliveries[0].delivery.body);
+        let body = String::from_utf8_lossy(run.deliveries[0].delivery.body.head());
         assert!(body.contains(" with UTF8SMTP id "), "{body}");
     }
 
@@ -2957,7 +2991,7 @@ hi
 354 End data with <CR><LF>.<CR><LF>
 250 2.0.0 Ok: stored as <ID>",
         );
-        let body = String::from_utf8_lossy(&run.deliveries[0].delivery.body);
+        let body = String::from_utf8_lossy(run.deliveries[0].delivery.body.head());
         assert!(body.contains(" with ESMTPSA id "), "{body}");
         assert_eq!(run.deliveries[0].delivery.mail_from, "alice@example.org");
     }
@@ -3274,10 +3308,10 @@ hi
                             RecipientCheck::Local | RecipientCheck::ForeignDomain
                         ));
                     }
-                    let body = String::from_utf8_lossy(&delivery.body);
+                    let body = String::from_utf8_lossy(delivery.body.head());
                     prop_assert!(body.contains(" with ESMTPSA id "), "{}", body);
                     // The trace headers in front hold no From.
-                    prop_assert!(check_from_header(&delivery.body, &allowed).is_ok());
+                    prop_assert!(check_from_header(delivery.body.head(), &allowed).is_ok());
                 }
             }
         }
@@ -3304,7 +3338,7 @@ hi
                 for recipient in &delivery.recipients {
                     prop_assert_eq!(Table.check_recipient(recipient), RecipientCheck::Local);
                 }
-                prop_assert!(delivery.body.starts_with(b"Return-Path: <a@example.net>\r\nReceived: "));
+                prop_assert!(delivery.body.head().starts_with(b"Return-Path: <a@example.net>\r\nReceived: "));
                 prop_assert!(delivery.body.len() <= 256 + 1024);
             }
         }

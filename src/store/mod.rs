@@ -42,6 +42,7 @@
 
 mod backup_state;
 mod blob;
+mod body;
 mod command;
 mod names;
 mod outbound_api;
@@ -84,6 +85,7 @@ pub use quota::{
 use state::State;
 
 /// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
+pub use body::{BodyWriter, MessageBody, BODY_MEMORY_BYTES_MAX};
 pub use command::{SrsKey, MAX_MESSAGE_BYTES};
 /// The most envelope recipients one delivery may name.
 pub use state::MAX_RECIPIENTS_PER_DELIVERY;
@@ -192,14 +194,15 @@ pub enum RecipientCheck {
 }
 
 /// A message accepted by SMTP for local recipients.
-#[derive(Clone, Debug)]
+#[derive(Debug)]
 pub struct Delivery {
     /// The envelope sender ("" for the null sender).
     pub mail_from: String,
     /// Envelope recipients, each already checked as [`RecipientCheck::Local`].
     pub recipients: Vec<String>,
-    /// The message as it will be stored (trace headers already prepended).
-    pub body: Vec<u8>,
+    /// The message as it will be stored (trace headers already prepended); a large one is
+    /// partly in a temporary file.
+    pub body: MessageBody,
     /// Seconds since the Unix epoch: becomes the INTERNALDATE.
     pub received_at: i64,
 }
@@ -808,8 +811,9 @@ impl Drop for StagedBody {
 /// work, done in parallel by concurrent sessions, so that apply only checks the file is there.
 async fn prepare_body(
     machine: &Arc<MailStateMachine>,
-    body: Vec<u8>,
+    body: impl Into<MessageBody>,
 ) -> Result<(BodyV1, StagedBody), StoreError> {
+    let body: MessageBody = body.into();
     if body.len() > MAX_MESSAGE_BYTES {
         return Err(StoreError::Invalid(format!(
             "message is larger than {MAX_MESSAGE_BYTES} bytes"
@@ -825,8 +829,9 @@ async fn prepare_body(
                 reserve / (1024 * 1024)
             )));
         }
-        let (blob, compressed) =
-            blob::compress(&body).map_err(|e| StoreError::Io(format!("cannot compress: {e}")))?;
+        let (blob, compressed) = body
+            .hash_and_compress()
+            .map_err(|e| StoreError::Io(format!("cannot compress: {e}")))?;
         machine.blobs.stage(&blob, &compressed).map_err(|error| {
             tracing::warn!(blob = %hex::encode(blob.0), %error, "cannot write a body");
             if kermail_cluster::health::is_retryable(&error) {
@@ -946,6 +951,12 @@ impl MailStore {
     /// The state machine under this store (for the node wiring and tests).
     pub fn machine(&self) -> &Arc<MailStateMachine> {
         &self.machine
+    }
+
+    /// The folder of temporary files (message bodies being received): `tmp` in the data
+    /// folder. Its files are unlinked at creation.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.machine.data_dir.join(body::TMP_DIR_NAME)
     }
 
     fn state(&self) -> RwLockReadGuard<'_, State> {

@@ -278,24 +278,26 @@ impl MailStore {
 
         let mut dkim_signed = false;
         if submitter.is_some() {
-            let domain = from_header_domain(&body).or_else(|| {
+            let domain = from_header_domain(body.head()).or_else(|| {
                 names::normalize_address(&mail_from)
                     .ok()
                     .map(|a| names::domain_of(&a).to_owned())
             });
             if let Some(key) = domain.and_then(|domain| self.dkim_signing_key(&domain)) {
+                // The signer takes the message in one piece: a spilled body is read back
+                // here (authenticated submissions only), and dropped once signed.
                 let (signed, result) = tokio::task::spawn_blocking(move || {
-                    let result = key.sign(&body);
+                    let result = body.to_vec().map(|whole| key.sign(&whole));
                     (body, result)
                 })
                 .await
                 .map_err(|e| StoreError::Io(format!("signing task failed: {e}")))?;
                 body = signed;
+                let result = result
+                    .map_err(|e| StoreError::Io(format!("cannot read the message back: {e}")))?;
                 match result {
                     Ok(header) => {
-                        let mut with_signature = header.into_bytes();
-                        with_signature.extend_from_slice(&body);
-                        body = with_signature;
+                        body.prepend(header.as_bytes());
                         dkim_signed = true;
                     }
                     // Unsigned mail is still mail: deliver it, but say so loudly.

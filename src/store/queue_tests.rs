@@ -63,7 +63,7 @@ impl Fixture {
                 Delivery {
                     mail_from: "alice@example.org".into(),
                     recipients: recipients.iter().map(|r| r.to_string()).collect(),
-                    body: message("alice@example.org", "hello"),
+                    body: message("alice@example.org", "hello").into(),
                     received_at: 1_700_000_000,
                 },
                 Some(self.alice),
@@ -113,7 +113,7 @@ async fn the_store_refuses_relaying_and_foreign_senders_itself() {
             Delivery {
                 mail_from: "a@remote.example".into(),
                 recipients: vec!["x@remote.example".into()],
-                body: message("a@remote.example", "relay"),
+                body: message("a@remote.example", "relay").into(),
                 received_at: 0,
             },
             None,
@@ -130,7 +130,7 @@ async fn the_store_refuses_relaying_and_foreign_senders_itself() {
             Delivery {
                 mail_from: "bob@example.org".into(),
                 recipients: vec!["x@remote.example".into()],
-                body: message("bob@example.org", "forged"),
+                body: message("bob@example.org", "forged").into(),
                 received_at: 0,
             },
             Some(fx.alice),
@@ -157,7 +157,7 @@ async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
             Delivery {
                 mail_from: "sender@elsewhere.example".into(),
                 recipients: vec!["fwd@example.org".into()],
-                body: message("sender@elsewhere.example", "forward me"),
+                body: message("sender@elsewhere.example", "forward me").into(),
                 received_at: 0,
             },
             None,
@@ -185,7 +185,7 @@ async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
             Delivery {
                 mail_from: "spammer@evil.example".into(),
                 recipients: vec![srs_address.clone()],
-                body: message("spammer@evil.example", "spam"),
+                body: message("spammer@evil.example", "spam").into(),
                 received_at: 0,
             },
             None,
@@ -199,7 +199,7 @@ async fn a_forwarding_alias_queues_with_an_srs_sender_and_no_dsn_target() {
             Delivery {
                 mail_from: String::new(),
                 recipients: vec![srs_address.clone()],
-                body: message("mailer-daemon@remote.example", "bounce"),
+                body: message("mailer-daemon@remote.example", "bounce").into(),
                 received_at: 0,
             },
             None,

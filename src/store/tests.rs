@@ -46,7 +46,7 @@ impl Fixture {
             .deliver(Delivery {
                 mail_from: "a@example.net".into(),
                 recipients: recipients.iter().map(|r| r.to_string()).collect(),
-                body,
+                body: body.into(),
                 received_at: 1_700_000_000,
             })
             .await
@@ -272,7 +272,7 @@ async fn recipients_and_alias_expansion() {
         .deliver(Delivery {
             mail_from: String::new(),
             recipients: vec!["loop1@example.org".into()],
-            body: message("lost"),
+            body: message("lost").into(),
             received_at: 1,
         })
         .await;
@@ -747,7 +747,7 @@ async fn abandoned_or_failed_proposal_leaves_no_body_file() {
     let delivery = Delivery {
         mail_from: String::new(),
         recipients: vec!["alice@example.org".into()],
-        body: message("never committed"),
+        body: message("never committed").into(),
         received_at: 0,
     };
     let attempt = tokio::time::timeout(
@@ -1004,7 +1004,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
         .deliver(Delivery {
             mail_from: String::new(),
             recipients: vec!["alice@example.org".into()],
-            body: message("after"),
+            body: message("after").into(),
             received_at: 5,
         })
         .await
@@ -1553,7 +1553,7 @@ async fn concurrent_deliveries_through_the_store() {
                     .deliver(Delivery {
                         mail_from: String::new(),
                         recipients: vec!["alice@example.org".into()],
-                        body,
+                        body: body.into(),
                         received_at: 0,
                     })
                     .await
@@ -1626,7 +1626,7 @@ async fn quotas_refuse_whole_commands_and_follow_settings() {
         .deliver(Delivery {
             mail_from: String::new(),
             recipients: vec!["alice@example.org".into(), "bob@example.org".into()],
-            body: message("both"),
+            body: message("both").into(),
             received_at: 0,
         })
         .await;

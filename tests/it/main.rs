@@ -21,4 +21,5 @@ mod private_files;
 mod quota;
 mod smtp_abuse;
 mod smtp_imap;
+mod smtp_spill;
 mod storage_faults;
