@@ -389,7 +389,14 @@ impl<R: Recipients> Session<R> {
                                 StoreError::InsufficientStorage(_) => "452 4.3.1 Error: insufficient system storage, try again later",
                                 _ => "451 4.3.0 Error: cannot store the message now, try again later",
                             };
-                            self.push_reply(&mut out, reply);
+                            // A recipient's Sieve script rejected it (RFC 5429): its reason.
+                            let reply = match &error {
+                                StoreError::Rejected(reason) => {
+                                    format!("550 5.7.1 {}", printable(reason, ECHO_LENGTH_MAX))
+                                }
+                                _ => reply.to_owned(),
+                            };
+                            self.push_reply(&mut out, &reply);
                         }
                     }
                     self.process(&mut out, now);

@@ -30,6 +30,8 @@ pub enum Command {
     V2(CommandV2),
     /// Quotas (issue 10).
     V3(CommandV3),
+    /// Sieve scripts, filtered deliveries, greylisting (issue 12; `sieve_state.rs`).
+    V5(super::sieve_state::CommandV5),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big

@@ -38,6 +38,7 @@ use super::command::SrsKey;
 use super::command::MAX_COMMAND_BYTES;
 use super::queue::Outbound;
 use super::quota::Quotas;
+use super::sieve_state::SieveState;
 use super::state::State;
 use super::BlobId;
 
@@ -62,6 +63,8 @@ enum SnapshotMeta {
     V2(State, Outbound),
     /// V2 plus the SRS key (issue 10) and the quota settings (usage is derived at restore).
     V3(State, Outbound, Option<SrsKey>, Quotas),
+    /// V3 plus Sieve scripts, vacation records and greylisting (issue 12).
+    V5(State, Outbound, Option<SrsKey>, Quotas, SieveState),
 }
 
 #[derive(Serialize)]
@@ -72,7 +75,16 @@ enum SnapshotMetaRef<'a> {
     /// Written only by the compatibility tests.
     #[cfg_attr(not(test), allow(dead_code))]
     V2(&'a State, &'a Outbound),
+    /// Written by earlier versions (kept for the lead's merge of the snapshot variants).
+    #[allow(dead_code)]
     V3(&'a State, &'a Outbound, &'a Option<SrsKey>, &'a Quotas),
+    V5(
+        &'a State,
+        &'a Outbound,
+        &'a Option<SrsKey>,
+        &'a Quotas,
+        &'a SieveState,
+    ),
 }
 
 fn meta_codec(limit: u64) -> impl Options {
@@ -146,11 +158,12 @@ impl kermail_cluster::SnapshotBuilder for Builder {
         self.blobs.pin(referenced.iter().copied());
         self.blobs.sync()?;
         write_snapshot_with(
-            SnapshotMetaRef::V3(
+            SnapshotMetaRef::V5(
                 &self.state,
                 &self.state.outbound,
                 &self.state.outbound.srs_key,
                 &self.state.quotas,
+                &self.state.sieve,
             ),
             referenced,
             &self.blobs,
@@ -168,11 +181,12 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 #[cfg(test)]
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
     write_snapshot_with(
-        SnapshotMetaRef::V3(
+        SnapshotMetaRef::V5(
             state,
             &state.outbound,
             &state.outbound.srs_key,
             &state.quotas,
+            &state.sieve,
         ),
         &state.referenced_blobs(),
         blobs,
@@ -392,6 +406,14 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore, local: bool) -> io
             state.outbound.rebuild_due();
             // Usage is derived: it is recomputed from the messages below.
             state.quotas = quotas;
+            state
+        }
+        SnapshotMeta::V5(mut state, outbound, srs_key, quotas, sieve) => {
+            state.outbound = outbound;
+            state.outbound.srs_key = srs_key;
+            state.outbound.rebuild_due();
+            state.quotas = quotas;
+            state.sieve = sieve;
             state
         }
     };
