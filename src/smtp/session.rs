@@ -33,6 +33,12 @@ use crate::store::{
 pub trait Recipients {
     fn check_recipient(&self, address: &str) -> RecipientCheck;
 
+    /// Greylisting of an unauthenticated RCPT: `Some(seconds)` to answer `451 4.7.1` (retry
+    /// in that long), None to go on. The default greylists nothing.
+    fn greylist(&self, _client: IpAddr, _mail_from: &str, _recipient: &str) -> Option<u64> {
+        None
+    }
+
     /// The addresses `account` may send as, normalized (lowercase): its own and the alias
     /// sources that reach it ([`crate::store::MailStore::sender_addresses`]). The default,
     /// for MX-only implementations, allows nothing.
@@ -821,6 +827,18 @@ impl<R: Recipients> Session<R> {
                 let reply =
                     format!("552 5.2.2 <{echoed}>: Recipient address rejected: mailbox full");
                 self.push_reply(out, &reply);
+            }
+            // Greylisting (issue 12): unauthenticated mail only; the store decides and
+            // records (replicated, so a retry to another node passes).
+            RecipientCheck::Local
+                if self.authenticated.is_none()
+                    && self
+                        .recipients
+                        .greylist(client, &transaction.mail_from, &address)
+                        .is_some() =>
+            {
+                transaction.n_recipients_refused += 1;
+                self.push_reply(out, "451 4.7.1 Error: greylisted, please try again later");
             }
             RecipientCheck::Local => {
                 if !transaction.recipients.contains(&address) {
