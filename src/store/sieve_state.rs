@@ -727,4 +727,32 @@ mod tests {
         assert!(flags.contains(&Flag::Keyword("$Label".into())));
         assert_eq!(flags.len(), 2);
     }
+
+    #[test]
+    fn the_snapshot_carries_scripts_vacation_records_and_greylisting() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = super::super::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let mut state = State::default();
+        state.sieve.scripts.insert(
+            3,
+            AccountScripts {
+                scripts: BTreeMap::from([("main".to_owned(), "keep;".to_owned())]),
+                active: Some("main".to_owned()),
+            },
+        );
+        state.sieve.vacation.insert((3, "_vx".into()), 500, ());
+        state.sieve.greylist.insert(
+            key("s@remote.example"),
+            900,
+            GreylistEntry {
+                first_seen_ms: 1,
+                passed: true,
+            },
+        );
+        let mut bytes = Vec::new();
+        super::super::snapshot::write_snapshot(&state, &blobs, &mut bytes).unwrap();
+        let restored =
+            super::super::snapshot::read_snapshot(&mut bytes.as_slice(), &blobs, false).unwrap();
+        assert_eq!(restored.sieve, state.sieve);
+    }
 }
