@@ -49,6 +49,10 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     /// Backups (issue 11).
     pub backup: crate::backup::BackupConfig,
+    /// Greylisting on the MX listener (off by default).
+    pub greylist: crate::sieve::greylist::GreylistConfig,
+    /// The ManageSieve listener (RFC 5804).
+    pub managesieve: crate::managesieve::ManageSieveConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.
@@ -203,6 +207,7 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.greylist.validate().map_err(ConfigError::Invalid)?;
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert_file and tls.key_file go together: set both or neither".to_owned(),

@@ -6,6 +6,8 @@
 //! - [`admin`]: the admin socket server and the CLI client that talks to it.
 //! - [`smtp`], [`imap`]: protocol servers (tokio drivers) around sans-IO sessions.
 //! - [`backup`]: encrypted, deduplicated backups to a folder or an S3 bucket, and restore.
+//! - [`managesieve`]: the ManageSieve server (RFC 5804) for users' Sieve scripts.
+//! - [`sieve`]: Sieve scripts run at delivery (sieve-rs), and greylisting's pure parts.
 //! - [`store`]: the mail store, the one door to the replicated mail state.
 //! - [`config`], [`tls`]: configuration sections and TLS setup.
 
@@ -14,9 +16,11 @@ pub mod auth;
 pub mod backup;
 pub mod config;
 pub mod imap;
+pub mod managesieve;
 pub mod mesh_bench;
 pub mod node;
 pub mod outbound;
+pub mod sieve;
 pub mod smtp;
 pub mod store;
 pub mod tls;

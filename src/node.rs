@@ -117,7 +117,11 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             health: machine.health().clone(),
         }),
     )
-    .with_login_throttle(config.auth.clone());
+    .with_login_throttle(config.auth.clone())
+    .with_filters(crate::store::FilterSettings {
+        hostname: config.node.hostname.clone(),
+        greylist: config.greylist.clone(),
+    });
 
     let hostname: Arc<str> = Arc::from(config.node.hostname.as_str());
     let smtp_config = Arc::new(config.smtp.clone());
@@ -175,6 +179,18 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
                 shutdown.clone(),
             ));
         }
+    }
+
+    let managesieve_config = Arc::new(config.managesieve.clone());
+    for address in &config.managesieve.listen {
+        let listener = bind(address.as_str(), "managesieve").await?;
+        servers.spawn(crate::managesieve::server::serve(
+            listener,
+            managesieve_config.clone(),
+            store.clone(),
+            tls.clone(),
+            shutdown.clone(),
+        ));
     }
 
     servers.spawn(crate::store::keep_default_quota(

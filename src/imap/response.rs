@@ -45,7 +45,7 @@ pub fn store_error(error: &StoreError) -> (&'static str, String) {
         StoreError::InsufficientStorage(_) => "LIMIT",
         StoreError::NotFound(_) => "NONEXISTENT",
         StoreError::AlreadyExists(_) => "ALREADYEXISTS",
-        StoreError::Invalid(_) => "CANNOT",
+        StoreError::Invalid(_) | StoreError::Rejected(_) => "CANNOT",
         StoreError::OverQuota(_) => "OVERQUOTA",
         StoreError::Io(_) => "SERVERBUG",
     };

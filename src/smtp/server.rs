@@ -82,6 +82,13 @@ impl Recipients for MailStore {
     fn over_quota(&self, address: &str, size: u64) -> bool {
         MailStore::recipient_over_quota(self, address, size)
     }
+
+    fn greylist(&self, client: IpAddr, mail_from: &str, recipient: &str) -> Option<u64> {
+        match self.greylist_check(client, mail_from, recipient) {
+            crate::store::GreylistVerdict::Pass => None,
+            crate::store::GreylistVerdict::Defer { retry_in_secs } => Some(retry_in_secs),
+        }
+    }
 }
 
 /// [`MailStore::accept`], logging where the remote part went.

@@ -34,6 +34,12 @@ use crate::store::{
 pub trait Recipients {
     fn check_recipient(&self, address: &str) -> RecipientCheck;
 
+    /// Greylisting of an unauthenticated RCPT: `Some(seconds)` to answer `451 4.7.1` (retry
+    /// in that long), None to go on. The default greylists nothing.
+    fn greylist(&self, _client: IpAddr, _mail_from: &str, _recipient: &str) -> Option<u64> {
+        None
+    }
+
     /// The addresses `account` may send as, normalized (lowercase): its own and the alias
     /// sources that reach it ([`crate::store::MailStore::sender_addresses`]). The default,
     /// for MX-only implementations, allows nothing.
@@ -397,7 +403,14 @@ impl<R: Recipients> Session<R> {
                                 StoreError::InsufficientStorage(_) => "452 4.3.1 Error: insufficient system storage, try again later",
                                 _ => "451 4.3.0 Error: cannot store the message now, try again later",
                             };
-                            self.push_reply(&mut out, reply);
+                            // A recipient's Sieve script rejected it (RFC 5429): its reason.
+                            let reply = match &error {
+                                StoreError::Rejected(reason) => {
+                                    format!("550 5.7.1 {}", printable(reason, ECHO_LENGTH_MAX))
+                                }
+                                _ => reply.to_owned(),
+                            };
+                            self.push_reply(&mut out, &reply);
                         }
                     }
                     self.process(&mut out, now);
@@ -823,6 +836,18 @@ impl<R: Recipients> Session<R> {
                 let reply =
                     format!("552 5.2.2 <{echoed}>: Recipient address rejected: mailbox full");
                 self.push_reply(out, &reply);
+            }
+            // Greylisting (issue 12): unauthenticated mail only; the store decides and
+            // records (replicated, so a retry to another node passes).
+            RecipientCheck::Local
+                if self.authenticated.is_none()
+                    && self
+                        .recipients
+                        .greylist(client, &transaction.mail_from, &address)
+                        .is_some() =>
+            {
+                transaction.n_recipients_refused += 1;
+                self.push_reply(out, "451 4.7.1 Error: greylisted, please try again later");
             }
             RecipientCheck::Local => {
                 if !transaction.recipients.contains(&address) {

@@ -32,6 +32,8 @@ pub enum Command {
     V3(CommandV3),
     /// Backups: the backup key and lease (issue 11, `backup_state.rs`).
     V4(super::backup_state::CommandV4),
+    /// Sieve scripts, filtered deliveries, greylisting (issue 12; `sieve_state.rs`).
+    V5(super::sieve_state::CommandV5),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big

@@ -48,6 +48,8 @@ mod names;
 mod outbound_api;
 mod queue;
 mod quota;
+mod sieve_api;
+pub mod sieve_state;
 mod snapshot;
 mod snapshot_chunks;
 mod state;
@@ -82,6 +84,7 @@ pub use quota::{
     AccountQuota, QuotaLimits, QuotaReport, QuotaSetting, StoreConfig, Usage as QuotaUsage,
     DEFAULT_QUOTA_BYTES, DEFAULT_QUOTA_MESSAGES,
 };
+pub use sieve_api::{FilterSettings, GreylistVerdict, ScriptInfo};
 use state::State;
 
 /// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
@@ -268,6 +271,10 @@ pub enum StoreError {
     /// Nothing was stored. SMTP `452 4.3.1`, IMAP `NO [LIMIT]`.
     #[error("insufficient storage on this node: {0}")]
     InsufficientStorage(String),
+    /// The recipient's Sieve script rejected the message (RFC 5429); nothing was stored.
+    /// SMTP `550 5.7.1` with the reason.
+    #[error("rejected by the recipient: {0}")]
+    Rejected(String),
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -544,11 +551,16 @@ impl MailStateMachine {
                     self.write_body(body);
                 }
             }
+            Command::V5(command) => {
+                for body in command.bodies() {
+                    self.write_body(body);
+                }
+            }
         }
         let wakes_worker = matches!(
             command,
             Command::V2(CommandV2::Accept { .. } | CommandV2::RetryQueueEntry { .. })
-        );
+        ) || matches!(&command, Command::V5(command) if command.queues());
         let outcome = {
             let mut state = self
                 .state
@@ -559,6 +571,7 @@ impl MailStateMachine {
                 Command::V2(command) => state.apply_v2(command),
                 Command::V3(command) => state.apply_v3(command),
                 Command::V4(command) => state.apply_v4(command),
+                Command::V5(command) => state.apply_v5(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -707,6 +720,8 @@ pub struct MailStore {
     dummy_hash: Arc<OnceLock<String>>,
     /// Login throttling shared by IMAP and SMTP AUTH ([`MailStore::authenticate_from`]).
     login_throttle: Arc<crate::auth::LoginThrottle>,
+    /// Sieve at delivery and greylisting (`sieve_api.rs`).
+    filters: Arc<sieve_api::FilterSettings>,
 }
 
 fn now_secs() -> i64 {
@@ -909,6 +924,7 @@ impl MailStore {
             password_params: argon2::Params::default(),
             dummy_hash: Arc::new(OnceLock::new()),
             login_throttle: Arc::new(crate::auth::LoginThrottle::new(Default::default())),
+            filters: Arc::new(sieve_api::FilterSettings::default()),
         }
     }
 

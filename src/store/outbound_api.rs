@@ -163,7 +163,7 @@ fn from_header_domain(message: &[u8]) -> Option<String> {
         .map(|(_, domain)| domain.to_ascii_lowercase())
 }
 
-fn now_ms() -> i64 {
+pub(super) fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -306,7 +306,61 @@ impl MailStore {
             }
         }
 
-        if remote.is_empty() {
+        let n_remote = remote.len();
+        let now = now_ms();
+        let remote_entry = if remote.is_empty() {
+            None
+        } else {
+            let queue_mail_from = match (&forwarding_domain, submitter) {
+                (Some(forwarding_domain), None)
+                    if !mail_from.is_empty() && !self.is_sender_local(&mail_from) =>
+                {
+                    let key = self.srs_key_or_init().await?;
+                    srs_rewrite(&key, &mail_from, forwarding_domain, now_secs())
+                }
+                _ => mail_from.clone(),
+            };
+            Some(NewQueueEntry {
+                mail_from: queue_mail_from,
+                notify,
+                recipients: remote,
+                created_at_ms: now,
+                next_attempt_at_ms: now,
+            })
+        };
+
+        // Recipients with an active Sieve script: the scripts run here, before proposing,
+        // and their results commit with the delivery (`sieve_api.rs`).
+        if let Some(plan) = self.sieve_plan(&local_recipients) {
+            let receipt = self
+                .accept_filtered(
+                    plan,
+                    super::sieve_api::Envelope {
+                        mail_from,
+                        n_recipients: recipients.len(),
+                        received_at,
+                        now_ms: now,
+                    },
+                    remote_entry,
+                    // Scripts read the whole message (body tests): a spilled body is read back.
+                    body.to_vec().map_err(|e| {
+                        StoreError::Io(format!("cannot read the message body: {e}"))
+                    })?,
+                )
+                .await?;
+            return Ok(AcceptReceipt {
+                n_remote: if receipt.queued.is_some() {
+                    n_remote
+                } else {
+                    0
+                },
+                queued: receipt.queued,
+                receipt: receipt.receipt,
+                dkim_signed,
+            });
+        }
+
+        let Some(remote_entry) = remote_entry else {
             let receipt = self
                 .deliver(Delivery {
                     mail_from,
@@ -321,31 +375,14 @@ impl MailStore {
                 n_remote: 0,
                 dkim_signed,
             });
-        }
-
-        let queue_mail_from = match (&forwarding_domain, submitter) {
-            (Some(forwarding_domain), None)
-                if !mail_from.is_empty() && !self.is_sender_local(&mail_from) =>
-            {
-                let key = self.srs_key_or_init().await?;
-                srs_rewrite(&key, &mail_from, forwarding_domain, now_secs())
-            }
-            _ => mail_from.clone(),
         };
-        let now = now_ms();
-        let n_remote = remote.len();
+
         let (body, staged) = prepare_body(&self.machine, body).await?;
         let blob = body.blob;
         let command = CommandV2::Accept {
             mail_from,
             local_recipients,
-            remote: Some(NewQueueEntry {
-                mail_from: queue_mail_from,
-                notify,
-                recipients: remote,
-                created_at_ms: now,
-                next_attempt_at_ms: now,
-            }),
+            remote: Some(remote_entry),
             received_at,
             body,
         };

@@ -326,6 +326,60 @@ impl State {
         }
     }
 
+    /// Checks that `entries` can be queued (recipient counts, room in the queue), before
+    /// anything changes.
+    pub(super) fn check_new_queue_entries(
+        &self,
+        entries: &[&NewQueueEntry],
+    ) -> Result<(), ApplyError> {
+        for remote in entries {
+            if remote.recipients.is_empty() || remote.recipients.len() > MAX_RECIPIENTS_PER_DELIVERY
+            {
+                return Err(ApplyError::Invalid(format!(
+                    "a queue entry has 1 to {MAX_RECIPIENTS_PER_DELIVERY} recipients"
+                )));
+            }
+        }
+        if self.outbound.queue.len() + entries.len() > MAX_QUEUE_ENTRIES {
+            return Err(ApplyError::Invalid(format!(
+                "the queue is full ({MAX_QUEUE_ENTRIES} entries)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Queues a checked entry for `body` (one more reference to it).
+    pub(super) fn insert_queue_entry(&mut self, remote: NewQueueEntry, body: &BodyV1) -> QueueId {
+        let id = self.outbound.next_queue_id;
+        let entry = QueueEntry {
+            id,
+            mail_from: remote.mail_from,
+            notify: remote.notify,
+            blob: body.blob,
+            raw_size: body.raw_size,
+            created_at_ms: remote.created_at_ms,
+            next_attempt_at_ms: remote.next_attempt_at_ms,
+            attempts: 0,
+            recipients: remote
+                .recipients
+                .into_iter()
+                .map(|address| QueueRecipient {
+                    address,
+                    status: RecipientStatus::Pending,
+                    attempts: 0,
+                    last_reply: None,
+                })
+                .collect(),
+            lease: None,
+            delay_warned: false,
+        };
+        self.outbound.next_queue_id += 1;
+        self.outbound.due.insert((entry.next_attempt_at_ms, id));
+        self.outbound.queue.insert(id, entry);
+        self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
+        id
+    }
+
     fn accept(
         &mut self,
         local_recipients: &[String],
@@ -338,42 +392,8 @@ impl State {
         if local_recipients.is_empty() && remote.is_none() {
             return Err(ApplyError::Invalid("a message needs a recipient".into()));
         }
-        let mut entry = None;
-        if let Some(remote) = remote {
-            if remote.recipients.is_empty() || remote.recipients.len() > MAX_RECIPIENTS_PER_DELIVERY
-            {
-                return Err(ApplyError::Invalid(format!(
-                    "a queue entry has 1 to {MAX_RECIPIENTS_PER_DELIVERY} recipients"
-                )));
-            }
-            if self.outbound.queue.len() >= MAX_QUEUE_ENTRIES {
-                return Err(ApplyError::Invalid(format!(
-                    "the queue is full ({MAX_QUEUE_ENTRIES} entries)"
-                )));
-            }
-            let id = self.outbound.next_queue_id;
-            entry = Some(QueueEntry {
-                id,
-                mail_from: remote.mail_from,
-                notify: remote.notify,
-                blob: body.blob,
-                raw_size: body.raw_size,
-                created_at_ms: remote.created_at_ms,
-                next_attempt_at_ms: remote.next_attempt_at_ms,
-                attempts: 0,
-                recipients: remote
-                    .recipients
-                    .into_iter()
-                    .map(|address| QueueRecipient {
-                        address,
-                        status: RecipientStatus::Pending,
-                        attempts: 0,
-                        last_reply: None,
-                    })
-                    .collect(),
-                lease: None,
-                delay_warned: false,
-            });
+        if let Some(remote) = &remote {
+            self.check_new_queue_entries(&[remote])?;
         }
         // The local part first: it is the one that can be refused (every check comes before
         // any change), so a refusal leaves the queue untouched too.
@@ -385,14 +405,7 @@ impl State {
                 _ => Vec::new(),
             }
         };
-        let queued = entry.map(|entry| {
-            let id = entry.id;
-            self.outbound.next_queue_id += 1;
-            self.outbound.due.insert((entry.next_attempt_at_ms, id));
-            self.outbound.queue.insert(id, entry);
-            self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
-            id
-        });
+        let queued = remote.map(|remote| self.insert_queue_entry(remote, body));
         Ok(Response::Accepted { delivered, queued })
     }
 

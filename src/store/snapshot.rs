@@ -47,7 +47,7 @@ use super::queue::Outbound;
 use super::quota::Quotas;
 use super::snapshot_chunks::{
     range_of, BuildHandle, ChunkRef, ChunkStore, Manifest, MAX_CHUNKS, MAX_CHUNK_BYTES,
-    SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SRS_KEY, SECTION_STATE,
+    SECTION_BACKUP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY, SECTION_STATE,
 };
 use super::state::State;
 use super::{BlobId, MailboxId, MessageMeta};
@@ -211,6 +211,8 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
         (SECTION_OUTBOUND, encode(&state.outbound)?),
         (SECTION_SRS_KEY, encode(&state.outbound.srs_key)?),
         (SECTION_QUOTAS, encode(&state.quotas)?),
+        (SECTION_BACKUP, encode(&state.backup)?),
+        (SECTION_SIEVE, encode(&state.sieve)?),
     ])
 }
 
@@ -335,6 +337,8 @@ fn decode_chunks(
     let mut outbound: Option<Outbound> = None;
     let mut srs_key: Option<Option<SrsKey>> = None;
     let mut quotas: Option<Quotas> = None;
+    let mut backup: Option<super::backup_state::BackupState> = None;
+    let mut sieve: Option<super::sieve_state::SieveState> = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -353,6 +357,8 @@ fn decode_chunks(
             SECTION_OUTBOUND => once(&mut outbound, name, decode(name, &bytes)?)?,
             SECTION_SRS_KEY => once(&mut srs_key, name, decode(name, &bytes)?)?,
             SECTION_QUOTAS => once(&mut quotas, name, decode(name, &bytes)?)?,
+            SECTION_BACKUP => once(&mut backup, name, decode(name, &bytes)?)?,
+            SECTION_SIEVE => once(&mut sieve, name, decode(name, &bytes)?)?,
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -366,6 +372,8 @@ fn decode_chunks(
     state.outbound.rebuild_due();
     // Usage is derived: recomputed from the messages by `rebuild_blobs`.
     state.quotas = quotas.unwrap_or_default();
+    state.backup = backup.unwrap_or_default();
+    state.sieve = sieve.unwrap_or_default();
 
     let mut owners: BTreeMap<MailboxId, super::AccountId> = BTreeMap::new();
     for account in state.accounts.values() {

@@ -55,6 +55,10 @@ pub const SECTION_STATE: &str = "state";
 pub const SECTION_OUTBOUND: &str = "outbound";
 pub const SECTION_SRS_KEY: &str = "srs_key";
 pub const SECTION_QUOTAS: &str = "quotas";
+/// The backup key and lease (`backup_state.rs`).
+pub const SECTION_BACKUP: &str = "backup";
+/// Sieve scripts, vacation records, greylisting (`sieve_state.rs`).
+pub const SECTION_SIEVE: &str = "sieve";
 
 const PACK_PREFIX: &str = "chunks-";
 const PACK_SUFFIX: &str = ".pack";

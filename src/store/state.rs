@@ -18,6 +18,7 @@ use super::names::{
 use super::queue::Outbound;
 use super::quota::{Quotas, Usage};
 use super::snapshot_chunks::ChunkStamps;
+use super::sieve_state::SieveState;
 use super::{
     AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
     StoreStats, Uid,
@@ -105,7 +106,10 @@ impl Mailbox {
 
     /// Gives the flags with every keyword in this mailbox's first spelling, and the keywords
     /// this mailbox has not seen yet.
-    fn canonical_flags(&self, flags: &FlagSet) -> Result<(FlagSet, Vec<String>), ApplyError> {
+    pub(super) fn canonical_flags(
+        &self,
+        flags: &FlagSet,
+    ) -> Result<(FlagSet, Vec<String>), ApplyError> {
         let mut canonical = FlagSet::new();
         let mut new_keywords = Vec::new();
         for flag in flags {
@@ -141,7 +145,7 @@ impl Mailbox {
         Ok((canonical, new_keywords))
     }
 
-    fn remember_keywords(&mut self, new_keywords: Vec<String>) {
+    pub(super) fn remember_keywords(&mut self, new_keywords: Vec<String>) {
         for keyword in new_keywords {
             self.keywords
                 .entry(keyword.to_ascii_lowercase())
@@ -149,7 +153,7 @@ impl Mailbox {
         }
     }
 
-    fn has_room_for(&self, count: usize) -> Result<(), ApplyError> {
+    pub(super) fn has_room_for(&self, count: usize) -> Result<(), ApplyError> {
         let count = u64::try_from(count).unwrap_or(u64::MAX);
         if u64::from(self.uidnext).saturating_add(count) > u64::from(u32::MAX) {
             return Err(ApplyError::Invalid(format!(
@@ -160,7 +164,7 @@ impl Mailbox {
         Ok(())
     }
 
-    fn touch(&mut self, account: AccountId, effects: &mut Effects) {
+    pub(super) fn touch(&mut self, account: AccountId, effects: &mut Effects) {
         self.change_counter += 1;
         effects.changed.push(MailboxChanged {
             account,
@@ -182,13 +186,13 @@ pub struct Account {
 }
 
 impl Account {
-    fn mailbox(&self, id: MailboxId) -> Result<&Mailbox, ApplyError> {
+    pub(super) fn mailbox(&self, id: MailboxId) -> Result<&Mailbox, ApplyError> {
         self.mailboxes
             .get(&id)
             .ok_or_else(|| ApplyError::NotFound("mailbox".into()))
     }
 
-    fn mailbox_mut(&mut self, id: MailboxId) -> Result<&mut Mailbox, ApplyError> {
+    pub(super) fn mailbox_mut(&mut self, id: MailboxId) -> Result<&mut Mailbox, ApplyError> {
         self.mailboxes
             .get_mut(&id)
             .ok_or_else(|| ApplyError::NotFound("mailbox".into()))
@@ -234,6 +238,10 @@ pub struct State {
     /// own (`SnapshotMeta::V4`).
     #[serde(skip)]
     pub backup: super::backup_state::BackupState,
+    /// Sieve scripts, vacation records and greylisting (`sieve_state.rs`); carried by the
+    /// snapshot as a field of its own (`SnapshotMeta::V5`).
+    #[serde(skip)]
+    pub sieve: SieveState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -259,6 +267,7 @@ impl Default for State {
             outbound: Outbound::default(),
             quotas: Quotas::default(),
             backup: Default::default(),
+            sieve: SieveState::default(),
         }
     }
 }
@@ -383,6 +392,7 @@ impl State {
             outbound: self.outbound.clone(),
             quotas: self.quotas.clone(),
             backup: self.backup.clone(),
+            sieve: self.sieve.clone(),
         }
     }
 
@@ -397,8 +407,6 @@ impl State {
             next_account_id: self.next_account_id,
             next_mailbox_id: self.next_mailbox_id,
             uidvalidity_high: self.uidvalidity_high,
-            // Small replicated records of later issues travel in the state section.
-            backup: self.backup.clone(),
             ..State::default()
         };
         for account in state.accounts.values_mut() {
@@ -649,13 +657,13 @@ impl State {
         Outcome { response, effects }
     }
 
-    fn account(&self, id: AccountId) -> Result<&Account, ApplyError> {
+    pub(super) fn account(&self, id: AccountId) -> Result<&Account, ApplyError> {
         self.accounts
             .get(&id)
             .ok_or_else(|| ApplyError::NotFound("account".into()))
     }
 
-    fn account_mut(&mut self, id: AccountId) -> Result<&mut Account, ApplyError> {
+    pub(super) fn account_mut(&mut self, id: AccountId) -> Result<&mut Account, ApplyError> {
         self.accounts
             .get_mut(&id)
             .ok_or_else(|| ApplyError::NotFound("account".into()))
@@ -787,6 +795,7 @@ impl State {
             .ok_or_else(|| ApplyError::NotFound(format!("account {address}")))?;
         self.account_ids.remove(&address);
         self.forget_quota(id);
+        self.forget_sieve(id);
         for mailbox in account.mailboxes.values() {
             self.drop_mailbox_refs(&mailbox.messages, effects);
             effects.changed.push(MailboxChanged {

@@ -79,6 +79,7 @@ pub struct Node {
     pub smtp_port: u16,
     pub imap_port: u16,
     pub imaps_port: u16,
+    pub managesieve_port: u16,
     /// A command (and its arguments) the server runs under, e.g. strace.
     wrapper: Vec<String>,
     child: Option<Child>,
@@ -116,12 +117,14 @@ impl Node {
         let data_dir = dir.path().join("data");
         let config = dir.path().join("kermail.toml");
         let (smtp_port, imap_port, imaps_port) = (free_port(), free_port(), free_port());
+        let managesieve_port = free_port();
         let text = format!(
             "[node]\ndata_dir = \"{}\"\nhostname = \"mx.kermail.test\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp_port}\"]\n\
              submission_listen = [\"127.0.0.1:{}\"]\nsubmissions_listen = [\"127.0.0.1:{}\"]\n\
              [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n\
-             [mesh]\nlisten = [\"127.0.0.1:{}\"]\n",
+             [mesh]\nlisten = [\"127.0.0.1:{}\"]\n\
+             [managesieve]\nlisten = [\"127.0.0.1:{managesieve_port}\"]\n",
             data_dir.display(),
             free_port(),
             free_port(),
@@ -136,6 +139,7 @@ impl Node {
             smtp_port,
             imap_port,
             imaps_port,
+            managesieve_port,
             wrapper: Vec::new(),
             child: None,
             stderr_path,

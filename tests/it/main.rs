@@ -19,6 +19,7 @@ mod mesh_faults;
 mod outbound;
 mod private_files;
 mod quota;
+mod sieve;
 mod smtp_abuse;
 mod smtp_imap;
 mod smtp_spill;
