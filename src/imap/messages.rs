@@ -17,7 +17,7 @@ use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
 use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
-use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
+use super::response::{codec_item, flag_list_recent, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::send_ahead;
 use super::session::{mailbox_name, Session, State};
@@ -207,6 +207,7 @@ impl Session {
                     raw: header.or(raw),
                     last_seq,
                     last_uid,
+                    recent: self.recent.contains(meta.uid),
                 };
                 if matches(criteria, &input) {
                     let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
@@ -367,7 +368,7 @@ impl Session {
                 if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
                     separate(out);
                     out.extend_from_slice(b"FLAGS ");
-                    flag_list(out, &meta.flags);
+                    flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
                 }
                 for item in items {
                     separate(out);
@@ -377,7 +378,7 @@ impl Session {
                         }
                         MessageDataItemName::Flags => {
                             out.extend_from_slice(b"FLAGS ");
-                            flag_list(out, &meta.flags);
+                            flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
                         }
                         MessageDataItemName::InternalDate => {
                             out.extend_from_slice(b"INTERNALDATE ");
@@ -530,7 +531,7 @@ impl Session {
                     continue;
                 };
                 let _ = write!(out, "* {} FETCH (FLAGS ", index + 1);
-                flag_list(out, flags);
+                flag_list_recent(out, flags, self.recent.contains(*message_uid));
                 if uid {
                     let _ = write!(out, " UID {message_uid}");
                 }

@@ -7,6 +7,7 @@
 //! - `session`: the sans-IO [`Session`]: state, authentication, command dispatch.
 //! - `mailboxes`, `messages`: the command families (mailbox commands; message commands).
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
+//! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
 //! - `response`, `cache`: response writing helpers; the shared header cache.
@@ -26,6 +27,7 @@ pub mod framing;
 mod mailboxes;
 mod messages;
 mod quota;
+mod recent;
 mod response;
 pub mod search;
 mod selected;

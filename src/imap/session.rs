@@ -18,6 +18,7 @@ use imap_codec::CommandCodec;
 use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
 use super::framing::{first_line, first_token, Frame, Framer};
+use super::recent::RecentUids;
 use super::response::{tagged, untagged};
 use super::selected::Selected;
 use crate::store::{AccountId, MailStore};
@@ -158,6 +159,9 @@ pub struct Session {
     client_name: Option<String>,
     /// Set by the driver while it feeds input: see [`send_ahead`].
     pub(super) output_ahead: Option<OutputAhead>,
+    /// The UIDs of the selected mailbox that are `\Recent` in this session (reset by each
+    /// SELECT/EXAMINE; meaningless in other states).
+    pub(super) recent: RecentUids,
 }
 
 impl Session {
@@ -186,6 +190,7 @@ impl Session {
             failed_auth: 0,
             client_name: None,
             output_ahead: None,
+            recent: RecentUids::default(),
         }
     }
 
@@ -345,6 +350,7 @@ impl Session {
                             self.mode = Mode::Commands;
                             if done {
                                 self.idle_wakeup(out);
+                                self.claim_new_recent(out).await;
                                 tagged(out, &tag, "OK", None, "IDLE terminated");
                             } else {
                                 tagged(out, &tag, "BAD", None, "expected DONE");
@@ -530,6 +536,7 @@ impl Session {
                 if let State::Selected { account, mailbox } = &mut self.state {
                     mailbox.refresh(&self.store, *account, true, &[], out);
                 }
+                self.claim_new_recent(out).await;
                 tagged(out, &tag, "OK", None, "completed");
             }
             CommandBody::Logout => {

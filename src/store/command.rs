@@ -30,6 +30,8 @@ pub enum Command {
     V2(CommandV2),
     /// Quotas (issue 10).
     V3(CommandV3),
+    /// IMAP state (issue 13): `\Recent` claims (`imap_state.rs`).
+    V6(super::imap_state::CommandV6),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -395,6 +397,12 @@ pub enum Response {
     /// `RecordAttempt`: whether the entry is finished and gone.
     QueueUpdated {
         removed: bool,
+    },
+    /// `ClaimRecent`: the proposer owns the UIDs in `previous + 1 ..= up_to` as `\Recent`
+    /// (none when they are equal).
+    RecentClaimed {
+        previous: Uid,
+        up_to: Uid,
     },
 }
 

@@ -36,6 +36,7 @@ use serde::{Deserialize, Serialize};
 use super::blob::{BlobStore, ReadGuard};
 use super::command::SrsKey;
 use super::command::MAX_COMMAND_BYTES;
+use super::imap_state::ImapState;
 use super::queue::Outbound;
 use super::quota::Quotas;
 use super::state::State;
@@ -62,6 +63,8 @@ enum SnapshotMeta {
     V2(State, Outbound),
     /// V2 plus the SRS key (issue 10) and the quota settings (usage is derived at restore).
     V3(State, Outbound, Option<SrsKey>, Quotas),
+    /// V3 plus the replicated IMAP state (issue 13, `\Recent` boundaries).
+    V4(State, Outbound, Option<SrsKey>, Quotas, ImapState),
 }
 
 #[derive(Serialize)]
@@ -72,7 +75,16 @@ enum SnapshotMetaRef<'a> {
     /// Written only by the compatibility tests.
     #[cfg_attr(not(test), allow(dead_code))]
     V2(&'a State, &'a Outbound),
+    /// No longer written; kept so that the variants number like `SnapshotMeta`'s.
+    #[allow(dead_code)]
     V3(&'a State, &'a Outbound, &'a Option<SrsKey>, &'a Quotas),
+    V4(
+        &'a State,
+        &'a Outbound,
+        &'a Option<SrsKey>,
+        &'a Quotas,
+        &'a ImapState,
+    ),
 }
 
 fn meta_codec(limit: u64) -> impl Options {
@@ -146,11 +158,12 @@ impl kermail_cluster::SnapshotBuilder for Builder {
         self.blobs.pin(referenced.iter().copied());
         self.blobs.sync()?;
         write_snapshot_with(
-            SnapshotMetaRef::V3(
+            SnapshotMetaRef::V4(
                 &self.state,
                 &self.state.outbound,
                 &self.state.outbound.srs_key,
                 &self.state.quotas,
+                &self.state.imap,
             ),
             referenced,
             &self.blobs,
@@ -168,11 +181,12 @@ impl kermail_cluster::SnapshotBuilder for Builder {
 #[cfg(test)]
 pub fn write_snapshot(state: &State, blobs: &BlobStore, out: &mut dyn Write) -> io::Result<()> {
     write_snapshot_with(
-        SnapshotMetaRef::V3(
+        SnapshotMetaRef::V4(
             state,
             &state.outbound,
             &state.outbound.srs_key,
             &state.quotas,
+            &state.imap,
         ),
         &state.referenced_blobs(),
         blobs,
@@ -392,6 +406,14 @@ pub fn read_snapshot(input: &mut dyn Read, blobs: &BlobStore, local: bool) -> io
             state.outbound.rebuild_due();
             // Usage is derived: it is recomputed from the messages below.
             state.quotas = quotas;
+            state
+        }
+        SnapshotMeta::V4(mut state, outbound, srs_key, quotas, imap) => {
+            state.outbound = outbound;
+            state.outbound.srs_key = srs_key;
+            state.outbound.rebuild_due();
+            state.quotas = quotas;
+            state.imap = imap;
             state
         }
     };

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::command::{ApplyError, BodyV1, CommandV1, Response, UidRange, MAX_MESSAGE_BYTES};
+use super::imap_state::ImapState;
 use super::names::{
     ancestors, check_keyword, domain_of, normalize_address, normalize_domain,
     normalize_mailbox_name, INBOX, SEPARATOR,
@@ -223,6 +224,10 @@ pub struct State {
     /// (`SnapshotMeta::V3`).
     #[serde(skip)]
     pub quotas: Quotas,
+    /// Replicated IMAP state (`\Recent` boundaries, `imap_state.rs`); carried by the snapshot
+    /// as a field of its own (`SnapshotMeta::V4`).
+    #[serde(skip)]
+    pub imap: ImapState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -247,6 +252,7 @@ impl Default for State {
             totals: Totals::default(),
             outbound: Outbound::default(),
             quotas: Quotas::default(),
+            imap: ImapState::default(),
         }
     }
 }
@@ -370,6 +376,7 @@ impl State {
             totals: Totals::default(),
             outbound: self.outbound.clone(),
             quotas: self.quotas.clone(),
+            imap: self.imap.clone(),
         }
     }
 

@@ -450,7 +450,8 @@ def ok(res, what="IMAP command"):
     return data
 
 def inbox_messages(c=None, mailbox="INBOX"):
-    """[(uid, flags, raw_bytes)] of every message in the mailbox, in UID order."""
+    """[(uid, flags, raw_bytes)] of every message in the mailbox, in UID order (flags
+    without \\Recent)."""
     own = c is None
     c = c or imap()
     ok(c.select(mailbox), "SELECT")
@@ -460,7 +461,9 @@ def inbox_messages(c=None, mailbox="INBOX"):
         if isinstance(item, tuple):
             meta = item[0].decode()
             uid = int(re.search(r"UID (\d+)", meta).group(1))
-            flags = re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split()
+            # \Recent depends on the session that asks (RFC 3501): left out.
+            flags = [f for f in re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split()
+                     if f != "\\Recent"]
             out.append((uid, flags, item[1]))
     if own:
         c.logout()

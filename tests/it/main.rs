@@ -13,6 +13,7 @@ mod config_file;
 mod durability;
 mod idle;
 mod imap_abuse;
+mod imap_rfc;
 mod mbsync;
 mod mesh_faults;
 mod outbound;
