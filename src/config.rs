@@ -47,6 +47,8 @@ pub struct Config {
     /// Login throttling shared by IMAP and SMTP AUTH.
     pub auth: crate::auth::ThrottleConfig,
     pub store: crate::store::StoreConfig,
+    /// Mail client autoconfiguration (HTTP listener, advertised servers).
+    pub autoconfig: crate::autoconfig::AutoconfigConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

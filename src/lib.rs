@@ -6,10 +6,13 @@
 //! - [`admin`]: the admin socket server and the CLI client that talks to it.
 //! - [`smtp`], [`imap`]: protocol servers (tokio drivers) around sans-IO sessions.
 //! - [`store`]: the mail store, the one door to the replicated mail state.
+//! - [`autoconfig`]: the HTTP listener for mail client autoconfiguration, and the DNS
+//!   records `domain add` prints.
 //! - [`config`], [`tls`]: configuration sections and TLS setup.
 
 pub mod admin;
 pub mod auth;
+pub mod autoconfig;
 pub mod config;
 pub mod imap;
 pub mod mesh_bench;

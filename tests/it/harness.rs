@@ -79,6 +79,9 @@ pub struct Node {
     pub smtp_port: u16,
     pub imap_port: u16,
     pub imaps_port: u16,
+    /// The autoconfiguration listeners (plain HTTP, HTTPS).
+    pub autoconfig_port: u16,
+    pub autoconfig_tls_port: u16,
     /// A command (and its arguments) the server runs under, e.g. strace.
     wrapper: Vec<String>,
     child: Option<Child>,
@@ -116,12 +119,15 @@ impl Node {
         let data_dir = dir.path().join("data");
         let config = dir.path().join("kermail.toml");
         let (smtp_port, imap_port, imaps_port) = (free_port(), free_port(), free_port());
+        let (autoconfig_port, autoconfig_tls_port) = (free_port(), free_port());
         let text = format!(
             "[node]\ndata_dir = \"{}\"\nhostname = \"mx.kermail.test\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp_port}\"]\n\
              submission_listen = [\"127.0.0.1:{}\"]\nsubmissions_listen = [\"127.0.0.1:{}\"]\n\
              [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n\
-             [mesh]\nlisten = [\"127.0.0.1:{}\"]\n",
+             [mesh]\nlisten = [\"127.0.0.1:{}\"]\n\
+             [autoconfig]\nlisten = [\"127.0.0.1:{autoconfig_port}\"]\n\
+             listen_tls = [\"127.0.0.1:{autoconfig_tls_port}\"]\n",
             data_dir.display(),
             free_port(),
             free_port(),
@@ -136,6 +142,8 @@ impl Node {
             smtp_port,
             imap_port,
             imaps_port,
+            autoconfig_port,
+            autoconfig_tls_port,
             wrapper: Vec::new(),
             child: None,
             stderr_path,

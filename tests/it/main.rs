@@ -4,6 +4,7 @@
 
 mod harness;
 
+mod autoconfig;
 mod bad_input;
 mod chaos;
 mod cli;
