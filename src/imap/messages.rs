@@ -15,6 +15,7 @@ use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
+use super::esearch::write_esearch;
 use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
 use super::response::{codec_item, flag_list_recent, internal_date, literal, tagged, uid_set};
@@ -183,7 +184,11 @@ impl Session {
         let last_uid = mailbox.last_uid();
         let body_needed = needs_body(criteria);
         let header_is_enough = body_needed && header_only(criteria);
-        out.extend_from_slice(b"* SEARCH");
+        let esearch = self.esearch.take();
+        let mut results: Vec<u32> = Vec::new();
+        if esearch.is_none() {
+            out.extend_from_slice(b"* SEARCH");
+        }
         let all: Vec<usize> = (0..messages.len()).collect();
         for chunk in all.chunks(BODY_BATCH) {
             let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
@@ -210,11 +215,20 @@ impl Session {
                     recent: self.recent.contains(meta.uid),
                 };
                 if matches(criteria, &input) {
-                    let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
+                    let found = if uid { meta.uid } else { i as u32 + 1 };
+                    match esearch {
+                        None => {
+                            let _ = write!(out, " {found}");
+                        }
+                        Some(_) => results.push(found),
+                    }
                 }
             }
         }
-        out.extend_from_slice(b"\r\n");
+        match esearch {
+            None => out.extend_from_slice(b"\r\n"),
+            Some(options) => write_esearch(out, tag, uid, options, &results),
+        }
         mailbox.refresh(&self.store, *account, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
     }

@@ -17,6 +17,7 @@ use imap_codec::CommandCodec;
 
 use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
+use super::esearch::{strip_return, ReturnOptions};
 use super::framing::{first_line, first_token, Frame, Framer};
 use super::recent::RecentUids;
 use super::response::{tagged, untagged};
@@ -162,6 +163,8 @@ pub struct Session {
     /// The UIDs of the selected mailbox that are `\Recent` in this session (reset by each
     /// SELECT/EXAMINE; meaningless in other states).
     pub(super) recent: RecentUids,
+    /// The RETURN options of the running `SEARCH RETURN (...)` (ESEARCH), if it is one.
+    pub(super) esearch: Option<ReturnOptions>,
 }
 
 impl Session {
@@ -191,6 +194,7 @@ impl Session {
             client_name: None,
             output_ahead: None,
             recent: RecentUids::default(),
+            esearch: None,
         }
     }
 
@@ -277,7 +281,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
         }
@@ -508,6 +512,21 @@ impl Session {
     /// Runs one complete command (literals included).
     async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
         let tag = first_token(bytes);
+        // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
+        let rewritten: Vec<u8>;
+        self.esearch = None;
+        let bytes = match strip_return(bytes) {
+            Ok(None) => bytes,
+            Ok(Some((command, options))) => {
+                rewritten = command;
+                self.esearch = Some(options);
+                &rewritten
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
+        };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
         }

@@ -208,3 +208,45 @@ fn address_keys_match_parsed_addresses_without_comments() {
     let out = node.py(&script(ADDRESSES), &[]);
     assert!(out.contains("addresses ok"), "{out}");
 }
+
+/// ESEARCH (RFC 4731): `SEARCH RETURN (MIN MAX COUNT ALL)` and `UID SEARCH RETURN (...)`
+/// answer one `* ESEARCH` line, `RETURN ()` means ALL, no match gives `COUNT 0` alone, and an
+/// unsupported option is refused with BAD.
+const ESEARCH: &str = r#"
+c = imap()
+typ, data = c.capability()
+assert b"ESEARCH" in data[0].split(), data
+for i in range(5):
+    ok(c.append("INBOX", "(\\Seen)" if i in (0, 3) else None, None, message(f"m{i}")), "APPEND")
+ok(c.select("INBOX"), "SELECT")
+typ, got = run(c, "SEARCH", "RETURN", "(MIN MAX COUNT ALL)", "UNSEEN")
+assert typ == "OK", got
+line = got["ESEARCH"][0].decode()
+assert re.fullmatch(r'\(TAG "[A-Z0-9]+"\) MIN 2 MAX 5 COUNT 3 ALL 2:3,5', line), line
+typ, got = run(c, "UID", "SEARCH", "RETURN", "(COUNT)", "SEEN")
+line = got["ESEARCH"][0].decode()
+assert typ == "OK" and re.fullmatch(r'\(TAG "[A-Z0-9]+"\) UID COUNT 2', line), line
+typ, got = run(c, "SEARCH", "RETURN", "()", "ALL")
+line = got["ESEARCH"][0].decode()
+assert re.fullmatch(r'\(TAG "[A-Z0-9]+"\) ALL 1:5', line), line
+typ, got = run(c, "SEARCH", "RETURN", "(MIN MAX COUNT)", "KEYWORD", "nothing")
+line = got["ESEARCH"][0].decode()
+assert re.fullmatch(r'\(TAG "[A-Z0-9]+"\) COUNT 0', line), line
+assert "SEARCH" not in got, got
+try:
+    typ, got = run(c, "SEARCH", "RETURN", "(SAVE)", "ALL")
+    raise AssertionError(f"SAVE accepted: {typ} {got}")
+except imaplib.IMAP4.error as e:
+    assert "BAD" in str(e) or "RETURN" in str(e), e
+# A plain SEARCH still answers * SEARCH.
+assert search(c, "UNSEEN") == [2, 3, 5]
+c.logout()
+print("esearch ok")
+"#;
+
+#[test]
+fn esearch_returns_min_max_count_all() {
+    let node = Node::with_account();
+    let out = node.py(&script(ESEARCH), &[]);
+    assert!(out.contains("esearch ok"), "{out}");
+}
