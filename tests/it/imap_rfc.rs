@@ -250,3 +250,65 @@ fn esearch_returns_min_max_count_all() {
     let out = node.py(&script(ESEARCH), &[]);
     assert!(out.contains("esearch ok"), "{out}");
 }
+
+/// `\Recent` in a cluster: messages delivered on one node are recent in exactly one session,
+/// whichever nodes the sessions are on. A read-write SELECT on n2 owns the first two; a SELECT
+/// on n3 (whose boundary may lag) owns none; then, five times, a new message and two SELECTs
+/// at once on n2 and n3: their RECENT counts add up to exactly 1.
+const CLUSTER_RECENT: &str = r#"
+def selected_recent(node):
+    c = imap(node)
+    ok(c.select("INBOX"), "SELECT")
+    count = int(c.untagged_responses["RECENT"][-1])
+    data = ok(c.uid("SEARCH", "RECENT"), "SEARCH RECENT")
+    c.logout()
+    return count, [int(x) for x in data[0].split()]
+
+def wait_count(node, n):
+    def count():
+        c = imap(node)
+        typ, data = c.status("INBOX", "(MESSAGES)")
+        c.logout()
+        return int(re.search(rb"MESSAGES (\d+)", data[0]).group(1)) == n
+    wait_until(count, f"{n} messages on {node}")
+
+s = smtp("n1")
+for i in range(2):
+    assert s.sendmail("bob@example.org", [USER], message(f"first-{i}")) == {}
+s.quit()
+for n in ("n2", "n3"):
+    wait_count(n, 2)
+assert selected_recent("n2") == (2, [1, 2])
+assert selected_recent("n3") == (0, [])
+counts = []
+for round in range(5):
+    s = smtp("n1")
+    assert s.sendmail("bob@example.org", [USER], message(f"round-{round}")) == {}
+    s.quit()
+    for n in ("n2", "n3"):
+        wait_count(n, 3 + round)
+    results = {}
+    def select(node):
+        results[node] = selected_recent(node)
+    threads = [threading.Thread(target=select, args=(n,)) for n in ("n2", "n3")]
+    for t in threads: t.start()
+    for t in threads: t.join(120)
+    assert len(results) == 2, results
+    assert sum(c for c, _ in results.values()) == 1, results
+    owner = [uids for c, uids in results.values() if c == 1][0]
+    assert owner == [3 + round], results
+    counts.append(results)
+print(json.dumps(counts))
+print("cluster recent ok")
+"#;
+
+#[test]
+fn recent_is_owned_by_one_session_across_cluster_nodes() {
+    let Some(cluster) = crate::cluster::Cluster::up(10, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let out = cluster.py(CLUSTER_RECENT, &[]);
+    println!("{out}");
+    assert!(out.contains("cluster recent ok"), "{out}");
+}
