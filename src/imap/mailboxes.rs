@@ -10,7 +10,7 @@ use imap_codec::imap_types::flag::Flag as ImapFlag;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::status::StatusDataItemName;
 
-use super::recent::RecentUids;
+use super::recent::{claim, RecentUids};
 use super::response::{astring, flags_line, permanent_flags_line, store_error, tagged, untagged};
 use super::selected::Selected;
 use super::session::{mailbox_name, Session, State};
@@ -111,10 +111,8 @@ impl Session {
             let boundary = self.store.recent_boundary(account, mailbox.id);
             self.recent.add((boundary.saturating_add(1), last_uid));
         } else if last_uid > 0 {
-            match self.store.claim_recent(account, mailbox.id, last_uid).await {
-                Ok(Some(range)) => self.recent.add(range),
-                Ok(None) => {}
-                Err(error) => tracing::info!(%error, "cannot claim \\Recent messages"),
+            if let Some(range) = claim(&self.store, account, mailbox.id, last_uid).await {
+                self.recent.add(range);
             }
         }
         let messages = &mailbox.messages;

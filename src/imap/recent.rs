@@ -7,13 +7,45 @@
 //! session polls or selects. EXAMINE sees the unclaimed UIDs as recent without claiming them.
 
 use std::io::Write;
+use std::time::Duration;
 
 use super::session::{Session, State};
-use crate::store::{MessageMeta, Uid};
+use crate::store::{AccountId, MailStore, MailboxId, MessageMeta, Uid};
 
 /// Most separate UID ranges one session keeps as recent; past it, the oldest range stops
 /// being recent for this session (claims by other sessions in between make the gaps).
 const MAX_RECENT_RANGES: usize = 1_024;
+
+/// How long a SELECT or NOOP waits for its claim to commit. `\Recent` is worth less than an
+/// answer: without a quorum (when a proposal waits for its timeout) the command goes on with
+/// no new recent messages instead of hanging. A claim that commits later leaves those
+/// messages recent in no session, which RFC 3501 tolerates better than two.
+pub const RECENT_CLAIM_WAIT: Duration = Duration::from_secs(2);
+
+/// Claims `..= up_to` of `mailbox` within [`RECENT_CLAIM_WAIT`]; the range now owned, if any.
+pub async fn claim(
+    store: &MailStore,
+    account: AccountId,
+    mailbox: MailboxId,
+    up_to: Uid,
+) -> Option<(Uid, Uid)> {
+    match tokio::time::timeout(
+        RECENT_CLAIM_WAIT,
+        store.claim_recent(account, mailbox, up_to),
+    )
+    .await
+    {
+        Ok(Ok(range)) => range,
+        Ok(Err(error)) => {
+            tracing::info!(%error, "cannot claim \\Recent messages");
+            None
+        }
+        Err(_) => {
+            tracing::info!("claiming \\Recent messages took too long; going on without");
+            None
+        }
+    }
+}
 
 /// Inclusive UID ranges, ascending and disjoint.
 #[derive(Debug, Default)]
@@ -58,7 +90,8 @@ impl RecentUids {
 impl Session {
     /// Takes the UIDs of the selected mailbox above its recent boundary as this session's own
     /// (read-write sessions only) and writes `* n RECENT` when that gave it new ones. A failed
-    /// claim (no quorum) only means no new `\Recent` messages; it is logged.
+    /// claim (no quorum, or no commit within [`RECENT_CLAIM_WAIT`]) only means no new
+    /// `\Recent` messages; it is logged.
     pub(super) async fn claim_new_recent(&mut self, out: &mut Vec<u8>) {
         let State::Selected { account, mailbox } = &self.state else {
             return;
@@ -66,18 +99,10 @@ impl Session {
         if mailbox.read_only || mailbox.last_uid() == 0 {
             return;
         }
-        match self
-            .store
-            .claim_recent(*account, mailbox.id, mailbox.last_uid())
-            .await
-        {
-            Ok(Some(range)) => {
-                self.recent.add(range);
-                let count = self.recent.count_in(&mailbox.messages);
-                let _ = write!(out, "* {count} RECENT\r\n");
-            }
-            Ok(None) => {}
-            Err(error) => tracing::info!(%error, "cannot claim \\Recent messages"),
+        if let Some(range) = claim(&self.store, *account, mailbox.id, mailbox.last_uid()).await {
+            self.recent.add(range);
+            let count = self.recent.count_in(&mailbox.messages);
+            let _ = write!(out, "* {count} RECENT\r\n");
         }
     }
 }

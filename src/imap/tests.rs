@@ -728,9 +728,51 @@ impl crate::store::Propose for NoQuorum {
     }
 }
 
+/// A proposer whose proposals never complete (a leader that does not answer).
+struct Stalled;
+
+impl crate::store::Propose for Stalled {
+    fn propose(
+        &self,
+        _command: Vec<u8>,
+    ) -> crate::store::BoxFuture<'_, Result<Vec<u8>, crate::store::StoreError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A SELECT whose \Recent claim does not commit goes on without it after
+/// `RECENT_CLAIM_WAIT` instead of hanging until the proposal times out.
+#[tokio::test]
+async fn select_does_not_wait_for_a_stalled_recent_claim() {
+    let h = Harness::selected(&[]).await;
+    h.deliver("new").await;
+    let machine = Arc::clone(h.store.machine());
+    let stalled = MailStore::new(machine, Arc::new(Stalled));
+    let mut s = session(&stalled, true, false);
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(
+        super::recent::RECENT_CLAIM_WAIT * 5,
+        s.handle_input(
+            format!("L LOGIN {USER} \"{PASSWORD}\"\r\nS SELECT INBOX\r\n").as_bytes(),
+            &mut out,
+        ),
+    )
+    .await;
+    assert!(answered.is_ok(), "SELECT hung");
+    assert!(started.elapsed() >= super::recent::RECENT_CLAIM_WAIT);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("* 1 EXISTS\r\n* 0 RECENT\r\n") && text.contains("S OK [READ-WRITE]"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
     let mut h = Harness::selected(&["a"]).await;
+    // A message nobody has claimed as \Recent: the SELECT below tries and goes on without.
+    h.deliver("b").await;
     let machine = Arc::clone(h.store.machine());
     let read_only = MailStore::new(machine, Arc::new(NoQuorum));
     let mut s = session(&read_only, true, false);
@@ -743,6 +785,10 @@ async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
     )
     .await;
     let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("* 2 EXISTS\r\n* 0 RECENT\r\n") && text.contains("S OK [READ-WRITE]"),
+        "{text}"
+    );
     assert!(text.contains("A NO [UNAVAILABLE]"), "{text}");
     assert!(text.contains("T NO [UNAVAILABLE]"), "{text}");
     assert!(text.contains("C NO [UNAVAILABLE]"), "{text}");
@@ -750,7 +796,12 @@ async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
         text.contains("* 1 FETCH (UID 1 FLAGS ())\r\nF OK"),
         "{text}"
     );
-    h.check("N NOOP\r\n", "N OK completed\r\n").await;
+    h.check(
+        "N NOOP\r\n",
+        // h owned "a" since its SELECT and now claims "b" too.
+        "* 2 EXISTS\r\n* 2 RECENT\r\nN OK completed\r\n",
+    )
+    .await;
 }
 
 #[tokio::test]
