@@ -53,6 +53,8 @@ pub struct Config {
     pub greylist: crate::sieve::greylist::GreylistConfig,
     /// The ManageSieve listener (RFC 5804).
     pub managesieve: crate::managesieve::ManageSieveConfig,
+    /// Mail client autoconfiguration (HTTP listener, advertised servers).
+    pub autoconfig: crate::autoconfig::AutoconfigConfig,
 }
 
 /// `[node]`: who this node is and where it keeps its data.

@@ -9,11 +9,14 @@
 //! - [`managesieve`]: the ManageSieve server (RFC 5804) for users' Sieve scripts.
 //! - [`sieve`]: Sieve scripts run at delivery (sieve-rs), and greylisting's pure parts.
 //! - [`store`]: the mail store, the one door to the replicated mail state.
+//! - [`autoconfig`]: the HTTP listener for mail client autoconfiguration, and the DNS
+//!   records `domain add` prints.
 //! - [`config`], [`tls`]: configuration sections and TLS setup.
 
 pub mod admin;
 pub mod auth;
 pub mod backup;
+pub mod autoconfig;
 pub mod config;
 pub mod imap;
 pub mod managesieve;

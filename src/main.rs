@@ -259,6 +259,11 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let config = Config::load(cli.config.as_deref())?;
+    // `domain add` also prints the DNS records to publish for the new domain.
+    let zone_for = match &cli.command {
+        Command::Domain(DomainCommand::Add { domain }) => Some(domain.clone()),
+        _ => None,
+    };
     let request = match cli.command {
         Command::Serve { check } => {
             if check {
@@ -362,6 +367,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         AdminResponse::Ok { lines } => {
             for line in lines {
                 println!("{line}");
+            }
+            if let Some(domain) = zone_for {
+                let advertised =
+                    kermail::autoconfig::Advertised::new(&config.autoconfig, &config.node.hostname);
+                for line in kermail::autoconfig::zone_lines(&domain, &advertised) {
+                    println!("{line}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }

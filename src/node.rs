@@ -193,6 +193,26 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         ));
     }
 
+    let advertised = Arc::new(crate::autoconfig::Advertised::new(
+        &config.autoconfig,
+        &config.node.hostname,
+    ));
+    for (addresses, https, what) in [
+        (&config.autoconfig.listen, false, "autoconfig http"),
+        (&config.autoconfig.listen_tls, true, "autoconfig https"),
+    ] {
+        for address in addresses {
+            let listener = bind(address.as_str(), what).await?;
+            servers.spawn(crate::autoconfig::serve(
+                listener,
+                https.then(|| tls.clone()),
+                advertised.clone(),
+                store.clone(),
+                shutdown.clone(),
+            ));
+        }
+    }
+
     servers.spawn(crate::store::keep_default_quota(
         store.clone(),
         config.store.default_quota(),

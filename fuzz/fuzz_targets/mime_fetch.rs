@@ -152,6 +152,7 @@ fuzz_target!(|data: &[u8]| {
             raw: Some(raw),
             last_seq: 1,
             last_uid: 7,
+            recent: false,
         };
         let found = matches(&key, &input);
         if !needs_body(&key) {

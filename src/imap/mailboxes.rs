@@ -10,7 +10,8 @@ use imap_codec::imap_types::flag::Flag as ImapFlag;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::status::StatusDataItemName;
 
-use super::response::{astring, flag_list, store_error, tagged, untagged};
+use super::recent::{claim, RecentUids};
+use super::response::{astring, flags_line, permanent_flags_line, store_error, tagged, untagged};
 use super::selected::Selected;
 use super::session::{mailbox_name, Session, State};
 use std::sync::Arc;
@@ -30,8 +31,12 @@ impl Session {
     ) {
         let name_of = |mailbox: &Mailbox<'_>| mailbox_name(mailbox);
         match body {
-            CommandBody::Select { mailbox } => self.select(tag, name_of(&mailbox), false, out),
-            CommandBody::Examine { mailbox } => self.select(tag, name_of(&mailbox), true, out),
+            CommandBody::Select { mailbox } => {
+                self.select(tag, name_of(&mailbox), false, out).await
+            }
+            CommandBody::Examine { mailbox } => {
+                self.select(tag, name_of(&mailbox), true, out).await
+            }
             CommandBody::Create { mailbox } => self.create(tag, name_of(&mailbox), out).await,
             CommandBody::Delete { mailbox } => self.delete(tag, name_of(&mailbox), out).await,
             CommandBody::Rename { from, to } => {
@@ -80,7 +85,13 @@ impl Session {
         }
     }
 
-    fn select(&mut self, tag: &str, name: Option<String>, read_only: bool, out: &mut Vec<u8>) {
+    async fn select(
+        &mut self,
+        tag: &str,
+        name: Option<String>,
+        read_only: bool,
+        out: &mut Vec<u8>,
+    ) {
         let Some(account) = self.account() else {
             return;
         };
@@ -88,50 +99,40 @@ impl Session {
             untagged(out, "OK [CLOSED] previous mailbox closed");
         }
         self.state = State::Authenticated { account };
+        self.recent = RecentUids::default();
         let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
             tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
             return;
         };
-        let mailbox = Selected::open(view, read_only);
-        let messages = &mailbox.messages;
-        let mut keywords = FlagSet::new();
-        let mut first_unseen = None;
-        for (i, message) in messages.iter().enumerate() {
-            if first_unseen.is_none() && !message.flags.contains(&Flag::Seen) {
-                first_unseen = Some(i + 1);
-            }
-            for flag in &message.flags {
-                if matches!(flag, Flag::Keyword(_)) && !keywords.contains(flag) {
-                    keywords.insert(flag.clone());
-                }
+        let mut mailbox = Selected::open(view, read_only);
+        let last_uid = mailbox.last_uid();
+        if read_only {
+            // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed.
+            let boundary = self.store.recent_boundary(account, mailbox.id);
+            self.recent.add((boundary.saturating_add(1), last_uid));
+        } else if last_uid > 0 {
+            if let Some(range) = claim(&self.store, account, mailbox.id, last_uid).await {
+                self.recent.add(range);
             }
         }
-        let mut flags: FlagSet = [
-            Flag::Answered,
-            Flag::Flagged,
-            Flag::Deleted,
-            Flag::Seen,
-            Flag::Draft,
-        ]
-        .into_iter()
-        .collect();
-        flags.extend(keywords);
-        out.extend_from_slice(b"* FLAGS ");
-        flag_list(out, &flags);
-        out.extend_from_slice(b"\r\n");
-        let _ = write!(out, "* {} EXISTS\r\n* 0 RECENT\r\n", messages.len());
+        let messages = &mailbox.messages;
+        let first_unseen = messages
+            .iter()
+            .position(|message| !message.flags.contains(&Flag::Seen))
+            .map(|i| i + 1);
+        let keywords = self.store.mailbox_keywords(account, mailbox.id);
+        mailbox.announced_keywords = keywords.len();
+        flags_line(out, &keywords);
+        let _ = write!(
+            out,
+            "* {} EXISTS\r\n* {} RECENT\r\n",
+            mailbox.messages.len(),
+            self.recent.count_in(&mailbox.messages)
+        );
         if let Some(seq) = first_unseen {
             let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
         }
-        if read_only {
-            out.extend_from_slice(b"* OK [PERMANENTFLAGS ()] read-only mailbox\r\n");
-        } else {
-            out.extend_from_slice(b"* OK [PERMANENTFLAGS ");
-            let mut permanent = flags;
-            permanent.insert(Flag::Keyword("\\*".to_owned()));
-            flag_list(out, &permanent);
-            out.extend_from_slice(b"] flags permitted\r\n");
-        }
+        permanent_flags_line(out, &keywords, read_only);
         let uidnext = self
             .store
             .mailbox_view(account, mailbox.id)
@@ -249,14 +250,12 @@ impl Session {
         let mailboxes = self.store.list_mailboxes(account);
         let names: Vec<&str> = mailboxes.iter().map(|m| m.name.as_str()).collect();
         if lsub {
-            for name in self.store.subscriptions(account) {
-                if matches_pattern(&pattern, name.as_bytes()) {
-                    let exists = names.contains(&name.as_str());
-                    let attributes = if exists { "()" } else { "(\\Noselect)" };
-                    let _ = write!(out, "* LSUB {attributes} \"/\" ");
-                    astring(out, name.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
+            for (name, attributes) in
+                lsub_entries(&pattern, &self.store.subscriptions(account), &names)
+            {
+                let _ = write!(out, "* LSUB {attributes} \"/\" ");
+                astring(out, name.as_bytes());
+                out.extend_from_slice(b"\r\n");
             }
         } else {
             // Parents that are not mailboxes themselves are listed as \Noselect when a
@@ -326,7 +325,13 @@ impl Session {
                 StatusDataItemName::Messages => {
                     values.push(format!("MESSAGES {}", view.messages.len()))
                 }
-                StatusDataItemName::Recent => values.push("RECENT 0".to_owned()),
+                StatusDataItemName::Recent => {
+                    // The messages no session has claimed as \Recent yet.
+                    let boundary = self.store.recent_boundary(account, view.id);
+                    let unclaimed =
+                        view.messages.len() - view.messages.partition_point(|m| m.uid <= boundary);
+                    values.push(format!("RECENT {unclaimed}"))
+                }
                 StatusDataItemName::UidNext => values.push(format!("UIDNEXT {}", view.uidnext)),
                 StatusDataItemName::UidValidity => {
                     values.push(format!("UIDVALIDITY {}", view.uidvalidity))
@@ -470,6 +475,41 @@ pub(super) fn to_flag_set(flags: &[ImapFlag<'_>]) -> FlagSet {
             ImapFlag::Extension(_) => None,
         })
         .collect()
+}
+
+/// The LSUB answer for `pattern`: each subscribed name it matches (`\Noselect` when no such
+/// mailbox exists), and, as RFC 3501 6.3.9 asks, each unsubscribed parent of a subscribed name
+/// that the pattern matches while the child itself is not matched (`LSUB "" %` with only
+/// `a/b/c` subscribed gives `a`), flagged `\Noselect`. Sorted by name.
+fn lsub_entries(
+    pattern: &[u8],
+    subscriptions: &[String],
+    existing: &[&str],
+) -> Vec<(String, &'static str)> {
+    let subscribed: std::collections::BTreeSet<&str> =
+        subscriptions.iter().map(String::as_str).collect();
+    let existing: std::collections::BTreeSet<&str> = existing.iter().copied().collect();
+    let mut entries: std::collections::BTreeMap<String, &'static str> =
+        std::collections::BTreeMap::new();
+    for name in subscriptions {
+        if matches_pattern(pattern, name.as_bytes()) {
+            let exists = existing.contains(name.as_str());
+            entries.insert(name.clone(), if exists { "()" } else { "(\\Noselect)" });
+            continue;
+        }
+        let mut end = 0;
+        while let Some(offset) = name[end..].find('/') {
+            let parent = &name[..end + offset];
+            end += offset + 1;
+            if subscribed.contains(parent) || entries.contains_key(parent) {
+                continue;
+            }
+            if matches_pattern(pattern, parent.as_bytes()) {
+                entries.entry(parent.to_owned()).or_insert("(\\Noselect)");
+            }
+        }
+    }
+    entries.into_iter().collect()
 }
 
 /// LIST pattern matching: `*` matches anything, `%` anything but the separator.

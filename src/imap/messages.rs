@@ -15,9 +15,10 @@ use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
+use super::esearch::write_esearch;
 use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
-use super::response::{codec_item, flag_list, internal_date, literal, tagged, uid_set};
+use super::response::{codec_item, flag_list_recent, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::send_ahead;
 use super::session::{mailbox_name, Session, State};
@@ -183,7 +184,11 @@ impl Session {
         let last_uid = mailbox.last_uid();
         let body_needed = needs_body(criteria);
         let header_is_enough = body_needed && header_only(criteria);
-        out.extend_from_slice(b"* SEARCH");
+        let esearch = self.esearch.take();
+        let mut results: Vec<u32> = Vec::new();
+        if esearch.is_none() {
+            out.extend_from_slice(b"* SEARCH");
+        }
         let all: Vec<usize> = (0..messages.len()).collect();
         for chunk in all.chunks(BODY_BATCH) {
             let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
@@ -207,13 +212,23 @@ impl Session {
                     raw: header.or(raw),
                     last_seq,
                     last_uid,
+                    recent: self.recent.contains(meta.uid),
                 };
                 if matches(criteria, &input) {
-                    let _ = write!(out, " {}", if uid { meta.uid } else { i as u32 + 1 });
+                    let found = if uid { meta.uid } else { i as u32 + 1 };
+                    match esearch {
+                        None => {
+                            let _ = write!(out, " {found}");
+                        }
+                        Some(_) => results.push(found),
+                    }
                 }
             }
         }
-        out.extend_from_slice(b"\r\n");
+        match esearch {
+            None => out.extend_from_slice(b"\r\n"),
+            Some(options) => write_esearch(out, tag, uid, options, &results),
+        }
         mailbox.refresh(&self.store, *account, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
     }
@@ -367,7 +382,7 @@ impl Session {
                 if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
                     separate(out);
                     out.extend_from_slice(b"FLAGS ");
-                    flag_list(out, &meta.flags);
+                    flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
                 }
                 for item in items {
                     separate(out);
@@ -377,7 +392,7 @@ impl Session {
                         }
                         MessageDataItemName::Flags => {
                             out.extend_from_slice(b"FLAGS ");
-                            flag_list(out, &meta.flags);
+                            flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
                         }
                         MessageDataItemName::InternalDate => {
                             out.extend_from_slice(b"INTERNALDATE ");
@@ -530,7 +545,7 @@ impl Session {
                     continue;
                 };
                 let _ = write!(out, "* {} FETCH (FLAGS ", index + 1);
-                flag_list(out, flags);
+                flag_list_recent(out, flags, self.recent.contains(*message_uid));
                 if uid {
                     let _ = write!(out, " UID {message_uid}");
                 }

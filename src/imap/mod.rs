@@ -1,5 +1,5 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
-//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA).
+//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -7,6 +7,9 @@
 //! - `session`: the sans-IO [`Session`]: state, authentication, command dispatch.
 //! - `mailboxes`, `messages`: the command families (mailbox commands; message commands).
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
+//! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
+//!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
 //! - `response`, `cache`: response writing helpers; the shared header cache.
@@ -19,6 +22,7 @@
 mod cache;
 pub use cache::{AuthCache, HeaderCache};
 pub mod config;
+mod esearch;
 pub mod fetch;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]
@@ -26,6 +30,7 @@ pub mod framing;
 mod mailboxes;
 mod messages;
 mod quota;
+mod recent;
 mod response;
 pub mod search;
 mod selected;

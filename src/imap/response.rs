@@ -88,6 +88,55 @@ pub fn flag_name(flag: &Flag) -> &str {
     }
 }
 
+/// `(\Seen kw ... \Recent)`: the stored flags, and `\Recent` when this session owns the
+/// message as recent.
+pub fn flag_list_recent(out: &mut Vec<u8>, flags: &FlagSet, recent: bool) {
+    flag_list(out, flags);
+    if recent {
+        out.pop();
+        if !flags.is_empty() {
+            out.push(b' ');
+        }
+        out.extend_from_slice(b"\\Recent)");
+    }
+}
+
+/// The flags of a mailbox that knows `keywords`: the system flags and the keywords.
+fn mailbox_flags(keywords: &[String]) -> FlagSet {
+    let mut flags: FlagSet = [
+        Flag::Answered,
+        Flag::Flagged,
+        Flag::Deleted,
+        Flag::Seen,
+        Flag::Draft,
+    ]
+    .into_iter()
+    .collect();
+    flags.extend(keywords.iter().map(|k| Flag::Keyword(k.clone())));
+    flags
+}
+
+/// `* FLAGS (...)` for a mailbox that knows `keywords`.
+pub fn flags_line(out: &mut Vec<u8>, keywords: &[String]) {
+    out.extend_from_slice(b"* FLAGS ");
+    flag_list(out, &mailbox_flags(keywords));
+    out.extend_from_slice(b"\r\n");
+}
+
+/// `* OK [PERMANENTFLAGS (...)]` for a mailbox that knows `keywords` (empty when read-only;
+/// `\*`: new keywords may be created).
+pub fn permanent_flags_line(out: &mut Vec<u8>, keywords: &[String], read_only: bool) {
+    if read_only {
+        out.extend_from_slice(b"* OK [PERMANENTFLAGS ()] read-only mailbox\r\n");
+    } else {
+        let mut flags = mailbox_flags(keywords);
+        flags.insert(Flag::Keyword("\\*".to_owned()));
+        out.extend_from_slice(b"* OK [PERMANENTFLAGS ");
+        flag_list(out, &flags);
+        out.extend_from_slice(b"] flags permitted\r\n");
+    }
+}
+
 /// `(\Seen kw ...)`.
 pub fn flag_list(out: &mut Vec<u8>, flags: &FlagSet) {
     out.push(b'(');

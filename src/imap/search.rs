@@ -12,8 +12,11 @@
 //! subjects, QP and ISO-8859-1 bodies, folded headers, groups) in Dovecot 2.3.19 too: the
 //! same messages matched.
 //!
-//! \Recent: kermail keeps no \Recent flag (it would have to be replicated per session), so
-//! RECENT and NEW match no message and OLD matches every message.
+//! Address keys (FROM, TO, CC, BCC) match the parsed addresses written without comments
+//! (`Display Name <local@domain>`), as Dovecot does, not the raw field text: `FROM
+//! user@domain.org` finds `<user (comment)@ (comment) domain.org>`.
+//!
+//! \Recent: the session tells which UIDs it owns as recent ([`SearchInput::recent`]).
 
 use std::cell::OnceCell;
 
@@ -39,6 +42,8 @@ pub struct SearchInput<'a> {
     pub last_seq: u32,
     /// Largest UID in the mailbox (`*` in a UID set).
     pub last_uid: u32,
+    /// The message is `\Recent` in this session.
+    pub recent: bool,
 }
 
 /// Whether evaluating `key` needs the raw message (headers or body), as opposed to
@@ -144,6 +149,30 @@ impl<'a> Context<'_, 'a> {
             .any(|f| needle.is_empty() || contains_folded(f.value, &needle))
     }
 
+    /// Any address field called `name` one of whose addresses, parsed and written without
+    /// comments as `Display Name <local@domain>` (or `local@domain`), contains `needle`; a
+    /// value with no address in it is matched as text.
+    fn address_contains(&self, name: &[u8], needle: &AString<'_>) -> bool {
+        let Some(header) = self.header() else {
+            return false;
+        };
+        let needle = lowercase(needle.as_ref());
+        fields(header)
+            .filter(|f| f.name.eq_ignore_ascii_case(name))
+            .any(|f| {
+                if needle.is_empty() {
+                    return true;
+                }
+                let addresses = parse_addresses(f.value);
+                if addresses.is_empty() {
+                    return contains_folded(f.value, &needle);
+                }
+                addresses
+                    .iter()
+                    .any(|address| address.to_lowercase().contains(&needle))
+            })
+    }
+
     fn text_contains(&self, needle: &AString<'_>, with_header: bool) -> bool {
         let needle = lowercase(needle.as_ref());
         if needle.is_empty() {
@@ -207,9 +236,9 @@ impl<'a> Context<'_, 'a> {
             SearchKey::Unseen => !self.has_flag(&Flag::Seen),
             SearchKey::Keyword(k) => self.has_keyword(k.as_ref()),
             SearchKey::Unkeyword(k) => !self.has_keyword(k.as_ref()),
-            // No \Recent in kermail (see the module comment).
-            SearchKey::Recent | SearchKey::New => false,
-            SearchKey::Old => true,
+            SearchKey::Recent => input.recent,
+            SearchKey::New => input.recent && !self.has_flag(&Flag::Seen),
+            SearchKey::Old => !input.recent,
             SearchKey::Larger(n) => input.meta.size > *n,
             SearchKey::Smaller(n) => input.meta.size < *n,
             SearchKey::Before(d) => self.internal_day() < day_of(d),
@@ -218,10 +247,10 @@ impl<'a> Context<'_, 'a> {
             SearchKey::SentBefore(d) => input.raw.is_some() && self.sent_day() < day_of(d),
             SearchKey::SentOn(d) => input.raw.is_some() && self.sent_day() == day_of(d),
             SearchKey::SentSince(d) => input.raw.is_some() && self.sent_day() >= day_of(d),
-            SearchKey::Bcc(s) => self.header_contains(b"bcc", s),
-            SearchKey::Cc(s) => self.header_contains(b"cc", s),
-            SearchKey::From(s) => self.header_contains(b"from", s),
-            SearchKey::To(s) => self.header_contains(b"to", s),
+            SearchKey::Bcc(s) => self.address_contains(b"bcc", s),
+            SearchKey::Cc(s) => self.address_contains(b"cc", s),
+            SearchKey::From(s) => self.address_contains(b"from", s),
+            SearchKey::To(s) => self.address_contains(b"to", s),
             SearchKey::Subject(s) => self.header_contains(b"subject", s),
             SearchKey::Header(name, s) => self.header_contains(name.as_ref(), s),
             SearchKey::Body(s) => input.raw.is_some() && self.text_contains(s, false),
@@ -247,6 +276,187 @@ fn contains_folded(value: &[u8], needle: &str) -> bool {
         return contains_ascii_ci(value, needle.as_bytes());
     }
     decode_field_value(value).to_lowercase().contains(needle)
+}
+
+/// The addresses of an address-list field value (RFC 5322 3.4), each written without
+/// comments, folding or routes as `Display Name <local@domain>`, or `local@domain` when it
+/// has no display name (encoded words in the name decoded). Group names are not addresses and
+/// are left out; the group's members are kept.
+pub fn parse_addresses(value: &[u8]) -> Vec<String> {
+    let value = &value[..value.len().min(MAX_ADDRESS_FIELD_BYTES)];
+    let value = String::from_utf8_lossy(value);
+    // Pass 1: comments out (nested, with quoted pairs), quoted strings kept as they are.
+    let mut cleaned = String::with_capacity(value.len());
+    let mut depth = 0usize;
+    let mut in_quote = false;
+    let mut escaped = false;
+    for c in value.chars() {
+        if escaped {
+            if depth == 0 {
+                cleaned.push(c);
+            }
+            escaped = false;
+            continue;
+        }
+        if c == '\\' {
+            escaped = true;
+            if depth == 0 {
+                cleaned.push(c);
+            }
+            continue;
+        }
+        if depth > 0 {
+            match c {
+                '(' => depth += 1,
+                ')' => depth -= 1,
+                _ => {}
+            }
+            continue;
+        }
+        if in_quote {
+            if c == '"' {
+                in_quote = false;
+            }
+            cleaned.push(c);
+            continue;
+        }
+        match c {
+            '(' => {
+                depth = 1;
+                cleaned.push(' ');
+            }
+            '"' => {
+                in_quote = true;
+                cleaned.push(c);
+            }
+            '\r' | '\n' | '\t' => cleaned.push(' '),
+            _ => cleaned.push(c),
+        }
+    }
+    // Pass 2: split into mailboxes at top-level commas and semicolons; a colon outside angle
+    // brackets ends a group's name.
+    let mut addresses = Vec::new();
+    let mut current = String::new();
+    let mut in_quote = false;
+    let mut in_angle = false;
+    let mut escaped = false;
+    for c in cleaned.chars() {
+        if escaped {
+            current.push(c);
+            escaped = false;
+            continue;
+        }
+        match c {
+            '\\' if in_quote => {
+                escaped = true;
+                current.push(c);
+            }
+            '"' => {
+                in_quote = !in_quote;
+                current.push(c);
+            }
+            '<' if !in_quote => {
+                in_angle = true;
+                current.push(c);
+            }
+            '>' if !in_quote => {
+                in_angle = false;
+                current.push(c);
+            }
+            ':' if !in_quote && !in_angle => current.clear(),
+            ',' | ';' if !in_quote && !in_angle => {
+                if let Some(address) = format_mailbox(&current) {
+                    addresses.push(address);
+                }
+                current.clear();
+            }
+            _ => current.push(c),
+        }
+        if addresses.len() >= MAX_ADDRESSES_PER_FIELD {
+            return addresses;
+        }
+    }
+    if let Some(address) = format_mailbox(&current) {
+        addresses.push(address);
+    }
+    addresses
+}
+
+/// Longest address field value parsed for SEARCH (the rest is ignored).
+const MAX_ADDRESS_FIELD_BYTES: usize = 64 * 1024;
+/// Most addresses taken from one field for SEARCH.
+const MAX_ADDRESSES_PER_FIELD: usize = 1_000;
+
+/// One comment-free mailbox (`name <addr>` or `addr`) written as SEARCH matches it.
+fn format_mailbox(text: &str) -> Option<String> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    let (name, spec) = match (text.find('<'), text.rfind('>')) {
+        (Some(open), close) if !in_quotes_at(text, open) => {
+            let end = close.filter(|&c| c > open).unwrap_or(text.len());
+            (&text[..open], &text[open + 1..end])
+        }
+        _ => ("", text),
+    };
+    // A route (`@a,@b:`) before the address is not part of it.
+    let spec = spec.rsplit_once(':').map_or(spec, |(_, rest)| rest);
+    let spec: String = spec
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .filter(|&c| c != '"')
+        .collect();
+    let name = unquote(name.trim());
+    let name = if name.contains("=?") {
+        // Decoded like a field value, which ends with its line break.
+        decode_field_value(format!("{name}\n").as_bytes())
+    } else {
+        name
+    };
+    let name = name.split_whitespace().collect::<Vec<_>>().join(" ");
+    match (name.is_empty(), spec.is_empty()) {
+        (true, true) => None,
+        (true, false) => Some(spec),
+        (false, true) => Some(name),
+        (false, false) => Some(format!("{name} <{spec}>")),
+    }
+}
+
+/// Whether byte `at` of `text` is inside a quoted string.
+fn in_quotes_at(text: &str, at: usize) -> bool {
+    let mut in_quote = false;
+    let mut escaped = false;
+    for (i, c) in text.char_indices() {
+        if i >= at {
+            break;
+        }
+        if escaped {
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c == '"' {
+            in_quote = !in_quote;
+        }
+    }
+    in_quote
+}
+
+/// A display name without its quotes and quoted pairs.
+fn unquote(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    let mut escaped = false;
+    for c in name.chars() {
+        if escaped {
+            out.push(c);
+            escaped = false;
+        } else if c == '\\' {
+            escaped = true;
+        } else if c != '"' {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn contains_ascii_ci(haystack: &[u8], needle: &[u8]) -> bool {
@@ -343,8 +553,59 @@ mod tests {
                 raw,
                 last_seq: 5,
                 last_uid: 9,
+                recent: false,
             };
             assert_eq!(matches(&key(text), &input), *expected, "SEARCH {text}");
+        }
+    }
+
+    #[test]
+    fn addresses_are_parsed_without_comments() {
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "<user-from (comment)@ (comment) domain.org>\r\n",
+                &["user-from@domain.org"],
+            ),
+            (
+                "\"Joe Q. Public\" <joe (x) @ example.org>, Mary <mary@x.test>\r\n",
+                &["Joe Q. Public <joe@example.org>", "Mary <mary@x.test>"],
+            ),
+            (
+                "group: <a@b.test>, two (c) <c@d.test>;, e@f.test\r\n",
+                &["a@b.test", "two <c@d.test>", "e@f.test"],
+            ),
+            (
+                "<@r1,@r2:user-to (comment)@domain.org>\r\n",
+                &["user-to@domain.org"],
+            ),
+            ("=?utf-8?q?J=C3=B6rg?= <j@x.test>\r\n", &["Jörg <j@x.test>"]),
+            ("\"a, \\\"b\" <q@x.test>\r\n", &["a, \"b <q@x.test>"]),
+            ("undisclosed-recipients:;\r\n", &[]),
+        ];
+        for (value, expected) in cases {
+            assert_eq!(parse_addresses(value.as_bytes()), *expected, "{value}");
+        }
+    }
+
+    #[test]
+    fn recent_new_and_old_follow_the_session() {
+        let unseen = meta(&[]);
+        let seen = meta(&[Flag::Seen]);
+        for (meta, recent, expected) in [
+            (&unseen, true, [true, true, false]),
+            (&seen, true, [true, false, false]),
+            (&unseen, false, [false, false, true]),
+        ] {
+            let input = SearchInput {
+                seq: 1,
+                meta,
+                raw: None,
+                last_seq: 1,
+                last_uid: 7,
+                recent,
+            };
+            let got = ["RECENT", "NEW", "OLD"].map(|k| matches(&key(k), &input));
+            assert_eq!(got, expected, "recent={recent} flags={:?}", meta.flags);
         }
     }
 
@@ -471,6 +732,7 @@ mod tests {
             raw: Some(&raw),
             last_seq: 1,
             last_uid: 7,
+            recent: false,
         };
         assert!(
             matches(&from_utf8, &input),
@@ -533,6 +795,7 @@ mod tests {
                 raw: Some(&raw),
                 last_seq: 1,
                 last_uid: 7,
+                recent: false,
             };
             let key = SearchKey::Body(AString::try_from(needle).expect("astring"));
             assert!(matches(&key, &input), "{needle}");
@@ -674,6 +937,7 @@ mod timing {
                 raw: Some(raw),
                 last_seq: count as u32,
                 last_uid: count as u32,
+                recent: false,
             };
             hits += usize::from(matches(&key, &input));
         }

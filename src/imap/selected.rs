@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use imap_codec::imap_types::sequence::SequenceSet;
 
-use super::response::flag_list;
+use super::response::{flag_list, flags_line, permanent_flags_line};
 use super::seqset::Ranges;
 use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
 
@@ -27,6 +27,8 @@ pub struct Selected {
     change_counter: u64,
     /// `messages` holds entries the store no longer has.
     has_ghosts: bool,
+    /// How many of the mailbox's keywords the client was told of in FLAGS.
+    pub announced_keywords: usize,
 }
 
 impl Selected {
@@ -38,7 +40,26 @@ impl Selected {
             messages: view.messages,
             change_counter: view.change_counter,
             has_ghosts: false,
+            announced_keywords: view.keyword_count,
         }
+    }
+
+    /// Sends FLAGS and PERMANENTFLAGS again when the mailbox has gained keywords since the
+    /// client was last told (RFC 3501 7.2.6), before any FETCH that shows them.
+    fn announce_keywords(
+        &mut self,
+        store: &MailStore,
+        account: AccountId,
+        keyword_count: usize,
+        out: &mut Vec<u8>,
+    ) {
+        if keyword_count == self.announced_keywords {
+            return;
+        }
+        let keywords = store.mailbox_keywords(account, self.id);
+        flags_line(out, &keywords);
+        permanent_flags_line(out, &keywords, self.read_only);
+        self.announced_keywords = keywords.len();
     }
 
     pub fn last_uid(&self) -> Uid {
@@ -57,14 +78,19 @@ impl Selected {
         skip_flag_uids: &[Uid],
         out: &mut Vec<u8>,
     ) {
-        let (new_messages, counter) = match store.mailbox_view(account, self.id) {
-            Some(view) => (view.messages, view.change_counter),
+        let (new_messages, counter, keyword_count) = match store.mailbox_view(account, self.id) {
+            Some(view) => (view.messages, view.change_counter, view.keyword_count),
             // The mailbox was deleted under us: every message is gone.
-            None => (Arc::new(Vec::new()), self.change_counter.wrapping_add(1)),
+            None => (
+                Arc::new(Vec::new()),
+                self.change_counter.wrapping_add(1),
+                self.announced_keywords,
+            ),
         };
         if counter == self.change_counter && !self.has_ghosts {
             return;
         }
+        self.announce_keywords(store, account, keyword_count, out);
         let old = Arc::clone(&self.messages);
         let mut expunged_seqs: Vec<usize> = Vec::new();
         // (sequence number in the old list, index in the new list) of changed flags.
@@ -162,13 +188,15 @@ impl Selected {
         account: AccountId,
         out: &mut Vec<u8>,
     ) {
-        let (new_messages, counter) = match store.mailbox_view(account, self.id) {
-            Some(view) => (view.messages, view.change_counter),
+        let (new_messages, counter, keyword_count) = match store.mailbox_view(account, self.id) {
+            Some(view) => (view.messages, view.change_counter, view.keyword_count),
             None => (
                 Arc::new(Vec::new()),
                 released.change_counter.wrapping_add(2),
+                self.announced_keywords,
             ),
         };
+        self.announce_keywords(store, account, keyword_count, out);
         let only_the_append = counter == released.change_counter.wrapping_add(1);
         let mut kept: Vec<usize> = Vec::new();
         let mut expunged_seqs: Vec<usize> = Vec::new();

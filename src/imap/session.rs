@@ -17,7 +17,9 @@ use imap_codec::CommandCodec;
 
 use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
+use super::esearch::{strip_return, ReturnOptions};
 use super::framing::{first_line, first_token, Frame, Framer};
+use super::recent::RecentUids;
 use super::response::{tagged, untagged};
 use super::selected::Selected;
 use crate::store::{AccountId, MailStore};
@@ -158,6 +160,11 @@ pub struct Session {
     client_name: Option<String>,
     /// Set by the driver while it feeds input: see [`send_ahead`].
     pub(super) output_ahead: Option<OutputAhead>,
+    /// The UIDs of the selected mailbox that are `\Recent` in this session (reset by each
+    /// SELECT/EXAMINE; meaningless in other states).
+    pub(super) recent: RecentUids,
+    /// The RETURN options of the running `SEARCH RETURN (...)` (ESEARCH), if it is one.
+    pub(super) esearch: Option<ReturnOptions>,
 }
 
 impl Session {
@@ -186,6 +193,8 @@ impl Session {
             failed_auth: 0,
             client_name: None,
             output_ahead: None,
+            recent: RecentUids::default(),
+            esearch: None,
         }
     }
 
@@ -272,7 +281,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
         }
@@ -345,6 +354,7 @@ impl Session {
                             self.mode = Mode::Commands;
                             if done {
                                 self.idle_wakeup(out);
+                                self.claim_new_recent(out).await;
                                 tagged(out, &tag, "OK", None, "IDLE terminated");
                             } else {
                                 tagged(out, &tag, "BAD", None, "expected DONE");
@@ -502,6 +512,21 @@ impl Session {
     /// Runs one complete command (literals included).
     async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
         let tag = first_token(bytes);
+        // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
+        let rewritten: Vec<u8>;
+        self.esearch = None;
+        let bytes = match strip_return(bytes) {
+            Ok(None) => bytes,
+            Ok(Some((command, options))) => {
+                rewritten = command;
+                self.esearch = Some(options);
+                &rewritten
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
+        };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
         }
@@ -530,6 +555,7 @@ impl Session {
                 if let State::Selected { account, mailbox } = &mut self.state {
                     mailbox.refresh(&self.store, *account, true, &[], out);
                 }
+                self.claim_new_recent(out).await;
                 tagged(out, &tag, "OK", None, "completed");
             }
             CommandBody::Logout => {

@@ -303,7 +303,7 @@ async fn select_examine_status_reports_counts() {
         .unwrap();
     let out = h.run("S SELECT INBOX\r\n").await;
     let expected = format!(
-        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 0 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\nS OK [READ-WRITE] SELECT completed\r\n",
+        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 2 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\nS OK [READ-WRITE] SELECT completed\r\n",
         view.uidvalidity
     );
     assert_eq!(out, expected);
@@ -368,7 +368,7 @@ async fn append_with_flags_date_and_both_literal_kinds_reads_back_byte_exact() {
     assert_eq!(
         out,
         format!(
-            "* 1 FETCH (UID 1 FLAGS (\\Seen \\Draft) INTERNALDATE \"14-Nov-2023 23:13:20 +0100\" RFC822.SIZE {} BODY[] {{{}}}\r\n{body})\r\nF OK FETCH completed\r\n",
+            "* 1 FETCH (UID 1 FLAGS (\\Seen \\Draft \\Recent) INTERNALDATE \"14-Nov-2023 23:13:20 +0100\" RFC822.SIZE {} BODY[] {{{}}}\r\n{body})\r\nF OK FETCH completed\r\n",
             body.len(),
             body.len()
         )
@@ -436,12 +436,12 @@ async fn fetch_items_sections_and_implicit_seen() {
     // A non-peek body fetch sets \Seen and reports the new flags.
     let out = h.run("F4 FETCH 2 BODY[]\r\n").await;
     assert!(
-        out.starts_with("* 2 FETCH (FLAGS (\\Seen) BODY[] {"),
+        out.starts_with("* 2 FETCH (FLAGS (\\Seen \\Recent) BODY[] {"),
         "{out}"
     );
     h.check(
         "F5 FETCH 2 FLAGS\r\n",
-        "* 2 FETCH (FLAGS (\\Seen))\r\nF5 OK FETCH completed\r\n",
+        "* 2 FETCH (FLAGS (\\Seen \\Recent))\r\nF5 OK FETCH completed\r\n",
     )
     .await;
     h.check(
@@ -455,7 +455,7 @@ async fn fetch_items_sections_and_implicit_seen() {
     )
     .await;
     let out = h.run("F8 FETCH 1 FAST\r\n").await;
-    assert_eq!(out, format!("* 1 FETCH (FLAGS () INTERNALDATE \"14-Nov-2023 22:13:20 +0000\" RFC822.SIZE {})\r\nF8 OK FETCH completed\r\n", raw.len()));
+    assert_eq!(out, format!("* 1 FETCH (FLAGS (\\Recent) INTERNALDATE \"14-Nov-2023 22:13:20 +0000\" RFC822.SIZE {})\r\nF8 OK FETCH completed\r\n", raw.len()));
 }
 
 #[tokio::test]
@@ -492,7 +492,7 @@ async fn fetch_refuses_more_body_bytes_than_the_limit() {
     // Nothing was marked \Seen by the refused fetch.
     h.check(
         "F2 FETCH 1:2 FLAGS\r\n",
-        "* 1 FETCH (FLAGS ())\r\n* 2 FETCH (FLAGS ())\r\nF2 OK FETCH completed\r\n",
+        "* 1 FETCH (FLAGS (\\Recent))\r\n* 2 FETCH (FLAGS (\\Recent))\r\nF2 OK FETCH completed\r\n",
     )
     .await;
     let out = h.run("F3 FETCH 1 BODY.PEEK[]\r\n").await;
@@ -504,7 +504,10 @@ async fn store_reports_flags_unless_silent() {
     let mut h = Harness::selected(&["a", "b", "c"]).await;
     h.check(
         "T1 STORE 1:2 +FLAGS (\\Flagged $Work)\r\n",
-        "* 1 FETCH (FLAGS (\\Flagged $Work))\r\n* 2 FETCH (FLAGS (\\Flagged $Work))\r\nT1 OK STORE completed\r\n",
+        // $Work is new to the mailbox: FLAGS and PERMANENTFLAGS name it first.
+        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $Work)\r\n\
+         * OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft $Work \\*)] flags permitted\r\n\
+         * 1 FETCH (FLAGS (\\Flagged $Work \\Recent))\r\n* 2 FETCH (FLAGS (\\Flagged $Work \\Recent))\r\nT1 OK STORE completed\r\n",
     )
     .await;
     h.check(
@@ -514,12 +517,12 @@ async fn store_reports_flags_unless_silent() {
     .await;
     h.check(
         "T3 UID STORE 3 FLAGS (\\Seen)\r\n",
-        "* 3 FETCH (FLAGS (\\Seen) UID 3)\r\nT3 OK STORE completed\r\n",
+        "* 3 FETCH (FLAGS (\\Seen \\Recent) UID 3)\r\nT3 OK STORE completed\r\n",
     )
     .await;
     h.check(
         "T4 FETCH 1:* FLAGS\r\n",
-        "* 1 FETCH (FLAGS (\\Flagged $Work))\r\n* 2 FETCH (FLAGS (\\Flagged))\r\n* 3 FETCH (FLAGS (\\Seen))\r\nT4 OK FETCH completed\r\n",
+        "* 1 FETCH (FLAGS (\\Flagged $Work \\Recent))\r\n* 2 FETCH (FLAGS (\\Flagged \\Recent))\r\n* 3 FETCH (FLAGS (\\Seen \\Recent))\r\nT4 OK FETCH completed\r\n",
     )
     .await;
 }
@@ -647,8 +650,12 @@ async fn other_sessions_changes_wait_for_a_command_that_may_report_them() {
         "* 1 FETCH (UID 1)\r\n* 2 FETCH (UID 2)\r\n* 3 EXISTS\r\n* 2 FETCH (FLAGS (\\Flagged))\r\nF OK FETCH completed\r\n",
     )
     .await;
-    h.check("N NOOP\r\n", "* 1 EXPUNGE\r\nN OK completed\r\n")
-        .await;
+    // The NOOP also claims the new message as \Recent (the SELECT had claimed the others).
+    h.check(
+        "N NOOP\r\n",
+        "* 1 EXPUNGE\r\n* 2 RECENT\r\nN OK completed\r\n",
+    )
+    .await;
     h.check(
         "G FETCH 1:* UID\r\n",
         "* 1 FETCH (UID 2)\r\n* 2 FETCH (UID 3)\r\nG OK FETCH completed\r\n",
@@ -667,7 +674,9 @@ async fn idle_reports_a_delivery_and_ends_with_done() {
     let mut out = Vec::new();
     h.session.idle_wakeup(&mut out);
     assert_eq!(out, b"* 1 EXISTS\r\n");
-    h.check("DONE\r\n", "I OK IDLE terminated\r\n").await;
+    // The end of IDLE claims the new message as \Recent.
+    h.check("DONE\r\n", "* 1 RECENT\r\nI OK IDLE terminated\r\n")
+        .await;
     assert!(!h.session.is_idling());
 }
 
@@ -702,7 +711,7 @@ async fn append_to_the_selected_mailbox_reports_exists_and_others_changes() {
     .await;
     h.check(
         "F UID FETCH 1:* FLAGS\r\n",
-        "* 1 FETCH (UID 2 FLAGS ())\r\n* 2 FETCH (UID 3 FLAGS ())\r\n* 3 FETCH (UID 4 FLAGS ())\r\nF OK FETCH completed\r\n",
+        "* 1 FETCH (UID 2 FLAGS (\\Recent))\r\n* 2 FETCH (UID 3 FLAGS ())\r\n* 3 FETCH (UID 4 FLAGS ())\r\nF OK FETCH completed\r\n",
     )
     .await;
 }
@@ -719,9 +728,51 @@ impl crate::store::Propose for NoQuorum {
     }
 }
 
+/// A proposer whose proposals never complete (a leader that does not answer).
+struct Stalled;
+
+impl crate::store::Propose for Stalled {
+    fn propose(
+        &self,
+        _command: Vec<u8>,
+    ) -> crate::store::BoxFuture<'_, Result<Vec<u8>, crate::store::StoreError>> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A SELECT whose \Recent claim does not commit goes on without it after
+/// `RECENT_CLAIM_WAIT` instead of hanging until the proposal times out.
+#[tokio::test]
+async fn select_does_not_wait_for_a_stalled_recent_claim() {
+    let h = Harness::selected(&[]).await;
+    h.deliver("new").await;
+    let machine = Arc::clone(h.store.machine());
+    let stalled = MailStore::new(machine, Arc::new(Stalled));
+    let mut s = session(&stalled, true, false);
+    let mut out = Vec::new();
+    let started = std::time::Instant::now();
+    let answered = tokio::time::timeout(
+        super::recent::RECENT_CLAIM_WAIT * 5,
+        s.handle_input(
+            format!("L LOGIN {USER} \"{PASSWORD}\"\r\nS SELECT INBOX\r\n").as_bytes(),
+            &mut out,
+        ),
+    )
+    .await;
+    assert!(answered.is_ok(), "SELECT hung");
+    assert!(started.elapsed() >= super::recent::RECENT_CLAIM_WAIT);
+    let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("* 1 EXISTS\r\n* 0 RECENT\r\n") && text.contains("S OK [READ-WRITE]"),
+        "{text}"
+    );
+}
+
 #[tokio::test]
 async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
     let mut h = Harness::selected(&["a"]).await;
+    // A message nobody has claimed as \Recent: the SELECT below tries and goes on without.
+    h.deliver("b").await;
     let machine = Arc::clone(h.store.machine());
     let read_only = MailStore::new(machine, Arc::new(NoQuorum));
     let mut s = session(&read_only, true, false);
@@ -734,6 +785,10 @@ async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
     )
     .await;
     let text = String::from_utf8_lossy(&out);
+    assert!(
+        text.contains("* 2 EXISTS\r\n* 0 RECENT\r\n") && text.contains("S OK [READ-WRITE]"),
+        "{text}"
+    );
     assert!(text.contains("A NO [UNAVAILABLE]"), "{text}");
     assert!(text.contains("T NO [UNAVAILABLE]"), "{text}");
     assert!(text.contains("C NO [UNAVAILABLE]"), "{text}");
@@ -741,7 +796,12 @@ async fn writes_without_quorum_answer_no_unavailable_and_reads_still_work() {
         text.contains("* 1 FETCH (UID 1 FLAGS ())\r\nF OK"),
         "{text}"
     );
-    h.check("N NOOP\r\n", "N OK completed\r\n").await;
+    h.check(
+        "N NOOP\r\n",
+        // h owned "a" since its SELECT and now claims "b" too.
+        "* 2 EXISTS\r\n* 2 RECENT\r\nN OK completed\r\n",
+    )
+    .await;
 }
 
 #[tokio::test]

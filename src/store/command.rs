@@ -34,6 +34,8 @@ pub enum Command {
     V4(super::backup_state::CommandV4),
     /// Sieve scripts, filtered deliveries, greylisting (issue 12; `sieve_state.rs`).
     V5(super::sieve_state::CommandV5),
+    /// IMAP state (issue 13): `\Recent` claims (`imap_state.rs`).
+    V6(super::imap_state::CommandV6),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -399,6 +401,12 @@ pub enum Response {
     /// `RecordAttempt`: whether the entry is finished and gone.
     QueueUpdated {
         removed: bool,
+    },
+    /// `ClaimRecent`: the proposer owns the UIDs in `previous + 1 ..= up_to` as `\Recent`
+    /// (none when they are equal).
+    RecentClaimed {
+        previous: Uid,
+        up_to: Uid,
     },
 }
 

@@ -44,6 +44,7 @@ mod backup_state;
 mod blob;
 mod body;
 mod command;
+mod imap_state;
 mod names;
 mod outbound_api;
 mod queue;
@@ -173,6 +174,9 @@ pub struct MailboxView {
     pub messages: Arc<Vec<MessageMeta>>,
     /// Increases with every applied change to this mailbox (its messages or their flags).
     pub change_counter: u64,
+    /// How many keywords the mailbox knows (they are never forgotten, so a greater count
+    /// means new ones: [`MailStore::mailbox_keywords`]).
+    pub keyword_count: usize,
 }
 
 /// A change applied to some mailbox; sent to every [`MailStore::subscribe_changes`] receiver.
@@ -545,7 +549,7 @@ impl MailStateMachine {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) | Command::V3(_) | Command::V4(_) => {}
+            Command::V1(_) | Command::V3(_) | Command::V4(_) | Command::V6(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -572,6 +576,7 @@ impl MailStateMachine {
                 Command::V3(command) => state.apply_v3(command),
                 Command::V4(command) => state.apply_v4(command),
                 Command::V5(command) => state.apply_v5(command),
+                Command::V6(command) => state.apply_v6(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -912,6 +917,7 @@ fn mailbox_view(mailbox: &state::Mailbox) -> MailboxView {
         uidnext: mailbox.uidnext,
         messages: mailbox.messages.clone(),
         change_counter: mailbox.change_counter,
+        keyword_count: mailbox.keywords.len(),
     }
 }
 
@@ -1340,6 +1346,49 @@ impl MailStore {
             .get(&account)
             .map(|a| a.subscriptions.iter().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// Every keyword the mailbox has known, in its first spelling, sorted case-insensitively.
+    pub fn mailbox_keywords(&self, account: AccountId, mailbox: MailboxId) -> Vec<String> {
+        let state = self.state();
+        state
+            .accounts
+            .get(&account)
+            .and_then(|a| a.mailboxes.get(&mailbox))
+            .map(|m| m.keywords.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// The greatest UID of a mailbox already given to some IMAP session as `\Recent`
+    /// (`imap_state.rs`).
+    pub fn recent_boundary(&self, account: AccountId, mailbox: MailboxId) -> Uid {
+        self.state().imap.recent_boundary(account, mailbox)
+    }
+
+    /// Claims the UIDs of `mailbox` above its recent boundary, up to `up_to`, as `\Recent`
+    /// for the calling session; answers the inclusive range it now owns, if any. Proposes
+    /// nothing when this node already sees the boundary at `up_to` or above (a follower's
+    /// boundary is never ahead of the leader's, so nothing could be claimed).
+    pub async fn claim_recent(
+        &self,
+        account: AccountId,
+        mailbox: MailboxId,
+        up_to: Uid,
+    ) -> Result<Option<(Uid, Uid)>, StoreError> {
+        if self.recent_boundary(account, mailbox) >= up_to {
+            return Ok(None);
+        }
+        let command = imap_state::CommandV6::ClaimRecent {
+            account,
+            mailbox,
+            up_to,
+        };
+        match self.submit_command(Command::V6(command)).await? {
+            Response::RecentClaimed { previous, up_to } => {
+                Ok((up_to > previous).then_some((previous + 1, up_to)))
+            }
+            other => Err(unexpected(other)),
+        }
     }
 
     /// Returns (UIDVALIDITY, UID) of the new message.

@@ -47,7 +47,7 @@ use super::queue::Outbound;
 use super::quota::Quotas;
 use super::snapshot_chunks::{
     range_of, BuildHandle, ChunkRef, ChunkStore, Manifest, MAX_CHUNKS, MAX_CHUNK_BYTES,
-    SECTION_BACKUP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY, SECTION_STATE,
+    SECTION_BACKUP, SECTION_IMAP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY, SECTION_STATE,
 };
 use super::state::State;
 use super::{BlobId, MailboxId, MessageMeta};
@@ -213,6 +213,7 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
         (SECTION_QUOTAS, encode(&state.quotas)?),
         (SECTION_BACKUP, encode(&state.backup)?),
         (SECTION_SIEVE, encode(&state.sieve)?),
+        (SECTION_IMAP, encode(&state.imap)?),
     ])
 }
 
@@ -339,6 +340,7 @@ fn decode_chunks(
     let mut quotas: Option<Quotas> = None;
     let mut backup: Option<super::backup_state::BackupState> = None;
     let mut sieve: Option<super::sieve_state::SieveState> = None;
+    let mut imap: Option<super::imap_state::ImapState> = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -359,6 +361,7 @@ fn decode_chunks(
             SECTION_QUOTAS => once(&mut quotas, name, decode(name, &bytes)?)?,
             SECTION_BACKUP => once(&mut backup, name, decode(name, &bytes)?)?,
             SECTION_SIEVE => once(&mut sieve, name, decode(name, &bytes)?)?,
+            SECTION_IMAP => once(&mut imap, name, decode(name, &bytes)?)?,
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -374,6 +377,7 @@ fn decode_chunks(
     state.quotas = quotas.unwrap_or_default();
     state.backup = backup.unwrap_or_default();
     state.sieve = sieve.unwrap_or_default();
+    state.imap = imap.unwrap_or_default();
 
     let mut owners: BTreeMap<MailboxId, super::AccountId> = BTreeMap::new();
     for account in state.accounts.values() {

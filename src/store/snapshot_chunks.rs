@@ -59,6 +59,8 @@ pub const SECTION_QUOTAS: &str = "quotas";
 pub const SECTION_BACKUP: &str = "backup";
 /// Sieve scripts, vacation records, greylisting (`sieve_state.rs`).
 pub const SECTION_SIEVE: &str = "sieve";
+/// The replicated IMAP state (`imap_state.rs`: `\Recent` boundaries).
+pub const SECTION_IMAP: &str = "imap";
 
 const PACK_PREFIX: &str = "chunks-";
 const PACK_SUFFIX: &str = ".pack";

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use super::command::{ApplyError, BodyV1, CommandV1, Response, UidRange, MAX_MESSAGE_BYTES};
+use super::imap_state::ImapState;
 use super::names::{
     ancestors, check_keyword, domain_of, normalize_address, normalize_domain,
     normalize_mailbox_name, INBOX, SEPARATOR,
@@ -242,6 +243,10 @@ pub struct State {
     /// snapshot as a field of its own (`SnapshotMeta::V5`).
     #[serde(skip)]
     pub sieve: SieveState,
+    /// Replicated IMAP state (`\Recent` boundaries, `imap_state.rs`); carried by the snapshot
+    /// as a field of its own (`SnapshotMeta::V4`).
+    #[serde(skip)]
+    pub imap: ImapState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -268,6 +273,7 @@ impl Default for State {
             quotas: Quotas::default(),
             backup: Default::default(),
             sieve: SieveState::default(),
+            imap: ImapState::default(),
         }
     }
 }
@@ -393,6 +399,7 @@ impl State {
             quotas: self.quotas.clone(),
             backup: self.backup.clone(),
             sieve: self.sieve.clone(),
+            imap: self.imap.clone(),
         }
     }
 

@@ -430,7 +430,9 @@ def view(node, mailbox="INBOX"):
         if isinstance(item, tuple):
             meta = item[0].decode()
             uid = int(re.search(r"UID (\d+)", meta).group(1))
-            flags = sorted(re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split())
+            # \Recent depends on the session (RFC 3501), not on the replica: left out.
+            flags = sorted(f for f in re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split()
+                           if f != "\\Recent")
             subject = re.search(rb"Subject: ([^\r\n]*)", item[1]).group(1).decode()
             out.append((uid, flags, subject))
     c.logout()

@@ -80,6 +80,9 @@ pub struct Node {
     pub imap_port: u16,
     pub imaps_port: u16,
     pub managesieve_port: u16,
+    /// The autoconfiguration listeners (plain HTTP, HTTPS).
+    pub autoconfig_port: u16,
+    pub autoconfig_tls_port: u16,
     /// A command (and its arguments) the server runs under, e.g. strace.
     wrapper: Vec<String>,
     child: Option<Child>,
@@ -118,13 +121,16 @@ impl Node {
         let config = dir.path().join("kermail.toml");
         let (smtp_port, imap_port, imaps_port) = (free_port(), free_port(), free_port());
         let managesieve_port = free_port();
+        let (autoconfig_port, autoconfig_tls_port) = (free_port(), free_port());
         let text = format!(
             "[node]\ndata_dir = \"{}\"\nhostname = \"mx.kermail.test\"\n\
              [smtp]\nlisten = [\"127.0.0.1:{smtp_port}\"]\n\
              submission_listen = [\"127.0.0.1:{}\"]\nsubmissions_listen = [\"127.0.0.1:{}\"]\n\
              [imap]\nlisten = [\"127.0.0.1:{imap_port}\"]\nlisten_tls = [\"127.0.0.1:{imaps_port}\"]\n\
              [mesh]\nlisten = [\"127.0.0.1:{}\"]\n\
-             [managesieve]\nlisten = [\"127.0.0.1:{managesieve_port}\"]\n",
+             [managesieve]\nlisten = [\"127.0.0.1:{managesieve_port}\"]\n\
+             [autoconfig]\nlisten = [\"127.0.0.1:{autoconfig_port}\"]\n\
+             listen_tls = [\"127.0.0.1:{autoconfig_tls_port}\"]\n",
             data_dir.display(),
             free_port(),
             free_port(),
@@ -140,6 +146,8 @@ impl Node {
             imap_port,
             imaps_port,
             managesieve_port,
+            autoconfig_port,
+            autoconfig_tls_port,
             wrapper: Vec::new(),
             child: None,
             stderr_path,
@@ -454,7 +462,8 @@ def ok(res, what="IMAP command"):
     return data
 
 def inbox_messages(c=None, mailbox="INBOX"):
-    """[(uid, flags, raw_bytes)] of every message in the mailbox, in UID order."""
+    """[(uid, flags, raw_bytes)] of every message in the mailbox, in UID order (flags
+    without \\Recent)."""
     own = c is None
     c = c or imap()
     ok(c.select(mailbox), "SELECT")
@@ -464,7 +473,9 @@ def inbox_messages(c=None, mailbox="INBOX"):
         if isinstance(item, tuple):
             meta = item[0].decode()
             uid = int(re.search(r"UID (\d+)", meta).group(1))
-            flags = re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split()
+            # \Recent depends on the session that asks (RFC 3501): left out.
+            flags = [f for f in re.search(r"FLAGS \(([^)]*)\)", meta).group(1).split()
+                     if f != "\\Recent"]
             out.append((uid, flags, item[1]))
     if own:
         c.logout()

@@ -5,6 +5,7 @@
 mod harness;
 
 mod backup;
+mod autoconfig;
 mod bad_input;
 mod chaos;
 mod cli;
@@ -14,6 +15,7 @@ mod config_file;
 mod durability;
 mod idle;
 mod imap_abuse;
+mod imap_rfc;
 mod mbsync;
 mod mesh_faults;
 mod outbound;

@@ -96,6 +96,9 @@ submissions_listen = ["127.0.0.1:$(free_port)"]
 [imap]
 listen = ["127.0.0.1:$KERMAIL_IMAP_PORT"]
 listen_tls = ["127.0.0.1:$KERMAIL_IMAPS_PORT"]
+[autoconfig]
+listen = ["127.0.0.1:$(free_port)"]
+listen_tls = ["127.0.0.1:$(free_port)"]
 TOML
     KERMAIL_LOG="${KERMAIL_LOG:-warn}" "$KERMAIL_BIN" serve --config "$KERMAIL_CONF" 2>"$dir/stderr.log" &
     KERMAIL_PID=$!
