@@ -15,8 +15,8 @@
 
 pub mod admin;
 pub mod auth;
-pub mod backup;
 pub mod autoconfig;
+pub mod backup;
 pub mod config;
 pub mod imap;
 pub mod managesieve;

@@ -47,7 +47,8 @@ use super::queue::Outbound;
 use super::quota::Quotas;
 use super::snapshot_chunks::{
     range_of, BuildHandle, ChunkRef, ChunkStore, Manifest, MAX_CHUNKS, MAX_CHUNK_BYTES,
-    SECTION_BACKUP, SECTION_IMAP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY, SECTION_STATE,
+    SECTION_BACKUP, SECTION_IMAP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY,
+    SECTION_STATE,
 };
 use super::state::State;
 use super::{BlobId, MailboxId, MessageMeta};

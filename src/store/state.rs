@@ -18,8 +18,8 @@ use super::names::{
 };
 use super::queue::Outbound;
 use super::quota::{Quotas, Usage};
-use super::snapshot_chunks::ChunkStamps;
 use super::sieve_state::SieveState;
+use super::snapshot_chunks::ChunkStamps;
 use super::{
     AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
     StoreStats, Uid,

@@ -4,8 +4,8 @@
 
 mod harness;
 
-mod backup;
 mod autoconfig;
+mod backup;
 mod bad_input;
 mod chaos;
 mod cli;
