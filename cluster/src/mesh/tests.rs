@@ -481,7 +481,11 @@ async fn big_message_does_not_delay_raft_messages() {
         latencies_us.len() >= 10,
         "too few raft messages during the transfer"
     );
-    assert!(max < 100_000, "a raft message took {max} us");
+    // Head-of-line blocking behind the 50 MB message would delay raft messages by about the
+    // whole transfer (seconds); scheduling noise on a loaded 2-core machine adds tens of ms to a
+    // few of them, so the tail is bounded loosely and the bulk of them tightly.
+    assert!(p99 < 100_000, "p99 of raft messages took {p99} us");
+    assert!(max < 1_000_000, "a raft message took {max} us");
 }
 
 #[tokio::test]
@@ -542,8 +546,10 @@ async fn blocked_direct_path_relays_through_third_node_then_returns() {
 
     to_c.block(true);
     to_a.block(true);
+    // Both ends must have switched: until c sees its direct link to a as dead it answers on it.
     wait_for("relayed via b", || {
         link_of(&node_a, "c") == LinkState::Relayed { via: "b".into() }
+            && link_of(&node_c, "a") == LinkState::Relayed { via: "b".into() }
     })
     .await;
     let answer = node_a
@@ -585,7 +591,15 @@ async fn pending_invitee_is_accepted_until_withdrawn() {
     })
     .await;
     node_b.set_pending(vec![invitee]).unwrap();
-    wait_for("invitee linked", || is_direct(&link_of(&node_x, "b"))).await;
+    wait_for("invitee linked", || {
+        is_direct(&link_of(&node_x, "b"))
+            && node_b
+                .status()
+                .peers
+                .iter()
+                .any(|p| p.name == "x" && is_direct(&p.link))
+    })
+    .await;
     let status = peer_status(&node_b, "x");
     assert!(status.pending && is_direct(&status.link));
     let answer = node_x
