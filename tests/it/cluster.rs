@@ -719,6 +719,69 @@ print(len(subjects))
     eprintln!("cut/heal: {out}");
 }
 
+/// A follower whose site is cut off alone (packets silently dropped, no RST) answers SMTP with
+/// a 4xx, never a 250, and soon answers at once: once it has not heard its leader for two
+/// maximum election timeouts (1.6 s with the lan preset) it refuses a write without waiting
+/// out the 5 s propose timeout (`CUT_OFF_ELECTION_TIMEOUTS`). After heal it accepts again.
+#[test]
+fn follower_cut_off_alone_answers_4xx_at_once_and_never_250() {
+    let Some(cluster) = Cluster::up(2, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let leader = cluster.leader("n1");
+    let follower = cluster
+        .nodes
+        .iter()
+        .find(|n| n.name != leader)
+        .expect("a follower");
+    let out = cluster.py(
+        r#"
+cut = POS[0]; site = POS[1]
+# Well below the lan preset's 5 s propose timeout, well above a local SMTP exchange.
+FAST_S = 2.5
+s = smtp(cut)
+assert s.sendmail("bob@example.org", [USER], message("before")) == {}
+s.quit()
+local_cluster("cut", site)
+cut_at = time.monotonic()
+
+def refused(subject):
+    """One SMTP delivery to the cut-off node: must be a 4xx; returns its duration."""
+    started = time.monotonic()
+    try:
+        s = smtp(cut, timeout=60)
+        s.sendmail("bob@example.org", [USER], message(subject))
+        raise AssertionError(f"the cut-off follower accepted {subject} (250)")
+    except smtplib.SMTPResponseException as e:
+        assert 400 <= e.smtp_code < 500, f"{subject}: {e.smtp_code} {e.smtp_error!r}"
+    except smtplib.SMTPRecipientsRefused as e:
+        code = list(e.recipients.values())[0][0]
+        assert 400 <= code < 500, f"{subject}: {e.recipients}"
+    return time.monotonic() - started
+
+# The first attempts may wait for the propose timeout (the leader was heard moments ago).
+first_fast = None
+attempts = 0
+while first_fast is None:
+    took = refused(f"cut-{attempts}")
+    attempts += 1
+    if took < FAST_S:
+        first_fast = time.monotonic() - cut_at
+    assert time.monotonic() - cut_at < 30, f"no prompt 4xx within 30 s of the cut ({attempts} tries)"
+answers = [refused(f"cut-later-{i}") for i in range(3)]
+assert all(t < FAST_S for t in answers), answers
+local_cluster("heal", site)
+wait_until(lambda: smtp(cut).sendmail("bob@example.org", [USER], message("after-heal")) == {},
+           "a 250 from the healed follower", 120)
+print(json.dumps({"first_prompt_4xx_after_cut_s": round(first_fast, 2),
+                  "answer_s": [round(t, 2) for t in answers], "attempts": attempts}))
+"#,
+        &[&follower.name, &follower.site],
+    );
+    eprintln!("follower cut off alone: {out}");
+}
+
 /// A fourth node joins a cluster holding 10,000 messages, catches up and serves them over IMAP
 /// (same UIDs); then `leave` (the new node) and `remove` (a killed node) shrink the membership,
 /// and the two left keep accepting mail.

@@ -527,3 +527,221 @@ async fn learner_may_not_elect_invite_remove_or_send_raft_requests() {
         node.cluster.shutdown().await.expect("shutdown");
     }
 }
+
+/// A node config on a fixed loopback port (chosen free now), so that the node can be stopped
+/// and started again at the address the others know.
+fn fixed_port_config(dir: &std::path::Path, name: &str, site: &str) -> ClusterConfig {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a free port")
+        .local_addr()
+        .expect("its address")
+        .port();
+    ClusterConfig {
+        data_dir: dir.to_path_buf(),
+        name: name.to_string(),
+        site: site.to_string(),
+        raft: timings(),
+        mesh: crate::mesh::MeshConfig {
+            listen: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
+            ..Default::default()
+        },
+    }
+}
+
+/// A member whose data folder outlives its process.
+struct Restartable {
+    dir: tempfile::TempDir,
+    config: ClusterConfig,
+    running: Option<(Cluster, Arc<MapApp>)>,
+}
+
+impl Restartable {
+    fn cluster(&self) -> &Cluster {
+        &self.running.as_ref().expect("running").0
+    }
+
+    fn map(&self) -> std::collections::BTreeMap<String, String> {
+        self.running
+            .as_ref()
+            .map(|(_, app)| app.snapshot_of_map())
+            .unwrap_or_default()
+    }
+
+    async fn stop(&mut self) {
+        let (cluster, _) = self.running.take().expect("running");
+        cluster.shutdown().await.expect("shutdown");
+    }
+
+    async fn start(&mut self) {
+        assert!(self.running.is_none());
+        let app = Arc::new(MapApp::default());
+        let cluster = Cluster::open(self.config.clone(), app.clone())
+            .await
+            .expect("reopen");
+        self.running = Some((cluster, app));
+    }
+
+    /// Cuts `n` bytes off the tail of its stopped log (the chaos `truncate` fault).
+    fn cut_log_tail(&self, n: u64) {
+        assert!(self.running.is_none());
+        super::log_store::cut_tail_bytes(&self.dir.path().join("raft"), n);
+    }
+}
+
+/// `n` voters on fixed ports, joined through invitations.
+async fn form_restartable_cluster(n: usize) -> Vec<Restartable> {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = fixed_port_config(dir.path(), "n1", "s1");
+    let mut first = Restartable {
+        dir,
+        config,
+        running: None,
+    };
+    first.start().await;
+    let mut nodes = vec![first];
+    for i in 2..=n {
+        let token = nodes[0]
+            .cluster()
+            .invite(&format!("n{i}"), &format!("s{i}"), false)
+            .await
+            .expect("invite");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = fixed_port_config(dir.path(), "fresh", "nowhere");
+        let mut node = Restartable {
+            dir,
+            config,
+            running: None,
+        };
+        node.start().await;
+        node.cluster().join(&token).await.expect("join starts");
+        let cluster = node.cluster().clone();
+        wait_for(&format!("n{i} to join"), || {
+            cluster
+                .join_report()
+                .is_some_and(|r| r.phase == JoinPhase::Done)
+        })
+        .await;
+        nodes.push(node);
+    }
+    nodes
+}
+
+fn restartable_leader(nodes: &[Restartable]) -> Option<usize> {
+    nodes.iter().position(|n| {
+        n.running.as_ref().is_some_and(|(c, _)| {
+            let s = c.status();
+            s.role == ClusterRole::Leader && s.leader == Some(s.node_id)
+        })
+    })
+}
+
+async fn propose_until_committed(cluster: &Cluster, command: &str) {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        match cluster.propose(command.as_bytes().to_vec()).await {
+            Ok(_) => return,
+            Err(ProposeError::Unavailable(reason)) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "{command} never committed: {reason}"
+                );
+            }
+            Err(other) => panic!("{command}: {other}"),
+        }
+    }
+}
+
+/// The chaos `truncate` fault in one process: a follower stops, a few bytes are cut off the
+/// tail of its log (its last acknowledged entry is now torn), it starts again. The leader's
+/// record of what that follower holds is now ahead of its log; the leader must take the
+/// follower's answer (a conflict below what it had acknowledged) and send the entries again,
+/// not panic ("follower log reversion is not allowed").
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn follower_restarted_with_a_torn_log_tail_gets_its_entries_again() {
+    let mut nodes = form_restartable_cluster(3).await;
+    let leader = restartable_leader(&nodes).expect("a leader");
+    for i in 0..20 {
+        propose_until_committed(nodes[leader].cluster(), &format!("k{i}={i}")).await;
+    }
+    let expected = nodes[leader].map();
+    wait_for("every replica to apply the first writes", || {
+        nodes.iter().all(|n| n.map() == expected)
+    })
+    .await;
+    let victim = (leader + 1) % nodes.len();
+    nodes[victim].stop().await;
+    nodes[victim].cut_log_tail(5);
+    nodes[victim].start().await;
+    for i in 20..40 {
+        let outcome = nodes[leader]
+            .cluster()
+            .propose(format!("k{i}={i}").into_bytes())
+            .await;
+        assert!(outcome.is_ok(), "write {i} after the restart: {outcome:?}");
+    }
+    let expected = nodes[leader].map();
+    assert_eq!(expected.len(), 40);
+    wait_for("the restarted follower to hold everything again", || {
+        nodes.iter().all(|n| n.map() == expected)
+    })
+    .await;
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}
+
+/// A committed entry whose copy on one of the two nodes holding it was torn off must survive:
+/// n1 (leader) and n2 hold `x` (n3 is down, so `x` committed on exactly those two); n2 loses
+/// `x` from its log tail, n1 stops. n2 and n3 together are a majority, but neither holds `x`:
+/// n2 must refuse to vote (and to stand) until it has its entries back, so no leader is
+/// elected without n1, and once n1 is back `x` is on every node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn node_with_a_torn_log_tail_votes_only_once_it_has_its_entries_back() {
+    let mut nodes = form_restartable_cluster(3).await;
+    let a = restartable_leader(&nodes).expect("a leader");
+    let (b, c) = ((a + 1) % 3, (a + 2) % 3);
+    propose_until_committed(nodes[a].cluster(), "before=1").await;
+    let expected = nodes[a].map();
+    wait_for("every replica to apply the first write", || {
+        nodes.iter().all(|n| n.map() == expected)
+    })
+    .await;
+    nodes[c].stop().await;
+    nodes[a]
+        .cluster()
+        .propose(b"x=1".to_vec())
+        .await
+        .expect("x commits on the leader and the other follower");
+    nodes[b].stop().await;
+    nodes[b].cut_log_tail(5);
+    nodes[a].stop().await;
+    nodes[b].start().await;
+    nodes[c].start().await;
+    // Several election timeouts: without n2's vote n3 cannot be elected.
+    let window = Instant::now() + Duration::from_millis(6 * timings().election_timeout_max_ms);
+    while Instant::now() < window {
+        assert_eq!(
+            restartable_leader(&nodes),
+            None,
+            "a leader was elected without the only intact copy of x"
+        );
+        assert!(nodes[b].cluster().status().recovering_lost_tail);
+        tokio::time::sleep(POLL).await;
+    }
+    nodes[a].start().await;
+    wait_for("x on every node", || {
+        nodes
+            .iter()
+            .all(|n| n.map().get("x").map(String::as_str) == Some("1"))
+    })
+    .await;
+    wait_for("n2 to vote again", || {
+        !nodes[b].cluster().status().recovering_lost_tail
+    })
+    .await;
+    let leader = restartable_leader(&nodes).expect("a leader");
+    propose_until_committed(nodes[leader].cluster(), "after=1").await;
+    for node in &mut nodes {
+        node.stop().await;
+    }
+}

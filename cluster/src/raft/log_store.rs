@@ -85,6 +85,8 @@ use openraft::{AnyError, ErrorSubject, ErrorVerb, RaftLogReader, StorageIOError,
 
 use crate::health::{self, StorageComponent, StorageHealth};
 
+use super::recovery::LOST_TAIL_FILE_NAME;
+
 use super::types::{Entry, LogId, NodeId, StorageError, TypeConfig};
 
 /// A segment rolls over once the next record would take it past this size.
@@ -197,6 +199,10 @@ struct Shared {
     inner: Mutex<Inner>,
     /// Serializes meta file replacements.
     meta_write: Mutex<()>,
+    /// The vote term when entries this node had acknowledged were found lost (a torn last
+    /// record or a commit index past the log), until a leader gave them back (marker file
+    /// `lost-tail`; see `recovery`).
+    lost_tail: Option<u64>,
     /// `lock`, flock'ed for as long as the store is open.
     _lock: File,
     /// Number of log flushes (fsyncs) done by `append`, for the group-commit test and status.
@@ -361,12 +367,12 @@ fn write_meta_file(dir: &Path, meta: &Meta) -> io::Result<()> {
 }
 
 /// Reads and checks the records of one segment file. Returns the segment (cut at the first
-/// invalid record when `is_last`) and the log id of its last entry.
+/// invalid record when `is_last`), the log id of its last entry and whether it was cut.
 fn load_segment(
     path: PathBuf,
     first_index: u64,
     is_last: bool,
-) -> Result<(Segment, Option<LogId>), LogStoreError> {
+) -> Result<(Segment, Option<LogId>, bool), LogStoreError> {
     let file = fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -401,6 +407,7 @@ fn load_segment(
             }
         }
     }
+    let torn = invalid.is_some();
     if let Some(detail) = invalid {
         if !is_last {
             return Err(LogStoreError::Corrupt {
@@ -427,6 +434,7 @@ fn load_segment(
             size: offset as u64,
         },
         last_log_id,
+        torn,
     ))
 }
 
@@ -443,7 +451,8 @@ fn load_segment(
 /// - A commit index beyond the last entry on disk (the log lost entries it had flushed: a
 ///   lying disk, or a copy of the folder) is lowered to the last entry; the node learns the
 ///   rest again from the leader.
-fn restore_after_restart(meta: &mut Meta, last_log_id: Option<LogId>) {
+/// Returns whether the commit index was lowered.
+fn restore_after_restart(meta: &mut Meta, last_log_id: Option<LogId>) -> bool {
     if let (Some(vote), Some(node_id)) = (meta.vote, meta.node_id) {
         if vote.is_committed() && vote.leader_id().voted_for() == Some(node_id) {
             let term = vote.leader_id().get_term();
@@ -465,8 +474,36 @@ fn restore_after_restart(meta: &mut Meta, last_log_id: Option<LogId>) {
                  earlier are gone); the commit index is lowered to the last entry"
             );
             meta.committed = last;
+            return true;
         }
     }
+    false
+}
+
+/// The vote term recorded by the lost-tail marker in `dir`, if there is one.
+fn read_lost_tail_marker(dir: &Path) -> Result<Option<u64>, LogStoreError> {
+    let path = dir.join(LOST_TAIL_FILE_NAME);
+    match fs::read_to_string(&path) {
+        Ok(text) => text
+            .trim()
+            .parse()
+            .map(Some)
+            .map_err(|e| LogStoreError::Corrupt {
+                path,
+                detail: format!("not a term: {e}"),
+            }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_at(&path)(e)),
+    }
+}
+
+/// Writes the lost-tail marker durably (see `recovery`).
+fn write_lost_tail_marker(dir: &Path, term: u64) -> io::Result<()> {
+    let path = dir.join(LOST_TAIL_FILE_NAME);
+    let mut file = File::create(&path)?;
+    io::Write::write_all(&mut file, format!("{term}\n").as_bytes())?;
+    file.sync_data()?;
+    sync_dir(dir)
 }
 
 /// Test hook: removes the last `n` whole records of the last segment of the log in `dir`
@@ -501,6 +538,27 @@ pub(crate) fn cut_last_records(dir: &Path, n: usize) -> u64 {
         .set_len(ends[keep] as u64)
         .expect("cut the segment");
     first + keep as u64
+}
+
+/// Test hook: cuts `n` bytes off the end of the last segment of the log in `dir` (what the
+/// chaos `truncate` fault does: the last record is left torn). Returns the new size.
+#[cfg(test)]
+pub(crate) fn cut_tail_bytes(dir: &Path, n: u64) -> u64 {
+    let mut firsts: Vec<u64> = fs::read_dir(dir)
+        .expect("list the log folder")
+        .filter_map(|item| parse_segment_file_name(&item.ok()?.file_name().to_string_lossy()))
+        .collect();
+    firsts.sort_unstable();
+    let first = *firsts.last().expect("a segment");
+    let path = dir.join(segment_file_name(first));
+    let file = File::options()
+        .write(true)
+        .open(&path)
+        .expect("open the segment");
+    let size = file.metadata().expect("segment size").len();
+    let kept = size.saturating_sub(n);
+    file.set_len(kept).expect("cut the segment");
+    kept
 }
 
 impl Shared {
@@ -544,10 +602,12 @@ impl Shared {
         let mut segments = BTreeMap::new();
         let mut last_log_id = None;
         let mut removed_any = false;
+        let mut torn = false;
         for (position, &first) in firsts.iter().enumerate() {
             let path = dir.join(segment_file_name(first));
             let is_last = position + 1 == firsts.len();
-            let (segment, segment_last) = load_segment(path, first, is_last)?;
+            let (segment, segment_last, segment_torn) = load_segment(path, first, is_last)?;
+            torn |= segment_torn;
             if segment.offsets.is_empty() || segment.next_index() <= purged_next {
                 // Empty (a torn first record) or entirely purged (an interrupted purge).
                 fs::remove_file(&segment.path).map_err(io_at(&segment.path))?;
@@ -573,7 +633,13 @@ impl Shared {
             sync_dir(dir).map_err(io_at(dir))?;
         }
         let mut meta = meta;
-        restore_after_restart(&mut meta, last_log_id);
+        let lowered = restore_after_restart(&mut meta, last_log_id);
+        let mut lost_tail = read_lost_tail_marker(dir)?;
+        if (torn || lowered) && lost_tail.is_none() {
+            let term = meta.vote.map(|v| v.leader_id().get_term()).unwrap_or(0);
+            write_lost_tail_marker(dir, term).map_err(io_at(dir))?;
+            lost_tail = Some(term);
+        }
         let committed_plus_one = meta.committed.map(|id| id.index + 1).unwrap_or(0);
         Ok(Shared {
             dir: dir.to_path_buf(),
@@ -586,6 +652,7 @@ impl Shared {
                 segment_bytes,
             }),
             meta_write: Mutex::new(()),
+            lost_tail,
             _lock: lock_file,
             n_append_flushes: Arc::new(AtomicU64::new(0)),
             committed_index_plus_one: Arc::new(AtomicU64::new(committed_plus_one)),
@@ -1209,6 +1276,17 @@ impl LogStore {
             .await
             .map_err(io_at(&self.shared.dir.join(META_FILE_NAME)))?;
         Ok(node_id)
+    }
+
+    /// The recovery state of a node whose log lost a tail it had acknowledged (see
+    /// `recovery`); inactive for a whole log.
+    pub(crate) fn tail_recovery(&self) -> super::recovery::TailRecovery {
+        match self.shared.lost_tail {
+            Some(term) => {
+                super::recovery::TailRecovery::lost(term, self.shared.dir.join(LOST_TAIL_FILE_NAME))
+            }
+            None => super::recovery::TailRecovery::inactive(),
+        }
     }
 
     /// The number of flushes `append` did since this store was opened.

@@ -38,6 +38,7 @@ pub mod log_store;
 pub mod membership;
 pub mod network;
 pub mod node;
+pub(crate) mod recovery;
 pub mod service;
 pub mod snapshot_file;
 pub mod state_machine;

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::recovery::TailRecovery;
 use super::types::{NodeId, NodeInfo, Raft, TypeConfig};
 use super::wire::{decode, encode, RaftReply, RaftRpc};
 use crate::mesh::{Channel, Incoming, Mesh, MeshError};
@@ -280,11 +281,12 @@ pub(crate) async fn serve_requests<H, F>(
 }
 
 /// Serves the Raft RPCs arriving on one mesh channel until `stop`.
-pub async fn serve_raft(
+pub(crate) async fn serve_raft(
     raft: Raft,
     incoming: mpsc::Receiver<Incoming>,
     check: std::sync::Arc<dyn SenderCheck>,
     contacts: Arc<Contacts>,
+    recovery: Arc<TailRecovery>,
     stop: CancellationToken,
 ) {
     let span: fn(&str) -> tracing::Span = |from| tracing::debug_span!("raft_rpc", from = %from);
@@ -297,8 +299,10 @@ pub async fn serve_raft(
             let raft = raft.clone();
             let check = check.clone();
             let contacts = contacts.clone();
+            let recovery = recovery.clone();
             Some(async move {
-                let reply = handle_rpc(&raft, check.as_ref(), &contacts, &from, &body).await;
+                let reply =
+                    handle_rpc(&raft, check.as_ref(), &contacts, &recovery, &from, &body).await;
                 encode(&reply)
                     .map_err(|error| tracing::error!(%error, "cannot encode a raft reply"))
                     .ok()
@@ -312,6 +316,7 @@ async fn handle_rpc(
     raft: &Raft,
     check: &dyn SenderCheck,
     contacts: &Contacts,
+    recovery: &TailRecovery,
     from: &str,
     body: &[u8],
 ) -> RaftReply {
@@ -329,10 +334,37 @@ async fn handle_rpc(
     }
     contacts.heard_from(claimed);
     match rpc {
-        RaftRpc::AppendEntries(rpc) => RaftReply::AppendEntries(raft.append_entries(rpc).await),
-        RaftRpc::Vote(rpc) => RaftReply::Vote(raft.vote(rpc).await),
+        RaftRpc::AppendEntries(rpc) => {
+            let leader = (rpc.vote.is_committed()).then(|| rpc.vote.leader_id().get_term());
+            let leader_commit = rpc.leader_commit;
+            let reply = raft.append_entries(rpc).await;
+            if let (Some(term), Ok(AppendEntriesResponse::Success)) = (leader, &reply) {
+                recovery.heard_leader(term, leader_commit);
+            }
+            RaftReply::AppendEntries(reply)
+        }
+        RaftRpc::Vote(rpc) => {
+            if !recovery.may_vote_for(rpc.last_log_id) {
+                tracing::info!(
+                    from,
+                    candidate_last_log = ?rpc.last_log_id,
+                    "vote refused: this node is recovering a lost log tail"
+                );
+                let vote = raft.metrics().borrow().vote;
+                return RaftReply::Vote(Ok(VoteResponse {
+                    vote,
+                    vote_granted: false,
+                    last_log_id: None,
+                }));
+            }
+            RaftReply::Vote(raft.vote(rpc).await)
+        }
         RaftRpc::InstallSnapshot(rpc) => {
-            RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
+            let reply = raft.install_snapshot(rpc).await;
+            if reply.is_ok() {
+                recovery.heard_snapshot();
+            }
+            RaftReply::InstallSnapshot(reply)
         }
     }
 }
@@ -345,5 +377,13 @@ pub(crate) async fn handle_rpc_for_test(
 ) -> RaftReply {
     let check = super::node::EngineCheck(std::sync::Arc::downgrade(engine));
     let body = encode(&rpc).expect("encode");
-    handle_rpc(&engine.raft, &check, &engine.contacts, from, &body).await
+    handle_rpc(
+        &engine.raft,
+        &check,
+        &engine.contacts,
+        &engine.recovery,
+        from,
+        &body,
+    )
+    .await
 }

@@ -150,6 +150,9 @@ pub struct ClusterStatus {
     /// Log flushes (fsyncs) by appends since this node started: compare with the proposals to
     /// see group commit at work.
     pub log_flushes: u64,
+    /// This node restarted with a torn log tail (entries it had acknowledged may be gone) and
+    /// neither votes nor stands until a leader gave them back (see `raft::recovery`).
+    pub recovering_lost_tail: bool,
 }
 
 /// A proposal waiting for its batch: answered with the response and the log index.
@@ -191,6 +194,9 @@ pub(crate) struct Engine {
     /// Set when this node vetoed another's pre-vote (it holds a better claim and hears no
     /// leader either): it stands at its next election step without waiting for its own timeout.
     pub(crate) stand_now: AtomicBool,
+    /// Set when this node restarted with a torn log tail: it neither votes nor stands until a
+    /// leader gave its entries back (`recovery`).
+    pub(crate) recovery: Arc<super::recovery::TailRecovery>,
 }
 
 /// Where a join stands, on the joining node (`kermail cluster join` polls it).
@@ -391,6 +397,7 @@ impl Cluster {
                 membership: Vec::new(),
                 snapshot_index: None,
                 log_flushes: 0,
+                recovering_lost_tail: false,
             },
         }
     }
@@ -602,6 +609,7 @@ async fn start_engine(
     let applied = state_machine.applied_index();
     let raft_config = raft_config(&timings)?;
     let log_probe = log_store.probe();
+    let recovery = Arc::new(log_store.tail_recovery());
     let contacts = Arc::new(Contacts::default());
     let raft = Raft::new(
         node_id,
@@ -673,6 +681,7 @@ async fn start_engine(
         contacts: contacts.clone(),
         quorum: watch::channel(true).0,
         stand_now: AtomicBool::new(false),
+        recovery: recovery.clone(),
     });
     let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
     for channel in [Channel::Raft, Channel::Bulk] {
@@ -683,6 +692,7 @@ async fn start_engine(
                     incoming,
                     check.clone(),
                     contacts.clone(),
+                    recovery.clone(),
                     stop.clone(),
                 )
                 .instrument(tracing::info_span!("raft_rpcs", node_id, ?channel)),
@@ -860,6 +870,7 @@ impl Engine {
                 .collect(),
             snapshot_index: metrics.snapshot.map(|id| id.index),
             log_flushes: self.log_probe.n_append_flushes(),
+            recovering_lost_tail: self.recovery.is_active(),
         }
     }
 

@@ -286,6 +286,9 @@ pub(crate) async fn handle_control(
             Ok(message) => ControlReply::Done(message),
             Err(reply) => reply,
         },
+        ControlRequest::Elect if engine.recovery.is_active() => ControlReply::Error(
+            "refused: this node is recovering a lost log tail and does not stand".to_string(),
+        ),
         ControlRequest::Elect => {
             info!(from, "the leader left: starting an election");
             match engine.raft.trigger().elect().await {
@@ -928,6 +931,8 @@ async fn election_step(
     }
     let majority = voters.len() / 2 + 1;
     if server_state == ServerState::Leader {
+        // Only a lone voter leads without standing: its log is the cluster's.
+        engine.recovery.leading(engine.node_id);
         state.suspected_at = None;
         let threshold = Duration::from_millis(timings.election_timeout_min_ms);
         let heard = voters
@@ -966,6 +971,11 @@ async fn election_step(
         changed
     });
     if !voters.contains(&engine.node_id) || server_state == ServerState::Shutdown {
+        return;
+    }
+    let applied = engine.raft.data_metrics().borrow().last_applied;
+    if engine.recovery.poll(applied, engine.node_id) {
+        // A torn log tail: this node may lack entries it acknowledged; it does not stand.
         return;
     }
     let leader = leader.filter(|l| *l != engine.node_id);
@@ -1103,6 +1113,11 @@ fn pre_vote_verdict(
     };
     if server_state == ServerState::Leader {
         return PreVoteVerdict::Refused("I lead".to_string());
+    }
+    if !engine.recovery.may_vote_for(last_log) {
+        return PreVoteVerdict::Refused(
+            "I am recovering a lost log tail: I vote only once a leader gave it back".to_string(),
+        );
     }
     let threshold = Duration::from_millis(engine.timings.heartbeat_interval_ms * 2);
     if let Some(leader) = leader.filter(|l| *l != engine.node_id && *l != candidate) {
