@@ -285,6 +285,7 @@ pub async fn serve_raft(
     incoming: mpsc::Receiver<Incoming>,
     check: std::sync::Arc<dyn SenderCheck>,
     contacts: Arc<Contacts>,
+    objects: Option<Arc<dyn crate::app::AppStateMachine>>,
     stop: CancellationToken,
 ) {
     let span: fn(&str) -> tracing::Span = |from| tracing::debug_span!("raft_rpc", from = %from);
@@ -297,8 +298,10 @@ pub async fn serve_raft(
             let raft = raft.clone();
             let check = check.clone();
             let contacts = contacts.clone();
+            let objects = objects.clone();
             Some(async move {
-                let reply = handle_rpc(&raft, check.as_ref(), &contacts, &from, &body).await;
+                let reply =
+                    handle_rpc(&raft, check.as_ref(), &contacts, objects, &from, &body).await;
                 encode(&reply)
                     .map_err(|error| tracing::error!(%error, "cannot encode a raft reply"))
                     .ok()
@@ -312,6 +315,7 @@ async fn handle_rpc(
     raft: &Raft,
     check: &dyn SenderCheck,
     contacts: &Contacts,
+    objects: Option<Arc<dyn crate::app::AppStateMachine>>,
     from: &str,
     body: &[u8],
 ) -> RaftReply {
@@ -322,6 +326,14 @@ async fn handle_rpc(
             return RaftReply::Refused(error);
         }
     };
+    // Any mesh peer is a member (or an invited node): bodies are served to it, on this
+    // channel only (`bulk`), bounded per answer.
+    if let RaftRpc::FetchObjects(request) = rpc {
+        return match objects {
+            Some(app) => super::fetch::serve(app, from, request).await,
+            None => RaftReply::Refused("objects are not served on this channel".to_string()),
+        };
+    }
     let claimed = rpc.claimed_sender();
     if let Err(reason) = check.check(claimed, from) {
         tracing::warn!(from, claimed, %reason, "raft rpc refused");
@@ -334,6 +346,7 @@ async fn handle_rpc(
         RaftRpc::InstallSnapshot(rpc) => {
             RaftReply::InstallSnapshot(raft.install_snapshot(rpc).await)
         }
+        RaftRpc::FetchObjects(_) => RaftReply::Refused("unreachable".to_string()),
     }
 }
 
@@ -345,5 +358,5 @@ pub(crate) async fn handle_rpc_for_test(
 ) -> RaftReply {
     let check = super::node::EngineCheck(std::sync::Arc::downgrade(engine));
     let body = encode(&rpc).expect("encode");
-    handle_rpc(&engine.raft, &check, &engine.contacts, from, &body).await
+    handle_rpc(&engine.raft, &check, &engine.contacts, None, from, &body).await
 }
