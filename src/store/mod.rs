@@ -646,7 +646,10 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         ids: &[kermail_cluster::ObjectId],
         max_bytes: u64,
     ) -> Vec<Option<Vec<u8>>> {
-        // Keeps every body readable while it is copied (a deletion waits for the guard).
+        // Keeps every body readable while it is copied (a deletion waits for the guard), and
+        // the bodies of the snapshot the peer is installing for a while longer (a snapshot
+        // kept here meanwhile would otherwise delete those released since).
+        self.blobs.hold_deletions(snapshot::FETCH_HOLD);
         let _guard = self.blobs.begin_read();
         let mut total = 0u64;
         ids.iter()

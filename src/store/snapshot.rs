@@ -70,6 +70,9 @@ const KIND_INLINE: u8 = 1;
 pub const MAX_META_BYTES: u64 = 1024 * 1024 * 1024;
 /// Distinct bodies in one snapshot.
 pub const MAX_BLOBS: u64 = 100_000_000;
+/// After serving bodies to a peer installing a snapshot, how long this node deletes no body
+/// (the peer fetches in rounds; a body released meanwhile may be one its snapshot references).
+pub const FETCH_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// V1: before the outbound queue (its state restores empty). V2: the state and the outbound
 /// part (queue, DKIM keys), which `State` does not serialize itself.
