@@ -31,8 +31,9 @@ pub trait AppStateMachine: Send + Sync + 'static {
     fn restore(&self, snapshot: &mut dyn io::Read, local: bool) -> io::Result<()>;
 
     /// Writes the stream that a follower installing `local_snapshot` (a stream written by
-    /// [`SnapshotBuilder::write_to`]) needs to rebuild this state: the application adds what it
-    /// keeps beside its snapshots (message bodies). Runs on a blocking thread. The default
+    /// [`SnapshotBuilder::write_to`]) needs to rebuild this state. What the application keeps
+    /// beside its snapshots (message bodies) may go by reference: the follower fetches what it
+    /// lacks ([`AppStateMachine::missing_objects`]). Runs on a blocking thread. The default
     /// copies the stream as it is.
     fn write_transfer(
         &self,
