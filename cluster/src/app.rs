@@ -31,8 +31,9 @@ pub trait AppStateMachine: Send + Sync + 'static {
     fn restore(&self, snapshot: &mut dyn io::Read, local: bool) -> io::Result<()>;
 
     /// Writes the stream that a follower installing `local_snapshot` (a stream written by
-    /// [`SnapshotBuilder::write_to`]) needs to rebuild this state: the application adds what it
-    /// keeps beside its snapshots (message bodies). Runs on a blocking thread. The default
+    /// [`SnapshotBuilder::write_to`]) needs to rebuild this state. What the application keeps
+    /// beside its snapshots (message bodies) may go by reference: the follower fetches what it
+    /// lacks ([`AppStateMachine::missing_objects`]). Runs on a blocking thread. The default
     /// copies the stream as it is.
     fn write_transfer(
         &self,
@@ -42,11 +43,50 @@ pub trait AppStateMachine: Send + Sync + 'static {
         io::copy(local_snapshot, out).map(|_| ())
     }
 
+    /// The objects (immutable, content-addressed data the application keeps beside its
+    /// snapshots: the mail bodies) that a snapshot stream received from the leader (`snapshot`,
+    /// a stream written by [`AppStateMachine::write_transfer`]) references and this node does
+    /// not hold yet. The cluster fetches them from its peers ([`AppStateMachine::read_objects`]
+    /// there, [`AppStateMachine::store_object`] here) before it calls
+    /// [`AppStateMachine::restore`]. Runs on a blocking thread. The default: none.
+    fn missing_objects(&self, _snapshot: &mut dyn io::Read) -> io::Result<Vec<ObjectRef>> {
+        Ok(Vec::new())
+    }
+
+    /// Reads objects for a peer installing a snapshot, in the order asked: `None` for one this
+    /// node does not hold. Stops (the rest `None`) once `max_bytes` were read. Runs on a
+    /// blocking thread.
+    fn read_objects(&self, ids: &[ObjectId], _max_bytes: u64) -> Vec<Option<Vec<u8>>> {
+        ids.iter().map(|_| None).collect()
+    }
+
+    /// Stores an object fetched from a peer, after checking that `bytes` are the object `id`
+    /// (content addressing): a mismatch is an `InvalidData` error and nothing is stored. An
+    /// object stored here stays whether or not the install that fetched it completes, so a
+    /// fetch interrupted and started again asks only for what is still missing. Runs on a
+    /// blocking thread.
+    fn store_object(&self, _id: &ObjectId, _bytes: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "this application keeps no objects beside its snapshots",
+        ))
+    }
+
     /// The health of this node's storage, shared with the cluster's log store and snapshots:
     /// the application refuses writes while it is failed.
     fn storage_health(&self) -> Arc<StorageHealth> {
         Arc::new(StorageHealth::new())
     }
+}
+
+/// The content address of an object kept beside the snapshots (a mail body's BLAKE3).
+pub type ObjectId = [u8; 32];
+
+/// An object a received snapshot references: its id and its stored size (for progress).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ObjectRef {
+    pub id: ObjectId,
+    pub len: u64,
 }
 
 /// Writes a snapshot captured by [`AppStateMachine::begin_snapshot`].

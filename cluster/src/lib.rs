@@ -15,7 +15,7 @@ pub mod health;
 pub mod mesh;
 pub mod raft;
 
-pub use app::{AppStateMachine, SnapshotBuilder};
+pub use app::{AppStateMachine, ObjectId, ObjectRef, SnapshotBuilder};
 pub use health::{StorageComponent, StorageFailure, StorageHealth};
 pub use raft::{
     Cluster, ClusterConfig, ClusterError, ClusterRole, ClusterStatus, ClusterView, JoinPhase,

@@ -141,6 +141,9 @@ struct Collector {
     /// Bodies first written after the latest capture: no snapshot references them, so their
     /// deletion need not wait.
     born: BTreeSet<BlobId>,
+    /// Until then, a kept snapshot deletes nothing (a peer installing a snapshot is fetching
+    /// bodies from this node: [`BlobStore::hold_deletions`]).
+    hold_until: Option<std::time::Instant>,
 }
 
 impl Collector {
@@ -727,6 +730,14 @@ impl BlobStore {
     /// capture are in no snapshot any more and go (once no build is running).
     pub fn snapshot_kept(&self, mark: u64) {
         let mut collector = lock(&self.shared.collector);
+        if collector
+            .hold_until
+            .is_some_and(|until| std::time::Instant::now() < until)
+        {
+            // A peer is fetching the bodies of a snapshot this node sent (or kept) earlier:
+            // they stay until a snapshot is kept after the hold.
+            return;
+        }
         let released: Vec<BlobId> = collector
             .deferred
             .iter()
@@ -741,6 +752,23 @@ impl BlobStore {
                 collector.pending.insert(id);
             }
         }
+    }
+
+    /// A peer is fetching bodies from this node to install a snapshot: bodies released since
+    /// then may be referenced by the snapshot it is installing, so no kept snapshot deletes any
+    /// for `hold` from now (they go with the first snapshot kept after that).
+    pub fn hold_deletions(&self, hold: std::time::Duration) {
+        let until = std::time::Instant::now() + hold;
+        let mut collector = lock(&self.shared.collector);
+        if collector.hold_until.is_none_or(|current| current < until) {
+            collector.hold_until = Some(until);
+        }
+    }
+
+    /// Ends a [`BlobStore::hold_deletions`] at once (tests).
+    #[cfg(test)]
+    pub fn end_hold(&self) {
+        lock(&self.shared.collector).hold_until = None;
     }
 
     /// A restored state is now the kept snapshot: what it references stays (a deferred

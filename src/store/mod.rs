@@ -631,6 +631,54 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         snapshot::write_transfer(local_snapshot, &self.blobs, &self.chunks, out)
     }
 
+    fn missing_objects(
+        &self,
+        snapshot: &mut dyn io::Read,
+    ) -> io::Result<Vec<kermail_cluster::ObjectRef>> {
+        Ok(snapshot::missing_bodies(snapshot, &self.blobs)?
+            .into_iter()
+            .map(|(id, len)| kermail_cluster::ObjectRef { id: id.0, len })
+            .collect())
+    }
+
+    fn read_objects(
+        &self,
+        ids: &[kermail_cluster::ObjectId],
+        max_bytes: u64,
+    ) -> Vec<Option<Vec<u8>>> {
+        // Keeps every body readable while it is copied (a deletion waits for the guard), and
+        // the bodies of the snapshot the peer is installing for a while longer (a snapshot
+        // kept here meanwhile would otherwise delete those released since).
+        self.blobs.hold_deletions(snapshot::FETCH_HOLD);
+        let _guard = self.blobs.begin_read();
+        let mut total = 0u64;
+        ids.iter()
+            .map(|id| {
+                if total >= max_bytes {
+                    return None;
+                }
+                let mut body = self.blobs.open_compressed(&BlobId(*id)).ok()?;
+                let mut bytes = Vec::with_capacity(body.remaining_bytes() as usize);
+                match io::Read::read_to_end(&mut body, &mut bytes) {
+                    Ok(_) => {
+                        total += bytes.len() as u64;
+                        Some(bytes)
+                    }
+                    Err(error) => {
+                        tracing::warn!(blob = %hex::encode(id), %error, "cannot read a body a peer asked for");
+                        None
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn store_object(&self, id: &kermail_cluster::ObjectId, bytes: &[u8]) -> io::Result<()> {
+        // Checked against its content address before it enters the packs.
+        self.blobs
+            .write_from(&BlobId(*id), bytes.len() as u64, &mut &bytes[..])
+    }
+
     fn storage_health(&self) -> Arc<StorageHealth> {
         self.health.clone()
     }

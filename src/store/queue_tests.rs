@@ -567,7 +567,7 @@ fn queue_commands_apply_identically_and_survive_a_snapshot() {
         .unwrap();
     let restored_dir = tempfile::tempdir().unwrap();
     let restored = MailStateMachine::open(restored_dir.path()).unwrap();
-    restored.restore(&mut snapshot.as_slice(), false).unwrap();
+    super::tests::install(&restored, &machines[0], &snapshot).unwrap();
     assert_eq!(*restored.read(), *machines[0].read());
     assert_eq!(restored.read().stats(), machines[0].read().stats());
     // Every queued body travelled with the snapshot.

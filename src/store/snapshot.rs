@@ -70,6 +70,9 @@ const KIND_INLINE: u8 = 1;
 pub const MAX_META_BYTES: u64 = 1024 * 1024 * 1024;
 /// Distinct bodies in one snapshot.
 pub const MAX_BLOBS: u64 = 100_000_000;
+/// After serving bodies to a peer installing a snapshot, how long this node deletes no body
+/// (the peer fetches in rounds; a body released meanwhile may be one its snapshot references).
+pub const FETCH_HOLD: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// V1: before the outbound queue (its state restores empty). V2: the state and the outbound
 /// part (queue, DKIM keys), which `State` does not serialize itself.
@@ -842,12 +845,18 @@ pub fn write_transfer(
         if let Some(e) = write_error {
             return Err(e);
         }
+        // References only: the follower fetches the bodies it lacks from its peers
+        // (`missing_bodies` there, then `AppStateMachine::read_objects` here).
         let referenced = state.referenced_blobs();
         drop(state);
         out.write_all(&(referenced.len() as u64).to_le_bytes())?;
         for id in &referenced {
+            let len = blobs
+                .stored_len(id)
+                .ok_or_else(|| missing_body(id, io::ErrorKind::NotFound.into()))?;
             out.write_all(&id.0)?;
-            copy_body_as(blobs, id, VERSION_TRANSFER, &mut out)?;
+            out.write_all(&len.to_le_bytes())?;
+            out.write_all(&[KIND_REFERENCE])?;
         }
         let hash = out.hasher.finalize();
         out.inner.write_all(hash.as_bytes())?;
@@ -888,6 +897,55 @@ pub fn write_transfer(
     let hash = out.hasher.finalize();
     out.inner.write_all(hash.as_bytes())?;
     out.inner.flush()
+}
+
+/// The bodies a received stream (a transfer, version 4, or a stream of versions 1 and 2)
+/// references that `blobs` does not hold, with their stored lengths, in id order. Reads the
+/// stream once without decoding the state (chunk bytes and inlined bodies are skipped; the
+/// restore checks them). A version 3 stream (a node's own snapshot) is refused: its chunks are
+/// in another node's chunk store.
+pub fn missing_bodies(input: &mut dyn Read, blobs: &BlobStore) -> io::Result<Vec<(BlobId, u64)>> {
+    let mut input = io::BufReader::with_capacity(IO_BUFFER_BYTES, input);
+    let (version, meta_bytes) = read_header_and_meta(&mut input)?;
+    if version == VERSION {
+        return Err(invalid(
+            "a node's own snapshot (version 3) cannot be installed on another node",
+        ));
+    }
+    if version == VERSION_TRANSFER {
+        let manifest = decode_manifest(&meta_bytes)?;
+        drop(meta_bytes);
+        for chunk in manifest.chunks() {
+            let skipped = io::copy(&mut (&mut input).take(chunk.len), &mut io::sink())?;
+            if skipped != chunk.len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot ends inside a chunk",
+                ));
+            }
+        }
+    }
+    let blob_count = read_u64(&mut input)?;
+    if blob_count > MAX_BLOBS {
+        return Err(invalid("snapshot holds too many bodies"));
+    }
+    let mut missing = Vec::new();
+    let mut previous = None;
+    for _ in 0..blob_count {
+        let (id, len, kind) = read_body_entry(&mut input, version, &mut previous)?;
+        if kind == KIND_INLINE {
+            let skipped = io::copy(&mut (&mut input).take(len), &mut io::sink())?;
+            if skipped != len {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "snapshot ends inside a message body",
+                ));
+            }
+        } else if !blobs.contains(&id) {
+            missing.push((id, len));
+        }
+    }
+    Ok(missing)
 }
 
 #[cfg(test)]

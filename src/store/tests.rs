@@ -818,7 +818,22 @@ fn local_snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
     bytes
 }
 
-/// The stream a follower installs (bodies inlined).
+/// What a follower does with a transfer stream (`raft::fetch` in the cluster crate): fetch the
+/// bodies it lacks from `source`, store them, then restore.
+pub(crate) fn install(
+    target: &MailStateMachine,
+    source: &MailStateMachine,
+    transfer: &[u8],
+) -> std::io::Result<()> {
+    let missing = target.missing_objects(&mut &transfer[..])?;
+    let ids: Vec<kermail_cluster::ObjectId> = missing.iter().map(|o| o.id).collect();
+    for (id, bytes) in ids.iter().zip(source.read_objects(&ids, u64::MAX)) {
+        target.store_object(id, &bytes.expect("the source holds the body"))?;
+    }
+    target.restore(&mut &transfer[..], false)
+}
+
+/// The stream a follower installs (metadata and body references).
 fn snapshot_bytes(machine: &MailStateMachine) -> Vec<u8> {
     let local = local_snapshot_bytes(machine);
     let mut bytes = Vec::new();
@@ -986,7 +1001,7 @@ async fn snapshot_round_trip_into_a_fresh_data_dir() {
     let bytes = snapshot_bytes(&store.machine);
     let dir = tempfile::tempdir().unwrap();
     let restored = MailStateMachine::open(dir.path()).unwrap();
-    restored.restore(&mut bytes.as_slice(), false).unwrap();
+    install(&restored, &store.machine, &bytes).unwrap();
     assert_eq!(*restored.read(), *store.machine.read());
     assert_eq!(restored.read().stats(), store.stats());
     assert_eq!(snapshot_bytes(&restored), bytes);
@@ -1073,7 +1088,7 @@ fn corrupt_snapshots_are_refused_without_panic() {
     let mut trailing = good.clone();
     trailing.push(0);
     check_refused(&trailing);
-    target.restore(&mut good.as_slice(), false).unwrap();
+    install(&target, &machine, &good).unwrap();
     assert_eq!(*target.read(), *machine.read());
 }
 
@@ -1131,10 +1146,18 @@ fn snapshot_build_keeps_files_of_its_view() {
         .unwrap();
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
-    other.restore(&mut bytes.as_slice(), false).unwrap();
+    install(&other, &machine, &bytes).unwrap();
     assert_eq!(other.read().blobs.len(), 1);
     assert!(other.blobs.contains(&blob));
-    // Once a newer snapshot (without it) is kept, the body goes.
+    // While a peer fetches bodies from this node (the install above did), a kept snapshot
+    // deletes nothing: the peer may be installing a snapshot that references the body.
+    let newer = machine.begin_snapshot();
+    newer.write_to(&mut Vec::new()).unwrap();
+    newer.kept();
+    drop(newer);
+    assert!(machine.blobs.contains(&blob), "deleted during a fetch hold");
+    // After the hold, once a newer snapshot (without it) is kept, the body goes.
+    machine.blobs.end_hold();
     let newer = machine.begin_snapshot();
     newer.write_to(&mut Vec::new()).unwrap();
     assert!(machine.blobs.contains(&blob));
@@ -1223,7 +1246,7 @@ fn apply_timing_for_ten_thousand_deliveries() {
     let other_dir = tempfile::tempdir().unwrap();
     let other = MailStateMachine::open(other_dir.path()).unwrap();
     let started = Instant::now();
-    other.restore(&mut bytes.as_slice(), false).unwrap();
+    install(&other, &machine, &bytes).unwrap();
     let restored = started.elapsed();
     let stats = machine.read().stats();
     assert_eq!(stats.messages, (DELIVERIES + HELD_VIEW_DELIVERIES) as u64);
@@ -1463,7 +1486,7 @@ mod determinism {
             }
             let late_dir = tempfile::tempdir().unwrap();
             let late = MailStateMachine::open(late_dir.path()).unwrap();
-            late.restore(&mut snapshot_bytes(&source).as_slice(), false).unwrap();
+            install(&late, &source, &snapshot_bytes(&source)).unwrap();
             for (index, bytes) in commands.iter().enumerate().skip(half) {
                 late.apply(index as u64 + 1, bytes);
             }
@@ -1527,7 +1550,7 @@ mod determinism {
             // A restore recomputes the same usage.
             let restored_dir = tempfile::tempdir().unwrap();
             let restored = MailStateMachine::open(restored_dir.path()).unwrap();
-            restored.restore(&mut snapshot_bytes(&machine).as_slice(), false).unwrap();
+            install(&restored, &machine, &snapshot_bytes(&machine)).unwrap();
             prop_assert_eq!(&restored.read().quotas, &machine.read().quotas);
         }
     }
@@ -1686,7 +1709,8 @@ async fn quotas_refuse_whole_commands_and_follow_settings() {
 /// changed since the previous one (and references, no body), so the steady-state figure is the
 /// periodic snapshot after `KERMAIL_SNAPSHOT_BENCH_CHANGES` (default 5,000: openraft's snapshot
 /// interval) deliveries since the previous snapshot; the first (full) snapshot, the restore at
-/// a restart and the transfer stream (every body inlined) are printed too. No timed assertion;
+/// a restart, the transfer stream (chunks and body references) and its install on a follower
+/// (one lacking no body, one lacking every body) are printed too. No timed assertion;
 /// `scripts/bench/snapshot` runs it at 10,000 and 200,000 messages through
 /// `KERMAIL_SNAPSHOT_BENCH_COUNTS` (default: small counts, for the test suite).
 #[test]
@@ -1773,12 +1797,33 @@ fn snapshot_timing_against_the_number_of_messages() {
             .unwrap();
         let restore_time = started.elapsed();
         assert_eq!(restarted.read().stats().messages, count as u64);
+        let transfer_zstd = zstd::encode_all(transfer.as_slice(), 3).unwrap().len();
+        // A follower that holds every body (it lagged on metadata only): nothing to fetch.
+        let started = Instant::now();
+        let lacks = restarted.missing_objects(&mut transfer.as_slice()).unwrap();
+        assert!(lacks.is_empty());
+        restarted.restore(&mut transfer.as_slice(), false).unwrap();
+        let install_nothing_missing = started.elapsed();
+        // An empty follower: every body fetched (here from the source's packs directly, as
+        // `raft::fetch` does over the mesh), then the install.
+        let empty_dir = tempfile::tempdir().unwrap();
+        let empty = MailStateMachine::open(empty_dir.path()).unwrap();
+        let started = Instant::now();
+        let lacks = empty.missing_objects(&mut transfer.as_slice()).unwrap();
+        let fetched_bytes: u64 = lacks.iter().map(|o| o.len).sum();
+        let fetched_count = lacks.len();
+        install(&empty, &restarted, &transfer).unwrap();
+        let install_empty = started.elapsed();
+        assert_eq!(empty.read().stats().messages, count as u64);
         println!(
             "snapshot timing: {count} messages of ~{BODY_BYTES} bytes ({} bytes stored, filled \
              in {filled:?}): periodic snapshot after {changes} changes {local_time:?}, stream \
              {local_bytes} bytes; first (full) snapshot {full_time:?}, {chunk_bytes_full} \
              chunk bytes; restore at restart {restore_time:?}; transfer to a follower \
-             (chunks and every body inlined) {transfer_time:?}, {} bytes",
+             (chunks and body references) written in {transfer_time:?}, {} bytes ({transfer_zstd} \
+             zstd); install on a follower lacking no body {install_nothing_missing:?}; install \
+             on an empty follower (fetching {fetched_count} bodies, {fetched_bytes} bytes, from \
+             local packs) {install_empty:?}",
             stats.blob_bytes_stored,
             transfer.len(),
         );
@@ -1894,7 +1939,7 @@ fn incremental_snapshots_restore_the_same_state() {
                 .unwrap();
             let other_dir = tempfile::tempdir().unwrap();
             let other = MailStateMachine::open(other_dir.path()).unwrap();
-            other.restore(&mut transfer.as_slice(), false).unwrap();
+            install(&other, &machine, &transfer).unwrap();
             assert_eq!(*other.read(), *machine.read(), "round {round}");
         }
     }

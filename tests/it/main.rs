@@ -25,4 +25,5 @@ mod sieve;
 mod smtp_abuse;
 mod smtp_imap;
 mod smtp_spill;
+mod snapshot_install;
 mod storage_faults;

@@ -15,6 +15,8 @@
 //!   Vote on the `raft` channel, snapshot chunks on `bulk`), and the RPC server that binds node
 //!   ids to mesh peers.
 //! - [`wire`]: the messages nodes exchange (bincode).
+//! - [`fetch`]: a node installing a snapshot fetches the bodies it lacks from its peers
+//!   ([`fetch::ObjectFetcher`]) and serves theirs ([`fetch::serve`]), on the `bulk` channel.
 //! - [`service`]: forwarded writes, membership changes on the leader (invite, join, remove,
 //!   leave), the join driver, `cluster status` ([`ClusterView`]) and the task keeping the
 //!   mesh's member list equal to the Raft membership.
@@ -34,6 +36,7 @@
 
 pub(crate) mod applied;
 pub mod config;
+pub mod fetch;
 pub mod log_store;
 pub mod membership;
 pub mod network;

@@ -287,6 +287,7 @@ pub(crate) async fn serve_raft(
     check: std::sync::Arc<dyn SenderCheck>,
     contacts: Arc<Contacts>,
     recovery: Arc<TailRecovery>,
+    objects: Option<Arc<dyn crate::app::AppStateMachine>>,
     stop: CancellationToken,
 ) {
     let span: fn(&str) -> tracing::Span = |from| tracing::debug_span!("raft_rpc", from = %from);
@@ -300,9 +301,18 @@ pub(crate) async fn serve_raft(
             let check = check.clone();
             let contacts = contacts.clone();
             let recovery = recovery.clone();
+            let objects = objects.clone();
             Some(async move {
-                let reply =
-                    handle_rpc(&raft, check.as_ref(), &contacts, &recovery, &from, &body).await;
+                let reply = handle_rpc(
+                    &raft,
+                    check.as_ref(),
+                    &contacts,
+                    &recovery,
+                    objects,
+                    &from,
+                    &body,
+                )
+                .await;
                 encode(&reply)
                     .map_err(|error| tracing::error!(%error, "cannot encode a raft reply"))
                     .ok()
@@ -317,6 +327,7 @@ async fn handle_rpc(
     check: &dyn SenderCheck,
     contacts: &Contacts,
     recovery: &TailRecovery,
+    objects: Option<Arc<dyn crate::app::AppStateMachine>>,
     from: &str,
     body: &[u8],
 ) -> RaftReply {
@@ -327,6 +338,14 @@ async fn handle_rpc(
             return RaftReply::Refused(error);
         }
     };
+    // Any mesh peer is a member (or an invited node): bodies are served to it, on this
+    // channel only (`bulk`), bounded per answer.
+    if let RaftRpc::FetchObjects(request) = rpc {
+        return match objects {
+            Some(app) => super::fetch::serve(app, from, request).await,
+            None => RaftReply::Refused("objects are not served on this channel".to_string()),
+        };
+    }
     let claimed = rpc.claimed_sender();
     if let Err(reason) = check.check(claimed, from) {
         tracing::warn!(from, claimed, %reason, "raft rpc refused");
@@ -366,6 +385,7 @@ async fn handle_rpc(
             }
             RaftReply::InstallSnapshot(reply)
         }
+        RaftRpc::FetchObjects(_) => RaftReply::Refused("unreachable".to_string()),
     }
 }
 
@@ -382,6 +402,7 @@ pub(crate) async fn handle_rpc_for_test(
         &check,
         &engine.contacts,
         &engine.recovery,
+        None,
         from,
         &body,
     )

@@ -18,6 +18,7 @@ use crate::mesh::{Channel, Identity, Member, Mesh, MeshConfig, MeshError, MeshSt
 
 use super::applied::{AppliedIndex, WaitError};
 use super::config::{ClusterConfig, RaftTimings};
+use super::fetch::ObjectFetcher;
 use super::log_store::{LogStore, LogStoreProbe};
 use super::membership::{self, JoinPhase, JoinState, PersistedIdentity};
 use super::network::{serve_raft, Contacts, MeshNetwork, SenderCheck};
@@ -602,9 +603,11 @@ async fn start_engine(
     let addrs: Vec<String> = mesh.local_addrs().iter().map(|a| a.to_string()).collect();
 
     let snapshot_dir = data_dir.join("snapshots");
+    let objects = app.clone();
     let state_machine = StateMachineStore::open(app, &snapshot_dir)
         .await
         .map_err(io_error(&snapshot_dir))?;
+    let fetcher_slot = state_machine.fetcher_slot();
     let holds_app_data = state_machine.holds_app_data();
     let applied = state_machine.applied_index();
     let raft_config = raft_config(&timings)?;
@@ -684,8 +687,14 @@ async fn start_engine(
         recovery: recovery.clone(),
     });
     let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
+    let _ = fetcher_slot.set(Arc::new(ObjectFetcher::new(
+        mesh.clone(),
+        Arc::downgrade(&engine),
+    )));
     for channel in [Channel::Raft, Channel::Bulk] {
         if let Some(incoming) = mesh.incoming(channel) {
+            // Snapshot bodies are served on `bulk` only.
+            let objects = (channel == Channel::Bulk).then(|| objects.clone());
             tokio::spawn(
                 serve_raft(
                     raft.clone(),
@@ -693,6 +702,7 @@ async fn start_engine(
                     check.clone(),
                     contacts.clone(),
                     recovery.clone(),
+                    objects,
                     stop.clone(),
                 )
                 .instrument(tracing::info_span!("raft_rpcs", node_id, ?channel)),

@@ -13,9 +13,10 @@
 //! temporary file, fsync'd, renamed over it, and the folder is fsync'd.
 //!
 //! What a follower receives is not `current.snap` itself: the application's stream of its own
-//! snapshot may refer to data it keeps beside it (the mail node's bodies, in its packs), so
-//! the leader writes a transfer file once per kept snapshot ([`write_transfer`], the same
-//! layout, the stream passed through [`AppStateMachine::write_transfer`]), named
+//! snapshot may refer to data it keeps elsewhere (the mail node's metadata chunks), so the
+//! leader writes a transfer file once per kept snapshot ([`open_transfer`], the same layout,
+//! the stream passed through [`AppStateMachine::write_transfer`]; the mail node's carries the
+//! chunks and references to the bodies, which the follower fetches, see `raft::fetch`), named
 //! `tmp-transfer-<snapshot id>.snap` so that it is removed at the next open, and removed when
 //! a newer snapshot is kept.
 
@@ -185,6 +186,27 @@ pub fn restore_received(
     app.restore(&mut decoder, false)?;
     io::copy(&mut decoder, &mut io::sink())?;
     Ok(())
+}
+
+/// The objects a snapshot received from the leader references that this node lacks
+/// ([`AppStateMachine::missing_objects`] on its application stream), checking that its header
+/// names `meta`'s last log id.
+pub fn missing_objects(
+    received: &mut File,
+    meta: &SnapshotMeta,
+    app: &dyn AppStateMachine,
+) -> io::Result<Vec<crate::app::ObjectRef>> {
+    received.seek(SeekFrom::Start(0))?;
+    let mut input = BufReader::with_capacity(IO_BUFFER_BYTES, received);
+    let sent_meta = read_header(&mut input)?;
+    if sent_meta.last_log_id != meta.last_log_id {
+        return Err(invalid(format!(
+            "received snapshot is for {:?}, expected {:?}",
+            sent_meta.last_log_id, meta.last_log_id
+        )));
+    }
+    let mut decoder = zstd::Decoder::with_buffer(input)?;
+    app.missing_objects(&mut decoder)
 }
 
 /// Restores `app` from the snapshot file at `path` and returns its metadata. The whole zstd

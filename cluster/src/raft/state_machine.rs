@@ -8,7 +8,7 @@
 //! install holds the state machine worker, as an install does anyway.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex as StdMutex};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock};
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -20,6 +20,7 @@ use crate::app::{AppStateMachine, SnapshotBuilder};
 use crate::health::{self, StorageComponent, StorageHealth};
 
 use super::applied::AppliedIndex;
+use super::fetch::ObjectFetcher;
 use super::snapshot_file;
 use super::types::{
     CommandResponses, Entry, LogId, SnapshotMeta, StorageError, StoredMembership, TypeConfig,
@@ -42,6 +43,9 @@ struct SnapshotShared {
     app: Arc<dyn AppStateMachine>,
     /// Metadata of the snapshot kept on disk; the lock also serialises replacing the file.
     current: Mutex<Option<SnapshotMeta>>,
+    /// Fetches the bodies a received snapshot references and this node lacks; set once the
+    /// mesh and the Raft engine exist (`node::open`).
+    fetcher: Arc<OnceLock<Arc<ObjectFetcher>>>,
 }
 
 /// openraft's state machine over the application's [`AppStateMachine`].
@@ -106,6 +110,7 @@ impl StateMachineStore {
                 health: app.storage_health(),
                 app: app.clone(),
                 current: Mutex::new(restored),
+                fetcher: Arc::new(OnceLock::new()),
             }),
         })
     }
@@ -241,6 +246,103 @@ impl StateMachineStore {
         self.holds_app_data.clone()
     }
 
+    /// Where the body fetcher goes once the mesh and the engine exist.
+    pub(crate) fn fetcher_slot(&self) -> Arc<OnceLock<Arc<ObjectFetcher>>> {
+        self.snapshots.fetcher.clone()
+    }
+
+    /// Fetches, round after round, every object the received snapshot references and this
+    /// node lacks (see `raft::fetch`). Returns once none is missing. An OS error (no space
+    /// left) and a round that fetched nothing (no peer reachable, or none holding a body) are
+    /// retried with backoff, never returned: openraft would stop Raft for good on an error.
+    /// Only a stream that cannot be read (corrupt) is an error.
+    async fn fetch_missing_objects(
+        &self,
+        received: &Arc<StdMutex<std::fs::File>>,
+        meta: &SnapshotMeta,
+    ) -> Result<(), StorageError> {
+        let health = self.snapshots.health.clone();
+        let started = std::time::Instant::now();
+        let mut attempt = 0u32;
+        let mut first_round = true;
+        let mut total = crate::raft::fetch::Fetched::default();
+        loop {
+            let app = self.app.clone();
+            let scan_meta = meta.clone();
+            let scan = received.clone();
+            let missing = tokio::task::spawn_blocking(move || {
+                let mut file = scan.lock().unwrap_or_else(|p| p.into_inner());
+                snapshot_file::missing_objects(&mut file, &scan_meta, app.as_ref())
+            })
+            .await
+            .map_err(join_error)?;
+            let missing = match missing {
+                Ok(missing) => missing,
+                Err(e) if health::is_retryable(&e) => {
+                    health.report_failure(StorageComponent::Snapshot, &e);
+                    tokio::time::sleep(health::retry_delay(attempt)).await;
+                    attempt += 1;
+                    continue;
+                }
+                Err(e) => {
+                    return Err(StorageError::from(StorageIOError::new(
+                        ErrorSubject::Snapshot(Some(meta.signature())),
+                        ErrorVerb::Read,
+                        &e,
+                    )))
+                }
+            };
+            let fetcher = self.snapshots.fetcher.get().cloned();
+            if missing.is_empty() {
+                if let Some(fetcher) = &fetcher {
+                    fetcher.finish();
+                }
+                if !first_round {
+                    tracing::info!(
+                        snapshot = %meta.snapshot_id,
+                        bodies = total.objects,
+                        bytes = total.bytes,
+                        elapsed_ms = started.elapsed().as_millis() as u64,
+                        "snapshot bodies fetched"
+                    );
+                }
+                return Ok(());
+            }
+            let Some(fetcher) = fetcher else {
+                tracing::warn!("snapshot bodies missing and no fetcher yet; waiting");
+                tokio::time::sleep(health::retry_delay(attempt)).await;
+                attempt += 1;
+                continue;
+            };
+            if first_round {
+                tracing::info!(
+                    snapshot = %meta.snapshot_id,
+                    bodies = missing.len(),
+                    bytes = missing.iter().map(|o| o.len).sum::<u64>(),
+                    "snapshot install: fetching the bodies this node lacks"
+                );
+                first_round = false;
+            }
+            fetcher.begin(&meta.snapshot_id, &missing);
+            let fetched = fetcher.fetch(&self.app, &missing).await;
+            total.objects += fetched.objects;
+            total.bytes += fetched.bytes;
+            if fetched.objects == 0 {
+                if attempt.is_multiple_of(10) {
+                    tracing::warn!(
+                        snapshot = %meta.snapshot_id,
+                        missing = missing.len(),
+                        "no peer gave the missing snapshot bodies; retrying"
+                    );
+                }
+                tokio::time::sleep(health::retry_delay(attempt)).await;
+                attempt += 1;
+            } else {
+                attempt = 0;
+            }
+        }
+    }
+
     /// The applied index this store advances after every apply and snapshot install.
     pub(crate) fn applied_index(&self) -> Arc<AppliedIndex> {
         self.applied.clone()
@@ -357,6 +459,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError> {
         let received = snapshot.into_std().await;
         let received = Arc::new(StdMutex::new(received));
+        // The stream carries references to the bodies, not their bytes: first make every
+        // referenced body present here, so the restore never installs a state with a message
+        // whose body this node cannot serve.
+        self.fetch_missing_objects(&received, meta).await?;
         let mut current = self.snapshots.current.lock().await;
         let health = self.snapshots.health.clone();
         let mut attempt = 0;
@@ -417,12 +523,18 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError> {
+        // The first call is openraft's start-up, whether or not a snapshot is kept: once it is
+        // done, every call is for a follower. (Setting the flag only when a snapshot existed
+        // made a node that started without one send its first snapshot's own file, with the
+        // metadata as references into its chunk store and no way for the follower to read
+        // it: "snapshot references body ... which this node does not have", fatal there.)
+        let first_call = !self.metadata_read;
+        self.metadata_read = true;
         let current = self.snapshots.current.lock().await;
         let Some(meta) = current.clone() else {
             return Ok(None);
         };
-        if !self.metadata_read {
-            self.metadata_read = true;
+        if first_call {
             let file = snapshot_file::open_current(&self.snapshots.dir)
                 .map_err(|e| snapshot_error(ErrorVerb::Read, &e))?;
             return Ok(Some(Snapshot {

@@ -3,6 +3,8 @@
 //! - Channel `raft`: [`RaftRpc`] requests (AppendEntries, Vote) answered by [`RaftReply`].
 //! - Channel `bulk`: [`RaftRpc::InstallSnapshot`] chunks (openraft's chunked transport), so that
 //!   a snapshot never delays a heartbeat.
+//! - Channel `bulk` too: [`RaftRpc::FetchObjects`], a node installing a snapshot asking a peer
+//!   for the bodies it lacks, answered by [`RaftReply::Objects`].
 //! - Channel `writes`: [`ForwardRequest`], a follower's proposal for the leader.
 //! - Channel `control`: [`ControlRequest`], membership and status.
 
@@ -23,6 +25,26 @@ pub enum RaftRpc {
     AppendEntries(AppendEntriesRequest<TypeConfig>),
     Vote(VoteRequest<NodeId>),
     InstallSnapshot(InstallSnapshotRequest<TypeConfig>),
+    /// A node installing a snapshot asks for objects (bodies) it lacks. Sent by any member
+    /// (a follower or a learner), not only a leader or a candidate.
+    FetchObjects(FetchObjects),
+}
+
+/// Objects asked for by a node installing a snapshot (at most
+/// [`crate::raft::fetch::MAX_FETCH_IDS`] ids).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FetchObjects {
+    pub ids: Vec<crate::app::ObjectId>,
+}
+
+/// The answer to [`FetchObjects`].
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FetchedObjects {
+    /// Per id asked, in order: whether its bytes are in `bytes` (false: not held, or left for
+    /// a later request because the answer reached its size bound).
+    pub found: Vec<bool>,
+    /// The found objects' bytes, in order (byte strings on the wire).
+    pub bytes: super::types::CommandBatch,
 }
 
 impl RaftRpc {
@@ -32,6 +54,8 @@ impl RaftRpc {
             RaftRpc::AppendEntries(rpc) => rpc.vote.leader_id().voted_for().unwrap_or_default(),
             RaftRpc::Vote(rpc) => rpc.vote.leader_id().voted_for().unwrap_or_default(),
             RaftRpc::InstallSnapshot(rpc) => rpc.vote.leader_id().voted_for().unwrap_or_default(),
+            // Not checked against a node id: served to any mesh peer (see `serve_raft`).
+            RaftRpc::FetchObjects(_) => NodeId::default(),
         }
     }
 }
@@ -47,6 +71,8 @@ pub enum RaftReply {
     /// The receiver refused the request before handing it to Raft (unknown sender, a sender
     /// whose mesh identity is not the node it claims, malformed bytes).
     Refused(String),
+    /// The answer to [`RaftRpc::FetchObjects`].
+    Objects(FetchedObjects),
 }
 
 /// A proposal forwarded by a follower to the leader.
