@@ -63,6 +63,26 @@ fn frame<'a>(
     events
 }
 
+/// The lines `take_line` yields from `chunks`; `Err(())` last if it refused one.
+fn lines<'a>(chunks: impl Iterator<Item = &'a [u8]>, max_line: usize) -> Vec<Result<Vec<u8>, ()>> {
+    let mut buffer = Vec::new();
+    let mut said = Vec::new();
+    for chunk in chunks {
+        buffer.extend_from_slice(chunk);
+        loop {
+            match take_line(&mut buffer, max_line) {
+                Ok(Some(line)) => said.push(Ok(line)),
+                Ok(None) => break,
+                Err(()) => {
+                    said.push(Err(()));
+                    return said;
+                }
+            }
+        }
+    }
+    said
+}
+
 fuzz_target!(|data: &[u8]| {
     if data.len() < 9 {
         return;
@@ -89,12 +109,17 @@ fuzz_target!(|data: &[u8]| {
     let whole = frame(std::iter::once(stream), max_line, max_literal);
     assert_eq!(chunked, whole, "frames depend on how the stream was cut");
 
-    // The plain-line reader of AUTHENTICATE and IDLE.
-    let mut buffer = stream.to_vec();
-    let mut taken = 0;
-    while let Ok(Some(line)) = take_line(&mut buffer, max_line) {
+    // The plain-line reader of AUTHENTICATE and IDLE: bounded lines, and the same verdicts
+    // however the stream was cut.
+    let chunked = lines(chunks.iter().copied(), max_line);
+    let whole = lines(std::iter::once(stream), max_line);
+    assert_eq!(chunked, whole, "lines depend on how the stream was cut");
+    for line in whole.iter().flatten() {
         assert!(!line.contains(&b'\n'));
-        taken += 1;
-        assert!(taken <= stream.len());
+        assert!(
+            line.len() <= max_line,
+            "line of {} bytes over {max_line}",
+            line.len()
+        );
     }
 });

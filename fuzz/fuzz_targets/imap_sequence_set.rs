@@ -35,7 +35,13 @@ fuzz_target!(|data: &[u8]| {
         };
         let mut expanded: Vec<u32> = Vec::new();
         for element in text.split(',') {
-            let value = |v: &str| if v == "*" { Some(largest) } else { v.parse::<u32>().ok() };
+            let value = |v: &str| {
+                if v == "*" {
+                    Some(largest)
+                } else {
+                    v.parse::<u32>().ok()
+                }
+            };
             let (a, b) = match element.split_once(':') {
                 Some((a, b)) => (value(a), value(b)),
                 None => (value(element), value(element)),

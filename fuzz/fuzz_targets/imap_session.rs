@@ -73,7 +73,7 @@ fn world() -> &'static World {
                     .deliver(Delivery {
                         mail_from: "carol@example.net".into(),
                         recipients: vec![(*to).into()],
-                        body: message(&format!("hello {i}"), "caf\u{e9} body text"),
+                        body: message(&format!("hello {i}"), "caf\u{e9} body text").into(),
                         received_at: 1_700_000_000 + i as i64,
                     })
                     .await
@@ -134,7 +134,11 @@ fuzz_target!(|data: &[u8]| {
             let login = format!("L LOGIN {USER} \"{PASSWORD}\"\r\n");
             let action = session.handle_input(login.as_bytes(), &mut out).await;
             assert_eq!(action, Action::Continue);
-            assert!(session.is_authenticated(), "{}", String::from_utf8_lossy(&out));
+            assert!(
+                session.is_authenticated(),
+                "{}",
+                String::from_utf8_lossy(&out)
+            );
         }
         let mut rest = stream;
         while !rest.is_empty() {

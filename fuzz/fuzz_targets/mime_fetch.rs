@@ -121,7 +121,10 @@ fuzz_target!(|data: &[u8]| {
             section,
             Section::HeaderFields(..) | Section::HeaderFieldsNot(..)
         ) {
-            assert!(bytes.len() <= raw.len(), "{section:?} is longer than the message");
+            assert!(
+                bytes.len() <= raw.len(),
+                "{section:?} is longer than the message"
+            );
         }
         let start = u32::from(data[0]);
         let length = NonZeroU32::new(1 + u32::from(data[3])).unwrap_or(NonZeroU32::MIN);
@@ -157,7 +160,11 @@ fuzz_target!(|data: &[u8]| {
         let found = matches(&key, &input);
         if !needs_body(&key) {
             let without = SearchInput { raw: None, ..input };
-            assert_eq!(found, matches(&key, &without), "a metadata key read the body");
+            assert_eq!(
+                found,
+                matches(&key, &without),
+                "a metadata key read the body"
+            );
         }
     }
 });

@@ -10,8 +10,8 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use kermail::smtp::session::{Action, Input, Mode, Output, Recipients, Session, SessionParams};
 use kermail::smtp::limits::Limiter;
+use kermail::smtp::session::{Action, Input, Mode, Output, Recipients, Session, SessionParams};
 use kermail::smtp::{ListenerKind, SmtpConfig};
 use kermail::store::{BlobId, DeliveryReceipt, RecipientCheck, StoreError};
 use libfuzzer_sys::fuzz_target;
@@ -45,7 +45,10 @@ fn check_reply(reply: &[u8]) {
     if reply.is_empty() {
         return;
     }
-    assert!(reply.ends_with(b"\r\n"), "reply not CRLF-terminated: {reply:?}");
+    assert!(
+        reply.ends_with(b"\r\n"),
+        "reply not CRLF-terminated: {reply:?}"
+    );
     for line in reply.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
         assert!(
             line.len() >= 4
@@ -84,7 +87,10 @@ impl Driver {
                 match action {
                     Action::Deliver(pending) => {
                         self.check_delivery(&pending.delivery);
-                        assert!(pending.submitter.is_none(), "an MX delivery with a submitter");
+                        assert!(
+                            pending.submitter.is_none(),
+                            "an MX delivery with a submitter"
+                        );
                         assert!(matches!(self.session.mode(), Mode::AwaitingDelivery));
                         self.n_deliveries += 1;
                         let result = if self.deliver_ok {
@@ -120,7 +126,10 @@ impl Driver {
             bdat || (contains_ci(seen, b"DATA") && seen.windows(2).any(|w| w == b"\n.")),
             "delivery without a complete DATA or BDAT"
         );
-        assert!(!delivery.recipients.is_empty(), "delivery without recipients");
+        assert!(
+            !delivery.recipients.is_empty(),
+            "delivery without recipients"
+        );
         for rcpt in &delivery.recipients {
             assert!(
                 matches!(Table.check_recipient(rcpt), RecipientCheck::Local),
@@ -132,7 +141,10 @@ impl Driver {
             "message over the size limit: {}",
             delivery.body.len()
         );
-        assert!(self.n_deliveries < seen.len(), "more deliveries than input bytes");
+        assert!(
+            self.n_deliveries < seen.len(),
+            "more deliveries than input bytes"
+        );
     }
 }
 

@@ -76,7 +76,11 @@ fuzz_target!(|data: &[u8]| {
                 "a refused command changed the state"
             );
         }
-        assert_eq!(b.apply(index, entry), response, "replicas answered differently");
+        assert_eq!(
+            b.apply(index, entry),
+            response,
+            "replicas answered differently"
+        );
         assert_eq!(a.last_applied_index(), index);
     }
     assert!(

@@ -7,7 +7,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::{Arc, Mutex};
 
 use super::fetch::top_header;
-use crate::store::{AccountId, BlobId, MailStore, MailboxId, MessageMeta};
+use crate::store::{AccountId, BlobId, MailStore, MailboxId, MessageList};
 
 /// Most messages whose headers a SELECT warms in the background (the newest ones).
 const WARM_MAX_MESSAGES: usize = 20_000;
@@ -89,7 +89,7 @@ impl HeaderCache {
         store: &MailStore,
         account: AccountId,
         mailbox: MailboxId,
-        messages: &[MessageMeta],
+        messages: &MessageList,
     ) {
         if self.max_bytes == 0 || messages.is_empty() {
             return;

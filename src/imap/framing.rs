@@ -85,7 +85,10 @@ impl Framer {
             }
             let Some(offset) = memchr(b'\n', &buffer[self.scan..]) else {
                 self.scan = buffer.len();
-                if buffer.len() - self.segment_start > self.max_line_length_bytes {
+                if unfinished_line_too_long(
+                    &buffer[self.segment_start..],
+                    self.max_line_length_bytes,
+                ) {
                     self.reset();
                     return Frame::Fatal("command line too long");
                 }
@@ -138,6 +141,15 @@ impl Framer {
     }
 }
 
+/// Whether a line still waiting for its `\n` is already over `max_len` bytes. The limit counts
+/// the line without its ending, whether the line is complete or not, so a trailing `\r` (maybe
+/// the first half of the CRLF) is not counted: the verdict must not depend on whether the `\n`
+/// arrived in the same read as the rest of the line.
+fn unfinished_line_too_long(pending: &[u8], max_len: usize) -> bool {
+    let pending = pending.strip_suffix(b"\r").unwrap_or(pending);
+    pending.len() > max_len
+}
+
 /// `{N}` or `{N+}` at the end of a line: (N, synchronizing).
 fn literal_announcement(line: &[u8]) -> Option<(u32, bool)> {
     let inner = line.strip_suffix(b"}")?;
@@ -171,16 +183,20 @@ pub fn memchr(needle: u8, haystack: &[u8]) -> Option<usize> {
 }
 
 /// The first line of `buffer` for the modes that read plain lines (AUTHENTICATE responses,
-/// IDLE's DONE): `(line without its ending, bytes to consume)`. `Err` when the line is too long.
+/// IDLE's DONE): `(line without its ending, bytes to consume)`. `Err` when the line (without its
+/// ending) is longer than `max_len`, whether its end has arrived yet or not.
 // `Err(())` means only "line too long"; it became public for the fuzz targets.
 #[allow(clippy::result_unit_err)]
 pub fn first_line(buffer: &[u8], max_len: usize) -> Result<Option<(&[u8], usize)>, ()> {
     match memchr(b'\n', buffer) {
-        None if buffer.len() > max_len => Err(()),
+        None if unfinished_line_too_long(buffer, max_len) => Err(()),
         None => Ok(None),
         Some(newline) => {
             let line = &buffer[..newline];
             let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if line.len() > max_len {
+                return Err(());
+            }
             Ok(Some((line, newline + 1)))
         }
     }
@@ -200,6 +216,121 @@ pub fn take_line(buffer: &mut Vec<u8>, max_len: usize) -> Result<Option<Vec<u8>>
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    /// What a framer says about `stream` fed in `chunks` (the fuzz target's driver, without
+    /// `Incomplete`): complete commands, continuations, refusals, the fatal error.
+    fn frames(chunks: &[&[u8]], max_line: usize, max_literal: u32) -> Vec<String> {
+        let mut framer = Framer::new(max_line, max_literal);
+        let mut buffer = Vec::new();
+        let mut said = Vec::new();
+        for chunk in chunks {
+            buffer.extend_from_slice(chunk);
+            loop {
+                match framer.next(&buffer) {
+                    Frame::Incomplete => break,
+                    Frame::Command { len } => {
+                        let command: Vec<u8> = buffer.drain(..len).collect();
+                        said.push(format!("command {command:?}"));
+                    }
+                    Frame::ContinuationNeeded => said.push("continue".into()),
+                    Frame::LiteralTooBig { tag, len } => {
+                        buffer.drain(..len);
+                        said.push(format!("too big {tag} {len}"));
+                    }
+                    Frame::Spill { .. } => unreachable!("no spill threshold"),
+                    Frame::Fatal(why) => {
+                        said.push(format!("fatal {why}"));
+                        return said;
+                    }
+                }
+            }
+        }
+        said
+    }
+
+    /// The lines `take_line` yields from `chunks`, then `Err` if it refused a line.
+    fn lines(chunks: &[&[u8]], max_line: usize) -> Vec<Result<Vec<u8>, ()>> {
+        let mut buffer = Vec::new();
+        let mut said = Vec::new();
+        for chunk in chunks {
+            buffer.extend_from_slice(chunk);
+            loop {
+                match take_line(&mut buffer, max_line) {
+                    Ok(Some(line)) => said.push(Ok(line)),
+                    Ok(None) => break,
+                    Err(()) => {
+                        said.push(Err(()));
+                        return said;
+                    }
+                }
+            }
+        }
+        said
+    }
+
+    /// The fuzz finding (fuzz/fuzz_targets/imap_framing.rs, "frames depend on how the stream
+    /// was cut"): a line of exactly the limit whose `\r` arrived before its `\n` was refused,
+    /// the same bytes in one read were accepted.
+    #[test]
+    fn a_line_of_the_limit_is_accepted_however_its_crlf_is_cut() {
+        let line = b"A1 NOOP 89ABCDEF\r\n";
+        assert_eq!(line.len(), 16 + 2);
+        let whole = frames(&[line], 16, 0);
+        assert_eq!(whole, frames(&[&line[..17], &line[17..]], 16, 0));
+        assert_eq!(
+            whole,
+            frames(
+                &line.map(|b| [b]).iter().map(|b| &b[..]).collect::<Vec<_>>(),
+                16,
+                0
+            )
+        );
+        assert_eq!(whole.len(), 1);
+        assert!(whole[0].starts_with("command"), "{whole:?}");
+        // One byte more is refused, however it is cut.
+        let long = b"A1 NOOP 89ABCDEFG\r\n";
+        for cut in 0..long.len() {
+            assert_eq!(
+                frames(&[&long[..cut], &long[cut..]], 16, 0),
+                vec!["fatal command line too long".to_owned()]
+            );
+        }
+        // The plain-line reader (AUTHENTICATE, IDLE) applies the same limit to complete lines.
+        assert_eq!(lines(&[&line[2..]], 14), vec![Ok(line[2..16].to_vec())]);
+        assert_eq!(
+            lines(&[&line[2..17], &line[17..]], 14),
+            vec![Ok(line[2..16].to_vec())]
+        );
+        assert_eq!(lines(&[&long[2..]], 14), vec![Err(())]);
+        assert_eq!(lines(&[&long[2..18], &long[18..]], 14), vec![Err(())]);
+    }
+
+    proptest! {
+        /// Whatever the stream and however it is cut into reads, the framer and the plain-line
+        /// reader say the same.
+        #[test]
+        fn frames_do_not_depend_on_how_the_stream_is_cut(
+            stream in proptest::collection::vec(
+                prop_oneof![
+                    Just(b'\r'), Just(b'\n'), Just(b'{'), Just(b'}'), Just(b'+'), Just(b' '),
+                    Just(b'1'), Just(b'4'), b'a'..=b'c',
+                ],
+                0..120,
+            ),
+            cuts in proptest::collection::vec(any::<prop::sample::Index>(), 0..12),
+            max_line in 2usize..24,
+            max_literal in 0u32..12,
+        ) {
+            let mut cuts: Vec<usize> = cuts.iter().map(|i| i.index(stream.len() + 1)).collect();
+            cuts.push(0);
+            cuts.push(stream.len());
+            cuts.sort_unstable();
+            let chunks: Vec<&[u8]> = cuts.windows(2).map(|w| &stream[w[0]..w[1]]).collect();
+            prop_assert_eq!(frames(&chunks, max_line, max_literal), frames(&[&stream], max_line, max_literal));
+            prop_assert_eq!(lines(&chunks, max_line), lines(&[&stream], max_line));
+        }
+    }
 
     #[test]
     fn a_command_ends_at_the_first_line_without_a_literal() {

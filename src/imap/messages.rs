@@ -179,7 +179,7 @@ impl Session {
         let State::Selected { account, mailbox } = &mut self.state else {
             return;
         };
-        let messages = Arc::clone(&mailbox.messages);
+        let messages = mailbox.messages.clone();
         let last_seq = messages.len() as u32;
         let last_uid = mailbox.last_uid();
         let body_needed = needs_body(criteria);
@@ -328,7 +328,7 @@ impl Session {
                 mailbox.refresh(&self.store, account, false, &seen_now, out);
             }
         }
-        let messages = Arc::clone(&mailbox.messages);
+        let messages = mailbox.messages.clone();
 
         let flags_listed = items.contains(&MessageDataItemName::Flags);
         let uid_listed = items.contains(&MessageDataItemName::Uid);

@@ -10,7 +10,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use super::session::{Session, State};
-use crate::store::{AccountId, MailStore, MailboxId, MessageMeta, Uid};
+use crate::store::{AccountId, MailStore, MailboxId, MessageList, Uid};
 
 /// Most separate UID ranges one session keeps as recent; past it, the oldest range stops
 /// being recent for this session (claims by other sessions in between make the gaps).
@@ -76,7 +76,7 @@ impl RecentUids {
     }
 
     /// How many of `messages` (sorted by UID) are recent.
-    pub fn count_in(&self, messages: &[MessageMeta]) -> usize {
+    pub fn count_in(&self, messages: &MessageList) -> usize {
         self.ranges
             .iter()
             .map(|&(low, high)| {
@@ -110,7 +110,7 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{BlobId, FlagSet};
+    use crate::store::{BlobId, FlagSet, MessageMeta};
 
     fn message(uid: Uid) -> MessageMeta {
         MessageMeta {
@@ -135,7 +135,7 @@ mod tests {
             assert_eq!(recent.contains(uid), expected, "{uid}");
         }
         let messages: Vec<MessageMeta> = [1, 4, 5, 9, 10, 11].map(message).to_vec();
-        assert_eq!(recent.count_in(&messages), 3);
+        assert_eq!(recent.count_in(&messages.into()), 3);
         for i in 0..(MAX_RECENT_RANGES as Uid + 5) {
             recent.add((20 + 2 * i, 20 + 2 * i));
         }

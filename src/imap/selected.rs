@@ -3,17 +3,20 @@
 //! EXPUNGE, EXISTS and flag changes when RFC 3501 allows it.
 
 use std::io::Write;
-use std::sync::Arc;
 
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::response::{flag_list, flags_line, permanent_flags_line};
 use super::seqset::Ranges;
-use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
+use crate::store::{
+    diff_message_lists, AccountId, MailStore, MailboxId, MailboxView, MessageList, MessageListDiff,
+    Uid,
+};
 
 /// What [`Selected::release`] keeps.
 pub struct Released {
-    uids: Vec<Uid>,
+    /// The list as the client knew it (a persistent vector: keeping it costs nothing).
+    messages: MessageList,
     change_counter: u64,
 }
 
@@ -23,7 +26,9 @@ pub struct Selected {
     pub uidvalidity: u32,
     /// The messages the client knows, in sequence-number order (sorted by UID). May hold
     /// messages already expunged from the store whose EXPUNGE was not yet reported.
-    pub messages: Arc<Vec<MessageMeta>>,
+    /// A persistent vector shared with the store: a write to the mailbox copies O(log n) of
+    /// it, not the list, and [`Selected::refresh`] skips the parts both still share.
+    pub messages: MessageList,
     change_counter: u64,
     /// `messages` holds entries the store no longer has.
     has_ghosts: bool,
@@ -82,7 +87,7 @@ impl Selected {
             Some(view) => (view.messages, view.change_counter, view.keyword_count),
             // The mailbox was deleted under us: every message is gone.
             None => (
-                Arc::new(Vec::new()),
+                MessageList::new(),
                 self.change_counter.wrapping_add(1),
                 self.announced_keywords,
             ),
@@ -91,32 +96,22 @@ impl Selected {
             return;
         }
         self.announce_keywords(store, account, keyword_count, out);
-        let old = Arc::clone(&self.messages);
-        let mut expunged_seqs: Vec<usize> = Vec::new();
+        let old = self.messages.clone();
+        let MessageListDiff {
+            expunged: expunged_indexes,
+            changed: changed_entries,
+            appended: n_appended,
+        } = diff_message_lists(&old, &new_messages);
         // (sequence number in the old list, index in the new list) of changed flags.
-        let mut changed: Vec<(usize, usize)> = Vec::new();
-        let mut j = 0;
-        for (i, message) in old.iter().enumerate() {
-            while j < new_messages.len() && new_messages[j].uid < message.uid {
-                j += 1;
-            }
-            if j < new_messages.len() && new_messages[j].uid == message.uid {
-                if new_messages[j].flags != message.flags
-                    && skip_flag_uids.binary_search(&message.uid).is_err()
-                {
-                    changed.push((i + 1, j));
-                }
-                j += 1;
-            } else {
-                expunged_seqs.push(i + 1);
-            }
-        }
-        let old_last_uid = old.last().map_or(0, |m| m.uid);
-        let n_appended = new_messages
+        let changed: Vec<(usize, usize)> = changed_entries
             .iter()
-            .rev()
-            .take_while(|m| m.uid > old_last_uid)
-            .count();
+            .filter(|&&(i, j)| {
+                new_messages[j].flags != old[i].flags
+                    && skip_flag_uids.binary_search(&old[i].uid).is_err()
+            })
+            .map(|&(i, j)| (i + 1, j))
+            .collect();
+        let expunged_seqs: Vec<usize> = expunged_indexes.iter().map(|i| i + 1).collect();
 
         if expunged_seqs.is_empty() || allow_expunge {
             for seq in expunged_seqs.iter().rev() {
@@ -135,20 +130,20 @@ impl Selected {
             self.has_ghosts = false;
         } else {
             // Keep the expunged entries (their sequence numbers must not move yet), take the
-            // new flags of the others and append the new messages.
-            let mut merged: Vec<MessageMeta> = Vec::with_capacity(old.len() + n_appended);
-            let mut j = 0;
-            for message in old.iter() {
-                while j < new_messages.len() && new_messages[j].uid < message.uid {
-                    j += 1;
-                }
-                if j < new_messages.len() && new_messages[j].uid == message.uid {
-                    merged.push(new_messages[j].clone());
-                } else {
-                    merged.push(message.clone());
+            // new flags of the others and append the new messages. Only the changed entries
+            // are written: the rest stays shared.
+            let mut merged = old.clone();
+            for &(i, j) in &changed_entries {
+                if let Some(message) = merged.get_mut(i) {
+                    *message = new_messages[j].clone();
                 }
             }
-            merged.extend_from_slice(&new_messages[new_messages.len() - n_appended..]);
+            merged.extend(
+                new_messages
+                    .iter()
+                    .skip(new_messages.len() - n_appended)
+                    .cloned(),
+            );
             if n_appended > 0 {
                 let _ = write!(out, "* {} EXISTS\r\n", merged.len());
             }
@@ -157,30 +152,28 @@ impl Selected {
                 flag_list(out, &new_messages[j].flags);
                 out.extend_from_slice(b")\r\n");
             }
-            self.messages = Arc::new(merged);
+            self.messages = merged;
             self.has_ghosts = true;
         }
         self.change_counter = counter;
     }
 
-    /// Before this session appends to the mailbox: lets go of the shared message list so the
-    /// store can extend it in place instead of copying it (which costs O(messages) per
-    /// APPEND), keeping only the UIDs. `None` while unreported expunges need the full list.
+    /// Before this session appends to the mailbox: remembers the list as the client knows it
+    /// (an O(1) clone of the persistent vector; the store's append copies O(log n) of it).
+    /// `None` while unreported expunges need the full list.
     pub fn release(&mut self) -> Option<Released> {
         if self.has_ghosts {
             return None;
         }
-        let uids = self.messages.iter().map(|m| m.uid).collect();
-        self.messages = Arc::new(Vec::new());
         Some(Released {
-            uids,
+            messages: self.messages.clone(),
             change_counter: self.change_counter,
         })
     }
 
     /// After the append: takes the store's list again and reports what changed. When more
     /// than the one append happened meanwhile, the flags of every message are reported
-    /// (redundant but allowed), as the old flags are no longer known.
+    /// (redundant but allowed).
     pub fn reacquire(
         &mut self,
         released: Released,
@@ -191,44 +184,34 @@ impl Selected {
         let (new_messages, counter, keyword_count) = match store.mailbox_view(account, self.id) {
             Some(view) => (view.messages, view.change_counter, view.keyword_count),
             None => (
-                Arc::new(Vec::new()),
+                MessageList::new(),
                 released.change_counter.wrapping_add(2),
                 self.announced_keywords,
             ),
         };
         self.announce_keywords(store, account, keyword_count, out);
         let only_the_append = counter == released.change_counter.wrapping_add(1);
-        let mut kept: Vec<usize> = Vec::new();
-        let mut expunged_seqs: Vec<usize> = Vec::new();
-        let mut j = 0;
-        for (i, uid) in released.uids.iter().enumerate() {
-            while j < new_messages.len() && new_messages[j].uid < *uid {
-                j += 1;
-            }
-            if j < new_messages.len() && new_messages[j].uid == *uid {
-                kept.push(j);
-                j += 1;
-            } else {
-                expunged_seqs.push(i + 1);
-            }
+        let diff = diff_message_lists(&released.messages, &new_messages);
+        for i in diff.expunged.iter().rev() {
+            let _ = write!(out, "* {} EXPUNGE\r\n", i + 1);
         }
-        for seq in expunged_seqs.iter().rev() {
-            let _ = write!(out, "* {seq} EXPUNGE\r\n");
-        }
-        let last_known = released.uids.last().copied().unwrap_or(0);
-        let n_appended = new_messages
-            .iter()
-            .rev()
-            .take_while(|m| m.uid > last_known)
-            .count();
-        if n_appended > 0 {
+        if diff.appended > 0 {
             let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
         }
         if !only_the_append {
-            for j in kept {
-                let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+            // Every message the client knew and the store still has, in order: O(n), but
+            // only when something else changed the mailbox during the append.
+            let mut j = 0;
+            for message in &released.messages {
+                while j < new_messages.len() && new_messages[j].uid < message.uid {
+                    j += 1;
+                }
+                if j < new_messages.len() && new_messages[j].uid == message.uid {
+                    let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
+                    flag_list(out, &new_messages[j].flags);
+                    out.extend_from_slice(b")\r\n");
+                    j += 1;
+                }
             }
         }
         self.messages = new_messages;
@@ -272,3 +255,7 @@ impl Selected {
         Ok(indexes)
     }
 }
+
+#[cfg(test)]
+#[path = "selected_cost_tests.rs"]
+mod cost_tests;

@@ -332,7 +332,7 @@ impl BackupMeta {
                 .filter(|(name, _)| mailbox.is_none_or(|wanted| wanted == name.as_str()))
                 .filter_map(|(name, id)| {
                     let mailbox = account.mailboxes.get(id)?;
-                    Some((name.clone(), mailbox.messages.as_ref().clone()))
+                    Some((name.clone(), mailbox.messages.to_vec()))
                 })
                 .collect(),
         )

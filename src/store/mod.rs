@@ -45,6 +45,7 @@ mod blob;
 mod body;
 mod command;
 mod imap_state;
+mod message_list;
 mod names;
 mod outbound_api;
 mod queue;
@@ -91,6 +92,7 @@ use state::State;
 /// The largest message the store accepts, in bytes (SMTP and IMAP limits must stay below).
 pub use body::{BodyWriter, MessageBody, BODY_MEMORY_BYTES_MAX};
 pub use command::{SrsKey, MAX_MESSAGE_BYTES};
+pub use message_list::{diff as diff_message_lists, Diff as MessageListDiff, MessageList};
 /// The most envelope recipients one delivery may name.
 pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
@@ -171,7 +173,7 @@ pub struct MailboxView {
     pub uidvalidity: u32,
     pub uidnext: Uid,
     /// Sorted by UID.
-    pub messages: Arc<Vec<MessageMeta>>,
+    pub messages: MessageList,
     /// Increases with every applied change to this mailbox (its messages or their flags).
     pub change_counter: u64,
     /// How many keywords the mailbox knows (they are never forgotten, so a greater count

@@ -9,7 +9,6 @@
 //! them costs only what is dropped.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -469,7 +468,7 @@ impl State {
                 mailbox.remember_keywords(new_keywords);
                 let uid = mailbox.uidnext;
                 mailbox.uidnext += 1;
-                Arc::make_mut(&mut mailbox.messages).push(MessageMeta {
+                mailbox.messages.push(MessageMeta {
                     uid,
                     blob: body.blob,
                     size: body.raw_size,

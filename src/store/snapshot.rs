@@ -238,7 +238,7 @@ pub fn write_chunks(
     }
     for account in state.accounts.values() {
         for mailbox in account.mailboxes.values() {
-            let messages = mailbox.messages.as_slice();
+            let messages = &mailbox.messages;
             if messages.is_empty() {
                 continue;
             }
@@ -246,15 +246,15 @@ pub fn write_chunks(
             let mut start = 0;
             while let Some(first) = messages.get(start) {
                 let range = range_of(first.uid);
-                let end = start + messages[start..].partition_point(|m| range_of(m.uid) <= range);
-                let slice = &messages[start..end];
-                let last_uid = slice.last().map_or(0, |m| m.uid);
+                // UIDs ascend, so the range ends where the whole list's partition point is.
+                let end = messages.partition_point(|m| range_of(m.uid) <= range);
+                let last_uid = messages[end - 1].uid;
                 let stamp = mailbox.chunk_stamps.get(range);
                 let chunk =
-                    match writer.known_range(mailbox.id, range, stamp, slice.len(), last_uid) {
+                    match writer.known_range(mailbox.id, range, stamp, end - start, last_uid) {
                         Some(chunk) => chunk,
                         None => {
-                            let bytes = encode(slice)?;
+                            let bytes = encode(messages.to_vec_range(start..end).as_slice())?;
                             stats.written += 1;
                             stats.bytes_written += bytes.len() as u64;
                             let chunk = writer.put(&bytes)?;
@@ -262,7 +262,7 @@ pub fn write_chunks(
                                 mailbox.id,
                                 range,
                                 stamp,
-                                slice.len(),
+                                end - start,
                                 last_uid,
                                 chunk,
                             );
@@ -407,7 +407,7 @@ fn decode_chunks(
             .and_then(|account| state.accounts.get_mut(account))
             .and_then(|account| account.mailboxes.get_mut(mailbox_id))
             .ok_or_else(|| invalid("snapshot has messages of an unknown mailbox"))?;
-        mailbox.messages = Arc::new(messages);
+        mailbox.messages = messages.into();
     }
     Ok(state)
 }
@@ -689,7 +689,7 @@ pub fn read_snapshot(
     // Every range starts with a fresh stamp; the chunks just read are remembered for them.
     for account in state.accounts.values_mut() {
         for mailbox in account.mailboxes.values_mut() {
-            let messages = Arc::clone(&mailbox.messages);
+            let messages = mailbox.messages.clone();
             mailbox.chunk_stamps.touch_messages(&messages);
         }
     }

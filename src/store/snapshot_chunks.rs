@@ -35,7 +35,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use serde::{Deserialize, Serialize};
 
-use super::{MailboxId, MessageMeta, Uid};
+use super::{MailboxId, MessageList, MessageMeta, Uid};
 
 /// The folder of chunk packs inside the data folder.
 pub const CHUNK_DIR: &str = "snapshot-chunks";
@@ -109,8 +109,8 @@ impl ChunkStamps {
     }
 
     /// Every range of `messages` changed (their list was replaced).
-    pub fn touch_messages(&mut self, messages: &[MessageMeta]) {
-        self.touch_all(messages.iter().map(|m| m.uid));
+    pub fn touch_messages<'a>(&mut self, messages: impl IntoIterator<Item = &'a MessageMeta>) {
+        self.touch_all(messages.into_iter().map(|m| m.uid));
     }
 
     /// The stamp of a range's last change, 0 if unknown.
@@ -339,17 +339,24 @@ impl ChunkStore {
         &self,
         mailbox: MailboxId,
         stamps: &ChunkStamps,
-        messages: &[MessageMeta],
+        messages: &MessageList,
         ranges: &[(u32, ChunkRef)],
     ) {
         let mut inner = lock(&self.inner);
         let mut start = 0;
         for (range, chunk) in ranges {
-            let end = start + messages[start..].partition_point(|m| range_of(m.uid) <= *range);
-            let slice = &messages[start..end];
+            // UIDs ascend: the range ends at the whole list's partition point.
+            let end = messages
+                .partition_point(|m| range_of(m.uid) <= *range)
+                .max(start);
+            let count = end - start;
             start = end;
             let stamp = stamps.get(*range);
-            let Some(last) = slice.last().filter(|_| stamp != 0) else {
+            let Some(last) = end
+                .checked_sub(1)
+                .filter(|_| count > 0 && stamp != 0)
+                .map(|index| &messages[index])
+            else {
                 continue;
             };
             Self::remember_range(
@@ -358,7 +365,7 @@ impl ChunkStore {
                 *range,
                 RangeEntry {
                     stamp,
-                    count: slice.len(),
+                    count,
                     last_uid: last.uid,
                     chunk: *chunk,
                 },

@@ -6,7 +6,6 @@
 //! and only then mutates.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -21,8 +20,8 @@ use super::quota::{Quotas, Usage};
 use super::sieve_state::SieveState;
 use super::snapshot_chunks::ChunkStamps;
 use super::{
-    AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageMeta, SpecialUse,
-    StoreStats, Uid,
+    AccountId, BlobId, Flag, FlagOp, FlagSet, MailboxChanged, MailboxId, MessageList, MessageMeta,
+    SpecialUse, StoreStats, Uid,
 };
 
 /// The mailboxes every new account gets.
@@ -66,9 +65,9 @@ pub struct Mailbox {
     pub special_use: Option<SpecialUse>,
     pub uidvalidity: u32,
     pub uidnext: Uid,
-    /// Sorted by UID, strictly increasing. Shared with readers' views (copy on write).
-    #[serde(with = "arc_vec")]
-    pub messages: Arc<Vec<MessageMeta>>,
+    /// Sorted by UID, strictly increasing. Shared with readers' views (a persistent vector:
+    /// a write copies O(log n), never the list).
+    pub messages: MessageList,
     pub change_counter: u64,
     /// Lowercased keyword -> the first spelling seen in this mailbox.
     pub keywords: BTreeMap<String, String>,
@@ -87,7 +86,7 @@ impl Mailbox {
             special_use,
             uidvalidity,
             uidnext: 1,
-            messages: Arc::new(Vec::new()),
+            messages: MessageList::new(),
             change_counter: 0,
             keywords: BTreeMap::new(),
             chunk_stamps: ChunkStamps::default(),
@@ -383,7 +382,7 @@ impl State {
     // ----- derived data -----
 
     /// A copy for a snapshot build, taken under the read lock: message lists are shared
-    /// (`Arc`), and the blob table, derivable from them, is left out.
+    /// (persistent vectors), and the blob table, derivable from them, is left out.
     pub fn capture(&self) -> State {
         State {
             domains: self.domains.clone(),
@@ -418,7 +417,7 @@ impl State {
         };
         for account in state.accounts.values_mut() {
             for mailbox in account.mailboxes.values_mut() {
-                mailbox.messages = Arc::new(Vec::new());
+                mailbox.messages = MessageList::new();
             }
         }
         state
@@ -555,7 +554,7 @@ impl State {
         }
     }
 
-    fn drop_mailbox_refs(&mut self, messages: &[MessageMeta], effects: &mut Effects) {
+    fn drop_mailbox_refs(&mut self, messages: &MessageList, effects: &mut Effects) {
         for message in messages {
             self.drop_ref(message.blob, effects);
         }
@@ -906,7 +905,7 @@ impl State {
             let uid = inbox.uidnext;
             inbox.uidnext += 1;
             inbox.chunk_stamps.touch(uid);
-            Arc::make_mut(&mut inbox.messages).push(MessageMeta {
+            inbox.messages.push(MessageMeta {
                 uid,
                 blob: body.blob,
                 size: body.raw_size,
@@ -1051,7 +1050,7 @@ impl State {
             let new_id = self.insert_mailbox(account_id, to, None, new_validity)?;
             let account = self.account_mut(account_id)?;
             let inbox = account.mailbox_mut(from_id)?;
-            let messages = std::mem::replace(&mut inbox.messages, Arc::new(Vec::new()));
+            let messages = std::mem::take(&mut inbox.messages);
             inbox.chunk_stamps.touch_messages(&messages);
             let uidnext = inbox.uidnext;
             let keywords = inbox.keywords.clone();
@@ -1155,7 +1154,7 @@ impl State {
         mailbox.uidnext += 1;
         let uidvalidity = mailbox.uidvalidity;
         mailbox.chunk_stamps.touch(uid);
-        Arc::make_mut(&mut mailbox.messages).push(MessageMeta {
+        mailbox.messages.push(MessageMeta {
             uid,
             blob: body.blob,
             size: body.raw_size,
@@ -1205,12 +1204,14 @@ impl State {
             if op != FlagOp::Remove {
                 mailbox.remember_keywords(new_keywords);
             }
-            let messages = Arc::make_mut(&mut mailbox.messages);
+            let messages = &mut mailbox.messages;
             mailbox
                 .chunk_stamps
                 .touch_all(updates.iter().map(|(index, _)| messages[*index].uid));
             for (index, updated) in updates {
-                messages[index].flags = updated;
+                if let Some(message) = messages.get_mut(index) {
+                    message.flags = updated;
+                }
             }
             mailbox.touch(account_id, effects);
         }
@@ -1239,7 +1240,7 @@ impl State {
         }
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         mailbox.chunk_stamps.touch_all(doomed.iter().copied());
-        let messages = Arc::make_mut(&mut mailbox.messages);
+        let messages = &mut mailbox.messages;
         let mut removed = Vec::with_capacity(doomed.len());
         let mut freed = Usage::default();
         messages.retain(|message| {
@@ -1329,7 +1330,7 @@ impl State {
             pairs.push((message.uid, uid));
         }
         destination.chunk_stamps.touch_messages(&copies);
-        Arc::make_mut(&mut destination.messages).extend(copies);
+        destination.messages.extend(copies);
         destination.touch(account_id, effects);
         for message in &selected {
             // The copy's file is the source's, so the stored size is already known.
@@ -1340,7 +1341,7 @@ impl State {
             let moved: BTreeSet<Uid> = selected.iter().map(|m| m.uid).collect();
             let source = self.account_mut(account_id)?.mailbox_mut(from)?;
             source.chunk_stamps.touch_all(moved.iter().copied());
-            Arc::make_mut(&mut source.messages).retain(|m| !moved.contains(&m.uid));
+            source.messages.retain(|m| !moved.contains(&m.uid));
             source.touch(account_id, effects);
             self.credit_usage(account_id, copied);
             for message in &selected {
@@ -1348,26 +1349,5 @@ impl State {
             }
         }
         Ok(Response::Copied { uidvalidity, pairs })
-    }
-}
-
-mod arc_vec {
-    use std::sync::Arc;
-
-    use serde::{Deserialize, Deserializer, Serialize, Serializer};
-
-    use crate::store::MessageMeta;
-
-    pub fn serialize<S: Serializer>(
-        messages: &Arc<Vec<MessageMeta>>,
-        serializer: S,
-    ) -> Result<S::Ok, S::Error> {
-        messages.as_slice().serialize(serializer)
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(
-        deserializer: D,
-    ) -> Result<Arc<Vec<MessageMeta>>, D::Error> {
-        Vec::<MessageMeta>::deserialize(deserializer).map(Arc::new)
     }
 }

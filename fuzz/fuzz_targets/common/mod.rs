@@ -65,7 +65,7 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
                 .deliver(Delivery {
                     mail_from: "carol@example.net".into(),
                     recipients: vec!["alice@example.org".into(), "bob@example.org".into()],
-                    body: message(&format!("m{i}")),
+                    body: message(&format!("m{i}")).into(),
                     received_at: 1_700_000_000 + i,
                 })
                 .await
@@ -78,7 +78,14 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
             .expect("mailbox");
         let flags: FlagSet = [Flag::Seen, Flag::Keyword("$Label1".into())].into();
         store
-            .append(alice, work, flags.clone(), 1_700_000_100, 60, message("appended"))
+            .append(
+                alice,
+                work,
+                flags.clone(),
+                1_700_000_100,
+                60,
+                message("appended"),
+            )
             .await
             .expect("append");
         store
@@ -91,7 +98,13 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
             .await
             .expect("move");
         store
-            .store_flags(alice, work, vec![2], FlagOp::Replace, [Flag::Deleted].into())
+            .store_flags(
+                alice,
+                work,
+                vec![2],
+                FlagOp::Replace,
+                [Flag::Deleted].into(),
+            )
             .await
             .expect("flags");
         store.expunge(alice, work, None).await.expect("expunge");
@@ -104,7 +117,11 @@ pub fn setup_commands(dir: &Path) -> Vec<Vec<u8>> {
             .await
             .expect("subscribe");
     });
-    let log = recorder.log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let log = recorder
+        .log
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
     log
 }
 
