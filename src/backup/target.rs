@@ -1,4 +1,5 @@
-//! Where backups go: a plain directory or an S3-compatible bucket. A target stores named
+//! Where backups go: a plain directory, an S3-compatible bucket, or another node of the
+//! cluster over the mesh (which keeps them in its `backup-store` folder). A target stores named
 //! objects (`chunks/xx/<id>`, `backups/<id>`) and lists what it has, so an interrupted backup
 //! resumes by skipping what is there.
 
@@ -8,6 +9,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use kermail_cluster::raft::backup_store::{BackupStoreReply, BackupStoreRequest};
+
 use crate::store::BoxFuture;
 
 /// `[[backup.targets]]`: one place backups go.
@@ -15,8 +18,16 @@ use crate::store::BoxFuture;
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
-    /// `dir` or `s3`.
+    /// `dir`, `s3` or `node`.
     pub kind: TargetKind,
+    /// `node`: the member (its name, or its node id) that keeps the chunks, under
+    /// `<its data_dir>/backup-store/` (a `dir` target's layout).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Keep only the newest this many backups at this target instead of `[backup.retention]`;
+    /// applied by `kermail backup prune` and after every successful backup to it.
+    #[serde(default)]
+    pub keep_last: Option<u32>,
     /// `dir`: the folder (created if missing).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -41,6 +52,7 @@ pub struct TargetConfig {
 pub enum TargetKind {
     Dir,
     S3,
+    Node,
 }
 
 pub trait Target: Send + Sync {
@@ -51,7 +63,11 @@ pub trait Target: Send + Sync {
     fn delete(&self, name: String) -> BoxFuture<'_, io::Result<()>>;
 }
 
-pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
+/// Opens a target; a `node` target needs this node's cluster handle (`None` in the CLI).
+pub fn open(
+    config: &TargetConfig,
+    cluster: Option<&kermail_cluster::Cluster>,
+) -> io::Result<Arc<dyn Target>> {
     let missing = |what: &str| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -88,6 +104,100 @@ pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
                 prefix: config.prefix.clone().unwrap_or_default(),
             }))
         }
+        TargetKind::Node => {
+            let node = config.node.clone().ok_or_else(|| missing("node"))?;
+            let cluster = cluster.cloned().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "backup target {} is a node: only a running node reaches it",
+                        config.name
+                    ),
+                )
+            })?;
+            Ok(Arc::new(NodeTarget { cluster, node }))
+        }
+    }
+}
+
+/// Another node of the cluster, over the mesh's bulk channel
+/// (`kermail_cluster::raft::backup_store`).
+struct NodeTarget {
+    cluster: kermail_cluster::Cluster,
+    node: String,
+}
+
+impl NodeTarget {
+    async fn call(&self, request: BackupStoreRequest) -> io::Result<BackupStoreReply> {
+        match self.cluster.backup_store(&self.node, &request).await {
+            Ok(BackupStoreReply::NotFound) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("not found at node {}", self.node),
+            )),
+            Ok(BackupStoreReply::Error(error)) => Err(io::Error::other(format!(
+                "node {} refused: {error}",
+                self.node
+            ))),
+            Ok(reply) => Ok(reply),
+            Err(error) => Err(io::Error::other(format!("node {}: {error}", self.node))),
+        }
+    }
+}
+
+fn unexpected(reply: BackupStoreReply) -> io::Error {
+    io::Error::other(format!("unexpected backup-store answer {reply:?}"))
+}
+
+impl Target for NodeTarget {
+    fn put(&self, name: String, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Put { name, bytes }).await? {
+                BackupStoreReply::Done => Ok(()),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn get(&self, name: String) -> BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Get { name }).await? {
+                BackupStoreReply::Bytes(bytes) => Ok(bytes),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn list(&self, prefix: String) -> BoxFuture<'_, io::Result<Vec<(String, u64)>>> {
+        Box::pin(async move {
+            let mut out: Vec<(String, u64)> = Vec::new();
+            loop {
+                let after = out.last().map(|(name, _)| name.clone());
+                let request = BackupStoreRequest::List {
+                    prefix: prefix.clone(),
+                    after,
+                };
+                match self.call(request).await? {
+                    BackupStoreReply::List { entries, more } => {
+                        let progressed = !entries.is_empty();
+                        out.extend(entries);
+                        if !more || !progressed {
+                            return Ok(out);
+                        }
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        })
+    }
+
+    fn delete(&self, name: String) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Delete { name }).await {
+                Ok(_) => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(error) => Err(error),
+            }
+        })
     }
 }
 

@@ -15,6 +15,8 @@
 //!   Vote on the `raft` channel, snapshot chunks on `bulk`), and the RPC server that binds node
 //!   ids to mesh peers.
 //! - [`wire`]: the messages nodes exchange (bincode).
+//! - [`backup_store`]: backup chunks this node keeps for other nodes (target kind `node`),
+//!   requested on the `bulk` channel beside snapshot chunks.
 //! - [`service`]: forwarded writes, membership changes on the leader (invite, join, remove,
 //!   leave), the join driver, `cluster status` ([`ClusterView`]) and the task keeping the
 //!   mesh's member list equal to the Raft membership.
@@ -33,6 +35,7 @@
 //!   order with the same `log_index`.
 
 pub(crate) mod applied;
+pub mod backup_store;
 pub mod config;
 pub mod log_store;
 pub mod membership;

@@ -676,7 +676,12 @@ async fn start_engine(
     });
     let check: Arc<dyn SenderCheck> = Arc::new(EngineCheck(Arc::downgrade(&engine)));
     for channel in [Channel::Raft, Channel::Bulk] {
-        if let Some(incoming) = mesh.incoming(channel) {
+        if let Some(mut incoming) = mesh.incoming(channel) {
+            if channel == Channel::Bulk {
+                // Backup chunks other nodes store here travel on bulk too (backup_store.rs).
+                let root = data_dir.join(super::backup_store::BACKUP_STORE_DIR);
+                incoming = super::backup_store::serve_beside(incoming, root, stop.clone());
+            }
             tokio::spawn(
                 serve_raft(
                     raft.clone(),
