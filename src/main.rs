@@ -612,7 +612,7 @@ fn backup_offline(
     if target_config.kind == kermail::backup::TargetKind::Node {
         let request = AdminRequest::Backup(kermail::admin::backup::BackupRequest::Offline {
             target: access.target.clone(),
-            op,
+            what: op,
         });
         return match client::send(&config.admin_socket_path(), &request)? {
             AdminResponse::Ok { lines } => {

@@ -21,7 +21,7 @@ pub enum BackupRequest {
     /// `list`, `verify`, `prune` or `restore --to` run by the node (a `node` target).
     Offline {
         target: Option<String>,
-        op: OfflineOp,
+        what: OfflineOp,
     },
     /// `kermail restore ID --account ADDRESS [--as ADDRESS2] [--mailbox NAME]`.
     RestoreAccount {
@@ -34,7 +34,7 @@ pub enum BackupRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "offline_op", rename_all = "snake_case")]
 pub enum OfflineOp {
     List,
     Verify {
@@ -108,7 +108,7 @@ pub async fn handle(request: BackupRequest, context: &AdminContext) -> AdminResp
             }
             Err(e) => error(format!("cannot get the backup key: {e}")),
         },
-        BackupRequest::Offline { target, op } => {
+        BackupRequest::Offline { target, what: op } => {
             let result = async {
                 let key = context
                     .store
