@@ -35,6 +35,10 @@ pub const META_PIECE_BYTES: usize = 4 * 1024 * 1024;
 pub const BACKUP_LEASE_MS: i64 = 60 * 60 * 1000;
 /// Bodies read, sealed and sent at once.
 pub const PUTS_IN_FLIGHT: usize = 16;
+/// A folder target syncs what was sent (once, not per chunk) after this many chunks or bytes,
+/// so that an interrupted backup resumes from there.
+pub const FLUSH_EVERY_CHUNKS: usize = 5_000;
+pub const FLUSH_EVERY_BYTES: u64 = 512 * 1024 * 1024;
 /// zstd level of the metadata.
 const META_ZSTD_LEVEL: i32 = 3;
 /// The manifest format written.
@@ -420,10 +424,21 @@ async fn run_backup_leased(
     }))
     .buffer_unordered(PUTS_IN_FLIGHT);
     futures::pin_mut!(sends);
+    let mut unflushed = (0usize, 0u64);
     while let Some(sent) = sends.next().await {
         let len = sent?;
         bytes_new += len;
         bytes_at_target += len;
+        // Now and then, what was sent becomes durable and listed: an interrupted backup
+        // resumes from there.
+        unflushed = (unflushed.0 + 1, unflushed.1 + len);
+        if unflushed.0 >= FLUSH_EVERY_CHUNKS || unflushed.1 >= FLUSH_EVERY_BYTES {
+            target
+                .flush()
+                .await
+                .map_err(|e| format!("cannot sync the target: {e}"))?;
+            unflushed = (0, 0);
+        }
     }
     // The metadata, compressed and cut into sealed pieces (content-addressed too).
     let meta = view.encode_meta()?;
@@ -447,6 +462,11 @@ async fn run_backup_leased(
         }
         meta_chunks.push(name);
     }
+    // Every chunk durable at the target before the manifest that names them.
+    target
+        .flush()
+        .await
+        .map_err(|e| format!("cannot sync the target: {e}"))?;
     let created_at = now_secs();
     let manifest = Manifest {
         version: MANIFEST_VERSION,
@@ -634,17 +654,33 @@ pub async fn restore_to(
     let blobs = crate::store::BodyStore::open(folder.join("blobs")).map_err(|e| e.to_string())?;
     let referenced: BTreeSet<_> = meta.referenced();
     let total = referenced.len() as u64;
-    for (done, blob) in referenced.iter().enumerate() {
-        let name = keys.body_chunk(blob);
-        let sealed = target
-            .get(chunk_path(&name))
-            .await
-            .map_err(|e| format!("body chunk {name} unreadable: {e}"))?;
-        let compressed = open_body(keys, blob, &sealed)?;
+    // Several bodies fetched and opened at once (a target's latency per body adds up).
+    let keys_shared = Arc::new(keys.clone());
+    let wanted: Vec<crate::store::BlobId> = referenced.iter().copied().collect();
+    let fetches = futures::stream::iter(wanted.into_iter().map(|blob| {
+        let keys = keys_shared.clone();
+        async move {
+            let name = keys.body_chunk(&blob);
+            let sealed = target
+                .get(chunk_path(&name))
+                .await
+                .map_err(|e| format!("body chunk {name} unreadable: {e}"))?;
+            let compressed = tokio::task::spawn_blocking(move || open_body(&keys, &blob, &sealed))
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok::<_, String>((blob, compressed))
+        }
+    }))
+    .buffer_unordered(PUTS_IN_FLIGHT);
+    futures::pin_mut!(fetches);
+    let mut done = 0u64;
+    while let Some(fetched) = fetches.next().await {
+        let (blob, compressed) = fetched?;
         blobs
-            .write(blob, &compressed)
+            .write(&blob, &compressed)
             .map_err(|e| format!("cannot write a body: {e}"))?;
-        on_body(done as u64 + 1, total);
+        done += 1;
+        on_body(done, total);
     }
     blobs.sync().map_err(|e| e.to_string())?;
     drop(blobs);

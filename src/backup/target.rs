@@ -61,6 +61,12 @@ pub trait Target: Send + Sync {
     /// Every object under `prefix`: name and size.
     fn list(&self, prefix: String) -> BoxFuture<'_, io::Result<Vec<(String, u64)>>>;
     fn delete(&self, name: String) -> BoxFuture<'_, io::Result<()>>;
+    /// Makes every chunk put so far durable and visible under its name (a folder writes
+    /// chunks under temporary names without an fsync each, then syncs once); called before
+    /// the manifest is written. A chunk is listed only once it is durable.
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
 /// Opens a target; a `node` target needs this node's cluster handle (`None` in the CLI).
@@ -78,7 +84,10 @@ pub fn open(
         TargetKind::Dir => {
             let root = config.path.clone().ok_or_else(|| missing("path"))?;
             std::fs::create_dir_all(&root)?;
-            Ok(Arc::new(DirTarget { root }))
+            Ok(Arc::new(DirTarget {
+                root,
+                pending: Default::default(),
+            }))
         }
         TargetKind::S3 => {
             // reqwest is built without a provider of its own: the process-wide one (ring).
@@ -203,6 +212,32 @@ impl Target for NodeTarget {
 
 struct DirTarget {
     root: PathBuf,
+    /// Chunks written under a temporary name, not yet synced: (temporary, final) paths.
+    pending: Arc<std::sync::Mutex<Vec<(PathBuf, PathBuf)>>>,
+}
+
+/// Syncs the file system holding `root` (Linux: one `syncfs`, instead of an fsync per chunk);
+/// elsewhere, every file of `files`.
+fn sync_all_of(root: &std::path::Path, files: &[(PathBuf, PathBuf)]) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = files;
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(root)?;
+        // SAFETY: syncfs(2) takes a valid open descriptor, which `dir` holds for the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = root;
+        for (tmp, _) in files {
+            std::fs::File::open(tmp)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 fn checked_name(name: &str) -> io::Result<&str> {
@@ -250,6 +285,10 @@ fn list_dir(
     Ok(())
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -261,17 +300,47 @@ async fn blocking<T: Send + 'static>(
 impl Target for DirTarget {
     fn put(&self, name: String, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>> {
         let root = self.root.clone();
+        let pending = self.pending.clone();
         Box::pin(blocking(move || {
             use std::io::Write;
             let path = root.join(checked_name(&name)?);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
+            let parent = path.parent().unwrap_or(&root).to_path_buf();
+            std::fs::create_dir_all(&parent)?;
             let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
             let mut file = std::fs::File::create(&tmp)?;
             file.write_all(&bytes)?;
+            if name.starts_with("chunks/") {
+                // Synced and renamed by `flush`, all at once.
+                lock(&pending).push((tmp, path));
+                return Ok(());
+            }
             file.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&parent)?.sync_all()
+        }))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        let root = self.root.clone();
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        Box::pin(blocking(move || {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            sync_all_of(&root, &pending)?;
+            let mut parents = std::collections::BTreeSet::new();
+            for (tmp, path) in &pending {
+                std::fs::rename(tmp, path)?;
+                if let Some(parent) = path.parent() {
+                    parents.insert(parent.to_path_buf());
+                }
+            }
+            parents.insert(root.join("chunks"));
+            parents.insert(root.clone());
+            for parent in parents {
+                std::fs::File::open(&parent)?.sync_all()?;
+            }
+            Ok(())
         }))
     }
 

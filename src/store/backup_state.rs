@@ -278,6 +278,20 @@ mod tests {
         assert_eq!(state.backup.last_success["disk"].id, "b");
         state.apply_v4(record(30, "c"));
         assert_eq!(state.backup.last_success["disk"].id, "c");
+        // Carried by a snapshot (its own section), with the key and lease.
+        state.apply_v4(CommandV4::InitBackupKey {
+            key: BackupKey([3; 32]),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = super::super::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let chunks =
+            super::super::snapshot_chunks::ChunkStore::open(dir.path().join("chunks")).unwrap();
+        let mut bytes = Vec::new();
+        super::super::snapshot::write_snapshot(&state, &chunks, &mut bytes).unwrap();
+        let restored =
+            super::super::snapshot::read_snapshot(&mut bytes.as_slice(), &blobs, &chunks, false)
+                .unwrap();
+        assert_eq!(restored.backup, state.backup);
     }
 }
 
