@@ -317,13 +317,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             AdminRequest::Backup(kermail::admin::backup::BackupRequest::KeyExport)
         }
         Command::Backup(BackupCommand::List { access }) => {
-            return backup_offline(&config, &access, BackupOffline::List)
+            return backup_offline(&config, &access, kermail::admin::backup::OfflineOp::List)
         }
         Command::Backup(BackupCommand::Verify { id, access }) => {
-            return backup_offline(&config, &access, BackupOffline::Verify(id))
+            return backup_offline(
+                &config,
+                &access,
+                kermail::admin::backup::OfflineOp::Verify { id },
+            )
         }
         Command::Backup(BackupCommand::Prune { access }) => {
-            return backup_offline(&config, &access, BackupOffline::Prune)
+            return backup_offline(&config, &access, kermail::admin::backup::OfflineOp::Prune)
         }
         Command::Restore(args) => return restore(&config, args),
         Command::Mesh(MeshCommand::Status { json }) => AdminRequest::MeshStatus { json },
@@ -568,12 +572,6 @@ fn backup_now(config: &Config, target: Option<String>) -> anyhow::Result<ExitCod
     }
 }
 
-enum BackupOffline {
-    List,
-    Verify(String),
-    Prune,
-}
-
 /// The backup key: from `--key-file`, or from the running node.
 fn backup_key(config: &Config, access: &BackupAccess) -> anyhow::Result<kermail::backup::Keys> {
     let text = match &access.key_file {
@@ -604,46 +602,53 @@ fn offline_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn backup_offline(
     config: &Config,
     access: &BackupAccess,
-    what: BackupOffline,
+    op: kermail::admin::backup::OfflineOp,
 ) -> anyhow::Result<ExitCode> {
-    let keys = backup_key(config, access)?;
     let target_config = config
         .backup
         .target(access.target.as_deref())
         .map_err(anyhow::Error::msg)?;
-    let target = kermail::backup::target::open(target_config)?;
-    let runtime = offline_runtime()?;
-    let result = runtime.block_on(async {
-        match what {
-            BackupOffline::List => {
-                let manifests = kermail::backup::list(target.as_ref(), &keys).await?;
-                println!("id time raft_index messages bytes_new/bytes_total");
-                for m in manifests {
-                    let time = time::OffsetDateTime::from_unix_timestamp(m.created_at)
-                        .ok()
-                        .and_then(|t| {
-                            t.format(&time::format_description::well_known::Rfc3339)
-                                .ok()
-                        })
-                        .unwrap_or_else(|| m.created_at.to_string());
-                    println!(
-                        "{} {time} {} {} {}/{}",
-                        m.id, m.raft_index, m.messages, m.bytes_new, m.bytes_total
-                    );
+    // A node target is reached over the mesh: the running node does it.
+    if target_config.kind == kermail::backup::TargetKind::Node {
+        let request = AdminRequest::Backup(kermail::admin::backup::BackupRequest::Offline {
+            target: access.target.clone(),
+            what: op,
+        });
+        return match client::send(&config.admin_socket_path(), &request)? {
+            AdminResponse::Ok { lines } => {
+                for line in lines {
+                    println!("{line}");
                 }
-                Ok(())
+                Ok(ExitCode::SUCCESS)
             }
-            BackupOffline::Verify(id) => kermail::backup::verify(target.as_ref(), &keys, &id)
-                .await
-                .map(|line| println!("{line}")),
-            BackupOffline::Prune => {
-                kermail::backup::prune(target.as_ref(), &keys, config.backup.retention)
-                    .await
-                    .map(|line| println!("{line}"))
-            }
-        }
-    });
-    result.map_err(anyhow::Error::msg)?;
+            AdminResponse::Error { message } => bail!("{message}"),
+        };
+    }
+    let keys = backup_key(config, access)?;
+    let target = kermail::backup::target::open(target_config, None)?;
+    let runtime = offline_runtime()?;
+    let bar = indicatif::ProgressBar::new(0);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let on_body = |done: u64, total: u64| {
+        bar.set_length(total);
+        bar.set_position(done);
+    };
+    let lines = runtime
+        .block_on(kermail::admin::backup::run_offline(
+            target.as_ref(),
+            &keys,
+            &config.backup,
+            target_config,
+            op,
+            &on_body,
+        ))
+        .map_err(anyhow::Error::msg)?;
+    bar.finish_and_clear();
+    for line in lines {
+        println!("{line}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -671,33 +676,21 @@ fn restore(config: &Config, args: RestoreArgs) -> anyhow::Result<ExitCode> {
             AdminResponse::Error { message } => bail!("{message}"),
         };
     };
-    let keys = backup_key(config, &args.access)?;
-    let target_config = config
-        .backup
-        .target(args.access.target.as_deref())
-        .map_err(anyhow::Error::msg)?;
-    let target = kermail::backup::target::open(target_config)?;
-    let runtime = offline_runtime()?;
-    let bar = indicatif::ProgressBar::new(0);
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    let on_body = |done: u64, total: u64| {
-        bar.set_length(total);
-        bar.set_position(done);
+    let folder = if folder.is_absolute() {
+        folder
+    } else {
+        std::env::current_dir()
+            .context("cannot read the current folder")?
+            .join(folder)
     };
-    let line = runtime
-        .block_on(kermail::backup::restore_to(
-            target.as_ref(),
-            &keys,
-            &args.id,
-            &folder,
-            &on_body,
-        ))
-        .map_err(anyhow::Error::msg)?;
-    bar.finish_and_clear();
-    println!("{line}");
-    Ok(ExitCode::SUCCESS)
+    backup_offline(
+        config,
+        &args.access,
+        kermail::admin::backup::OfflineOp::RestoreTo {
+            id: args.id,
+            folder,
+        },
+    )
 }
 
 fn serve(config: Config) -> anyhow::Result<()> {

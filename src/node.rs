@@ -236,6 +236,7 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         config.backup.clone(),
         config.node.name.clone(),
         backup_jobs.clone(),
+        Some(cluster.clone()),
         shutdown.clone(),
     ));
 

@@ -312,11 +312,11 @@ pub async fn handle(request: AdminRequest, context: &AdminContext) -> AdminRespo
                 .unwrap_or(0);
             let mut status = status_lines(context);
             status.push(format!("data folder size on disk: {disk_bytes}"));
-            status.extend(
-                context
-                    .backup_jobs
-                    .status_lines(&context.backup_config, crate::backup::now_secs()),
-            );
+            status.extend(crate::backup::status_lines(
+                &context.store,
+                &context.backup_config,
+                crate::backup::now_secs(),
+            ));
             lines(status)
         }
     }

@@ -13,6 +13,7 @@ const ID_CONTEXT: &str = "kermail backup 2026 chunk id v1";
 pub const NONCE_BYTES: usize = 24;
 
 /// The two keys derived from the cluster's backup key.
+#[derive(Clone)]
 pub struct Keys {
     cipher: XChaCha20Poly1305,
     id_key: [u8; 32],

@@ -35,6 +35,10 @@ pub const META_PIECE_BYTES: usize = 4 * 1024 * 1024;
 pub const BACKUP_LEASE_MS: i64 = 60 * 60 * 1000;
 /// Bodies read, sealed and sent at once.
 pub const PUTS_IN_FLIGHT: usize = 16;
+/// A folder target syncs what was sent (once, not per chunk) after this many chunks or bytes,
+/// so that an interrupted backup resumes from there.
+pub const FLUSH_EVERY_CHUNKS: usize = 5_000;
+pub const FLUSH_EVERY_BYTES: u64 = 512 * 1024 * 1024;
 /// zstd level of the metadata.
 const META_ZSTD_LEVEL: i32 = 3;
 /// The manifest format written.
@@ -140,8 +144,6 @@ pub struct Jobs {
     jobs: Mutex<BTreeMap<u64, Arc<Job>>>,
     /// Set while this node runs a backup (the lease lets the same node through twice).
     running: std::sync::atomic::AtomicBool,
-    /// Last successful backup per target: (Unix seconds, id).
-    last_success: Mutex<BTreeMap<String, (i64, String)>>,
 }
 
 #[derive(Default)]
@@ -164,9 +166,10 @@ impl Jobs {
         config: BackupConfig,
         target_name: Option<String>,
         node: String,
+        cluster: Option<&kermail_cluster::Cluster>,
     ) -> Result<u64, String> {
         let target_config = config.target(target_name.as_deref())?.clone();
-        let target = target::open(&target_config).map_err(|e| e.to_string())?;
+        let target = target::open(&target_config, cluster).map_err(|e| e.to_string())?;
         let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let job = Arc::new(Job::default());
         {
@@ -184,6 +187,7 @@ impl Jobs {
             let summary = jobs
                 .run_recorded(
                     &store,
+                    &config,
                     &target_config,
                     target.as_ref(),
                     &node,
@@ -195,10 +199,13 @@ impl Jobs {
         Ok(id)
     }
 
-    /// Runs one backup to `target` and records its success for `kermail status`.
+    /// Runs one backup to `target`, records its success in the replicated state (for
+    /// `kermail status` and the age warning, on every node) and, when the target keeps only
+    /// the last N backups, prunes it.
     pub async fn run_recorded(
         &self,
         store: &MailStore,
+        config: &BackupConfig,
         target_config: &TargetConfig,
         target: &dyn Target,
         node: &str,
@@ -215,10 +222,29 @@ impl Jobs {
         self.running.store(false, Ordering::Release);
         match result {
             Ok(manifest) => {
-                lock(&self.last_success).insert(
-                    target_config.name.clone(),
-                    (manifest.created_at, manifest.id.clone()),
-                );
+                // The time is the manifest's, chosen before proposing.
+                let success = crate::store::BackupSuccess {
+                    at_secs: manifest.created_at,
+                    id: manifest.id.clone(),
+                    node: node.to_owned(),
+                };
+                if let Err(error) = store
+                    .record_backup_success(&target_config.name, success)
+                    .await
+                {
+                    tracing::warn!(target = %target_config.name, %error, "cannot record the backup's success");
+                }
+                if let (Some(_), Some(key)) = (target_config.keep_last, store.backup_key()) {
+                    let keys = Keys::derive(&key.0);
+                    match prune(target, &keys, config.retention, target_config.keep_last).await {
+                        Ok(line) => {
+                            tracing::info!(target = %target_config.name, %line, "backup target pruned")
+                        }
+                        Err(error) => {
+                            tracing::warn!(target = %target_config.name, %error, "cannot prune the backup target")
+                        }
+                    }
+                }
                 tracing::info!(
                     target = %target_config.name,
                     id = %manifest.id,
@@ -243,11 +269,6 @@ impl Jobs {
         }
     }
 
-    /// Unix seconds of the last success to `target` since this node started.
-    pub fn last_success(&self, target: &str) -> Option<i64> {
-        lock(&self.last_success).get(target).map(|(at, _)| *at)
-    }
-
     pub fn report(&self, id: u64) -> Option<ProgressReport> {
         let job = lock(&self.jobs).get(&id).cloned()?;
         let p = &job.progress;
@@ -261,26 +282,30 @@ impl Jobs {
             done,
         })
     }
+}
 
-    /// `backup TARGET: last success ...` lines for `kermail status`.
-    pub fn status_lines(&self, config: &BackupConfig, now: i64) -> Vec<String> {
-        let last = lock(&self.last_success);
-        config
-            .targets
-            .iter()
-            .map(|t| match last.get(&t.name) {
-                Some((at, id)) => format!(
-                    "backup {}: last success {} s ago ({id})",
-                    t.name,
-                    now.saturating_sub(*at)
-                ),
-                None => format!(
-                    "backup {}: no successful backup since this node started",
-                    t.name
-                ),
-            })
-            .collect()
+/// `backup TARGET: last success ...` lines for `kermail status`, from the replicated records
+/// (they survive restarts and are the same on every node), and the lease while one is held.
+pub fn status_lines(store: &MailStore, config: &BackupConfig, now: i64) -> Vec<String> {
+    let (lease, last) = store.backup_records();
+    let mut lines: Vec<String> = config
+        .targets
+        .iter()
+        .map(|t| match last.get(&t.name) {
+            Some(success) => format!(
+                "backup {}: last success {} s ago ({}, by {})",
+                t.name,
+                now.saturating_sub(success.at_secs),
+                success.id,
+                success.node
+            ),
+            None => format!("backup {}: no successful backup yet", t.name),
+        })
+        .collect();
+    if let Some(lease) = lease.filter(|l| l.expires_at_ms > now.saturating_mul(1000)) {
+        lines.push(format!("backup running on node {}", lease.node));
     }
+    lines
 }
 
 pub fn now_secs() -> i64 {
@@ -399,10 +424,21 @@ async fn run_backup_leased(
     }))
     .buffer_unordered(PUTS_IN_FLIGHT);
     futures::pin_mut!(sends);
+    let mut unflushed = (0usize, 0u64);
     while let Some(sent) = sends.next().await {
         let len = sent?;
         bytes_new += len;
         bytes_at_target += len;
+        // Now and then, what was sent becomes durable and listed: an interrupted backup
+        // resumes from there.
+        unflushed = (unflushed.0 + 1, unflushed.1 + len);
+        if unflushed.0 >= FLUSH_EVERY_CHUNKS || unflushed.1 >= FLUSH_EVERY_BYTES {
+            target
+                .flush()
+                .await
+                .map_err(|e| format!("cannot sync the target: {e}"))?;
+            unflushed = (0, 0);
+        }
     }
     // The metadata, compressed and cut into sealed pieces (content-addressed too).
     let meta = view.encode_meta()?;
@@ -426,6 +462,11 @@ async fn run_backup_leased(
         }
         meta_chunks.push(name);
     }
+    // Every chunk durable at the target before the manifest that names them.
+    target
+        .flush()
+        .await
+        .map_err(|e| format!("cannot sync the target: {e}"))?;
     let created_at = now_secs();
     let manifest = Manifest {
         version: MANIFEST_VERSION,
@@ -465,6 +506,25 @@ pub async fn list(target: &dyn Target, keys: &Keys) -> Result<Vec<Manifest>, Str
     }
     manifests.sort_by_key(|m| (m.created_at, m.raft_index));
     Ok(manifests)
+}
+
+/// `kermail backup list`'s output: a header, then one backup a line, oldest first.
+pub fn list_lines(manifests: &[Manifest]) -> Vec<String> {
+    let mut lines = vec!["id time raft_index messages bytes_new/bytes_total".to_owned()];
+    for m in manifests {
+        let time = time::OffsetDateTime::from_unix_timestamp(m.created_at)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| m.created_at.to_string());
+        lines.push(format!(
+            "{} {time} {} {} {}/{}",
+            m.id, m.raft_index, m.messages, m.bytes_new, m.bytes_total
+        ));
+    }
+    lines
 }
 
 pub async fn read_manifest(target: &dyn Target, keys: &Keys, id: &str) -> Result<Manifest, String> {
@@ -594,17 +654,33 @@ pub async fn restore_to(
     let blobs = crate::store::BodyStore::open(folder.join("blobs")).map_err(|e| e.to_string())?;
     let referenced: BTreeSet<_> = meta.referenced();
     let total = referenced.len() as u64;
-    for (done, blob) in referenced.iter().enumerate() {
-        let name = keys.body_chunk(blob);
-        let sealed = target
-            .get(chunk_path(&name))
-            .await
-            .map_err(|e| format!("body chunk {name} unreadable: {e}"))?;
-        let compressed = open_body(keys, blob, &sealed)?;
+    // Several bodies fetched and opened at once (a target's latency per body adds up).
+    let keys_shared = Arc::new(keys.clone());
+    let wanted: Vec<crate::store::BlobId> = referenced.iter().copied().collect();
+    let fetches = futures::stream::iter(wanted.into_iter().map(|blob| {
+        let keys = keys_shared.clone();
+        async move {
+            let name = keys.body_chunk(&blob);
+            let sealed = target
+                .get(chunk_path(&name))
+                .await
+                .map_err(|e| format!("body chunk {name} unreadable: {e}"))?;
+            let compressed = tokio::task::spawn_blocking(move || open_body(&keys, &blob, &sealed))
+                .await
+                .map_err(|e| e.to_string())??;
+            Ok::<_, String>((blob, compressed))
+        }
+    }))
+    .buffer_unordered(PUTS_IN_FLIGHT);
+    futures::pin_mut!(fetches);
+    let mut done = 0u64;
+    while let Some(fetched) = fetches.next().await {
+        let (blob, compressed) = fetched?;
         blobs
-            .write(blob, &compressed)
+            .write(&blob, &compressed)
             .map_err(|e| format!("cannot write a body: {e}"))?;
-        on_body(done as u64 + 1, total);
+        done += 1;
+        on_body(done, total);
     }
     blobs.sync().map_err(|e| e.to_string())?;
     drop(blobs);
@@ -695,12 +771,24 @@ pub async fn restore_account(
     ))
 }
 
-/// The backups retention keeps: the newest of each of the last `daily` days, `weekly` ISO
-/// weeks and `monthly` months (UTC).
-pub fn kept_by_retention(manifests: &[Manifest], retention: Retention) -> BTreeSet<String> {
+/// The backups retention keeps: the newest `keep_last` when set (a target's `keep_last`),
+/// else the newest of each of the last `daily` days, `weekly` ISO weeks and `monthly` months
+/// (UTC).
+pub fn kept_by_retention(
+    manifests: &[Manifest],
+    retention: Retention,
+    keep_last: Option<u32>,
+) -> BTreeSet<String> {
     let mut kept = BTreeSet::new();
     let mut newest_first: Vec<&Manifest> = manifests.iter().collect();
     newest_first.sort_by_key(|m| std::cmp::Reverse((m.created_at, m.raft_index)));
+    if let Some(n) = keep_last {
+        return newest_first
+            .iter()
+            .take(n as usize)
+            .map(|m| m.id.clone())
+            .collect();
+    }
     let period = |m: &Manifest, kind: u8| -> (i32, u32) {
         let t = time::OffsetDateTime::from_unix_timestamp(m.created_at)
             .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
@@ -737,9 +825,10 @@ pub async fn prune(
     target: &dyn Target,
     keys: &Keys,
     retention: Retention,
+    keep_last: Option<u32>,
 ) -> Result<String, String> {
     let manifests = list(target, keys).await?;
-    let kept = kept_by_retention(&manifests, retention);
+    let kept = kept_by_retention(&manifests, retention, keep_last);
     let mut referenced = BTreeSet::new();
     for manifest in manifests.iter().filter(|m| kept.contains(&m.id)) {
         let (meta, _) = read_meta(target, keys, manifest).await?;
@@ -818,6 +907,7 @@ mod tests {
                 weekly: 4,
                 monthly: 12,
             },
+            None,
         );
         // The newest is always kept; 7 days + a few weekly + 2-3 monthly, well under 120.
         assert!(kept.contains("b119"));
@@ -826,5 +916,10 @@ mod tests {
         // The newest of November (the 30th, day 16) stands for that month.
         assert!(kept.contains("b033"), "{kept:?}");
         assert!(!kept.contains("b031"), "{kept:?}");
+        let last_two = kept_by_retention(&manifests, Retention::default(), Some(2));
+        assert_eq!(
+            last_two,
+            BTreeSet::from(["b118".to_owned(), "b119".to_owned()])
+        );
     }
 }

@@ -1,4 +1,5 @@
-//! Where backups go: a plain directory or an S3-compatible bucket. A target stores named
+//! Where backups go: a plain directory, an S3-compatible bucket, or another node of the
+//! cluster over the mesh (which keeps them in its `backup-store` folder). A target stores named
 //! objects (`chunks/xx/<id>`, `backups/<id>`) and lists what it has, so an interrupted backup
 //! resumes by skipping what is there.
 
@@ -8,6 +9,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use kermail_cluster::raft::backup_store::{BackupStoreReply, BackupStoreRequest};
+
 use crate::store::BoxFuture;
 
 /// `[[backup.targets]]`: one place backups go.
@@ -15,8 +18,16 @@ use crate::store::BoxFuture;
 #[serde(deny_unknown_fields)]
 pub struct TargetConfig {
     pub name: String,
-    /// `dir` or `s3`.
+    /// `dir`, `s3` or `node`.
     pub kind: TargetKind,
+    /// `node`: the member (its name, or its node id) that keeps the chunks, under
+    /// `<its data_dir>/backup-store/` (a `dir` target's layout).
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Keep only the newest this many backups at this target instead of `[backup.retention]`;
+    /// applied by `kermail backup prune` and after every successful backup to it.
+    #[serde(default)]
+    pub keep_last: Option<u32>,
     /// `dir`: the folder (created if missing).
     #[serde(default)]
     pub path: Option<PathBuf>,
@@ -41,6 +52,7 @@ pub struct TargetConfig {
 pub enum TargetKind {
     Dir,
     S3,
+    Node,
 }
 
 pub trait Target: Send + Sync {
@@ -49,9 +61,19 @@ pub trait Target: Send + Sync {
     /// Every object under `prefix`: name and size.
     fn list(&self, prefix: String) -> BoxFuture<'_, io::Result<Vec<(String, u64)>>>;
     fn delete(&self, name: String) -> BoxFuture<'_, io::Result<()>>;
+    /// Makes every chunk put so far durable and visible under its name (a folder writes
+    /// chunks under temporary names without an fsync each, then syncs once); called before
+    /// the manifest is written. A chunk is listed only once it is durable.
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
 }
 
-pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
+/// Opens a target; a `node` target needs this node's cluster handle (`None` in the CLI).
+pub fn open(
+    config: &TargetConfig,
+    cluster: Option<&kermail_cluster::Cluster>,
+) -> io::Result<Arc<dyn Target>> {
     let missing = |what: &str| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
@@ -62,7 +84,10 @@ pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
         TargetKind::Dir => {
             let root = config.path.clone().ok_or_else(|| missing("path"))?;
             std::fs::create_dir_all(&root)?;
-            Ok(Arc::new(DirTarget { root }))
+            Ok(Arc::new(DirTarget {
+                root,
+                pending: Default::default(),
+            }))
         }
         TargetKind::S3 => {
             // reqwest is built without a provider of its own: the process-wide one (ring).
@@ -88,11 +113,131 @@ pub fn open(config: &TargetConfig) -> io::Result<Arc<dyn Target>> {
                 prefix: config.prefix.clone().unwrap_or_default(),
             }))
         }
+        TargetKind::Node => {
+            let node = config.node.clone().ok_or_else(|| missing("node"))?;
+            let cluster = cluster.cloned().ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    format!(
+                        "backup target {} is a node: only a running node reaches it",
+                        config.name
+                    ),
+                )
+            })?;
+            Ok(Arc::new(NodeTarget { cluster, node }))
+        }
+    }
+}
+
+/// Another node of the cluster, over the mesh's bulk channel
+/// (`kermail_cluster::raft::backup_store`).
+struct NodeTarget {
+    cluster: kermail_cluster::Cluster,
+    node: String,
+}
+
+impl NodeTarget {
+    async fn call(&self, request: BackupStoreRequest) -> io::Result<BackupStoreReply> {
+        match self.cluster.backup_store(&self.node, &request).await {
+            Ok(BackupStoreReply::NotFound) => Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("not found at node {}", self.node),
+            )),
+            Ok(BackupStoreReply::Error(error)) => Err(io::Error::other(format!(
+                "node {} refused: {error}",
+                self.node
+            ))),
+            Ok(reply) => Ok(reply),
+            Err(error) => Err(io::Error::other(format!("node {}: {error}", self.node))),
+        }
+    }
+}
+
+fn unexpected(reply: BackupStoreReply) -> io::Error {
+    io::Error::other(format!("unexpected backup-store answer {reply:?}"))
+}
+
+impl Target for NodeTarget {
+    fn put(&self, name: String, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Put { name, bytes }).await? {
+                BackupStoreReply::Done => Ok(()),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn get(&self, name: String) -> BoxFuture<'_, io::Result<Vec<u8>>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Get { name }).await? {
+                BackupStoreReply::Bytes(bytes) => Ok(bytes),
+                other => Err(unexpected(other)),
+            }
+        })
+    }
+
+    fn list(&self, prefix: String) -> BoxFuture<'_, io::Result<Vec<(String, u64)>>> {
+        Box::pin(async move {
+            let mut out: Vec<(String, u64)> = Vec::new();
+            loop {
+                let after = out.last().map(|(name, _)| name.clone());
+                let request = BackupStoreRequest::List {
+                    prefix: prefix.clone(),
+                    after,
+                };
+                match self.call(request).await? {
+                    BackupStoreReply::List { entries, more } => {
+                        let progressed = !entries.is_empty();
+                        out.extend(entries);
+                        if !more || !progressed {
+                            return Ok(out);
+                        }
+                    }
+                    other => return Err(unexpected(other)),
+                }
+            }
+        })
+    }
+
+    fn delete(&self, name: String) -> BoxFuture<'_, io::Result<()>> {
+        Box::pin(async move {
+            match self.call(BackupStoreRequest::Delete { name }).await {
+                Ok(_) => Ok(()),
+                Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(error) => Err(error),
+            }
+        })
     }
 }
 
 struct DirTarget {
     root: PathBuf,
+    /// Chunks written under a temporary name, not yet synced: (temporary, final) paths.
+    pending: Arc<std::sync::Mutex<Vec<(PathBuf, PathBuf)>>>,
+}
+
+/// Syncs the file system holding `root` (Linux: one `syncfs`, instead of an fsync per chunk);
+/// elsewhere, every file of `files`.
+fn sync_all_of(root: &std::path::Path, files: &[(PathBuf, PathBuf)]) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let _ = files;
+        use std::os::fd::AsRawFd;
+        let dir = std::fs::File::open(root)?;
+        // SAFETY: syncfs(2) takes a valid open descriptor, which `dir` holds for the call.
+        if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = root;
+        for (tmp, _) in files {
+            std::fs::File::open(tmp)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 fn checked_name(name: &str) -> io::Result<&str> {
@@ -140,6 +285,10 @@ fn list_dir(
     Ok(())
 }
 
+fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> io::Result<T> {
@@ -151,17 +300,47 @@ async fn blocking<T: Send + 'static>(
 impl Target for DirTarget {
     fn put(&self, name: String, bytes: Vec<u8>) -> BoxFuture<'_, io::Result<()>> {
         let root = self.root.clone();
+        let pending = self.pending.clone();
         Box::pin(blocking(move || {
             use std::io::Write;
             let path = root.join(checked_name(&name)?);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent)?;
-            }
+            let parent = path.parent().unwrap_or(&root).to_path_buf();
+            std::fs::create_dir_all(&parent)?;
             let tmp = path.with_extension(format!("tmp-{:016x}", rand::random::<u64>()));
             let mut file = std::fs::File::create(&tmp)?;
             file.write_all(&bytes)?;
+            if name.starts_with("chunks/") {
+                // Synced and renamed by `flush`, all at once.
+                lock(&pending).push((tmp, path));
+                return Ok(());
+            }
             file.sync_all()?;
-            std::fs::rename(&tmp, &path)
+            std::fs::rename(&tmp, &path)?;
+            std::fs::File::open(&parent)?.sync_all()
+        }))
+    }
+
+    fn flush(&self) -> BoxFuture<'_, io::Result<()>> {
+        let root = self.root.clone();
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        Box::pin(blocking(move || {
+            if pending.is_empty() {
+                return Ok(());
+            }
+            sync_all_of(&root, &pending)?;
+            let mut parents = std::collections::BTreeSet::new();
+            for (tmp, path) in &pending {
+                std::fs::rename(tmp, path)?;
+                if let Some(parent) = path.parent() {
+                    parents.insert(parent.to_path_buf());
+                }
+            }
+            parents.insert(root.join("chunks"));
+            parents.insert(root.clone());
+            for parent in parents {
+                std::fs::File::open(&parent)?.sync_all()?;
+            }
+            Ok(())
         }))
     }
 

@@ -30,12 +30,29 @@ pub struct BackupLease {
     pub expires_at_ms: i64,
 }
 
+/// The last successful backup to one target (the proposer's clock, chosen before proposing).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupSuccess {
+    /// Unix seconds.
+    pub at_secs: i64,
+    pub id: String,
+    pub node: String,
+}
+
 /// Everything about backups that is replicated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BackupState {
     pub key: Option<BackupKey>,
     pub lease: Option<BackupLease>,
+    /// Last success per target name, for `kermail status` and the age warning. Not in this
+    /// struct's encoding (which snapshots and backups written before it still use): the
+    /// snapshot carries it as a section of its own ([`SECTION_BACKUP_SUCCESS`]).
+    #[serde(skip)]
+    pub last_success: std::collections::BTreeMap<String, BackupSuccess>,
 }
+
+/// The snapshot section holding [`BackupState::last_success`].
+pub const SECTION_BACKUP_SUCCESS: &str = "backup_success";
 
 /// Backup commands (issue 11).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -50,6 +67,12 @@ pub enum CommandV4 {
     },
     /// Drops `node`'s lease (nothing if another node holds it).
     ReleaseBackupLease { node: String },
+    /// A backup to `target` succeeded at `at_secs`; an older record than the one kept is
+    /// ignored.
+    RecordBackupSuccess {
+        target: String,
+        success: BackupSuccess,
+    },
 }
 
 impl State {
@@ -83,6 +106,17 @@ impl State {
             CommandV4::ReleaseBackupLease { node } => {
                 if self.backup.lease.as_ref().is_some_and(|l| l.node == node) {
                     self.backup.lease = None;
+                }
+                Response::Done
+            }
+            CommandV4::RecordBackupSuccess { target, success } => {
+                let newer = self
+                    .backup
+                    .last_success
+                    .get(&target)
+                    .is_none_or(|kept| kept.at_secs <= success.at_secs);
+                if newer {
+                    self.backup.last_success.insert(target, success);
                 }
                 Response::Done
             }
@@ -153,6 +187,35 @@ impl MailStore {
         .map(|_| ())
     }
 
+    /// Records a successful backup to `target` (the time was chosen by the caller, before
+    /// proposing).
+    pub async fn record_backup_success(
+        &self,
+        target: &str,
+        success: BackupSuccess,
+    ) -> Result<(), StoreError> {
+        self.submit_v4(CommandV4::RecordBackupSuccess {
+            target: target.to_owned(),
+            success,
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// The replicated backup records: the lease and the last success per target.
+    pub fn backup_records(
+        &self,
+    ) -> (
+        Option<BackupLease>,
+        std::collections::BTreeMap<String, BackupSuccess>,
+    ) {
+        let state = self.state();
+        (
+            state.backup.lease.clone(),
+            state.backup.last_success.clone(),
+        )
+    }
+
     /// Clones the metadata under the read lock; bodies are immutable and stay readable while
     /// the view's guard lives.
     pub fn backup_view(&self) -> BackupView {
@@ -197,6 +260,38 @@ mod tests {
         assert!(state.backup.lease.is_some());
         state.apply_v4(CommandV4::ReleaseBackupLease { node: "b".into() });
         assert!(state.backup.lease.is_none());
+    }
+
+    #[test]
+    fn the_newest_success_per_target_is_kept() {
+        let mut state = State::default();
+        let record = |at_secs, id: &str| CommandV4::RecordBackupSuccess {
+            target: "disk".into(),
+            success: BackupSuccess {
+                at_secs,
+                id: id.into(),
+                node: "n1".into(),
+            },
+        };
+        state.apply_v4(record(20, "b"));
+        state.apply_v4(record(10, "a"));
+        assert_eq!(state.backup.last_success["disk"].id, "b");
+        state.apply_v4(record(30, "c"));
+        assert_eq!(state.backup.last_success["disk"].id, "c");
+        // Carried by a snapshot (its own section), with the key and lease.
+        state.apply_v4(CommandV4::InitBackupKey {
+            key: BackupKey([3; 32]),
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = super::super::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let chunks =
+            super::super::snapshot_chunks::ChunkStore::open(dir.path().join("chunks")).unwrap();
+        let mut bytes = Vec::new();
+        super::super::snapshot::write_snapshot(&state, &chunks, &mut bytes).unwrap();
+        let restored =
+            super::super::snapshot::read_snapshot(&mut bytes.as_slice(), &blobs, &chunks, false)
+                .unwrap();
+        assert_eq!(restored.backup, state.backup);
     }
 }
 
@@ -250,6 +345,7 @@ impl BackupView {
         let backup = BackupState {
             key: self.state.backup.key.clone(),
             lease: None,
+            last_success: Default::default(),
         };
         meta_codec()
             .serialize(&BackupMetaVersionRef::V1(BackupMetaRef {
@@ -302,6 +398,7 @@ impl BackupMeta {
         state.backup = BackupState {
             key: meta.backup.key,
             lease: None,
+            last_success: Default::default(),
         };
         state
             .check_invariants()

@@ -69,7 +69,8 @@ use kermail_cluster::{StorageComponent, StorageHealth};
 use serde::{Deserialize, Serialize};
 
 pub use backup_state::{
-    BackupKey, BackupMeta, BackupState, BackupView, CommandV4, RESTORE_BASE_FILE,
+    BackupKey, BackupLease, BackupMeta, BackupState, BackupSuccess, BackupView, CommandV4,
+    RESTORE_BASE_FILE,
 };
 use blob::BlobStore;
 pub use blob::BlobStore as BodyStore;

@@ -218,6 +218,10 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
         (SECTION_BACKUP, encode(&state.backup)?),
         (SECTION_SIEVE, encode(&state.sieve)?),
         (SECTION_IMAP, encode(&state.imap)?),
+        (
+            super::backup_state::SECTION_BACKUP_SUCCESS,
+            encode(&state.backup.last_success)?,
+        ),
     ])
 }
 
@@ -345,6 +349,9 @@ fn decode_chunks(
     let mut backup: Option<super::backup_state::BackupState> = None;
     let mut sieve: Option<super::sieve_state::SieveState> = None;
     let mut imap: Option<super::imap_state::ImapState> = None;
+    let mut backup_success: Option<
+        std::collections::BTreeMap<String, super::backup_state::BackupSuccess>,
+    > = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -366,6 +373,9 @@ fn decode_chunks(
             SECTION_BACKUP => once(&mut backup, name, decode(name, &bytes)?)?,
             SECTION_SIEVE => once(&mut sieve, name, decode(name, &bytes)?)?,
             SECTION_IMAP => once(&mut imap, name, decode(name, &bytes)?)?,
+            super::backup_state::SECTION_BACKUP_SUCCESS => {
+                once(&mut backup_success, name, decode(name, &bytes)?)?
+            }
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -380,6 +390,7 @@ fn decode_chunks(
     // Usage is derived: recomputed from the messages by `rebuild_blobs`.
     state.quotas = quotas.unwrap_or_default();
     state.backup = backup.unwrap_or_default();
+    state.backup.last_success = backup_success.unwrap_or_default();
     state.sieve = sieve.unwrap_or_default();
     state.imap = imap.unwrap_or_default();
 

@@ -157,7 +157,7 @@ impl Cluster {
 
     /// Runs the script with `input` on stdin; its stdout and stderr go to files (a pipe could
     /// fill up and block it while we poll for its exit against the deadline).
-    fn run_stdin(&self, args: &[&str], input: &str) -> Output {
+    pub(crate) fn run_stdin(&self, args: &[&str], input: &str) -> Output {
         let out_path = self.dir.path().join("script.stdout");
         let err_path = self.dir.path().join("script.stderr");
         let stdout = std::fs::File::create(&out_path).expect("script stdout file");
@@ -194,11 +194,11 @@ impl Cluster {
         }
     }
 
-    fn run(&self, args: &[&str]) -> Output {
+    pub(crate) fn run(&self, args: &[&str]) -> Output {
         self.run_stdin(args, "")
     }
 
-    fn ok_stdin(&self, args: &[&str], input: &str) -> String {
+    pub(crate) fn ok_stdin(&self, args: &[&str], input: &str) -> String {
         let out = self.run_stdin(args, input);
         assert!(
             out.status.success(),
@@ -219,6 +219,18 @@ impl Cluster {
         let mut all = vec!["exec", node, "--", "kermail"];
         all.extend_from_slice(args);
         self.ok(&all)
+    }
+
+    /// `local-cluster exec NODE -- kermail ARGS` left running (output discarded).
+    pub(crate) fn spawn_kermail(&self, node: &str, args: &[&str]) -> std::process::Child {
+        let mut all = vec!["exec", node, "--", "kermail"];
+        all.extend_from_slice(args);
+        self.command(&all)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run scripts/local-cluster")
     }
 
     /// The folder of one node (its config, log and `data/`), as `local-cluster` keeps it.

@@ -17,6 +17,8 @@
 //! - [`wire`]: the messages nodes exchange (bincode).
 //! - [`fetch`]: a node installing a snapshot fetches the bodies it lacks from its peers
 //!   ([`fetch::ObjectFetcher`]) and serves theirs ([`fetch::serve`]), on the `bulk` channel.
+//! - [`backup_store`]: backup chunks this node keeps for other nodes (target kind `node`),
+//!   requested on the `bulk` channel beside snapshot chunks.
 //! - [`service`]: forwarded writes, membership changes on the leader (invite, join, remove,
 //!   leave), the join driver, `cluster status` ([`ClusterView`]) and the task keeping the
 //!   mesh's member list equal to the Raft membership.
@@ -35,6 +37,7 @@
 //!   order with the same `log_index`.
 
 pub(crate) mod applied;
+pub mod backup_store;
 pub mod config;
 pub mod fetch;
 pub mod log_store;

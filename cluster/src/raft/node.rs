@@ -692,7 +692,12 @@ async fn start_engine(
         Arc::downgrade(&engine),
     )));
     for channel in [Channel::Raft, Channel::Bulk] {
-        if let Some(incoming) = mesh.incoming(channel) {
+        if let Some(mut incoming) = mesh.incoming(channel) {
+            if channel == Channel::Bulk {
+                // Backup chunks other nodes store here travel on bulk too (backup_store.rs).
+                let root = data_dir.join(super::backup_store::BACKUP_STORE_DIR);
+                incoming = super::backup_store::serve_beside(incoming, root, stop.clone());
+            }
             // Snapshot bodies are served on `bulk` only.
             let objects = (channel == Channel::Bulk).then(|| objects.clone());
             tokio::spawn(
