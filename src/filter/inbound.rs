@@ -298,6 +298,23 @@ impl InboundAuth {
         self.authenticator.verify_spf(self.params(params)).await
     }
 
+    /// Whether the TXT records of `name` cannot be had for now (SERVFAIL, REFUSED, a
+    /// timeout). mail-auth 0.7.5 takes any answer without records, SERVFAIL included, as
+    /// "no record": a `none` result is asked again here (from hickory's cache) so that a
+    /// failing server is a temporary error, never a silent pass.
+    async fn txt_unavailable(&self, name: &str) -> bool {
+        let Ok(name) = hickory_resolver::Name::from_str_relaxed(name) else {
+            return false;
+        };
+        match self.authenticator.resolver().txt_lookup(name).await {
+            Ok(_) => false,
+            Err(error) => {
+                crate::outbound::dns::classify(&error)
+                    == crate::outbound::dns::LookupFailure::Temporary
+            }
+        }
+    }
+
     /// Every check on one message, within `check_deadline_secs`.
     pub async fn check(
         &self,
@@ -361,6 +378,23 @@ impl InboundAuth {
             };
             results = results.with_spf_mailfrom_result(&spf_mail_from, client_ip, mail_from, helo);
             summary.push(format!("spf={}", spf_mail_from.result()));
+            let mut helo_output = helo_output;
+            if spf_mail_from.result() == SpfResult::None
+                && !spf_mail_from.domain().is_empty()
+                && self
+                    .txt_unavailable(&format!("{}.", spf_mail_from.domain()))
+                    .await
+            {
+                spf_mail_from = spf_mail_from.with_result(SpfResult::TempError);
+            }
+            if helo_output.result() == SpfResult::None
+                && !helo_output.domain().is_empty()
+                && self
+                    .txt_unavailable(&format!("{}.", helo_output.domain()))
+                    .await
+            {
+                helo_output = helo_output.with_result(SpfResult::TempError);
+            }
             if spf_mail_from.result() == SpfResult::TempError
                 || helo_output.result() == SpfResult::TempError
             {
@@ -443,7 +477,14 @@ impl InboundAuth {
             results = results.with_dmarc_result(&dmarc);
             let passed = dmarc.spf_result() == &DmarcResult::Pass
                 || dmarc.dkim_result() == &DmarcResult::Pass;
-            let temporary = matches!(dmarc.spf_result(), DmarcResult::TempError(_))
+            // No record found: make sure the From domain's server did not just fail.
+            let unavailable = dmarc.dmarc_record().is_none()
+                && !dmarc.domain().is_empty()
+                && self
+                    .txt_unavailable(&format!("_dmarc.{}.", dmarc.domain()))
+                    .await;
+            let temporary = unavailable
+                || matches!(dmarc.spf_result(), DmarcResult::TempError(_))
                 || matches!(dmarc.dkim_result(), DmarcResult::TempError(_));
             summary.push(format!(
                 "dmarc={}",

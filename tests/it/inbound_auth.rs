@@ -273,6 +273,8 @@ fn zone(keys: &Value) -> Value {
         "sub.org.test": [txt("v=spf1 -all")],
         // A name server that never answers for this domain.
         "timeout.test": [["TIMEOUT"]],
+        // One that answers SERVFAIL.
+        "servfail.test": [["SERVFAIL"]],
     })
 }
 
@@ -495,13 +497,16 @@ print("forged ok")
 }
 
 #[test]
-fn a_dns_timeout_defers_with_451_and_stores_nothing() {
+fn a_dns_timeout_or_servfail_defers_with_451_and_stores_nothing() {
     let fixture = Fixture::start();
     let out = fixture.client(
         r#"
 r = send("a@timeout.test", "a@timeout.test", "unlucky")
 assert r.startswith("451 4.7.24"), r
 assert stored("unlucky")[0] is None
+r = send("a@servfail.test", "a@servfail.test", "servfail")
+assert r.startswith("451 4.7.24"), r
+assert stored("servfail")[0] is None
 print("timeout ok")
 "#,
     );
