@@ -51,6 +51,8 @@ pub struct Config {
     pub backup: crate::backup::BackupConfig,
     /// Greylisting on the MX listener (off by default).
     pub greylist: crate::sieve::greylist::GreylistConfig,
+    /// SPF, DKIM and DMARC checks of mail on the MX listener (off by default).
+    pub inbound: crate::filter::InboundConfig,
     /// The ManageSieve listener (RFC 5804).
     pub managesieve: crate::managesieve::ManageSieveConfig,
     /// Mail client autoconfiguration (HTTP listener, advertised servers).
@@ -210,6 +212,7 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         self.greylist.validate().map_err(ConfigError::Invalid)?;
+        self.inbound.validate().map_err(ConfigError::Invalid)?;
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert_file and tls.key_file go together: set both or neither".to_owned(),

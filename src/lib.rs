@@ -8,6 +8,7 @@
 //! - [`backup`]: encrypted, deduplicated backups to a folder or an S3 bucket, and restore.
 //! - [`managesieve`]: the ManageSieve server (RFC 5804) for users' Sieve scripts.
 //! - [`sieve`]: Sieve scripts run at delivery (sieve-rs), and greylisting's pure parts.
+//! - [`filter`]: SPF, DKIM and DMARC checks of incoming mail (mail-auth), `Authentication-Results`.
 //! - [`store`]: the mail store, the one door to the replicated mail state.
 //! - [`autoconfig`]: the HTTP listener for mail client autoconfiguration, and the DNS
 //!   records `domain add` prints.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod autoconfig;
 pub mod backup;
 pub mod config;
+pub mod filter;
 pub mod imap;
 pub mod managesieve;
 pub mod mesh_bench;

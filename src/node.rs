@@ -121,6 +121,17 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
     .with_filters(crate::store::FilterSettings {
         hostname: config.node.hostname.clone(),
         greylist: config.greylist.clone(),
+        inbound: if config.inbound.enabled {
+            let checks = crate::filter::InboundAuth::new(&config.inbound, &config.node.hostname)
+                .map_err(|e| anyhow::anyhow!("[inbound]: {e}"))?;
+            info!(
+                authserv_id = checks.authserv_id(),
+                "inbound SPF/DKIM/DMARC checks on"
+            );
+            Some(Arc::new(checks))
+        } else {
+            None
+        },
     });
 
     let hostname: Arc<str> = Arc::from(config.node.hostname.as_str());

@@ -19,6 +19,7 @@ use tracing::Instrument;
 use super::limits::Limiter;
 use super::session::{Action, Input, Output, Recipients, Session, SessionParams};
 use super::{ListenerKind, SmtpConfig};
+use crate::filter::Disposition;
 use crate::store::{AccountId, Delivery, DeliveryReceipt, MailStore, RecipientCheck, StoreError};
 
 /// Bytes read from the socket at once; also the most unprocessed input a session holds while
@@ -61,6 +62,20 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<Option<AccountId>, crate::auth::Throttled>> + Send
     {
         std::future::ready(Ok(None))
+    }
+
+    /// The SPF/DKIM/DMARC checks of the MX listener, when configured. The default: none.
+    fn inbound_checks(&self) -> Option<Arc<crate::filter::InboundAuth>> {
+        None
+    }
+
+    /// Stores a message whose DMARC policy says quarantine: local copies go to Junk. The
+    /// default, for backends without mailboxes, stores it like [`Backend::deliver`].
+    fn deliver_junk(
+        &self,
+        delivery: Delivery,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
+        self.deliver(delivery)
     }
 
     /// Where the part of a message past the in-memory threshold goes; None: the system's
@@ -139,6 +154,17 @@ impl Backend for MailStore {
 
     fn spool_dir(&self) -> Option<std::path::PathBuf> {
         Some(MailStore::spool_dir(self))
+    }
+
+    fn inbound_checks(&self) -> Option<Arc<crate::filter::InboundAuth>> {
+        self.filter_settings().inbound.clone()
+    }
+
+    fn deliver_junk(
+        &self,
+        delivery: Delivery,
+    ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
+        MailStore::accept_quarantined(self, delivery)
     }
 }
 
@@ -459,18 +485,40 @@ where
                 }
                 Action::StartTls => return Ok(DriveEnd::StartTls),
                 Action::Deliver(pending) => {
-                    let pending = *pending;
-                    let result = match pending.submitter {
-                        Some(account) => {
+                    let mut pending = *pending;
+                    // Unauthenticated mail on the MX listener: SPF, DKIM, DMARC first.
+                    let disposition = match context.store.inbound_checks() {
+                        Some(checks)
+                            if pending.submitter.is_none() && context.kind == ListenerKind::Mx =>
+                        {
+                            checks
+                                .filter_delivery(
+                                    session.client_ip(),
+                                    session.helo_name(),
+                                    &mut pending.delivery,
+                                )
+                                .await
+                        }
+                        _ => Disposition::Deliver,
+                    };
+                    let input = match (disposition, pending.submitter) {
+                        (Disposition::Reject(reply) | Disposition::Defer(reply), _) => {
+                            Input::DeliveryRefused(reply)
+                        }
+                        (Disposition::Junk, _) => {
+                            Input::DeliveryDone(context.store.deliver_junk(pending.delivery).await)
+                        }
+                        (Disposition::Deliver, Some(account)) => Input::DeliveryDone(
                             context
                                 .store
                                 .deliver_submitted(pending.delivery, account)
-                                .await
+                                .await,
+                        ),
+                        (Disposition::Deliver, None) => {
+                            Input::DeliveryDone(context.store.deliver(pending.delivery).await)
                         }
-                        None => context.store.deliver(pending.delivery).await,
                     };
-                    next_output =
-                        Some(session.step(Input::DeliveryDone(result), SystemTime::now()));
+                    next_output = Some(session.step(input, SystemTime::now()));
                 }
                 Action::Authenticate(credentials) => {
                     let result = context

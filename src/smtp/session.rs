@@ -64,6 +64,10 @@ pub enum Input<'a> {
     Bytes(&'a [u8]),
     /// The outcome of the [`Action::Deliver`] the session asked for.
     DeliveryDone(Result<DeliveryReceipt, StoreError>),
+    /// The [`Action::Deliver`] was not carried out: the inbound checks ([`crate::filter`])
+    /// refused (`550 5.7.1`) or deferred (`451 4.7.x`) the message with this reply; nothing
+    /// was stored.
+    DeliveryRefused(String),
     /// The TLS handshake asked for by [`Action::StartTls`] succeeded.
     TlsEstablished,
     /// The outcome of the [`Action::Authenticate`] the session asked for: the account, or
@@ -277,6 +281,8 @@ const REPLY_TOO_BIG: &str = "552 5.3.4 Error: message size exceeds fixed limit";
 
 /// Longest piece of client text echoed back in a reply.
 const ECHO_LENGTH_MAX: usize = 64;
+/// Longest refusal from the inbound checks written back (it names a domain from the message).
+const REFUSAL_LENGTH_MAX: usize = 256;
 
 impl<R: Recipients> Session<R> {
     pub fn new(params: SessionParams, recipients: R) -> Session<R> {
@@ -312,6 +318,14 @@ impl<R: Recipients> Session<R> {
     /// The client's address (for the driver's login throttle).
     pub fn client_ip(&self) -> IpAddr {
         self.params.client_ip
+    }
+
+    /// The name the client gave in HELO or EHLO ("" before either).
+    pub fn helo_name(&self) -> &str {
+        self.greeting
+            .as_ref()
+            .map(|greeting| greeting.name.as_str())
+            .unwrap_or("")
     }
 
     pub fn mode(&self) -> &Mode {
@@ -413,6 +427,19 @@ impl<R: Recipients> Session<R> {
                             self.push_reply(&mut out, &reply);
                         }
                     }
+                    self.process(&mut out, now);
+                }
+            }
+            Input::DeliveryRefused(reply) => {
+                if matches!(self.mode, Mode::AwaitingDelivery) {
+                    self.mode = Mode::Command;
+                    let (message_id, summary) = self
+                        .delivering
+                        .take()
+                        .unwrap_or_else(|| (String::new(), TransactionSummary::empty()));
+                    let reply = printable(&reply, REFUSAL_LENGTH_MAX);
+                    self.log_transaction(&summary, &format!("refused: {reply}"), &message_id);
+                    self.push_reply(&mut out, &reply);
                     self.process(&mut out, now);
                 }
             }

@@ -84,6 +84,12 @@ impl MessageBody {
         self.head = head;
     }
 
+    /// Replaces the in-memory head by `head`: the same head with header fields changed
+    /// (forged `Authentication-Results` removed). The header section must stay within it.
+    pub fn set_head(&mut self, head: Vec<u8>) {
+        self.head = head;
+    }
+
     /// The whole body in one piece (reads a spilled tail back).
     pub fn to_vec(&self) -> io::Result<Vec<u8>> {
         let mut whole = Vec::with_capacity(self.len());

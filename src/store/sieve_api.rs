@@ -19,12 +19,17 @@ use super::{
 };
 use crate::sieve::greylist::{self, Decision, GreylistConfig, Known};
 
+/// The special-use folder quarantined mail goes to (created with every account).
+const JUNK: &str = "Junk";
+
 /// What the filters need from the node's configuration.
 #[derive(Debug, Clone)]
 pub struct FilterSettings {
     /// This node's public host name (vacation Message-IDs, rejection notices).
     pub hostname: String,
     pub greylist: GreylistConfig,
+    /// SPF, DKIM and DMARC on the MX listener (`[inbound]`); None when off.
+    pub inbound: Option<std::sync::Arc<crate::filter::InboundAuth>>,
 }
 
 impl Default for FilterSettings {
@@ -32,6 +37,7 @@ impl Default for FilterSettings {
         FilterSettings {
             hostname: "localhost".to_owned(),
             greylist: GreylistConfig::default(),
+            inbound: None,
         }
     }
 }
@@ -61,6 +67,8 @@ pub(super) struct PlannedAccount {
     rcpt_to: String,
     /// The account's scripts and the active one's name (None: INBOX, as without Sieve).
     scripts: Option<(BTreeMap<String, String>, String)>,
+    /// DMARC quarantine: the copy goes to Junk, no script runs.
+    quarantine: bool,
 }
 
 pub(super) struct Envelope {
@@ -73,10 +81,87 @@ pub(super) struct Envelope {
 }
 
 impl MailStore {
-    /// The same store with the filters configured (host name, `[greylist]`).
+    /// The same store with the filters configured (host name, `[greylist]`, `[inbound]`).
     pub fn with_filters(mut self, settings: FilterSettings) -> MailStore {
         self.filters = std::sync::Arc::new(settings);
         self
+    }
+
+    /// The filters' configuration.
+    pub fn filter_settings(&self) -> &FilterSettings {
+        &self.filters
+    }
+
+    /// Stores a message that failed DMARC under `p=quarantine`: a copy in the Junk folder of
+    /// every local account its recipients reach (INBOX when the account has no Junk), in one
+    /// command, like a Sieve delivery. No script runs, and aliases that forward outside do not
+    /// forward it (we do not pass on mail its own domain disowns). `250` means committed.
+    pub async fn accept_quarantined(
+        &self,
+        delivery: super::Delivery,
+    ) -> Result<DeliveryReceipt, StoreError> {
+        let super::Delivery {
+            mail_from,
+            recipients,
+            body,
+            received_at,
+        } = delivery;
+        if recipients.len() > super::state::MAX_RECIPIENTS_PER_DELIVERY {
+            return Err(StoreError::Invalid("too many recipients".into()));
+        }
+        let mut plan: Vec<PlannedAccount> = Vec::new();
+        {
+            let state = self.state();
+            for recipient in &recipients {
+                let Ok(address) = names::normalize_address(recipient) else {
+                    continue;
+                };
+                let mut accounts = Vec::new();
+                state.expand_recipient(
+                    &address,
+                    &mut Default::default(),
+                    &mut accounts,
+                    &mut Default::default(),
+                );
+                for account in accounts {
+                    if plan.iter().any(|p| p.account == account) {
+                        continue;
+                    }
+                    let Some(account_address) =
+                        state.accounts.get(&account).map(|a| a.address.clone())
+                    else {
+                        continue;
+                    };
+                    plan.push(PlannedAccount {
+                        account,
+                        account_address,
+                        rcpt_to: address.clone(),
+                        scripts: None,
+                        quarantine: true,
+                    });
+                }
+            }
+        }
+        if plan.is_empty() {
+            return Err(StoreError::NotFound("local recipient".into()));
+        }
+        let body = body
+            .to_vec()
+            .map_err(|e| StoreError::Io(format!("cannot read the message body: {e}")))?;
+        let accepted = self
+            .accept_filtered(
+                plan,
+                Envelope {
+                    mail_from,
+                    n_recipients: recipients.len(),
+                    received_at,
+                    now_ms: now_ms(),
+                },
+                None,
+                body,
+            )
+            .await?;
+        Ok(accepted.receipt)
     }
 
     async fn submit_v5(&self, command: CommandV5) -> Result<Response, StoreError> {
@@ -125,6 +210,7 @@ impl MailStore {
                     account_address: address,
                     rcpt_to: recipient.clone(),
                     scripts,
+                    quarantine: false,
                 });
             }
         }
@@ -150,6 +236,13 @@ impl MailStore {
                 .into_iter()
                 .map(|planned| {
                     let result = match &planned.scripts {
+                        _ if planned.quarantine => Ok(crate::sieve::Verdict {
+                            filings: vec![crate::sieve::Filing {
+                                mailbox: JUNK.to_owned(),
+                                flags: Vec::new(),
+                            }],
+                            ..Default::default()
+                        }),
                         None => Ok(crate::sieve::Verdict {
                             filings: vec![crate::sieve::Filing {
                                 mailbox: names::INBOX.to_owned(),

@@ -16,6 +16,7 @@ mod durability;
 mod idle;
 mod imap_abuse;
 mod imap_rfc;
+mod inbound_auth;
 mod mbsync;
 mod mesh_faults;
 mod outbound;

@@ -278,3 +278,45 @@ print(code, msg.decode())
     // triplet is separate.
     assert!(attempt().starts_with("250"));
 }
+
+/// Greylisting on three nodes (issue 12 acceptance): the first attempt and an early retry on
+/// n1 get 451; the first attempt on n2, after the delay, passes (it knows n1's record only
+/// through the replicated state), and so does one on n3 (whitelisted).
+#[test]
+fn greylisting_across_three_nodes_a_retry_to_another_node_passes() {
+    let Some(cluster) = crate::cluster::Cluster::up_with(9, 3, None, |_| {
+        Some("[greylist]\nenabled = true\ndelay_secs = 4\nskip_networks = []\n".to_owned())
+    }) else {
+        return;
+    };
+    cluster.account();
+    let out = cluster.py(
+        r#"
+def attempt(node):
+    s = smtp(node)
+    s.mail("erin@remote.example")
+    code, msg = s.rcpt(USER)
+    if code == 250:
+        code2, _ = s.data(message("grey-" + node))
+        assert code2 == 250, code2
+    s.quit()
+    return code, msg.decode()
+started = time.monotonic()
+first = attempt("n1")
+assert first[0] == 451 and "4.7.1" in first[1], first
+early = attempt("n1")
+assert early[0] == 451, early
+assert time.monotonic() - started < 4, "too slow to test the early retry"
+# The delay is the feature under test: wait it out, then one attempt on another node.
+wait_until(lambda: time.monotonic() - started >= 4.5, "the greylisting delay")
+other = attempt("n2")
+assert other[0] == 250, other
+third = attempt("n3")
+assert third[0] == 250, third
+wait_until(lambda: all(len(view(n)[1]) == 2 for n in NODES), "both messages everywhere")
+print("greylist cluster ok")
+"#,
+        &[],
+    );
+    assert!(out.contains("greylist cluster ok"), "{out}");
+}

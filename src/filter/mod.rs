@@ -1,0 +1,22 @@
+//! Checks of incoming mail on the MX listener (issue 12): SPF (RFC 7208) for the HELO and
+//! MAIL FROM identities, DKIM (RFC 6376) for every signature, DMARC (RFC 7489) with the
+//! organisational domain from the public suffix list, all through mail-auth; the verdict
+//! becomes an `Authentication-Results` field (RFC 8601) prepended to the message, and a
+//! disposition (deliver, Junk, refuse, defer).
+//!
+//! Module map:
+//! - [`inbound`]: `[inbound]` ([`InboundConfig`]), [`InboundAuth`] (the resolver, its caches
+//!   and the checks), [`Disposition`].
+//! - [`headers`]: removal of forged `Authentication-Results` fields carrying our authserv-id
+//!   (pure, unit-tested).
+//!
+//! Invariants:
+//! - Only the MX listener's unauthenticated deliveries are checked; submissions never are.
+//! - The header is added to the message BEFORE it is proposed, so every replica stores the
+//!   same bytes (the checks use DNS and time: never in apply).
+//! - A DNS failure (timeout, SERVFAIL) in any check is `451 4.7.x`, never a silent pass.
+
+pub mod headers;
+pub mod inbound;
+
+pub use inbound::{Disposition, InboundAuth, InboundConfig};
