@@ -542,6 +542,7 @@ mod tests {
             internal_date: INTERNAL_DATE,
             internal_date_offset_min: 0,
             flags: flags.iter().cloned().collect::<FlagSet>(),
+            modseq: 1,
         }
     }
 
@@ -926,6 +927,7 @@ mod timing {
                 internal_date: 1_704_189_600,
                 internal_date_offset_min: 0,
                 flags: Default::default(),
+                modseq: 1,
             })
             .collect();
         let started = Instant::now();
