@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use imap_codec::imap_types::sequence::SequenceSet;
 
-use super::response::{flag_list, flags_line, permanent_flags_line};
+use super::response::{flags_line, permanent_flags_line};
 use super::seqset::Ranges;
 use crate::store::{AccountId, MailStore, MailboxId, MailboxView, MessageMeta, Uid};
 
@@ -29,6 +29,10 @@ pub struct Selected {
     has_ghosts: bool,
     /// How many of the mailbox's keywords the client was told of in FLAGS.
     pub announced_keywords: usize,
+    /// CONDSTORE is on: flag updates carry MODSEQ (RFC 7162; set by the session).
+    pub condstore: bool,
+    /// QRESYNC is on: `VANISHED` instead of EXPUNGE, and UID in flag updates.
+    pub qresync: bool,
 }
 
 impl Selected {
@@ -41,6 +45,8 @@ impl Selected {
             change_counter: view.change_counter,
             has_ghosts: false,
             announced_keywords: view.keyword_count,
+            condstore: false,
+            qresync: false,
         }
     }
 
@@ -119,17 +125,12 @@ impl Selected {
             .count();
 
         if expunged_seqs.is_empty() || allow_expunge {
-            for seq in expunged_seqs.iter().rev() {
-                let _ = write!(out, "* {seq} EXPUNGE\r\n");
-            }
+            self.write_expunged(out, &expunged_seqs, |seq| old[seq - 1].uid);
             if n_appended > 0 {
                 let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
             }
             for &(_, j) in &changed {
-                let seq = j + 1;
-                let _ = write!(out, "* {seq} FETCH (FLAGS ");
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+                self.write_flags(out, j + 1, &new_messages[j]);
             }
             self.messages = new_messages;
             self.has_ghosts = false;
@@ -153,9 +154,7 @@ impl Selected {
                 let _ = write!(out, "* {} EXISTS\r\n", merged.len());
             }
             for &(seq, j) in &changed {
-                let _ = write!(out, "* {seq} FETCH (FLAGS ");
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+                self.write_flags(out, seq, &new_messages[j]);
             }
             self.messages = Arc::new(merged);
             self.has_ghosts = true;
@@ -212,9 +211,7 @@ impl Selected {
                 expunged_seqs.push(i + 1);
             }
         }
-        for seq in expunged_seqs.iter().rev() {
-            let _ = write!(out, "* {seq} EXPUNGE\r\n");
-        }
+        self.write_expunged(out, &expunged_seqs, |seq| released.uids[seq - 1]);
         let last_known = released.uids.last().copied().unwrap_or(0);
         let n_appended = new_messages
             .iter()
@@ -226,14 +223,37 @@ impl Selected {
         }
         if !only_the_append {
             for j in kept {
-                let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+                self.write_flags(out, j + 1, &new_messages[j]);
             }
         }
         self.messages = new_messages;
         self.change_counter = counter;
         self.has_ghosts = false;
+    }
+
+    /// EXPUNGE for each of `seqs` (ascending; written from the last), or one `VANISHED` of
+    /// their UIDs under QRESYNC (RFC 7162 3.2.10).
+    fn write_expunged(&self, out: &mut Vec<u8>, seqs: &[usize], uid_of: impl Fn(usize) -> Uid) {
+        if self.qresync {
+            let uids: Vec<Uid> = seqs.iter().map(|&seq| uid_of(seq)).collect();
+            super::condstore::write_vanished(out, false, &uid_ranges(&uids));
+        } else {
+            for seq in seqs.iter().rev() {
+                let _ = write!(out, "* {seq} EXPUNGE\r\n");
+            }
+        }
+    }
+
+    /// An unsolicited flag update (with UID and MODSEQ as CONDSTORE/QRESYNC want).
+    fn write_flags(&self, out: &mut Vec<u8>, seq: usize, message: &MessageMeta) {
+        super::condstore::write_flags_update(
+            out,
+            seq,
+            self.qresync.then_some(message.uid),
+            &message.flags,
+            false,
+            self.condstore.then_some(message.modseq),
+        );
     }
 
     /// Indexes into `messages` of a sequence set (message numbers, or UIDs with `uid`),
@@ -271,4 +291,16 @@ impl Selected {
         }
         Ok(indexes)
     }
+}
+
+/// Ascending UIDs as inclusive ranges.
+fn uid_ranges(uids: &[Uid]) -> Vec<(Uid, Uid)> {
+    let mut ranges: Vec<(Uid, Uid)> = Vec::new();
+    for &uid in uids {
+        match ranges.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(uid) => *last = uid,
+            _ => ranges.push((uid, uid)),
+        }
+    }
+    ranges
 }
