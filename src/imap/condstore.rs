@@ -791,4 +791,24 @@ mod tests {
         write_vanished(&mut out, true, &[(1, 3), (5, 5)]);
         assert_eq!(out, b"* VANISHED (EARLIER) 1:3,5\r\n");
     }
+
+    #[test]
+    fn every_prefix_and_mangling_of_a_command_is_handled_without_panic() {
+        let commands: [&[u8]; 6] = [
+            b"a SELECT {5}\r\nIN(OX (QRESYNC (1 2 1:9 (1,3 5,7))))\r\n",
+            b"a UID FETCH 1:* (FLAGS BODY[HEADER.FIELDS (\"A\" B)] MODSEQ) (CHANGEDSINCE 5 VANISHED)\r\n",
+            b"a STORE 1 (UNCHANGEDSINCE 9) +FLAGS (\\Seen)\r\n",
+            b"a SEARCH OR (MODSEQ \"/x\\\"\" all 5) {3}\r\nabc HEADER a MODSEQ\r\n",
+            b"a EXAMINE \"\\\r\n",
+            b"a FETCH 1 MODSEQ\r\n",
+        ];
+        for command in commands {
+            for end in 0..=command.len() {
+                let _ = strip(&command[..end]);
+                let mut mangled = command[..end].to_vec();
+                mangled.extend_from_slice(b"\r\n");
+                let _ = strip(&mangled);
+            }
+        }
+    }
 }
