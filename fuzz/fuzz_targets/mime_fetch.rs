@@ -140,6 +140,7 @@ fuzz_target!(|data: &[u8]| {
         internal_date: 1_700_000_000,
         internal_date_offset_min: 0,
         flags: FlagSet::new(),
+        modseq: 1,
     };
     let needle = &raw[..raw.len().min(1 + usize::from(data[2] % 16))];
     for command in search_commands(needle) {

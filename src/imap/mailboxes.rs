@@ -104,7 +104,10 @@ impl Session {
             tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
             return;
         };
+        let highest_modseq = view.highest_modseq;
         let mut mailbox = Selected::open(view, read_only);
+        mailbox.condstore = self.condstore;
+        mailbox.qresync = self.qresync;
         let last_uid = mailbox.last_uid();
         if read_only {
             // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed.
@@ -142,6 +145,22 @@ impl Session {
             "* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT {}] predicted next UID\r\n",
             mailbox.uidvalidity, uidnext
         );
+        // RFC 7162 3.1.2.1: every mailbox has modseqs, so every SELECT says HIGHESTMODSEQ.
+        let _ = write!(
+            out,
+            "* OK [HIGHESTMODSEQ {highest_modseq}] highest modseq\r\n"
+        );
+        if let Some(qresync) = self.modifiers.qresync.take() {
+            super::condstore::resync(
+                out,
+                &self.store,
+                account,
+                &mailbox,
+                uidnext,
+                &qresync,
+                &self.recent,
+            );
+        }
         let (code, verb) = if read_only {
             ("READ-ONLY", "EXAMINE completed")
         } else {
@@ -319,6 +338,10 @@ impl Session {
             tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
             return;
         };
+        if items.contains(&StatusDataItemName::HighestModSeq) {
+            // A CONDSTORE enabling command (RFC 7162 3.1).
+            self.enable_condstore(false);
+        }
         let mut values: Vec<String> = Vec::new();
         for item in items {
             match item {
@@ -343,6 +366,9 @@ impl Session {
                         .filter(|m| !m.flags.contains(&Flag::Seen))
                         .count();
                     values.push(format!("UNSEEN {unseen}"))
+                }
+                StatusDataItemName::HighestModSeq => {
+                    values.push(format!("HIGHESTMODSEQ {}", view.highest_modseq))
                 }
                 StatusDataItemName::Deleted => {
                     let deleted = view

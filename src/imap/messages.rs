@@ -186,6 +186,8 @@ impl Session {
         let header_is_enough = body_needed && header_only(criteria);
         let esearch = self.esearch.take();
         let mut results: Vec<u32> = Vec::new();
+        // RFC 7162 3.1.5: with a MODSEQ key, the answer ends with the highest modseq found.
+        let mut highest_match = 0u64;
         if esearch.is_none() {
             out.extend_from_slice(b"* SEARCH");
         }
@@ -215,6 +217,7 @@ impl Session {
                     recent: self.recent.contains(meta.uid),
                 };
                 if matches(criteria, &input) {
+                    highest_match = highest_match.max(meta.modseq);
                     let found = if uid { meta.uid } else { i as u32 + 1 };
                     match esearch {
                         None => {
@@ -225,9 +228,22 @@ impl Session {
                 }
             }
         }
+        let modseq_note =
+            (self.modifiers.search_modseq && highest_match > 0).then_some(highest_match);
         match esearch {
-            None => out.extend_from_slice(b"\r\n"),
-            Some(options) => write_esearch(out, tag, uid, options, &results),
+            None => {
+                if let Some(modseq) = modseq_note {
+                    let _ = write!(out, " (MODSEQ {modseq})");
+                }
+                out.extend_from_slice(b"\r\n")
+            }
+            Some(options) => {
+                write_esearch(out, tag, uid, options, &results);
+                if let Some(modseq) = modseq_note {
+                    out.truncate(out.len() - 2);
+                    let _ = write!(out, " MODSEQ {modseq}\r\n");
+                }
+            }
         }
         mailbox.refresh(&self.store, *account, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
@@ -245,13 +261,39 @@ impl Session {
             return;
         };
         let account = *account;
-        let indexes = match mailbox.resolve(set, uid) {
+        let mut indexes = match mailbox.resolve(set, uid) {
             Ok(indexes) => indexes,
             Err(reason) => {
                 tagged(out, tag, "BAD", None, reason);
                 return;
             }
         };
+        // CONDSTORE (RFC 7162): CHANGEDSINCE keeps the messages changed after it (and adds
+        // MODSEQ); VANISHED first reports the set's UIDs expunged after it.
+        let changed_since = self.modifiers.changed_since;
+        let with_modseq = self.modifiers.fetch_modseq || changed_since.is_some();
+        if let Some(since) = changed_since {
+            if self.modifiers.vanished {
+                let uidnext = self
+                    .store
+                    .mailbox_view(account, mailbox.id)
+                    .map_or(0, |view| view.uidnext);
+                let largest = uidnext.saturating_sub(1).max(mailbox.last_uid());
+                let within = super::condstore::uid_ranges_of(set, largest);
+                let present: Vec<Uid> = mailbox.messages.iter().map(|m| m.uid).collect();
+                let vanished = super::condstore::vanished_in(
+                    &self.store,
+                    account,
+                    mailbox.id,
+                    since,
+                    &within,
+                    &present,
+                );
+                super::condstore::write_vanished(out, true, &vanished);
+            }
+            indexes.retain(|&i| mailbox.messages[i].modseq > since);
+        }
+        let uid = uid || self.qresync;
         let mut needs_parsed = false;
         let mut needs_raw = false;
         let mut needs_header = false;
@@ -379,7 +421,8 @@ impl Session {
                     separate(out);
                     let _ = write!(out, "UID {}", meta.uid);
                 }
-                if !flags_listed && seen_now.binary_search(&meta.uid).is_ok() {
+                let flags_set_now = seen_now.binary_search(&meta.uid).is_ok();
+                if !flags_listed && flags_set_now {
                     separate(out);
                     out.extend_from_slice(b"FLAGS ");
                     flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
@@ -475,6 +518,10 @@ impl Session {
                         }
                     }
                 }
+                if with_modseq || (self.condstore && flags_set_now) {
+                    separate(out);
+                    let _ = write!(out, "MODSEQ ({})", meta.modseq);
+                }
                 out.extend_from_slice(b")\r\n");
             }
             send_ahead(&self.output_ahead, out).await;
@@ -522,37 +569,92 @@ impl Session {
             tagged(out, tag, "OK", None, "STORE completed");
             return;
         }
-        let mut changed = match self
-            .store
-            .store_flags(*account, mailbox.id, uids, op, flags)
-            .await
-        {
-            Ok(changed) => changed,
+        let condstore = self.condstore;
+        let unchanged_since = self.modifiers.unchanged_since;
+        // The modseqs the client saw, to tell which messages this STORE changed.
+        let before: Vec<(Uid, u64)> = if silent && condstore {
+            mailbox.messages.iter().map(|m| (m.uid, m.modseq)).collect()
+        } else {
+            Vec::new()
+        };
+        let result = if condstore {
+            self.store
+                .store_flags_since(*account, mailbox.id, uids, op, flags, unchanged_since)
+                .await
+        } else {
+            self.store
+                .store_flags(*account, mailbox.id, uids, op, flags)
+                .await
+                .map(|changed| {
+                    let changed = changed
+                        .into_iter()
+                        .map(|(uid, flags)| (uid, flags, 0))
+                        .collect();
+                    (changed, Vec::new())
+                })
+        };
+        let (mut changed, modified) = match result {
+            Ok(result) => result,
             Err(error) => {
                 no(out, tag, &error);
                 return;
             }
         };
-        changed.sort_unstable_by_key(|(uid, _)| *uid);
-        let reported: Vec<Uid> = changed.iter().map(|(uid, _)| *uid).collect();
+        changed.sort_unstable_by_key(|(uid, _, _)| *uid);
+        let reported: Vec<Uid> = changed.iter().map(|(uid, _, _)| *uid).collect();
         mailbox.refresh(&self.store, *account, false, &reported, out);
-        if !silent {
-            for (message_uid, flags) in &changed {
-                let Ok(index) = mailbox
-                    .messages
-                    .binary_search_by_key(message_uid, |m| m.uid)
-                else {
-                    continue;
-                };
-                let _ = write!(out, "* {} FETCH (FLAGS ", index + 1);
-                flag_list_recent(out, flags, self.recent.contains(*message_uid));
-                if uid {
-                    let _ = write!(out, " UID {message_uid}");
-                }
-                out.extend_from_slice(b")\r\n");
+        let uid = uid || self.qresync;
+        for (message_uid, flags, modseq) in &changed {
+            let Ok(index) = mailbox
+                .messages
+                .binary_search_by_key(message_uid, |m| m.uid)
+            else {
+                continue;
+            };
+            let modseq_changed = before
+                .binary_search_by_key(message_uid, |(uid, _)| *uid)
+                .map_or(true, |k| before[k].1 != *modseq);
+            if silent && !(condstore && modseq_changed) {
+                continue;
             }
+            let _ = write!(out, "* {} FETCH (", index + 1);
+            if !silent {
+                out.extend_from_slice(b"FLAGS ");
+                flag_list_recent(out, flags, self.recent.contains(*message_uid));
+            }
+            if uid {
+                let _ = write!(out, "{}UID {message_uid}", if silent { "" } else { " " });
+            }
+            if condstore {
+                let space = if silent && !uid { "" } else { " " };
+                let _ = write!(out, "{space}MODSEQ ({modseq})");
+            }
+            out.extend_from_slice(b")\r\n");
         }
-        tagged(out, tag, "OK", None, "STORE completed");
+        if modified.is_empty() {
+            tagged(out, tag, "OK", None, "STORE completed");
+            return;
+        }
+        // RFC 7162 3.1.3: the messages left alone, as UIDs or sequence numbers.
+        let mut names: Vec<u32> = if uid {
+            modified
+        } else {
+            modified
+                .iter()
+                .filter_map(|m| {
+                    mailbox
+                        .messages
+                        .binary_search_by_key(m, |meta| meta.uid)
+                        .ok()
+                        .map(|i| i as u32 + 1)
+                })
+                .collect()
+        };
+        names.sort_unstable();
+        let mut code = b"MODIFIED ".to_vec();
+        uid_set(&mut code, &names);
+        let code = String::from_utf8_lossy(&code).into_owned();
+        tagged(out, tag, "OK", Some(&code), "conditional STORE failed");
     }
 
     async fn copy(

@@ -1,5 +1,5 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
-//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH).
+//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -9,6 +9,9 @@
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `condstore`: RFC 7162 CONDSTORE and QRESYNC: the SELECT, FETCH, STORE and SEARCH
+//!   parts imap-codec does not parse (taken out before it decodes the rest), VANISHED and
+//!   the FETCH responses with MODSEQ.
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -21,6 +24,7 @@
 
 mod cache;
 pub use cache::{AuthCache, HeaderCache};
+mod condstore;
 pub mod config;
 mod esearch;
 pub mod fetch;

@@ -120,6 +120,7 @@ mod tests {
             internal_date: 0,
             internal_date_offset_min: 0,
             flags: FlagSet::new(),
+            modseq: 1,
         }
     }
 

@@ -53,6 +53,7 @@ pub fn needs_body(key: &SearchKey<'_>) -> bool {
         SearchKey::And(keys) => keys.as_ref().iter().any(needs_body),
         SearchKey::Not(key) => needs_body(key),
         SearchKey::Or(a, b) => needs_body(a) || needs_body(b),
+        SearchKey::Header(name, value) if modseq_key(name, value).is_some() => false,
         SearchKey::Bcc(_)
         | SearchKey::Body(_)
         | SearchKey::Cc(_)
@@ -88,6 +89,17 @@ pub fn needs_body(key: &SearchKey<'_>) -> bool {
         | SearchKey::Unkeyword(_)
         | SearchKey::Unseen => false,
     }
+}
+
+/// The modseq of a `MODSEQ n` key (RFC 7162), which the session rewrote as a HEADER key on
+/// [`super::condstore::MODSEQ_HEADER`].
+pub fn modseq_key(name: &AString<'_>, value: &AString<'_>) -> Option<u64> {
+    let name: &[u8] = name.as_ref();
+    if !name.eq_ignore_ascii_case(super::condstore::MODSEQ_HEADER.as_bytes()) {
+        return None;
+    }
+    let value: &[u8] = value.as_ref();
+    std::str::from_utf8(value).ok()?.parse().ok()
 }
 
 /// Whether the message matches `key`.
@@ -252,7 +264,10 @@ impl<'a> Context<'_, 'a> {
             SearchKey::From(s) => self.address_contains(b"from", s),
             SearchKey::To(s) => self.address_contains(b"to", s),
             SearchKey::Subject(s) => self.header_contains(b"subject", s),
-            SearchKey::Header(name, s) => self.header_contains(name.as_ref(), s),
+            SearchKey::Header(name, s) => match modseq_key(name, s) {
+                Some(at_least) => input.meta.modseq >= at_least,
+                None => self.header_contains(name.as_ref(), s),
+            },
             SearchKey::Body(s) => input.raw.is_some() && self.text_contains(s, false),
             SearchKey::Text(s) => input.raw.is_some() && self.text_contains(s, true),
         }
@@ -542,6 +557,7 @@ mod tests {
             internal_date: INTERNAL_DATE,
             internal_date_offset_min: 0,
             flags: flags.iter().cloned().collect::<FlagSet>(),
+            modseq: 1,
         }
     }
 
@@ -926,6 +942,7 @@ mod timing {
                 internal_date: 1_704_189_600,
                 internal_date_offset_min: 0,
                 flags: Default::default(),
+                modseq: 1,
             })
             .collect();
         let started = Instant::now();

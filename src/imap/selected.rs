@@ -6,11 +6,11 @@ use std::io::Write;
 
 use imap_codec::imap_types::sequence::SequenceSet;
 
-use super::response::{flag_list, flags_line, permanent_flags_line};
+use super::response::{flags_line, permanent_flags_line};
 use super::seqset::Ranges;
 use crate::store::{
     diff_message_lists, AccountId, MailStore, MailboxId, MailboxView, MessageList, MessageListDiff,
-    Uid,
+    MessageMeta, Uid,
 };
 
 /// What [`Selected::release`] keeps.
@@ -34,6 +34,10 @@ pub struct Selected {
     has_ghosts: bool,
     /// How many of the mailbox's keywords the client was told of in FLAGS.
     pub announced_keywords: usize,
+    /// CONDSTORE is on: flag updates carry MODSEQ (RFC 7162; set by the session).
+    pub condstore: bool,
+    /// QRESYNC is on: `VANISHED` instead of EXPUNGE, and UID in flag updates.
+    pub qresync: bool,
 }
 
 impl Selected {
@@ -46,6 +50,8 @@ impl Selected {
             change_counter: view.change_counter,
             has_ghosts: false,
             announced_keywords: view.keyword_count,
+            condstore: false,
+            qresync: false,
         }
     }
 
@@ -114,17 +120,12 @@ impl Selected {
         let expunged_seqs: Vec<usize> = expunged_indexes.iter().map(|i| i + 1).collect();
 
         if expunged_seqs.is_empty() || allow_expunge {
-            for seq in expunged_seqs.iter().rev() {
-                let _ = write!(out, "* {seq} EXPUNGE\r\n");
-            }
+            self.write_expunged(out, &expunged_seqs, |seq| old[seq - 1].uid);
             if n_appended > 0 {
                 let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
             }
             for &(_, j) in &changed {
-                let seq = j + 1;
-                let _ = write!(out, "* {seq} FETCH (FLAGS ");
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+                self.write_flags(out, j + 1, &new_messages[j]);
             }
             self.messages = new_messages;
             self.has_ghosts = false;
@@ -148,9 +149,7 @@ impl Selected {
                 let _ = write!(out, "* {} EXISTS\r\n", merged.len());
             }
             for &(seq, j) in &changed {
-                let _ = write!(out, "* {seq} FETCH (FLAGS ");
-                flag_list(out, &new_messages[j].flags);
-                out.extend_from_slice(b")\r\n");
+                self.write_flags(out, seq, &new_messages[j]);
             }
             self.messages = merged;
             self.has_ghosts = true;
@@ -192,9 +191,8 @@ impl Selected {
         self.announce_keywords(store, account, keyword_count, out);
         let only_the_append = counter == released.change_counter.wrapping_add(1);
         let diff = diff_message_lists(&released.messages, &new_messages);
-        for i in diff.expunged.iter().rev() {
-            let _ = write!(out, "* {} EXPUNGE\r\n", i + 1);
-        }
+        let expunged_seqs: Vec<usize> = diff.expunged.iter().map(|i| i + 1).collect();
+        self.write_expunged(out, &expunged_seqs, |seq| released.messages[seq - 1].uid);
         if diff.appended > 0 {
             let _ = write!(out, "* {} EXISTS\r\n", new_messages.len());
         }
@@ -207,9 +205,7 @@ impl Selected {
                     j += 1;
                 }
                 if j < new_messages.len() && new_messages[j].uid == message.uid {
-                    let _ = write!(out, "* {} FETCH (FLAGS ", j + 1);
-                    flag_list(out, &new_messages[j].flags);
-                    out.extend_from_slice(b")\r\n");
+                    self.write_flags(out, j + 1, &new_messages[j]);
                     j += 1;
                 }
             }
@@ -217,6 +213,31 @@ impl Selected {
         self.messages = new_messages;
         self.change_counter = counter;
         self.has_ghosts = false;
+    }
+
+    /// EXPUNGE for each of `seqs` (ascending; written from the last), or one `VANISHED` of
+    /// their UIDs under QRESYNC (RFC 7162 3.2.10).
+    fn write_expunged(&self, out: &mut Vec<u8>, seqs: &[usize], uid_of: impl Fn(usize) -> Uid) {
+        if self.qresync {
+            let uids: Vec<Uid> = seqs.iter().map(|&seq| uid_of(seq)).collect();
+            super::condstore::write_vanished(out, false, &uid_ranges(&uids));
+        } else {
+            for seq in seqs.iter().rev() {
+                let _ = write!(out, "* {seq} EXPUNGE\r\n");
+            }
+        }
+    }
+
+    /// An unsolicited flag update (with UID and MODSEQ as CONDSTORE/QRESYNC want).
+    fn write_flags(&self, out: &mut Vec<u8>, seq: usize, message: &MessageMeta) {
+        super::condstore::write_flags_update(
+            out,
+            seq,
+            self.qresync.then_some(message.uid),
+            &message.flags,
+            false,
+            self.condstore.then_some(message.modseq),
+        );
     }
 
     /// Indexes into `messages` of a sequence set (message numbers, or UIDs with `uid`),
@@ -259,3 +280,14 @@ impl Selected {
 #[cfg(test)]
 #[path = "selected_cost_tests.rs"]
 mod cost_tests;
+/// Ascending UIDs as inclusive ranges.
+fn uid_ranges(uids: &[Uid]) -> Vec<(Uid, Uid)> {
+    let mut ranges: Vec<(Uid, Uid)> = Vec::new();
+    for &uid in uids {
+        match ranges.last_mut() {
+            Some((_, last)) if last.checked_add(1) == Some(uid) => *last = uid,
+            _ => ranges.push((uid, uid)),
+        }
+    }
+    ranges
+}

@@ -16,6 +16,7 @@ use imap_codec::imap_types::mailbox::Mailbox;
 use imap_codec::CommandCodec;
 
 use super::cache::{AuthCache, HeaderCache};
+use super::condstore::Modifiers;
 use super::config::ImapConfig;
 use super::esearch::{strip_return, ReturnOptions};
 use super::framing::{first_line, first_token, Frame, Framer};
@@ -165,6 +166,12 @@ pub struct Session {
     pub(super) recent: RecentUids,
     /// The RETURN options of the running `SEARCH RETURN (...)` (ESEARCH), if it is one.
     pub(super) esearch: Option<ReturnOptions>,
+    /// CONDSTORE is on (ENABLE, or a CONDSTORE enabling command, RFC 7162 3.1).
+    pub(super) condstore: bool,
+    /// QRESYNC is enabled (ENABLE QRESYNC).
+    pub(super) qresync: bool,
+    /// The CONDSTORE/QRESYNC parts of the running command (`condstore::strip`).
+    pub(super) modifiers: Modifiers,
 }
 
 impl Session {
@@ -195,6 +202,9 @@ impl Session {
             output_ahead: None,
             recent: RecentUids::default(),
             esearch: None,
+            condstore: false,
+            qresync: false,
+            modifiers: Modifiers::default(),
         }
     }
 
@@ -281,7 +291,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
         }
@@ -527,6 +537,32 @@ impl Session {
                 return Action::Continue;
             }
         };
+        // CONDSTORE/QRESYNC: modifiers and the MODSEQ item and key come out too.
+        let rewritten_modseq: Vec<u8>;
+        self.modifiers = Modifiers::default();
+        let bytes = match super::condstore::strip(bytes) {
+            Ok(None) => bytes,
+            Ok(Some((command, modifiers))) => {
+                if !self.is_authenticated() {
+                    tagged(out, &tag, "BAD", None, "log in first");
+                    return Action::Continue;
+                }
+                if (modifiers.qresync.is_some() || modifiers.vanished) && !self.qresync {
+                    tagged(out, &tag, "BAD", None, "ENABLE QRESYNC first");
+                    return Action::Continue;
+                }
+                if modifiers.enables_condstore() {
+                    self.enable_condstore(false);
+                }
+                rewritten_modseq = command;
+                self.modifiers = modifiers;
+                &rewritten_modseq
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
+        };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
         }
@@ -604,9 +640,20 @@ impl Session {
                     self.mode = Mode::AuthenticatePlain { tag };
                 }
             }
-            CommandBody::Enable { .. } => {
+            CommandBody::Enable { capabilities } => {
                 if self.is_authenticated() {
-                    untagged(out, "ENABLED");
+                    let mut enabled = String::from("ENABLED");
+                    for capability in capabilities.as_ref() {
+                        let name = capability.to_string().to_ascii_uppercase();
+                        if name == "CONDSTORE" && !self.condstore {
+                            self.enable_condstore(false);
+                            enabled.push_str(" CONDSTORE");
+                        } else if name == "QRESYNC" && !self.qresync {
+                            self.enable_condstore(true);
+                            enabled.push_str(" QRESYNC");
+                        }
+                    }
+                    untagged(out, &enabled);
                     tagged(out, &tag, "OK", None, "ENABLE completed");
                 } else {
                     tagged(out, &tag, "BAD", None, "log in first");
@@ -782,6 +829,16 @@ impl Session {
             return Action::Close;
         }
         Action::Continue
+    }
+
+    /// Turns CONDSTORE (and QRESYNC with `qresync`) on for the rest of the session.
+    pub(super) fn enable_condstore(&mut self, qresync: bool) {
+        self.condstore = true;
+        self.qresync |= qresync;
+        if let State::Selected { mailbox, .. } = &mut self.state {
+            mailbox.condstore = true;
+            mailbox.qresync = self.qresync;
+        }
     }
 
     pub(super) fn account(&self) -> Option<AccountId> {

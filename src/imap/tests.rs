@@ -303,8 +303,8 @@ async fn select_examine_status_reports_counts() {
         .unwrap();
     let out = h.run("S SELECT INBOX\r\n").await;
     let expected = format!(
-        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 2 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\nS OK [READ-WRITE] SELECT completed\r\n",
-        view.uidvalidity
+        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 2 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\n* OK [HIGHESTMODSEQ {}] highest modseq\r\nS OK [READ-WRITE] SELECT completed\r\n",
+        view.uidvalidity, view.highest_modseq
     );
     assert_eq!(out, expected);
     let out = h.run("E EXAMINE INBOX\r\n").await;
@@ -818,7 +818,7 @@ async fn namespace_id_enable() {
     );
     h.check(
         "E ENABLE CONDSTORE\r\n",
-        "* ENABLED\r\nE OK ENABLE completed\r\n",
+        "* ENABLED CONDSTORE\r\nE OK ENABLE completed\r\n",
     )
     .await;
 }
@@ -1186,4 +1186,123 @@ async fn fetch_sent_ahead_in_pieces_equals_the_whole_response() {
     streamed.extend_from_slice(&rest);
     assert_eq!(String::from_utf8_lossy(&streamed), whole);
     assert!(String::from_utf8_lossy(&rest).ends_with("F OK FETCH completed\r\n"));
+}
+
+/// The number after `key (` or `key ` in `text`.
+fn number_after(text: &str, key: &str) -> u64 {
+    let at = text.find(key).unwrap_or_else(|| panic!("{key} in {text}")) + key.len();
+    text[at..]
+        .trim_start_matches([' ', '('])
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("number after {key} in {text}"))
+}
+
+#[tokio::test]
+async fn condstore_and_qresync_in_one_session() {
+    let mut h = Harness::selected(&["one", "two", "three"]).await;
+    h.check(
+        "E ENABLE QRESYNC CONDSTORE\r\n",
+        "* ENABLED QRESYNC\r\nE OK ENABLE completed\r\n",
+    )
+    .await;
+    let out = h.run("T STATUS INBOX (HIGHESTMODSEQ)\r\n").await;
+    let start = number_after(&out, "HIGHESTMODSEQ");
+    let out = h.run("F FETCH 1:* (FLAGS MODSEQ)\r\n").await;
+    assert_eq!(out.matches("MODSEQ (").count(), 3, "{out}");
+    assert!(
+        out.contains("UID 1"),
+        "QRESYNC puts UID in every FETCH: {out}"
+    );
+
+    // A silent STORE still reports the new modseq; CHANGEDSINCE then finds only it.
+    let out = h.run("S1 STORE 1 +FLAGS.SILENT (\\Flagged)\r\n").await;
+    let m1 = number_after(&out, "MODSEQ");
+    assert!(m1 > start, "{out}");
+    assert!(out.starts_with("* 1 FETCH (UID 1 MODSEQ ("), "{out}");
+    let out = h
+        .run(
+            "F2 FETCH 1:* (FLAGS) (CHANGEDSINCE {start})\r\n"
+                .replace("{start}", &start.to_string())
+                .as_str(),
+        )
+        .await;
+    assert_eq!(out.matches(" FETCH (").count(), 1, "{out}");
+    assert!(
+        out.contains("* 1 FETCH (UID 1 FLAGS (\\Flagged \\Recent) MODSEQ ("),
+        "{out}"
+    );
+
+    // UNCHANGEDSINCE below a message's modseq: refused for it, done for the others.
+    let out = h
+        .run(&format!(
+            "S2 STORE 1,2 (UNCHANGEDSINCE {start}) +FLAGS (\\Seen)\r\n"
+        ))
+        .await;
+    assert!(
+        out.ends_with("S2 OK [MODIFIED 1] conditional STORE failed\r\n"),
+        "{out}"
+    );
+    assert!(
+        out.contains("* 2 FETCH (FLAGS (\\Seen \\Recent) UID 2 MODSEQ ("),
+        "{out}"
+    );
+
+    // Expunge under QRESYNC: VANISHED, not EXPUNGE.
+    h.run("S3 STORE 3 +FLAGS.SILENT (\\Deleted)\r\n").await;
+    let out = h.run("X EXPUNGE\r\n").await;
+    assert!(out.starts_with("* VANISHED 3\r\n"), "{out}");
+    assert!(!out.contains("EXPUNGE\r\n* "), "{out}");
+
+    let out = h
+        .run(&format!(
+            "F3 UID FETCH 1:* (FLAGS) (CHANGEDSINCE {start} VANISHED)\r\n"
+        ))
+        .await;
+    assert!(out.starts_with("* VANISHED (EARLIER) 3\r\n"), "{out}");
+    assert_eq!(out.matches(" FETCH (").count(), 2, "{out}");
+
+    let out = h.run(&format!("Q SEARCH MODSEQ {}\r\n", m1 + 1)).await;
+    assert!(out.starts_with("* SEARCH 2 (MODSEQ "), "{out}");
+    let out = h.run("Q2 SEARCH MODSEQ 999999999\r\n").await;
+    assert!(out.starts_with("* SEARCH\r\n"), "{out}");
+
+    // A new session resyncs from the first modseq.
+    let view = h.store.mailbox_by_name(1, "INBOX").unwrap();
+    let mut h2 = Harness {
+        _dir: tempfile::tempdir().unwrap(),
+        store: h.store.clone(),
+        session: session(&h.store, true, false),
+    };
+    h2.run(&format!("L LOGIN {USER} \"{PASSWORD}\"\r\n")).await;
+    let out = h2
+        .run(&format!(
+            "R SELECT INBOX (QRESYNC ({} {start} 1:3))\r\n",
+            view.uidvalidity
+        ))
+        .await;
+    assert!(out.contains("R BAD"), "QRESYNC needs ENABLE first: {out}");
+    h2.run("E ENABLE QRESYNC\r\n").await;
+    let out = h2
+        .run(&format!(
+            "R SELECT INBOX (QRESYNC ({} {start} 1:3))\r\n",
+            view.uidvalidity
+        ))
+        .await;
+    assert!(
+        out.contains(&format!("* OK [HIGHESTMODSEQ {}]", view.highest_modseq)),
+        "{out}"
+    );
+    assert!(out.contains("* VANISHED (EARLIER) 3\r\n"), "{out}");
+    assert_eq!(out.matches(" FETCH (").count(), 2, "{out}");
+    // Up to date: nothing but the usual SELECT answers.
+    let out = h2
+        .run(&format!(
+            "R2 SELECT INBOX (QRESYNC ({} {}))\r\n",
+            view.uidvalidity, view.highest_modseq
+        ))
+        .await;
+    assert!(!out.contains("VANISHED") && !out.contains("FETCH"), "{out}");
 }

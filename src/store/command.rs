@@ -36,6 +36,8 @@ pub enum Command {
     V5(super::sieve_state::CommandV5),
     /// IMAP state (issue 13): `\Recent` claims (`imap_state.rs`).
     V6(super::imap_state::CommandV6),
+    /// CONDSTORE (issue 13): STORE with UNCHANGEDSINCE (`imap_state.rs`).
+    V7(super::imap_state::CommandV7),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -407,6 +409,12 @@ pub enum Response {
     RecentClaimed {
         previous: Uid,
         up_to: Uid,
+    },
+    /// `CommandV7::StoreFlags`: (UID, flags, modseq) of each message of the set that still
+    /// exists and passed the UNCHANGEDSINCE test, and the UIDs that failed it.
+    FlagsModseq {
+        changed: Vec<(Uid, FlagSet, u64)>,
+        modified: Vec<Uid>,
     },
 }
 

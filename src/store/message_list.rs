@@ -273,6 +273,7 @@ mod tests {
             internal_date: 0,
             internal_date_offset_min: 0,
             flags,
+            modseq: 1,
         }
     }
 

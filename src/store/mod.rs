@@ -150,6 +150,11 @@ pub struct MessageMeta {
     /// Offset of INTERNALDATE's zone from UTC, in minutes (0 for SMTP deliveries).
     pub internal_date_offset_min: i16,
     pub flags: FlagSet,
+    /// RFC 7162 modification sequence of the message's last change (append, copy, flags);
+    /// the same on every replica (`imap_state.rs`). The field is last, so a message chunk of
+    /// a snapshot from before it is recognized (`decode_legacy_messages`).
+    #[serde(default)]
+    pub modseq: u64,
 }
 
 /// A mailbox as LIST/STATUS need it.
@@ -164,6 +169,8 @@ pub struct MailboxInfo {
     pub uidnext: Uid,
     pub exists: u32,
     pub unseen: u32,
+    /// HIGHESTMODSEQ (RFC 7162).
+    pub highest_modseq: u64,
 }
 
 /// A point-in-time copy of a mailbox's message list (for SELECT, FETCH, SEARCH, NOOP/IDLE).
@@ -180,6 +187,8 @@ pub struct MailboxView {
     /// How many keywords the mailbox knows (they are never forgotten, so a greater count
     /// means new ones: [`MailStore::mailbox_keywords`]).
     pub keyword_count: usize,
+    /// HIGHESTMODSEQ (RFC 7162), read under the same lock as `messages`.
+    pub highest_modseq: u64,
 }
 
 /// A change applied to some mailbox; sent to every [`MailStore::subscribe_changes`] receiver.
@@ -547,12 +556,12 @@ impl MailStateMachine {
         Ok(())
     }
 
-    fn apply_command(&self, command: Command) -> Response {
+    fn apply_command(&self, log_index: u64, command: Command) -> Response {
         match &command {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) | Command::V3(_) | Command::V4(_) | Command::V6(_) => {}
+            Command::V1(_) | Command::V3(_) | Command::V4(_) | Command::V6(_) | Command::V7(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -573,6 +582,8 @@ impl MailStateMachine {
                 .state
                 .write()
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Modseqs derive from the log index (the same on every replica).
+            state.imap.modseq.clock = log_index;
             match command {
                 Command::V1(command) => state.apply(command),
                 Command::V2(command) => state.apply_v2(command),
@@ -580,6 +591,7 @@ impl MailStateMachine {
                 Command::V4(command) => state.apply_v4(command),
                 Command::V5(command) => state.apply_v5(command),
                 Command::V6(command) => state.apply_v6(command),
+                Command::V7(command) => state.apply_v7(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -597,7 +609,7 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         let response = match decode_command(command) {
             Ok(command) => {
                 tracing::debug!(log_index, ?command, "apply");
-                self.apply_command(command)
+                self.apply_command(log_index, command)
             }
             Err(error) => {
                 tracing::warn!(log_index, %error, "undecodable command in the log");
@@ -960,8 +972,9 @@ pub fn free_disk_bytes(path: &Path) -> Option<u64> {
     Some((stat.f_bavail as u64).saturating_mul(stat.f_frsize as u64))
 }
 
-fn mailbox_view(mailbox: &state::Mailbox) -> MailboxView {
+fn mailbox_view(state: &State, account: AccountId, mailbox: &state::Mailbox) -> MailboxView {
     MailboxView {
+        highest_modseq: state.imap.modseq.highest(account, mailbox.id),
         id: mailbox.id,
         name: mailbox.name.clone(),
         uidvalidity: mailbox.uidvalidity,
@@ -1206,6 +1219,7 @@ impl MailStore {
             .values()
             .filter_map(|id| account.mailboxes.get(id))
             .map(|mailbox| MailboxInfo {
+                highest_modseq: state.imap.modseq.highest(account.id, mailbox.id),
                 id: mailbox.id,
                 name: mailbox.name.clone(),
                 special_use: mailbox.special_use,
@@ -1230,7 +1244,7 @@ impl MailStore {
             .accounts
             .get(&account)?
             .mailbox_by_name(&name)
-            .map(mailbox_view)
+            .map(|mailbox| mailbox_view(&state, account, mailbox))
     }
 
     pub fn mailbox_view(&self, account: AccountId, mailbox: MailboxId) -> Option<MailboxView> {
@@ -1240,7 +1254,7 @@ impl MailStore {
             .get(&account)?
             .mailboxes
             .get(&mailbox)
-            .map(mailbox_view)
+            .map(|mailbox| mailbox_view(&state, account, mailbox))
     }
 
     /// The raw bytes of a stored message if they are in the body cache (no I/O, no blocking
@@ -1493,6 +1507,47 @@ impl MailStore {
             Response::Flags(flags) => Ok(flags),
             other => Err(unexpected(other)),
         }
+    }
+
+    /// STORE with RFC 7162's UNCHANGEDSINCE: (UID, flags, modseq) of every message of `uids`
+    /// that still exists and was not modified after `unchanged_since`, and the UIDs that
+    /// were (left alone).
+    #[allow(clippy::type_complexity)]
+    pub async fn store_flags_since(
+        &self,
+        account: AccountId,
+        mailbox: MailboxId,
+        uids: Vec<Uid>,
+        op: FlagOp,
+        flags: FlagSet,
+        unchanged_since: Option<u64>,
+    ) -> Result<(Vec<(Uid, FlagSet, u64)>, Vec<Uid>), StoreError> {
+        let command = imap_state::CommandV7::StoreFlags {
+            account,
+            mailbox,
+            uids: uids_to_ranges(uids),
+            op,
+            flags,
+            unchanged_since,
+        };
+        match self.submit_command(Command::V7(command)).await? {
+            Response::FlagsModseq { changed, modified } => Ok((changed, modified)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The UIDs expunged from `mailbox` after modseq `since` (sorted, disjoint inclusive
+    /// ranges), or `None` when that is too long ago to know (RFC 7162 VANISHED).
+    pub fn vanished_since(
+        &self,
+        account: AccountId,
+        mailbox: MailboxId,
+        since: u64,
+    ) -> Option<Vec<(Uid, Uid)>> {
+        self.state()
+            .imap
+            .modseq
+            .vanished_since(account, mailbox, since)
     }
 
     /// Removes the messages flagged \Deleted (only those among `uids` when given); returns

@@ -464,6 +464,7 @@ impl State {
         let mut delivered = Vec::with_capacity(targets.len());
         if let Some(body) = &body {
             for (account_id, mailbox_id, flags, new_keywords) in targets {
+                let modseq = self.imap.modseq.bump(account_id, mailbox_id);
                 let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
                 mailbox.remember_keywords(new_keywords);
                 let uid = mailbox.uidnext;
@@ -475,6 +476,7 @@ impl State {
                     internal_date: received_at,
                     internal_date_offset_min: 0,
                     flags,
+                    modseq,
                 });
                 mailbox.touch(account_id, effects);
                 delivered.push((account_id, mailbox_id, uid));

@@ -47,8 +47,8 @@ use super::queue::Outbound;
 use super::quota::Quotas;
 use super::snapshot_chunks::{
     range_of, BuildHandle, ChunkRef, ChunkStore, Manifest, MAX_CHUNKS, MAX_CHUNK_BYTES,
-    SECTION_BACKUP, SECTION_IMAP, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE, SECTION_SRS_KEY,
-    SECTION_STATE,
+    SECTION_BACKUP, SECTION_IMAP, SECTION_MODSEQ, SECTION_OUTBOUND, SECTION_QUOTAS, SECTION_SIEVE,
+    SECTION_SRS_KEY, SECTION_STATE,
 };
 use super::state::State;
 use super::{BlobId, MailboxId, MessageMeta};
@@ -222,6 +222,7 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
             super::backup_state::SECTION_BACKUP_SUCCESS,
             encode(&state.backup.last_success)?,
         ),
+        (SECTION_MODSEQ, encode(&state.imap.modseq)?),
     ])
 }
 
@@ -352,6 +353,7 @@ fn decode_chunks(
     let mut backup_success: Option<
         std::collections::BTreeMap<String, super::backup_state::BackupSuccess>,
     > = None;
+    let mut modseq: Option<super::imap_state::ModseqState> = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -376,6 +378,7 @@ fn decode_chunks(
             super::backup_state::SECTION_BACKUP_SUCCESS => {
                 once(&mut backup_success, name, decode(name, &bytes)?)?
             }
+            SECTION_MODSEQ => once(&mut modseq, name, decode(name, &bytes)?)?,
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -393,6 +396,7 @@ fn decode_chunks(
     state.backup.last_success = backup_success.unwrap_or_default();
     state.sieve = sieve.unwrap_or_default();
     state.imap = imap.unwrap_or_default();
+    state.imap.modseq = modseq.unwrap_or_default();
 
     let mut owners: BTreeMap<MailboxId, super::AccountId> = BTreeMap::new();
     for account in state.accounts.values() {
@@ -407,7 +411,11 @@ fn decode_chunks(
         let mut messages: Vec<MessageMeta> = Vec::new();
         for (range, chunk) in ranges {
             let bytes = fetch(chunk)?;
-            let part: Vec<MessageMeta> = decode("messages", &bytes)?;
+            let part: Vec<MessageMeta> = match decode("messages", &bytes) {
+                Ok(part) => part,
+                // Written before modseqs: every message gets the initial one.
+                Err(error) => super::imap_state::decode_legacy_messages(&bytes).ok_or(error)?,
+            };
             if part.is_empty() || part.iter().any(|m| range_of(m.uid) != *range) {
                 return Err(invalid("snapshot range chunk holds UIDs of another range"));
             }

@@ -61,6 +61,8 @@ pub const SECTION_BACKUP: &str = "backup";
 pub const SECTION_SIEVE: &str = "sieve";
 /// The replicated IMAP state (`imap_state.rs`: `\Recent` boundaries).
 pub const SECTION_IMAP: &str = "imap";
+/// RFC 7162 modseqs (`imap_state::ModseqState`).
+pub const SECTION_MODSEQ: &str = "modseq";
 
 const PACK_PREFIX: &str = "chunks-";
 const PACK_SUFFIX: &str = ".pack";

@@ -802,6 +802,7 @@ impl State {
         self.account_ids.remove(&address);
         self.forget_quota(id);
         self.forget_sieve(id);
+        self.imap.modseq.forget_account(id);
         for mailbox in account.mailboxes.values() {
             self.drop_mailbox_refs(&mailbox.messages, effects);
             effects.changed.push(MailboxChanged {
@@ -900,6 +901,7 @@ impl State {
         }
         let mut delivered = Vec::with_capacity(targets.len());
         for (account_id, inbox_id) in targets {
+            let modseq = self.imap.modseq.bump(account_id, inbox_id);
             let account = self.account_mut(account_id)?;
             let inbox = account.mailbox_mut(inbox_id)?;
             let uid = inbox.uidnext;
@@ -912,6 +914,7 @@ impl State {
                 internal_date: received_at,
                 internal_date_offset_min: 0,
                 flags: FlagSet::new(),
+                modseq,
             });
             inbox.touch(account_id, effects);
             delivered.push((account_id, inbox_id, uid));
@@ -995,6 +998,7 @@ impl State {
             .ok_or_else(|| ApplyError::NotFound(format!("mailbox {name:?}")))?;
         self.drop_mailbox_refs(&mailbox.messages, effects);
         self.credit_usage(account_id, Usage::of_messages(mailbox.messages.iter()));
+        self.imap.modseq.forget(account_id, id);
         effects.changed.push(MailboxChanged {
             account: account_id,
             mailbox: id,
@@ -1048,6 +1052,20 @@ impl State {
                 self.insert_mailbox(account_id, parent, None, uidvalidity)?;
             }
             let new_id = self.insert_mailbox(account_id, to, None, new_validity)?;
+            // INBOX's messages leave it (VANISHED for its sessions) and keep their modseqs
+            // in the new mailbox, whose highest modseq covers them.
+            let modseq = self.imap.modseq.bump(account_id, from_id);
+            let moved_uids: Vec<Uid> = self
+                .account(account_id)?
+                .mailbox(from_id)?
+                .messages
+                .iter()
+                .map(|m| m.uid)
+                .collect();
+            self.imap
+                .modseq
+                .expunged(account_id, from_id, modseq, moved_uids);
+            self.imap.modseq.raise(account_id, new_id, modseq);
             let account = self.account_mut(account_id)?;
             let inbox = account.mailbox_mut(from_id)?;
             let messages = std::mem::take(&mut inbox.messages);
@@ -1148,6 +1166,7 @@ impl State {
         mailbox.has_room_for(1)?;
         self.check_quota(account_id, Usage::one(body.raw_size))?;
         let (flags, new_keywords) = mailbox.canonical_flags(flags)?;
+        let modseq = self.imap.modseq.bump(account_id, mailbox_id);
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         mailbox.remember_keywords(new_keywords);
         let uid = mailbox.uidnext;
@@ -1161,6 +1180,7 @@ impl State {
             internal_date,
             internal_date_offset_min,
             flags,
+            modseq,
         });
         mailbox.touch(account_id, effects);
         self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
@@ -1177,13 +1197,43 @@ impl State {
         flags: &FlagSet,
         effects: &mut Effects,
     ) -> Result<Response, ApplyError> {
+        let (result, _) =
+            self.store_flags_since(account_id, mailbox_id, uids, op, flags, None, effects)?;
+        Ok(Response::Flags(
+            result
+                .into_iter()
+                .map(|(uid, flags, _)| (uid, flags))
+                .collect(),
+        ))
+    }
+
+    /// STORE: the flags and modseq of every message of `uids` that still exists, and the
+    /// UIDs left alone because their modseq is above `unchanged_since` (RFC 7162).
+    /// Only messages whose flags change get a new modseq.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    pub(super) fn store_flags_since(
+        &mut self,
+        account_id: AccountId,
+        mailbox_id: MailboxId,
+        uids: Vec<UidRange>,
+        op: FlagOp,
+        flags: &FlagSet,
+        unchanged_since: Option<u64>,
+        effects: &mut Effects,
+    ) -> Result<(Vec<(Uid, FlagSet, u64)>, Vec<Uid>), ApplyError> {
         let ranges = normalize_ranges(uids);
         let mailbox = self.account(account_id)?.mailbox(mailbox_id)?;
         let (flags, new_keywords) = mailbox.canonical_flags(flags)?;
         let indices = mailbox.indices_in(&ranges);
         let mut updates: Vec<(usize, FlagSet)> = Vec::with_capacity(indices.len());
+        let mut modified: Vec<Uid> = Vec::new();
         for index in indices {
-            let current = &mailbox.messages[index].flags;
+            let message = &mailbox.messages[index];
+            if unchanged_since.is_some_and(|since| message.modseq > since) {
+                modified.push(message.uid);
+                continue;
+            }
+            let current = &message.flags;
             let updated = match op {
                 FlagOp::Add => current.union(&flags).cloned().collect(),
                 FlagOp::Remove => current.difference(&flags).cloned().collect(),
@@ -1194,28 +1244,39 @@ impl State {
         let changed = updates
             .iter()
             .any(|(index, updated)| &mailbox.messages[*index].flags != updated);
-        let result: Vec<(Uid, FlagSet)> = updates
-            .iter()
-            .map(|(index, updated)| (mailbox.messages[*index].uid, updated.clone()))
-            .collect();
-        let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
-        if changed {
-            // Only keywords that were actually set are remembered.
-            if op != FlagOp::Remove {
-                mailbox.remember_keywords(new_keywords);
-            }
-            let messages = &mut mailbox.messages;
-            mailbox
-                .chunk_stamps
-                .touch_all(updates.iter().map(|(index, _)| messages[*index].uid));
-            for (index, updated) in updates {
-                if let Some(message) = messages.get_mut(index) {
-                    message.flags = updated;
-                }
-            }
-            mailbox.touch(account_id, effects);
+        if !changed {
+            let result = updates
+                .iter()
+                .map(|(index, updated)| {
+                    let message = &mailbox.messages[*index];
+                    (message.uid, updated.clone(), message.modseq)
+                })
+                .collect();
+            return Ok((result, modified));
         }
-        Ok(Response::Flags(result))
+        let modseq = self.imap.modseq.bump(account_id, mailbox_id);
+        let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
+        // Only keywords that were actually set are remembered.
+        if op != FlagOp::Remove {
+            mailbox.remember_keywords(new_keywords);
+        }
+        let messages = &mut mailbox.messages;
+        mailbox
+            .chunk_stamps
+            .touch_all(updates.iter().map(|(index, _)| messages[*index].uid));
+        let mut result = Vec::with_capacity(updates.len());
+        for (index, updated) in updates {
+            let Some(message) = messages.get_mut(index) else {
+                continue;
+            };
+            if message.flags != updated {
+                message.flags = updated;
+                message.modseq = modseq;
+            }
+            result.push((message.uid, message.flags.clone(), message.modseq));
+        }
+        mailbox.touch(account_id, effects);
+        Ok((result, modified))
     }
 
     fn expunge(
@@ -1238,6 +1299,10 @@ impl State {
         if doomed.is_empty() {
             return Ok(Response::Expunged(Vec::new()));
         }
+        let modseq = self.imap.modseq.bump(account_id, mailbox_id);
+        self.imap
+            .modseq
+            .expunged(account_id, mailbox_id, modseq, doomed.iter().copied());
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         mailbox.chunk_stamps.touch_all(doomed.iter().copied());
         let messages = &mut mailbox.messages;
@@ -1301,6 +1366,7 @@ impl State {
         }
         let (_, new_keywords) = destination.canonical_flags(&all_flags)?;
 
+        let modseq = self.imap.modseq.bump(account_id, to);
         let destination = self.account_mut(account_id)?.mailbox_mut(to)?;
         destination.remember_keywords(new_keywords);
         let mut pairs = Vec::with_capacity(selected.len());
@@ -1325,6 +1391,7 @@ impl State {
             copies.push(MessageMeta {
                 uid,
                 flags,
+                modseq,
                 ..message.clone()
             });
             pairs.push((message.uid, uid));
@@ -1339,6 +1406,10 @@ impl State {
         self.charge_usage(account_id, copied);
         if remove_source {
             let moved: BTreeSet<Uid> = selected.iter().map(|m| m.uid).collect();
+            let modseq = self.imap.modseq.bump(account_id, from);
+            self.imap
+                .modseq
+                .expunged(account_id, from, modseq, moved.iter().copied());
             let source = self.account_mut(account_id)?.mailbox_mut(from)?;
             source.chunk_stamps.touch_all(moved.iter().copied());
             source.messages.retain(|m| !moved.contains(&m.uid));

@@ -11,6 +11,7 @@ mod chaos;
 mod cli;
 mod cluster;
 mod concurrency;
+mod condstore;
 mod config_file;
 mod durability;
 mod idle;
