@@ -451,6 +451,7 @@ fn load_segment(
 /// - A commit index beyond the last entry on disk (the log lost entries it had flushed: a
 ///   lying disk, or a copy of the folder) is lowered to the last entry; the node learns the
 ///   rest again from the leader.
+///
 /// Returns whether the commit index was lowered.
 fn restore_after_restart(meta: &mut Meta, last_log_id: Option<LogId>) -> bool {
     if let (Some(vote), Some(node_id)) = (meta.vote, meta.node_id) {
