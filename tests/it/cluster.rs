@@ -1430,3 +1430,72 @@ fn learner_may_not_invite_or_remove() {
         "membership changed: {before} -> {status}"
     );
 }
+
+/// A leader cut off with a write in flight, caught up after the heal by a snapshot that covers
+/// that never-committed write, can lead and write again. openraft 0.9 never answers the
+/// write's responder in that case; the proposal batcher's one in-flight slot stayed taken and
+/// the node, once elected again, refused every write for good (`scripts/bench/failover` cut
+/// mode stalled after a few cycles). The test cuts the current leader's site until the first
+/// cut node is elected again, then writes to it.
+#[test]
+fn cut_leader_caught_up_by_a_snapshot_writes_again_once_re_elected() {
+    let Some(cluster) = Cluster::up_with(13, 3, None, |_| {
+        Some(
+            "[smtp]\nmax_messages_per_account_per_minute = 100000\n\
+             [cluster]\nsnapshot_after_logs = 20\nlogs_kept_after_snapshot = 0\n"
+                .to_string(),
+        )
+    }) else {
+        return;
+    };
+    cluster.account();
+    let leader = cluster.leader("n1");
+    let out = cluster.py(
+        r#"
+first = POS[0]
+names = sorted(NODES)
+def site(n): return NODES[n]["site"]
+def leader_of(n):
+    st = status(n)
+    return st.get("leader")
+# A DATA reaches the leader's batcher right after its site is cut: it can never commit.
+s = smtp(first, timeout=30)
+s.mail("bob@example.org"); s.rcpt(USER)
+local_cluster("cut", site(first))
+code, _ = s.data(message("in-flight-at-cut"))
+assert code == 451, f"the cut leader answered {code} to a DATA it cannot commit"
+s.close()
+others = [n for n in names if n != first]
+def majority_leader():
+    l = leader_of(others[0])
+    return l if l in others else None
+wait_until(majority_leader, "the majority's leader", 60)
+# Enough entries for the majority to snapshot and purge past the cut leader's last index.
+acked, _, _ = send_load(others, 2, 30, "while-cut")
+local_cluster("heal", site(first))
+wait_until(lambda: view(first) == view(others[0]), "the healed node to catch up", 120)
+# Cut whoever leads until the first node leads again (two candidates each time).
+rounds = 0
+while True:
+    current = wait_until(lambda: leader_of(first), "a leader", 60)
+    if current == first:
+        break
+    rounds += 1
+    assert rounds <= 12, "the first node was never elected again"
+    local_cluster("cut", site(current))
+    wait_until(lambda: leader_of(first) not in (None, current), "a new leader", 60)
+    local_cluster("heal", site(current))
+    wait_until(lambda: view(current) == view(first), "the healed node to catch up", 120)
+t0 = time.monotonic()
+def write_to_first():
+    s = smtp(first, timeout=30)
+    s.sendmail("bob@example.org", [USER], message(f"after-re-election-{time.monotonic_ns()}"))
+    s.quit()
+    return True
+wait_until(write_to_first, "a 250 from the re-elected node", 30)
+print(f"re-elected after {rounds} cut(s); first 250 after {time.monotonic() - t0:.2f}s")
+"#,
+        &[&leader],
+    );
+    eprintln!("re-elected cut leader: {out}");
+}

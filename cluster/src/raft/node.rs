@@ -1156,6 +1156,10 @@ async fn run_batcher(raft: Raft, mut proposals: mpsc::Receiver<Pending>, stop: C
             .map(|pending| (pending.command, pending.reply))
             .unzip();
         let span = tracing::debug_span!("raft_write", n_commands, n_bytes);
+        // The term this batch is proposed in: if the node stops leading it before openraft
+        // answers, the batch is answered here (see `leadership_lost`).
+        let metrics = raft.metrics();
+        let term = metrics.borrow().current_term;
         match raft
             .client_write_ff(CommandBatch(commands))
             .instrument(span.clone())
@@ -1168,7 +1172,21 @@ async fn run_batcher(raft: Raft, mut proposals: mpsc::Receiver<Pending>, stop: C
             Ok(receiver) => {
                 tokio::spawn(
                     async move {
-                        let outcome = receiver.await;
+                        let outcome = tokio::select! {
+                            outcome = receiver => outcome,
+                            () = leadership_lost(metrics, term) => {
+                                answer_all(
+                                    replies,
+                                    Err(ProposeError::Unavailable(
+                                        "this node lost the leadership while the write was in \
+                                         flight; outcome unknown, retry"
+                                            .to_string(),
+                                    )),
+                                );
+                                drop(permit);
+                                return;
+                            }
+                        };
                         match outcome {
                             Ok(Ok(response)) => {
                                 deliver(replies, response.data, response.log_id.index)
@@ -1200,6 +1218,31 @@ async fn run_batcher(raft: Raft, mut proposals: mpsc::Receiver<Pending>, stop: C
         }
     }
     tracing::debug!("proposal batcher stopped");
+}
+
+/// Resolves once this node is no longer the leader of `term`.
+///
+/// openraft 0.9 answers a write's responder when its entry is applied or truncated as a
+/// conflict, but not when a snapshot installed from the next leader covers it: a leader that
+/// was cut off, stepped down and caught up by a snapshot keeps the responder of its last,
+/// never committed batch forever. The batcher's in-flight slot would stay taken and the node,
+/// once elected again, could never write (seen in `scripts/bench/failover` cut mode).
+async fn leadership_lost(
+    mut metrics: watch::Receiver<openraft::RaftMetrics<NodeId, NodeInfo>>,
+    term: u64,
+) {
+    loop {
+        {
+            let m = metrics.borrow_and_update();
+            if m.current_term != term || m.state != ServerState::Leader {
+                return;
+            }
+        }
+        if metrics.changed().await.is_err() {
+            // Raft stopped: the responder is dropped and answers `Err` on its own.
+            return std::future::pending().await;
+        }
+    }
 }
 
 type Reply = oneshot::Sender<Result<(Vec<u8>, u64), ProposeError>>;
