@@ -2,9 +2,8 @@
 //! between the socket and the [`Session`], wakes idling sessions on store changes, enforces
 //! timeouts and session limits, and shuts down gracefully. No protocol logic lives here.
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -20,6 +19,7 @@ use tracing::Instrument;
 use super::cache::{AuthCache, HeaderCache};
 use super::config::ImapConfig;
 use super::session::{Action, ConnectionInfo, Session};
+use crate::auth::slots::Slots;
 use crate::store::MailStore;
 
 /// Bytes read from the socket at a time.
@@ -31,11 +31,6 @@ const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// The output buffer's capacity is given back above this after a write (a large FETCH
 /// response must not stay allocated for the rest of the session).
 const OUTPUT_KEEP_CAPACITY_BYTES: usize = 256 * 1024;
-
-// The address a client's sessions are counted under for `max_sessions_per_ip`: IPv4 as is,
-// IPv6 by its /64 (one host commonly holds a whole /64), an IPv4-mapped address as its IPv4
-// address; the same key as SMTP and the login throttle.
-use crate::auth::throttle::client_key;
 
 /// Serves IMAP on `listener` until `shutdown` is cancelled; then stops accepting, lets each
 /// session finish its current command, says BYE to the waiting ones, and returns when all
@@ -69,7 +64,12 @@ pub async fn serve(
             },
         };
         while sessions.try_join_next().is_some() {}
-        let Some(slot) = Slots::acquire(&slots, peer.ip(), &config) else {
+        let Some(slot) = Slots::acquire(
+            &slots,
+            peer.ip(),
+            config.max_sessions,
+            config.max_sessions_per_ip,
+        ) else {
             tracing::info!(%peer, "imap connection refused: too many sessions");
             sessions.spawn(refuse(tcp, implicit_tls));
             continue;
@@ -117,45 +117,6 @@ async fn refuse(mut tcp: TcpStream, implicit_tls: bool) {
 }
 
 /// Counts sessions in total and per client address.
-#[derive(Default)]
-struct Slots {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
-
-struct Slot {
-    slots: Arc<Slots>,
-    ip: IpAddr,
-}
-
-impl Slots {
-    fn acquire(slots: &Arc<Slots>, ip: IpAddr, config: &ImapConfig) -> Option<Slot> {
-        let ip = client_key(ip);
-        let mut per_ip = slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = per_ip.values().sum();
-        let mine = per_ip.get(&ip).copied().unwrap_or(0);
-        if total >= config.max_sessions || mine >= config.max_sessions_per_ip {
-            return None;
-        }
-        per_ip.insert(ip, mine + 1);
-        Some(Slot {
-            slots: Arc::clone(slots),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
-
 struct Connection {
     peer: SocketAddr,
     implicit_tls: bool,
@@ -337,35 +298,5 @@ impl Connection {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ipv6_clients_are_counted_per_64() {
-        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
-        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
-        let c: IpAddr = "2001:db8:1:3::1".parse().unwrap();
-        assert_eq!(client_key(a), client_key(b));
-        assert_ne!(client_key(a), client_key(c));
-        let v4: IpAddr = "192.0.2.7".parse().unwrap();
-        let mapped: IpAddr = "::ffff:192.0.2.7".parse().unwrap();
-        assert_eq!(client_key(v4), v4);
-        assert_eq!(client_key(mapped), v4);
-        let config = ImapConfig {
-            max_sessions_per_ip: 2,
-            ..ImapConfig::default()
-        };
-        let slots = Arc::new(Slots::default());
-        let first = Slots::acquire(&slots, a, &config);
-        let second = Slots::acquire(&slots, b, &config);
-        assert!(first.is_some() && second.is_some());
-        assert!(Slots::acquire(&slots, "2001:db8:1:2::77".parse().unwrap(), &config).is_none());
-        assert!(Slots::acquire(&slots, c, &config).is_some());
-        drop(first);
-        assert!(Slots::acquire(&slots, a, &config).is_some());
     }
 }

@@ -2,9 +2,7 @@
 //! client address, IPv6 per /64), runs STARTTLS, enforces the pre-auth deadline and the idle
 //! timeout, and moves bytes between the socket and the [`Session`].
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -17,52 +15,13 @@ use tracing::Instrument;
 
 use super::session::{Action, ConnectionInfo, Session};
 use super::ManageSieveConfig;
-use crate::auth::throttle::client_key;
+use crate::auth::slots::Slots;
 use crate::store::MailStore;
 
 const READ_CHUNK_BYTES: usize = 16 * 1024;
 const ACCEPT_ERROR_BACKOFF_MS: u64 = 100;
 /// Sessions get this long to finish at shutdown.
 const SHUTDOWN_GRACE_SECS: u64 = 5;
-
-#[derive(Default)]
-struct Slots {
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
-}
-
-struct Slot {
-    slots: Arc<Slots>,
-    ip: IpAddr,
-}
-
-impl Slots {
-    fn acquire(slots: &Arc<Slots>, ip: IpAddr, config: &ManageSieveConfig) -> Option<Slot> {
-        let ip = client_key(ip);
-        let mut per_ip = slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        let total: usize = per_ip.values().sum();
-        let mine = per_ip.get(&ip).copied().unwrap_or(0);
-        if total >= config.max_sessions || mine >= config.max_sessions_per_ip {
-            return None;
-        }
-        per_ip.insert(ip, mine + 1);
-        Some(Slot {
-            slots: Arc::clone(slots),
-            ip,
-        })
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        let mut per_ip = self.slots.per_ip.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = per_ip.get_mut(&self.ip) {
-            *count -= 1;
-            if *count == 0 {
-                per_ip.remove(&self.ip);
-            }
-        }
-    }
-}
 
 /// Serves ManageSieve on `listener` until `shutdown` is cancelled.
 pub async fn serve(
@@ -89,7 +48,12 @@ pub async fn serve(
             },
         };
         while sessions.try_join_next().is_some() {}
-        let Some(slot) = Slots::acquire(&slots, peer.ip(), &config) else {
+        let Some(slot) = Slots::acquire(
+            &slots,
+            peer.ip(),
+            config.max_sessions,
+            config.max_sessions_per_ip,
+        ) else {
             tracing::info!(%peer, "managesieve connection refused: too many sessions");
             sessions.spawn(async move {
                 let mut tcp = tcp;
