@@ -60,6 +60,10 @@ pub struct InboundConfig {
     /// Apply a failing message's DMARC policy: `p=reject` is `550 5.7.1` at the end of
     /// DATA, `p=quarantine` files it into Junk. false: only the header says so. Default true.
     pub dmarc_enforce: bool,
+    /// ARC (RFC 8617): the chain of seals added by earlier forwarders is verified and its
+    /// result (`arc=pass/fail/none`) written in `Authentication-Results`; it decides nothing
+    /// on its own. Default true.
+    pub arc: bool,
 }
 
 impl Default for InboundConfig {
@@ -76,6 +80,7 @@ impl Default for InboundConfig {
             dkim: true,
             dmarc: true,
             dmarc_enforce: true,
+            arc: true,
         }
     }
 }
@@ -445,6 +450,20 @@ impl InboundAuth {
             }
         }
 
+        // ARC: verified on the message as it arrived (before our own field is added).
+        if let (Some(parsed), true) = (&parsed, self.config.arc) {
+            let arc = self.authenticator.verify_arc(self.params(parsed)).await;
+            results = results.with_arc_result(&arc, client_ip);
+            summary.push(format!(
+                "arc={}",
+                match arc.result() {
+                    DkimResult::Pass | DkimResult::None | DkimResult::TempError(_) =>
+                        dkim_word(arc.result()),
+                    _ => "fail",
+                }
+            ));
+        }
+
         // DMARC.
         let mut disposition = Disposition::Deliver;
         if let (Some(parsed), true) = (&parsed, self.config.dmarc) {
@@ -524,10 +543,16 @@ impl InboundAuth {
         }
         // A body hash that does not match is a failure (RFC 8601 section 2.7.1: "the
         // signature failed to verify"); mail-auth reports it as neutral.
-        let mut header = results.to_header().replace(
-            "dkim=neutral (body hash did not verify)",
-            "dkim=fail (body hash did not verify)",
-        );
+        // ARC results are none, pass or fail (RFC 8617 section 4.4): mail-auth's neutral
+        // (a body hash that does not match) and permerror (a broken seal) are failures.
+        let mut header = results
+            .to_header()
+            .replace(
+                "dkim=neutral (body hash did not verify)",
+                "dkim=fail (body hash did not verify)",
+            )
+            .replace("\tarc=neutral", "\tarc=fail")
+            .replace("\tarc=permerror", "\tarc=fail");
         if no_signature {
             // mail-auth writes results of signatures only: RFC 8601's `dkim=none` by hand.
             header.truncate(header.len() - 2);

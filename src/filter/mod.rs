@@ -1,5 +1,6 @@
 //! Checks of incoming mail on the MX listener (issue 12): SPF (RFC 7208) for the HELO and
-//! MAIL FROM identities, DKIM (RFC 6376) for every signature, DMARC (RFC 7489) with the
+//! MAIL FROM identities, DKIM (RFC 6376) for every signature, the ARC chain (RFC 8617,
+//! reported, decides nothing), DMARC (RFC 7489) with the
 //! organisational domain from the public suffix list, all through mail-auth; the verdict
 //! becomes an `Authentication-Results` field (RFC 8601) prepended to the message, and a
 //! disposition (deliver, Junk, refuse, defer).

@@ -246,6 +246,8 @@ fn zone(keys: &Value) -> Value {
         "client.test": [txt(local), ["A", "127.0.0.1"]],
         // DKIM: signed.test publishes both keys and no DMARC record.
         "signed.test": [txt("v=spf1 ?all")],
+        // ARC: a forwarder that seals what it passes on.
+        "rsa._domainkey.forwarder.test": [txt(rsa)],
         "rsa._domainkey.signed.test": [txt(rsa)],
         "ed._domainkey.signed.test": [txt(ed)],
         // SPF alone.
@@ -513,4 +515,40 @@ print("timeout ok")
     assert!(out.contains("timeout ok"), "{out}");
     let log = fixture.node.stderr();
     assert!(log.contains("inbound checks"), "{log}");
+}
+
+/// ARC (RFC 8617): a message sealed by a forwarder (dkimpy's `arc_sign`, with the forwarder's
+/// own Authentication-Results) gets `arc=pass`; the same seal over a body changed after
+/// sealing gets `arc=fail`; a message without seals `arc=none`. The forwarder's field stays.
+#[test]
+fn arc_chain_from_a_forwarder_verifies_and_a_changed_body_breaks_it() {
+    let fixture = Fixture::start();
+    let out = fixture.client(
+        r#"
+def sealed(subject, tamper=False):
+    msg = (b"Authentication-Results: forwarder.test; spf=pass smtp.mailfrom=a@signed.test\r\n"
+           + message(subject, sender="a@signed.test"))
+    seal = dkim.arc_sign(msg, b"rsa", b"forwarder.test", KEYS["rsa_pem"].encode(), b"forwarder.test")
+    assert len(seal) == 3, seal
+    msg = b"".join(seal) + msg
+    if tamper:
+        msg = msg.replace(b"Hello.", b"Hello, changed.")
+    return msg
+for subject, tamper in [("arc-sealed", False), ("arc-changed", True)]:
+    s = smtp()
+    s.sendmail("a@signed.test", [USER], sealed(subject, tamper))
+    s.quit()
+assert send("a@signed.test", "a@signed.test", "arc-none") == "250"
+for subject, verdict in [("arc-sealed", "pass"), ("arc-changed", "fail"), ("arc-none", "none")]:
+    raw, found = stored(subject)
+    assert raw is not None, subject
+    ours = [f for f in found if f.startswith(AUTHSERV_ID + ";")]
+    assert len(ours) == 1, found
+    assert re.search(r"arc=%s( \([^)]*\))? smtp\.remote-ip=127\.0\.0\.1" % verdict, ours[0]), (subject, ours[0])
+    if subject != "arc-none":
+        assert any(f.startswith("forwarder.test;") for f in found), found
+print("arc ok")
+"#,
+    );
+    assert!(out.contains("arc ok"), "{out}");
 }
