@@ -23,6 +23,7 @@ use super::framing::{first_line, first_token, Frame, Framer};
 use super::recent::RecentUids;
 use super::response::{tagged, untagged};
 use super::selected::Selected;
+use super::sort::{strip_ordering, Ordering};
 use crate::store::{AccountId, MailStore};
 
 /// Longest AUTHENTICATE response or IDLE "DONE" line accepted.
@@ -172,6 +173,8 @@ pub struct Session {
     pub(super) qresync: bool,
     /// The CONDSTORE/QRESYNC parts of the running command (`condstore::strip`).
     pub(super) modifiers: Modifiers,
+    /// The running command is a SORT or THREAD rewritten as a SEARCH (`sort::strip_ordering`).
+    pub(super) ordering: Option<Ordering>,
 }
 
 impl Session {
@@ -205,6 +208,7 @@ impl Session {
             condstore: false,
             qresync: false,
             modifiers: Modifiers::default(),
+            ordering: None,
         }
     }
 
@@ -291,7 +295,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
         }
@@ -522,6 +526,22 @@ impl Session {
     /// Runs one complete command (literals included).
     async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
         let tag = first_token(bytes);
+        // SORT and THREAD: the sort criteria (or algorithm) and the charset come out, the
+        // rest is a SEARCH whose matches are then ordered.
+        let rewritten_ordering: Vec<u8>;
+        self.ordering = None;
+        let bytes = match strip_ordering(bytes) {
+            Ok(None) => bytes,
+            Ok(Some((command, ordering))) => {
+                rewritten_ordering = command;
+                self.ordering = Some(ordering);
+                &rewritten_ordering
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
+        };
         // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
         let rewritten: Vec<u8>;
         self.esearch = None;

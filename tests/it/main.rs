@@ -17,6 +17,7 @@ mod durability;
 mod idle;
 mod imap_abuse;
 mod imap_rfc;
+mod imap_sort;
 mod inbound_auth;
 mod mbsync;
 mod mesh_faults;
