@@ -22,9 +22,7 @@ use super::response::{codec_item, flag_list_recent, internal_date, literal, tagg
 use super::search::{matches, needs_body, SearchInput};
 use super::session::send_ahead;
 use super::session::{mailbox_name, Session, State};
-use super::sort::{
-    sent_date, sort_value, sorted_positions, Ordering, SortValue, ThreadAlgorithm,
-};
+use super::sort::{sent_date, sort_value, sorted_positions, Ordering, SortValue, ThreadAlgorithm};
 use super::thread::{
     ordered_subject, references, thread_message, write_thread_response, ThreadMessage,
 };
@@ -193,6 +191,9 @@ impl Session {
         let body_needed = needs_body(criteria);
         let header_is_enough = body_needed && header_only(criteria);
         let mut found = Vec::new();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
         let all: Vec<usize> = (0..messages.len()).collect();
         for chunk in all.chunks(BODY_BATCH) {
             let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
@@ -217,6 +218,7 @@ impl Session {
                     last_seq,
                     last_uid,
                     recent: self.recent.contains(meta.uid),
+                    now,
                 };
                 if matches(criteria, &input) {
                     found.push(i);
@@ -318,7 +320,13 @@ impl Session {
                 Ok(response) => response,
                 Err(error) => {
                     tracing::warn!(%error, "{verb} task failed");
-                    tagged(out, tag, "NO", Some("SERVERBUG"), "could not order messages");
+                    tagged(
+                        out,
+                        tag,
+                        "NO",
+                        Some("SERVERBUG"),
+                        "could not order messages",
+                    );
                     return;
                 }
             }
@@ -955,6 +963,122 @@ fn section_spec(out: &mut Vec<u8>, section: &Section<'_>) {
         Section::Mime(p) => {
             part(out, p, true);
             out.extend_from_slice(b"MIME");
+        }
+    }
+}
+
+/// Timing of SORT and THREAD's ordering work (what runs on the blocking pool) over
+/// `KERMAIL_TIMING_MESSAGES` messages (1,000 by default) with headers like the IMAP
+/// benchmark's. Prints the figures; asserts only the results.
+/// `KERMAIL_TIMING_MESSAGES=10000 cargo test --release --lib imap::messages::order_timing -- --nocapture`
+#[cfg(test)]
+mod order_timing {
+    use super::*;
+    use crate::imap::sort::{SortCriterion, SortKey};
+    use std::time::Instant;
+
+    fn header(i: usize) -> Arc<[u8]> {
+        let reply = if i % 3 == 0 {
+            String::new()
+        } else {
+            format!("References: <m{}@example.org>\r\n", i - i % 3)
+        };
+        Arc::from(
+            format!(
+                "From: Sender {} <sender{}@example.org>\r\nTo: bench@bench.test\r\n\
+                 Subject: {}Weekly report {} status\r\n\
+                 Date: Mon, 2 Nov 2026 {:02}:{:02}:{:02} +0000\r\n\
+                 Message-ID: <m{i}@example.org>\r\n{reply}\r\n",
+                i % 37,
+                i % 37,
+                if reply.is_empty() { "" } else { "Re: " },
+                i - i % 3,
+                i / 3600 % 24,
+                i / 60 % 60,
+                i % 60
+            )
+            .into_bytes(),
+        )
+    }
+
+    #[test]
+    fn sort_and_thread_of_a_large_mailbox() {
+        let count: usize = std::env::var("KERMAIL_TIMING_MESSAGES")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1_000);
+        let mut messages = MessageList::new();
+        for i in 0..count {
+            messages.push(crate::store::MessageMeta {
+                uid: i as u32 + 1,
+                blob: BlobId([0; 32]),
+                size: 1_000 + (i % 17) as u32,
+                internal_date: 1_704_189_600 + i as i64,
+                internal_date_offset_min: 0,
+                flags: Default::default(),
+                modseq: 1,
+            });
+        }
+        let found: Vec<usize> = (0..count).collect();
+        let headers: Vec<Option<Arc<[u8]>>> = (0..count).map(|i| Some(header(i))).collect();
+        let cases = [
+            (
+                "SORT (SUBJECT)",
+                Ordering::Sort(vec![SortCriterion {
+                    key: SortKey::Subject,
+                    reverse: false,
+                }]),
+            ),
+            (
+                "SORT (REVERSE DATE)",
+                Ordering::Sort(vec![SortCriterion {
+                    key: SortKey::Date,
+                    reverse: true,
+                }]),
+            ),
+            (
+                "SORT (FROM SIZE)",
+                Ordering::Sort(vec![
+                    SortCriterion {
+                        key: SortKey::From,
+                        reverse: false,
+                    },
+                    SortCriterion {
+                        key: SortKey::Size,
+                        reverse: false,
+                    },
+                ]),
+            ),
+            (
+                "SORT (ARRIVAL)",
+                Ordering::Sort(vec![SortCriterion {
+                    key: SortKey::Arrival,
+                    reverse: false,
+                }]),
+            ),
+            (
+                "THREAD REFERENCES",
+                Ordering::Thread(ThreadAlgorithm::References),
+            ),
+            (
+                "THREAD ORDEREDSUBJECT",
+                Ordering::Thread(ThreadAlgorithm::OrderedSubject),
+            ),
+        ];
+        for (name, ordering) in cases {
+            let started = Instant::now();
+            let response = order_response(&messages, &found, &headers, true, &ordering);
+            let elapsed = started.elapsed();
+            println!(
+                "{count} messages: {name} {:.1} ms ({} bytes)",
+                elapsed.as_secs_f64() * 1e3,
+                response.len()
+            );
+            let numbers = response
+                .split(|b| !b.is_ascii_digit())
+                .filter(|w| !w.is_empty())
+                .count();
+            assert_eq!(numbers, count, "{name}");
         }
     }
 }

@@ -491,11 +491,7 @@ mod tests {
         let forest = references(&messages);
         let written = threads(&forest, &messages);
         for n in ["1", "2", "3"] {
-            assert_eq!(
-                written.matches(n).count(),
-                1,
-                "{n} exactly once: {written}"
-            );
+            assert_eq!(written.matches(n).count(), 1, "{n} exactly once: {written}");
         }
         // 1's References make b its parent; b's own link to a would close a loop and is
         // not made; c goes under a (its last reference), its self reference is ignored.
@@ -533,7 +529,11 @@ mod tests {
     fn in_reply_to_only_and_deep_chains() {
         let mut messages: Vec<ThreadMessage> = (1..=5_000u32)
             .map(|n| {
-                let parent = if n > 1 { format!("m{}", n - 1) } else { String::new() };
+                let parent = if n > 1 {
+                    format!("m{}", n - 1)
+                } else {
+                    String::new()
+                };
                 msg(n, i64::from(n), &format!("m{n}"), &parent, "Chain")
             })
             .collect();
@@ -568,7 +568,7 @@ mod tests {
         let m = thread_message(7, Some(header), 1);
         assert_eq!(m.message_id.as_deref(), Some("m@x"));
         assert_eq!(m.references, vec!["p@x".to_owned()]);
-        assert_eq!(m.base_subject, "hi");
+        assert_eq!(m.base_subject, "HI");
         assert!(m.reply_or_forward);
     }
 

@@ -57,9 +57,10 @@ for cap in ("SORT", "SORT=DISPLAY", "THREAD=ORDEREDSUBJECT", "THREAD=REFERENCES"
 status, _ = raw(c, "SORT (DATE) UTF-8 ALL")
 assert status.split()[1] == "BAD", status
 load(c)
+# Every order below is also what Dovecot 2.3.19 answers for these messages.
 expected = {
-    # Base subjects apple, banana, cherry, "äpfel" (UTF-8 after ASCII).
-    "SUBJECT": [2, 1, 3, 4],
+    # Base subjects apple, banana, cherry, "äpfel" (NFKD: "a" + U+0308, just after "apple").
+    "SUBJECT": [2, 4, 1, 3],
     # Sent dates (the Date field in UTC; without one, INTERNALDATE).
     "DATE": [3, 2, 1, 4],
     "REVERSE DATE": [4, 1, 2, 3],
@@ -70,16 +71,16 @@ expected = {
     # No Cc sorts as the empty string; ties keep mailbox order or go to the next key.
     "CC": [2, 4, 3, 1],
     "CC REVERSE SUBJECT": [4, 2, 3, 1],
-    # RFC 5957: display names (decoded, case-mapped), else the address.
-    "DISPLAYFROM": [2, 3, 1, 4],
+    # RFC 5957: display names (decoded, case-mapped), else the address ("Álvaro" first).
+    "DISPLAYFROM": [4, 2, 3, 1],
     "DISPLAYTO": [2, 1, 4, 3],
 }
 for criteria, order in expected.items():
     got = sort(c, criteria)
     assert got == order, (criteria, got, order)
-assert sort(c, "SUBJECT", uid=True) == [3, 2, 4, 5]
+assert sort(c, "SUBJECT", uid=True) == [3, 5, 2, 4]
 assert sort(c, "date", search="OR FROM alice FROM dave") == [1, 4]
-assert sort(c, "SUBJECT", search="UID 3:5 SMALLER 2500", uid=True) == [4, 5]
+assert sort(c, "SUBJECT", search="UID 3:5 SMALLER 2500", uid=True) == [5, 4]
 assert sort(c, "SIZE", charset="US-ASCII") == [3, 1, 4, 2]
 assert sort(c, "SIZE", charset='"utf-8"') == [3, 1, 4, 2]
 # imaplib's own sort().
@@ -92,7 +93,7 @@ for bad in ["SORT DATE UTF-8 ALL", "SORT (DATE) UTF-8", "SORT (NAME) UTF-8 ALL",
     status, lines = raw(c, bad)
     assert status.split()[1] == "BAD", (bad, status)
 # Still usable after the errors.
-assert sort(c, "SUBJECT") == [2, 1, 3, 4]
+assert sort(c, "SUBJECT") == [2, 4, 1, 3]
 print("sort keys ok")
 "#;
 
@@ -146,6 +147,7 @@ def thread(c, algorithm, search="ALL", uid=False):
 const THREADS: &str = r#"
 c = imap()
 load_threads(c)
+# Dovecot 2.3.19 gives the same three answers for these messages.
 # REFERENCES: the dummy parent of 5 and 6 stays (two children at the root); the duplicate
 # <a@x> (9) and the reply without references (10) join 1 by subject under a dummy; the
 # References cycle between 7 and 8 is broken (8 keeps 7, 7's link back is refused).

@@ -16,6 +16,7 @@ mod config_file;
 mod durability;
 mod idle;
 mod imap_abuse;
+mod imap_extensions;
 mod imap_rfc;
 mod imap_sort;
 mod inbound_auth;
