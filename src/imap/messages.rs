@@ -978,7 +978,7 @@ mod order_timing {
     use std::time::Instant;
 
     fn header(i: usize) -> Arc<[u8]> {
-        let reply = if i % 3 == 0 {
+        let reply = if i.is_multiple_of(3) {
             String::new()
         } else {
             format!("References: <m{}@example.org>\r\n", i - i % 3)

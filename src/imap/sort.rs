@@ -418,7 +418,7 @@ pub fn base_subject(subject: &str) -> (String, bool) {
 /// subj-blob = "[" *BLOBCHAR "]" *WSP at the start of `text`: what follows it.
 fn strip_blob(text: &str) -> Option<&str> {
     let inner = text.strip_prefix('[')?;
-    let close = inner.find(|c| c == ']' || c == '[')?;
+    let close = inner.find([']', '['])?;
     if inner.as_bytes()[close] != b']' {
         return None;
     }
