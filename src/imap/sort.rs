@@ -248,12 +248,26 @@ pub fn sent_date(header: Option<&[u8]>, meta: &MessageMeta) -> i64 {
 pub fn subject_text(header: Option<&[u8]>) -> String {
     header
         .and_then(|h| first_field(h, b"subject"))
-        .map(|f| decode_field_value(f.value))
+        .map(|f| decode_text(f.value))
         .unwrap_or_default()
 }
 
-/// The first address of the field `name`: (addr-mailbox, display name decoded, addr-spec).
-fn first_address(header: Option<&[u8]>, name: &[u8]) -> Option<(String, String, String)> {
+/// A field value decoded (RFC 2047 words, folding); plain ASCII without encoded words is only
+/// unfolded, without the full parse (base subject extraction collapses the spaces anyway).
+fn decode_text(value: &[u8]) -> String {
+    if value.is_ascii() && !value.windows(2).any(|w| w == b"=?") {
+        return String::from_utf8_lossy(&unfold(value)).into_owned();
+    }
+    decode_field_value(value)
+}
+
+/// The first address of the field `name`: (addr-mailbox, display name decoded, addr-spec);
+/// the last two are left empty unless `display` is asked for.
+fn first_address(
+    header: Option<&[u8]>,
+    name: &[u8],
+    display: bool,
+) -> Option<(String, String, String)> {
     let field = first_field(header?, name)?;
     let addresses = parse_address_list(&unfold(field.value));
     let first = addresses.first()?;
@@ -263,12 +277,15 @@ fn first_address(header: Option<&[u8]>, name: &[u8]) -> Option<(String, String, 
             .unwrap_or_default()
     };
     let mailbox = text(&first.mailbox);
+    if !display {
+        return Some((mailbox, String::new(), String::new()));
+    }
     let host = text(&first.host);
     let raw_name = text(&first.name);
     let display = if raw_name.is_empty() {
         String::new()
     } else {
-        decode_field_value(format!("{raw_name}\r\n").as_bytes())
+        decode_text(format!("{raw_name}\r\n").as_bytes())
     };
     let spec = if host.is_empty() {
         mailbox.clone()
@@ -291,7 +308,7 @@ pub fn sort_value(key: SortKey, header: Option<&[u8]>, meta: &MessageMeta) -> So
                 SortKey::To => b"to",
                 _ => b"cc",
             };
-            let mailbox = first_address(header, name)
+            let mailbox = first_address(header, name, false)
                 .map(|(mailbox, _, _)| mailbox)
                 .unwrap_or_default();
             SortValue::Text(casemap(&mailbox))
@@ -304,7 +321,7 @@ pub fn sort_value(key: SortKey, header: Option<&[u8]>, meta: &MessageMeta) -> So
             };
             // RFC 5957: the decoded display name of the first address when it has a
             // non-empty one, otherwise its addr-spec; empty without an address.
-            let display = first_address(header, name)
+            let display = first_address(header, name, true)
                 .map(|(_, display, spec)| {
                     if display.trim().is_empty() {
                         spec

@@ -44,7 +44,8 @@ impl Forest {
         self.message.len() - 1
     }
 
-    /// The threads as `(number children...)` trees, for tests: `(n)` or `(n (..)(..))`.
+    /// The threads as RFC 5256 thread-lists: `(n)`, `(n m)` for a chain, `(n (..)(..))` for
+    /// several children, `((..)(..))` under a dummy.
     pub fn write(&self, messages: &[ThreadMessage], out: &mut Vec<u8>) {
         enum Step {
             Text(&'static [u8]),
