@@ -94,6 +94,10 @@ for bad in ["SORT DATE UTF-8 ALL", "SORT (DATE) UTF-8", "SORT (NAME) UTF-8 ALL",
     assert status.split()[1] == "BAD", (bad, status)
 # Still usable after the errors.
 assert sort(c, "SUBJECT") == [2, 4, 1, 3]
+# A MODSEQ key (RFC 7162 3.1.5) ends the answer with the highest modseq of the matches.
+status, lines = raw(c, "SORT (DATE) UTF-8 MODSEQ 1")
+found = [l for l in lines if l.startswith("* SORT")]
+assert len(found) == 1 and re.match(r"\* SORT 3 2 1 4 \(MODSEQ \d+\)$", found[0]), lines
 print("sort keys ok")
 "#;
 
