@@ -157,6 +157,7 @@ fuzz_target!(|data: &[u8]| {
             last_seq: 1,
             last_uid: 7,
             recent: false,
+            now: 0,
         };
         let found = matches(&key, &input);
         if !needs_body(&key) {

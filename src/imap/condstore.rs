@@ -11,7 +11,11 @@
 //! - `[UID] STORE set (UNCHANGEDSINCE n) ...`: the modifier list goes;
 //! - `SEARCH ... MODSEQ [entry-name entry-type] n`: the key becomes `HEADER "kermail modseq"
 //!   "n"` ([`MODSEQ_HEADER`]: a field name with a space, which no real header has), which
-//!   [`super::search`] evaluates as "modseq at least n".
+//!   [`super::search`] evaluates as "modseq at least n";
+//! - `SEARCH ... OLDER n` / `YOUNGER n` (WITHIN, RFC 5032; not CONDSTORE, but the same search
+//!   key scanner): the key becomes `HEADER "kermail older" "n"` ([`OLDER_HEADER`],
+//!   [`YOUNGER_HEADER`]), which [`super::search`] evaluates against INTERNALDATE and the time
+//!   the search started.
 //!
 //! Every modseq of a mailbox is in the store (`store::imap_state`), so `NOMODSEQ` is never
 //! sent.
@@ -26,6 +30,10 @@ use crate::store::{AccountId, FlagSet, MailStore, MailboxId, Uid};
 
 /// The header name a rewritten `MODSEQ n` search key uses (not a valid field name).
 pub const MODSEQ_HEADER: &str = "kermail modseq";
+/// The header name a rewritten `OLDER n` search key (RFC 5032) uses.
+pub const OLDER_HEADER: &str = "kermail older";
+/// The header name a rewritten `YOUNGER n` search key (RFC 5032) uses.
+pub const YOUNGER_HEADER: &str = "kermail younger";
 /// Most bytes of a modifier or parameter list looked at.
 const MAX_PARAMS_BYTES: usize = 64 * 1024;
 
@@ -476,6 +484,7 @@ fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, 
     let mut modifiers = Modifiers::default();
     // Arguments still to skip after the last key (1 after FROM, 2 after HEADER).
     let mut skip_args = 0usize;
+    let mut rewrote_within = false;
     while cursor.pos < end {
         match cursor.peek() {
             Some(b' ') | Some(b'(') | Some(b')') => {
@@ -509,6 +518,25 @@ fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, 
             skip_args = 2;
             continue;
         }
+        if upper == b"OLDER" || upper == b"YOUNGER" {
+            // WITHIN (RFC 5032): OLDER/YOUNGER interval-in-seconds (nz-number).
+            if !cursor.space() {
+                return Err("OLDER and YOUNGER need an interval in seconds");
+            }
+            let n: u32 = number(cursor.word())
+                .filter(|&n: &u32| n > 0)
+                .ok_or("OLDER and YOUNGER need an interval in seconds")?;
+            let name = if upper == b"OLDER" {
+                OLDER_HEADER
+            } else {
+                YOUNGER_HEADER
+            };
+            rewritten.extend_from_slice(&bytes[copied..start]);
+            let _ = write!(rewritten, "HEADER \"{name}\" \"{n}\"");
+            copied = cursor.pos;
+            rewrote_within = true;
+            continue;
+        }
         if upper != b"MODSEQ" {
             continue;
         }
@@ -531,7 +559,7 @@ fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, 
         let _ = write!(rewritten, "HEADER \"{MODSEQ_HEADER}\" \"{n}\"");
         copied = cursor.pos;
     }
-    if !modifiers.search_modseq {
+    if !modifiers.search_modseq && !rewrote_within {
         return Ok(None);
     }
     rewritten.extend_from_slice(&bytes[copied..]);
@@ -774,6 +802,16 @@ mod tests {
         );
         assert_eq!(strip(b"a SEARCH SUBJECT \"MODSEQ 5\"\r\n"), Ok(None));
         assert!(strip(b"a SEARCH MODSEQ x\r\n").is_err());
+        // WITHIN (RFC 5032) keys go through the same scanner.
+        let (command, modifiers) = stripped("a SEARCH OR OLDER 60 YOUNGER 5 FROM OLDER\r\n");
+        assert_eq!(
+            command,
+            "a SEARCH OR HEADER \"kermail older\" \"60\" HEADER \"kermail younger\" \"5\" FROM OLDER\r\n"
+        );
+        assert!(!modifiers.enables_condstore());
+        assert_eq!(strip(b"a SEARCH SUBJECT \"OLDER 5\"\r\n"), Ok(None));
+        assert!(strip(b"a SEARCH OLDER 0\r\n").is_err());
+        assert!(strip(b"a SEARCH YOUNGER\r\n").is_err());
     }
 
     #[test]

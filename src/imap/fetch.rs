@@ -960,7 +960,7 @@ fn address(
 
 /// An RFC 5322 address list as ENVELOPE address structures (groups as a start marker
 /// `(NIL NIL name NIL)`, their members, and an end marker `(NIL NIL NIL NIL)`).
-fn parse_address_list(value: &[u8]) -> Vec<Address<'static>> {
+pub fn parse_address_list(value: &[u8]) -> Vec<Address<'static>> {
     let tokens = tokenize_addresses(value);
     let mut out = Vec::new();
     let mut in_group = false;

@@ -10,6 +10,7 @@ use imap_codec::imap_types::flag::Flag as ImapFlag;
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
 use imap_codec::imap_types::status::StatusDataItemName;
 
+use super::create_special_use::UseRequest;
 use super::recent::{claim, RecentUids};
 use super::response::{astring, flags_line, permanent_flags_line, store_error, tagged, untagged};
 use super::selected::Selected;
@@ -184,7 +185,21 @@ impl Session {
             tagged(out, tag, "NO", Some("ALREADYEXISTS"), "INBOX always exists");
             return;
         }
-        match self.store.create_mailbox(account, &name, None).await {
+        let special_use = match self.create_use.take() {
+            None | Some(UseRequest::Nothing) => None,
+            Some(UseRequest::Use(special_use)) => Some(special_use),
+            Some(UseRequest::Unsupported) => {
+                tagged(
+                    out,
+                    tag,
+                    "NO",
+                    Some("USEATTR"),
+                    "one of \\Sent \\Drafts \\Trash \\Junk \\Archive",
+                );
+                return;
+            }
+        };
+        match self.store.create_mailbox(account, &name, special_use).await {
             Ok(_) => tagged(out, tag, "OK", None, "CREATE completed"),
             Err(error) => no(out, tag, &error),
         }
@@ -380,6 +395,13 @@ impl Session {
                 }
                 _ => {}
             }
+        }
+        if let Some(size) = self.status_size.take() {
+            if size.only {
+                values.clear();
+            }
+            let total: u64 = view.messages.iter().map(|m| u64::from(m.size)).sum();
+            values.push(format!("SIZE {total}"));
         }
         out.extend_from_slice(b"* STATUS ");
         astring(out, view.name.as_bytes());

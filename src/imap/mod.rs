@@ -1,5 +1,6 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
-//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC).
+//! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC, SORT, SORT=DISPLAY,
+//! THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, STATUS=SIZE, WITHIN, CREATE-SPECIAL-USE).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -12,6 +13,13 @@
 //! - `condstore`: RFC 7162 CONDSTORE and QRESYNC: the SELECT, FETCH, STORE and SEARCH
 //!   parts imap-codec does not parse (taken out before it decodes the rest), VANISHED and
 //!   the FETCH responses with MODSEQ.
+//! - `sort`: RFC 5256 SORT and RFC 5957 SORT=DISPLAY: the sort criteria and charset taken out
+//!   before imap-codec decodes the rest as a SEARCH, sort keys, base subject extraction and
+//!   the `i;unicode-casemap` approximation.
+//! - `thread`: RFC 5256 THREAD=ORDEREDSUBJECT and THREAD=REFERENCES (pure functions over the
+//!   matched messages' headers) and `* THREAD`.
+//! - `create_special_use`: RFC 6154 `CREATE name (USE (\Archive))` (the list taken out).
+//! - `status_size`: RFC 8438 STATUS=SIZE (the SIZE item taken out before imap-codec decodes).
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -26,6 +34,7 @@ mod cache;
 pub use cache::{AuthCache, HeaderCache};
 mod condstore;
 pub mod config;
+mod create_special_use;
 mod esearch;
 pub mod fetch;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
@@ -43,6 +52,9 @@ mod selected;
 pub mod seqset;
 mod server;
 mod session;
+mod sort;
+mod status_size;
+mod thread;
 
 pub use config::ImapConfig;
 pub use server::serve;

@@ -44,6 +44,8 @@ pub struct SearchInput<'a> {
     pub last_uid: u32,
     /// The message is `\Recent` in this session.
     pub recent: bool,
+    /// When the search started (seconds since the epoch), for OLDER and YOUNGER (RFC 5032).
+    pub now: i64,
 }
 
 /// Whether evaluating `key` needs the raw message (headers or body), as opposed to
@@ -53,7 +55,11 @@ pub fn needs_body(key: &SearchKey<'_>) -> bool {
         SearchKey::And(keys) => keys.as_ref().iter().any(needs_body),
         SearchKey::Not(key) => needs_body(key),
         SearchKey::Or(a, b) => needs_body(a) || needs_body(b),
-        SearchKey::Header(name, value) if modseq_key(name, value).is_some() => false,
+        SearchKey::Header(name, value)
+            if modseq_key(name, value).is_some() || within_key(name, value).is_some() =>
+        {
+            false
+        }
         SearchKey::Bcc(_)
         | SearchKey::Body(_)
         | SearchKey::Cc(_)
@@ -100,6 +106,21 @@ pub fn modseq_key(name: &AString<'_>, value: &AString<'_>) -> Option<u64> {
     }
     let value: &[u8] = value.as_ref();
     std::str::from_utf8(value).ok()?.parse().ok()
+}
+
+/// A rewritten `OLDER n` (`(true, n)`) or `YOUNGER n` (`(false, n)`) key (RFC 5032; see
+/// [`super::condstore::OLDER_HEADER`]).
+pub fn within_key(name: &AString<'_>, value: &AString<'_>) -> Option<(bool, i64)> {
+    let name: &[u8] = name.as_ref();
+    let older = if name.eq_ignore_ascii_case(super::condstore::OLDER_HEADER.as_bytes()) {
+        true
+    } else if name.eq_ignore_ascii_case(super::condstore::YOUNGER_HEADER.as_bytes()) {
+        false
+    } else {
+        return None;
+    };
+    let value: &[u8] = value.as_ref();
+    Some((older, std::str::from_utf8(value).ok()?.parse().ok()?))
 }
 
 /// Whether the message matches `key`.
@@ -264,9 +285,13 @@ impl<'a> Context<'_, 'a> {
             SearchKey::From(s) => self.address_contains(b"from", s),
             SearchKey::To(s) => self.address_contains(b"to", s),
             SearchKey::Subject(s) => self.header_contains(b"subject", s),
-            SearchKey::Header(name, s) => match modseq_key(name, s) {
-                Some(at_least) => input.meta.modseq >= at_least,
-                None => self.header_contains(name.as_ref(), s),
+            SearchKey::Header(name, s) => match (modseq_key(name, s), within_key(name, s)) {
+                (Some(at_least), _) => input.meta.modseq >= at_least,
+                // RFC 5032: OLDER n, INTERNALDATE at least n seconds before now; YOUNGER n,
+                // less than n seconds before now.
+                (None, Some((true, seconds))) => input.meta.internal_date <= input.now - seconds,
+                (None, Some((false, seconds))) => input.meta.internal_date > input.now - seconds,
+                (None, None) => self.header_contains(name.as_ref(), s),
             },
             SearchKey::Body(s) => input.raw.is_some() && self.text_contains(s, false),
             SearchKey::Text(s) => input.raw.is_some() && self.text_contains(s, true),
@@ -570,6 +595,7 @@ mod tests {
                 last_seq: 5,
                 last_uid: 9,
                 recent: false,
+                now: 0,
             };
             assert_eq!(matches(&key(text), &input), *expected, "SEARCH {text}");
         }
@@ -619,6 +645,7 @@ mod tests {
                 last_seq: 1,
                 last_uid: 7,
                 recent,
+                now: 0,
             };
             let got = ["RECENT", "NEW", "OLD"].map(|k| matches(&key(k), &input));
             assert_eq!(got, expected, "recent={recent} flags={:?}", meta.flags);
@@ -674,6 +701,33 @@ mod tests {
                 ("SENTON 1-Jan-2024", false),
             ],
         );
+    }
+
+    #[test]
+    fn older_and_younger_compare_internaldate_with_now() {
+        let meta = meta(&[]);
+        for (now_after, text, expected) in [
+            (100, "HEADER \"kermail older\" \"100\"", true),
+            (99, "HEADER \"kermail older\" \"100\"", false),
+            (100, "HEADER \"kermail younger\" \"100\"", false),
+            (99, "HEADER \"kermail younger\" \"100\"", true),
+        ] {
+            let input = SearchInput {
+                seq: 1,
+                meta: &meta,
+                raw: None,
+                last_seq: 1,
+                last_uid: 7,
+                recent: false,
+                now: INTERNAL_DATE + now_after,
+            };
+            assert!(!needs_body(&key(text)), "{text}");
+            assert_eq!(
+                matches(&key(text), &input),
+                expected,
+                "{text} at +{now_after}"
+            );
+        }
     }
 
     #[test]
@@ -749,6 +803,7 @@ mod tests {
             last_seq: 1,
             last_uid: 7,
             recent: false,
+            now: 0,
         };
         assert!(
             matches(&from_utf8, &input),
@@ -812,6 +867,7 @@ mod tests {
                 last_seq: 1,
                 last_uid: 7,
                 recent: false,
+                now: 0,
             };
             let key = SearchKey::Body(AString::try_from(needle).expect("astring"));
             assert!(matches(&key, &input), "{needle}");
@@ -955,6 +1011,7 @@ mod timing {
                 last_seq: count as u32,
                 last_uid: count as u32,
                 recent: false,
+                now: 0,
             };
             hits += usize::from(matches(&key, &input));
         }

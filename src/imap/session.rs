@@ -18,11 +18,14 @@ use imap_codec::CommandCodec;
 use super::cache::{AuthCache, HeaderCache};
 use super::condstore::Modifiers;
 use super::config::ImapConfig;
+use super::create_special_use::{strip_use, UseRequest};
 use super::esearch::{strip_return, ReturnOptions};
 use super::framing::{first_line, first_token, Frame, Framer};
 use super::recent::RecentUids;
 use super::response::{tagged, untagged};
 use super::selected::Selected;
+use super::sort::{strip_ordering, Ordering};
+use super::status_size::{strip_size, StatusSize};
 use crate::store::{AccountId, MailStore};
 
 /// Longest AUTHENTICATE response or IDLE "DONE" line accepted.
@@ -172,6 +175,12 @@ pub struct Session {
     pub(super) qresync: bool,
     /// The CONDSTORE/QRESYNC parts of the running command (`condstore::strip`).
     pub(super) modifiers: Modifiers,
+    /// The running command is a SORT or THREAD rewritten as a SEARCH (`sort::strip_ordering`).
+    pub(super) ordering: Option<Ordering>,
+    /// The running STATUS asked for SIZE (`status_size::strip_size`).
+    pub(super) status_size: Option<StatusSize>,
+    /// The running CREATE asked for a special use (`create_special_use::strip_use`).
+    pub(super) create_use: Option<UseRequest>,
 }
 
 impl Session {
@@ -205,6 +214,9 @@ impl Session {
             condstore: false,
             qresync: false,
             modifiers: Modifiers::default(),
+            ordering: None,
+            status_size: None,
+            create_use: None,
         }
     }
 
@@ -291,7 +303,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
         }
@@ -522,6 +534,63 @@ impl Session {
     /// Runs one complete command (literals included).
     async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
         let tag = first_token(bytes);
+        // SORT and THREAD: the sort criteria (or algorithm) and the charset come out, the
+        // rest is a SEARCH whose matches are then ordered.
+        // The verb (after UID, if any) decides which of the rewrites below may apply, so that
+        // other commands pay one short scan for all of them.
+        let verb = if bytes.len() >= MIN_REWRITTEN_COMMAND_BYTES {
+            command_verb(bytes).to_ascii_uppercase()
+        } else {
+            Vec::new()
+        };
+        let rewritten_ordering: Vec<u8>;
+        self.ordering = None;
+        let ordering = match verb.as_slice() {
+            b"SORT" | b"THREAD" => strip_ordering(bytes),
+            _ => Ok(None),
+        };
+        let bytes = match ordering {
+            Ok(None) => bytes,
+            Ok(Some((command, ordering))) => {
+                rewritten_ordering = command;
+                self.ordering = Some(ordering);
+                &rewritten_ordering
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
+        };
+        // STATUS=SIZE: the SIZE item comes out.
+        let rewritten_status: Vec<u8>;
+        self.status_size = None;
+        let size = match verb.as_slice() {
+            b"STATUS" => strip_size(bytes),
+            _ => None,
+        };
+        let bytes = match size {
+            None => bytes,
+            Some((command, size)) => {
+                rewritten_status = command;
+                self.status_size = Some(size);
+                &rewritten_status
+            }
+        };
+        // CREATE-SPECIAL-USE: the USE parameter list comes out.
+        let rewritten_create: Vec<u8>;
+        self.create_use = None;
+        let create_use = match verb.as_slice() {
+            b"CREATE" => strip_use(bytes),
+            _ => None,
+        };
+        let bytes = match create_use {
+            None => bytes,
+            Some((command, request)) => {
+                rewritten_create = command;
+                self.create_use = Some(request);
+                &rewritten_create
+            }
+        };
         // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
         let rewritten: Vec<u8>;
         self.esearch = None;
@@ -847,6 +916,32 @@ impl Session {
             _ => None,
         }
     }
+}
+
+/// The shortest command that SORT/THREAD, STATUS=SIZE or CREATE-SPECIAL-USE rewrite
+/// (`a SORT (SIZE) X ALL\r\n`): shorter lines (pipelined junk) skip looking for a verb.
+const MIN_REWRITTEN_COMMAND_BYTES: usize = 16;
+
+/// The command's verb, after `UID` when it is one (at most 16 bytes; empty when the line
+/// has no verb).
+fn command_verb(bytes: &[u8]) -> &[u8] {
+    let word = |from: usize| -> &[u8] {
+        let rest = bytes.get(from..).unwrap_or_default();
+        let len = rest
+            .iter()
+            .take(17)
+            .position(|&b| b == b' ' || b == b'\r' || b == b'\n')
+            .unwrap_or(rest.len().min(17));
+        &rest[..len]
+    };
+    let Some(space) = bytes.iter().take(65).position(|&b| b == b' ') else {
+        return &[];
+    };
+    let verb = word(space + 1);
+    if verb.eq_ignore_ascii_case(b"UID") {
+        return word(space + 1 + verb.len() + 1);
+    }
+    verb
 }
 
 /// The client's "name" from ID parameters, for login log lines.

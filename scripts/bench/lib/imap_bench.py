@@ -20,6 +20,7 @@
                                                    and PID's VmHWM/VmRSS (kB) from /proc.
 Messages are deterministic (message i is the same on both servers).
 """
+import hashlib
 import imaplib
 import json
 import re
@@ -110,6 +111,21 @@ def run_once(port, user, password, append_base):
     data = check(*c.uid("SEARCH", None, "SUBJECT", SEARCH_WORD), "UID SEARCH")
     t["uid_search_subject"] = time.perf_counter() - t0
     res["search_hits"] = len(data[0].split())
+
+    # SORT and THREAD (RFC 5256) over the whole mailbox; the answers are compared between the
+    # servers by count and digest.
+    for name, command, args in (
+        ("uid_sort_reverse_date", "SORT", ("(REVERSE DATE)", "UTF-8", "ALL")),
+        ("uid_sort_subject", "SORT", ("(SUBJECT)", "UTF-8", "ALL")),
+        ("uid_sort_from_size", "SORT", ("(FROM SIZE)", "UTF-8", "ALL")),
+        ("uid_thread_references", "THREAD", ("REFERENCES", "UTF-8", "ALL")),
+        ("uid_thread_orderedsubject", "THREAD", ("ORDEREDSUBJECT", "UTF-8", "ALL")),
+    ):
+        t0 = time.perf_counter()
+        data = check(*c.uid(command, *args), f"UID {command} {args[0]}")
+        t[name] = time.perf_counter() - t0
+        answer = data[0] or b""
+        res[name] = f"{len(re.findall(rb'[0-9]+', answer))} {hashlib.sha1(answer).hexdigest()[:12]}"
 
     c.logout()
     return t, res
