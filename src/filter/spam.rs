@@ -255,7 +255,8 @@ impl std::fmt::Debug for SpamFilter {
 /// IPv6 (RFC 5782 section 2.4), with the final dot.
 pub fn dnsbl_name(ip: IpAddr, zone: &str) -> String {
     let zone = zone.trim_end_matches('.');
-    match ip {
+    // A dual-stack listener sees IPv4 clients as ::ffff:a.b.c.d: they are listed as IPv4.
+    match ip.to_canonical() {
         IpAddr::V4(v4) => {
             let [a, b, c, d] = v4.octets();
             format!("{d}.{c}.{b}.{a}.{zone}.")
@@ -324,10 +325,15 @@ fn words(text: &str, kind: &str, out: &mut BTreeSet<u64>) {
 /// [`BAYES_MAX_TOKENS_PER_MESSAGE`], ascending. The same bytes give the same tokens on every
 /// node.
 pub fn tokens(message: &[u8]) -> Vec<u64> {
+    match mail_parser::MessageParser::default().parse(message) {
+        Some(parsed) => tokens_of(&parsed),
+        None => Vec::new(),
+    }
+}
+
+/// [`tokens`] of an already parsed message.
+fn tokens_of(parsed: &mail_parser::Message<'_>) -> Vec<u64> {
     let mut out = BTreeSet::new();
-    let Some(parsed) = mail_parser::MessageParser::default().parse(message) else {
-        return Vec::new();
-    };
     if let Some(subject) = parsed.subject() {
         words(subject, "subject", &mut out);
     }
@@ -478,10 +484,11 @@ impl SpamFilter {
                 }
             };
         }
-        let mut tests = self.static_rules(request);
+        let parsed = mail_parser::MessageParser::default().parse(request.message);
+        let mut tests = self.static_rules(request, parsed.as_ref());
         tests.extend(self.dnsbl(request.client_ip).await);
         if self.learns() {
-            let tokens = tokens(request.message);
+            let tokens = parsed.as_ref().map(tokens_of).unwrap_or_default();
             let counts = bayes(&tokens);
             if counts.spam_learned + counts.ham_learned >= self.config.bayes_min_learned {
                 if let Some(p) = bayes_probability(&counts) {
@@ -519,7 +526,11 @@ impl SpamFilter {
     }
 
     /// The rules that need no DNS: authentication results, headers, body.
-    fn static_rules(&self, request: &ScanRequest<'_>) -> Vec<(String, f64)> {
+    fn static_rules(
+        &self,
+        request: &ScanRequest<'_>,
+        parsed: Option<&mail_parser::Message<'_>>,
+    ) -> Vec<(String, f64)> {
         let mut fired: Vec<&'static str> = Vec::new();
         if memchr::memmem::find(request.message, GTUBE).is_some() {
             fired.push("GTUBE");
@@ -545,14 +556,19 @@ impl SpamFilter {
                 }
             }
         }
-        self.header_rules(request, &mut fired);
+        self.header_rules(request, parsed, &mut fired);
         fired
             .into_iter()
             .map(|rule| (rule.to_owned(), self.weight(rule)))
             .collect()
     }
 
-    fn header_rules(&self, request: &ScanRequest<'_>, fired: &mut Vec<&'static str>) {
+    fn header_rules(
+        &self,
+        request: &ScanRequest<'_>,
+        parsed: Option<&mail_parser::Message<'_>>,
+        fired: &mut Vec<&'static str>,
+    ) {
         let head = &request.message[..super::headers::header_section_end(request.message)];
         let has_field = |name: &str| {
             head.split(|&b| b == b'\n').any(|line| {
@@ -561,10 +577,9 @@ impl SpamFilter {
                     && line[name.len()] == b':'
             })
         };
-        let parsed = mail_parser::MessageParser::default().parse(request.message);
         if !has_field("Date") {
             fired.push("MISSING_DATE");
-        } else if let Some(date) = parsed.as_ref().and_then(|p| p.date()) {
+        } else if let Some(date) = parsed.and_then(|p| p.date()) {
             let now = request
                 .now
                 .duration_since(UNIX_EPOCH)
@@ -580,7 +595,6 @@ impl SpamFilter {
         }
         let from_ok = has_field("From")
             && parsed
-                .as_ref()
                 .and_then(|p| p.from())
                 .and_then(|from| from.first())
                 .and_then(|addr| addr.address())
@@ -908,6 +922,10 @@ mod tests {
         assert_eq!(
             dnsbl_name("2001:db8::1".parse().unwrap(), "dnsbl.test."),
             "1.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.dnsbl.test."
+        );
+        assert_eq!(
+            dnsbl_name("::ffff:192.0.2.99".parse().unwrap(), "zen.spamhaus.org"),
+            "99.2.0.192.zen.spamhaus.org."
         );
         assert!(listed("127.0.0.2".parse().unwrap()));
         assert!(!listed("127.255.255.254".parse().unwrap()));

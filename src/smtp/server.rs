@@ -179,21 +179,19 @@ impl Backend for MailStore {
         MailStore::accept_quarantined(self, delivery)
     }
 
-    fn spam_check<'a>(
+    async fn spam_check<'a>(
         &'a self,
         client_ip: IpAddr,
         helo: &'a str,
         auth: Option<&'a str>,
         delivery: &'a mut Delivery,
-    ) -> impl std::future::Future<Output = crate::filter::spam::SpamAction> + Send + 'a {
-        async move {
-            match self.filter_settings().spam.clone() {
-                Some(spam) => {
-                    spam.filter_delivery(self, client_ip, helo, auth, delivery)
-                        .await
-                }
-                None => crate::filter::spam::SpamAction::Deliver,
+    ) -> crate::filter::spam::SpamAction {
+        match self.filter_settings().spam.clone() {
+            Some(spam) => {
+                spam.filter_delivery(self, client_ip, helo, auth, delivery)
+                    .await
             }
+            None => crate::filter::spam::SpamAction::Deliver,
         }
     }
 }
