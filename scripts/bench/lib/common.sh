@@ -100,6 +100,8 @@ listen_tls = ["127.0.0.1:$KERMAIL_IMAPS_PORT"]
 [autoconfig]
 listen = ["127.0.0.1:$(free_port)"]
 listen_tls = ["127.0.0.1:$(free_port)"]
+[managesieve]
+listen = ["127.0.0.1:$(free_port)"]
 TOML
     # KERMAIL_EXTRA_CONF: more sections for this node (e.g. [inbound] and [spam]).
     if [ -n "${KERMAIL_EXTRA_CONF:-}" ]; then
