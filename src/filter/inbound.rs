@@ -127,7 +127,7 @@ pub struct DnsCache<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> DnsCache<K, V> {
-    fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         DnsCache {
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),

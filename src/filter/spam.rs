@@ -40,6 +40,13 @@ pub const DEFAULT_WEIGHTS: &[(&str, f64)] = &[
     ("BAYES", 5.0),
 ];
 
+/// How long a DNSBL's "not listed" (NXDOMAIN) is kept in the filter's cache (hickory keeps
+/// negative answers only when the zone sends its SOA).
+const DNSBL_NEGATIVE_CACHE_SECS: u64 = 300;
+
+/// Most DNSBL answers the filter's cache keeps.
+const DNSBL_CACHE_ENTRIES: usize = 10_000;
+
 /// Tokens (the most distant from 0.5) the Bayes combination uses.
 const BAYES_INTERESTING_TOKENS: usize = 150;
 
@@ -240,6 +247,9 @@ pub struct SpamFilter {
     config: SpamConfig,
     weights: BTreeMap<String, f64>,
     resolver: Option<TokioResolver>,
+    /// DNSBL answers by query name (listed or not), until their TTL (positive) or
+    /// [`DNSBL_NEGATIVE_CACHE_SECS`] (negative).
+    dnsbl_cache: super::inbound::DnsCache<String, bool>,
     rspamd: Option<super::rspamd::Rspamd>,
 }
 
@@ -444,6 +454,7 @@ impl SpamFilter {
             config: config.clone(),
             weights,
             resolver,
+            dnsbl_cache: super::inbound::DnsCache::new(DNSBL_CACHE_ENTRIES),
             rspamd,
         })
     }
@@ -536,6 +547,8 @@ impl SpamFilter {
             fired.push("GTUBE");
         }
         if let Some(auth) = request.auth {
+            // The summary spells SPF results as mail-auth displays them (`spf=SoftFail`).
+            let auth = auth.to_ascii_lowercase();
             for word in auth.split_whitespace() {
                 let Some((method, result)) = word.split_once('=') else {
                     continue;
@@ -643,18 +656,36 @@ impl SpamFilter {
         let Some(resolver) = &self.resolver else {
             return Vec::new();
         };
+        use mail_auth::ResolverCache as _;
+        let cache = &self.dnsbl_cache;
         let lookups = self.config.dnsbl.iter().map(|zone| async move {
             let name = dnsbl_name(ip, &zone.zone);
+            let hit = (zone.weight != 0.0).then(|| (dnsbl_rule(&zone.zone), zone.weight));
+            if let Some(is_listed) = cache.get(&name) {
+                return if is_listed { hit } else { None };
+            }
             match resolver.ipv4_lookup(name.as_str()).await {
-                Ok(answers) => answers
-                    .iter()
-                    .any(|a| listed(a.0))
-                    .then(|| (dnsbl_rule(&zone.zone), zone.weight)),
+                Ok(answers) => {
+                    let is_listed = answers.iter().any(|a| listed(a.0));
+                    cache.insert(name, is_listed, answers.valid_until());
+                    if is_listed {
+                        hit
+                    } else {
+                        None
+                    }
+                }
                 Err(error) => {
                     if crate::outbound::dns::classify(&error)
                         == crate::outbound::dns::LookupFailure::Temporary
                     {
                         tracing::info!(zone = %zone.zone, %error, "DNSBL lookup failed");
+                    } else {
+                        cache.insert(
+                            name,
+                            false,
+                            std::time::Instant::now()
+                                + Duration::from_secs(DNSBL_NEGATIVE_CACHE_SECS),
+                        );
                     }
                     None
                 }
@@ -862,7 +893,7 @@ mod tests {
         );
         let verdict = filter(SpamConfig::default())
             .scan(
-                &request(message.as_bytes(), Some("spf=fail dkim=none dmarc=fail")),
+                &request(message.as_bytes(), Some("spf=Fail dkim=none dmarc=fail")),
                 |_| BayesCounts::default(),
             )
             .await;

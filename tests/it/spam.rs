@@ -55,6 +55,7 @@ fn zone(listed: &[&str]) -> Value {
     let mut zone = json!({
         "client.test": [txt("v=spf1 ip4:127.0.0.1 -all"), ["A", "127.0.0.1"]],
         "spf-pass.test": [txt("v=spf1 ip4:127.0.0.1 -all")],
+        "spf-fail.test": [txt("v=spf1 ip4:192.0.2.1 -all")],
         // A block list whose server never answers: counts as not listed, within the timeout.
         "1.0.0.127.slow.test": [["TIMEOUT"]],
     });
@@ -128,6 +129,11 @@ assert status.startswith("X-Spam-Status: No, score="), status
 # SPF passes, no DKIM signature, no DMARC record; no DNSBL lists the client.
 assert "DKIM_NONE=0.50" in status and "DMARC_NONE=0.50" in status, status
 assert "SPF" not in status and "DNSBL" not in status, status
+
+# SPF fails for this envelope sender: the rule adds its weight.
+assert send("spf fails", sender="bob@spf-fail.test") == "250"
+status = find("spf fails")
+assert "SPF_FAIL=3.00" in status and score(status) == 4.0, status
 
 outcome = send("gtube", body=GTUBE + "\r\n")
 assert outcome.startswith("550 5.7.1"), outcome
