@@ -53,6 +53,8 @@ pub struct Config {
     pub greylist: crate::sieve::greylist::GreylistConfig,
     /// SPF, DKIM and DMARC checks of mail on the MX listener (off by default).
     pub inbound: crate::filter::InboundConfig,
+    /// Spam scoring of mail on the MX listener (off by default).
+    pub spam: crate::filter::SpamConfig,
     /// The ManageSieve listener (RFC 5804).
     pub managesieve: crate::managesieve::ManageSieveConfig,
     /// Mail client autoconfiguration (HTTP listener, advertised servers).
@@ -213,6 +215,7 @@ impl Config {
     fn validate(&self) -> Result<(), ConfigError> {
         self.greylist.validate().map_err(ConfigError::Invalid)?;
         self.inbound.validate().map_err(ConfigError::Invalid)?;
+        self.spam.validate().map_err(ConfigError::Invalid)?;
         if self.tls.cert_file.is_some() != self.tls.key_file.is_some() {
             return Err(ConfigError::Invalid(
                 "tls.cert_file and tls.key_file go together: set both or neither".to_owned(),

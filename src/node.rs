@@ -117,21 +117,35 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
             health: machine.health().clone(),
         }),
     )
-    .with_login_throttle(config.auth.clone())
-    .with_filters(crate::store::FilterSettings {
+    .with_login_throttle(config.auth.clone());
+    let inbound = if config.inbound.enabled {
+        let checks = crate::filter::InboundAuth::new(&config.inbound, &config.node.hostname)
+            .map_err(|e| anyhow::anyhow!("[inbound]: {e}"))?;
+        info!(
+            authserv_id = checks.authserv_id(),
+            "inbound SPF/DKIM/DMARC checks on"
+        );
+        Some(Arc::new(checks))
+    } else {
+        None
+    };
+    let spam = if config.spam.enabled {
+        let filter = crate::filter::SpamFilter::new(
+            &config.spam,
+            inbound.as_ref().map(|checks| checks.resolver()),
+            &config.inbound,
+        )
+        .map_err(|e| anyhow::anyhow!("[spam]: {e}"))?;
+        info!(backend = ?config.spam.backend, "spam scoring on");
+        Some(Arc::new(filter))
+    } else {
+        None
+    };
+    let store = store.with_filters(crate::store::FilterSettings {
         hostname: config.node.hostname.clone(),
         greylist: config.greylist.clone(),
-        inbound: if config.inbound.enabled {
-            let checks = crate::filter::InboundAuth::new(&config.inbound, &config.node.hostname)
-                .map_err(|e| anyhow::anyhow!("[inbound]: {e}"))?;
-            info!(
-                authserv_id = checks.authserv_id(),
-                "inbound SPF/DKIM/DMARC checks on"
-            );
-            Some(Arc::new(checks))
-        } else {
-            None
-        },
+        inbound,
+        spam,
     });
 
     let hostname: Arc<str> = Arc::from(config.node.hostname.as_str());

@@ -132,7 +132,7 @@ pub struct DnsCache<K, V> {
 }
 
 impl<K: Hash + Eq, V: Clone> DnsCache<K, V> {
-    fn new(capacity: usize) -> Self {
+    pub fn new(capacity: usize) -> Self {
         DnsCache {
             entries: Mutex::new(HashMap::new()),
             capacity: capacity.max(1),
@@ -232,32 +232,51 @@ fn domain_of(address: &str) -> &str {
     address.rsplit_once('@').map_or("", |(_, domain)| domain)
 }
 
+/// The resolver configuration and options `[inbound]` describes (its DNS servers, or the
+/// system's; timeouts, attempts, cache size; names used as given).
+fn resolver_parts(config: &InboundConfig) -> Result<(ResolverConfig, ResolverOpts), String> {
+    let resolver_config = if config.dns_servers.is_empty() {
+        let (system, _) = hickory_resolver::system_conf::read_system_conf()
+            .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?;
+        system
+    } else {
+        let mut group = NameServerConfigGroup::with_capacity(config.dns_servers.len() * 2);
+        for server in &config.dns_servers {
+            group.merge(NameServerConfigGroup::from_ips_clear(
+                &[server.ip()],
+                server.port(),
+                true,
+            ));
+        }
+        ResolverConfig::from_parts(None, Vec::new(), group)
+    };
+    let mut options = ResolverOpts::default();
+    options.timeout = Duration::from_millis(config.dns_timeout_ms);
+    options.attempts = config.dns_attempts;
+    options.cache_size = config.dns_cache_entries;
+    // Names are used as given (no search list): they come from mail, not from users.
+    options.ndots = 0;
+    Ok((resolver_config, options))
+}
+
+/// A resolver with `[inbound]`'s DNS settings, for checks that run without [`InboundAuth`]
+/// (the spam filter's DNSBL lookups when `[inbound]` is off).
+pub fn build_resolver(config: &InboundConfig) -> Result<hickory_resolver::TokioResolver, String> {
+    let (resolver_config, options) = resolver_parts(config)?;
+    Ok(hickory_resolver::TokioResolver::builder_with_config(
+        resolver_config,
+        hickory_resolver::name_server::TokioConnectionProvider::default(),
+    )
+    .with_options(options)
+    .build())
+}
+
 impl InboundAuth {
     /// The checker `config` describes; `hostname` is the authserv-id unless the config names
     /// one.
     pub fn new(config: &InboundConfig, hostname: &str) -> Result<InboundAuth, String> {
         config.validate()?;
-        let resolver_config = if config.dns_servers.is_empty() {
-            let (system, _) = hickory_resolver::system_conf::read_system_conf()
-                .map_err(|e| format!("cannot read the system DNS configuration: {e}"))?;
-            system
-        } else {
-            let mut group = NameServerConfigGroup::with_capacity(config.dns_servers.len() * 2);
-            for server in &config.dns_servers {
-                group.merge(NameServerConfigGroup::from_ips_clear(
-                    &[server.ip()],
-                    server.port(),
-                    true,
-                ));
-            }
-            ResolverConfig::from_parts(None, Vec::new(), group)
-        };
-        let mut options = ResolverOpts::default();
-        options.timeout = Duration::from_millis(config.dns_timeout_ms);
-        options.attempts = config.dns_attempts;
-        options.cache_size = config.dns_cache_entries;
-        // Names are used as given (no search list): they come from mail, not from users.
-        options.ndots = 0;
+        let (resolver_config, options) = resolver_parts(config)?;
         let authenticator = MessageAuthenticator::new(resolver_config, options)
             .map_err(|e| format!("cannot build the DNS resolver: {e}"))?;
         let entries = config.dns_cache_entries;
@@ -281,6 +300,11 @@ impl InboundAuth {
 
     pub fn authserv_id(&self) -> &str {
         &self.authserv_id
+    }
+
+    /// The resolver of every check (hickory's cache in it): DNSBL lookups share it.
+    pub fn resolver(&self) -> hickory_resolver::TokioResolver {
+        self.authenticator.resolver().clone()
     }
 
     fn params<P>(&self, params: P) -> CachedParameters<'_, P> {
@@ -593,12 +617,13 @@ impl InboundAuth {
     /// Checks a message received on the MX listener and applies the result to `delivery`:
     /// forged `Authentication-Results` with our id removed, ours prepended (for every
     /// disposition but a refusal). The driver then delivers, files into Junk, or answers.
+    /// Also returns the results' summary (`spf=pass dkim=none dmarc=fail`) for spam scoring.
     pub async fn filter_delivery(
         &self,
         client_ip: IpAddr,
         helo: &str,
         delivery: &mut Delivery,
-    ) -> Disposition {
+    ) -> (Disposition, String) {
         // DKIM needs the whole message: a spilled body is read back (bounded by the SMTP
         // message size limit).
         let whole;
@@ -607,8 +632,11 @@ impl InboundAuth {
                 Ok(whole) => whole,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read a message back for its checks");
-                    return Disposition::Defer(
-                        "451 4.3.0 Error: cannot check the message now, try again later".into(),
+                    return (
+                        Disposition::Defer(
+                            "451 4.3.0 Error: cannot check the message now, try again later".into(),
+                        ),
+                        String::new(),
                     );
                 }
             };
@@ -638,7 +666,7 @@ impl InboundAuth {
             }
             delivery.body.prepend(checked.header.as_bytes());
         }
-        checked.disposition
+        (checked.disposition, checked.summary)
     }
 }
 

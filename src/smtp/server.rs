@@ -69,6 +69,18 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
         None
     }
 
+    /// Spam scoring (`[spam]`) of an unauthenticated MX delivery, after the inbound checks
+    /// (`auth`: their summary); may add header fields to `delivery`. The default: none.
+    fn spam_check<'a>(
+        &'a self,
+        _client_ip: IpAddr,
+        _helo: &'a str,
+        _auth: Option<&'a str>,
+        _delivery: &'a mut Delivery,
+    ) -> impl std::future::Future<Output = crate::filter::spam::SpamAction> + Send + 'a {
+        std::future::ready(crate::filter::spam::SpamAction::Deliver)
+    }
+
     /// Stores a message whose DMARC policy says quarantine: local copies go to Junk. The
     /// default, for backends without mailboxes, stores it like [`Backend::deliver`].
     fn deliver_junk(
@@ -165,6 +177,22 @@ impl Backend for MailStore {
         delivery: Delivery,
     ) -> impl std::future::Future<Output = Result<DeliveryReceipt, StoreError>> + Send {
         MailStore::accept_quarantined(self, delivery)
+    }
+
+    async fn spam_check<'a>(
+        &'a self,
+        client_ip: IpAddr,
+        helo: &'a str,
+        auth: Option<&'a str>,
+        delivery: &'a mut Delivery,
+    ) -> crate::filter::spam::SpamAction {
+        match self.filter_settings().spam.clone() {
+            Some(spam) => {
+                spam.filter_delivery(self, client_ip, helo, auth, delivery)
+                    .await
+            }
+            None => crate::filter::spam::SpamAction::Deliver,
+        }
     }
 }
 
@@ -486,20 +514,42 @@ where
                 Action::StartTls => return Ok(DriveEnd::StartTls),
                 Action::Deliver(pending) => {
                     let mut pending = *pending;
-                    // Unauthenticated mail on the MX listener: SPF, DKIM, DMARC first.
-                    let disposition = match context.store.inbound_checks() {
-                        Some(checks)
-                            if pending.submitter.is_none() && context.kind == ListenerKind::Mx =>
-                        {
-                            checks
+                    // Unauthenticated mail on the MX listener: SPF, DKIM, DMARC first, then
+                    // spam scoring (unless already refused).
+                    let inbound = pending.submitter.is_none() && context.kind == ListenerKind::Mx;
+                    let (disposition, auth) = match context.store.inbound_checks() {
+                        Some(checks) if inbound => {
+                            let (disposition, summary) = checks
                                 .filter_delivery(
                                     session.client_ip(),
                                     session.helo_name(),
                                     &mut pending.delivery,
                                 )
-                                .await
+                                .await;
+                            (disposition, Some(summary))
                         }
-                        _ => Disposition::Deliver,
+                        _ => (Disposition::Deliver, None),
+                    };
+                    let disposition = match disposition {
+                        Disposition::Deliver | Disposition::Junk if inbound => {
+                            use crate::filter::spam::SpamAction;
+                            match context
+                                .store
+                                .spam_check(
+                                    session.client_ip(),
+                                    session.helo_name(),
+                                    auth.as_deref(),
+                                    &mut pending.delivery,
+                                )
+                                .await
+                            {
+                                SpamAction::Deliver => disposition,
+                                SpamAction::Junk => Disposition::Junk,
+                                SpamAction::Reject(reply) => Disposition::Reject(reply),
+                                SpamAction::Defer(reply) => Disposition::Defer(reply),
+                            }
+                        }
+                        other => other,
                     };
                     let input = match (disposition, pending.submitter) {
                         (Disposition::Reject(reply) | Disposition::Defer(reply), _) => {

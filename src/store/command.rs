@@ -38,6 +38,8 @@ pub enum Command {
     V6(super::imap_state::CommandV6),
     /// CONDSTORE (issue 13): STORE with UNCHANGEDSINCE (`imap_state.rs`).
     V7(super::imap_state::CommandV7),
+    /// Spam scoring (issue 12): the Bayes classifier learns (`bayes.rs`).
+    V8(super::bayes::CommandV8),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big

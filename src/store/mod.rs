@@ -41,6 +41,7 @@
 //! is under the reserve ([`MailStateMachine::set_min_free_disk_bytes`]).
 
 mod backup_state;
+pub mod bayes;
 mod blob;
 mod body;
 mod command;
@@ -561,7 +562,12 @@ impl MailStateMachine {
             Command::V1(CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. }) => {
                 self.write_body(body)
             }
-            Command::V1(_) | Command::V3(_) | Command::V4(_) | Command::V6(_) | Command::V7(_) => {}
+            Command::V1(_)
+            | Command::V3(_)
+            | Command::V4(_)
+            | Command::V6(_)
+            | Command::V7(_)
+            | Command::V8(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -592,6 +598,7 @@ impl MailStateMachine {
                 Command::V5(command) => state.apply_v5(command),
                 Command::V6(command) => state.apply_v6(command),
                 Command::V7(command) => state.apply_v7(command),
+                Command::V8(command) => state.apply_v8(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -1586,6 +1593,8 @@ impl MailStore {
                 self.precheck_quota(account, copied)?;
             }
         }
+        // Into Junk teaches the Bayes classifier spam, out of it (but not to Trash) ham.
+        let lesson = self.bayes_lesson(account, from, &uids, to);
         let command = CommandV1::Copy {
             account,
             from,
@@ -1593,10 +1602,14 @@ impl MailStore {
             to,
             remove_source,
         };
-        match self.submit(command).await? {
-            Response::Copied { uidvalidity, pairs } => Ok((uidvalidity, pairs)),
-            other => Err(unexpected(other)),
+        let copied = match self.submit(command).await? {
+            Response::Copied { uidvalidity, pairs } => (uidvalidity, pairs),
+            other => return Err(unexpected(other)),
+        };
+        if let Some((spam, blobs)) = lesson {
+            self.bayes_train(spam, blobs).await;
         }
+        Ok(copied)
     }
 
     /// Returns the destination's UIDVALIDITY and (source UID, new UID) pairs.

@@ -30,6 +30,8 @@ pub struct FilterSettings {
     pub greylist: GreylistConfig,
     /// SPF, DKIM and DMARC on the MX listener (`[inbound]`); None when off.
     pub inbound: Option<std::sync::Arc<crate::filter::InboundAuth>>,
+    /// Spam scoring on the MX listener (`[spam]`); None when off.
+    pub spam: Option<std::sync::Arc<crate::filter::SpamFilter>>,
 }
 
 impl Default for FilterSettings {
@@ -38,6 +40,7 @@ impl Default for FilterSettings {
             hostname: "localhost".to_owned(),
             greylist: GreylistConfig::default(),
             inbound: None,
+            spam: None,
         }
     }
 }

@@ -223,6 +223,7 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
             encode(&state.backup.last_success)?,
         ),
         (SECTION_MODSEQ, encode(&state.imap.modseq)?),
+        (super::bayes::SECTION_BAYES, encode(&state.bayes)?),
     ])
 }
 
@@ -354,6 +355,7 @@ fn decode_chunks(
         std::collections::BTreeMap<String, super::backup_state::BackupSuccess>,
     > = None;
     let mut modseq: Option<super::imap_state::ModseqState> = None;
+    let mut bayes: Option<super::bayes::BayesState> = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -379,6 +381,7 @@ fn decode_chunks(
                 once(&mut backup_success, name, decode(name, &bytes)?)?
             }
             SECTION_MODSEQ => once(&mut modseq, name, decode(name, &bytes)?)?,
+            super::bayes::SECTION_BAYES => once(&mut bayes, name, decode(name, &bytes)?)?,
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -397,6 +400,7 @@ fn decode_chunks(
     state.sieve = sieve.unwrap_or_default();
     state.imap = imap.unwrap_or_default();
     state.imap.modseq = modseq.unwrap_or_default();
+    state.bayes = bayes.unwrap_or_default();
 
     let mut owners: BTreeMap<MailboxId, super::AccountId> = BTreeMap::new();
     for account in state.accounts.values() {

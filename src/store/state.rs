@@ -246,6 +246,10 @@ pub struct State {
     /// as a field of its own (`SnapshotMeta::V4`).
     #[serde(skip)]
     pub imap: ImapState,
+    /// The Bayes classifier's token counts (`bayes.rs`); carried by the snapshot as a
+    /// section of its own (`bayes`; absent: empty).
+    #[serde(skip)]
+    pub bayes: super::bayes::BayesState,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -273,6 +277,7 @@ impl Default for State {
             backup: Default::default(),
             sieve: SieveState::default(),
             imap: ImapState::default(),
+            bayes: Default::default(),
         }
     }
 }
@@ -399,6 +404,7 @@ impl State {
             backup: self.backup.clone(),
             sieve: self.sieve.clone(),
             imap: self.imap.clone(),
+            bayes: self.bayes.clone(),
         }
     }
 

@@ -14,7 +14,7 @@ use serde_json::{json, Value};
 use crate::harness::{Node, PASSWORD, USER};
 
 /// The Debian Python: python3-dnslib, python3-dkim, python3-nacl, python3-yaml live there.
-const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+pub(crate) const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 
 fn data_path(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -22,15 +22,16 @@ fn data_path(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// The loopback DNS server of one test, answering from one zone; gone when dropped.
-struct DnsServer {
+/// The loopback DNS server of one test, answering from one zone; gone when dropped (also
+/// used by the spam tests for DNSBL zones).
+pub(crate) struct DnsServer {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
 }
 
 impl DnsServer {
-    fn start(zone: &Value) -> DnsServer {
+    pub(crate) fn start(zone: &Value) -> DnsServer {
         let dir = tempfile::tempdir().expect("tempdir");
         let zone_path = dir.path().join("zone.json");
         std::fs::write(&zone_path, zone.to_string()).expect("write zone");
@@ -62,7 +63,7 @@ impl DnsServer {
         }
     }
 
-    fn address(&self) -> SocketAddr {
+    pub(crate) fn address(&self) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], self.port))
     }
 }

@@ -30,4 +30,5 @@ mod smtp_abuse;
 mod smtp_imap;
 mod smtp_spill;
 mod snapshot_install;
+mod spam;
 mod storage_faults;

@@ -74,7 +74,8 @@ kermail_build() {
     KERMAIL_BIN="$REPO_ROOT/target/release/kermail"
 }
 
-# kermail_start: a node on a fresh data folder with free loopback ports. Sets KERMAIL_CONF,
+# kermail_start: a node on a fresh data folder with free loopback ports (plus the sections in
+# KERMAIL_EXTRA_CONF, if set). Sets KERMAIL_CONF,
 # KERMAIL_DATA, KERMAIL_SMTP_PORT, KERMAIL_IMAP_PORT, KERMAIL_PID. Ready when `kermail status`
 # exits 0 (the admin socket is created last, after every listener is bound).
 kermail_start() {
@@ -99,7 +100,13 @@ listen_tls = ["127.0.0.1:$KERMAIL_IMAPS_PORT"]
 [autoconfig]
 listen = ["127.0.0.1:$(free_port)"]
 listen_tls = ["127.0.0.1:$(free_port)"]
+[managesieve]
+listen = ["127.0.0.1:$(free_port)"]
 TOML
+    # KERMAIL_EXTRA_CONF: more sections for this node (e.g. [inbound] and [spam]).
+    if [ -n "${KERMAIL_EXTRA_CONF:-}" ]; then
+        printf '%s\n' "$KERMAIL_EXTRA_CONF" >>"$KERMAIL_CONF"
+    fi
     KERMAIL_LOG="${KERMAIL_LOG:-warn}" "$KERMAIL_BIN" serve --config "$KERMAIL_CONF" 2>"$dir/stderr.log" &
     KERMAIL_PID=$!
     BENCH_PIDS+=("$KERMAIL_PID")
