@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{NameServerConfigGroup, ResolverConfig, ResolverOpts};
 use mail_auth::common::headers::HeaderWriter;
+
+use crate::outbound::dkim::DkimKeyRecord;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::dmarc::{Dmarc, Policy};
 use mail_auth::spf::verify::SpfParameters;
@@ -117,12 +119,15 @@ pub enum Disposition {
 
 /// The checks' verdict on one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Checked {
+pub struct Checked<'a> {
     /// `Authentication-Results: ...\r\n`, ready to prepend.
     pub header: String,
     pub disposition: Disposition,
     /// Short summary for the log line (`spf=pass dkim=fail dmarc=none`).
     pub summary: String,
+    /// The results as mail-auth built them (the content of an `ARC-Authentication-Results`
+    /// when the message is sealed); None when the checks did not finish.
+    pub results: Option<AuthenticationResults<'a>>,
 }
 
 /// A bounded cache with expiry, shared by every check of the node.
@@ -351,7 +356,7 @@ impl InboundAuth {
         helo: &str,
         mail_from: &str,
         message: &[u8],
-    ) -> Checked {
+    ) -> Checked<'_> {
         use futures::FutureExt as _;
         let deadline = Duration::from_secs(self.config.check_deadline_secs);
         // A panic in the checks (a bug in a parser of remote records) defers the message
@@ -370,6 +375,7 @@ impl InboundAuth {
                             .to_owned(),
                     ),
                     summary: "panic".to_owned(),
+                    results: None,
                 }
             }
             Err(_) => Checked {
@@ -379,6 +385,7 @@ impl InboundAuth {
                         .to_owned(),
                 ),
                 summary: "deadline".to_owned(),
+                results: None,
             },
         }
     }
@@ -389,7 +396,7 @@ impl InboundAuth {
         helo: &str,
         mail_from: &str,
         message: &[u8],
-    ) -> Checked {
+    ) -> Checked<'_> {
         let mut results = AuthenticationResults::new(&self.authserv_id);
         let mut summary = Vec::new();
         let mut defer: Option<String> = None;
@@ -589,6 +596,7 @@ impl InboundAuth {
             header,
             disposition,
             summary: summary.join(" "),
+            results: Some(results),
         }
     }
 
@@ -618,11 +626,15 @@ impl InboundAuth {
     /// forged `Authentication-Results` with our id removed, ours prepended (for every
     /// disposition but a refusal). The driver then delivers, files into Junk, or answers.
     /// Also returns the results' summary (`spf=pass dkim=none dmarc=fail`) for spam scoring.
+    /// `arc_seal`: the DKIM key of the domain whose alias forwards the message outside; a
+    /// delivered message then gets our ARC set (RFC 8617) on top, so that the next hop can
+    /// trust our results although SPF (and maybe DKIM) no longer pass there.
     pub async fn filter_delivery(
         &self,
         client_ip: IpAddr,
         helo: &str,
         delivery: &mut Delivery,
+        arc_seal: Option<&DkimKeyRecord>,
     ) -> (Disposition, String) {
         // DKIM needs the whole message: a spilled body is read back (bounded by the SMTP
         // message size limit).
@@ -666,7 +678,50 @@ impl InboundAuth {
             }
             delivery.body.prepend(checked.header.as_bytes());
         }
+        if let (Some(key), Disposition::Deliver, Some(results), true) = (
+            arc_seal,
+            &checked.disposition,
+            &checked.results,
+            self.config.arc,
+        ) {
+            match self.arc_set(key, results, delivery).await {
+                Ok(Some(fields)) => delivery.body.prepend(fields.as_bytes()),
+                Ok(None) => {
+                    tracing::info!(client = %client_ip, "ARC chain failed: not sealed over")
+                }
+                Err(error) => tracing::warn!(%error, domain = %key.domain, "cannot ARC-seal"),
+            }
+        }
         (checked.disposition, checked.summary)
+    }
+
+    /// Our ARC set for `delivery` as it stands (our `Authentication-Results` on top): the
+    /// chain it carries is verified again (its keys come from the caches), then sealed; None
+    /// when that chain failed (RFC 8617 section 5.1.2: a `cv=fail` chain is not sealed over).
+    /// The signatures are computed here, on the session's task (two signatures per forwarded
+    /// message).
+    async fn arc_set(
+        &self,
+        key: &DkimKeyRecord,
+        results: &AuthenticationResults<'_>,
+        delivery: &Delivery,
+    ) -> Result<Option<String>, String> {
+        let whole;
+        let message: &[u8] = if delivery.body.is_spilled() {
+            whole = delivery.body.to_vec().map_err(|e| e.to_string())?;
+            &whole
+        } else {
+            delivery.body.head()
+        };
+        let parsed = AuthenticatedMessage::parse(message)
+            .ok_or_else(|| "the message cannot be parsed".to_owned())?;
+        let chain = self.authenticator.verify_arc(self.params(&parsed)).await;
+        if !chain.can_be_sealed() || matches!(chain.result(), DkimResult::Fail(_)) {
+            return Ok(None);
+        }
+        key.arc_seal(&parsed, results, &chain)
+            .map(Some)
+            .map_err(|e| e.to_string())
     }
 }
 

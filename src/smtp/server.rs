@@ -81,6 +81,13 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
         std::future::ready(crate::filter::spam::SpamAction::Deliver)
     }
 
+    /// The DKIM key an ARC seal of a message to `recipients` is made with: that of the first
+    /// local domain among them whose alias forwards outside and which has a key. The
+    /// default, for backends that forward nothing: none.
+    fn arc_seal_key(&self, _recipients: &[String]) -> Option<crate::outbound::dkim::DkimKeyRecord> {
+        None
+    }
+
     /// Stores a message whose DMARC policy says quarantine: local copies go to Junk. The
     /// default, for backends without mailboxes, stores it like [`Backend::deliver`].
     fn deliver_junk(
@@ -170,6 +177,10 @@ impl Backend for MailStore {
 
     fn inbound_checks(&self) -> Option<Arc<crate::filter::InboundAuth>> {
         self.filter_settings().inbound.clone()
+    }
+
+    fn arc_seal_key(&self, recipients: &[String]) -> Option<crate::outbound::dkim::DkimKeyRecord> {
+        MailStore::arc_seal_key(self, recipients)
     }
 
     fn deliver_junk(
@@ -519,11 +530,14 @@ where
                     let inbound = pending.submitter.is_none() && context.kind == ListenerKind::Mx;
                     let (disposition, auth) = match context.store.inbound_checks() {
                         Some(checks) if inbound => {
+                            // Mail an alias forwards outside gets our ARC seal.
+                            let seal_key = context.store.arc_seal_key(&pending.delivery.recipients);
                             let (disposition, summary) = checks
                                 .filter_delivery(
                                     session.client_ip(),
                                     session.helo_name(),
                                     &mut pending.delivery,
+                                    seal_key.as_ref(),
                                 )
                                 .await;
                             (disposition, Some(summary))

@@ -641,6 +641,29 @@ impl MailStore {
     }
 
     /// The key that signs for `domain`: its oldest.
+    /// The key an ARC seal is made with for a message to `recipients` (MX deliveries):
+    /// the first RSA key (RFC 8617 defines `a=rsa-sha256` only) of the first recipient's
+    /// domain whose address forwards outside (an alias to a foreign address); None when
+    /// nothing is forwarded or that domain has no RSA key.
+    pub fn arc_seal_key(&self, recipients: &[String]) -> Option<DkimKeyRecord> {
+        let domain = {
+            let state = self.state();
+            recipients.iter().find_map(|recipient| {
+                let address = names::normalize_address(recipient.trim()).ok()?;
+                let mut accounts = Vec::new();
+                let mut forwards = Vec::new();
+                state.expand_with_forwards(&address, &mut accounts, &mut forwards);
+                (!forwards.is_empty()).then(|| names::domain_of(&address).to_owned())
+            })?
+        };
+        let domain = names::normalize_domain(&domain).ok()?;
+        self.state().outbound.dkim.get(&domain).and_then(|keys| {
+            keys.iter()
+                .find(|key| key.algorithm == crate::outbound::dkim::DkimAlgorithm::Rsa)
+                .cloned()
+        })
+    }
+
     pub fn dkim_signing_key(&self, domain: &str) -> Option<DkimKeyRecord> {
         let domain = names::normalize_domain(domain).ok()?;
         self.state()

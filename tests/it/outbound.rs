@@ -629,3 +629,87 @@ for uid, flags, raw in inbox_messages():
     // One warning only, however many attempts it took.
     assert_eq!(reports.matches("Action: delayed").count(), 1, "{reports}");
 }
+
+/// ARC sealing (RFC 8617) when an alias forwards MX mail outside: the forwarded copy carries
+/// our set (`i=1`, `cv=none`, `a=rsa-sha256`, our authserv-id in the ARC-Authentication-
+/// Results) on top of our Authentication-Results, and dkimpy's `arc_verify` finds the chain
+/// valid with the domain's published key. Mail not forwarded gets no seal.
+#[test]
+fn mail_forwarded_by_an_alias_is_arc_sealed_and_dkimpy_verifies_the_chain() {
+    let dns = crate::inbound_auth::DnsServer::start(&serde_json::json!({
+        "client.test": [["TXT", ["v=spf1 ip4:127.0.0.1 -all"]], ["A", "127.0.0.1"]],
+        "elsewhere.example": [["TXT", ["v=spf1 ip4:127.0.0.1 -all"]]],
+    }));
+    let sink = Sink::start("ok");
+    let inbound = format!(
+        "[inbound]\nenabled = true\ndns_servers = [\"{}\"]\ndns_timeout_ms = 500\ndns_attempts = 1\n",
+        dns.address()
+    );
+    let (node, _) = node_with(&outbound_section(&inbound), sink.port);
+    let generated = node.cli_ok(&["dkim", "generate", DOMAIN, "--algorithm", "rsa"]);
+    let (_, record) = parse_zone_line(generated.lines().next().expect("zone line"));
+    node.cli_ok(&["alias", "add", &format!("fwd@{DOMAIN}"), "carol@sink.test"]);
+    node.py(
+        r#"
+s = smtp()
+s.sendmail("someone@elsewhere.example", [ENV["TO"]], message("sealed", sender="someone@elsewhere.example", to=ENV["TO"]))
+s.sendmail("someone@elsewhere.example", [USER], message("kept", sender="someone@elsewhere.example", to=USER))
+s.quit()
+"#,
+        &[&format!("TO=fwd@{DOMAIN}")],
+    );
+    let events = sink.wait_events(1, DELIVERY_DEADLINE);
+    let text = String::from_utf8_lossy(&events[0].data).into_owned();
+    let head = text.split("\r\n\r\n").next().unwrap_or_default();
+    for field in [
+        "ARC-Seal: i=1; a=rsa-sha256",
+        "ARC-Message-Signature: i=1; a=rsa-sha256",
+        "ARC-Authentication-Results: i=1; mx.kermail.test;",
+    ] {
+        assert!(head.contains(field), "{field} missing in:\n{head}");
+    }
+    assert!(head.contains("cv=none"), "{head}");
+    assert!(
+        head.contains("Authentication-Results: mx.kermail.test;"),
+        "{head}"
+    );
+    let script = r#"
+import sys, dkim
+record = sys.argv[1].encode()
+cv, results, comment = dkim.arc_verify(sys.stdin.buffer.read(), dnsfunc=lambda name, timeout=5: record)
+print(cv.decode(), comment)
+"#;
+    let mut child = Command::new(SYSTEM_PYTHON)
+        .args(["-c", script, &record])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run python3-dkim");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&events[0].data)
+        .expect("write message");
+    let output = child.wait_with_output().expect("dkimpy");
+    let verdict = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        verdict.starts_with("pass"),
+        "dkimpy arc_verify: {verdict} {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    // The copy kept locally was not forwarded: no seal.
+    let kept = node.py(
+        r#"
+c = imap()
+c.select("INBOX")
+typ, data = c.search(None, "SUBJECT", "kept")
+num = data[0].split()[-1]
+typ, data = c.fetch(num, "(BODY.PEEK[HEADER])")
+print("SEALED" if b"ARC-Seal" in data[0][1] else "PLAIN")
+"#,
+        &[],
+    );
+    assert!(kept.contains("PLAIN"), "{kept}");
+}
