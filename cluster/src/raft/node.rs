@@ -824,6 +824,13 @@ async fn wait_lone_voter_ready(
 pub(crate) struct EngineCheck(pub(crate) Weak<Engine>);
 
 impl SenderCheck for EngineCheck {
+    fn in_membership(&self, from: &str) -> bool {
+        self.0.upgrade().is_some_and(|engine| {
+            engine.member_named(from).is_some()
+                || engine.known.values().any(|info| info.name == from)
+        })
+    }
+
     fn check(&self, claimed: NodeId, from: &str) -> Result<(), String> {
         let Some(engine) = self.0.upgrade() else {
             return Err("this node is shutting down".to_string());
