@@ -103,7 +103,13 @@ async fn run_backup_store(config: Config, shutdown: CancellationToken) -> anyhow
     let bulk = mesh
         .incoming(Channel::Bulk)
         .context("the mesh's bulk channel is taken")?;
-    let others = serve_beside(bulk, store.clone(), shutdown.clone());
+    // Its mesh's only peers are its clients.
+    let others = serve_beside(
+        bulk,
+        store.clone(),
+        Arc::new(|_: &str| true),
+        shutdown.clone(),
+    );
     // Anything else a peer sends (it should send nothing else) is answered empty at once.
     let mut refused = vec![others];
     for channel in [Channel::Control, Channel::Raft, Channel::Writes] {

@@ -310,9 +310,14 @@ impl Store {
 
 /// Takes the backup-store requests off a channel's incoming messages and serves them from
 /// `root`; every other message is passed on, in order, to the returned receiver.
+///
+/// `allowed` says which senders may use the store: on a mail node, the members of the Raft
+/// membership (not a backup-only store that is a mesh peer of this node); on a backup-only
+/// node, every peer of its mesh (its configured clients).
 pub fn serve_beside(
     mut incoming: mpsc::Receiver<Incoming>,
     store: Arc<Store>,
+    allowed: Arc<dyn Fn(&str) -> bool + Send + Sync>,
     stop: CancellationToken,
 ) -> mpsc::Receiver<Incoming> {
     let (pass_on, passed) = mpsc::channel(PASS_ON_QUEUE);
@@ -335,6 +340,17 @@ pub fn serve_beside(
             let Some(responder) = message.responder else {
                 continue;
             };
+            if !allowed(&message.from) {
+                tracing::warn!(from = %message.from, "backup-store request refused: not a member");
+                let reply = BackupStoreReply::Error(format!(
+                    "{} may not use this backup store",
+                    message.from
+                ));
+                if let Ok(bytes) = encode(&reply) {
+                    let _ = responder.respond(bytes).await;
+                }
+                continue;
+            }
             let request = match decode::<BackupStoreRequest>(body) {
                 Ok(request) => request,
                 Err(error) => {

@@ -710,8 +710,13 @@ async fn start_engine(
                 })
                 .await?
                 .map_err(|e| ClusterError::Mesh(format!("cannot open the backup store: {e}")))?;
-                incoming =
-                    super::backup_store::serve_beside(incoming, Arc::new(store), stop.clone());
+                let members = EngineCheck(Arc::downgrade(&engine));
+                incoming = super::backup_store::serve_beside(
+                    incoming,
+                    Arc::new(store),
+                    Arc::new(move |from: &str| members.in_membership(from)),
+                    stop.clone(),
+                );
             }
             // Snapshot bodies are served on `bulk` only.
             let objects = (channel == Channel::Bulk).then(|| objects.clone());
