@@ -49,6 +49,9 @@ pub struct Config {
     pub store: crate::store::StoreConfig,
     /// Backups (issue 11).
     pub backup: crate::backup::BackupConfig,
+    /// The chunks this node keeps for other nodes' backups: quota; on a backup-only node,
+    /// the cluster nodes allowed to send them.
+    pub backup_store: crate::backup::BackupStoreConfig,
     /// Greylisting on the MX listener (off by default).
     pub greylist: crate::sieve::greylist::GreylistConfig,
     /// SPF, DKIM and DMARC checks of mail on the MX listener (off by default).
@@ -78,6 +81,18 @@ pub struct NodeConfig {
     /// Free space reserve of the data folder, in MiB: new messages are refused below it.
     /// 0 turns the check off. Default: [`MIN_FREE_DISK_MB_DEFAULT`].
     pub min_free_disk_mb: u64,
+    /// `mail` (default): a full node. `backup-store`: a backup-only member that runs the mesh
+    /// and keeps other nodes' backup chunks (`[backup_store]`), and nothing else: no Raft, no
+    /// mail state, no backup key, no listeners.
+    pub role: NodeRole,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum NodeRole {
+    #[default]
+    Mail,
+    BackupStore,
 }
 
 impl Default for NodeConfig {
@@ -89,6 +104,7 @@ impl Default for NodeConfig {
             site: "default".to_owned(),
             hostname: host,
             min_free_disk_mb: MIN_FREE_DISK_MB_DEFAULT,
+            role: NodeRole::Mail,
         }
     }
 }
@@ -221,6 +237,14 @@ impl Config {
                 "tls.cert_file and tls.key_file go together: set both or neither".to_owned(),
             ));
         }
+        if self.node.role == NodeRole::BackupStore && self.backup_store.clients.is_empty() {
+            return Err(ConfigError::Invalid(
+                "[node] role = \"backup-store\" needs the cluster nodes that may store here: \
+                 [[backup_store.clients]] name, public_key"
+                    .to_owned(),
+            ));
+        }
+        self.backup.validate().map_err(ConfigError::Invalid)?;
         if self.node.name.trim().is_empty() {
             return Err(ConfigError::Invalid(
                 "node.name must not be empty".to_owned(),

@@ -66,8 +66,96 @@ impl Propose for ClusterProposer {
     }
 }
 
+/// Runs a backup-only member (`[node] role = "backup-store"`) until `shutdown` is cancelled:
+/// the mesh, with the configured cluster nodes as its only peers, and the backup store on its
+/// `bulk` channel; nothing else. It never opens a Raft log, a mail state or a body store, so
+/// no backup key and no plaintext can reach it: it holds only the sealed chunks it is sent.
+async fn run_backup_store(config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    use kermail_cluster::mesh::{Channel, Identity, Member, Mesh};
+    use kermail_cluster::raft::backup_store::{serve_beside, Store, BACKUP_STORE_DIR};
+    let data_dir = config.node.data_dir.clone();
+    create_private_dir(&data_dir)?;
+    let key_path = config.mesh_key_path();
+    let identity = Identity::load_or_create(&key_path)
+        .with_context(|| format!("cannot load the mesh key {}", key_path.display()))?;
+    let mut members = vec![Member {
+        name: config.node.name.clone(),
+        site: config.node.site.clone(),
+        public_key: identity.public_key_base64(),
+        addrs: config.mesh.listen.clone(),
+    }];
+    members.extend(config.backup_store.clients.iter().map(|c| Member {
+        name: c.name.clone(),
+        site: c.site.clone(),
+        public_key: c.public_key.clone(),
+        addrs: c.addrs.clone(),
+    }));
+    let mesh = Mesh::start(config.mesh.clone(), identity, members)
+        .await
+        .context("cannot start the mesh")?;
+    let root = data_dir.join(BACKUP_STORE_DIR);
+    let quota = config.backup_store.quota_bytes();
+    let store = Arc::new(
+        tokio::task::spawn_blocking(move || Store::open(root, quota))
+            .await?
+            .context("cannot open the backup store")?,
+    );
+    let bulk = mesh
+        .incoming(Channel::Bulk)
+        .context("the mesh's bulk channel is taken")?;
+    // Its mesh's only peers are its clients.
+    let others = serve_beside(
+        bulk,
+        store.clone(),
+        Arc::new(|_: &str| true),
+        shutdown.clone(),
+    );
+    // Anything else a peer sends (it should send nothing else) is answered empty at once.
+    let mut refused = vec![others];
+    for channel in [Channel::Control, Channel::Raft, Channel::Writes] {
+        refused.extend(mesh.incoming(channel));
+    }
+    for mut incoming in refused {
+        tokio::spawn(async move {
+            while let Some(message) = incoming.recv().await {
+                tracing::debug!(from = %message.from, channel = ?message.channel, "backup store: request refused");
+                if let Some(responder) = message.responder {
+                    let _ = responder.respond(Vec::new().into()).await;
+                }
+            }
+        });
+    }
+    let socket_path = config.admin_socket_path();
+    let listener = crate::admin::server::bind(&socket_path)
+        .with_context(|| format!("cannot open the admin socket {}", socket_path.display()))?;
+    let admin = tokio::spawn(crate::admin::server::serve_backup_store(
+        listener,
+        store.clone(),
+        mesh.clone(),
+        shutdown.clone(),
+    ));
+    let (used, quota) = store.usage();
+    info!(
+        name = %config.node.name,
+        clients = config.backup_store.clients.len(),
+        used,
+        quota = ?quota,
+        data_dir = %data_dir.display(),
+        "kermail backup store ready"
+    );
+    shutdown.cancelled().await;
+    mesh.shutdown();
+    let _ = admin.await;
+    let _ = std::fs::remove_file(&socket_path);
+    info!("kermail backup store stopped");
+    Ok(())
+}
+
 /// Runs a node until `shutdown` is cancelled (the binary cancels it on SIGTERM/SIGINT).
 pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Result<()> {
+    if config.node.role == crate::config::NodeRole::BackupStore {
+        return run_backup_store(config, shutdown).await;
+    }
     let data_dir = config.node.data_dir.clone();
     create_private_dir(&data_dir)?;
     let nofile = raise_nofile_limit();
@@ -87,6 +175,8 @@ pub async fn run(mut config: Config, shutdown: CancellationToken) -> anyhow::Res
         site: config.node.site.clone(),
         raft: config.cluster.timings(),
         mesh: config.mesh.clone(),
+        backup_peers: config.backup.backup_peers(),
+        backup_store_quota_bytes: config.backup_store.quota_bytes(),
     };
     let cluster = kermail_cluster::Cluster::open(cluster_config, machine.clone())
         .await

@@ -89,6 +89,104 @@ pub async fn serve(listener: UnixListener, context: AdminContext, shutdown: Canc
     }
 }
 
+/// The admin socket of a backup-only node (`[node] role = "backup-store"`): `status` and
+/// `mesh status`; every other request is refused (it holds no mail and no backup key).
+pub async fn serve_backup_store(
+    listener: UnixListener,
+    store: std::sync::Arc<kermail_cluster::raft::backup_store::Store>,
+    mesh: kermail_cluster::mesh::Mesh,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    warn!(%error, "admin socket accept failed");
+                    continue;
+                }
+            },
+        };
+        match stream.peer_cred() {
+            Ok(credentials) if peer_uid_allowed(credentials.uid()) => {}
+            _ => {
+                warn!(
+                    "admin connection refused: only root and the node's own user may administer it"
+                );
+                continue;
+            }
+        }
+        let store = store.clone();
+        let mesh = mesh.clone();
+        tokio::spawn(
+            async move {
+                let answer = move |request: AdminRequest| match request {
+                    AdminRequest::Status => {
+                        let (used, quota) = store.usage();
+                        let status = mesh.status();
+                        let linked = status
+                            .peers
+                            .iter()
+                            .filter(|p| p.link != kermail_cluster::mesh::LinkState::Down)
+                            .count();
+                        lines(vec![
+                            format!("node {} (site {}): backup-store", status.node, status.site),
+                            "role: backup-store (no Raft, no mail state, no backup key)".to_owned(),
+                            format!(
+                                "backup store {}: {used} bytes used, quota {}",
+                                store.root().display(),
+                                quota.map_or_else(|| "none".to_owned(), |q| format!("{q} bytes"))
+                            ),
+                            format!("mesh: {linked} of {} clients linked", status.peers.len()),
+                        ])
+                    }
+                    AdminRequest::MeshStatus { json } => {
+                        let status = mesh.status();
+                        if json {
+                            json_line(&status)
+                        } else {
+                            lines(super::cluster::mesh_status_lines(&status))
+                        }
+                    }
+                    _ => AdminResponse::Error {
+                        message: "this node is a backup store (role = \"backup-store\"): it \
+                                  keeps other nodes' encrypted backup chunks and holds no mail, \
+                                  no cluster state and no backup key"
+                            .to_owned(),
+                    },
+                };
+                if let Err(error) = answer_one(stream, answer).await {
+                    warn!(%error, "admin connection failed");
+                }
+            }
+            .instrument(info_span!("admin")),
+        );
+    }
+}
+
+async fn answer_one(
+    stream: UnixStream,
+    answer: impl FnOnce(AdminRequest) -> AdminResponse,
+) -> std::io::Result<()> {
+    let (reader, mut writer) = stream.into_split();
+    let mut reader = BufReader::new(reader).take(MAX_ADMIN_MESSAGE_BYTES as u64);
+    let mut line = String::new();
+    tokio::time::timeout(ADMIN_REQUEST_TIMEOUT, reader.read_line(&mut line))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no request"))??;
+    let response = match serde_json::from_str::<AdminRequest>(&line) {
+        Ok(request) => answer(request),
+        Err(error) => AdminResponse::Error {
+            message: format!("malformed admin request: {error}"),
+        },
+    };
+    let mut bytes = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    bytes.push(b'\n');
+    writer.write_all(&bytes).await?;
+    writer.shutdown().await
+}
+
 /// Root and the user the node runs as may use the admin socket; nobody else.
 fn peer_uid_allowed(uid: u32) -> bool {
     // SAFETY: geteuid has no preconditions and cannot fail.

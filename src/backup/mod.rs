@@ -33,8 +33,15 @@ pub use target::{Target, TargetConfig, TargetKind};
 pub const META_PIECE_BYTES: usize = 4 * 1024 * 1024;
 /// A backup lease lasts this long; a node that dies mid-backup blocks others at most this long.
 pub const BACKUP_LEASE_MS: i64 = 60 * 60 * 1000;
-/// Bodies read, sealed and sent at once.
+/// Objects put at once by a target without a batch put of its own (S3, node).
 pub const PUTS_IN_FLIGHT: usize = 16;
+/// Bodies read and sealed by one blocking task and handed to the target as one batch (a thread
+/// hand-off per body made a backup's time follow the machine's scheduling load), and the most
+/// stored bytes a batch holds.
+pub const BATCH_BODIES: usize = 256;
+pub const BATCH_BYTES: u64 = 8 * 1024 * 1024;
+/// Batches read, sealed or sent at once.
+pub const BATCHES_IN_FLIGHT: usize = 2;
 /// A folder target syncs what was sent (once, not per chunk) after this many chunks or bytes,
 /// so that an interrupted backup resumes from there.
 pub const FLUSH_EVERY_CHUNKS: usize = 5_000;
@@ -52,6 +59,39 @@ pub struct BackupConfig {
     pub schedule: Option<String>,
     pub targets: Vec<TargetConfig>,
     pub retention: Retention,
+}
+
+/// `[backup_store]`: the chunks this node keeps for other nodes' backups.
+#[derive(Debug, Clone, Deserialize, Serialize, Default, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct BackupStoreConfig {
+    /// MiB the store (`<data_dir>/backup-store`) may hold; a chunk that would pass it is
+    /// refused (the sender's backup fails naming the quota), reads and deletes go on. 0: no
+    /// limit but the disk. Default 0.
+    pub quota_mb: u64,
+    /// On a backup-only node (`[node] role = "backup-store"`): the cluster nodes that may send
+    /// it backups (their names and mesh public keys, `kermail mesh status` on each).
+    pub clients: Vec<BackupClient>,
+}
+
+/// One cluster node a backup-only store accepts.
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BackupClient {
+    pub name: String,
+    /// Its mesh public key, base64.
+    pub public_key: String,
+    #[serde(default)]
+    pub site: String,
+    /// Addresses to dial it at (optional: the cluster nodes dial the store).
+    #[serde(default)]
+    pub addrs: Vec<std::net::SocketAddr>,
+}
+
+impl BackupStoreConfig {
+    pub fn quota_bytes(&self) -> Option<u64> {
+        (self.quota_mb > 0).then(|| self.quota_mb.saturating_mul(1024 * 1024))
+    }
 }
 
 /// `[backup.retention]`: how many daily, weekly and monthly backups `prune` keeps.
@@ -74,6 +114,36 @@ impl Default for Retention {
 }
 
 impl BackupConfig {
+    /// The backup-only stores the `node` targets name (those with a `public_key`): they join
+    /// this node's mesh, never its Raft membership.
+    pub fn backup_peers(&self) -> Vec<kermail_cluster::mesh::Member> {
+        self.targets
+            .iter()
+            .filter(|t| t.kind == TargetKind::Node)
+            .filter_map(|t| {
+                Some(kermail_cluster::mesh::Member {
+                    name: t.node.clone()?,
+                    site: t.site.clone().unwrap_or_default(),
+                    public_key: t.public_key.clone()?,
+                    addrs: t.addrs.clone(),
+                })
+            })
+            .collect()
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        for t in &self.targets {
+            if t.kind == TargetKind::Node && t.public_key.is_some() && t.addrs.is_empty() {
+                return Err(format!(
+                    "backup target {}: a backup-only node (public_key) needs `addrs`, where its \
+                     mesh listens",
+                    t.name
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// The named target, or the first one.
     pub fn target(&self, name: Option<&str>) -> Result<&TargetConfig, String> {
         match name {
@@ -342,7 +412,23 @@ pub async fn run_backup(
         .take_backup_lease(node, BACKUP_LEASE_MS)
         .await
         .map_err(|e| format!("backup refused: {e}"))?;
+    // Temporary files an interrupted earlier backup left (a kill, a crash) go first.
+    match target.clean_temporary().await {
+        Ok(0) => {}
+        Ok(removed) => tracing::info!(removed, "temporary files of an interrupted backup removed"),
+        Err(error) => tracing::warn!(%error, "cannot remove the temporary files at the target"),
+    }
     let result = run_backup_leased(store, target, node, progress, Keys::derive(&key.0)).await;
+    if result.is_err() {
+        // Keep what fully arrived (the next backup skips it), drop what did not.
+        if let Err(error) = target.flush().await {
+            tracing::warn!(%error, "cannot sync the chunks of the failed backup");
+        }
+        match target.clean_temporary().await {
+            Ok(removed) => tracing::info!(removed, "failed backup: temporary files removed"),
+            Err(error) => tracing::warn!(%error, "cannot remove the temporary files at the target"),
+        }
+    }
     if let Err(error) = store.release_backup_lease(node).await {
         tracing::warn!(%error, "cannot release the backup lease (it expires by itself)");
     }
@@ -393,45 +479,73 @@ async fn run_backup_leased(
             missing.push((*id, name, stored));
         }
     }
-    // Several bodies in flight: a target's latency (an fsync, an HTTP round trip) per body
-    // would otherwise add up.
-    let sends = futures::stream::iter(missing.into_iter().map(|(id, name, stored)| {
+    // Bodies go in batches: one blocking task reads and seals a batch, the target takes it as
+    // one (a folder writes it in one task; S3 and node targets put several objects at once),
+    // and a few batches are in flight, so that neither a target's latency per object nor a
+    // thread hand-off per body adds up.
+    let mut batches: Vec<Vec<(crate::store::BlobId, String, u64)>> = Vec::new();
+    let mut batch_bytes = 0u64;
+    for item in missing {
+        let new_batch = match batches.last() {
+            None => true,
+            Some(last) => last.len() >= BATCH_BODIES || batch_bytes >= BATCH_BYTES,
+        };
+        if new_batch {
+            batches.push(Vec::new());
+            batch_bytes = 0;
+        }
+        batch_bytes += item.2;
+        if let Some(last) = batches.last_mut() {
+            last.push(item);
+        }
+    }
+    let sends = futures::stream::iter(batches.into_iter().map(|batch| {
         let blobs = view.blobs.clone();
         let keys = keys.clone();
         async move {
-            let sealed = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-                let mut reader = blobs
-                    .open_compressed(&id)
-                    .map_err(|e| format!("body {} unreadable: {e}", hex::encode(id.0)))?;
-                let mut compressed = Vec::new();
-                reader
-                    .read_to_end(&mut compressed)
-                    .map_err(|e| format!("body {} unreadable: {e}", hex::encode(id.0)))?;
-                keys.seal(&compressed).map_err(|e| e.to_string())
-            })
-            .await
-            .map_err(|e| e.to_string())??;
-            let len = sealed.len() as u64;
+            let count = batch.len();
+            let stored: u64 = batch.iter().map(|(_, _, stored)| stored).sum();
+            let sealed =
+                tokio::task::spawn_blocking(move || -> Result<Vec<(String, Vec<u8>)>, String> {
+                    let mut out = Vec::with_capacity(batch.len());
+                    let mut compressed = Vec::new();
+                    for (id, name, _) in batch {
+                        let mut reader = blobs
+                            .open_compressed(&id)
+                            .map_err(|e| format!("body {} unreadable: {e}", hex::encode(id.0)))?;
+                        compressed.clear();
+                        reader
+                            .read_to_end(&mut compressed)
+                            .map_err(|e| format!("body {} unreadable: {e}", hex::encode(id.0)))?;
+                        out.push((name, keys.seal(&compressed).map_err(|e| e.to_string())?));
+                    }
+                    Ok(out)
+                })
+                .await
+                .map_err(|e| e.to_string())??;
+            let len: u64 = sealed.iter().map(|(_, bytes)| bytes.len() as u64).sum();
             target
-                .put(name, sealed)
+                .put_batch(sealed)
                 .await
                 .map_err(|e| format!("cannot write to the target: {e}"))?;
             progress.bytes_sent.fetch_add(len, Ordering::Relaxed);
-            progress.bodies_done.fetch_add(1, Ordering::Relaxed);
+            progress
+                .bodies_done
+                .fetch_add(count as u64, Ordering::Relaxed);
             progress.bytes_done.fetch_add(stored, Ordering::Relaxed);
-            Ok::<u64, String>(len)
+            Ok::<(usize, u64), String>((count, len))
         }
     }))
-    .buffer_unordered(PUTS_IN_FLIGHT);
+    .buffer_unordered(BATCHES_IN_FLIGHT);
     futures::pin_mut!(sends);
     let mut unflushed = (0usize, 0u64);
     while let Some(sent) = sends.next().await {
-        let len = sent?;
+        let (count, len) = sent?;
         bytes_new += len;
         bytes_at_target += len;
         // Now and then, what was sent becomes durable and listed: an interrupted backup
         // resumes from there.
-        unflushed = (unflushed.0 + 1, unflushed.1 + len);
+        unflushed = (unflushed.0 + count, unflushed.1 + len);
         if unflushed.0 >= FLUSH_EVERY_CHUNKS || unflushed.1 >= FLUSH_EVERY_BYTES {
             target
                 .flush()

@@ -924,3 +924,249 @@ fn a_target_without_a_recent_backup_is_warned_about_in_the_log() {
         "{status}"
     );
 }
+
+/// Issue 11's backup-only member: b1 runs `[node] role = "backup-store"` outside the Raft
+/// membership (the cluster's nodes know it by its mesh key and address, it knows them by
+/// theirs). A backup from n1 to it and a verify from n2 work; b1 holds no backup key (its
+/// exported hex and raw bytes appear in none of its files), no Raft log, no mail state, no
+/// plaintext, and refuses `backup key export`. Its quota refuses a backup that would pass it,
+/// with an error naming the quota, while `list` and `verify` of what it holds keep working.
+/// The folder it keeps restores, with the exported key, to the same messages.
+#[test]
+fn a_backup_only_member_holds_only_ciphertext_without_the_key_and_within_its_quota() {
+    let keys = tempfile::tempdir().expect("tempdir");
+    let b1_key = keys.path().join("b1.key");
+    let keygen_config = keys.path().join("keygen.toml");
+    std::fs::write(
+        &keygen_config,
+        format!(
+            "[node]\ndata_dir = \"{}\"\n[mesh]\nkey_file = \"{}\"\n",
+            keys.path().display(),
+            b1_key.display()
+        ),
+    )
+    .expect("write config");
+    let out = std::process::Command::new(crate::harness::KERMAIL)
+        .args(["--config", keygen_config.to_str().expect("utf-8"), "keygen"])
+        .output()
+        .expect("kermail keygen");
+    assert!(out.status.success(), "{out:?}");
+    let b1_public = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let mut b1_address = String::new();
+    let Some(cluster) = crate::cluster::Cluster::up_with(12, 3, None, |host| {
+        // The fourth node of the cluster's network: 10.213.ID.14.
+        let base = host.rsplit_once('.').expect("IPv4 host").0;
+        b1_address = format!("{base}.14:7655");
+        Some(format!(
+            r#"
+[smtp]
+max_messages_per_account_per_minute = 100000
+[backup]
+[[backup.targets]]
+name = "site-b"
+kind = "node"
+node = "b1"
+public_key = "{b1_public}"
+addrs = ["{b1_address}"]
+site = "s4"
+"#
+        ))
+    }) else {
+        return;
+    };
+    cluster.account();
+    let canary = "kermail-backup-only-canary-93d1";
+    cluster.py(CLUSTER_DELIVER, &[canary, "20", "3000", "first", USER]);
+
+    // b1: only the cluster's nodes, by their mesh keys, may store there; 1 MiB at most.
+    let mut b1_config = format!(
+        "[node]\nrole = \"backup-store\"\n[mesh]\nkey_file = \"{}\"\n[backup_store]\nquota_mb = 1\n",
+        b1_key.display()
+    );
+    for node in ["n1", "n2", "n3"] {
+        let status: serde_json::Value =
+            serde_json::from_str(&cluster.kermail(node, &["mesh", "status", "--json"]))
+                .expect("mesh status json");
+        b1_config.push_str(&format!(
+            "[[backup_store.clients]]\nname = \"{node}\"\npublic_key = \"{}\"\n",
+            status["public_key"].as_str().expect("public_key")
+        ));
+    }
+    let b1_extra = keys.path().join("b1.toml");
+    std::fs::write(&b1_extra, b1_config).expect("write b1 config");
+    cluster.ok(&[
+        "add",
+        "b1",
+        "--site",
+        "s4",
+        "--config",
+        b1_extra.to_str().expect("utf-8"),
+    ]);
+    let status = cluster.kermail("b1", &["status"]);
+    assert!(status.contains("role: backup-store"), "{status}");
+    // Not a member of the Raft cluster.
+    let members = cluster.kermail("n1", &["cluster", "status"]);
+    assert!(!members.contains("b1"), "{members}");
+
+    let (first, first_new, _) = cluster_backup(&cluster, "n1", "site-b");
+    assert!(
+        first_new > 20 * 2_000,
+        "first backup sent {first_new} bytes"
+    );
+    let b1_data = cluster.node_dir("b1").join("data");
+    let store = b1_data.join("backup-store");
+    assert!(!files_under(&store.join("chunks")).is_empty());
+    let verified = cluster.kermail("n2", &["backup", "verify", &first, "--target", "site-b"]);
+    assert!(verified.contains(" ok: "), "{verified}");
+
+    // What b1 holds: ciphertext, and nothing to open it with.
+    let key_hex = cluster
+        .kermail("n1", &["backup", "key", "export"])
+        .trim()
+        .to_owned();
+    let key_raw = hex::decode(&key_hex).expect("hex key");
+    // Every regular file of b1's data folder (not its admin socket).
+    let b1_files: Vec<PathBuf> = files_under(&b1_data)
+        .into_iter()
+        .filter(|p| std::fs::metadata(p).map(|m| m.is_file()).unwrap_or(false))
+        .collect();
+    assert!(b1_files.len() > 20, "{b1_files:?}");
+    for file in &b1_files {
+        let bytes = std::fs::read(file).expect("read");
+        for secret in [
+            canary.as_bytes(),
+            b"Subject: first-1".as_slice(),
+            key_hex.as_bytes(),
+            key_raw.as_slice(),
+        ] {
+            assert!(
+                !bytes.windows(secret.len()).any(|w| w == secret),
+                "{} holds {:?}",
+                file.display(),
+                String::from_utf8_lossy(secret)
+            );
+        }
+    }
+    for absent in ["raft", "blobs", "snapshots"] {
+        assert!(!b1_data.join(absent).exists(), "b1 has a {absent} folder");
+    }
+    let out = cluster.run(&["exec", "b1", "--", "kermail", "backup", "key", "export"]);
+    assert!(!out.status.success(), "b1 exported a backup key");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backup store"), "{stderr}");
+
+    // The quota: 400 more messages of 4 KB do not fit in 1 MiB; the backup fails naming it.
+    cluster.py(CLUSTER_DELIVER, &[canary, "400", "4000", "second", USER]);
+    let out = cluster.run(&[
+        "exec", "n1", "--", "kermail", "backup", "now", "--target", "site-b",
+    ]);
+    assert!(!out.status.success(), "a backup over b1's quota succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("backup store quota reached"), "{stderr}");
+    let used = bytes_under(&store);
+    assert!(used <= 1024 * 1024, "b1 holds {used} bytes, over its quota");
+    assert!(
+        files_under(&store)
+            .iter()
+            .all(|p| !p.to_string_lossy().contains(".tmp-")),
+        "temporary files left at b1"
+    );
+    // Reads go on: list and verify of the first backup.
+    let listed = cluster.kermail("n3", &["backup", "list", "--target", "site-b"]);
+    assert!(listed.contains(&first), "{listed}");
+    let verified = cluster.kermail("n3", &["backup", "verify", &first, "--target", "site-b"]);
+    assert!(verified.contains(" ok: "), "{verified}");
+    let status = cluster.kermail("b1", &["status"]);
+    assert!(status.contains("quota 1048576 bytes"), "{status}");
+
+    // b1's folder restores with the exported key, as a `dir` target, with no node running.
+    let restored = Node::create();
+    let key_file = restored.dir.path().join("backup.key");
+    std::fs::write(&key_file, &key_hex).expect("write key");
+    let mut config = std::fs::read_to_string(&restored.config).expect("config");
+    config.push_str(&format!(
+        "[backup]\n[[backup.targets]]\nname = \"from-b1\"\nkind = \"dir\"\npath = \"{}\"\n",
+        store.display()
+    ));
+    std::fs::write(&restored.config, config).expect("write config");
+    let out = restored.cli_ok(&[
+        "restore",
+        &first,
+        "--to",
+        restored.data_dir.to_str().expect("utf-8"),
+        "--key-file",
+        key_file.to_str().expect("utf-8"),
+    ]);
+    assert!(out.contains("23 messages, 20 bodies"), "{out}");
+}
+
+/// A folder target on a 1 MiB tmpfs: the backup fails (no space) and leaves no temporary file;
+/// the chunks that fully arrived are kept. With room again (and a leftover temporary file
+/// planted, as a kill would leave it), the next backup removes the leftover, sends only what
+/// the failed one did not, and verifies.
+#[test]
+fn an_interrupted_folder_backup_leaves_no_temporary_files_and_resumes() {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (tmpfs mount)");
+        return;
+    }
+    let mount = tempfile::tempdir().expect("tempdir");
+    let status = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .expect("mount");
+    assert!(status.success(), "mount tmpfs");
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(mount.path());
+    let node = node_with_backup_target(&format!(
+        "[backup]\n[[backup.targets]]\nname = \"disk\"\nkind = \"dir\"\npath = \"{}\"\n",
+        mount.path().display()
+    ));
+    let temporary = |dir: &Path| -> Vec<PathBuf> {
+        files_under(dir)
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(".tmp-"))
+            .collect()
+    };
+    // About 2 MB of sealed chunks: twice the tmpfs.
+    deliver(&node, 150, 16_000, "kermail-interrupted-canary");
+    let out = node.cli(&["backup", "now"]);
+    assert!(!out.status.success(), "a backup onto a full disk succeeded");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot write to the target"), "{stderr}");
+    assert_eq!(temporary(mount.path()), Vec::<PathBuf>::new());
+    let kept = chunk_files(mount.path()).len();
+    assert!(kept > 10, "the failed backup kept {kept} chunks");
+
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=64m"])
+        .arg(mount.path())
+        .status()
+        .expect("remount");
+    assert!(status.success(), "remount");
+    let leftover = mount.path().join("chunks/ab/0123.tmp-00000000deadbeef");
+    std::fs::create_dir_all(leftover.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&leftover, b"half a chunk").expect("plant");
+    let (id, new, total) = backup_now(&node);
+    assert!(
+        !leftover.exists(),
+        "the leftover temporary file is still there"
+    );
+    assert_eq!(temporary(mount.path()), Vec::<PathBuf>::new());
+    assert!(
+        new < total,
+        "the resumed backup sent everything again ({new} of {total} bytes)"
+    );
+    assert!(chunk_files(mount.path()).len() > kept);
+    let ok = node.cli_ok(&["backup", "verify", &id]);
+    assert!(ok.contains("ok"), "{ok}");
+}

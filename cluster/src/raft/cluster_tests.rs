@@ -35,6 +35,7 @@ async fn start_node(name: &str, site: &str, timings: RaftTimings) -> TestNode {
         site: site.to_string(),
         raft: timings,
         mesh: loopback_mesh(),
+        ..Default::default()
     };
     let app = Arc::new(MapApp::default());
     let cluster = Cluster::open(config, app.clone()).await.expect("open");
@@ -387,6 +388,7 @@ async fn join_resumes_after_a_restart() {
         site: "x".to_string(),
         raft: timings(),
         mesh: loopback_mesh(),
+        ..Default::default()
     };
     let app = Arc::new(MapApp::default());
     let joining = Cluster::open(config.clone(), app).await.expect("open");
@@ -545,6 +547,7 @@ fn fixed_port_config(dir: &std::path::Path, name: &str, site: &str) -> ClusterCo
             listen: vec![std::net::SocketAddr::from(([127, 0, 0, 1], port))],
             ..Default::default()
         },
+        ..Default::default()
     }
 }
 

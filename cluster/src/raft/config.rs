@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::mesh::MeshConfig;
+use crate::mesh::{Member, MeshConfig};
 
 /// The cluster section of the node's configuration.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -21,6 +21,13 @@ pub struct ClusterConfig {
     pub raft: RaftTimings,
     /// The mesh: listen addresses, key file (relative to `data_dir`), cluster id, psk, limits.
     pub mesh: MeshConfig,
+    /// Backup-only stores outside the Raft membership that this node sends backups to: they
+    /// join the mesh's member list (so a link to them is allowed) but never the Raft
+    /// membership (no log, no snapshot, no application state reaches them). Default none.
+    pub backup_peers: Vec<Member>,
+    /// Bytes this node's backup store (`<data_dir>/backup-store`, chunks other nodes send it)
+    /// may hold; `None`: no limit but the disk. Default none.
+    pub backup_store_quota_bytes: Option<u64>,
 }
 
 impl Default for ClusterConfig {
@@ -31,6 +38,8 @@ impl Default for ClusterConfig {
             site: "default".to_string(),
             raft: RaftTimings::default(),
             mesh: MeshConfig::default(),
+            backup_peers: Vec::new(),
+            backup_store_quota_bytes: None,
         }
     }
 }

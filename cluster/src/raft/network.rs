@@ -230,6 +230,9 @@ impl RaftNetwork<TypeConfig> for MeshClient {
 /// `Err` says why not.
 pub trait SenderCheck: Send + Sync + 'static {
     fn check(&self, claimed: NodeId, from: &str) -> Result<(), String>;
+    /// Whether the mesh peer `from` is in the Raft membership (a member or an invited node):
+    /// only those are served message bodies. A backup-only store is a mesh peer outside it.
+    fn in_membership(&self, from: &str) -> bool;
 }
 
 /// Answers the requests arriving on one mesh channel until `stop`, or until `handle` gives
@@ -338,9 +341,14 @@ async fn handle_rpc(
             return RaftReply::Refused(error);
         }
     };
-    // Any mesh peer is a member (or an invited node): bodies are served to it, on this
-    // channel only (`bulk`), bounded per answer.
+    // Bodies are served to the members of the Raft membership (and invited nodes), never to
+    // another mesh peer (a backup-only store), on this channel only (`bulk`), bounded per
+    // answer.
     if let RaftRpc::FetchObjects(request) = rpc {
+        if !check.in_membership(from) {
+            tracing::warn!(from, "body fetch refused: not in the Raft membership");
+            return RaftReply::Refused(format!("{from} is not in the membership"));
+        }
         return match objects {
             Some(app) => super::fetch::serve(app, from, request).await,
             None => RaftReply::Refused("objects are not served on this channel".to_string()),

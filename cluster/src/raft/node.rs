@@ -178,6 +178,8 @@ pub(crate) struct Engine {
     log_probe: LogStoreProbe,
     /// Members named by the invitation token, for a joining node that has no membership yet.
     pub(crate) known: BTreeMap<NodeId, NodeInfo>,
+    /// Backup-only stores this node sends backups to: mesh members, never Raft members.
+    pub(crate) backup_peers: Vec<Member>,
     pub(crate) holds_app_data: Arc<AtomicBool>,
     /// The join driver's last report, on a joining node.
     pub(crate) join_report: watch::Sender<Option<JoinReport>>,
@@ -599,6 +601,11 @@ async fn start_engine(
                 .filter(|m| m.name != name),
         );
     }
+    for peer in &config.backup_peers {
+        if !initial_members.iter().any(|m| m.name == peer.name) {
+            initial_members.push(peer.clone());
+        }
+    }
     let mesh = start_mesh(mesh_config.clone(), identity, initial_members).await?;
     let addrs: Vec<String> = mesh.local_addrs().iter().map(|a| a.to_string()).collect();
 
@@ -677,6 +684,7 @@ async fn start_engine(
         stop: stop.clone(),
         log_probe,
         known,
+        backup_peers: config.backup_peers.clone(),
         holds_app_data,
         join_report,
         applied,
@@ -696,7 +704,19 @@ async fn start_engine(
             if channel == Channel::Bulk {
                 // Backup chunks other nodes store here travel on bulk too (backup_store.rs).
                 let root = data_dir.join(super::backup_store::BACKUP_STORE_DIR);
-                incoming = super::backup_store::serve_beside(incoming, root, stop.clone());
+                let quota = config.backup_store_quota_bytes;
+                let store = blocking("backup store open", move || {
+                    super::backup_store::Store::open(root, quota)
+                })
+                .await?
+                .map_err(|e| ClusterError::Mesh(format!("cannot open the backup store: {e}")))?;
+                let members = EngineCheck(Arc::downgrade(&engine));
+                incoming = super::backup_store::serve_beside(
+                    incoming,
+                    Arc::new(store),
+                    Arc::new(move |from: &str| members.in_membership(from)),
+                    stop.clone(),
+                );
             }
             // Snapshot bodies are served on `bulk` only.
             let objects = (channel == Channel::Bulk).then(|| objects.clone());
@@ -809,6 +829,13 @@ async fn wait_lone_voter_ready(
 pub(crate) struct EngineCheck(pub(crate) Weak<Engine>);
 
 impl SenderCheck for EngineCheck {
+    fn in_membership(&self, from: &str) -> bool {
+        self.0.upgrade().is_some_and(|engine| {
+            engine.member_named(from).is_some()
+                || engine.known.values().any(|info| info.name == from)
+        })
+    }
+
     fn check(&self, claimed: NodeId, from: &str) -> Result<(), String> {
         let Some(engine) = self.0.upgrade() else {
             return Err("this node is shutting down".to_string());

@@ -768,6 +768,12 @@ pub(crate) async fn follow_membership(engine: Weak<Engine>, stop: CancellationTo
                 *until > now && !members.iter().any(|m| &m.name == name)
             });
             members.extend(departed.values().map(|(member, _)| member.clone()));
+            // Backup-only stores: on the mesh, never in the Raft membership.
+            for peer in &engine.backup_peers {
+                if !members.iter().any(|m| m.name == peer.name) {
+                    members.push(peer.clone());
+                }
+            }
             members.sort_by(|a, b| a.name.cmp(&b.name));
             if last.as_ref() != Some(&members) {
                 let pending_names: Vec<String> = {

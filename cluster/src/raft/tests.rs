@@ -102,6 +102,7 @@ fn test_config(dir: &std::path::Path) -> ClusterConfig {
         site: "test-site".to_string(),
         raft: RaftTimings::lan(),
         mesh: loopback_mesh(),
+        ..Default::default()
     }
 }
 
