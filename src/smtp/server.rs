@@ -88,6 +88,18 @@ pub trait Backend: Recipients + Clone + Send + Sync + 'static {
         None
     }
 
+    /// Greylisting after the inbound checks ([`crate::store::MailStore::greylist_after_checks`]):
+    /// `Some(seconds)` to answer `451 4.7.1`. The default: nothing to do.
+    fn greylist_after_checks(
+        &self,
+        _client: IpAddr,
+        _mail_from: &str,
+        _recipients: &[String],
+        _dmarc_pass: bool,
+    ) -> impl std::future::Future<Output = Option<u64>> + Send {
+        std::future::ready(None)
+    }
+
     /// Stores a message whose DMARC policy says quarantine: local copies go to Junk. The
     /// default, for backends without mailboxes, stores it like [`Backend::deliver`].
     fn deliver_junk(
@@ -181,6 +193,16 @@ impl Backend for MailStore {
 
     fn arc_seal_key(&self, recipients: &[String]) -> Option<crate::outbound::dkim::DkimKeyRecord> {
         MailStore::arc_seal_key(self, recipients)
+    }
+
+    async fn greylist_after_checks(
+        &self,
+        client: IpAddr,
+        mail_from: &str,
+        recipients: &[String],
+        dmarc_pass: bool,
+    ) -> Option<u64> {
+        MailStore::greylist_after_checks(self, client, mail_from, recipients, dmarc_pass).await
     }
 
     fn deliver_junk(
@@ -543,6 +565,32 @@ where
                             (disposition, Some(summary))
                         }
                         _ => (Disposition::Deliver, None),
+                    };
+                    // Greylisting skips sender domains that passed DMARC before, at RCPT;
+                    // one that fails it now is greylisted here.
+                    let disposition = match (disposition, &auth) {
+                        (
+                            disposition @ (Disposition::Deliver | Disposition::Junk),
+                            Some(summary),
+                        ) => {
+                            let dmarc_pass = summary.split(' ').any(|w| w == "dmarc=pass");
+                            match context
+                                .store
+                                .greylist_after_checks(
+                                    session.client_ip(),
+                                    &pending.delivery.mail_from,
+                                    &pending.delivery.recipients,
+                                    dmarc_pass,
+                                )
+                                .await
+                            {
+                                Some(_) => Disposition::Defer(
+                                    "451 4.7.1 Error: greylisted, please try again later".into(),
+                                ),
+                                None => disposition,
+                            }
+                        }
+                        (disposition, _) => disposition,
                     };
                     let disposition = match disposition {
                         Disposition::Deliver | Disposition::Junk if inbound => {

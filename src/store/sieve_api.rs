@@ -530,6 +530,99 @@ impl MailStore {
         if !config.enabled || config.skips(client) {
             return GreylistVerdict::Pass;
         }
+        // A sender domain that passed DMARC before: not greylisted at RCPT; if this message
+        // then fails DMARC, `greylist_after_checks` greylists it at the end of DATA.
+        if self.greylist_trusts(mail_from) {
+            return GreylistVerdict::Pass;
+        }
+        self.greylist_triplet(client, mail_from, recipient)
+    }
+
+    /// The key under which a sender domain that passed DMARC is remembered (beside the
+    /// triplets, with the same expiry): its organisational domain.
+    fn greylist_trust_key(mail_from: &str) -> Option<GreylistKey> {
+        let domain = mail_from.rsplit_once('@')?.1.trim_end_matches('.');
+        if domain.is_empty() {
+            return None;
+        }
+        let domain = domain.to_ascii_lowercase();
+        Some(GreylistKey {
+            network: "dmarc-pass".to_owned(),
+            sender: crate::filter::inbound::organizational_domain(&domain).to_owned(),
+            recipient: String::new(),
+        })
+    }
+
+    fn greylist_trusts(&self, mail_from: &str) -> bool {
+        Self::greylist_trust_key(mail_from).is_some_and(|key| {
+            self.state()
+                .sieve
+                .greylist
+                .get(&key, now_ms())
+                .is_some_and(|entry| entry.passed)
+        })
+    }
+
+    /// After the inbound checks of an MX message (`dmarc_pass`: its DMARC verdict): a pass
+    /// remembers the envelope sender's domain (committed before answering, so the next
+    /// message finds it), a failure from a domain remembered before, which skipped
+    /// greylisting at RCPT, gets its triplets decided now. `Some(seconds)`: answer `451 4.7.1`.
+    pub async fn greylist_after_checks(
+        &self,
+        client: IpAddr,
+        mail_from: &str,
+        recipients: &[String],
+        dmarc_pass: bool,
+    ) -> Option<u64> {
+        let config = &self.filters.greylist;
+        if !config.enabled || config.skips(client) {
+            return None;
+        }
+        if dmarc_pass {
+            if !self.greylist_trusts(mail_from) {
+                if let Some(key) = Self::greylist_trust_key(mail_from) {
+                    let now = now_ms();
+                    let lifetime_ms = i64::try_from(
+                        config
+                            .whitelist_days
+                            .saturating_mul(86_400)
+                            .saturating_mul(1000),
+                    )
+                    .unwrap_or(i64::MAX);
+                    let command = CommandV5::GreylistPassed {
+                        key,
+                        now_ms: now,
+                        expires_at_ms: now.saturating_add(lifetime_ms),
+                    };
+                    if let Err(error) = self.submit_v5(command).await {
+                        tracing::warn!(%error, "cannot record a DMARC-passing sender domain");
+                    }
+                }
+            }
+            return None;
+        }
+        if !self.greylist_trusts(mail_from) {
+            return None;
+        }
+        recipients
+            .iter()
+            .filter_map(
+                |recipient| match self.greylist_triplet(client, mail_from, recipient) {
+                    GreylistVerdict::Pass => None,
+                    GreylistVerdict::Defer { retry_in_secs } => Some(retry_in_secs),
+                },
+            )
+            .max()
+    }
+
+    /// The triplet's decision (and its record, proposed in the background).
+    fn greylist_triplet(
+        &self,
+        client: IpAddr,
+        mail_from: &str,
+        recipient: &str,
+    ) -> GreylistVerdict {
+        let config = &self.filters.greylist;
         let key = GreylistKey {
             network: greylist::network_of(client),
             sender: mail_from.to_ascii_lowercase(),

@@ -320,3 +320,71 @@ print("greylist cluster ok")
     );
     assert!(out.contains("greylist cluster ok"), "{out}");
 }
+
+/// Greylisting skips a sender domain that passed DMARC before (as rspamd does): its first
+/// message is greylisted like any other and passes after the delay with `dmarc=pass`; a new
+/// triplet from the same domain then passes at once; one from that domain that fails DMARC
+/// (From another domain, unaligned) is greylisted at the end of DATA and not stored.
+#[test]
+fn greylisting_skips_a_domain_that_passed_dmarc_and_greylists_its_failures_at_data() {
+    let dns = crate::inbound_auth::DnsServer::start(&serde_json::json!({
+        "client.remote.example": [["TXT", ["v=spf1 ip4:127.0.0.1 -all"]], ["A", "127.0.0.1"]],
+        "trusted.example": [["TXT", ["v=spf1 ip4:127.0.0.1 -all"]]],
+        "_dmarc.trusted.example": [["TXT", ["v=DMARC1; p=none"]]],
+        "other.example": [["TXT", ["v=spf1 -all"]]],
+        "_dmarc.other.example": [["TXT", ["v=DMARC1; p=none"]]],
+    }));
+    let mut node = Node::create();
+    let text = std::fs::read_to_string(&node.config).unwrap();
+    std::fs::write(
+        &node.config,
+        format!(
+            "{text}[greylist]\nenabled = true\ndelay_secs = 2\nskip_networks = []\n\
+             [inbound]\nenabled = true\ndns_servers = [\"{}\"]\ndns_timeout_ms = 500\n\
+             dns_attempts = 1\n",
+            dns.address()
+        ),
+    )
+    .unwrap();
+    node.spawn();
+    node.add_account(USER, PASSWORD);
+    let out = node.py(
+        r#"
+import time
+def attempt(mail_from, header_from, tag):
+    s = smtplib.SMTP(HOST, SMTP_PORT)
+    s.ehlo("client.remote.example")
+    s.mail(mail_from)
+    code, msg = s.rcpt(USER)
+    stage = "rcpt"
+    if code == 250:
+        stage = "data"
+        code, msg = s.data(message(tag, sender=header_from))
+    s.quit()
+    return stage, code, msg.decode()
+first = attempt("a@trusted.example", "a@trusted.example", "t1")
+assert first[:2] == ("rcpt", 451), first
+deadline = time.monotonic() + 30
+while True:
+    got = attempt("a@trusted.example", "a@trusted.example", "t1")
+    if got[:2] == ("data", 250):
+        break
+    assert got[:2] == ("rcpt", 451), got
+    assert time.monotonic() < deadline, "the retry never passed"
+    time.sleep(0.2)
+second = attempt("b@trusted.example", "b@trusted.example", "t2")
+assert second[:2] == ("data", 250), second
+failing = attempt("c@trusted.example", "c@other.example", "t3")
+assert failing[:2] == ("data", 451) and "4.7.1" in failing[2], failing
+subjects = []
+for uid, flags, raw in inbox_messages():
+    for line in raw.split(b"\r\n"):
+        if line.startswith(b"Subject: "):
+            subjects.append(line[9:].decode())
+assert sorted(subjects) == ["t1", "t2"], subjects
+print("dmarc greylist ok")
+"#,
+        &[],
+    );
+    assert!(out.contains("dmarc greylist ok"), "{out}");
+}
