@@ -282,7 +282,10 @@ print(grown)
 /// Issue 10.9: pipelined commands are consumed from the input without copying the rest of the
 /// buffer for each one (before login): the server's CPU time for 2 Mi one-byte command lines
 /// (each answered `* BAD`) stays linear. On main (a `split_off` per command) the same input
-/// cost it about twice as much: 2.5 s against 1.3 s in a debug build.
+/// cost it about twice as much: 2.5 s against 1.3 s in a debug build. The extensions since
+/// (SORT, STATUS=SIZE, CONDSTORE... each looks at the verb) brought the linear cost to about
+/// 1.9 s (debug build, quiet machine), so the bound is 2.4 s: the copying code, which paid
+/// the same per-command work on top of its copies, would be well above it.
 #[test]
 fn pipelined_input_is_consumed_in_linear_time() {
     let node = Node::with_account();
@@ -316,7 +319,7 @@ print(round(server_cpu() - before, 2))
     let cpu: f64 = out.trim().parse().expect("cpu seconds");
     eprintln!("server CPU for 2 Mi pipelined one-byte lines: {cpu} s");
     assert!(
-        cpu < 1.9,
+        cpu < 2.4,
         "2 Mi pipelined one-byte command lines cost the server {cpu} s of CPU"
     );
 }
