@@ -567,7 +567,9 @@ impl Session {
             Vec::new()
         };
         // MULTIAPPEND: an APPEND of several messages is cut into one APPEND per message.
-        if verb.as_slice() == b"APPEND" {
+        // (Short lines have no verb: one test keeps them cheap.)
+        let has_verb = !verb.is_empty();
+        if has_verb && verb.as_slice() == b"APPEND" {
             if let Some(parts) = super::multiappend::split(bytes) {
                 if self.is_authenticated() {
                     // Boxed: its state stays out of every other command's future.
@@ -579,7 +581,7 @@ impl Session {
             }
         }
         // LIST-EXTENDED / LIST-STATUS: answered here, a plain LIST is left to imap-codec.
-        if verb.as_slice() == b"LIST" {
+        if has_verb && verb.as_slice() == b"LIST" {
             match super::list_extended::parse(bytes) {
                 Ok(None) => {}
                 Ok(Some(request)) => {
@@ -616,9 +618,13 @@ impl Session {
         };
         // OBJECTID: the EMAILID/THREADID FETCH items and the MAILBOXID STATUS item come out.
         let rewritten_ids: Vec<u8>;
-        self.fetch_ids = FetchIds::default();
+        self.fetch_ids = FetchIds {
+            email_id: false,
+            thread_id: false,
+        };
         self.status_mailboxid = None;
         let bytes = match verb.as_slice() {
+            _ if !has_verb => bytes,
             b"FETCH" => match super::objectid::strip_fetch(bytes) {
                 Some((command, ids)) => {
                     rewritten_ids = command;
