@@ -267,7 +267,8 @@ fn objectids_are_the_same_on_every_replica() {
 }
 
 /// COMPRESS=DEFLATE driven with Python's zlib (raw deflate, wbits -15) over the socket
-/// imaplib opened: refused before login, then every command and response deflated.
+/// imaplib opened: refused before login, then every command and response deflated, on a
+/// plaintext connection and inside implicit TLS.
 const COMPRESS: &str = r#"
 import zlib
 pre = imaplib.IMAP4(HOST, IMAP_PORT, timeout=60)
@@ -340,6 +341,23 @@ status, out = zraw("z6", "FETCH 2 (FLAGS BODY.PEEK[])")
 assert out[-1][1] == small and b"\\Seen" in out[-1][0], out
 status, out = zraw("z7", "LOGOUT")
 assert out[0][0].startswith(b"* BYE") and "OK" in status, (out, status)
+# The same over implicit TLS: deflate inside TLS.
+import ssl
+tls = ssl.create_default_context(); tls.check_hostname = False; tls.verify_mode = ssl.CERT_NONE
+t = imaplib.IMAP4_SSL(HOST, int(ENV["IMAPS_PORT"]), ssl_context=tls, timeout=60)
+t.login(USER, PASSWORD)
+status, lines = raw(t, "COMPRESS DEFLATE")
+assert re.match(r"\S+ OK", status), status
+sock = t.sock
+comp = zlib.compressobj(6, zlib.DEFLATED, -15)
+decomp = zlib.decompressobj(-15)
+plain.clear()
+status, out = zraw("t1", "SELECT INBOX")
+assert "OK [READ-WRITE]" in status, status
+status, out = zraw("t2", "FETCH 1 (BODY.PEEK[])")
+assert out[0][1] == big, "FETCH through deflate over TLS differs"
+status, out = zraw("t3", "LOGOUT")
+assert "OK" in status, status
 print("compress ok")
 "#;
 
