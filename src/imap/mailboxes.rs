@@ -146,6 +146,11 @@ impl Session {
             "* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT {}] predicted next UID\r\n",
             mailbox.uidvalidity, uidnext
         );
+        let _ = write!(
+            out,
+            "* OK [MAILBOXID ({})] Ok\r\n",
+            super::objectid::mailbox_id(mailbox.id, mailbox.uidvalidity)
+        );
         // RFC 7162 3.1.2.1: every mailbox has modseqs, so every SELECT says HIGHESTMODSEQ.
         let _ = write!(
             out,
@@ -200,7 +205,16 @@ impl Session {
             }
         };
         match self.store.create_mailbox(account, &name, special_use).await {
-            Ok(_) => tagged(out, tag, "OK", None, "CREATE completed"),
+            Ok(id) => {
+                // OBJECTID (RFC 8474 4.1): the new mailbox's MAILBOXID.
+                let code = self.store.mailbox_view(account, id).map(|view| {
+                    format!(
+                        "MAILBOXID ({})",
+                        super::objectid::mailbox_id(view.id, view.uidvalidity)
+                    )
+                });
+                tagged(out, tag, "OK", code.as_deref(), "CREATE completed")
+            }
             Err(error) => no(out, tag, &error),
         }
     }
@@ -357,6 +371,31 @@ impl Session {
             // A CONDSTORE enabling command (RFC 7162 3.1).
             self.enable_condstore(false);
         }
+        let size = self.status_size.take();
+        let mut values = self.status_values(account, &view, items, size);
+        if let Some(mailbox_id) = self.status_mailboxid.take() {
+            if mailbox_id.only {
+                values.clear();
+            }
+            values.push(format!(
+                "MAILBOXID ({})",
+                super::objectid::mailbox_id(view.id, view.uidvalidity)
+            ));
+        }
+        out.extend_from_slice(b"* STATUS ");
+        astring(out, view.name.as_bytes());
+        let _ = write!(out, " ({})\r\n", values.join(" "));
+        tagged(out, tag, "OK", None, "STATUS completed");
+    }
+
+    /// The `* STATUS` values of `view` for `items` (and SIZE when asked for).
+    pub(super) fn status_values(
+        &mut self,
+        account: crate::store::AccountId,
+        view: &crate::store::MailboxView,
+        items: &[StatusDataItemName],
+        size: Option<super::status_size::StatusSize>,
+    ) -> Vec<String> {
         let mut values: Vec<String> = Vec::new();
         for item in items {
             match item {
@@ -396,17 +435,14 @@ impl Session {
                 _ => {}
             }
         }
-        if let Some(size) = self.status_size.take() {
+        if let Some(size) = size {
             if size.only {
                 values.clear();
             }
             let total: u64 = view.messages.iter().map(|m| u64::from(m.size)).sum();
             values.push(format!("SIZE {total}"));
         }
-        out.extend_from_slice(b"* STATUS ");
-        astring(out, view.name.as_bytes());
-        let _ = write!(out, " ({})\r\n", values.join(" "));
-        tagged(out, tag, "OK", None, "STATUS completed");
+        values
     }
 
     async fn append(
@@ -485,7 +521,7 @@ impl Session {
 }
 
 /// The bytes of a spilled APPEND literal (read off the runtime's worker threads).
-async fn read_spill(mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
+pub(super) async fn read_spill(mut file: std::fs::File) -> std::io::Result<Vec<u8>> {
     tokio::task::spawn_blocking(move || {
         use std::io::{Read, Seek};
         file.seek(std::io::SeekFrom::Start(0))?;

@@ -398,7 +398,9 @@ impl Session {
         let uid = uid || self.qresync;
         let mut needs_parsed = false;
         let mut needs_raw = false;
-        let mut needs_header = false;
+        // OBJECTID (RFC 8474): THREADID reads the header.
+        let fetch_ids = self.fetch_ids;
+        let mut needs_header = fetch_ids.thread_id;
         for item in items {
             match item {
                 MessageDataItemName::Body
@@ -623,6 +625,15 @@ impl Session {
                 if with_modseq || (self.condstore && flags_set_now) {
                     separate(out);
                     let _ = write!(out, "MODSEQ ({})", meta.modseq);
+                }
+                if fetch_ids.email_id {
+                    separate(out);
+                    let _ = write!(out, "EMAILID ({})", super::objectid::email_id(&meta.blob));
+                }
+                if fetch_ids.thread_id {
+                    separate(out);
+                    let thread = super::objectid::thread_id(header.as_deref(), &meta.blob);
+                    let _ = write!(out, "THREADID ({thread})");
                 }
                 out.extend_from_slice(b")\r\n");
             }

@@ -1,6 +1,7 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
 //! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC, SORT, SORT=DISPLAY,
-//! THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, STATUS=SIZE, WITHIN, CREATE-SPECIAL-USE).
+//! THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, STATUS=SIZE, WITHIN, CREATE-SPECIAL-USE,
+//! MULTIAPPEND, LIST-EXTENDED, LIST-STATUS, OBJECTID, COMPRESS=DEFLATE).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -10,6 +11,8 @@
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `compress`: RFC 4978 COMPRESS=DEFLATE: the [`compress::Deflate`] stream the driver
+//!   wraps around the connection once the session accepted the command.
 //! - `condstore`: RFC 7162 CONDSTORE and QRESYNC: the SELECT, FETCH, STORE and SEARCH
 //!   parts imap-codec does not parse (taken out before it decodes the rest), VANISHED and
 //!   the FETCH responses with MODSEQ.
@@ -20,6 +23,12 @@
 //!   matched messages' headers) and `* THREAD`.
 //! - `create_special_use`: RFC 6154 `CREATE name (USE (\Archive))` (the list taken out).
 //! - `status_size`: RFC 8438 STATUS=SIZE (the SIZE item taken out before imap-codec decodes).
+//! - `list_extended`: RFC 5258 LIST-EXTENDED (selection and return options, several
+//!   patterns) and RFC 5819 LIST-STATUS, parsed here (imap-codec knows the plain LIST only).
+//! - `multiappend`: RFC 3502 MULTIAPPEND (an APPEND of several messages cut into one APPEND
+//!   per message for imap-codec; appended all or none by one replicated command).
+//! - `objectid`: RFC 8474 MAILBOXID, EMAILID, THREADID (derived from replicated state, the
+//!   same on every replica; the items taken out before imap-codec decodes).
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -32,6 +41,7 @@
 
 mod cache;
 pub use cache::{AuthCache, HeaderCache};
+mod compress;
 mod condstore;
 pub mod config;
 mod create_special_use;
@@ -40,8 +50,11 @@ pub mod fetch;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]
 pub mod framing;
+mod list_extended;
 mod mailboxes;
 mod messages;
+mod multiappend;
+mod objectid;
 mod quota;
 mod recent;
 mod response;

@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::cache::{AuthCache, HeaderCache};
+use super::compress::Deflate;
 use super::config::ImapConfig;
 use super::session::{Action, ConnectionInfo, Session};
 use crate::auth::slots::Slots;
@@ -132,6 +133,8 @@ struct Connection {
 enum Ended {
     Closed,
     StartTls,
+    /// COMPRESS DEFLATE was accepted: go on through [`Deflate`].
+    Compress,
 }
 
 impl Connection {
@@ -156,7 +159,7 @@ impl Connection {
         if self.implicit_tls {
             match tokio::time::timeout_at(preauth_deadline, self.acceptor.accept(tcp)).await {
                 Ok(Ok(mut tls)) => {
-                    self.drive(&mut tls, &mut session, true, preauth_deadline)
+                    self.drive_layers(&mut tls, &mut session, true, preauth_deadline)
                         .await;
                 }
                 Ok(Err(error)) => tracing::info!(%error, "tls handshake failed"),
@@ -166,18 +169,44 @@ impl Connection {
         }
         let mut tcp = tcp;
         if let Ended::StartTls = self
-            .drive(&mut tcp, &mut session, true, preauth_deadline)
+            .drive_layers(&mut tcp, &mut session, true, preauth_deadline)
             .await
         {
             match tokio::time::timeout_at(preauth_deadline, self.acceptor.accept(tcp)).await {
                 Ok(Ok(mut tls)) => {
                     session.tls_established();
-                    self.drive(&mut tls, &mut session, false, preauth_deadline)
+                    self.drive_layers(&mut tls, &mut session, false, preauth_deadline)
                         .await;
                 }
                 Ok(Err(error)) => tracing::info!(%error, "starttls handshake failed"),
                 Err(_) => tracing::info!("starttls handshake timed out"),
             }
+        }
+    }
+
+    /// [`Connection::drive`], then on through a [`Deflate`] layer once the session accepted
+    /// COMPRESS DEFLATE.
+    async fn drive_layers<S: AsyncRead + AsyncWrite + Unpin>(
+        &self,
+        stream: &mut S,
+        session: &mut Session,
+        greet: bool,
+        preauth_deadline: Instant,
+    ) -> Ended {
+        match self.drive(stream, session, greet, preauth_deadline).await {
+            Ended::Compress => {
+                tracing::debug!("imap compression on");
+                let mut deflated = Deflate::new(stream);
+                match self
+                    .drive(&mut deflated, session, false, preauth_deadline)
+                    .await
+                {
+                    // The session accepts COMPRESS once per connection.
+                    Ended::Compress => Ended::Closed,
+                    ended => ended,
+                }
+            }
+            ended => ended,
         }
     }
 
@@ -261,6 +290,7 @@ impl Connection {
             match action {
                 Action::Continue => {}
                 Action::StartTls => return Ended::StartTls,
+                Action::Compress => return Ended::Compress,
                 Action::Close => {
                     let _ = stream.shutdown().await;
                     return Ended::Closed;

@@ -21,6 +21,7 @@ use super::config::ImapConfig;
 use super::create_special_use::{strip_use, UseRequest};
 use super::esearch::{strip_return, ReturnOptions};
 use super::framing::{first_line, first_token, Frame, Framer};
+use super::objectid::{FetchIds, StatusMailboxId};
 use super::recent::RecentUids;
 use super::response::{tagged, untagged};
 use super::selected::Selected;
@@ -95,6 +96,9 @@ pub enum Action {
     StartTls,
     /// Write the output, then close the connection.
     Close,
+    /// Write the output, then deflate both directions (COMPRESS=DEFLATE, RFC 4978; the
+    /// session has dropped any input that followed the command).
+    Compress,
 }
 
 /// RFC 3501 connection states.
@@ -181,6 +185,12 @@ pub struct Session {
     pub(super) status_size: Option<StatusSize>,
     /// The running CREATE asked for a special use (`create_special_use::strip_use`).
     pub(super) create_use: Option<UseRequest>,
+    /// The running FETCH asked for EMAILID/THREADID (`objectid::strip_fetch`).
+    pub(super) fetch_ids: FetchIds,
+    /// The running STATUS asked for MAILBOXID (`objectid::strip_status`).
+    pub(super) status_mailboxid: Option<StatusMailboxId>,
+    /// COMPRESS DEFLATE was accepted on this connection.
+    compressing: bool,
 }
 
 impl Session {
@@ -217,6 +227,9 @@ impl Session {
             ordering: None,
             status_size: None,
             create_use: None,
+            fetch_ids: FetchIds::default(),
+            status_mailboxid: None,
+            compressing: false,
         }
     }
 
@@ -303,9 +316,12 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
+            if !self.compressing {
+                caps.push_str(" COMPRESS=DEFLATE");
+            }
         }
         if !self.is_authenticated() {
             if !self.conn.secure {
@@ -479,6 +495,13 @@ impl Session {
                                     return action;
                                 }
                                 Action::Close => return action,
+                                Action::Compress => {
+                                    // The client waits for the answer before it compresses
+                                    // (RFC 4978 3): anything after the command is dropped.
+                                    self.input.clear();
+                                    self.consumed = 0;
+                                    return action;
+                                }
                             }
                         }
                     }
@@ -543,6 +566,38 @@ impl Session {
         } else {
             Vec::new()
         };
+        // MULTIAPPEND: an APPEND of several messages is cut into one APPEND per message.
+        // (Short lines have no verb: one test keeps them cheap.)
+        let has_verb = !verb.is_empty();
+        if has_verb && verb.as_slice() == b"APPEND" {
+            if let Some(parts) = super::multiappend::split(bytes) {
+                if self.is_authenticated() {
+                    // Boxed: its state stays out of every other command's future.
+                    Box::pin(self.multiappend(&tag, parts, out)).await;
+                } else {
+                    tagged(out, &tag, "BAD", None, "log in first");
+                }
+                return Action::Continue;
+            }
+        }
+        // LIST-EXTENDED / LIST-STATUS: answered here, a plain LIST is left to imap-codec.
+        if has_verb && verb.as_slice() == b"LIST" {
+            match super::list_extended::parse(bytes) {
+                Ok(None) => {}
+                Ok(Some(request)) => {
+                    if self.is_authenticated() {
+                        self.list_extended(&tag, request, out);
+                    } else {
+                        tagged(out, &tag, "BAD", None, "log in first");
+                    }
+                    return Action::Continue;
+                }
+                Err(reason) => {
+                    tagged(out, &tag, "BAD", None, reason);
+                    return Action::Continue;
+                }
+            }
+        }
         let rewritten_ordering: Vec<u8>;
         self.ordering = None;
         let ordering = match verb.as_slice() {
@@ -560,6 +615,33 @@ impl Session {
                 tagged(out, &tag, "BAD", None, reason);
                 return Action::Continue;
             }
+        };
+        // OBJECTID: the EMAILID/THREADID FETCH items and the MAILBOXID STATUS item come out.
+        let rewritten_ids: Vec<u8>;
+        self.fetch_ids = FetchIds {
+            email_id: false,
+            thread_id: false,
+        };
+        self.status_mailboxid = None;
+        let bytes = match verb.as_slice() {
+            _ if !has_verb => bytes,
+            b"FETCH" => match super::objectid::strip_fetch(bytes) {
+                Some((command, ids)) => {
+                    rewritten_ids = command;
+                    self.fetch_ids = ids;
+                    &rewritten_ids
+                }
+                None => bytes,
+            },
+            b"STATUS" => match super::objectid::strip_status(bytes) {
+                Some((command, only)) => {
+                    rewritten_ids = command;
+                    self.status_mailboxid = Some(only);
+                    &rewritten_ids
+                }
+                None => bytes,
+            },
+            _ => bytes,
         };
         // STATUS=SIZE: the SIZE item comes out.
         let rewritten_status: Vec<u8>;
@@ -748,7 +830,7 @@ impl Session {
         Action::Continue
     }
 
-    /// ID, NAMESPACE and UID EXPUNGE, which imap-codec 1.0 does not parse.
+    /// ID, NAMESPACE, UID EXPUNGE and COMPRESS, which imap-codec 1.0 does not parse.
     async fn extension_command(
         &mut self,
         tag: &str,
@@ -767,6 +849,26 @@ impl Session {
             }
             untagged(out, "ID (\"name\" \"kermail\" \"vendor\" \"kermail\")");
             tagged(out, tag, "OK", None, "ID completed");
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"COMPRESS") {
+            if !self.is_authenticated() {
+                tagged(out, tag, "BAD", None, "log in first");
+            } else if self.compressing {
+                tagged(
+                    out,
+                    tag,
+                    "NO",
+                    Some("COMPRESSIONACTIVE"),
+                    "DEFLATE is already active",
+                );
+            } else if !rest.is_some_and(|r| r.eq_ignore_ascii_case(b"DEFLATE")) {
+                tagged(out, tag, "BAD", None, "only COMPRESS DEFLATE is supported");
+            } else {
+                self.compressing = true;
+                tagged(out, tag, "OK", None, "DEFLATE active");
+                return Some(Action::Compress);
+            }
             return Some(Action::Continue);
         }
         if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {
@@ -918,9 +1020,9 @@ impl Session {
     }
 }
 
-/// The shortest command that SORT/THREAD, STATUS=SIZE or CREATE-SPECIAL-USE rewrite
-/// (`a SORT (SIZE) X ALL\r\n`): shorter lines (pipelined junk) skip looking for a verb.
-const MIN_REWRITTEN_COMMAND_BYTES: usize = 16;
+/// The shortest command that a rewrite or an extension parsed here may apply to
+/// (`a LIST "" (%)\r\n`): shorter lines (pipelined junk) skip looking for a verb.
+const MIN_REWRITTEN_COMMAND_BYTES: usize = 12;
 
 /// The command's verb, after `UID` when it is one (at most 16 bytes; empty when the line
 /// has no verb).

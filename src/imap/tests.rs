@@ -213,8 +213,11 @@ async fn commands_before_login_and_garbage_get_bad() {
 #[tokio::test]
 async fn list_shows_special_use_children_and_lsub() {
     let mut h = Harness::logged_in().await;
-    h.check("C CREATE Work/Projects\r\n", "C OK CREATE completed\r\n")
-        .await;
+    let out = h.run("C CREATE Work/Projects\r\n").await;
+    assert!(
+        out.starts_with("C OK [MAILBOXID (M") && out.ends_with(")] CREATE completed\r\n"),
+        "{out}"
+    );
     let out = h.run("L LIST \"\" \"*\"\r\n").await;
     for expected in [
         "* LIST (\\HasNoChildren) \"/\" \"INBOX\"\r\n",
@@ -259,8 +262,11 @@ async fn list_shows_special_use_children_and_lsub() {
 #[tokio::test]
 async fn create_rename_delete_and_their_errors() {
     let mut h = Harness::logged_in().await;
-    h.check("C1 CREATE Lists\r\n", "C1 OK CREATE completed\r\n")
-        .await;
+    let out = h.run("C1 CREATE Lists\r\n").await;
+    assert!(
+        out.starts_with("C1 OK [MAILBOXID (M") && out.ends_with(")] CREATE completed\r\n"),
+        "{out}"
+    );
     let out = h.run("C2 CREATE Lists\r\n").await;
     assert!(out.starts_with("C2 NO [ALREADYEXISTS]"), "{out}");
     h.check(
@@ -303,8 +309,10 @@ async fn select_examine_status_reports_counts() {
         .unwrap();
     let out = h.run("S SELECT INBOX\r\n").await;
     let expected = format!(
-        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 2 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\n* OK [HIGHESTMODSEQ {}] highest modseq\r\nS OK [READ-WRITE] SELECT completed\r\n",
-        view.uidvalidity, view.highest_modseq
+        "* FLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft)\r\n* 2 EXISTS\r\n* 2 RECENT\r\n* OK [UNSEEN 1] first unseen message\r\n* OK [PERMANENTFLAGS (\\Seen \\Answered \\Flagged \\Deleted \\Draft \\*)] flags permitted\r\n* OK [UIDVALIDITY {}] UIDs valid\r\n* OK [UIDNEXT 3] predicted next UID\r\n* OK [MAILBOXID ({})] Ok\r\n* OK [HIGHESTMODSEQ {}] highest modseq\r\nS OK [READ-WRITE] SELECT completed\r\n",
+        view.uidvalidity,
+        super::objectid::mailbox_id(view.id, view.uidvalidity),
+        view.highest_modseq
     );
     assert_eq!(out, expected);
     let out = h.run("E EXAMINE INBOX\r\n").await;

@@ -40,6 +40,8 @@ pub enum Command {
     V7(super::imap_state::CommandV7),
     /// Spam scoring (issue 12): the Bayes classifier learns (`bayes.rs`).
     V8(super::bayes::CommandV8),
+    /// MULTIAPPEND (issue 13): several messages in one command (`multiappend_state.rs`).
+    V9(super::multiappend_state::CommandV9),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big
@@ -417,6 +419,11 @@ pub enum Response {
     FlagsModseq {
         changed: Vec<(Uid, FlagSet, u64)>,
         modified: Vec<Uid>,
+    },
+    /// `CommandV9::AppendMany`: the UIDs of the new messages, in the batch's order.
+    AppendedMany {
+        uidvalidity: u32,
+        uids: Vec<Uid>,
     },
 }
 

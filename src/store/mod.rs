@@ -47,6 +47,7 @@ mod body;
 mod command;
 mod imap_state;
 mod message_list;
+mod multiappend_state;
 mod names;
 mod outbound_api;
 mod queue;
@@ -95,6 +96,7 @@ use state::State;
 pub use body::{BodyWriter, MessageBody, BODY_MEMORY_BYTES_MAX};
 pub use command::{SrsKey, MAX_MESSAGE_BYTES};
 pub use message_list::{diff as diff_message_lists, Diff as MessageListDiff, MessageList};
+pub use multiappend_state::MAX_MESSAGES_PER_MULTIAPPEND;
 /// The most envelope recipients one delivery may name.
 pub use state::MAX_RECIPIENTS_PER_DELIVERY;
 
@@ -578,6 +580,11 @@ impl MailStateMachine {
                     self.write_body(body);
                 }
             }
+            Command::V9(command) => {
+                for body in command.bodies() {
+                    self.write_body(body);
+                }
+            }
         }
         let wakes_worker = matches!(
             command,
@@ -599,6 +606,7 @@ impl MailStateMachine {
                 Command::V6(command) => state.apply_v6(command),
                 Command::V7(command) => state.apply_v7(command),
                 Command::V8(command) => state.apply_v8(command),
+                Command::V9(command) => state.apply_v9(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -1490,6 +1498,64 @@ impl MailStore {
         staged.finish().await;
         match result? {
             Response::Appended { uidvalidity, uid } => Ok((uidvalidity, uid)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// MULTIAPPEND: appends every message of `messages` (flags, internal date, its offset in
+    /// minutes, body) to `mailbox`, all or none, in one replicated command. Returns
+    /// UIDVALIDITY and the new UIDs in order.
+    pub async fn append_many(
+        &self,
+        account: AccountId,
+        mailbox: MailboxId,
+        messages: Vec<(FlagSet, i64, i16, Vec<u8>)>,
+    ) -> Result<(u32, Vec<Uid>), StoreError> {
+        if self.mailbox_view(account, mailbox).is_none() {
+            return Err(StoreError::NotFound("mailbox".into()));
+        }
+        let total: usize = messages.iter().map(|m| m.3.len()).sum();
+        if total > MAX_MESSAGE_BYTES {
+            return Err(StoreError::Invalid(format!(
+                "the messages of one MULTIAPPEND hold at most {MAX_MESSAGE_BYTES} bytes"
+            )));
+        }
+        if messages.len() > multiappend_state::MAX_MESSAGES_PER_MULTIAPPEND {
+            return Err(StoreError::Invalid(format!(
+                "a MULTIAPPEND holds at most {} messages",
+                multiappend_state::MAX_MESSAGES_PER_MULTIAPPEND
+            )));
+        }
+        self.precheck_quota(
+            account,
+            quota::Usage {
+                bytes: total as u64,
+                messages: messages.len() as u64,
+            },
+        )?;
+        let mut batch = Vec::with_capacity(messages.len());
+        let mut staged = Vec::with_capacity(messages.len());
+        for (flags, internal_date, internal_date_offset_min, body) in messages {
+            let (body, stage) = prepare_body(&self.machine, body).await?;
+            staged.push(stage);
+            batch.push(multiappend_state::NewMessage {
+                flags,
+                internal_date,
+                internal_date_offset_min,
+                body,
+            });
+        }
+        let command = multiappend_state::CommandV9::AppendMany {
+            account,
+            mailbox,
+            messages: batch,
+        };
+        let result = self.submit_command(Command::V9(command)).await;
+        for stage in staged {
+            stage.finish().await;
+        }
+        match result? {
+            Response::AppendedMany { uidvalidity, uids } => Ok((uidvalidity, uids)),
             other => Err(unexpected(other)),
         }
     }

@@ -1950,3 +1950,61 @@ fn incremental_snapshots_restore_the_same_state() {
     restarted.restore(&mut last_local.as_slice(), true).unwrap();
     assert_eq!(*restarted.read(), expected);
 }
+
+/// MULTIAPPEND (`CommandV9::AppendMany`): a batch goes in with consecutive UIDs, or, when
+/// apply refuses it (here: the keywords of the whole batch are too many for the mailbox,
+/// though each message's alone would fit, which no check before proposing sees), nothing
+/// of it does, and its bodies are not kept.
+#[tokio::test]
+async fn append_many_adds_the_whole_batch_or_nothing() {
+    let fx = Fixture::new().await;
+    let store = &fx.store;
+    let alice = fx.account("alice@example.org").await;
+    let inbox = fx.mailbox(alice, "INBOX");
+    let seen: FlagSet = [Flag::Seen].into_iter().collect();
+    let (uidvalidity, new) = store
+        .append_many(
+            alice,
+            inbox.id,
+            vec![
+                (seen.clone(), 10, 60, message("one")),
+                (FlagSet::new(), 20, 0, message("two")),
+                (FlagSet::new(), 30, 0, message("three")),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(uidvalidity, inbox.uidvalidity);
+    assert_eq!(new, vec![1, 2, 3]);
+    let view = fx.mailbox(alice, "INBOX");
+    assert_eq!(uids(&view), vec![1, 2, 3]);
+    assert_eq!(view.messages[0].flags, seen);
+    assert_eq!(view.messages[0].internal_date_offset_min, 60);
+    let files = fx.blob_files();
+
+    let keywords = |from: usize| -> FlagSet {
+        (from..from + 200)
+            .map(|k| Flag::Keyword(format!("k{k}")))
+            .collect()
+    };
+    let refused = store
+        .append_many(
+            alice,
+            inbox.id,
+            vec![
+                (keywords(0), 0, 0, message("four")),
+                (keywords(200), 0, 0, message("five")),
+            ],
+        )
+        .await;
+    assert!(
+        matches!(refused, Err(StoreError::Invalid(_))),
+        "{refused:?}"
+    );
+    let view = fx.mailbox(alice, "INBOX");
+    assert_eq!(uids(&view), vec![1, 2, 3]);
+    assert_eq!(view.uidnext, 4);
+    assert_eq!(store.mailbox_keywords(alice, inbox.id).len(), 0);
+    assert_eq!(store.quota(alice).unwrap().usage.messages, 3);
+    assert_eq!(fx.blob_files(), files);
+}

@@ -17,6 +17,7 @@ mod durability;
 mod idle;
 mod imap_abuse;
 mod imap_extensions;
+mod imap_extensions2;
 mod imap_rfc;
 mod imap_sort;
 mod inbound_auth;

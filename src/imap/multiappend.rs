@@ -1,0 +1,294 @@
+//! MULTIAPPEND (RFC 3502): `APPEND mailbox [flags] [date] literal [flags] [date] literal ...`
+//! appends every message or none, answered `OK [APPENDUID uidvalidity uid-set]`.
+//!
+//! imap-codec 1.0 parses an APPEND of one message only, so [`split`] cuts a command of several
+//! messages into one single-message APPEND per message (the same tag, mailbox, flags and
+//! date, the literal re-announced as `{n+}`), which imap-codec then decodes one by one; the
+//! session appends the decoded messages with one replicated command
+//! (`MailStore::append_many`).
+
+/// Most messages accepted in one MULTIAPPEND (the store's limit).
+pub use crate::store::MAX_MESSAGES_PER_MULTIAPPEND;
+
+/// One message of a MULTIAPPEND, as a single-message APPEND command for imap-codec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Part {
+    /// `tag APPEND mailbox [flags] [date] {n+}\r\n<literal>\r\n`.
+    pub command: Vec<u8>,
+    /// The literal was announced `{0+}` in the command the session runs: a large literal
+    /// that arrived in the spill file.
+    pub maybe_spilled: bool,
+}
+
+/// Reads a literal announcement `{n}` or `{n+}` followed by CRLF at `at`: (length, position
+/// of the literal's first byte).
+fn literal_at(bytes: &[u8], at: usize) -> Option<(usize, usize, bool)> {
+    if bytes.get(at) != Some(&b'{') {
+        return None;
+    }
+    let close = at + bytes[at..].iter().take(16).position(|&b| b == b'}')?;
+    let inner = &bytes[at + 1..close];
+    let (digits, plus) = match inner.strip_suffix(b"+") {
+        Some(digits) => (digits, true),
+        None => (inner, false),
+    };
+    if digits.is_empty() || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let length: usize = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    if bytes.get(close + 1..close + 3) != Some(b"\r\n") {
+        return None;
+    }
+    let start = close + 3;
+    if bytes.len() < start.checked_add(length)? {
+        return None;
+    }
+    Some((length, start, plus && length == 0))
+}
+
+/// The end of a quoted string starting at `at` (just after its closing quote).
+fn quoted_end(bytes: &[u8], at: usize) -> Option<usize> {
+    let mut i = at + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            b'\r' | b'\n' => return None,
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// For an APPEND of two messages or more: one single-message APPEND per message. `None` for
+/// any other command (an APPEND of one message is left to imap-codec as it is), and for
+/// an APPEND whose shape is not understood (imap-codec then answers it).
+pub fn split(bytes: &[u8]) -> Option<Vec<Part>> {
+    let line_end = bytes.iter().position(|&b| b == b' ')?;
+    let tag = &bytes[..line_end];
+    let mut at = line_end + 1;
+    if !bytes.get(at..at + 7)?.eq_ignore_ascii_case(b"APPEND ") {
+        return None;
+    }
+    at += 7;
+    // The mailbox: a quoted string, a literal or an atom.
+    let mailbox_start = at;
+    at = match bytes.get(at)? {
+        b'"' => quoted_end(bytes, at)?,
+        b'{' => {
+            let (length, start, _) = literal_at(bytes, at)?;
+            start + length
+        }
+        _ => at + bytes[at..].iter().position(|&b| b == b' ')?,
+    };
+    let mailbox = &bytes[mailbox_start..at];
+    let mut parts = Vec::new();
+    loop {
+        if bytes.get(at..) == Some(b"\r\n") || bytes.get(at..) == Some(b"\n") {
+            break;
+        }
+        if bytes.get(at) != Some(&b' ') {
+            return None;
+        }
+        at += 1;
+        let params_start = at;
+        if bytes.get(at) == Some(&b'(') {
+            at += bytes[at..].iter().position(|&b| b == b')')? + 1;
+            if bytes.get(at) == Some(&b' ') {
+                at += 1;
+            }
+        }
+        if bytes.get(at) == Some(&b'"') {
+            at = quoted_end(bytes, at)?;
+            if bytes.get(at) == Some(&b' ') {
+                at += 1;
+            }
+        }
+        let params = &bytes[params_start..at];
+        let (length, start, maybe_spilled) = literal_at(bytes, at)?;
+        let data = &bytes[start..start + length];
+        let mut command = Vec::with_capacity(tag.len() + mailbox.len() + length + 64);
+        command.extend_from_slice(tag);
+        command.extend_from_slice(b" APPEND ");
+        command.extend_from_slice(mailbox);
+        command.push(b' ');
+        command.extend_from_slice(params);
+        command.extend_from_slice(format!("{{{length}+}}\r\n").as_bytes());
+        command.extend_from_slice(data);
+        command.extend_from_slice(b"\r\n");
+        parts.push(Part {
+            command,
+            maybe_spilled,
+        });
+        at = start + length;
+        if parts.len() > MAX_MESSAGES_PER_MULTIAPPEND {
+            // Still a MULTIAPPEND: the session refuses it as too large.
+            return Some(parts);
+        }
+    }
+    (parts.len() >= 2).then_some(parts)
+}
+
+impl super::session::Session {
+    /// Appends every message of `parts` to their mailbox, all or none.
+    pub(super) async fn multiappend(&mut self, tag: &str, parts: Vec<Part>, out: &mut Vec<u8>) {
+        use imap_codec::decode::Decoder;
+        use imap_codec::imap_types::command::CommandBody;
+        use imap_codec::CommandCodec;
+
+        use super::fetch::top_header;
+        use super::mailboxes::{no, now_secs, read_spill, to_flag_set};
+        use super::response::tagged;
+        use super::session::{mailbox_name, State};
+
+        let Some(account) = self.account() else {
+            return;
+        };
+        if parts.len() > MAX_MESSAGES_PER_MULTIAPPEND {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("LIMIT"),
+                "too many messages in one APPEND",
+            );
+            return;
+        }
+        let mut spilled = self.spilled.take();
+        let mut name = None;
+        let mut messages = Vec::with_capacity(parts.len());
+        for part in parts {
+            let Ok((_, command)) = CommandCodec::default().decode(&part.command) else {
+                tagged(out, tag, "BAD", None, "syntax error in APPEND");
+                return;
+            };
+            let CommandBody::Append {
+                mailbox,
+                flags,
+                date,
+                message,
+            } = command.body
+            else {
+                tagged(out, tag, "BAD", None, "syntax error in APPEND");
+                return;
+            };
+            name = mailbox_name(&mailbox);
+            let body = match (part.maybe_spilled, spilled.take()) {
+                (true, Some(file)) => match read_spill(file).await {
+                    Ok(body) => body,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot read an APPEND spill file");
+                        tagged(out, tag, "NO", Some("SERVERBUG"), "try again later");
+                        return;
+                    }
+                },
+                (_, file) => {
+                    spilled = file;
+                    message.data().to_vec()
+                }
+            };
+            if body.is_empty() {
+                tagged(out, tag, "NO", None, "empty message");
+                return;
+            }
+            let (internal_date, offset_min) = match date {
+                Some(date) => {
+                    let date = date.as_ref();
+                    (
+                        date.timestamp(),
+                        (date.offset().local_minus_utc() / 60) as i16,
+                    )
+                }
+                None => (now_secs(), 0),
+            };
+            messages.push((to_flag_set(&flags), internal_date, offset_min, body));
+        }
+        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
+            tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
+            return;
+        };
+        let headers: Vec<_> = messages
+            .iter()
+            .map(|m| {
+                (
+                    crate::store::BlobId(*blake3::hash(&m.3).as_bytes()),
+                    std::sync::Arc::<[u8]>::from(top_header(&m.3)),
+                )
+            })
+            .collect();
+        let target = view.id;
+        drop(view);
+        let mut released = None;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                mailbox.refresh(&self.store, *account, true, &[], out);
+                released = mailbox.release();
+            }
+        }
+        let result = self.store.append_many(account, target, messages).await;
+        if let State::Selected { account, mailbox } = &mut self.state {
+            if mailbox.id == target {
+                match released {
+                    Some(released) => mailbox.reacquire(released, &self.store, *account, out),
+                    None => mailbox.refresh(&self.store, *account, true, &[], out),
+                }
+            }
+        }
+        match result {
+            Ok((uidvalidity, uids)) => {
+                for (blob, header) in headers {
+                    self.headers.insert(blob, header);
+                }
+                let mut code = format!("APPENDUID {uidvalidity} ").into_bytes();
+                super::response::uid_set(&mut code, &uids);
+                let code = String::from_utf8_lossy(&code).into_owned();
+                tagged(out, tag, "OK", Some(&code), "APPEND completed");
+            }
+            Err(error) => no(out, tag, &error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn commands(text: &[u8]) -> Option<Vec<String>> {
+        split(text).map(|parts| {
+            parts
+                .into_iter()
+                .map(|p| String::from_utf8(p.command).unwrap())
+                .collect()
+        })
+    }
+
+    #[test]
+    fn each_message_becomes_an_append_of_its_own() {
+        let command = b"A1 APPEND \"Sent Items\" (\\Seen) \"06-Dec-2026 10:00:00 +0100\" {3}\r\nabc (\\Flagged) {2+}\r\nde {1}\r\nf\r\n";
+        assert_eq!(
+            commands(command),
+            Some(vec![
+                "A1 APPEND \"Sent Items\" (\\Seen) \"06-Dec-2026 10:00:00 +0100\" {3+}\r\nabc\r\n"
+                    .to_owned(),
+                "A1 APPEND \"Sent Items\" (\\Flagged) {2+}\r\nde\r\n".to_owned(),
+                "A1 APPEND \"Sent Items\" {1+}\r\nf\r\n".to_owned(),
+            ])
+        );
+        assert_eq!(
+            commands(b"A2 APPEND {5}\r\nINBOX {1}\r\nx {1}\r\ny\r\n"),
+            Some(vec![
+                "A2 APPEND {5}\r\nINBOX {1+}\r\nx\r\n".to_owned(),
+                "A2 APPEND {5}\r\nINBOX {1+}\r\ny\r\n".to_owned(),
+            ])
+        );
+        // One message: left to imap-codec.
+        assert_eq!(commands(b"A3 APPEND INBOX {1}\r\nx\r\n"), None);
+        assert_eq!(commands(b"A4 FETCH 1 (FLAGS)\r\n"), None);
+        let parts = split(b"A5 APPEND INBOX {0+}\r\n {1}\r\nx\r\n").unwrap();
+        assert!(parts[0].maybe_spilled && !parts[1].maybe_spilled);
+        let command = b"A6 APPEND INBOX (\\Seen) {3}\r\nabc {2}\r\nde\r\n";
+        for end in 0..=command.len() {
+            let _ = split(&command[..end]);
+        }
+    }
+}
