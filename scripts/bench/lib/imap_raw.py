@@ -383,6 +383,9 @@ def pair(a, b, runs):
         run_reads(s)  # warm-up, not recorded
         s.times.clear()
         s.cpu.clear()
+        # Not compared either: Dovecot's first UID SORT (FROM SIZE) after the 3,000 imaplib
+        # APPENDs may order ties differently from the next ones (seen once).
+        s.results = {"exists": s.results["exists"]}
     for _ in range(runs):
         for s in servers:
             run_reads(s)
