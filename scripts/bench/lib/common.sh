@@ -228,7 +228,7 @@ maildir_count() {
 # A private Dovecot instance: its own configuration, base_dir, state and logs under
 # $BENCH_TMP/dovecot, IMAP (no TLS: loopback only, like the kermail side's plain port) on a free
 # 127.0.0.1 port, passdb from a static passwd-file, static userdb, Maildir. Stock settings
-# otherwise. Sets DOVECOT_CONF, DOVECOT_PORT.
+# otherwise (but for mail_max_userip_connections). Sets DOVECOT_CONF, DOVECOT_PORT.
 dovecot_start() {
     local address="$1" password="$2"
     local root="$BENCH_TMP/dovecot"
@@ -259,6 +259,11 @@ passdb {
 userdb {
   driver = static
   args = uid=$vuid gid=$vgid home=$root/home/%u
+}
+# The 20 concurrent sessions of scripts/bench/imap's raw client log in as one user from
+# 127.0.0.1 (the stock limit is 10).
+protocol imap {
+  mail_max_userip_connections = 50
 }
 service imap-login {
   inet_listener imap {
