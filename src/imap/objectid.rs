@@ -162,36 +162,8 @@ pub fn strip_fetch(bytes: &[u8]) -> Option<(Vec<u8>, FetchIds)> {
 
 /// For `tag STATUS name (items)` naming MAILBOXID: the command without it. `None` otherwise.
 pub fn strip_status(bytes: &[u8]) -> Option<(Vec<u8>, StatusMailboxId)> {
-    let mut words = bytes.splitn(3, |&b| b == b' ');
-    let _tag = words.next()?;
-    if !words.next()?.eq_ignore_ascii_case(b"STATUS") {
-        return None;
-    }
-    let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let list = line.strip_suffix(b")")?;
-    let open = list.iter().rposition(|&b| b == b'(')?;
-    let items: Vec<&[u8]> = list[open + 1..]
-        .split(|&b| b == b' ')
-        .filter(|w| !w.is_empty())
-        .collect();
-    if !items.iter().any(|w| w.eq_ignore_ascii_case(b"MAILBOXID")) {
-        return None;
-    }
-    let kept: Vec<&[u8]> = items
-        .into_iter()
-        .filter(|w| !w.eq_ignore_ascii_case(b"MAILBOXID"))
-        .collect();
-    let only = kept.is_empty();
-    let mut rewritten = bytes[..=open].to_vec();
-    if only {
-        rewritten.extend_from_slice(b"MESSAGES");
-    } else {
-        rewritten.extend_from_slice(&kept.join(&b' '));
-    }
-    rewritten.extend_from_slice(b")");
-    rewritten.extend_from_slice(&bytes[line.len()..]);
-    Some((rewritten, StatusMailboxId { only }))
+    super::status_size::strip_status_item(bytes, b"MAILBOXID")
+        .map(|(rewritten, only)| (rewritten, StatusMailboxId { only }))
 }
 
 #[cfg(test)]

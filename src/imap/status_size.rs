@@ -14,6 +14,13 @@ pub struct StatusSize {
 
 /// For `tag STATUS name (items)` naming SIZE: the command without it. `None` otherwise.
 pub fn strip_size(bytes: &[u8]) -> Option<(Vec<u8>, StatusSize)> {
+    strip_status_item(bytes, b"SIZE").map(|(rewritten, only)| (rewritten, StatusSize { only }))
+}
+
+/// For `tag STATUS name (items)` naming `item` (an extension imap-codec does not know): the
+/// command without it, and whether it was the only item (then `MESSAGES` stands in its
+/// place, so that the list stays valid, and is not to be reported). `None` otherwise.
+pub fn strip_status_item(bytes: &[u8], item: &[u8]) -> Option<(Vec<u8>, bool)> {
     let mut words = bytes.splitn(3, |&b| b == b' ');
     let _tag = words.next()?;
     if !words.next()?.eq_ignore_ascii_case(b"STATUS") {
@@ -29,12 +36,12 @@ pub fn strip_size(bytes: &[u8]) -> Option<(Vec<u8>, StatusSize)> {
         .split(|&b| b == b' ')
         .filter(|w| !w.is_empty())
         .collect();
-    if !items.iter().any(|w| w.eq_ignore_ascii_case(b"SIZE")) {
+    if !items.iter().any(|w| w.eq_ignore_ascii_case(item)) {
         return None;
     }
     let kept: Vec<&[u8]> = items
         .into_iter()
-        .filter(|w| !w.eq_ignore_ascii_case(b"SIZE"))
+        .filter(|w| !w.eq_ignore_ascii_case(item))
         .collect();
     let only = kept.is_empty();
     let mut rewritten = bytes[..=open].to_vec();
@@ -45,7 +52,7 @@ pub fn strip_size(bytes: &[u8]) -> Option<(Vec<u8>, StatusSize)> {
     }
     rewritten.extend_from_slice(b")");
     rewritten.extend_from_slice(&bytes[line.len()..]);
-    Some((rewritten, StatusSize { only }))
+    Some((rewritten, only))
 }
 
 #[cfg(test)]
