@@ -371,38 +371,6 @@ fn checked_name(name: &str) -> io::Result<&str> {
     Ok(name)
 }
 
-fn list_dir(
-    root: &std::path::Path,
-    relative: &str,
-    out: &mut Vec<(String, u64)>,
-) -> io::Result<()> {
-    let dir = root.join(relative);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
-        Err(error) => return Err(error),
-    };
-    for entry in entries {
-        let entry = entry?;
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.contains(".tmp-") {
-            continue;
-        }
-        let child = if relative.is_empty() {
-            name
-        } else {
-            format!("{relative}/{name}")
-        };
-        let meta = entry.metadata()?;
-        if meta.is_dir() {
-            list_dir(root, &child, out)?;
-        } else {
-            out.push((child, meta.len()));
-        }
-    }
-    Ok(())
-}
-
 fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -488,7 +456,11 @@ impl Target for DirTarget {
         let root = self.root.clone();
         Box::pin(blocking(move || {
             let mut out = Vec::new();
-            list_dir(&root, prefix.trim_end_matches('/'), &mut out)?;
+            kermail_cluster::raft::backup_store::list_dir(
+                &root,
+                prefix.trim_end_matches('/'),
+                &mut out,
+            )?;
             Ok(out)
         }))
     }

@@ -102,7 +102,10 @@ fn checked(name: &str) -> io::Result<&str> {
     Ok(name)
 }
 
-fn list_dir(root: &Path, relative: &str, out: &mut Vec<(String, u64)>) -> io::Result<()> {
+/// Appends the files below `root/relative` (paths relative to `root`, with their sizes) to
+/// `out`, skipping the temporary files of unfinished writes; a missing folder lists nothing.
+/// Also the listing of a folder backup target (`src/backup/target.rs`).
+pub fn list_dir(root: &Path, relative: &str, out: &mut Vec<(String, u64)>) -> io::Result<()> {
     let entries = match std::fs::read_dir(root.join(relative)) {
         Ok(entries) => entries,
         Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
