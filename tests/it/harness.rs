@@ -435,6 +435,24 @@ pub fn python_output(script: &str, args: &[&str]) -> Output {
         .expect("run python3")
 }
 
+/// Python helpers for IMAP commands imaplib does not know, for the extension tests:
+/// `read_tagged(c, tag)` reads up to the tagged line of `tag` and returns it with the untagged
+/// lines before it; `raw(c, command)` sends one command line and reads its answer.
+pub const PY_IMAP_RAW: &str = r#"
+def read_tagged(c, tag):
+    lines = []
+    while True:
+        line = c.readline().decode()
+        if line.startswith(tag + " "):
+            return line.strip(), lines
+        lines.append(line.strip())
+
+def raw(c, command):
+    tag = c._new_tag().decode()
+    c.send(f"{tag} {command}\r\n".encode())
+    return read_tagged(c, tag)
+"#;
+
 /// Python helpers prepended to every `Node::py` script. `ENV` holds the KEY=VALUE arguments;
 /// `POS` the others. Clients: smtplib and imaplib from the standard library.
 pub const PY_PRELUDE: &str = r#"

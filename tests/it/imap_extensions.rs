@@ -3,17 +3,7 @@
 
 use crate::harness::Node;
 
-const RAW: &str = r#"
-def raw(c, command):
-    tag = c._new_tag().decode()
-    c.send(f"{tag} {command}\r\n".encode())
-    lines = []
-    while True:
-        line = c.readline().decode()
-        if line.startswith(tag + " "):
-            return line.strip(), lines
-        lines.append(line.strip())
-"#;
+const RAW: &str = crate::harness::PY_IMAP_RAW;
 
 const STATUS_SIZE: &str = r#"
 c = imap()

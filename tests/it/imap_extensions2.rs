@@ -2,24 +2,11 @@
 //! (RFC 3502), LIST-EXTENDED (RFC 5258) with LIST-STATUS (RFC 5819), OBJECTID (RFC 8474),
 //! COMPRESS=DEFLATE (RFC 4978).
 
-use crate::harness::{Node, USER};
+use crate::harness::{Node, PY_IMAP_RAW, USER};
 
 /// `multiappend(c, mailbox, [(flags, date, bytes)], sync)` sends one APPEND of several
 /// messages, with synchronizing literals (waiting for each `+`) or LITERAL+ ones.
-const RAW: &str = r#"
-def read_tagged(c, tag):
-    lines = []
-    while True:
-        line = c.readline().decode()
-        if line.startswith(tag + " "):
-            return line.strip(), lines
-        lines.append(line.strip())
-
-def raw(c, command):
-    tag = c._new_tag().decode()
-    c.send(f"{tag} {command}\r\n".encode())
-    return read_tagged(c, tag)
-
+const MULTIAPPEND_HELPER: &str = r#"
 def multiappend(c, mailbox, messages, sync=True):
     tag = c._new_tag().decode()
     head = f"{tag} APPEND {mailbox}".encode()
@@ -101,7 +88,10 @@ print("multiappend quota ok")
 #[test]
 fn multiappend_appends_every_message_at_once_or_none() {
     let node = Node::with_account();
-    let out = node.py(&format!("{RAW}\n{MULTIAPPEND}"), &[]);
+    let out = node.py(
+        &format!("{PY_IMAP_RAW}\n{MULTIAPPEND_HELPER}\n{MULTIAPPEND}"),
+        &[],
+    );
     assert!(out.contains("multiappend ok"), "{out}");
 }
 
@@ -109,7 +99,10 @@ fn multiappend_appends_every_message_at_once_or_none() {
 fn multiappend_over_the_quota_appends_nothing() {
     let node = Node::with_account();
     node.cli_ok(&["user", "quota", USER, "1M", "--messages", "4"]);
-    let out = node.py(&format!("{RAW}\n{MULTIAPPEND_QUOTA}"), &[]);
+    let out = node.py(
+        &format!("{PY_IMAP_RAW}\n{MULTIAPPEND_HELPER}\n{MULTIAPPEND_QUOTA}"),
+        &[],
+    );
     assert!(out.contains("multiappend quota ok"), "{out}");
 }
 
@@ -164,7 +157,10 @@ print("list extended ok")
 #[test]
 fn list_extended_selects_returns_and_reports_status() {
     let node = Node::with_account();
-    let out = node.py(&format!("{RAW}\n{LIST_EXTENDED}"), &[]);
+    let out = node.py(
+        &format!("{PY_IMAP_RAW}\n{MULTIAPPEND_HELPER}\n{LIST_EXTENDED}"),
+        &[],
+    );
     assert!(out.contains("list extended ok"), "{out}");
 }
 
@@ -217,22 +213,15 @@ print("objectid ok")
 #[test]
 fn objectid_gives_stable_mailbox_email_and_thread_ids() {
     let node = Node::with_account();
-    let out = node.py(&format!("{RAW}\n{OBJECTID}"), &[]);
+    let out = node.py(
+        &format!("{PY_IMAP_RAW}\n{MULTIAPPEND_HELPER}\n{OBJECTID}"),
+        &[],
+    );
     assert!(out.contains("objectid ok"), "{out}");
 }
 
 /// The ids are derived from replicated state: every node of a cluster gives the same ones.
 const CLUSTER_OBJECTID: &str = r#"
-def raw(c, command):
-    tag = c._new_tag().decode()
-    c.send(f"{tag} {command}\r\n".encode())
-    lines = []
-    while True:
-        line = c.readline().decode()
-        if line.startswith(tag + " "):
-            return line.strip(), lines
-        lines.append(line.strip())
-
 def ids_on(node):
     c = imap(node)
     status, lines = raw(c, "STATUS INBOX (MESSAGES MAILBOXID)")
@@ -262,7 +251,7 @@ fn objectids_are_the_same_on_every_replica() {
         return;
     };
     cluster.account();
-    let out = cluster.py(CLUSTER_OBJECTID, &[]);
+    let out = cluster.py(&format!("{PY_IMAP_RAW}\n{CLUSTER_OBJECTID}"), &[]);
     assert!(out.contains("cluster objectid ok"), "{out}");
 }
 
@@ -364,6 +353,9 @@ print("compress ok")
 #[test]
 fn compress_deflate_carries_commands_and_responses() {
     let node = Node::with_account();
-    let out = node.py(&format!("{RAW}\n{COMPRESS}"), &[]);
+    let out = node.py(
+        &format!("{PY_IMAP_RAW}\n{MULTIAPPEND_HELPER}\n{COMPRESS}"),
+        &[],
+    );
     assert!(out.contains("compress ok"), "{out}");
 }

@@ -31,16 +31,6 @@ def load(c):
         ok(c.append("INBOX", None, f'"{day} 00:00:00 +0000"', msg(headers, size)), "APPEND")
     ok(c.select("INBOX"), "SELECT")
 
-def raw(c, command):
-    tag = c._new_tag().decode()
-    c.send(f"{tag} {command}\r\n".encode())
-    lines = []
-    while True:
-        line = c.readline().decode()
-        if line.startswith(tag + " "):
-            return line.strip(), lines
-        lines.append(line.strip())
-
 def sort(c, criteria, search="ALL", uid=False, charset="UTF-8"):
     status, lines = raw(c, f"{'UID ' if uid else ''}SORT ({criteria}) {charset} {search}")
     assert status.split()[1] == "OK", (criteria, status, lines)
@@ -104,7 +94,13 @@ print("sort keys ok")
 #[test]
 fn sort_by_every_key_with_imaplib() {
     let node = Node::with_account();
-    let out = node.py(&format!("{SORT_PRELUDE}\n{SORT_KEYS}"), &[]);
+    let out = node.py(
+        &format!(
+            "{}\n{SORT_PRELUDE}\n{SORT_KEYS}",
+            crate::harness::PY_IMAP_RAW
+        ),
+        &[],
+    );
     assert!(out.contains("sort keys ok"), "{out}");
 }
 
