@@ -13,6 +13,10 @@ use imap_codec::imap_types::flag::{StoreResponse, StoreType};
 use imap_codec::imap_types::search::SearchKey;
 use imap_codec::imap_types::sequence::SequenceSet;
 
+use super::binary::{
+    binary_content, section_text as binary_section_text, write_value as write_binary_value,
+    BinaryKind, UnknownCte,
+};
 use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
 use super::esearch::write_esearch;
@@ -401,6 +405,18 @@ impl Session {
         // OBJECTID (RFC 8474): THREADID reads the header.
         let fetch_ids = self.fetch_ids;
         let mut needs_header = fetch_ids.thread_id;
+        // BINARY (RFC 3516): these positions of `items` are answered decoded.
+        let binary = std::mem::take(&mut self.binary);
+        let binary_at = |position: usize| {
+            binary
+                .iter()
+                .find(|(at, _)| *at == position)
+                .map(|(_, kind)| *kind)
+        };
+        if !binary.is_empty() {
+            needs_parsed = true;
+            needs_raw = true;
+        }
         for item in items {
             match item {
                 MessageDataItemName::Body
@@ -479,6 +495,7 @@ impl Session {
         let flags_listed = items.contains(&MessageDataItemName::Flags);
         let uid_listed = items.contains(&MessageDataItemName::Uid);
         let mut failures = 0usize;
+        let mut unknown_cte = false;
         for chunk in indexes.chunks(BODY_BATCH) {
             let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
             let raws = if needs_raw {
@@ -512,6 +529,28 @@ impl Session {
                 let raw_bytes: &[u8] = raw.as_deref().map_or(&[], |r| r.as_slice());
                 let header_bytes: &[u8] = header.as_deref().unwrap_or(&[]);
                 let parsed = needs_parsed.then(|| ParsedMessage::parse(raw_bytes));
+                // Decoded before the response starts: an unknown encoding leaves the
+                // message out and makes the FETCH a NO [UNKNOWN-CTE].
+                let mut decoded: Vec<Option<Vec<u8>>> = vec![None; items.len()];
+                if let Some(parsed) = &parsed {
+                    for &(position, _) in &binary {
+                        let Some(MessageDataItemName::BodyExt { section, .. }) =
+                            items.get(position)
+                        else {
+                            continue;
+                        };
+                        match binary_content(parsed, section.as_ref()) {
+                            Ok(bytes) => decoded[position] = Some(bytes),
+                            Err(UnknownCte) => unknown_cte = true,
+                        }
+                    }
+                }
+                if binary
+                    .iter()
+                    .any(|&(position, _)| decoded[position].is_none())
+                {
+                    continue;
+                }
 
                 let _ = write!(out, "* {} FETCH (", index + 1);
                 let mut first = true;
@@ -531,8 +570,32 @@ impl Session {
                     out.extend_from_slice(b"FLAGS ");
                     flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
                 }
-                for item in items {
+                for (position, item) in items.iter().enumerate() {
                     separate(out);
+                    if let (
+                        Some(kind),
+                        MessageDataItemName::BodyExt {
+                            section, partial, ..
+                        },
+                    ) = (binary_at(position), item)
+                    {
+                        let bytes = decoded[position].as_deref().unwrap_or_default();
+                        let section = binary_section_text(section.as_ref());
+                        match kind {
+                            BinaryKind::Size => {
+                                let _ = write!(out, "BINARY.SIZE[{section}] {}", bytes.len());
+                            }
+                            BinaryKind::Content => {
+                                let _ = write!(out, "BINARY[{section}]");
+                                if let Some((origin, _)) = partial {
+                                    let _ = write!(out, "<{origin}>");
+                                }
+                                out.push(b' ');
+                                write_binary_value(out, apply_partial(bytes, *partial));
+                            }
+                        }
+                        continue;
+                    }
                     match item {
                         MessageDataItemName::Uid => {
                             let _ = write!(out, "UID {}", meta.uid);
@@ -640,7 +703,15 @@ impl Session {
             send_ahead(&self.output_ahead, out).await;
         }
         mailbox.refresh(&self.store, account, false, &seen_now, out);
-        if failures > 0 {
+        if unknown_cte {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("UNKNOWN-CTE"),
+                "a part has a content-transfer-encoding the server cannot decode",
+            );
+        } else if failures > 0 {
             tagged(
                 out,
                 tag,

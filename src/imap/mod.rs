@@ -29,6 +29,8 @@
 //!   per message for imap-codec; appended all or none by one replicated command).
 //! - `objectid`: RFC 8474 MAILBOXID, EMAILID, THREADID (derived from replicated state, the
 //!   same on every replica; the items taken out before imap-codec decodes).
+//! - `binary`: RFC 3516 BINARY FETCH items (rewritten to their BODY twins before imap-codec
+//!   decodes; the FETCH loop answers them with the transfer encoding undone).
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -39,6 +41,7 @@
 //! Invariant: the session talks to mail state only through [`crate::store::MailStore`], and
 //! never holds a store lock across an await (the store API gives owned snapshots).
 
+mod binary;
 mod cache;
 pub use cache::{AuthCache, HeaderCache};
 mod compress;

@@ -191,6 +191,8 @@ pub struct Session {
     pub(super) status_mailboxid: Option<StatusMailboxId>,
     /// COMPRESS DEFLATE was accepted on this connection.
     compressing: bool,
+    /// The BINARY items of the running FETCH (`binary::rewrite_fetch`).
+    pub(super) binary: super::binary::BinaryItems,
 }
 
 impl Session {
@@ -230,6 +232,7 @@ impl Session {
             fetch_ids: FetchIds::default(),
             status_mailboxid: None,
             compressing: false,
+            binary: Vec::new(),
         }
     }
 
@@ -316,7 +319,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -713,6 +716,25 @@ impl Session {
                 tagged(out, &tag, "BAD", None, reason);
                 return Action::Continue;
             }
+        };
+        // BINARY: each BINARY item becomes its BODY twin, answered decoded by the FETCH loop.
+        // Last of the rewrites, so that the positions it records are those imap-codec sees.
+        let rewritten_binary: Vec<u8>;
+        self.binary.clear();
+        let bytes = match verb.as_slice() {
+            b"FETCH" => match super::binary::rewrite_fetch(bytes) {
+                Ok(None) => bytes,
+                Ok(Some((command, items))) => {
+                    rewritten_binary = command;
+                    self.binary = items;
+                    &rewritten_binary
+                }
+                Err(reason) => {
+                    tagged(out, &tag, "BAD", None, reason);
+                    return Action::Continue;
+                }
+            },
+            _ => bytes,
         };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
