@@ -120,9 +120,81 @@ fn fingerprint(messages: &MessageList) -> [u64; 4] {
     let mut last = 0;
     for m in messages.iter() {
         let pair = (u64::from(m.uid) << 40) ^ m.modseq;
-        hash = (hash ^ pair).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(29);
+        hash = (hash ^ pair)
+            .wrapping_mul(0x0000_0100_0000_01b3)
+            .rotate_left(29);
         highest = highest.max(m.modseq);
         last = m.uid;
     }
     [messages.len() as u64, u64::from(last), highest, hash]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MessageMeta;
+    use imap_codec::imap_types::search::SearchKey;
+    use std::sync::Arc;
+
+    fn view(pairs: &[(u32, u64)]) -> MessageList {
+        let mut list = MessageList::new();
+        for &(uid, modseq) in pairs {
+            list.push(MessageMeta {
+                uid,
+                blob: crate::store::BlobId([0; 32]),
+                size: 1,
+                internal_date: 0,
+                internal_date_offset_min: 0,
+                flags: Default::default(),
+                modseq,
+            });
+        }
+        list
+    }
+
+    fn key(messages: &MessageList, criteria: &SearchKey<'_>) -> Option<OrderKey> {
+        let ordering = Ordering::Thread(super::super::sort::ThreadAlgorithm::References);
+        OrderKey::new(1, 2, messages, criteria, &ordering, true)
+    }
+
+    fn answer(text: &str) -> OrderAnswer {
+        OrderAnswer {
+            response: Arc::from(text.as_bytes()),
+            highest_match: 0,
+        }
+    }
+
+    #[test]
+    fn any_change_of_the_view_misses_and_old_views_are_dropped() {
+        let cache = OrderCache::default();
+        let before = view(&[(1, 5), (2, 6), (3, 7)]);
+        let k = key(&before, &SearchKey::All).unwrap();
+        assert!(cache.get(&k).is_none());
+        cache.insert(k.clone(), answer("one"));
+        assert_eq!(&*cache.get(&k).unwrap().response, b"one");
+        // STORE (a modseq changes), APPEND, EXPUNGE (of a middle or the last message).
+        for changed in [
+            view(&[(1, 5), (2, 8), (3, 7)]),
+            view(&[(1, 5), (2, 6), (3, 7), (4, 8)]),
+            view(&[(1, 5), (3, 7)]),
+            view(&[(1, 5), (2, 6)]),
+        ] {
+            assert!(cache
+                .get(&key(&changed, &SearchKey::All).unwrap())
+                .is_none());
+        }
+        let after = key(&view(&[(1, 5), (3, 7)]), &SearchKey::All).unwrap();
+        cache.insert(after.clone(), answer("two"));
+        assert_eq!(cache.len(), 1);
+        assert!(cache.get(&k).is_none());
+        assert_eq!(&*cache.get(&after).unwrap().response, b"two");
+    }
+
+    #[test]
+    fn session_or_clock_dependent_searches_are_not_cached() {
+        let messages = view(&[(1, 1)]);
+        assert!(key(&messages, &SearchKey::Recent).is_none());
+        assert!(key(&messages, &SearchKey::Not(Box::new(SearchKey::New))).is_none());
+        assert!(key(&messages, &SearchKey::Seen).is_some());
+    }
 }
