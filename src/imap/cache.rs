@@ -37,6 +37,8 @@ impl Hasher for BlobIdHasher {
 pub struct HeaderCache {
     max_bytes: usize,
     inner: Mutex<Inner>,
+    /// Recent SORT and THREAD answers (shared by the same sessions).
+    pub orders: super::order_cache::OrderCache,
 }
 
 #[derive(Default)]
@@ -52,6 +54,7 @@ impl HeaderCache {
         HeaderCache {
             max_bytes,
             inner: Mutex::new(Inner::default()),
+            orders: Default::default(),
         }
     }
 

@@ -22,6 +22,7 @@ use super::cache::BODY_BATCH;
 use super::esearch::write_esearch;
 use super::fetch::{apply_partial, header_fields_subset, top_header, ParsedMessage};
 use super::mailboxes::{no, to_flag_set};
+use super::order_cache::{OrderAnswer, OrderKey};
 use super::response::{codec_item, flag_list_recent, internal_date, literal, tagged, uid_set};
 use super::search::{matches, needs_body, SearchInput};
 use super::session::send_ahead;
@@ -289,11 +290,17 @@ impl Session {
         ordering: Ordering,
         out: &mut Vec<u8>,
     ) {
-        let State::Selected { mailbox, .. } = &self.state else {
+        let State::Selected { account, mailbox } = &self.state else {
             return;
         };
         let messages = mailbox.messages.clone();
         let last_uid = mailbox.last_uid();
+        let key = OrderKey::new(*account, mailbox.id, &messages, criteria, &ordering, uid);
+        let cached = key.as_ref().and_then(|key| self.headers.orders.get(key));
+        if let Some(answer) = cached {
+            self.write_ordered(tag, &ordering, &answer, out);
+            return;
+        }
         let found = self.matching(&messages, criteria, last_uid).await;
         let needs_header = match &ordering {
             Ordering::Sort(criteria) => criteria.iter().any(|c| c.key.needs_header()),
@@ -308,16 +315,13 @@ impl Session {
             }
         }
         let highest_match = found.iter().map(|&i| messages[i].modseq).max().unwrap_or(0);
-        let modseq_note = (self.modifiers.search_modseq
-            && highest_match > 0
-            && matches!(ordering, Ordering::Sort(_)))
-        .then_some(highest_match);
         let verb = match ordering {
             Ordering::Sort(_) => "SORT",
             Ordering::Thread(_) => "THREAD",
         };
         let n_found = found.len();
-        let work = move || order_response(&messages, &found, &headers, uid, &ordering);
+        let ordering_of_work = ordering.clone();
+        let work = move || order_response(&messages, &found, &headers, uid, &ordering_of_work);
         let started = std::time::Instant::now();
         let mut response = if n_found > ORDER_INLINE_MAX_MESSAGES {
             match tokio::task::spawn_blocking(work).await {
@@ -343,11 +347,36 @@ impl Session {
             elapsed_us = started.elapsed().as_micros() as u64,
             "ordered"
         );
-        if let Some(modseq) = modseq_note {
-            response.truncate(response.len() - 2);
-            let _ = write!(response, " (MODSEQ {modseq})\r\n");
+        let answer = OrderAnswer {
+            response: Arc::from(std::mem::take(&mut response)),
+            highest_match,
+        };
+        if let Some(key) = key {
+            self.headers.orders.insert(key, answer.clone());
         }
-        out.extend_from_slice(&response);
+        self.write_ordered(tag, &ordering, &answer, out);
+    }
+
+    /// Writes a SORT or THREAD answer (with CONDSTORE's MODSEQ note when asked for), then
+    /// the mailbox's news and the tagged OK.
+    fn write_ordered(
+        &mut self,
+        tag: &str,
+        ordering: &Ordering,
+        answer: &OrderAnswer,
+        out: &mut Vec<u8>,
+    ) {
+        let (verb, sort) = match ordering {
+            Ordering::Sort(_) => ("SORT", true),
+            Ordering::Thread(_) => ("THREAD", false),
+        };
+        let response = &answer.response;
+        if self.modifiers.search_modseq && answer.highest_match > 0 && sort {
+            out.extend_from_slice(&response[..response.len() - 2]);
+            let _ = write!(out, " (MODSEQ {})\r\n", answer.highest_match);
+        } else {
+            out.extend_from_slice(response);
+        }
         let State::Selected { account, mailbox } = &mut self.state else {
             return;
         };

@@ -58,6 +58,7 @@ mod mailboxes;
 mod messages;
 mod multiappend;
 mod objectid;
+mod order_cache;
 mod quota;
 mod recent;
 mod response;

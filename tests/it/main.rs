@@ -21,6 +21,7 @@ mod imap_extensions;
 mod imap_extensions2;
 mod imap_rfc;
 mod imap_sort;
+mod imap_sort_cache;
 mod inbound_auth;
 mod mbsync;
 mod mesh_faults;
