@@ -63,21 +63,7 @@ s.quit()
 
     let local = node.dir.path().join("maildir");
     std::fs::create_dir_all(&local).expect("mkdir");
-    let rc = node.dir.path().join("mbsyncrc");
-    std::fs::write(
-        &rc,
-        format!(
-            "IMAPAccount kermail\nHost 127.0.0.1\nPort {port}\nUser {USER}\nPass {PASSWORD}\n\
-             SSLType None\nAuthMechs LOGIN\n\n\
-             IMAPStore remote\nAccount kermail\n\n\
-             MaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\n\
-             Channel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Both\n\
-             Expunge Both\nSyncState *\nSync All\n",
-            port = node.imap_port,
-            local = local.display()
-        ),
-    )
-    .expect("write mbsyncrc");
+    let rc = write_mbsyncrc(&node, &local, "");
 
     mbsync(&node, &rc);
     let inbox = local.join("INBOX");
@@ -225,21 +211,7 @@ c.logout()
     );
     let local = node.dir.path().join("maildir");
     std::fs::create_dir_all(&local).expect("mkdir");
-    let rc = node.dir.path().join("mbsyncrc");
-    std::fs::write(
-        &rc,
-        format!(
-            "IMAPAccount kermail\nHost 127.0.0.1\nPort {port}\nUser {USER}\nPass {PASSWORD}\n\
-             SSLType None\nAuthMechs LOGIN\nPipelineDepth 50\n\n\
-             IMAPStore remote\nAccount kermail\n\n\
-             MaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\n\
-             Channel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Both\n\
-             Expunge Both\nSyncState *\nSync All\n",
-            port = node.imap_port,
-            local = local.display()
-        ),
-    )
-    .expect("write mbsyncrc");
+    let rc = write_mbsyncrc(&node, &local, "PipelineDepth 50\n");
     mbsync(&node, &rc);
     let inbox = local.join("INBOX");
     let first = local_messages(&inbox);
@@ -323,4 +295,25 @@ c.logout()
         "a second run must not re-upload or expunge"
     );
     assert_eq!(local_state(), want, "Maildir after a second run");
+}
+
+/// An mbsyncrc syncing the test account's INBOX (plain IMAP, LOGIN) with the Maildir `local`,
+/// `Sync All` both ways; `extra` adds lines to the IMAP account.
+fn write_mbsyncrc(node: &Node, local: &std::path::Path, extra: &str) -> std::path::PathBuf {
+    let rc = node.dir.path().join("mbsyncrc");
+    std::fs::write(
+        &rc,
+        format!(
+            "IMAPAccount kermail\nHost 127.0.0.1\nPort {port}\nUser {USER}\nPass {PASSWORD}\n\
+             SSLType None\nAuthMechs LOGIN\n{extra}\n\
+             IMAPStore remote\nAccount kermail\n\n\
+             MaildirStore local\nPath {local}/\nInbox {local}/INBOX\n\n\
+             Channel sync\nFar :remote:\nNear :local:\nPatterns INBOX\nCreate Both\n\
+             Expunge Both\nSyncState *\nSync All\n",
+            port = node.imap_port,
+            local = local.display()
+        ),
+    )
+    .expect("write mbsyncrc");
+    rc
 }
