@@ -2498,6 +2498,32 @@ RCPT TO:<Postmaster>",
     #[derive(Clone, Default)]
     struct CapturedLog(Arc<std::sync::Mutex<Vec<u8>>>);
 
+    /// Runs `f` with a subscriber that captures this thread's log lines and returns them.
+    ///
+    /// tracing caches one interest per callsite for the whole process. While only one
+    /// dispatcher is registered, a callsite first reached by another test thread (which has no
+    /// subscriber) is cached as "never" and our events vanish (this failed CI once). A second
+    /// dispatcher kept alive for the whole test binary makes tracing ask every registered
+    /// dispatcher instead of the registering thread's default, and the rebuild re-asks the
+    /// callsites that were cached before our subscriber existed.
+    fn with_captured_log<R>(f: impl FnOnce() -> R) -> (R, String) {
+        static KEEP_TWO_DISPATCHERS: std::sync::OnceLock<tracing::Dispatch> =
+            std::sync::OnceLock::new();
+        KEEP_TWO_DISPATCHERS.get_or_init(|| tracing::Dispatch::new(tracing_subscriber::registry()));
+        let log = CapturedLog::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        let result = tracing::subscriber::with_default(subscriber, || {
+            tracing::callsite::rebuild_interest_cache();
+            f()
+        });
+        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        (result, text)
+    }
+
     impl std::io::Write for CapturedLog {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
             self.0.lock().unwrap().extend_from_slice(bytes);
@@ -2510,13 +2536,7 @@ RCPT TO:<Postmaster>",
 
     #[test]
     fn one_log_line_per_transaction_with_its_outcome_and_never_the_body() {
-        let log = CapturedLog::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        let run = tracing::subscriber::with_default(subscriber, || {
+        let (run, text) = with_captured_log(|| {
             check(
                 "EHLO client.example.net
 MAIL FROM:<s@example.net>
@@ -2542,7 +2562,6 @@ QUIT",
                 ),
             )
         });
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         // check() runs the input twice (whole, then byte by byte): two lines per run.
         assert_eq!(lines.len(), 4, "{text}");
@@ -3162,13 +3181,7 @@ hi
 
     #[test]
     fn one_log_line_per_auth_attempt_and_never_the_password() {
-        let log = CapturedLog::default();
-        let writer = log.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish();
-        tracing::subscriber::with_default(subscriber, || {
+        let ((), text) = with_captured_log(|| {
             let mut session = submission_session(
                 ListenerKind::Submissions,
                 SmtpConfig::default(),
@@ -3186,7 +3199,6 @@ hi
                 usize::MAX,
             );
         });
-        let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text
             .lines()
             .filter(|line| line.contains("smtp auth"))
