@@ -1128,6 +1128,7 @@ mod order_timing {
                 internal_date_offset_min: 0,
                 flags: Default::default(),
                 modseq: 1,
+                saved_at: 0,
             });
         }
         let found: Vec<usize> = (0..count).collect();

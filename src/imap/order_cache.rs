@@ -147,6 +147,7 @@ mod tests {
                 internal_date_offset_min: 0,
                 flags: Default::default(),
                 modseq,
+                saved_at: 0,
             });
         }
         list

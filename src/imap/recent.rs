@@ -121,6 +121,7 @@ mod tests {
             internal_date_offset_min: 0,
             flags: FlagSet::new(),
             modseq: 1,
+            saved_at: 0,
         }
     }
 

@@ -583,6 +583,7 @@ mod tests {
             internal_date_offset_min: 0,
             flags: flags.iter().cloned().collect::<FlagSet>(),
             modseq: 1,
+            saved_at: 0,
         }
     }
 
@@ -999,6 +1000,7 @@ mod timing {
                 internal_date_offset_min: 0,
                 flags: Default::default(),
                 modseq: 1,
+                saved_at: 0,
             })
             .collect();
         let started = Instant::now();

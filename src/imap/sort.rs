@@ -603,6 +603,7 @@ mod tests {
             internal_date_offset_min: 0,
             flags: Default::default(),
             modseq: 1,
+            saved_at: 0,
         }
     }
 

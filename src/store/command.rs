@@ -42,6 +42,9 @@ pub enum Command {
     V8(super::bayes::CommandV8),
     /// MULTIAPPEND (issue 13): several messages in one command (`multiappend_state.rs`).
     V9(super::multiappend_state::CommandV9),
+    /// SAVEDATE (issue 13): APPEND, MULTIAPPEND, COPY and MOVE with the proposer's save time
+    /// (`savedate_state.rs`).
+    V11(super::savedate_state::CommandV11),
 }
 
 /// An inclusive range of UIDs; commands carry sorted, disjoint ranges so that `1:*` on a big

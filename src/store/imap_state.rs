@@ -222,6 +222,7 @@ pub fn decode_legacy_messages(bytes: &[u8]) -> Option<Vec<MessageMeta>> {
                 internal_date_offset_min: m.internal_date_offset_min,
                 flags: m.flags,
                 modseq: INITIAL_MODSEQ,
+                saved_at: 0,
             })
             .collect(),
     )

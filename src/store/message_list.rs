@@ -274,6 +274,7 @@ mod tests {
             internal_date_offset_min: 0,
             flags,
             modseq: 1,
+            saved_at: 0,
         }
     }
 

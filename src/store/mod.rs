@@ -52,6 +52,7 @@ mod names;
 mod outbound_api;
 mod queue;
 mod quota;
+mod savedate_state;
 mod sieve_api;
 pub mod sieve_state;
 mod snapshot;
@@ -158,6 +159,14 @@ pub struct MessageMeta {
     /// a snapshot from before it is recognized (`decode_legacy_messages`).
     #[serde(default)]
     pub modseq: u64,
+    /// RFC 8514 save date: when the message was saved into this mailbox (APPEND, delivery,
+    /// COPY, MOVE), seconds since the Unix epoch, chosen by the proposer
+    /// (`savedate_state.rs`); 0 when unknown (stored before save dates were kept). A u32
+    /// fills the struct's padding, so a message costs no more memory. Not serialized with
+    /// the struct (backups, whole-state snapshots keep their layout): a snapshot's message
+    /// chunks carry it in their own format (`savedate_state::encode_message_chunk`).
+    #[serde(skip)]
+    pub saved_at: u32,
 }
 
 /// A mailbox as LIST/STATUS need it.
@@ -585,6 +594,11 @@ impl MailStateMachine {
                     self.write_body(body);
                 }
             }
+            Command::V11(command) => {
+                for body in command.bodies() {
+                    self.write_body(body);
+                }
+            }
         }
         let wakes_worker = matches!(
             command,
@@ -607,6 +621,7 @@ impl MailStateMachine {
                 Command::V7(command) => state.apply_v7(command),
                 Command::V8(command) => state.apply_v8(command),
                 Command::V9(command) => state.apply_v9(command),
+                Command::V11(command) => state.apply_v11(command),
             }
         };
         self.blobs.release(outcome.effects.released);
@@ -1086,6 +1101,19 @@ impl MailStore {
         }
     }
 
+    /// Proposes a command that saves messages (APPEND, COPY, MOVE, MULTIAPPEND) with this
+    /// node's clock as their save date (RFC 8514, `savedate_state.rs`).
+    async fn submit_saved(
+        &self,
+        command: savedate_state::SavedCommand,
+    ) -> Result<Response, StoreError> {
+        self.submit_command(Command::V11(savedate_state::CommandV11::Saved {
+            saved_at: now_secs(),
+            command,
+        }))
+        .await
+    }
+
     async fn submit_done(&self, command: CommandV1) -> Result<(), StoreError> {
         match self.submit(command).await? {
             Response::Done => Ok(()),
@@ -1494,7 +1522,9 @@ impl MailStore {
             internal_date_offset_min,
             body,
         };
-        let result = self.submit(command).await;
+        let result = self
+            .submit_saved(savedate_state::SavedCommand::V1(command))
+            .await;
         staged.finish().await;
         match result? {
             Response::Appended { uidvalidity, uid } => Ok((uidvalidity, uid)),
@@ -1550,7 +1580,9 @@ impl MailStore {
             mailbox,
             messages: batch,
         };
-        let result = self.submit_command(Command::V9(command)).await;
+        let result = self
+            .submit_saved(savedate_state::SavedCommand::V9(command))
+            .await;
         for stage in staged {
             stage.finish().await;
         }
@@ -1668,7 +1700,10 @@ impl MailStore {
             to,
             remove_source,
         };
-        let copied = match self.submit(command).await? {
+        let copied = match self
+            .submit_saved(savedate_state::SavedCommand::V1(command))
+            .await?
+        {
             Response::Copied { uidvalidity, pairs } => (uidvalidity, pairs),
             other => return Err(unexpected(other)),
         };

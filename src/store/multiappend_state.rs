@@ -105,6 +105,7 @@ impl State {
             let mailbox = self.account(account_id)?.mailbox(mailbox_id)?;
             let (flags, new_keywords) = mailbox.canonical_flags(&message.flags)?;
             let modseq = self.imap.modseq.bump(account_id, mailbox_id);
+            let saved_at = self.save_time();
             let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
             mailbox.remember_keywords(new_keywords);
             let uid = mailbox.uidnext;
@@ -119,6 +120,7 @@ impl State {
                 internal_date_offset_min: message.internal_date_offset_min,
                 flags,
                 modseq,
+                saved_at,
             });
             self.add_ref(
                 message.body.blob,

@@ -477,6 +477,7 @@ impl State {
                     internal_date_offset_min: 0,
                     flags,
                     modseq,
+                    saved_at: super::savedate_state::saved_at_of(received_at),
                 });
                 mailbox.touch(account_id, effects);
                 delivered.push((account_id, mailbox_id, uid));

@@ -260,7 +260,11 @@ pub fn write_chunks(
                     match writer.known_range(mailbox.id, range, stamp, end - start, last_uid) {
                         Some(chunk) => chunk,
                         None => {
-                            let bytes = encode(messages.to_vec_range(start..end).as_slice())?;
+                            let bytes = super::savedate_state::encode_message_chunk(
+                                messages.to_vec_range(start..end).as_slice(),
+                                MAX_CHUNK_BYTES,
+                            )
+                            .map_err(invalid)?;
                             stats.written += 1;
                             stats.bytes_written += bytes.len() as u64;
                             let chunk = writer.put(&bytes)?;
@@ -415,11 +419,17 @@ fn decode_chunks(
         let mut messages: Vec<MessageMeta> = Vec::new();
         for (range, chunk) in ranges {
             let bytes = fetch(chunk)?;
-            let part: Vec<MessageMeta> = match decode("messages", &bytes) {
-                Ok(part) => part,
-                // Written before modseqs: every message gets the initial one.
-                Err(error) => super::imap_state::decode_legacy_messages(&bytes).ok_or(error)?,
-            };
+            // Chunks with save dates have a marker; older ones decode as before.
+            let part: Vec<MessageMeta> =
+                super::savedate_state::decode_message_chunk(&bytes, |bytes| {
+                    match decode::<Vec<MessageMeta>>("messages", bytes) {
+                        Ok(part) => Ok(part),
+                        // Written before modseqs: every message gets the initial one.
+                        Err(error) => super::imap_state::decode_legacy_messages(bytes)
+                            .ok_or_else(|| error.to_string()),
+                    }
+                })
+                .map_err(invalid)?;
             if part.is_empty() || part.iter().any(|m| range_of(m.uid) != *range) {
                 return Err(invalid("snapshot range chunk holds UIDs of another range"));
             }

@@ -250,6 +250,10 @@ pub struct State {
     /// section of its own (`bayes`; absent: empty).
     #[serde(skip)]
     pub bayes: super::bayes::BayesState,
+    /// The save time of the `CommandV11::Saved` being applied (`savedate_state.rs`); `None`
+    /// between commands. Apply's input, not state: never serialized, reset after each command.
+    #[serde(skip)]
+    pub saved_clock: Option<u32>,
 }
 
 /// Running sums over `blobs`, so that stats stay O(1).
@@ -278,6 +282,7 @@ impl Default for State {
             sieve: SieveState::default(),
             imap: ImapState::default(),
             bayes: Default::default(),
+            saved_clock: None,
         }
     }
 }
@@ -405,6 +410,7 @@ impl State {
             sieve: self.sieve.clone(),
             imap: self.imap.clone(),
             bayes: self.bayes.clone(),
+            saved_clock: None,
         }
     }
 
@@ -921,6 +927,7 @@ impl State {
                 internal_date_offset_min: 0,
                 flags: FlagSet::new(),
                 modseq,
+                saved_at: super::savedate_state::saved_at_of(received_at),
             });
             inbox.touch(account_id, effects);
             delivered.push((account_id, inbox_id, uid));
@@ -1173,6 +1180,7 @@ impl State {
         self.check_quota(account_id, Usage::one(body.raw_size))?;
         let (flags, new_keywords) = mailbox.canonical_flags(flags)?;
         let modseq = self.imap.modseq.bump(account_id, mailbox_id);
+        let saved_at = self.save_time();
         let mailbox = self.account_mut(account_id)?.mailbox_mut(mailbox_id)?;
         mailbox.remember_keywords(new_keywords);
         let uid = mailbox.uidnext;
@@ -1187,6 +1195,7 @@ impl State {
             internal_date_offset_min,
             flags,
             modseq,
+            saved_at,
         });
         mailbox.touch(account_id, effects);
         self.add_ref(body.blob, body.raw_size, body.compressed.len() as u64);
@@ -1373,6 +1382,7 @@ impl State {
         let (_, new_keywords) = destination.canonical_flags(&all_flags)?;
 
         let modseq = self.imap.modseq.bump(account_id, to);
+        let saved_at = self.save_time();
         let destination = self.account_mut(account_id)?.mailbox_mut(to)?;
         destination.remember_keywords(new_keywords);
         let mut pairs = Vec::with_capacity(selected.len());
@@ -1398,6 +1408,7 @@ impl State {
                 uid,
                 flags,
                 modseq,
+                saved_at,
                 ..message.clone()
             });
             pairs.push((message.uid, uid));
