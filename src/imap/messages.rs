@@ -433,6 +433,7 @@ impl Session {
         let mut needs_raw = false;
         // OBJECTID (RFC 8474): THREADID reads the header.
         let fetch_ids = self.fetch_ids;
+        let fetch_savedate = self.fetch_savedate;
         let mut needs_header = fetch_ids.thread_id;
         // BINARY (RFC 3516): these positions of `items` are answered decoded.
         let binary = std::mem::take(&mut self.binary);
@@ -726,6 +727,10 @@ impl Session {
                     separate(out);
                     let thread = super::objectid::thread_id(header.as_deref(), &meta.blob);
                     let _ = write!(out, "THREADID ({thread})");
+                }
+                if fetch_savedate {
+                    separate(out);
+                    super::savedate::write_item(out, meta);
                 }
                 out.extend_from_slice(b")\r\n");
             }

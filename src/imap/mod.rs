@@ -62,6 +62,7 @@ mod order_cache;
 mod quota;
 mod recent;
 mod response;
+mod savedate;
 pub mod search;
 mod selected;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.

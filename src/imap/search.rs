@@ -56,7 +56,9 @@ pub fn needs_body(key: &SearchKey<'_>) -> bool {
         SearchKey::Not(key) => needs_body(key),
         SearchKey::Or(a, b) => needs_body(a) || needs_body(b),
         SearchKey::Header(name, value)
-            if modseq_key(name, value).is_some() || within_key(name, value).is_some() =>
+            if modseq_key(name, value).is_some()
+                || within_key(name, value).is_some()
+                || super::savedate::is_saved_key(name) =>
         {
             false
         }
@@ -285,6 +287,10 @@ impl<'a> Context<'_, 'a> {
             SearchKey::From(s) => self.address_contains(b"from", s),
             SearchKey::To(s) => self.address_contains(b"to", s),
             SearchKey::Subject(s) => self.header_contains(b"subject", s),
+            // SAVEDBEFORE/SAVEDON/SAVEDSINCE (RFC 8514), rewritten by `savedate.rs`.
+            SearchKey::Header(name, s) if super::savedate::is_saved_key(name) => {
+                super::savedate::key_matches(name, s, input.meta)
+            }
             SearchKey::Header(name, s) => match (modseq_key(name, s), within_key(name, s)) {
                 (Some(at_least), _) => input.meta.modseq >= at_least,
                 // RFC 5032: OLDER n, INTERNALDATE at least n seconds before now; YOUNGER n,

@@ -189,6 +189,8 @@ pub struct Session {
     pub(super) fetch_ids: FetchIds,
     /// The running STATUS asked for MAILBOXID (`objectid::strip_status`).
     pub(super) status_mailboxid: Option<StatusMailboxId>,
+    /// The running FETCH asked for SAVEDATE (`savedate::strip_fetch`).
+    pub(super) fetch_savedate: bool,
     /// COMPRESS DEFLATE was accepted on this connection.
     compressing: bool,
     /// The BINARY items of the running FETCH (`binary::rewrite_fetch`).
@@ -231,6 +233,7 @@ impl Session {
             create_use: None,
             fetch_ids: FetchIds::default(),
             status_mailboxid: None,
+            fetch_savedate: false,
             compressing: false,
             binary: Vec::new(),
         }
@@ -319,7 +322,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -645,6 +648,26 @@ impl Session {
                 None => bytes,
             },
             _ => bytes,
+        };
+        // SAVEDATE: the FETCH item comes out, the search keys are rewritten.
+        let rewritten_savedate: Vec<u8>;
+        self.fetch_savedate = false;
+        let savedate = match verb.as_slice() {
+            b"FETCH" => Ok(super::savedate::strip_fetch(bytes)),
+            b"SEARCH" | b"SORT" | b"THREAD" => super::savedate::rewrite_search(bytes),
+            _ => Ok(None),
+        };
+        let bytes = match savedate {
+            Ok(None) => bytes,
+            Ok(Some(command)) => {
+                self.fetch_savedate = verb.as_slice() == b"FETCH";
+                rewritten_savedate = command;
+                &rewritten_savedate
+            }
+            Err(reason) => {
+                tagged(out, &tag, "BAD", None, reason);
+                return Action::Continue;
+            }
         };
         // STATUS=SIZE: the SIZE item comes out.
         let rewritten_status: Vec<u8>;

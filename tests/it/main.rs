@@ -20,6 +20,7 @@ mod imap_binary;
 mod imap_extensions;
 mod imap_extensions2;
 mod imap_rfc;
+mod imap_savedate;
 mod imap_sort;
 mod imap_sort_cache;
 mod inbound_auth;
