@@ -463,7 +463,7 @@ fn fetch_items(list: &[u8]) -> Result<String, NotifyError> {
             at += c.len_utf8();
         }
     }
-    let words = upper.split(|c: char| c == ' ' || c == '(' || c == ')');
+    let words = upper.split([' ', '(', ')']);
     if words
         .into_iter()
         .any(|w| w == "RFC822" || w == "RFC822.TEXT")
@@ -474,7 +474,7 @@ fn fetch_items(list: &[u8]) -> Result<String, NotifyError> {
     }
     let command = format!("n UID FETCH 1 {peeked}\r\n");
     match CommandCodec::default().decode(command.as_bytes()) {
-        Ok((rest, _)) if rest.is_empty() => Ok(peeked),
+        Ok(([], _)) => Ok(peeked),
         _ => Err(NotifyError::Bad("invalid FETCH items in MessageNew")),
     }
 }
