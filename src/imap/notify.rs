@@ -701,7 +701,8 @@ impl Session {
                         || told.uidvalidity != values.uidvalidity
                         || (events.flag_change
                             && (told.unseen != values.unseen
-                                || told.highest_modseq != values.highest_modseq))
+                                || (self.condstore
+                                    && told.highest_modseq != values.highest_modseq)))
                 }
             };
             if worth_telling {

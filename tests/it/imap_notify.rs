@@ -53,7 +53,7 @@ c = watcher()
 status, lines = raw(c, "CAPABILITY")
 assert " NOTIFY" in lines[0], lines
 # The STATUS indicator: the current STATUS of every watched mailbox before the OK.
-status, lines = raw(c, "NOTIFY SET STATUS (personal (MessageNew MessageExpunge))")
+status, lines = raw(c, "NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange))")
 assert " OK " in status, (status, lines)
 assert '* STATUS "INBOX" (MESSAGES 0 UIDNEXT 1 ' in "\n".join(lines), lines
 assert any(l.startswith('* STATUS "Lists" (MESSAGES 0 UIDNEXT 1 ') for l in lines), lines
@@ -61,8 +61,12 @@ assert any(l.startswith('* STATUS "Lists" (MESSAGES 0 UIDNEXT 1 ') for l in line
 append(other, "Lists", "to the list")
 line, _ = expect(c, r'^\* STATUS "Lists"')
 assert re.match(r'^\* STATUS "Lists" \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ UNSEEN 1\)$', line), line
-# An expunge elsewhere is a STATUS too.
+# A flag change (FlagChange asked for): the new UNSEEN.
 ok(other.select("Lists"), "SELECT")
+ok(other.store("1", "+FLAGS", "(\\Seen)"), "STORE")
+line, _ = expect(c, r'^\* STATUS "Lists"')
+assert "MESSAGES 1 UIDNEXT 2" in line and "UNSEEN 0" in line, line
+# An expunge elsewhere is a STATUS too.
 ok(other.store("1", "+FLAGS", "(\\Deleted)"), "STORE")
 ok(other.expunge(), "EXPUNGE")
 line, _ = expect(c, r'^\* STATUS "Lists"')
@@ -80,6 +84,8 @@ fn mail_delivered_over_smtp_triggers_a_status() {
         &node,
         r#"
 c = watcher()
+status, lines = raw(c, "ENABLE CONDSTORE")
+assert " OK " in status, status
 status, lines = raw(c, "NOTIFY SET (inboxes (MessageNew MessageExpunge))")
 assert " OK " in status and not lines, (status, lines)
 s = smtp()
@@ -87,6 +93,8 @@ assert s.sendmail("bob@example.org", [USER], message("by smtp")) == {}
 s.quit()
 line, _ = expect(c, r'^\* STATUS "INBOX"')
 assert "MESSAGES 1 UIDNEXT 2" in line and "UNSEEN 1" in line, line
+# CONDSTORE is on: HIGHESTMODSEQ comes too.
+assert re.search(r"HIGHESTMODSEQ [1-9]\d*\)$", line), line
 print("ok")
 "#,
     );
@@ -276,6 +284,34 @@ for _ in range(2):
     status, lines = raw(c, "NOOP")
     seen += lines
 assert not any("STATUS" in l for l in seen), seen
+print("ok")
+"#,
+    );
+    assert_eq!(out.trim(), "ok");
+}
+
+#[test]
+fn selected_delayed_holds_expunges_for_a_command_that_may_report_them() {
+    let node = Node::with_account();
+    let out = run(
+        &node,
+        r#"
+other = imap()
+append(other, "INBOX", "one")
+append(other, "INBOX", "two")
+c = watcher()
+ok(c.select("INBOX"), "SELECT")
+status, lines = raw(c, "NOTIFY SET (selected-delayed (MessageNew MessageExpunge))")
+assert " OK " in status, (status, lines)
+ok(other.select("INBOX"), "SELECT")
+ok(other.uid("STORE", "1", "+FLAGS", "(\\Deleted)"), "STORE")
+ok(other.expunge(), "EXPUNGE")
+append(other, "INBOX", "three")
+# The arrival is told at once; the expunged message keeps its sequence number meanwhile.
+_, lines = expect(c, r"^\* 3 EXISTS$")
+assert not any("EXPUNGE" in l for l in lines), lines
+status, lines = raw(c, "NOOP")
+assert "* 1 EXPUNGE" in lines, lines
 print("ok")
 "#,
     );
