@@ -621,14 +621,32 @@ impl Session {
     /// A change applied to some mailbox (`None`: the feed lagged, changes were lost).
     pub fn notify_changed(&mut self, change: Option<MailboxChanged>) {
         let account = self.account();
+        let selected = self.selected_mailbox().map(|(_, id)| id);
         let Some(notify) = self.notify.as_mut() else {
             return;
         };
         match change {
             None => notify.overflowed = true,
             Some(change) if Some(change.account) == account => {
-                notify.pending.insert(change.mailbox);
-                notify.record();
+                // Only changes the client asked about count towards the overflow. A mailbox
+                // not named yet (created since the last flush) counts: its name is unknown.
+                let watched = if Some(change.mailbox) == selected {
+                    notify
+                        .request
+                        .selected()
+                        .is_some_and(|group| group.events.message())
+                } else {
+                    notify.names.get(&change.mailbox).is_none_or(|name| {
+                        notify
+                            .request
+                            .events_for(name, &notify.subscriptions)
+                            .message()
+                    })
+                };
+                if watched {
+                    notify.pending.insert(change.mailbox);
+                    notify.record();
+                }
             }
             Some(_) => {}
         }

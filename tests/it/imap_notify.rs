@@ -258,22 +258,33 @@ fn a_session_too_far_behind_gets_notificationoverflow_and_notify_goes_off() {
 other = imap()
 ok(other.create("Lists"), "CREATE")
 append(other, "Lists", "flag me")
+append(other, "INBOX", "flag me too")
 c = watcher()
-status, lines = raw(c, "NOTIFY SET (personal (MessageNew MessageExpunge FlagChange))")
+status, lines = raw(c, "NOTIFY SET (mailboxes Lists (MessageNew MessageExpunge FlagChange))")
 assert " OK " in status, (status, lines)
-# The watcher is inside a command (its APPEND literal has not arrived yet): it cannot be
-# told anything, so the changes pile up.
-c.send(b"W1 APPEND INBOX {5}\r\n")
-expect(c, r"^\+")
-ok(other.select("Lists"), "SELECT")
 n_changes = 300
-burst = b"".join(
-    f"F{i} UID STORE 1 {'+' if i % 2 == 0 else '-'}FLAGS (\\Seen)\r\n".encode()
-    for i in range(n_changes))
-other.send(burst)
-for i in range(n_changes):
-    read_tagged(other, f"F{i}")
-c.send(b"hello\r\n")
+
+def changes_while_the_watcher_is_inside_a_command(tag, mailbox):
+    # The watcher's APPEND literal has not arrived yet: it cannot be told anything, so the
+    # changes pile up.
+    c.send(f"{tag} APPEND INBOX {{5}}\r\n".encode())
+    expect(c, r"^\+")
+    ok(other.select(mailbox), "SELECT")
+    burst = b"".join(
+        f"F{i} UID STORE 1 {'+' if i % 2 == 0 else '-'}FLAGS (\\Seen)\r\n".encode()
+        for i in range(n_changes))
+    other.send(burst)
+    for i in range(n_changes):
+        read_tagged(other, f"F{i}")
+    c.send(b"hello\r\n")
+
+# Changes of a mailbox the watcher did not ask about do not count.
+changes_while_the_watcher_is_inside_a_command("W0", "INBOX")
+_, lines = expect(c, r"^W0 OK")
+status, more = raw(c, "NOOP")
+assert not any("NOTIFICATIONOVERFLOW" in l for l in lines + more), lines + more
+# Changes of the watched one do.
+changes_while_the_watcher_is_inside_a_command("W1", "Lists")
 _, lines = expect(c, r"^\* OK \[NOTIFICATIONOVERFLOW\]")
 assert any(l.startswith("W1 OK") for l in lines), lines
 assert not any("STATUS" in l for l in lines), lines
