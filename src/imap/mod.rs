@@ -1,7 +1,7 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
 //! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC, SORT, SORT=DISPLAY,
 //! THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, STATUS=SIZE, WITHIN, CREATE-SPECIAL-USE,
-//! MULTIAPPEND, LIST-EXTENDED, LIST-STATUS, OBJECTID, COMPRESS=DEFLATE).
+//! MULTIAPPEND, LIST-EXTENDED, LIST-STATUS, OBJECTID, COMPRESS=DEFLATE, NOTIFY).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -31,6 +31,8 @@
 //!   same on every replica; the items taken out before imap-codec decodes).
 //! - `binary`: RFC 3516 BINARY FETCH items (rewritten to their BODY twins before imap-codec
 //!   decodes; the FETCH loop answers them with the transfer encoding undone).
+//! - `notify`: RFC 5465 NOTIFY (parsed here; STATUS, EXISTS/EXPUNGE/FETCH and LIST
+//!   notifications written whenever the session may speak, overflow past a bound).
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -57,6 +59,7 @@ mod list_extended;
 mod mailboxes;
 mod messages;
 mod multiappend;
+mod notify;
 mod objectid;
 mod order_cache;
 mod quota;

@@ -260,6 +260,10 @@ impl Connection {
         }
         let mut changes = self.store.subscribe_changes();
         let mut changes_open = true;
+        // NOTIFY's mailbox name and subscription changes, and the NOTIFY SET they follow.
+        let mut listings = self.store.subscribe_listings();
+        let mut listings_open = true;
+        let mut notify_generation = session.notify_generation();
         let mut buffer = vec![0u8; READ_CHUNK_BYTES];
         let idle = Duration::from_secs(self.config.idle_timeout_secs);
         let mut action = Action::Continue;
@@ -296,6 +300,20 @@ impl Connection {
                     return Ended::Closed;
                 }
             }
+            if session.notify_generation() != notify_generation {
+                // A new NOTIFY SET: what happened before it is not news.
+                notify_generation = session.notify_generation();
+                changes = self.store.subscribe_changes();
+                listings = self.store.subscribe_listings();
+                changes_open = true;
+                listings_open = true;
+            }
+            if session.notify_active() {
+                session.notify_flush(&mut out).await;
+                if !out.is_empty() {
+                    continue;
+                }
+            }
             let silence_ends = wait_until(session);
             tokio::select! {
                 _ = self.shutdown.cancelled() => {
@@ -306,15 +324,30 @@ impl Connection {
                     session.timed_out(&mut out);
                     action = Action::Close;
                 }
-                changed = changes.recv(), if changes_open && session.is_idling() => {
+                changed = changes.recv(), if changes_open && session.wants_changes() => {
                     match changed {
                         Ok(change) => {
-                            if session.selected_mailbox() == Some((change.account, change.mailbox)) {
+                            if session.is_idling()
+                                && session.selected_mailbox() == Some((change.account, change.mailbox))
+                            {
                                 session.idle_wakeup(&mut out);
                             }
+                            session.notify_changed(Some(change));
                         }
-                        Err(RecvError::Lagged(_)) => session.idle_wakeup(&mut out),
+                        Err(RecvError::Lagged(_)) => {
+                            if session.is_idling() {
+                                session.idle_wakeup(&mut out);
+                            }
+                            session.notify_changed(None);
+                        }
                         Err(RecvError::Closed) => changes_open = false,
+                    }
+                }
+                listed = listings.recv(), if listings_open && session.notify_active() => {
+                    match listed {
+                        Ok(account) => session.notify_listing(Some(account)),
+                        Err(RecvError::Lagged(_)) => session.notify_listing(None),
+                        Err(RecvError::Closed) => listings_open = false,
                     }
                 }
                 read = stream.read(&mut buffer) => {

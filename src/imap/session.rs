@@ -195,6 +195,10 @@ pub struct Session {
     compressing: bool,
     /// The BINARY items of the running FETCH (`binary::rewrite_fetch`).
     pub(super) binary: super::binary::BinaryItems,
+    /// NOTIFY SET in force (RFC 5465), with what is pending and what the client was told.
+    pub(super) notify: Option<Box<super::notify::Notify>>,
+    /// Counts NOTIFY SET commands (the driver restarts its change feeds on a new one).
+    pub(super) notify_generation: u64,
 }
 
 impl Session {
@@ -236,6 +240,8 @@ impl Session {
             fetch_savedate: false,
             compressing: false,
             binary: Vec::new(),
+            notify: None,
+            notify_generation: 0,
         }
     }
 
@@ -261,6 +267,16 @@ impl Session {
 
     pub fn is_idling(&self) -> bool {
         matches!(self.mode, Mode::Idle { .. })
+    }
+
+    /// Between commands: no partial command line, literal or continuation is pending.
+    pub(super) fn waiting_for_command(&self) -> bool {
+        matches!(self.mode, Mode::Commands) && self.pending().is_empty()
+    }
+
+    /// Store changes matter now: the session idles, or NOTIFY is on.
+    pub fn wants_changes(&self) -> bool {
+        self.is_idling() || self.notify.is_some()
     }
 
     /// The selected mailbox, for the driver to filter change notifications.
@@ -322,7 +338,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE NOTIFY");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -560,6 +576,11 @@ impl Session {
         Action::Close
     }
 
+    /// Runs a command the session makes itself (NOTIFY's FETCH for new messages).
+    pub(super) async fn run_internal(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
+        self.command(bytes, out).await
+    }
+
     /// Runs one complete command (literals included).
     async fn command(&mut self, bytes: &[u8], out: &mut Vec<u8>) -> Action {
         let tag = first_token(bytes);
@@ -585,6 +606,14 @@ impl Session {
                 }
                 return Action::Continue;
             }
+        }
+        // NOTIFY (RFC 5465): parsed by `notify`, before any rewrite could touch its lists.
+        if has_verb && verb.as_slice() == b"NOTIFY" {
+            let line = bytes.strip_suffix(b"\n").unwrap_or(bytes);
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let args = line.splitn(3, |&b| b == b' ').nth(2).unwrap_or_default();
+            self.notify_command(&tag, args, out);
+            return Action::Continue;
         }
         // LIST-EXTENDED / LIST-STATUS: answered here, a plain LIST is left to imap-codec.
         if has_verb && verb.as_slice() == b"LIST" {
@@ -914,6 +943,10 @@ impl Session {
                 tagged(out, tag, "OK", None, "DEFLATE active");
                 return Some(Action::Compress);
             }
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"NOTIFY") {
+            self.notify_command(tag, rest.unwrap_or_default(), out);
             return Some(Action::Continue);
         }
         if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {

@@ -357,6 +357,8 @@ pub struct MailStateMachine {
     min_free_disk_bytes: AtomicU64,
     self_ref: Weak<MailStateMachine>,
     changes: tokio::sync::broadcast::Sender<MailboxChanged>,
+    /// Accounts whose mailbox names or subscriptions changed ([`MailStore::subscribe_listings`]).
+    listings: tokio::sync::broadcast::Sender<AccountId>,
     /// Serializes apply and restore (the cluster already calls them one at a time).
     apply_lock: Mutex<()>,
     last_applied: AtomicU64,
@@ -382,6 +384,7 @@ impl MailStateMachine {
             ))
         })?;
         let (changes, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let (listings, _) = tokio::sync::broadcast::channel(CHANGE_CHANNEL_CAPACITY);
         // A folder made by `kermail restore --to` starts from the restored state (issue 11).
         let initial = backup_state::load_restore_base(data_dir, &blobs)?.unwrap_or_default();
         Ok(Arc::new_cyclic(|self_ref| MailStateMachine {
@@ -394,6 +397,7 @@ impl MailStateMachine {
             min_free_disk_bytes: AtomicU64::new(0),
             self_ref: self_ref.clone(),
             changes,
+            listings,
             apply_lock: Mutex::new(()),
             last_applied: AtomicU64::new(0),
             queue_changed: tokio::sync::Notify::new(),
@@ -626,6 +630,10 @@ impl MailStateMachine {
         };
         self.blobs.release(outcome.effects.released);
         self.notify(outcome.effects.changed);
+        for account in outcome.effects.listings {
+            // No receiver is fine: no session watches mailbox names.
+            let _ = self.listings.send(account);
+        }
         if wakes_worker {
             self.queue_changed.notify_one();
         }
@@ -740,18 +748,20 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
             std::mem::replace(&mut *state, restored)
         };
-        let (changed, keep) = {
+        let (changed, keep, listings) = {
             let state = self.read();
             let mut changed = Vec::new();
+            let mut listings = std::collections::BTreeSet::new();
             for snapshot in [&old, &*state] {
                 for account in snapshot.accounts.values() {
+                    listings.insert(account.id);
                     changed.extend(account.mailboxes.keys().map(|&mailbox| MailboxChanged {
                         account: account.id,
                         mailbox,
                     }));
                 }
             }
-            (changed, state.blobs.clone())
+            (changed, state.blobs.clone(), listings)
         };
         match self.blobs.sweep(&keep) {
             Ok(removed) if removed > 0 => {
@@ -762,6 +772,9 @@ impl kermail_cluster::AppStateMachine for MailStateMachine {
         }
         self.last_applied.store(0, Ordering::Release);
         self.notify(changed);
+        for account in listings {
+            let _ = self.listings.send(account);
+        }
         Ok(())
     }
 }
@@ -1384,6 +1397,13 @@ impl MailStore {
     /// mailbox as changed.
     pub fn subscribe_changes(&self) -> tokio::sync::broadcast::Receiver<MailboxChanged> {
         self.machine.changes.subscribe()
+    }
+
+    /// Every applied change to an account's mailbox names or subscriptions (NOTIFY's
+    /// MailboxName and SubscriptionChange events); a receiver compares names itself, so a
+    /// lagged one loses nothing but the wake-up.
+    pub fn subscribe_listings(&self) -> tokio::sync::broadcast::Receiver<AccountId> {
+        self.machine.listings.subscribe()
     }
 
     // ----- IMAP writes -----

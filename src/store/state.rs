@@ -293,6 +293,9 @@ impl Default for State {
 pub struct Effects {
     pub changed: Vec<MailboxChanged>,
     pub released: Vec<BlobId>,
+    /// Accounts whose mailbox names or subscriptions changed (create, delete, rename,
+    /// subscribe, unsubscribe).
+    pub listings: Vec<AccountId>,
 }
 
 pub struct Outcome {
@@ -581,6 +584,15 @@ impl State {
             CommandV1::Deliver { body, .. } | CommandV1::Append { body, .. } => Some(body.blob),
             _ => None,
         };
+        // NOTIFY (RFC 5465): sessions watching this account's mailbox names or subscriptions
+        // learn of the change through `Effects::listings`.
+        let listing_account = match &command {
+            CommandV1::CreateMailbox { account, .. }
+            | CommandV1::DeleteMailbox { account, .. }
+            | CommandV1::RenameMailbox { account, .. }
+            | CommandV1::SetSubscribed { account, .. } => Some(*account),
+            _ => None,
+        };
         let result = match command {
             CommandV1::AddDomain { domain } => self.add_domain(&domain),
             CommandV1::RemoveDomain { domain } => self.remove_domain(&domain),
@@ -659,7 +671,10 @@ impl State {
             } => self.copy(account, from, uids, to, remove_source, &mut effects),
         };
         let response = match result {
-            Ok(response) => response,
+            Ok(response) => {
+                effects.listings.extend(listing_account);
+                response
+            }
             Err(error) => {
                 // Nothing was changed; a body that arrived with the refused command and that no
                 // message references may be removed again.

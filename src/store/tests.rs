@@ -768,6 +768,29 @@ async fn abandoned_or_failed_proposal_leaves_no_body_file() {
 }
 
 #[tokio::test]
+async fn mailbox_name_and_subscription_changes_are_broadcast_per_account() {
+    let fx = Fixture::new().await;
+    let alice = fx.account("alice@example.org").await;
+    let mut listings = fx.store.subscribe_listings();
+    fx.store.create_mailbox(alice, "Lists", None).await.unwrap();
+    assert_eq!(listings.try_recv().unwrap(), alice);
+    fx.store.set_subscribed(alice, "Lists", true).await.unwrap();
+    assert_eq!(listings.try_recv().unwrap(), alice);
+    fx.store
+        .rename_mailbox(alice, "Lists", "Old")
+        .await
+        .unwrap();
+    assert_eq!(listings.try_recv().unwrap(), alice);
+    fx.store.delete_mailbox(alice, "Old").await.unwrap();
+    assert_eq!(listings.try_recv().unwrap(), alice);
+    // A refused command changes nothing and says nothing.
+    assert!(fx.store.delete_mailbox(alice, "Old").await.is_err());
+    // Mail changes only the message lists.
+    fx.deliver(&["alice@example.org"], message("ping")).await;
+    assert!(listings.try_recv().is_err());
+}
+
+#[tokio::test]
 async fn changes_are_broadcast_after_apply() {
     let fx = Fixture::new().await;
     let alice = fx.account("alice@example.org").await;
