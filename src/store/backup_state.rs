@@ -320,15 +320,55 @@ struct BackupMetaOwned {
     backup: BackupState,
 }
 
-/// Versioned envelope of the backup metadata.
+/// Versioned envelope of the backup metadata. V2 adds every message's RFC 8514 save date
+/// (`MessageMeta::saved_at`, which the state's own encoding leaves out), in the order of
+/// `saved_dates`; a V1 backup restores with unknown save dates.
 #[derive(Serialize)]
 enum BackupMetaVersionRef<'a> {
+    #[allow(dead_code)]
     V1(BackupMetaRef<'a>),
+    V2(BackupMetaRef<'a>, Vec<u32>),
 }
 
 #[derive(Deserialize)]
 enum BackupMetaVersion {
     V1(BackupMetaOwned),
+    V2(BackupMetaOwned, Vec<u32>),
+}
+
+/// Every message's save date, by account, mailbox and UID order (all `BTreeMap`s and sorted
+/// lists: the same order when the decoded state is walked again).
+fn saved_dates(state: &State) -> Vec<u32> {
+    state
+        .accounts
+        .values()
+        .flat_map(|a| a.mailboxes.values())
+        .flat_map(|m| m.messages.iter().map(|message| message.saved_at))
+        .collect()
+}
+
+/// Puts back the save dates `saved_dates` gave, refusing a list that does not fit the state.
+fn restore_saved_dates(state: &mut State, dates: &[u32]) -> Result<(), String> {
+    if dates.len() as u64 != count_messages(state) {
+        return Err(format!(
+            "backup metadata holds {} save dates for {} messages",
+            dates.len(),
+            count_messages(state)
+        ));
+    }
+    let mut dates = dates.iter();
+    for mailbox in state
+        .accounts
+        .values_mut()
+        .flat_map(|a| a.mailboxes.values_mut())
+    {
+        for index in 0..mailbox.messages.len() {
+            if let (Some(message), Some(&date)) = (mailbox.messages.get_mut(index), dates.next()) {
+                message.saved_at = date;
+            }
+        }
+    }
+    Ok(())
 }
 
 fn meta_codec() -> impl bincode::Options {
@@ -348,12 +388,15 @@ impl BackupView {
             last_success: Default::default(),
         };
         meta_codec()
-            .serialize(&BackupMetaVersionRef::V1(BackupMetaRef {
-                state: &self.state,
-                outbound: &self.state.outbound,
-                quotas: &self.state.quotas,
-                backup: &backup,
-            }))
+            .serialize(&BackupMetaVersionRef::V2(
+                BackupMetaRef {
+                    state: &self.state,
+                    outbound: &self.state.outbound,
+                    quotas: &self.state.quotas,
+                    backup: &backup,
+                },
+                saved_dates(&self.state),
+            ))
             .map_err(|e| format!("cannot encode the state: {e}"))
     }
 
@@ -387,10 +430,17 @@ impl BackupMeta {
 
     pub fn decode(bytes: &[u8]) -> Result<BackupMeta, String> {
         use bincode::Options;
-        let BackupMetaVersion::V1(meta) = meta_codec()
+        let (meta, dates) = match meta_codec()
             .deserialize(bytes)
-            .map_err(|e| format!("backup metadata is corrupt: {e}"))?;
+            .map_err(|e| format!("backup metadata is corrupt: {e}"))?
+        {
+            BackupMetaVersion::V1(meta) => (meta, None),
+            BackupMetaVersion::V2(meta, dates) => (meta, Some(dates)),
+        };
         let mut state = meta.state;
+        if let Some(dates) = dates {
+            restore_saved_dates(&mut state, &dates)?;
+        }
         state.outbound = meta.outbound;
         state.outbound.rebuild_due();
         state.quotas = meta.quotas;

@@ -415,6 +415,37 @@ mod tests {
     }
 
     #[test]
+    fn save_dates_survive_a_backup_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = crate::store::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let (mut state, inbox, later) = state();
+        state.apply_v11(saved(1_750_000_000, SavedCommand::V1(append(inbox, 9, 1))));
+        state.apply(append(inbox, 9, 2));
+        state.apply_v11(saved(1_750_000_700, SavedCommand::V1(append(later, 9, 3))));
+        let view = crate::store::backup_state::BackupView {
+            state: state.clone(),
+            applied_index: 0,
+            _guard: blobs.begin_read(),
+            blobs,
+        };
+        let bytes = view.encode_meta().unwrap();
+        let meta = crate::store::backup_state::BackupMeta::decode(&bytes).unwrap();
+        let restored = meta.account_mail(ACCOUNT, None).unwrap();
+        let dates: Vec<(String, Vec<u32>)> = restored
+            .into_iter()
+            .filter(|(_, messages)| !messages.is_empty())
+            .map(|(name, messages)| (name, messages.iter().map(|m| m.saved_at).collect()))
+            .collect();
+        assert_eq!(
+            dates,
+            vec![
+                ("INBOX".to_string(), vec![1_750_000_000, 0]),
+                ("Later".to_string(), vec![1_750_000_700]),
+            ]
+        );
+    }
+
+    #[test]
     fn save_times_are_clamped_to_what_a_message_holds() {
         assert_eq!(saved_at_of(-5), 0);
         assert_eq!(saved_at_of(1_700_000_000), 1_700_000_000);
