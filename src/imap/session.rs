@@ -322,6 +322,8 @@ impl Session {
         let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
+            // ACL (RFC 4314, `acl.rs`).
+            caps.push_str(" ACL RIGHTS=texk");
             if !self.compressing {
                 caps.push_str(" COMPRESS=DEFLATE");
             }
@@ -897,6 +899,16 @@ impl Session {
             if self.is_authenticated() {
                 untagged(out, "NAMESPACE ((\"\" \"/\")) NIL NIL");
                 tagged(out, tag, "OK", None, "NAMESPACE completed");
+            } else {
+                tagged(out, tag, "BAD", None, "log in first");
+            }
+            return Some(Action::Continue);
+        }
+        // ACL (RFC 4314): SETACL, DELETEACL, GETACL, LISTRIGHTS, MYRIGHTS (`acl.rs`).
+        if super::acl::is_acl_verb(verb) {
+            if self.is_authenticated() {
+                self.acl_command(tag, verb, rest.unwrap_or_default(), out)
+                    .await;
             } else {
                 tagged(out, tag, "BAD", None, "log in first");
             }
