@@ -10,8 +10,10 @@
 //! like a mailbox that does not exist otherwise.
 
 use super::response::{astring, tagged};
-use super::session::Session;
-use crate::store::{AccountId, MailboxId, Rights, RightsChange, StoreError, RIGHT_LETTERS};
+use super::session::{Session, State};
+use crate::store::{
+    AccountId, MailboxId, MailboxView, Rights, RightsChange, StoreError, RIGHT_LETTERS,
+};
 
 /// The prefix of the other users namespace (NAMESPACE's second part).
 pub const OTHER_USERS: &str = "Other Users";
@@ -45,6 +47,31 @@ fn split_other_users(name: &str) -> Option<(&str, &str)> {
     let rest = name.get(OTHER_USERS.len() + 1..)?;
     let (owner, mailbox) = rest.split_once(SEPARATOR)?;
     (!owner.is_empty() && !mailbox.is_empty()).then_some((owner, mailbox))
+}
+
+/// The name a shared mailbox has for other users.
+pub fn shared_name(owner_address: &str, name: &str) -> String {
+    format!("{OTHER_USERS}{SEPARATOR}{owner_address}{SEPARATOR}{name}")
+}
+
+/// The rights a STORE needs (RFC 4314 4: `s` for `\Seen`, `t` for `\Deleted`, `w` for
+/// any other flag). A replacement may take any flag away, so it needs all three.
+pub fn rights_for_flags(op: crate::store::FlagOp, flags: &crate::store::FlagSet) -> Rights {
+    use crate::store::{Flag, FlagOp};
+    if op == FlagOp::Replace {
+        return Rights::SEEN
+            .union(Rights::DELETE_MESSAGES)
+            .union(Rights::WRITE);
+    }
+    let mut needed = Rights::NONE;
+    for flag in flags {
+        needed = needed.union(match flag {
+            Flag::Seen => Rights::SEEN,
+            Flag::Deleted => Rights::DELETE_MESSAGES,
+            _ => Rights::WRITE,
+        });
+    }
+    needed
 }
 
 /// Answers a refusal when `rights` lack `needed` and says whether it did: `NO [NOPERM]` when
@@ -151,6 +178,100 @@ impl Session {
                 Some(Target { owner, id, rights })
             }
         }
+    }
+
+    /// The user's rights on the selected mailbox now (a grant revoked since SELECT counts):
+    /// every right on their own.
+    pub(super) fn selected_rights(&self) -> Rights {
+        match &self.state {
+            State::Selected { account, mailbox } => {
+                self.store.rights_on(*account, mailbox.owner, mailbox.id)
+            }
+            _ => Rights::NONE,
+        }
+    }
+
+    /// Resolves `name` for `user` and checks `needed`: the owner, the mailbox and the
+    /// user's rights, or `None` once the refusal is answered (`missing_code` for a mailbox
+    /// that does not exist or that the user may not see).
+    pub(super) fn accessible_mailbox(
+        &self,
+        tag: &str,
+        user: AccountId,
+        name: Option<&str>,
+        needed: Rights,
+        missing_code: &str,
+        out: &mut Vec<u8>,
+    ) -> Option<(AccountId, MailboxView, Rights)> {
+        let target = name.and_then(|name| self.resolve_mailbox(user, name));
+        let view = target
+            .as_ref()
+            .and_then(|t| self.store.mailbox_view(t.owner, t.id));
+        let (Some(target), Some(view)) = (target, view) else {
+            tagged(out, tag, "NO", Some(missing_code), "no such mailbox");
+            return None;
+        };
+        if !target.rights.contains(needed) {
+            if target.rights.contains(Rights::LOOKUP) {
+                refuse(out, tag, target.rights, needed);
+            } else {
+                tagged(out, tag, "NO", Some(missing_code), "no such mailbox");
+            }
+            return None;
+        }
+        Some((target.owner, view, target.rights))
+    }
+
+    /// LIST's lines for the shared mailboxes `user` holds `l` on that `pattern` matches, with
+    /// their parents (`Other Users`, `Other Users/owner@domain`, ...) as `\Noselect`.
+    pub(super) fn list_shared(&self, user: AccountId, pattern: &[u8], out: &mut Vec<u8>) {
+        let shared: Vec<String> = self
+            .store
+            .shared_with(user)
+            .iter()
+            .map(|m| shared_name(&m.owner_address, &m.name))
+            .collect();
+        let mut names: Vec<(String, bool)> = Vec::new();
+        for name in &shared {
+            names.push((name.clone(), true));
+            let mut end = 0;
+            while let Some(offset) = name[end..].find(SEPARATOR) {
+                let parent = &name[..end + offset];
+                names.push((parent.to_owned(), false));
+                end += offset + 1;
+            }
+        }
+        // A name both shared and a parent is listed once, selectable.
+        names.sort_by(|a, b| a.0.cmp(&b.0).then(b.1.cmp(&a.1)));
+        names.dedup_by(|later, earlier| later.0 == earlier.0);
+        for (name, selectable) in &names {
+            if !super::mailboxes::matches_pattern(pattern, name.as_bytes()) {
+                continue;
+            }
+            let prefix = format!("{name}{SEPARATOR}");
+            let children = shared.iter().any(|n| n.starts_with(&prefix));
+            let mut attributes: Vec<&str> = Vec::new();
+            if !selectable {
+                attributes.push("\\Noselect");
+            }
+            attributes.push(if children {
+                "\\HasChildren"
+            } else {
+                "\\HasNoChildren"
+            });
+            out.extend_from_slice(format!("* LIST ({}) \"/\" ", attributes.join(" ")).as_bytes());
+            astring(out, name.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// The name the user knows `owner`'s mailbox `name` by.
+    pub(super) fn name_for_user(&self, user: AccountId, owner: AccountId, name: &str) -> String {
+        if user == owner {
+            return name.to_owned();
+        }
+        let owner_address = self.store.account_address(owner).unwrap_or_default();
+        shared_name(&owner_address, name)
     }
 
     /// One of the ACL commands (`rest`: the bytes after the verb and its space, without the

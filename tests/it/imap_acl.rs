@@ -154,3 +154,137 @@ fn acl_survives_a_node_restart() {
     node.restart();
     assert!(py(&node, CHECK_KEPT).contains("kept"));
 }
+
+/// Sharing a mailbox step by step: nothing before a grant; `lr` lets bob list, select,
+/// fetch and search it but not store, expunge, append, copy or move (NOPERM), nor set
+/// `\Seen` by reading; more rights let him; a revoke hides it again, even from his open
+/// session. Eve of another domain never sees it.
+const SHARING: &str = r#"
+FRIEND = ENV["FRIEND"]; STRANGER = ENV["STRANGER"]
+owner = imap()
+ok(owner.create("Team"), "CREATE")
+for n in range(3):
+    ok(owner.append("Team", None, None, message(f"team {n}")), "APPEND")
+ok(owner.append("INBOX", None, None, message("private")), "APPEND")
+bob = imap(FRIEND)
+eve = imap(STRANGER)
+SHARED = f'"Other Users/{USER}/Team"'
+PRIVATE = f'"Other Users/{USER}/INBOX"'
+
+status, lines = raw(bob, "NAMESPACE")
+assert lines == ['* NAMESPACE (("" "/")) (("Other Users/" "/")) NIL'], lines
+
+def listed(c):
+    status, lines = raw(c, 'LIST "" "*"')
+    assert status.split()[1] == "OK", status
+    return [l for l in lines if "Other Users" in l]
+
+def expect(c, command, code):
+    status, lines = raw(c, command)
+    assert status.split()[1] == "NO" and f"[{code}]" in status, (command, status, lines)
+    return lines
+
+# Before any grant: nothing listed, and the mailbox looks like one that does not exist.
+assert listed(bob) == [], listed(bob)
+for c in (bob, eve):
+    for command in (f"SELECT {SHARED}", f"EXAMINE {SHARED}", f"STATUS {SHARED} (MESSAGES)", f"SELECT {PRIVATE}"):
+        expect(c, command, "NONEXISTENT")
+    status, lines = raw(c, f"SELECT \"Other Users/nobody@kermail.test/Team\"")
+    assert status.split()[1] == "NO" and "[NONEXISTENT]" in status, status
+    expect(c, f"APPEND {SHARED} {{5+}}\r\nhello", "TRYCREATE")
+
+# l only: listed, but not readable (NOPERM, it may be seen).
+ok(owner._simple_command("SETACL", "Team", FRIEND, "l"), "SETACL")
+assert listed(bob) == [
+    '* LIST (\\Noselect \\HasChildren) "/" "Other Users"',
+    f'* LIST (\\Noselect \\HasChildren) "/" "Other Users/{USER}"',
+    f'* LIST (\\HasNoChildren) "/" "Other Users/{USER}/Team"',
+], listed(bob)
+expect(bob, f"SELECT {SHARED}", "NOPERM")
+expect(bob, f"STATUS {SHARED} (MESSAGES)", "NOPERM")
+assert listed(eve) == [], listed(eve)
+# The owner's other mailboxes stay hidden.
+expect(bob, f"SELECT {PRIVATE}", "NONEXISTENT")
+
+# lr: select, fetch, search, status; no change of any kind.
+ok(owner._simple_command("SETACL", "Team", FRIEND, "lr"), "SETACL")
+status, lines = raw(bob, f"STATUS {SHARED} (MESSAGES UNSEEN)")
+assert lines == [f'* STATUS "Other Users/{USER}/Team" (MESSAGES 3 UNSEEN 3)'], lines
+status, lines = raw(bob, f"SELECT {SHARED}")
+assert status.split()[1] == "OK" and "* 3 EXISTS" in lines, (status, lines)
+status, lines = raw(bob, "FETCH 1:3 (BODY[HEADER.FIELDS (SUBJECT)])")
+assert status.split()[1] == "OK", status
+status, lines = raw(bob, "FETCH 1 BODY[]")
+assert status.split()[1] == "OK", status
+status, lines = raw(bob, "SEARCH SUBJECT \"team 2\"")
+assert "* SEARCH 3" in lines, lines
+# Reading without s left \Seen alone.
+data = ok(owner.select("Team"), "SELECT")
+data = ok(owner.fetch("1", "(FLAGS)"), "FETCH")
+assert b"\\Seen" not in data[0], data
+for command, code in (("STORE 1 +FLAGS (\\Seen)", "NOPERM"), ("STORE 1 +FLAGS (\\Deleted)", "NOPERM"),
+                      ("STORE 1 +FLAGS (\\Flagged)", "NOPERM"), ("STORE 1 +FLAGS ($Work)", "NOPERM"),
+                      ("STORE 1 FLAGS ()", "NOPERM"), ("STORE 1 -FLAGS (\\Seen)", "NOPERM"),
+                      ("EXPUNGE", "NOPERM"), ("UID EXPUNGE 1", "NOPERM"), ("MOVE 1 INBOX", "CANNOT"),
+                      (f"COPY 1 {SHARED}", "NOPERM"), (f"MOVE 1 {SHARED}", "NOPERM"),
+                      (f"APPEND {SHARED} {{5+}}\r\nhello", "NOPERM")):
+    expect(bob, command, code)
+# Copying into bob's own mailbox would cross accounts: refused.
+expect(bob, "COPY 1 INBOX", "CANNOT")
+# Creating, deleting or renaming under Other Users is refused.
+expect(bob, f'CREATE "Other Users/{USER}/Team/Sub"', "NOPERM")
+expect(bob, f"DELETE {SHARED}", "NOPERM")
+expect(bob, f'RENAME {SHARED} "Mine"', "NOPERM")
+# CLOSE without e expunges nothing.
+ok(owner.store("1", "+FLAGS", "(\\Deleted)"), "STORE")
+status, lines = raw(bob, "CLOSE")
+assert status.split()[1] == "OK", status
+assert len(inbox_messages(owner, "Team")) == 3
+
+# More rights: s, w, t, e, i.
+ok(owner._simple_command("SETACL", "Team", FRIEND, "lrswtei"), "SETACL")
+status, lines = raw(bob, f"SELECT {SHARED}")
+assert status.split()[1] == "OK", status
+status, lines = raw(bob, "STORE 2 +FLAGS (\\Seen $Work)")
+assert status.split()[1] == "OK", status
+# A replacement may take any flag away: with s, w and t it is allowed.
+status, lines = raw(bob, "STORE 3 FLAGS (\\Answered)")
+assert status.split()[1] == "OK", status
+status, lines = raw(bob, f"APPEND {SHARED} (\\Flagged) {{{len(message('from bob'))}+}}\r\n" + message("from bob").decode())
+assert status.split()[1] == "OK" and "APPENDUID" in status, status
+status, lines = raw(bob, f"COPY 2 {SHARED}")
+assert status.split()[1] == "OK", status
+status, lines = raw(bob, "EXPUNGE")
+assert status.split()[1] == "OK" and "* 1 EXPUNGE" in lines, lines
+stored = inbox_messages(owner, "Team")
+assert len(stored) == 4, stored
+assert sorted(stored[0][1]) == ["$Work", "\\Seen"], stored
+
+# Revoke: gone from LIST, refused to the open session and to a new SELECT.
+status, lines = raw(owner, f"DELETEACL Team {FRIEND}")
+assert status.split()[1] == "OK", status
+assert listed(bob) == [], listed(bob)
+expect(bob, "FETCH 1 (FLAGS)", "NOPERM")
+# The open session hears of no more changes.
+ok(owner.append("Team", None, None, message("after revoke")), "APPEND")
+status, lines = raw(bob, "NOOP")
+assert status.split()[1] == "OK" and lines == [], (status, lines)
+expect(bob, "STORE 1 +FLAGS (\\Flagged)", "NOPERM")
+expect(bob, f"SELECT {SHARED}", "NONEXISTENT")
+
+# anyone: the whole domain, never eve.
+ok(owner._simple_command("SETACL", "Team", "anyone", "lr"), "SETACL")
+assert len(listed(bob)) == 3, listed(bob)
+assert listed(eve) == [], listed(eve)
+expect(eve, f"SELECT {SHARED}", "NONEXISTENT")
+status, lines = raw(bob, f"EXAMINE {SHARED}")
+assert status.split()[1] == "OK", status
+print("sharing ok")
+"#;
+
+#[test]
+fn shared_mailbox_access_follows_each_right() {
+    let node = node();
+    let out = py(&node, SHARING);
+    assert!(out.contains("sharing ok"), "{out}");
+}
