@@ -18,7 +18,7 @@ use super::session::{mailbox_name, Session, State};
 use std::sync::Arc;
 
 use super::fetch::top_header;
-use crate::store::{BlobId, Flag, FlagSet, MailboxInfo, SpecialUse};
+use crate::store::{BlobId, Flag, FlagSet, MailboxInfo, Rights, SpecialUse};
 
 /// The hierarchy separator of every mailbox name.
 const SEPARATOR: u8 = b'/';
@@ -101,21 +101,29 @@ impl Session {
         }
         self.state = State::Authenticated { account };
         self.recent = RecentUids::default();
-        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
-            tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
+        // ACL: own mailboxes, or another account's with the r right (`acl.rs`).
+        let Some((owner, view, _)) = self.accessible_mailbox(
+            tag,
+            account,
+            name.as_deref(),
+            Rights::READ,
+            "NONEXISTENT",
+            out,
+        ) else {
             return;
         };
         let highest_modseq = view.highest_modseq;
-        let mut mailbox = Selected::open(view, read_only);
+        let mut mailbox = Selected::open(view, read_only, owner);
         mailbox.condstore = self.condstore;
         mailbox.qresync = self.qresync;
         let last_uid = mailbox.last_uid();
-        if read_only {
-            // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed.
-            let boundary = self.store.recent_boundary(account, mailbox.id);
+        if read_only || owner != account {
+            // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed; so
+            // does a SELECT of another account's mailbox (ACL: \Recent stays the owner's).
+            let boundary = self.store.recent_boundary(owner, mailbox.id);
             self.recent.add((boundary.saturating_add(1), last_uid));
         } else if last_uid > 0 {
-            if let Some(range) = claim(&self.store, account, mailbox.id, last_uid).await {
+            if let Some(range) = claim(&self.store, owner, mailbox.id, last_uid).await {
                 self.recent.add(range);
             }
         }
@@ -124,7 +132,7 @@ impl Session {
             .iter()
             .position(|message| !message.flags.contains(&Flag::Seen))
             .map(|i| i + 1);
-        let keywords = self.store.mailbox_keywords(account, mailbox.id);
+        let keywords = self.store.mailbox_keywords(owner, mailbox.id);
         mailbox.announced_keywords = keywords.len();
         flags_line(out, &keywords);
         let _ = write!(
@@ -139,7 +147,7 @@ impl Session {
         permanent_flags_line(out, &keywords, read_only);
         let uidnext = self
             .store
-            .mailbox_view(account, mailbox.id)
+            .mailbox_view(owner, mailbox.id)
             .map_or(mailbox.last_uid() + 1, |v| v.uidnext);
         let _ = write!(
             out,
@@ -160,7 +168,7 @@ impl Session {
             super::condstore::resync(
                 out,
                 &self.store,
-                account,
+                owner,
                 &mailbox,
                 uidnext,
                 &qresync,
@@ -174,7 +182,7 @@ impl Session {
         };
         tagged(out, tag, "OK", Some(code), verb);
         self.headers
-            .warm(&self.store, account, mailbox.id, &mailbox.messages);
+            .warm(&self.store, owner, mailbox.id, &mailbox.messages);
         self.state = State::Selected {
             account,
             mailbox: Box::new(mailbox),
@@ -188,6 +196,9 @@ impl Session {
         };
         if name.eq_ignore_ascii_case("INBOX") {
             tagged(out, tag, "NO", Some("ALREADYEXISTS"), "INBOX always exists");
+            return;
+        }
+        if refuse_other_users(tag, &[&name], out) {
             return;
         }
         let special_use = match self.create_use.take() {
@@ -228,6 +239,9 @@ impl Session {
             tagged(out, tag, "NO", Some("CANNOT"), "INBOX cannot be deleted");
             return;
         }
+        if refuse_other_users(tag, &[&name], out) {
+            return;
+        }
         match self.store.delete_mailbox(account, &name).await {
             Ok(()) => tagged(out, tag, "OK", None, "DELETE completed"),
             Err(error) => no(out, tag, &error),
@@ -245,6 +259,9 @@ impl Session {
             tagged(out, tag, "BAD", None, "invalid mailbox name");
             return;
         };
+        if refuse_other_users(tag, &[&from, &to], out) {
+            return;
+        }
         match self.store.rename_mailbox(account, &from, &to).await {
             Ok(()) => tagged(out, tag, "OK", None, "RENAME completed"),
             Err(error) => no(out, tag, &error),
@@ -349,6 +366,7 @@ impl Session {
                 astring(out, name.as_bytes());
                 out.extend_from_slice(b"\r\n");
             }
+            self.list_shared(account, &pattern, out);
         }
         tagged(out, tag, "OK", None, &format!("{verb} completed"));
     }
@@ -363,8 +381,15 @@ impl Session {
         let Some(account) = self.account() else {
             return;
         };
-        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
-            tagged(out, tag, "NO", Some("NONEXISTENT"), "no such mailbox");
+        // ACL: STATUS needs the r right (RFC 4314 4).
+        let Some((owner, view, _)) = self.accessible_mailbox(
+            tag,
+            account,
+            name.as_deref(),
+            Rights::READ,
+            "NONEXISTENT",
+            out,
+        ) else {
             return;
         };
         if items.contains(&StatusDataItemName::HighestModSeq) {
@@ -372,7 +397,7 @@ impl Session {
             self.enable_condstore(false);
         }
         let size = self.status_size.take();
-        let mut values = self.status_values(account, &view, items, size);
+        let mut values = self.status_values(owner, &view, items, size);
         if let Some(mailbox_id) = self.status_mailboxid.take() {
             if mailbox_id.only {
                 values.clear();
@@ -383,7 +408,8 @@ impl Session {
             ));
         }
         out.extend_from_slice(b"* STATUS ");
-        astring(out, view.name.as_bytes());
+        let shown = self.name_for_user(account, owner, &view.name);
+        astring(out, shown.as_bytes());
         let _ = write!(out, " ({})\r\n", values.join(" "));
         tagged(out, tag, "OK", None, "STATUS completed");
     }
@@ -469,8 +495,15 @@ impl Session {
             },
             None => message.to_vec(),
         };
-        let Some(view) = name.and_then(|name| self.store.mailbox_by_name(account, &name)) else {
-            tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
+        // ACL: APPEND needs the i right (RFC 4314 4).
+        let Some((owner, view, _)) = self.accessible_mailbox(
+            tag,
+            account,
+            name.as_deref(),
+            Rights::INSERT,
+            "TRYCREATE",
+            out,
+        ) else {
             return;
         };
         // Later header fetches and searches need not read the body back.
@@ -491,21 +524,21 @@ impl Session {
         // The view holds the mailbox's message list: let go of it before the store changes it.
         drop(view);
         let mut released = None;
-        if let State::Selected { account, mailbox } = &mut self.state {
+        if let State::Selected { mailbox, .. } = &mut self.state {
             if mailbox.id == target {
-                mailbox.refresh(&self.store, *account, true, &[], out);
+                mailbox.refresh(&self.store, owner, true, &[], out);
                 released = mailbox.release();
             }
         }
         let result = self
             .store
-            .append(account, target, flags, internal_date, offset_min, body)
+            .append(owner, target, flags, internal_date, offset_min, body)
             .await;
-        if let State::Selected { account, mailbox } = &mut self.state {
+        if let State::Selected { mailbox, .. } = &mut self.state {
             if mailbox.id == target {
                 match released {
-                    Some(released) => mailbox.reacquire(released, &self.store, *account, out),
-                    None => mailbox.refresh(&self.store, *account, true, &[], out),
+                    Some(released) => mailbox.reacquire(released, &self.store, owner, out),
+                    None => mailbox.refresh(&self.store, owner, true, &[], out),
                 }
             }
         }
@@ -534,6 +567,22 @@ pub(super) async fn read_spill(mut file: std::fs::File) -> std::io::Result<Vec<u
 }
 
 /// `tag NO [code] text` for a store error.
+/// ACL: mailboxes are not created, deleted or renamed in the other users namespace (answers
+/// and says so when a name is in it).
+fn refuse_other_users(tag: &str, names: &[&str], out: &mut Vec<u8>) -> bool {
+    if names.iter().any(|name| super::acl::is_other_users(name)) {
+        tagged(
+            out,
+            tag,
+            "NO",
+            Some("NOPERM"),
+            "mailboxes under Other Users cannot be created, deleted or renamed",
+        );
+        return true;
+    }
+    false
+}
+
 pub(super) fn no(out: &mut Vec<u8>, tag: &str, error: &crate::store::StoreError) {
     let (code, text) = store_error(error);
     tagged(out, tag, "NO", Some(code), &text);

@@ -31,7 +31,7 @@ use super::sort::{sent_date, sort_value, sorted_positions, Ordering, SortValue, 
 use super::thread::{
     ordered_subject, references, thread_message, write_thread_response, ThreadMessage,
 };
-use crate::store::{BlobId, Flag, FlagOp, FlagSet, MessageList, Uid};
+use crate::store::{BlobId, Flag, FlagOp, FlagSet, MessageList, Rights, Uid};
 
 impl Session {
     pub(super) async fn selected_command(
@@ -40,6 +40,8 @@ impl Session {
         body: CommandBody<'_>,
         out: &mut Vec<u8>,
     ) {
+        // ACL: the rights on the selected mailbox, as they are now (`acl.rs`).
+        let rights = self.selected_rights();
         let State::Selected { account, mailbox } = &mut self.state else {
             match body {
                 CommandBody::Close
@@ -55,10 +57,23 @@ impl Session {
             return;
         };
         let account = *account;
+        let owner = mailbox.owner;
+        let leaves = matches!(body, CommandBody::Close | CommandBody::Unselect);
+        if !leaves && !rights.contains(Rights::READ) {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("NOPERM"),
+                "permission denied: the r right on the selected mailbox is gone",
+            );
+            return;
+        }
         match body {
             CommandBody::Close => {
-                if !mailbox.read_only {
-                    if let Err(error) = self.store.expunge(account, mailbox.id, None).await {
+                // ACL: without e, CLOSE leaves the mailbox without expunging (RFC 4314 4).
+                if !mailbox.read_only && rights.contains(Rights::EXPUNGE) {
+                    if let Err(error) = self.store.expunge(owner, mailbox.id, None).await {
                         no(out, tag, &error);
                         return;
                     }
@@ -157,7 +172,8 @@ impl Session {
         uids: Option<&SequenceSet>,
         out: &mut Vec<u8>,
     ) {
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let rights = self.selected_rights();
+        let State::Selected { mailbox, .. } = &mut self.state else {
             tagged(out, tag, "BAD", None, "no mailbox selected");
             return;
         };
@@ -165,6 +181,11 @@ impl Session {
             tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
             return;
         }
+        // ACL: EXPUNGE needs e (RFC 4314 4).
+        if super::acl::refuse(out, tag, rights, Rights::EXPUNGE) {
+            return;
+        }
+        let owner = mailbox.owner;
         let uids = match uids {
             None => None,
             Some(set) => match mailbox.resolve(set, true) {
@@ -175,9 +196,9 @@ impl Session {
                 }
             },
         };
-        match self.store.expunge(*account, mailbox.id, uids).await {
+        match self.store.expunge(owner, mailbox.id, uids).await {
             Ok(_) => {
-                mailbox.refresh(&self.store, *account, true, &[], out);
+                mailbox.refresh(&self.store, owner, true, &[], out);
                 tagged(out, tag, "OK", None, "EXPUNGE completed");
             }
             Err(error) => no(out, tag, &error),
@@ -271,10 +292,11 @@ impl Session {
                 }
             }
         }
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let State::Selected { mailbox, .. } = &mut self.state else {
             return;
         };
-        mailbox.refresh(&self.store, *account, false, &[], out);
+        let owner = mailbox.owner;
+        mailbox.refresh(&self.store, owner, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
     }
 
@@ -377,10 +399,11 @@ impl Session {
         } else {
             out.extend_from_slice(response);
         }
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let State::Selected { mailbox, .. } = &mut self.state else {
             return;
         };
-        mailbox.refresh(&self.store, *account, false, &[], out);
+        let owner = mailbox.owner;
+        mailbox.refresh(&self.store, owner, false, &[], out);
         tagged(out, tag, "OK", None, &format!("{verb} completed"));
     }
 
@@ -392,10 +415,12 @@ impl Session {
         uid: bool,
         out: &mut Vec<u8>,
     ) {
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let rights = self.selected_rights();
+        let State::Selected { mailbox, .. } = &mut self.state else {
             return;
         };
-        let account = *account;
+        // ACL: every store call names the mailbox's owner.
+        let account = mailbox.owner;
         let mut indexes = match mailbox.resolve(set, uid) {
             Ok(indexes) => indexes,
             Err(reason) => {
@@ -496,7 +521,8 @@ impl Session {
                 )
             });
         let mut seen_now: Vec<Uid> = Vec::new();
-        if sets_seen {
+        // ACL: without s, a FETCH of a body leaves \Seen alone (RFC 4314 4).
+        if sets_seen && rights.contains(Rights::SEEN) {
             let unseen: Vec<Uid> = indexes
                 .iter()
                 .map(|&i| &mailbox.messages[i])
@@ -769,13 +795,19 @@ impl Session {
         uid: bool,
         out: &mut Vec<u8>,
     ) {
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let rights = self.selected_rights();
+        let State::Selected { mailbox, .. } = &mut self.state else {
             return;
         };
         if mailbox.read_only {
             tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
             return;
         }
+        // ACL: s for \Seen, t for \Deleted, w for the others (RFC 4314 4).
+        if super::acl::refuse(out, tag, rights, super::acl::rights_for_flags(op, &flags)) {
+            return;
+        }
+        let owner = mailbox.owner;
         let uids: Vec<Uid> = match mailbox.resolve(set, uid) {
             Ok(indexes) => indexes.iter().map(|&i| mailbox.messages[i].uid).collect(),
             Err(reason) => {
@@ -797,11 +829,11 @@ impl Session {
         };
         let result = if condstore {
             self.store
-                .store_flags_since(*account, mailbox.id, uids, op, flags, unchanged_since)
+                .store_flags_since(owner, mailbox.id, uids, op, flags, unchanged_since)
                 .await
         } else {
             self.store
-                .store_flags(*account, mailbox.id, uids, op, flags)
+                .store_flags(owner, mailbox.id, uids, op, flags)
                 .await
                 .map(|changed| {
                     let changed = changed
@@ -820,7 +852,7 @@ impl Session {
         };
         changed.sort_unstable_by_key(|(uid, _, _)| *uid);
         let reported: Vec<Uid> = changed.iter().map(|(uid, _, _)| *uid).collect();
-        mailbox.refresh(&self.store, *account, false, &reported, out);
+        mailbox.refresh(&self.store, owner, false, &reported, out);
         let uid = uid || self.qresync;
         for (message_uid, flags, modseq) in &changed {
             let Ok(index) = mailbox
@@ -884,15 +916,47 @@ impl Session {
         move_messages: bool,
         out: &mut Vec<u8>,
     ) {
-        let State::Selected { account, mailbox } = &mut self.state else {
+        let rights = self.selected_rights();
+        let Some(user) = self.account() else {
             return;
         };
-        let account = *account;
-        let Some(target) = destination.and_then(|name| self.store.mailbox_by_name(account, &name))
-        else {
-            tagged(out, tag, "NO", Some("TRYCREATE"), "no such mailbox");
+        // ACL: the destination needs i (RFC 4314 4), and must belong to the source's owner:
+        // the store copies within one account.
+        let Some((target_owner, target, _)) = self.accessible_mailbox(
+            tag,
+            user,
+            destination.as_deref(),
+            Rights::INSERT,
+            "TRYCREATE",
+            out,
+        ) else {
             return;
         };
+        let State::Selected { mailbox, .. } = &mut self.state else {
+            return;
+        };
+        let account = mailbox.owner;
+        if target_owner != account {
+            tagged(
+                out,
+                tag,
+                "NO",
+                Some("CANNOT"),
+                "copying between accounts is not supported: FETCH and APPEND instead",
+            );
+            return;
+        }
+        // ACL: MOVE takes the messages away: t and e on the source (RFC 6851 3.1).
+        if move_messages
+            && super::acl::refuse(
+                out,
+                tag,
+                rights,
+                Rights::DELETE_MESSAGES.union(Rights::EXPUNGE),
+            )
+        {
+            return;
+        }
         if move_messages && mailbox.read_only {
             tagged(out, tag, "NO", Some("READ-ONLY"), "mailbox is read-only");
             return;

@@ -43,6 +43,7 @@
 //! Invariant: the session talks to mail state only through [`crate::store::MailStore`], and
 //! never holds a store lock across an await (the store API gives owned snapshots).
 
+mod acl;
 mod binary;
 mod cache;
 pub use cache::{AuthCache, HeaderCache};

@@ -219,18 +219,20 @@ impl super::session::Session {
         let target = view.id;
         drop(view);
         let mut released = None;
-        if let State::Selected { account, mailbox } = &mut self.state {
+        if let State::Selected { mailbox, .. } = &mut self.state {
             if mailbox.id == target {
-                mailbox.refresh(&self.store, *account, true, &[], out);
+                let owner = mailbox.owner;
+                mailbox.refresh(&self.store, owner, true, &[], out);
                 released = mailbox.release();
             }
         }
         let result = self.store.append_many(account, target, messages).await;
-        if let State::Selected { account, mailbox } = &mut self.state {
+        if let State::Selected { mailbox, .. } = &mut self.state {
             if mailbox.id == target {
+                let owner = mailbox.owner;
                 match released {
-                    Some(released) => mailbox.reacquire(released, &self.store, *account, out),
-                    None => mailbox.refresh(&self.store, *account, true, &[], out),
+                    Some(released) => mailbox.reacquire(released, &self.store, owner, out),
+                    None => mailbox.refresh(&self.store, owner, true, &[], out),
                 }
             }
         }

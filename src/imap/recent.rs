@@ -96,10 +96,13 @@ impl Session {
         let State::Selected { account, mailbox } = &self.state else {
             return;
         };
-        if mailbox.read_only || mailbox.last_uid() == 0 {
+        // ACL: another account's mailbox keeps its \Recent messages for its owner.
+        if mailbox.read_only || mailbox.last_uid() == 0 || mailbox.owner != *account {
             return;
         }
-        if let Some(range) = claim(&self.store, *account, mailbox.id, mailbox.last_uid()).await {
+        // ACL: the owner's mailbox, whoever selected it.
+        if let Some(range) = claim(&self.store, mailbox.owner, mailbox.id, mailbox.last_uid()).await
+        {
             self.recent.add(range);
             let count = self.recent.count_in(&mailbox.messages);
             let _ = write!(out, "* {count} RECENT\r\n");

@@ -48,6 +48,7 @@ pub fn store_error(error: &StoreError) -> (&'static str, String) {
         StoreError::Invalid(_) | StoreError::Rejected(_) => "CANNOT",
         StoreError::OverQuota(_) => "OVERQUOTA",
         StoreError::Io(_) => "SERVERBUG",
+        StoreError::NoPermission(_) => "NOPERM",
     };
     (code, error.to_string().replace(['\r', '\n'], " "))
 }

@@ -22,6 +22,9 @@ pub struct Released {
 
 pub struct Selected {
     pub id: MailboxId,
+    /// ACL: the account the mailbox belongs to (the session's own, or another account of its
+    /// domain for a shared mailbox): every store call on the selected mailbox names it.
+    pub owner: AccountId,
     pub read_only: bool,
     pub uidvalidity: u32,
     /// The messages the client knows, in sequence-number order (sorted by UID). May hold
@@ -41,9 +44,10 @@ pub struct Selected {
 }
 
 impl Selected {
-    pub fn open(view: MailboxView, read_only: bool) -> Selected {
+    pub fn open(view: MailboxView, read_only: bool, owner: AccountId) -> Selected {
         Selected {
             id: view.id,
+            owner,
             read_only,
             uidvalidity: view.uidvalidity,
             messages: view.messages,

@@ -58,8 +58,8 @@ async fn cost_at(at_least: usize) -> (usize, Duration, Duration) {
     let (store, alice, inbox) = mailbox_of(dir.path(), at_least).await;
     let view = || store.mailbox_view(alice, inbox).expect("view");
     let size = view().messages.len();
-    let mut writer = Selected::open(view(), false);
-    let mut idle = Selected::open(view(), false);
+    let mut writer = Selected::open(view(), false, 1);
+    let mut idle = Selected::open(view(), false, 1);
     let mut out = Vec::new();
     let seen: FlagSet = [Flag::Seen].into();
 

@@ -282,7 +282,8 @@ impl Session {
     /// The selected mailbox, for the driver to filter change notifications.
     pub fn selected_mailbox(&self) -> Option<(AccountId, crate::store::MailboxId)> {
         match &self.state {
-            State::Selected { account, mailbox } => Some((*account, mailbox.id)),
+            // ACL: the changes that matter are those of the mailbox's owner.
+            State::Selected { mailbox, .. } => Some((mailbox.owner, mailbox.id)),
             _ => None,
         }
     }
@@ -309,8 +310,13 @@ impl Session {
     /// A change to the selected mailbox was applied while the client idles (or the change
     /// feed lagged): report it.
     pub fn idle_wakeup(&mut self, out: &mut Vec<u8>) {
-        if let State::Selected { account, mailbox } = &mut self.state {
-            mailbox.refresh(&self.store, *account, true, &[], out);
+        // ACL: a session whose r right on the mailbox was revoked hears of no more changes.
+        if !self.selected_rights().contains(crate::store::Rights::READ) {
+            return;
+        }
+        if let State::Selected { mailbox, .. } = &mut self.state {
+            let owner = mailbox.owner;
+            mailbox.refresh(&self.store, owner, true, &[], out);
         }
     }
 
@@ -341,6 +347,8 @@ impl Session {
         let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE NOTIFY");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
+            // ACL (RFC 4314, `acl.rs`).
+            caps.push_str(" ACL RIGHTS=texk");
             if !self.compressing {
                 caps.push_str(" COMPRESS=DEFLATE");
             }
@@ -813,8 +821,11 @@ impl Session {
                 tagged(out, &tag, "BAD", None, "no mailbox selected");
             }
             CommandBody::Noop | CommandBody::Check => {
-                if let State::Selected { account, mailbox } = &mut self.state {
-                    mailbox.refresh(&self.store, *account, true, &[], out);
+                // ACL: no news of a mailbox whose r right was revoked.
+                let readable = self.selected_rights().contains(crate::store::Rights::READ);
+                if let (true, State::Selected { mailbox, .. }) = (readable, &mut self.state) {
+                    let owner = mailbox.owner;
+                    mailbox.refresh(&self.store, owner, true, &[], out);
                 }
                 self.claim_new_recent(out).await;
                 tagged(out, &tag, "OK", None, "completed");
@@ -951,8 +962,22 @@ impl Session {
         }
         if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {
             if self.is_authenticated() {
-                untagged(out, "NAMESPACE ((\"\" \"/\")) NIL NIL");
+                // ACL: other accounts' shared mailboxes are under "Other Users/".
+                untagged(
+                    out,
+                    "NAMESPACE ((\"\" \"/\")) ((\"Other Users/\" \"/\")) NIL",
+                );
                 tagged(out, tag, "OK", None, "NAMESPACE completed");
+            } else {
+                tagged(out, tag, "BAD", None, "log in first");
+            }
+            return Some(Action::Continue);
+        }
+        // ACL (RFC 4314): SETACL, DELETEACL, GETACL, LISTRIGHTS, MYRIGHTS (`acl.rs`).
+        if super::acl::is_acl_verb(verb) {
+            if self.is_authenticated() {
+                self.acl_command(tag, verb, rest.unwrap_or_default(), out)
+                    .await;
             } else {
                 tagged(out, tag, "BAD", None, "log in first");
             }

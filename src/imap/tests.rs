@@ -817,7 +817,8 @@ async fn namespace_id_enable() {
     let mut h = Harness::logged_in().await;
     h.check(
         "N NAMESPACE\r\n",
-        "* NAMESPACE ((\"\" \"/\")) NIL NIL\r\nN OK NAMESPACE completed\r\n",
+        // ACL: other accounts' shared mailboxes are under "Other Users/".
+        "* NAMESPACE ((\"\" \"/\")) ((\"Other Users/\" \"/\")) NIL\r\nN OK NAMESPACE completed\r\n",
     )
     .await;
     let out = h.run("I ID (\"name\" \"imaplib\")\r\n").await;

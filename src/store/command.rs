@@ -42,6 +42,8 @@ pub enum Command {
     V8(super::bayes::CommandV8),
     /// MULTIAPPEND (issue 13): several messages in one command (`multiappend_state.rs`).
     V9(super::multiappend_state::CommandV9),
+    /// ACL (RFC 4314, issue 13): SETACL and DELETEACL (`acl_state.rs`).
+    V10(super::acl_state::CommandV10),
     /// SAVEDATE (issue 13): APPEND, MULTIAPPEND, COPY and MOVE with the proposer's save time
     /// (`savedate_state.rs`).
     V11(super::savedate_state::CommandV11),
@@ -369,6 +371,8 @@ pub enum ApplyError {
     Invalid(String),
     /// The command would bring an account over its quota (SMTP 552 5.2.2, IMAP OVERQUOTA).
     OverQuota(String),
+    /// ACL: the acting account lacks a right the command needs (IMAP `NO [NOPERM]`).
+    NoPermission(String),
 }
 
 impl From<ApplyError> for super::StoreError {
@@ -378,6 +382,7 @@ impl From<ApplyError> for super::StoreError {
             ApplyError::AlreadyExists(what) => super::StoreError::AlreadyExists(what),
             ApplyError::Invalid(why) => super::StoreError::Invalid(why),
             ApplyError::OverQuota(why) => super::StoreError::OverQuota(why),
+            ApplyError::NoPermission(why) => super::StoreError::NoPermission(why),
         }
     }
 }

@@ -40,6 +40,8 @@
 //! ([`StoreError::InsufficientStorage`], SMTP `452 4.3.1`) while the data folder's free space
 //! is under the reserve ([`MailStateMachine::set_min_free_disk_bytes`]).
 
+mod acl_api;
+mod acl_state;
 mod backup_state;
 pub mod bayes;
 mod blob;
@@ -71,6 +73,8 @@ use kermail_cluster::{StorageComponent, StorageHealth};
 
 use serde::{Deserialize, Serialize};
 
+pub use acl_api::{SharedMailbox, ANYONE};
+pub use acl_state::{Grantee, Rights, RightsChange, RIGHT_LETTERS};
 pub use backup_state::{
     BackupKey, BackupLease, BackupMeta, BackupState, BackupSuccess, BackupView, CommandV4,
     RESTORE_BASE_FILE,
@@ -303,6 +307,10 @@ pub enum StoreError {
     /// SMTP `550 5.7.1` with the reason.
     #[error("rejected by the recipient: {0}")]
     Rejected(String),
+    /// ACL: the account lacks a right on another account's mailbox (RFC 4314); nothing was
+    /// changed. IMAP `NO [NOPERM]`.
+    #[error("permission denied: {0}")]
+    NoPermission(String),
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -582,7 +590,8 @@ impl MailStateMachine {
             | Command::V4(_)
             | Command::V6(_)
             | Command::V7(_)
-            | Command::V8(_) => {}
+            | Command::V8(_)
+            | Command::V10(_) => {}
             Command::V2(command) => {
                 for body in command.bodies() {
                     self.write_body(body);
@@ -625,6 +634,7 @@ impl MailStateMachine {
                 Command::V7(command) => state.apply_v7(command),
                 Command::V8(command) => state.apply_v8(command),
                 Command::V9(command) => state.apply_v9(command),
+                Command::V10(command) => state.apply_v10(command),
                 Command::V11(command) => state.apply_v11(command),
             }
         };

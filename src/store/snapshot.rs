@@ -224,6 +224,7 @@ fn encode_sections(state: &State) -> io::Result<Vec<(&'static str, Vec<u8>)>> {
         ),
         (SECTION_MODSEQ, encode(&state.imap.modseq)?),
         (super::bayes::SECTION_BAYES, encode(&state.bayes)?),
+        (super::acl_state::SECTION_ACL, encode(&state.acl)?),
     ])
 }
 
@@ -360,6 +361,7 @@ fn decode_chunks(
     > = None;
     let mut modseq: Option<super::imap_state::ModseqState> = None;
     let mut bayes: Option<super::bayes::BayesState> = None;
+    let mut acl: Option<super::acl_state::AclState> = None;
     fn decode<T: serde::de::DeserializeOwned>(name: &str, bytes: &[u8]) -> io::Result<T> {
         meta_codec(bytes.len() as u64)
             .deserialize(bytes)
@@ -386,6 +388,7 @@ fn decode_chunks(
             }
             SECTION_MODSEQ => once(&mut modseq, name, decode(name, &bytes)?)?,
             super::bayes::SECTION_BAYES => once(&mut bayes, name, decode(name, &bytes)?)?,
+            super::acl_state::SECTION_ACL => once(&mut acl, name, decode(name, &bytes)?)?,
             other => {
                 return Err(invalid(format!(
                     "snapshot section {other:?} is not known to this version"
@@ -405,6 +408,8 @@ fn decode_chunks(
     state.imap = imap.unwrap_or_default();
     state.imap.modseq = modseq.unwrap_or_default();
     state.bayes = bayes.unwrap_or_default();
+    // Written before ACLs: no mailbox is shared.
+    state.acl = acl.unwrap_or_default();
 
     let mut owners: BTreeMap<MailboxId, super::AccountId> = BTreeMap::new();
     for account in state.accounts.values() {

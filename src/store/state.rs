@@ -250,6 +250,10 @@ pub struct State {
     /// section of its own (`bayes`; absent: empty).
     #[serde(skip)]
     pub bayes: super::bayes::BayesState,
+    /// ACL: access control lists (RFC 4314, `acl_state.rs`); carried by the snapshot as a
+    /// section of its own (`acl`; absent: no ACLs).
+    #[serde(skip)]
+    pub acl: super::acl_state::AclState,
     /// The save time of the `CommandV11::Saved` being applied (`savedate_state.rs`); `None`
     /// between commands. Apply's input, not state: never serialized, reset after each command.
     #[serde(skip)]
@@ -282,6 +286,7 @@ impl Default for State {
             sieve: SieveState::default(),
             imap: ImapState::default(),
             bayes: Default::default(),
+            acl: Default::default(),
             saved_clock: None,
         }
     }
@@ -413,6 +418,7 @@ impl State {
             sieve: self.sieve.clone(),
             imap: self.imap.clone(),
             bayes: self.bayes.clone(),
+            acl: self.acl.clone(),
             saved_clock: None,
         }
     }
@@ -830,6 +836,8 @@ impl State {
         self.forget_quota(id);
         self.forget_sieve(id);
         self.imap.modseq.forget_account(id);
+        // ACL: the account's ACLs and the rights granted to it go with it.
+        self.acl.forget_account(id);
         for mailbox in account.mailboxes.values() {
             self.drop_mailbox_refs(&mailbox.messages, effects);
             effects.changed.push(MailboxChanged {
@@ -1027,6 +1035,8 @@ impl State {
         self.drop_mailbox_refs(&mailbox.messages, effects);
         self.credit_usage(account_id, Usage::of_messages(mailbox.messages.iter()));
         self.imap.modseq.forget(account_id, id);
+        // ACL: the mailbox's ACL goes with it (a new mailbox of that name starts with none).
+        self.acl.forget_mailbox(account_id, id);
         effects.changed.push(MailboxChanged {
             account: account_id,
             mailbox: id,

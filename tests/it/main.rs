@@ -16,6 +16,7 @@ mod config_file;
 mod durability;
 mod idle;
 mod imap_abuse;
+mod imap_acl;
 mod imap_binary;
 mod imap_extensions;
 mod imap_extensions2;
