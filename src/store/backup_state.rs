@@ -263,6 +263,51 @@ mod tests {
     }
 
     #[test]
+    fn a_backup_carries_the_acls() {
+        use super::super::acl_state::{CommandV10, Grantee, Rights, RightsChange};
+        use super::super::command::CommandV1;
+        let mut state = State::default();
+        state.apply(CommandV1::AddDomain {
+            domain: "example.org".into(),
+        });
+        for address in ["owner@example.org", "friend@example.org"] {
+            let outcome = state.apply(CommandV1::AddAccount {
+                address: address.into(),
+                password_hash: "$argon2id$v=19$m=8,t=1,p=1$c2FsdHNhbHQ$9Yc4dSHW1rjZn6HLZoPRDw"
+                    .into(),
+                now: 1_700_000_000,
+            });
+            assert!(matches!(outcome.response, Response::Account(_)));
+        }
+        let owner = state.account_id_of("owner@example.org").unwrap();
+        let friend = state.account_id_of("friend@example.org").unwrap();
+        let mailbox = state.accounts[&owner].inbox_id().unwrap();
+        let outcome = state.apply_v10(CommandV10::SetAcl {
+            actor: owner,
+            owner,
+            mailbox,
+            grantee: Grantee::Account(friend),
+            change: RightsChange::Replace,
+            rights: Rights::parse("lr").unwrap(),
+        });
+        assert_eq!(outcome.response, Response::Done);
+        let dir = tempfile::tempdir().unwrap();
+        let blobs = super::super::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
+        let view = BackupView {
+            state: state.clone(),
+            applied_index: 0,
+            _guard: blobs.begin_read(),
+            blobs,
+        };
+        let meta = BackupMeta::decode(&view.encode_meta().unwrap()).unwrap();
+        assert_eq!(meta.state.acl, state.acl);
+        assert_eq!(
+            meta.state.acl.rights_of(friend, owner, mailbox).to_string(),
+            "lr"
+        );
+    }
+
+    #[test]
     fn the_newest_success_per_target_is_kept() {
         let mut state = State::default();
         let record = |at_secs, id: &str| CommandV4::RecordBackupSuccess {
@@ -320,20 +365,33 @@ struct BackupMetaOwned {
     backup: BackupState,
 }
 
-/// Versioned envelope of the backup metadata. V2 adds every message's RFC 8514 save date
-/// (`MessageMeta::saved_at`, which the state's own encoding leaves out), in the order of
-/// `saved_dates`; a V1 backup restores with unknown save dates.
+/// What V2 adds to the state's own encoding, which leaves both out: every message's RFC 8514
+/// save date (`MessageMeta::saved_at`, in the order of `saved_dates`) and the RFC 4314 ACLs.
+#[derive(Serialize)]
+struct BackupExtraRef<'a> {
+    saved_dates: Vec<u32>,
+    acl: &'a super::acl_state::AclState,
+}
+
+#[derive(Deserialize)]
+struct BackupExtra {
+    saved_dates: Vec<u32>,
+    acl: super::acl_state::AclState,
+}
+
+/// Versioned envelope of the backup metadata; a V1 backup restores with unknown save dates
+/// and no ACLs.
 #[derive(Serialize)]
 enum BackupMetaVersionRef<'a> {
     #[allow(dead_code)]
     V1(BackupMetaRef<'a>),
-    V2(BackupMetaRef<'a>, Vec<u32>),
+    V2(BackupMetaRef<'a>, BackupExtraRef<'a>),
 }
 
 #[derive(Deserialize)]
 enum BackupMetaVersion {
     V1(BackupMetaOwned),
-    V2(BackupMetaOwned, Vec<u32>),
+    V2(BackupMetaOwned, BackupExtra),
 }
 
 /// Every message's save date, by account, mailbox and UID order (all `BTreeMap`s and sorted
@@ -395,7 +453,10 @@ impl BackupView {
                     quotas: &self.state.quotas,
                     backup: &backup,
                 },
-                saved_dates(&self.state),
+                BackupExtraRef {
+                    saved_dates: saved_dates(&self.state),
+                    acl: &self.state.acl,
+                },
             ))
             .map_err(|e| format!("cannot encode the state: {e}"))
     }
@@ -430,16 +491,17 @@ impl BackupMeta {
 
     pub fn decode(bytes: &[u8]) -> Result<BackupMeta, String> {
         use bincode::Options;
-        let (meta, dates) = match meta_codec()
+        let (meta, extra) = match meta_codec()
             .deserialize(bytes)
             .map_err(|e| format!("backup metadata is corrupt: {e}"))?
         {
             BackupMetaVersion::V1(meta) => (meta, None),
-            BackupMetaVersion::V2(meta, dates) => (meta, Some(dates)),
+            BackupMetaVersion::V2(meta, extra) => (meta, Some(extra)),
         };
         let mut state = meta.state;
-        if let Some(dates) = dates {
-            restore_saved_dates(&mut state, &dates)?;
+        if let Some(extra) = extra {
+            restore_saved_dates(&mut state, &extra.saved_dates)?;
+            state.acl = extra.acl;
         }
         state.outbound = meta.outbound;
         state.outbound.rebuild_due();
