@@ -328,3 +328,58 @@ print("ok")
     );
     assert_eq!(out.trim(), "ok");
 }
+
+/// Cluster id offset of the multi-node test (`KERMAIL_IT_CLUSTER_ID_BASE` + 20).
+const CLUSTER_OFFSET: u32 = 20;
+
+/// Changes applied through the cluster log notify a session on another node: an APPEND on
+/// one node and an SMTP delivery on a third both reach a NOTIFY session that sends nothing.
+#[test]
+fn changes_on_other_nodes_reach_a_waiting_session() {
+    let Some(cluster) = crate::cluster::Cluster::up(CLUSTER_OFFSET, 3, None) else {
+        return;
+    };
+    cluster.account();
+    let out = cluster.py(
+        &format!(
+            "{PY_IMAP_RAW}\n{}",
+            r#"
+def expect(c, pattern, deadline=60.0):
+    end = time.monotonic() + deadline
+    seen = []
+    while time.monotonic() < end:
+        try:
+            line = c.readline()
+        except socket.timeout:
+            break
+        if not line:
+            raise SystemExit(f"server closed the session; read {seen!r}")
+        line = line.decode(errors="replace").rstrip("\r\n")
+        seen.append(line)
+        if re.search(pattern, line):
+            return line
+    raise SystemExit(f"no line matching {pattern!r} within {deadline}s; read {seen!r}")
+
+names = sorted(NODES)
+watcher = wait_until(lambda: imap(names[1]), f"login on {names[1]}")
+watcher.sock.settimeout(60)
+status, lines = raw(watcher, "NOTIFY SET STATUS (inboxes (MessageNew MessageExpunge))")
+assert " OK " in status, (status, lines)
+assert any(l.startswith('* STATUS "INBOX" (MESSAGES 0 ') for l in lines), lines
+writer = wait_until(lambda: imap(names[0]), f"login on {names[0]}")
+body = (f"From: bob@example.org\r\nTo: {USER}\r\nSubject: far\r\n\r\nfrom another node\r\n").encode()
+ok(writer.append("INBOX", None, None, body), "APPEND")
+line = expect(watcher, r'^\* STATUS "INBOX"')
+assert "MESSAGES 1 UIDNEXT 2" in line, line
+s = wait_until(lambda: smtp(names[2]), f"SMTP on {names[2]}")
+s.sendmail("bob@example.org", [USER], body)
+s.quit()
+line = expect(watcher, r'^\* STATUS "INBOX"')
+assert "MESSAGES 2 UIDNEXT 3" in line, line
+print("ok")
+"#
+        ),
+        &[],
+    );
+    assert_eq!(out.trim(), "ok", "{out}");
+}
