@@ -86,6 +86,7 @@ impl Session {
                             Some("BADCHARSET (US-ASCII UTF-8)"),
                             "unsupported charset",
                         );
+                        self.saved_search_failed();
                         return;
                     }
                 }
@@ -263,6 +264,7 @@ impl Session {
                 }
                 out.extend_from_slice(b"\r\n")
             }
+            Some(options) if !options.answers() => {}
             Some(options) => {
                 write_esearch(out, tag, uid, options, &results);
                 if let Some(modseq) = modseq_note {
@@ -274,6 +276,11 @@ impl Session {
         let State::Selected { account, mailbox } = &mut self.state else {
             return;
         };
+        if let Some(options) = esearch.filter(|options| options.save) {
+            let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
+            let saved = super::searchres::saved_selection(&options, &uids);
+            mailbox.searchres.save(saved);
+        }
         mailbox.refresh(&self.store, *account, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
     }

@@ -11,6 +11,7 @@
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `searchres`: RFC 5182 SEARCHRES: the saved result and `$` in later commands.
 //! - `compress`: RFC 4978 COMPRESS=DEFLATE: the [`compress::Deflate`] stream the driver
 //!   wraps around the connection once the session accepted the command.
 //! - `condstore`: RFC 7162 CONDSTORE and QRESYNC: the SELECT, FETCH, STORE and SEARCH
@@ -63,6 +64,7 @@ mod quota;
 mod recent;
 mod response;
 pub mod search;
+mod searchres;
 mod selected;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]

@@ -38,6 +38,8 @@ pub struct Selected {
     pub condstore: bool,
     /// QRESYNC is on: `VANISHED` instead of EXPUNGE, and UID in flag updates.
     pub qresync: bool,
+    /// SEARCHRES (RFC 5182): the saved result `$`.
+    pub searchres: super::searchres::SavedResult,
 }
 
 impl Selected {
@@ -52,6 +54,7 @@ impl Selected {
             announced_keywords: view.keyword_count,
             condstore: false,
             qresync: false,
+            searchres: Default::default(),
         }
     }
 
@@ -245,6 +248,10 @@ impl Selected {
     /// never holds more than the mailbox has, however often the set repeats itself.
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, &'static str> {
         let messages = &self.messages;
+        if self.searchres.in_use {
+            // The set was `$` (RFC 5182).
+            return Ok(self.searchres.indexes_in(messages));
+        }
         if messages.is_empty() {
             // `1:*` on an empty mailbox names nothing; clients send it routinely.
             return Ok(Vec::new());

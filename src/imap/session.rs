@@ -319,7 +319,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -691,6 +691,15 @@ impl Session {
                 return Action::Continue;
             }
         };
+        // SEARCHRES: `$` stands for the saved result (after the RETURN clause is out).
+        let rewritten_dollar: Vec<u8>;
+        let bytes = match self.substitute_saved(bytes) {
+            Some(command) => {
+                rewritten_dollar = command;
+                &rewritten_dollar
+            }
+            None => bytes,
+        };
         // CONDSTORE/QRESYNC: modifiers and the MODSEQ item and key come out too.
         let rewritten_modseq: Vec<u8>;
         self.modifiers = Modifiers::default();
@@ -742,6 +751,7 @@ impl Session {
         let command = match CommandCodec::default().decode(bytes) {
             Ok((_, command)) => command,
             Err(_) => {
+                self.saved_search_failed();
                 let valid_tag = !tag.is_empty()
                     && tag
                         .bytes()

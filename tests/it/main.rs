@@ -19,6 +19,7 @@ mod imap_abuse;
 mod imap_binary;
 mod imap_extensions;
 mod imap_extensions2;
+mod imap_rev2;
 mod imap_rfc;
 mod imap_sort;
 mod imap_sort_cache;
