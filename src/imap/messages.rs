@@ -187,7 +187,7 @@ impl Session {
 
     /// The indexes (into `messages`, the selected list) of the messages matching
     /// `criteria`, in mailbox order.
-    async fn matching(
+    pub(super) async fn matching(
         &self,
         messages: &MessageList,
         criteria: &SearchKey<'_>,
@@ -243,6 +243,7 @@ impl Session {
         };
         let messages = mailbox.messages.clone();
         let last_uid = mailbox.last_uid();
+        let view_stamp = mailbox.view_stamp();
         let esearch = self.esearch.take();
         let found = self.matching(&messages, criteria, last_uid).await;
         let results: Vec<u32> = found
@@ -280,6 +281,15 @@ impl Session {
             let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
             let saved = super::searchres::saved_selection(&options, &uids);
             mailbox.searchres.save(saved);
+        }
+        if esearch.is_some_and(|options| options.update) {
+            let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
+            if !mailbox.contexts.register(tag, uids, view_stamp) {
+                let _ = write!(
+                    out,
+                    "* NO [NOUPDATE \"{tag}\"] too many search contexts; cancel some\r\n"
+                );
+            }
         }
         mailbox.refresh(&self.store, *account, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");

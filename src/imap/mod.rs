@@ -11,6 +11,8 @@
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `context_search`: RFC 5267 CONTEXT=SEARCH: `RETURN (UPDATE)` contexts, their
+//!   ADDTO/REMOVEFROM updates, CANCELUPDATE.
 //! - `searchres`: RFC 5182 SEARCHRES: the saved result and `$` in later commands.
 //! - `compress`: RFC 4978 COMPRESS=DEFLATE: the [`compress::Deflate`] stream the driver
 //!   wraps around the connection once the session accepted the command.
@@ -48,6 +50,7 @@ pub use cache::{AuthCache, HeaderCache};
 mod compress;
 mod condstore;
 pub mod config;
+mod context_search;
 mod create_special_use;
 mod esearch;
 pub mod fetch;

@@ -40,6 +40,8 @@ pub struct Selected {
     pub qresync: bool,
     /// SEARCHRES (RFC 5182): the saved result `$`.
     pub searchres: super::searchres::SavedResult,
+    /// CONTEXT=SEARCH (RFC 5267): the searches whose changes are reported.
+    pub contexts: super::context_search::Contexts,
 }
 
 impl Selected {
@@ -55,6 +57,7 @@ impl Selected {
             condstore: false,
             qresync: false,
             searchres: Default::default(),
+            contexts: Default::default(),
         }
     }
 
@@ -74,6 +77,11 @@ impl Selected {
         flags_line(out, &keywords);
         permanent_flags_line(out, &keywords, self.read_only);
         self.announced_keywords = keywords.len();
+    }
+
+    /// Changes whenever `messages` may have: for search contexts to know when to look again.
+    pub fn view_stamp(&self) -> (u64, bool, usize) {
+        (self.change_counter, self.has_ghosts, self.messages.len())
     }
 
     pub fn last_uid(&self) -> Uid {

@@ -311,9 +311,13 @@ impl Connection {
                         Ok(change) => {
                             if session.selected_mailbox() == Some((change.account, change.mailbox)) {
                                 session.idle_wakeup(&mut out);
+                                session.search_updates(&mut out).await;
                             }
                         }
-                        Err(RecvError::Lagged(_)) => session.idle_wakeup(&mut out),
+                        Err(RecvError::Lagged(_)) => {
+                            session.idle_wakeup(&mut out);
+                            session.search_updates(&mut out).await;
+                        }
                         Err(RecvError::Closed) => changes_open = false,
                     }
                 }

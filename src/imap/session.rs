@@ -319,7 +319,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES");
+        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES CONTEXT=SEARCH");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -394,9 +394,11 @@ impl Session {
                             self.consumed += consumed;
                             self.mode = Mode::Commands;
                             if done {
+                                let mark = out.len();
                                 self.idle_wakeup(out);
                                 self.claim_new_recent(out).await;
                                 tagged(out, &tag, "OK", None, "IDLE terminated");
+                                self.search_updates_after_command(mark, out).await;
                             } else {
                                 tagged(out, &tag, "BAD", None, "expected DONE");
                             }
@@ -485,7 +487,9 @@ impl Session {
                             let start = self.consumed;
                             self.consumed += len;
                             let command = std::mem::take(&mut self.input);
+                            let mark = out.len();
                             let action = self.command(&command[start..start + len], out).await;
+                            self.search_updates_after_command(mark, out).await;
                             self.input = command;
                             self.spilled = None;
                             match action {
@@ -748,6 +752,9 @@ impl Session {
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
         }
+        if self.esearch.is_some_and(|options| options.update) {
+            self.keep_context_command(bytes);
+        }
         let command = match CommandCodec::default().decode(bytes) {
             Ok((_, command)) => command,
             Err(_) => {
@@ -901,6 +908,10 @@ impl Session {
                 tagged(out, tag, "OK", None, "DEFLATE active");
                 return Some(Action::Compress);
             }
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"CANCELUPDATE") {
+            self.cancel_update(tag, rest, out);
             return Some(Action::Continue);
         }
         if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {

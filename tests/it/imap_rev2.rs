@@ -100,3 +100,111 @@ fn searchres_saves_a_result_for_later_commands() {
     let out = node.py(&script(SEARCHRES), &[]);
     assert!(out.contains("searchres ok"), "{out}");
 }
+
+/// `UID SEARCH RETURN (UPDATE) UNSEEN` answers its matches, then reports as ADDTO/REMOVEFROM
+/// how they change as another session appends, flags and expunges: after its commands
+/// (ADDTO after the EXISTS, before the tagged line) and during IDLE; CANCELUPDATE ends it.
+const CONTEXT_UPDATE: &str = r#"
+c = imap()
+status, lines = raw(c, "CAPABILITY")
+assert " CONTEXT=SEARCH" in lines[0], lines
+other = imap()
+for i in range(4):
+    ok(other.append("INBOX", "(\\Seen)" if i == 0 else None, None, message(f"m{i}")), "APPEND")
+ok(c.select("INBOX"), "SELECT")
+ok(other.select("INBOX"), "SELECT")
+c.send(b'U1 UID SEARCH RETURN (UPDATE) UNSEEN\r\n')
+status, lines = read_tagged(c, "U1")
+assert status.startswith("U1 OK"), (status, lines)
+assert esearch(lines) == ['* ESEARCH (TAG "U1") UID ALL 2:4'], lines
+# A delivery: ADDTO after its EXISTS, before the tagged line.
+ok(other.append("INBOX", None, None, message("new")), "APPEND")
+lines = expect_ok(c, "NOOP")
+assert "* 5 EXISTS" in lines, lines
+assert esearch(lines) == ['* ESEARCH (TAG "U1") UID ADDTO (0 5)'], lines
+assert lines.index("* 5 EXISTS") < lines.index(esearch(lines)[0]), lines
+# A flag change elsewhere takes a message out.
+ok(other.uid("STORE", "3", "+FLAGS", "(\\Seen)"), "STORE")
+lines = expect_ok(c, "NOOP")
+assert esearch(lines) == ['* ESEARCH (TAG "U1") UID REMOVEFROM (0 3)'], lines
+# This session's own STORE counts too, and the update comes before the tagged OK.
+c.send(b'S1 UID STORE 1 -FLAGS (\\Seen)\r\n')
+status, lines = read_tagged(c, "S1")
+assert status.startswith("S1 OK"), status
+assert esearch(lines) == ['* ESEARCH (TAG "U1") UID ADDTO (0 1)'], lines
+# An expunge elsewhere.
+ok(other.uid("STORE", "2", "+FLAGS", "(\\Deleted)"), "STORE")
+ok(other.expunge(), "EXPUNGE")
+lines = expect_ok(c, "NOOP")
+assert "* 2 EXPUNGE" in lines, lines
+assert esearch(lines) == ['* ESEARCH (TAG "U1") UID REMOVEFROM (0 2)'], lines
+# During IDLE, as the other session appends.
+c.send(b"I1 IDLE\r\n")
+assert c.readline().startswith(b"+"), "no continuation"
+ok(other.append("INBOX", None, None, message("while idle")), "APPEND")
+seen = []
+while True:
+    line = c.readline().decode().strip()
+    seen.append(line)
+    if line.startswith("* ESEARCH"):
+        break
+assert seen[-1] == '* ESEARCH (TAG "U1") UID ADDTO (0 6)', seen
+c.send(b"DONE\r\n")
+status, lines = read_tagged(c, "I1")
+assert status.startswith("I1 OK"), status
+# A second context, and CANCELUPDATE of the first: only the second hears of the next one.
+c.send(b'U2 UID SEARCH RETURN (UPDATE COUNT) ALL\r\n')
+status, lines = read_tagged(c, "U2")
+assert esearch(lines) == ['* ESEARCH (TAG "U2") UID COUNT 5'], lines
+lines = expect_ok(c, 'CANCELUPDATE "U1"')
+ok(other.append("INBOX", None, None, message("after cancel")), "APPEND")
+lines = expect_ok(c, "NOOP")
+assert esearch(lines) == ['* ESEARCH (TAG "U2") UID ADDTO (0 7)'], lines
+status, lines = raw(c, 'CANCELUPDATE "U1"')
+assert status.split()[1] == "BAD", status
+# A new selection ends every context.
+ok(c.select("INBOX"), "SELECT")
+ok(other.append("INBOX", None, None, message("after select")), "APPEND")
+lines = expect_ok(c, "NOOP")
+assert esearch(lines) == [], lines
+c.logout(); other.logout()
+print("context ok")
+"#;
+
+#[test]
+fn context_search_reports_changes_until_cancelled() {
+    let node = Node::with_account();
+    let out = node.py(&script(CONTEXT_UPDATE), &[]);
+    assert!(out.contains("context ok"), "{out}");
+}
+
+/// PARTIAL (RFC 5267 4.4, ranges of RFC 9394): positions counted from the first match or,
+/// negative, from the last; NIL when the range is past the matches; not with ALL.
+const PARTIAL: &str = r#"
+c = imap()
+for i in range(6):
+    ok(c.append("INBOX", "(\\Seen)" if i == 2 else None, None, message(f"m{i}")), "APPEND")
+ok(c.select("INBOX"), "SELECT")
+c.send(b"P1 UID SEARCH RETURN (PARTIAL 1:3) UNSEEN\r\n")
+status, lines = read_tagged(c, "P1")
+assert esearch(lines) == ['* ESEARCH (TAG "P1") UID PARTIAL (1:3 1:2,4)'], lines
+c.send(b"P2 SEARCH RETURN (PARTIAL -1:-2 COUNT) UNSEEN\r\n")
+status, lines = read_tagged(c, "P2")
+assert esearch(lines) == ['* ESEARCH (TAG "P2") COUNT 5 PARTIAL (-1:-2 5:6)'], lines
+c.send(b"P3 SEARCH RETURN (PARTIAL 7:9) ALL\r\n")
+status, lines = read_tagged(c, "P3")
+assert esearch(lines) == ['* ESEARCH (TAG "P3") PARTIAL (7:9 NIL)'], lines
+status, lines = raw(c, "SEARCH RETURN (PARTIAL 1:2 ALL) ALL")
+assert status.split()[1] == "BAD", status
+status, lines = raw(c, "SEARCH RETURN (PARTIAL 0:2) ALL")
+assert status.split()[1] == "BAD", status
+c.logout()
+print("partial ok")
+"#;
+
+#[test]
+fn partial_returns_a_window_of_the_matches() {
+    let node = Node::with_account();
+    let out = node.py(&script(PARTIAL), &[]);
+    assert!(out.contains("partial ok"), "{out}");
+}
