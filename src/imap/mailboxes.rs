@@ -110,7 +110,9 @@ impl Session {
         mailbox.condstore = self.condstore;
         mailbox.qresync = self.qresync;
         let last_uid = mailbox.last_uid();
-        if read_only {
+        if self.rev2 {
+            // IMAP4rev2 has no \Recent (RFC 9051 Appendix E).
+        } else if read_only {
             // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed.
             let boundary = self.store.recent_boundary(account, mailbox.id);
             self.recent.add((boundary.saturating_add(1), last_uid));
@@ -127,12 +129,11 @@ impl Session {
         let keywords = self.store.mailbox_keywords(account, mailbox.id);
         mailbox.announced_keywords = keywords.len();
         flags_line(out, &keywords);
-        let _ = write!(
-            out,
-            "* {} EXISTS\r\n* {} RECENT\r\n",
-            mailbox.messages.len(),
-            self.recent.count_in(&mailbox.messages)
-        );
+        let _ = write!(out, "* {} EXISTS\r\n", mailbox.messages.len());
+        if !self.rev2 {
+            let recent = self.recent.count_in(&mailbox.messages);
+            let _ = write!(out, "* {recent} RECENT\r\n");
+        }
         if let Some(seq) = first_unseen {
             let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
         }
@@ -329,7 +330,12 @@ impl Session {
                 let has_children = names.iter().any(|n| n.starts_with(&prefix));
                 let mut attributes: Vec<&str> = Vec::new();
                 if info.is_none() {
-                    attributes.push("\\Noselect");
+                    // IMAP4rev2 says what it is: no mailbox (\NonExistent implies \Noselect).
+                    attributes.push(if self.rev2 {
+                        "\\NonExistent"
+                    } else {
+                        "\\Noselect"
+                    });
                 }
                 attributes.push(if has_children {
                     "\\HasChildren"

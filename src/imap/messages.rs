@@ -244,7 +244,7 @@ impl Session {
         let messages = mailbox.messages.clone();
         let last_uid = mailbox.last_uid();
         let view_stamp = mailbox.view_stamp();
-        let esearch = self.esearch.take();
+        let esearch = self.search_return();
         let found = self.matching(&messages, criteria, last_uid).await;
         let results: Vec<u32> = found
             .iter()

@@ -13,6 +13,8 @@
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
 //! - `context_search`: RFC 5267 CONTEXT=SEARCH: `RETURN (UPDATE)` contexts, their
 //!   ADDTO/REMOVEFROM updates, CANCELUPDATE.
+//! - `rev2`: IMAP4rev2 (RFC 9051) after `ENABLE IMAP4rev2`: no `\Recent`, SEARCH answered
+//!   as ESEARCH, `\NonExistent` in LIST.
 //! - `searchres`: RFC 5182 SEARCHRES: the saved result and `$` in later commands.
 //! - `compress`: RFC 4978 COMPRESS=DEFLATE: the [`compress::Deflate`] stream the driver
 //!   wraps around the connection once the session accepted the command.
@@ -66,6 +68,7 @@ mod order_cache;
 mod quota;
 mod recent;
 mod response;
+mod rev2;
 pub mod search;
 mod searchres;
 mod selected;

@@ -96,7 +96,7 @@ impl Session {
         let State::Selected { account, mailbox } = &self.state else {
             return;
         };
-        if mailbox.read_only || mailbox.last_uid() == 0 {
+        if mailbox.read_only || mailbox.last_uid() == 0 || self.rev2 {
             return;
         }
         if let Some(range) = claim(&self.store, *account, mailbox.id, mailbox.last_uid()).await {

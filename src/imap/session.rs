@@ -193,6 +193,8 @@ pub struct Session {
     compressing: bool,
     /// The BINARY items of the running FETCH (`binary::rewrite_fetch`).
     pub(super) binary: super::binary::BinaryItems,
+    /// `ENABLE IMAP4rev2` was accepted (`rev2`).
+    pub(super) rev2: bool,
 }
 
 impl Session {
@@ -233,6 +235,7 @@ impl Session {
             status_mailboxid: None,
             compressing: false,
             binary: Vec::new(),
+            rev2: false,
         }
     }
 
@@ -319,7 +322,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES CONTEXT=SEARCH");
+        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES CONTEXT=SEARCH");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -841,6 +844,8 @@ impl Session {
                         } else if name == "QRESYNC" && !self.qresync {
                             self.enable_condstore(true);
                             enabled.push_str(" QRESYNC");
+                        } else if name == "IMAP4REV2" && self.enable_rev2() {
+                            enabled.push_str(" IMAP4rev2");
                         }
                     }
                     untagged(out, &enabled);

@@ -208,3 +208,65 @@ fn partial_returns_a_window_of_the_matches() {
     let out = node.py(&script(PARTIAL), &[]);
     assert!(out.contains("partial ok"), "{out}");
 }
+
+/// IMAP4rev2 is advertised beside IMAP4rev1; after `ENABLE IMAP4rev2` SELECT and NOOP send no
+/// RECENT, FETCH shows no `\Recent`, a plain SEARCH is answered with ESEARCH, LIST calls a
+/// parent that is no mailbox `\NonExistent`, STATUS has DELETED and SIZE. A session that did
+/// not enable it keeps IMAP4rev1's answers (and the messages stay `\Recent` for it).
+const REV2: &str = r#"
+c = imap()
+status, lines = raw(c, "CAPABILITY")
+caps = lines[0].split()
+assert "IMAP4rev1" in caps and "IMAP4rev2" in caps, lines
+other = imap()
+for i in range(3):
+    ok(other.append("INBOX", "(\\Deleted)" if i == 1 else None, None, message(f"m{i}")), "APPEND")
+ok(other.create("Parent/Child"), "CREATE")
+ok(other.delete("Parent"), "DELETE")
+lines = expect_ok(c, "ENABLE IMAP4rev2")
+assert "* ENABLED IMAP4rev2" in lines, lines
+# Enabling twice reports nothing new.
+lines = expect_ok(c, "ENABLE IMAP4rev2")
+assert "* ENABLED" in lines, lines
+c.send(b"S1 SELECT INBOX\r\n")
+status, lines = read_tagged(c, "S1")
+assert status.startswith("S1 OK"), status
+assert "* 3 EXISTS" in lines and not [l for l in lines if "RECENT" in l], lines
+lines = expect_ok(c, "FETCH 1:* (FLAGS)")
+assert len(lines) == 3 and not [l for l in lines if "\\Recent" in l], lines
+ok(other.append("INBOX", None, None, message("later")), "APPEND")
+lines = expect_ok(c, "NOOP")
+assert "* 4 EXISTS" in lines and not [l for l in lines if "RECENT" in l], lines
+c.send(b"Q1 SEARCH NOT DELETED\r\n")
+status, lines = read_tagged(c, "Q1")
+assert lines == ['* ESEARCH (TAG "Q1") ALL 1,3:4'], lines
+c.send(b"Q2 UID SEARCH KEYWORD nothing\r\n")
+status, lines = read_tagged(c, "Q2")
+assert lines == ['* ESEARCH (TAG "Q2") UID'], lines
+c.send(b"Q3 SEARCH RETURN (COUNT) ALL\r\n")
+status, lines = read_tagged(c, "Q3")
+assert lines == ['* ESEARCH (TAG "Q3") COUNT 4'], lines
+lines = expect_ok(c, 'LIST "" "*"')
+assert '* LIST (\\NonExistent \\HasChildren) "/" "Parent"' in lines, lines
+lines = expect_ok(c, "STATUS INBOX (MESSAGES DELETED SIZE)")
+assert re.fullmatch(r"\* STATUS \"?INBOX\"? \(MESSAGES 4 DELETED 1 SIZE \d+\)", lines[0]), lines
+# The IMAP4rev1 session is unchanged: * SEARCH, RECENT, \Recent, \Noselect.
+plain = imap()
+status, lines = raw(plain, "SELECT INBOX")
+assert "* 4 RECENT" in lines, lines
+status, lines = raw(plain, "SEARCH NOT DELETED")
+assert "* SEARCH 1 3 4" in lines and not esearch(lines), lines
+status, lines = raw(plain, "FETCH 1 (FLAGS)")
+assert "\\Recent" in lines[0], lines
+status, lines = raw(plain, 'LIST "" "*"')
+assert '* LIST (\\Noselect \\HasChildren) "/" "Parent"' in lines, lines
+c.logout(); other.logout(); plain.logout()
+print("rev2 ok")
+"#;
+
+#[test]
+fn enable_imap4rev2_switches_the_session_to_rev2_answers() {
+    let node = Node::with_account();
+    let out = node.py(&script(REV2), &[]);
+    assert!(out.contains("rev2 ok"), "{out}");
+}
