@@ -752,6 +752,18 @@ impl Session {
             },
             _ => bytes,
         };
+        // IMAP4rev2: UTF-8 in quoted strings, as literals for imap-codec.
+        let rewritten_utf8: Vec<u8>;
+        let bytes = match self
+            .rev2
+            .then(|| super::rev2::utf8_quoted_as_literals(bytes))
+        {
+            Some(Some(command)) => {
+                rewritten_utf8 = command;
+                &rewritten_utf8
+            }
+            _ => bytes,
+        };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
         }

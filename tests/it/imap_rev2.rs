@@ -250,8 +250,15 @@ lines = expect_ok(c, 'LIST "" "*"')
 assert '* LIST (\\NonExistent \\HasChildren) "/" "Parent"' in lines, lines
 lines = expect_ok(c, "STATUS INBOX (MESSAGES DELETED SIZE)")
 assert re.fullmatch(r"\* STATUS \"?INBOX\"? \(MESSAGES 4 DELETED 1 SIZE \d+\)", lines[0]), lines
-# The IMAP4rev1 session is unchanged: * SEARCH, RECENT, \Recent, \Noselect.
+# UTF-8 in quoted strings: a mailbox name, listed back (as a literal) and selectable.
+expect_ok(c, 'CREATE "Küche"')
+lines = expect_ok(c, 'LIST "" "K*"')
+assert lines == ['* LIST (\\HasNoChildren) "/" {6}', "Küche"], lines
+expect_ok(c, 'SELECT "Küche"')
+# The IMAP4rev1 session is unchanged: * SEARCH, RECENT, \Recent, \Noselect, ASCII quoted.
 plain = imap()
+status, lines = raw(plain, 'CREATE "Straße"')
+assert status.split()[1] == "BAD", status
 status, lines = raw(plain, "SELECT INBOX")
 assert "* 4 RECENT" in lines, lines
 status, lines = raw(plain, "SEARCH NOT DELETED")
