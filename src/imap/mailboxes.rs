@@ -106,6 +106,7 @@ impl Session {
             return;
         };
         let highest_modseq = view.highest_modseq;
+        let listed_name = self.rev2.then(|| view.name.clone());
         let mut mailbox = Selected::open(view, read_only);
         mailbox.condstore = self.condstore;
         mailbox.qresync = self.qresync;
@@ -134,8 +135,17 @@ impl Session {
             let recent = self.recent.count_in(&mailbox.messages);
             let _ = write!(out, "* {recent} RECENT\r\n");
         }
-        if let Some(seq) = first_unseen {
-            let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
+        match (first_unseen, &listed_name) {
+            // IMAP4rev2 has no UNSEEN code and names the mailbox in a LIST (RFC 9051 6.3.2).
+            (_, Some(name)) => {
+                out.extend_from_slice(b"* LIST () \"/\" ");
+                astring(out, name.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            (Some(seq), None) => {
+                let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
+            }
+            (None, None) => {}
         }
         permanent_flags_line(out, &keywords, read_only);
         let uidnext = self

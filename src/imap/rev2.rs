@@ -3,6 +3,7 @@
 //! - no `\Recent`: the session claims no recent messages (they stay recent for IMAP4rev1
 //!   sessions), SELECT/EXAMINE send no `* n RECENT`, NOOP/IDLE none either, FETCH shows no
 //!   `\Recent` flag;
+//! - SELECT/EXAMINE send no `OK [UNSEEN n]` and name the mailbox in `* LIST () "/" name`;
 //! - a SEARCH without RETURN is answered as `SEARCH RETURN (ALL)`: `* ESEARCH`, never
 //!   `* SEARCH`;
 //! - LIST names a parent that is no mailbox `\NonExistent` (which implies `\Noselect`)

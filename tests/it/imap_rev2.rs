@@ -232,6 +232,7 @@ c.send(b"S1 SELECT INBOX\r\n")
 status, lines = read_tagged(c, "S1")
 assert status.startswith("S1 OK"), status
 assert "* 3 EXISTS" in lines and not [l for l in lines if "RECENT" in l], lines
+assert '* LIST () "/" "INBOX"' in lines and not [l for l in lines if "UNSEEN" in l], lines
 lines = expect_ok(c, "FETCH 1:* (FLAGS)")
 assert len(lines) == 3 and not [l for l in lines if "\\Recent" in l], lines
 ok(other.append("INBOX", None, None, message("later")), "APPEND")
@@ -260,7 +261,8 @@ plain = imap()
 status, lines = raw(plain, 'CREATE "Straße"')
 assert status.split()[1] == "BAD", status
 status, lines = raw(plain, "SELECT INBOX")
-assert "* 4 RECENT" in lines, lines
+assert "* 4 RECENT" in lines and "* OK [UNSEEN 1] first unseen message" in lines, lines
+assert not [l for l in lines if l.startswith("* LIST")], lines
 status, lines = raw(plain, "SEARCH NOT DELETED")
 assert "* SEARCH 1 3 4" in lines and not esearch(lines), lines
 status, lines = raw(plain, "FETCH 1 (FLAGS)")
