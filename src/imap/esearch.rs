@@ -77,6 +77,14 @@ const MAX_RETURN_LIST_BYTES: usize = 256;
 /// For `tag [UID] SEARCH RETURN (opts) rest`: the command without the RETURN clause and the
 /// options. `Ok(None)` for any other command; `Err` for a RETURN list that cannot be honoured.
 pub fn strip_return(bytes: &[u8]) -> Result<Option<(Vec<u8>, ReturnOptions)>, &'static str> {
+    strip_return_of(bytes, b"SEARCH")
+}
+
+/// [`strip_return`] for the command `verb` (SEARCH, or SORT for ESORT, RFC 5267 3).
+pub fn strip_return_of(
+    bytes: &[u8],
+    expected_verb: &[u8],
+) -> Result<Option<(Vec<u8>, ReturnOptions)>, &'static str> {
     let mut position = 0;
     let mut next_word = |bytes: &[u8]| -> Option<(usize, usize)> {
         let start = position;
@@ -97,7 +105,7 @@ pub fn strip_return(bytes: &[u8]) -> Result<Option<(Vec<u8>, ReturnOptions)>, &'
         };
         verb = &bytes[start..end];
     }
-    if !verb.eq_ignore_ascii_case(b"SEARCH") {
+    if !verb.eq_ignore_ascii_case(expected_verb) {
         return Ok(None);
     }
     let rest = &bytes[position..];
@@ -235,6 +243,14 @@ mod tests {
         assert!(strip("E SEARCH RETURN (PARTIAL 1:3 ALL) ALL\r\n").is_err());
         assert!(strip("E SEARCH RETURN (FUZZY) ALL\r\n").is_err());
         assert!(strip("F SEARCH RETURN MIN ALL\r\n").is_err());
+        let (command, options) = strip_return_of(
+            b"G UID SORT RETURN (MIN COUNT) (DATE) UTF-8 ALL\r\n",
+            b"SORT",
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(command, b"G UID SORT (DATE) UTF-8 ALL\r\n");
+        assert!(options.min && options.count);
     }
 
     #[test]

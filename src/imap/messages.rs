@@ -315,7 +315,7 @@ impl Session {
         let key = OrderKey::new(*account, mailbox.id, &messages, criteria, &ordering, uid);
         let cached = key.as_ref().and_then(|key| self.headers.orders.get(key));
         if let Some(answer) = cached {
-            self.write_ordered(tag, &ordering, &answer, out);
+            self.write_ordered(tag, &ordering, &answer, uid, out);
             return;
         }
         let found = self.matching(&messages, criteria, last_uid).await;
@@ -371,7 +371,7 @@ impl Session {
         if let Some(key) = key {
             self.headers.orders.insert(key, answer.clone());
         }
-        self.write_ordered(tag, &ordering, &answer, out);
+        self.write_ordered(tag, &ordering, &answer, uid, out);
     }
 
     /// Writes a SORT or THREAD answer (with CONDSTORE's MODSEQ note when asked for), then
@@ -381,6 +381,7 @@ impl Session {
         tag: &str,
         ordering: &Ordering,
         answer: &OrderAnswer,
+        uid: bool,
         out: &mut Vec<u8>,
     ) {
         let (verb, sort) = match ordering {
@@ -388,7 +389,21 @@ impl Session {
             Ordering::Thread(_) => ("THREAD", false),
         };
         let response = &answer.response;
-        if self.modifiers.search_modseq && answer.highest_match > 0 && sort {
+        let modseq_note = self.modifiers.search_modseq && answer.highest_match > 0 && sort;
+        if let (Some(options), true) = (self.esearch.take(), sort) {
+            // ESORT: the sorted numbers as `* ESEARCH`, MIN/MAX/ALL/PARTIAL in sort order.
+            let numbers: Vec<u32> = response
+                .strip_prefix(b"* SORT")
+                .unwrap_or_default()
+                .split(|&b| b == b' ' || b == b'\r' || b == b'\n')
+                .filter_map(|word| std::str::from_utf8(word).ok()?.parse().ok())
+                .collect();
+            write_esearch(out, tag, uid, options, &numbers);
+            if modseq_note {
+                out.truncate(out.len() - 2);
+                let _ = write!(out, " MODSEQ {}\r\n", answer.highest_match);
+            }
+        } else if modseq_note {
             out.extend_from_slice(&response[..response.len() - 2]);
             let _ = write!(out, " (MODSEQ {})\r\n", answer.highest_match);
         } else {

@@ -322,7 +322,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES CONTEXT=SEARCH");
+        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SEARCHRES CONTEXT=SEARCH ESORT");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             if !self.compressing {
@@ -608,6 +608,28 @@ impl Session {
                 }
             }
         }
+        // ESORT (RFC 5267 3): the RETURN clause of a SORT comes out before its criteria.
+        let rewritten_esort: Vec<u8>;
+        let mut esort = None;
+        let bytes = match verb.as_slice() {
+            b"SORT" => match super::esearch::strip_return_of(bytes, b"SORT") {
+                Ok(None) => bytes,
+                Ok(Some((command, options))) => {
+                    if options.save || options.update {
+                        tagged(out, &tag, "BAD", None, "SORT takes no SAVE or UPDATE here");
+                        return Action::Continue;
+                    }
+                    rewritten_esort = command;
+                    esort = Some(options);
+                    &rewritten_esort
+                }
+                Err(reason) => {
+                    tagged(out, &tag, "BAD", None, reason);
+                    return Action::Continue;
+                }
+            },
+            _ => bytes,
+        };
         let rewritten_ordering: Vec<u8>;
         self.ordering = None;
         let ordering = match verb.as_slice() {
@@ -685,7 +707,7 @@ impl Session {
         };
         // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
         let rewritten: Vec<u8>;
-        self.esearch = None;
+        self.esearch = esort;
         let bytes = match strip_return(bytes) {
             Ok(None) => bytes,
             Ok(Some((command, options))) => {

@@ -179,7 +179,8 @@ fn context_search_reports_changes_until_cancelled() {
 }
 
 /// PARTIAL (RFC 5267 4.4, ranges of RFC 9394): positions counted from the first match or,
-/// negative, from the last; NIL when the range is past the matches; not with ALL.
+/// negative, from the last; NIL when the range is past the matches; not with ALL. ESORT
+/// (RFC 5267 3): `SORT RETURN (...)` answers `* ESEARCH` in sort order.
 const PARTIAL: &str = r#"
 c = imap()
 for i in range(6):
@@ -198,12 +199,26 @@ status, lines = raw(c, "SEARCH RETURN (PARTIAL 1:2 ALL) ALL")
 assert status.split()[1] == "BAD", status
 status, lines = raw(c, "SEARCH RETURN (PARTIAL 0:2) ALL")
 assert status.split()[1] == "BAD", status
+# ESORT (RFC 5267 3): SORT RETURN answers ESEARCH in sort order.
+status, lines = raw(c, "CAPABILITY")
+assert " ESORT" in lines[0], lines
+c.send(b"E1 UID SORT RETURN (MIN MAX COUNT ALL) (REVERSE SUBJECT) UTF-8 UNSEEN\r\n")
+status, lines = read_tagged(c, "E1")
+assert lines == ['* ESEARCH (TAG "E1") UID MIN 6 MAX 1 COUNT 5 ALL 6,5,4,2,1'], lines
+c.send(b"E2 SORT RETURN (PARTIAL 1:2) (REVERSE SUBJECT) UTF-8 ALL\r\n")
+status, lines = read_tagged(c, "E2")
+assert lines == ['* ESEARCH (TAG "E2") PARTIAL (1:2 6,5)'], lines
+status, lines = raw(c, "SORT RETURN (SAVE) (SUBJECT) UTF-8 ALL")
+assert status.split()[1] == "BAD", status
+# A plain SORT is unchanged.
+status, lines = raw(c, "SORT (REVERSE SUBJECT) UTF-8 ALL")
+assert lines == ["* SORT 6 5 4 3 2 1"], lines
 c.logout()
 print("partial ok")
 "#;
 
 #[test]
-fn partial_returns_a_window_of_the_matches() {
+fn partial_and_esort_return_windows_and_sorted_results() {
     let node = Node::with_account();
     let out = node.py(&script(PARTIAL), &[]);
     assert!(out.contains("partial ok"), "{out}");
