@@ -9,8 +9,10 @@
 //! last reported. Whenever the client's view of the mailbox changed (after a command, and
 //! during IDLE as other sessions append, expunge or change flags) each context is searched
 //! again over that view, the view the client was told of by EXISTS/EXPUNGE/FETCH, so an
-//! ADDTO never names a message before its EXISTS. Updates always carry UIDs: sequence
-//! numbers would move under the client between two updates.
+//! ADDTO never names a message before its EXISTS. A UID SEARCH context's updates carry
+//! UIDs (and the UID indicator), a SEARCH context's carry message numbers of that view; a
+//! message whose EXPUNGE the client already has is not named by number (the EXPUNGE took
+//! it out of the client's results).
 
 use std::io::Write;
 
@@ -20,7 +22,7 @@ use imap_codec::CommandCodec;
 
 use super::response::{tagged, uid_set};
 use super::session::{Session, State};
-use crate::store::Uid;
+use crate::store::{MessageList, Uid};
 
 /// Most live contexts per selected mailbox: each costs a search per mailbox change. Past it,
 /// a SEARCH with UPDATE is answered with `NO [NOUPDATE "tag"]` (and its results).
@@ -31,6 +33,8 @@ const MAX_CONTEXT_COMMAND_BYTES: usize = 16 * 1024;
 
 struct SearchContext {
     tag: String,
+    /// A UID SEARCH: updates name UIDs.
+    uid: bool,
     /// The SEARCH command imap-codec decoded (rewritten as the session ran it).
     command: Vec<u8>,
     /// The matching UIDs last reported, ascending.
@@ -55,7 +59,13 @@ impl Contexts {
     /// Makes the running search (whose command was kept by [`Session::keep_context_command`])
     /// a context with `uids` (ascending) as its reported matches. False when there are too
     /// many contexts already or the command was too long to keep.
-    pub fn register(&mut self, tag: &str, uids: Vec<Uid>, stamp: (u64, bool, usize)) -> bool {
+    pub fn register(
+        &mut self,
+        tag: &str,
+        uid: bool,
+        uids: Vec<Uid>,
+        stamp: (u64, bool, usize),
+    ) -> bool {
         let Some(command) = self.pending.take() else {
             return false;
         };
@@ -66,6 +76,7 @@ impl Contexts {
         self.list.retain(|context| context.tag != tag);
         self.list.push(SearchContext {
             tag: tag.to_owned(),
+            uid,
             command,
             uids,
         });
@@ -104,8 +115,16 @@ fn cancel_tags(arguments: &[u8]) -> Option<Vec<String>> {
     (!tags.is_empty()).then_some(tags)
 }
 
-/// `* ESEARCH (TAG "tag") UID REMOVEFROM/ADDTO (0 uids)` for what left and joined `old`.
-fn write_update(out: &mut Vec<u8>, tag: &str, old: &[Uid], new: &[Uid]) {
+/// `* ESEARCH (TAG "tag") [UID] REMOVEFROM/ADDTO (0 set)` for what left and joined `old`
+/// (UIDs, ascending); without `uid` the set holds the message numbers in `messages`.
+fn write_update(
+    out: &mut Vec<u8>,
+    tag: &str,
+    uid: bool,
+    old: &[Uid],
+    new: &[Uid],
+    messages: &MessageList,
+) {
     let removed: Vec<Uid> = old
         .iter()
         .copied()
@@ -117,11 +136,20 @@ fn write_update(out: &mut Vec<u8>, tag: &str, old: &[Uid], new: &[Uid]) {
         .filter(|uid| old.binary_search(uid).is_err())
         .collect();
     for (name, uids) in [("REMOVEFROM", removed), ("ADDTO", added)] {
-        if uids.is_empty() {
+        let numbers: Vec<u32> = if uid {
+            uids
+        } else {
+            uids.iter()
+                .filter_map(|uid| messages.binary_search_by_key(uid, |m| m.uid).ok())
+                .map(|i| i as u32 + 1)
+                .collect()
+        };
+        if numbers.is_empty() {
             continue;
         }
-        let _ = write!(out, "* ESEARCH (TAG \"{tag}\") UID {name} (0 ");
-        uid_set(out, &uids);
+        let indicator = if uid { " UID" } else { "" };
+        let _ = write!(out, "* ESEARCH (TAG \"{tag}\"){indicator} {name} (0 ");
+        uid_set(out, &numbers);
         out.extend_from_slice(b")\r\n");
     }
 }
@@ -216,7 +244,14 @@ impl Session {
             };
             let found = self.matching(&messages, &criteria, last_uid).await;
             let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
-            write_update(out, &context.tag, &context.uids, &uids);
+            write_update(
+                out,
+                &context.tag,
+                context.uid,
+                &context.uids,
+                &uids,
+                &messages,
+            );
             context.uids = uids;
         }
         if let State::Selected { mailbox, .. } = &mut self.state {
@@ -231,17 +266,55 @@ impl Session {
 mod tests {
     use super::*;
 
+    fn view(uids: &[Uid]) -> MessageList {
+        uids.iter()
+            .map(|&uid| crate::store::MessageMeta {
+                uid,
+                blob: crate::store::BlobId([0; 32]),
+                size: 1,
+                internal_date: 0,
+                internal_date_offset_min: 0,
+                flags: Default::default(),
+                modseq: 1,
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
     #[test]
     fn updates_name_what_left_and_what_joined() {
+        // UID 1 was expunged (and reported); 7 lost a flag; 8 and 9 arrived.
+        let messages = view(&[2, 3, 7, 8, 9]);
         let mut out = Vec::new();
-        write_update(&mut out, "A1", &[1, 2, 3, 7], &[2, 3, 8, 9]);
+        write_update(
+            &mut out,
+            "A1",
+            true,
+            &[1, 2, 3, 7],
+            &[2, 3, 8, 9],
+            &messages,
+        );
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "* ESEARCH (TAG \"A1\") UID REMOVEFROM (0 1,7)\r\n\
              * ESEARCH (TAG \"A1\") UID ADDTO (0 8:9)\r\n"
         );
         let mut out = Vec::new();
-        write_update(&mut out, "A1", &[1], &[1]);
+        write_update(
+            &mut out,
+            "B1",
+            false,
+            &[1, 2, 3, 7],
+            &[2, 3, 8, 9],
+            &messages,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "* ESEARCH (TAG \"B1\") REMOVEFROM (0 3)\r\n\
+             * ESEARCH (TAG \"B1\") ADDTO (0 4:5)\r\n"
+        );
+        let mut out = Vec::new();
+        write_update(&mut out, "A1", true, &[1], &[1], &messages);
         assert!(out.is_empty());
     }
 
@@ -256,17 +329,17 @@ mod tests {
         let mut contexts = Contexts::default();
         for tag in ["A1", "B2"] {
             contexts.pending = Some(b"x".to_vec());
-            assert!(contexts.register(tag, vec![1], (0, false, 1)));
+            assert!(contexts.register(tag, true, vec![1], (0, false, 1)));
         }
         assert!(!contexts.cancel(&["A1".to_owned(), "C3".to_owned()]));
         assert!(contexts.cancel(&["A1".to_owned()]));
         assert_eq!(contexts.list.len(), 1);
         for n in 0..MAX_SEARCH_CONTEXTS {
             contexts.pending = Some(b"x".to_vec());
-            contexts.register(&format!("T{n}"), vec![], (0, false, 1));
+            contexts.register(&format!("T{n}"), true, vec![], (0, false, 1));
         }
         assert_eq!(contexts.list.len(), MAX_SEARCH_CONTEXTS);
         contexts.pending = Some(b"x".to_vec());
-        assert!(!contexts.register("late", vec![], (0, false, 1)));
+        assert!(!contexts.register("late", true, vec![], (0, false, 1)));
     }
 }

@@ -25,7 +25,7 @@ pub struct ReturnOptions {
     /// RFC 5267: keep the search as a context and report its changes (ADDTO/REMOVEFROM).
     pub update: bool,
     /// RFC 5267/9394: the matches at these 1-based positions (negative: from the last),
-    /// `low <= high` in absolute value, both of one sign.
+    /// both of one sign, as the client wrote them (echoed so; either order means the same).
     pub partial: Option<(i64, i64)>,
 }
 
@@ -52,11 +52,12 @@ fn partial_range(word: &[u8]) -> Option<(i64, i64)> {
     if (a < 0) != (b < 0) {
         return None;
     }
-    Some(if a.abs() <= b.abs() { (a, b) } else { (b, a) })
+    Some((a, b))
 }
 
 /// The matches a PARTIAL range names (`results` ascending).
-pub fn partial_slice(results: &[u32], (low, high): (i64, i64)) -> &[u32] {
+pub fn partial_slice(results: &[u32], (a, b): (i64, i64)) -> &[u32] {
+    let (low, high) = if a.abs() <= b.abs() { (a, b) } else { (b, a) };
     let len = results.len() as i64;
     let (start, end) = if low > 0 {
         (low - 1, high)
@@ -236,7 +237,7 @@ mod tests {
         let (_, options) = strip("E SEARCH RETURN (PARTIAL 9:3) ALL\r\n")
             .unwrap()
             .unwrap();
-        assert_eq!(options.partial, Some((3, 9)));
+        assert_eq!(options.partial, Some((9, 3)));
         assert!(strip("E SEARCH RETURN (PARTIAL 1:-3) ALL\r\n").is_err());
         assert!(strip("E SEARCH RETURN (PARTIAL 0:3) ALL\r\n").is_err());
         assert!(strip("E SEARCH RETURN (PARTIAL) ALL\r\n").is_err());
@@ -278,6 +279,8 @@ mod tests {
         let results = [2, 3, 4, 9, 11];
         assert_eq!(partial_slice(&results, (1, 2)), &[2, 3]);
         assert_eq!(partial_slice(&results, (4, 100)), &[9, 11]);
+        assert_eq!(partial_slice(&results, (100, 4)), &[9, 11]);
+        assert_eq!(partial_slice(&results, (-2, -1)), &[9, 11]);
         assert_eq!(partial_slice(&results, (6, 9)), &[] as &[u32]);
         assert_eq!(partial_slice(&results, (-1, -2)), &[9, 11]);
         assert_eq!(partial_slice(&results, (-3, -100)), &[2, 3, 4]);

@@ -284,7 +284,7 @@ impl Session {
         }
         if esearch.is_some_and(|options| options.update) {
             let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
-            if !mailbox.contexts.register(tag, uids, view_stamp) {
+            if !mailbox.contexts.register(tag, uid, uids, view_stamp) {
                 let _ = write!(
                     out,
                     "* NO [NOUPDATE \"{tag}\"] too many search contexts; cancel some\r\n"

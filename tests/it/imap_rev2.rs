@@ -162,6 +162,13 @@ lines = expect_ok(c, "NOOP")
 assert esearch(lines) == ['* ESEARCH (TAG "U2") UID ADDTO (0 7)'], lines
 status, lines = raw(c, 'CANCELUPDATE "U1"')
 assert status.split()[1] == "BAD", status
+# A SEARCH (not UID) context: its updates name message numbers, without UID.
+c.send(b"N1 SEARCH RETURN (UPDATE) FLAGGED\r\n")
+status, lines = read_tagged(c, "N1")
+assert esearch(lines) == ['* ESEARCH (TAG "N1")'], lines
+ok(other.uid("STORE", "5", "+FLAGS", "(\\Flagged)"), "STORE")
+lines = expect_ok(c, "NOOP")
+assert esearch(lines) == ['* ESEARCH (TAG "N1") ADDTO (0 4)'], lines
 # A new selection ends every context.
 ok(c.select("INBOX"), "SELECT")
 ok(other.append("INBOX", None, None, message("after select")), "APPEND")
@@ -192,6 +199,9 @@ assert esearch(lines) == ['* ESEARCH (TAG "P1") UID PARTIAL (1:3 1:2,4)'], lines
 c.send(b"P2 SEARCH RETURN (PARTIAL -1:-2 COUNT) UNSEEN\r\n")
 status, lines = read_tagged(c, "P2")
 assert esearch(lines) == ['* ESEARCH (TAG "P2") COUNT 5 PARTIAL (-1:-2 5:6)'], lines
+c.send(b"P4 SEARCH RETURN (PARTIAL 2:1) ALL\r\n")
+status, lines = read_tagged(c, "P4")
+assert esearch(lines) == ['* ESEARCH (TAG "P4") PARTIAL (2:1 1:2)'], lines
 c.send(b"P3 SEARCH RETURN (PARTIAL 7:9) ALL\r\n")
 status, lines = read_tagged(c, "P3")
 assert esearch(lines) == ['* ESEARCH (TAG "P3") PARTIAL (7:9 NIL)'], lines
