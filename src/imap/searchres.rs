@@ -5,9 +5,11 @@
 //! `Selected`), so it ends with the selection (SELECT, EXAMINE, CLOSE, UNSELECT), loses
 //! expunged messages by itself (they leave the list the UIDs are looked up in) and never
 //! gains new ones. imap-codec 1.0 knows no `$`, so before it decodes a command:
-//! - a `$` standing for the sequence set of FETCH, STORE, COPY, MOVE (UID or not) and UID
-//!   EXPUNGE becomes `1` and [`SavedResult::in_use`] makes `Selected::resolve` answer the
-//!   saved messages instead (an empty result then names no message, which no text could say);
+//! - a `$` standing for the sequence set of a UID command (UID FETCH, STORE, COPY, MOVE,
+//!   EXPUNGE) becomes the saved UIDs, so that whatever reads the set (QRESYNC's VANISHED
+//!   too) sees them; that of FETCH, STORE, COPY, MOVE, or of a UID command when nothing is
+//!   saved, becomes `1` and [`SavedResult::in_use`] makes `Selected::resolve` answer the
+//!   saved messages instead (an empty result names no message, which no set text can say);
 //! - a `$` among SEARCH (SORT, THREAD) keys becomes `UID <saved set>`, or `NOT ALL` when
 //!   nothing is saved.
 
@@ -95,9 +97,9 @@ fn verb_span(bytes: &[u8]) -> Option<(usize, usize)> {
     Some((start, end))
 }
 
-/// For `tag [UID] VERB $ ...` with a verb taking a sequence set first: the command with `1`
-/// in place of `$`. `None` otherwise.
-pub fn dollar_set(bytes: &[u8]) -> Option<Vec<u8>> {
+/// For `tag [UID] VERB $ ...` with a verb taking a sequence set first: the command with
+/// `set_text(uid command)` in place of `$`. `None` otherwise.
+pub fn dollar_set(bytes: &[u8], set_text: impl FnOnce(bool) -> Vec<u8>) -> Option<Vec<u8>> {
     let (start, end) = verb_span(bytes)?;
     let verb = bytes[start..end].to_ascii_uppercase();
     let uid = start > 0 && bytes[..start].to_ascii_uppercase().ends_with(b" UID ");
@@ -111,7 +113,7 @@ pub fn dollar_set(bytes: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let mut rewritten = bytes[..set].to_vec();
-    rewritten.push(b'1');
+    rewritten.extend_from_slice(&set_text(uid));
     rewritten.extend_from_slice(&bytes[set + 1..]);
     Some(rewritten)
 }
@@ -171,9 +173,21 @@ impl Session {
         if !bytes.contains(&b'$') {
             return None;
         }
-        if let Some(rewritten) = dollar_set(bytes) {
-            mailbox.searchres.in_use = true;
-            return Some(rewritten);
+        let saved = &mut mailbox.searchres;
+        let mut in_use = false;
+        let rewritten = dollar_set(bytes, |uid| {
+            if uid && !saved.uids.is_empty() {
+                let mut set = Vec::new();
+                uid_set(&mut set, &saved.uids);
+                set
+            } else {
+                in_use = true;
+                b"1".to_vec()
+            }
+        });
+        if rewritten.is_some() {
+            saved.in_use = in_use;
+            return rewritten;
         }
         dollar_in_search(bytes, &mailbox.searchres.as_search_key())
     }
@@ -201,7 +215,12 @@ mod tests {
     fn dollar_as_the_sequence_set_becomes_a_placeholder() {
         let check = |input: &str, expected: Option<&str>| {
             assert_eq!(
-                text(dollar_set(input.as_bytes())).as_deref(),
+                text(dollar_set(input.as_bytes(), |uid| if uid {
+                    b"4:5".to_vec()
+                } else {
+                    b"1".to_vec()
+                }))
+                .as_deref(),
                 expected,
                 "{input}"
             );
@@ -209,11 +228,11 @@ mod tests {
         check("a FETCH $ (FLAGS)\r\n", Some("a FETCH 1 (FLAGS)\r\n"));
         check(
             "a uid store $ +FLAGS (x)\r\n",
-            Some("a uid store 1 +FLAGS (x)\r\n"),
+            Some("a uid store 4:5 +FLAGS (x)\r\n"),
         );
-        check("a UID COPY $ Trash\r\n", Some("a UID COPY 1 Trash\r\n"));
+        check("a UID COPY $ Trash\r\n", Some("a UID COPY 4:5 Trash\r\n"));
         check("a MOVE $ Trash\r\n", Some("a MOVE 1 Trash\r\n"));
-        check("a UID EXPUNGE $\r\n", Some("a UID EXPUNGE 1\r\n"));
+        check("a UID EXPUNGE $\r\n", Some("a UID EXPUNGE 4:5\r\n"));
         check("a EXPUNGE\r\n", None);
         check("a FETCH $1 (FLAGS)\r\n", None);
         check("a FETCH 1:3 (FLAGS)\r\n", None);

@@ -90,6 +90,15 @@ assert fetched_uids(lines) == [], lines
 ok(c.unselect() if hasattr(c, "unselect") else c.close(), "UNSELECT")
 status, lines = raw(c, "FETCH $ (UID)")
 assert status.split()[1] == "BAD", status
+# Under QRESYNC, UID FETCH $ ... VANISHED reports the saved UIDs expunged since.
+expect_ok(c, "ENABLE QRESYNC")
+ok(c.select("INBOX"), "SELECT")
+expect_ok(c, "UID SEARCH RETURN (SAVE) UID 4:6")
+expect_ok(c, "UID STORE 5 +FLAGS.SILENT (\\Deleted)")
+expect_ok(c, "UID EXPUNGE 5")
+lines = expect_ok(c, "UID FETCH $ (FLAGS) (CHANGEDSINCE 1 VANISHED)")
+assert "* VANISHED (EARLIER) 5" in lines, lines
+assert fetched_uids(lines) == [4, 6], lines
 c.logout()
 print("searchres ok")
 "#;
