@@ -113,11 +113,14 @@ impl Session {
             return;
         };
         let highest_modseq = view.highest_modseq;
+        let listed_name = self.rev2.then(|| view.name.clone());
         let mut mailbox = Selected::open(view, read_only, owner);
         mailbox.condstore = self.condstore;
         mailbox.qresync = self.qresync;
         let last_uid = mailbox.last_uid();
-        if read_only || owner != account {
+        if self.rev2 {
+            // IMAP4rev2 has no \Recent (RFC 9051 Appendix E).
+        } else if read_only || owner != account {
             // EXAMINE shows the unclaimed messages as recent and leaves them unclaimed; so
             // does a SELECT of another account's mailbox (ACL: \Recent stays the owner's).
             let boundary = self.store.recent_boundary(owner, mailbox.id);
@@ -135,14 +138,22 @@ impl Session {
         let keywords = self.store.mailbox_keywords(owner, mailbox.id);
         mailbox.announced_keywords = keywords.len();
         flags_line(out, &keywords);
-        let _ = write!(
-            out,
-            "* {} EXISTS\r\n* {} RECENT\r\n",
-            mailbox.messages.len(),
-            self.recent.count_in(&mailbox.messages)
-        );
-        if let Some(seq) = first_unseen {
-            let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
+        let _ = write!(out, "* {} EXISTS\r\n", mailbox.messages.len());
+        if !self.rev2 {
+            let recent = self.recent.count_in(&mailbox.messages);
+            let _ = write!(out, "* {recent} RECENT\r\n");
+        }
+        match (first_unseen, &listed_name) {
+            // IMAP4rev2 has no UNSEEN code and names the mailbox in a LIST (RFC 9051 6.3.2).
+            (_, Some(name)) => {
+                out.extend_from_slice(b"* LIST () \"/\" ");
+                astring(out, name.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+            (Some(seq), None) => {
+                let _ = write!(out, "* OK [UNSEEN {seq}] first unseen message\r\n");
+            }
+            (None, None) => {}
         }
         permanent_flags_line(out, &keywords, read_only);
         let uidnext = self
@@ -346,7 +357,12 @@ impl Session {
                 let has_children = names.iter().any(|n| n.starts_with(&prefix));
                 let mut attributes: Vec<&str> = Vec::new();
                 if info.is_none() {
-                    attributes.push("\\Noselect");
+                    // IMAP4rev2 says what it is: no mailbox (\NonExistent implies \Noselect).
+                    attributes.push(if self.rev2 {
+                        "\\NonExistent"
+                    } else {
+                        "\\Noselect"
+                    });
                 }
                 attributes.push(if has_children {
                     "\\HasChildren"

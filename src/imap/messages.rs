@@ -101,6 +101,7 @@ impl Session {
                             Some("BADCHARSET (US-ASCII UTF-8)"),
                             "unsupported charset",
                         );
+                        self.saved_search_failed();
                         return;
                     }
                 }
@@ -207,7 +208,7 @@ impl Session {
 
     /// The indexes (into `messages`, the selected list) of the messages matching
     /// `criteria`, in mailbox order.
-    async fn matching(
+    pub(super) async fn matching(
         &self,
         messages: &MessageList,
         criteria: &SearchKey<'_>,
@@ -263,7 +264,8 @@ impl Session {
         };
         let messages = mailbox.messages.clone();
         let last_uid = mailbox.last_uid();
-        let esearch = self.esearch.take();
+        let view_stamp = mailbox.view_stamp();
+        let esearch = self.search_return();
         let found = self.matching(&messages, criteria, last_uid).await;
         let results: Vec<u32> = found
             .iter()
@@ -284,6 +286,7 @@ impl Session {
                 }
                 out.extend_from_slice(b"\r\n")
             }
+            Some(options) if !options.answers() => {}
             Some(options) => {
                 write_esearch(out, tag, uid, options, &results);
                 if let Some(modseq) = modseq_note {
@@ -295,6 +298,20 @@ impl Session {
         let State::Selected { mailbox, .. } = &mut self.state else {
             return;
         };
+        if let Some(options) = esearch.filter(|options| options.save) {
+            let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
+            let saved = super::searchres::saved_selection(&options, &uids);
+            mailbox.searchres.save(saved);
+        }
+        if esearch.is_some_and(|options| options.update) {
+            let uids: Vec<Uid> = found.iter().map(|&i| messages[i].uid).collect();
+            if !mailbox.contexts.register(tag, uid, uids, view_stamp) {
+                let _ = write!(
+                    out,
+                    "* NO [NOUPDATE \"{tag}\"] too many search contexts; cancel some\r\n"
+                );
+            }
+        }
         let owner = mailbox.owner;
         mailbox.refresh(&self.store, owner, false, &[], out);
         tagged(out, tag, "OK", None, "SEARCH completed");
@@ -320,7 +337,7 @@ impl Session {
         let key = OrderKey::new(*account, mailbox.id, &messages, criteria, &ordering, uid);
         let cached = key.as_ref().and_then(|key| self.headers.orders.get(key));
         if let Some(answer) = cached {
-            self.write_ordered(tag, &ordering, &answer, out);
+            self.write_ordered(tag, &ordering, &answer, uid, out);
             return;
         }
         let found = self.matching(&messages, criteria, last_uid).await;
@@ -376,7 +393,7 @@ impl Session {
         if let Some(key) = key {
             self.headers.orders.insert(key, answer.clone());
         }
-        self.write_ordered(tag, &ordering, &answer, out);
+        self.write_ordered(tag, &ordering, &answer, uid, out);
     }
 
     /// Writes a SORT or THREAD answer (with CONDSTORE's MODSEQ note when asked for), then
@@ -386,6 +403,7 @@ impl Session {
         tag: &str,
         ordering: &Ordering,
         answer: &OrderAnswer,
+        uid: bool,
         out: &mut Vec<u8>,
     ) {
         let (verb, sort) = match ordering {
@@ -393,7 +411,21 @@ impl Session {
             Ordering::Thread(_) => ("THREAD", false),
         };
         let response = &answer.response;
-        if self.modifiers.search_modseq && answer.highest_match > 0 && sort {
+        let modseq_note = self.modifiers.search_modseq && answer.highest_match > 0 && sort;
+        if let (Some(options), true) = (self.esearch.take(), sort) {
+            // ESORT: the sorted numbers as `* ESEARCH`, MIN/MAX/ALL/PARTIAL in sort order.
+            let numbers: Vec<u32> = response
+                .strip_prefix(b"* SORT")
+                .unwrap_or_default()
+                .split(|&b| b == b' ' || b == b'\r' || b == b'\n')
+                .filter_map(|word| std::str::from_utf8(word).ok()?.parse().ok())
+                .collect();
+            write_esearch(out, tag, uid, options, &numbers);
+            if modseq_note {
+                out.truncate(out.len() - 2);
+                let _ = write!(out, " MODSEQ {}\r\n", answer.highest_match);
+            }
+        } else if modseq_note {
             out.extend_from_slice(&response[..response.len() - 2]);
             let _ = write!(out, " (MODSEQ {})\r\n", answer.highest_match);
         } else {

@@ -11,6 +11,11 @@
 //! - `quota`: RFC 9208 GETQUOTAROOT, GETQUOTA, SETQUOTA (refused).
 //! - `esearch`: RFC 4731 `SEARCH RETURN (MIN MAX COUNT ALL)` (the RETURN clause is taken out
 //!   before imap-codec decodes the rest) and `* ESEARCH`.
+//! - `context_search`: RFC 5267 CONTEXT=SEARCH: `RETURN (UPDATE)` contexts, their
+//!   ADDTO/REMOVEFROM updates, CANCELUPDATE.
+//! - `rev2`: IMAP4rev2 (RFC 9051) after `ENABLE IMAP4rev2`: no `\Recent`, SEARCH answered
+//!   as ESEARCH, `\NonExistent` in LIST.
+//! - `searchres`: RFC 5182 SEARCHRES: the saved result and `$` in later commands.
 //! - `compress`: RFC 4978 COMPRESS=DEFLATE: the [`compress::Deflate`] stream the driver
 //!   wraps around the connection once the session accepted the command.
 //! - `condstore`: RFC 7162 CONDSTORE and QRESYNC: the SELECT, FETCH, STORE and SEARCH
@@ -50,6 +55,7 @@ pub use cache::{AuthCache, HeaderCache};
 mod compress;
 mod condstore;
 pub mod config;
+mod context_search;
 mod create_special_use;
 mod esearch;
 pub mod fetch;
@@ -66,8 +72,10 @@ mod order_cache;
 mod quota;
 mod recent;
 mod response;
+mod rev2;
 mod savedate;
 pub mod search;
+mod searchres;
 mod selected;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]

@@ -96,8 +96,9 @@ impl Session {
         let State::Selected { account, mailbox } = &self.state else {
             return;
         };
-        // ACL: another account's mailbox keeps its \Recent messages for its owner.
-        if mailbox.read_only || mailbox.last_uid() == 0 || mailbox.owner != *account {
+        // ACL: another account's mailbox keeps its \Recent messages for its owner; IMAP4rev2
+        // has no \Recent.
+        if mailbox.read_only || mailbox.last_uid() == 0 || mailbox.owner != *account || self.rev2 {
             return;
         }
         // ACL: the owner's mailbox, whoever selected it.

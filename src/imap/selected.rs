@@ -41,6 +41,10 @@ pub struct Selected {
     pub condstore: bool,
     /// QRESYNC is on: `VANISHED` instead of EXPUNGE, and UID in flag updates.
     pub qresync: bool,
+    /// SEARCHRES (RFC 5182): the saved result `$`.
+    pub searchres: super::searchres::SavedResult,
+    /// CONTEXT=SEARCH (RFC 5267): the searches whose changes are reported.
+    pub contexts: super::context_search::Contexts,
 }
 
 impl Selected {
@@ -56,6 +60,8 @@ impl Selected {
             announced_keywords: view.keyword_count,
             condstore: false,
             qresync: false,
+            searchres: Default::default(),
+            contexts: Default::default(),
         }
     }
 
@@ -75,6 +81,11 @@ impl Selected {
         flags_line(out, &keywords);
         permanent_flags_line(out, &keywords, self.read_only);
         self.announced_keywords = keywords.len();
+    }
+
+    /// Changes whenever `messages` may have: for search contexts to know when to look again.
+    pub fn view_stamp(&self) -> (u64, bool, usize) {
+        (self.change_counter, self.has_ghosts, self.messages.len())
     }
 
     pub fn last_uid(&self) -> Uid {
@@ -249,6 +260,10 @@ impl Selected {
     /// never holds more than the mailbox has, however often the set repeats itself.
     pub fn resolve(&self, set: &SequenceSet, uid: bool) -> Result<Vec<usize>, &'static str> {
         let messages = &self.messages;
+        if self.searchres.in_use {
+            // The set was `$` (RFC 5182).
+            return Ok(self.searchres.indexes_in(messages));
+        }
         if messages.is_empty() {
             // `1:*` on an empty mailbox names nothing; clients send it routinely.
             return Ok(Vec::new());

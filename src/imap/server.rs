@@ -331,12 +331,14 @@ impl Connection {
                                 && session.selected_mailbox() == Some((change.account, change.mailbox))
                             {
                                 session.idle_wakeup(&mut out);
+                                session.search_updates(&mut out).await;
                             }
                             session.notify_changed(Some(change));
                         }
                         Err(RecvError::Lagged(_)) => {
                             if session.is_idling() {
                                 session.idle_wakeup(&mut out);
+                                session.search_updates(&mut out).await;
                             }
                             session.notify_changed(None);
                         }

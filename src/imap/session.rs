@@ -199,6 +199,8 @@ pub struct Session {
     pub(super) notify: Option<Box<super::notify::Notify>>,
     /// Counts NOTIFY SET commands (the driver restarts its change feeds on a new one).
     pub(super) notify_generation: u64,
+    /// `ENABLE IMAP4rev2` was accepted (`rev2`).
+    pub(super) rev2: bool,
 }
 
 impl Session {
@@ -242,6 +244,7 @@ impl Session {
             binary: Vec::new(),
             notify: None,
             notify_generation: 0,
+            rev2: false,
         }
     }
 
@@ -344,7 +347,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE NOTIFY");
+        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE NOTIFY SEARCHRES CONTEXT=SEARCH ESORT");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             // ACL (RFC 4314, `acl.rs`).
@@ -421,9 +424,11 @@ impl Session {
                             self.consumed += consumed;
                             self.mode = Mode::Commands;
                             if done {
+                                let mark = out.len();
                                 self.idle_wakeup(out);
                                 self.claim_new_recent(out).await;
                                 tagged(out, &tag, "OK", None, "IDLE terminated");
+                                self.search_updates_after_command(mark, out).await;
                             } else {
                                 tagged(out, &tag, "BAD", None, "expected DONE");
                             }
@@ -512,7 +517,9 @@ impl Session {
                             let start = self.consumed;
                             self.consumed += len;
                             let command = std::mem::take(&mut self.input);
+                            let mark = out.len();
                             let action = self.command(&command[start..start + len], out).await;
+                            self.search_updates_after_command(mark, out).await;
                             self.input = command;
                             self.spilled = None;
                             match action {
@@ -641,6 +648,28 @@ impl Session {
                 }
             }
         }
+        // ESORT (RFC 5267 3): the RETURN clause of a SORT comes out before its criteria.
+        let rewritten_esort: Vec<u8>;
+        let mut esort = None;
+        let bytes = match verb.as_slice() {
+            b"SORT" => match super::esearch::strip_return_of(bytes, b"SORT") {
+                Ok(None) => bytes,
+                Ok(Some((command, options))) => {
+                    if options.save || options.update {
+                        tagged(out, &tag, "BAD", None, "SORT takes no SAVE or UPDATE here");
+                        return Action::Continue;
+                    }
+                    rewritten_esort = command;
+                    esort = Some(options);
+                    &rewritten_esort
+                }
+                Err(reason) => {
+                    tagged(out, &tag, "BAD", None, reason);
+                    return Action::Continue;
+                }
+            },
+            _ => bytes,
+        };
         let rewritten_ordering: Vec<u8>;
         self.ordering = None;
         let ordering = match verb.as_slice() {
@@ -738,7 +767,7 @@ impl Session {
         };
         // ESEARCH: the RETURN clause comes out, the rest is an ordinary SEARCH.
         let rewritten: Vec<u8>;
-        self.esearch = None;
+        self.esearch = esort;
         let bytes = match strip_return(bytes) {
             Ok(None) => bytes,
             Ok(Some((command, options))) => {
@@ -750,6 +779,15 @@ impl Session {
                 tagged(out, &tag, "BAD", None, reason);
                 return Action::Continue;
             }
+        };
+        // SEARCHRES: `$` stands for the saved result (after the RETURN clause is out).
+        let rewritten_dollar: Vec<u8>;
+        let bytes = match self.substitute_saved(bytes) {
+            Some(command) => {
+                rewritten_dollar = command;
+                &rewritten_dollar
+            }
+            None => bytes,
         };
         // CONDSTORE/QRESYNC: modifiers and the MODSEQ item and key come out too.
         let rewritten_modseq: Vec<u8>;
@@ -796,12 +834,28 @@ impl Session {
             },
             _ => bytes,
         };
+        // IMAP4rev2: UTF-8 in quoted strings, as literals for imap-codec.
+        let rewritten_utf8: Vec<u8>;
+        let bytes = match self
+            .rev2
+            .then(|| super::rev2::utf8_quoted_as_literals(bytes))
+        {
+            Some(Some(command)) => {
+                rewritten_utf8 = command;
+                &rewritten_utf8
+            }
+            _ => bytes,
+        };
         if let Some(action) = self.extension_command(&tag, bytes, out).await {
             return action;
+        }
+        if self.esearch.is_some_and(|options| options.update) {
+            self.keep_context_command(bytes);
         }
         let command = match CommandCodec::default().decode(bytes) {
             Ok((_, command)) => command,
             Err(_) => {
+                self.saved_search_failed();
                 let valid_tag = !tag.is_empty()
                     && tag
                         .bytes()
@@ -887,6 +941,8 @@ impl Session {
                         } else if name == "QRESYNC" && !self.qresync {
                             self.enable_condstore(true);
                             enabled.push_str(" QRESYNC");
+                        } else if name == "IMAP4REV2" && self.enable_rev2() {
+                            enabled.push_str(" IMAP4rev2");
                         }
                     }
                     untagged(out, &enabled);
@@ -958,6 +1014,10 @@ impl Session {
         }
         if verb.eq_ignore_ascii_case(b"NOTIFY") {
             self.notify_command(tag, rest.unwrap_or_default(), out);
+            return Some(Action::Continue);
+        }
+        if verb.eq_ignore_ascii_case(b"CANCELUPDATE") {
+            self.cancel_update(tag, rest, out);
             return Some(Action::Continue);
         }
         if verb.eq_ignore_ascii_case(b"NAMESPACE") && rest.is_none() {

@@ -21,6 +21,7 @@ mod imap_binary;
 mod imap_extensions;
 mod imap_extensions2;
 mod imap_notify;
+mod imap_rev2;
 mod imap_rfc;
 mod imap_savedate;
 mod imap_sort;
