@@ -15,7 +15,7 @@ use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::binary::{
     binary_content, section_text as binary_section_text, write_value as write_binary_value,
-    BinaryKind, UnknownCte,
+    BinaryKind,
 };
 use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
@@ -569,10 +569,8 @@ impl Session {
                         else {
                             continue;
                         };
-                        match binary_content(parsed, section.as_ref()) {
-                            Ok(bytes) => decoded[position] = Some(bytes),
-                            Err(UnknownCte) => {}
-                        }
+                        // `None` (an unknown transfer encoding) is handled below.
+                        decoded[position] = binary_content(parsed, section.as_ref()).ok();
                     }
                 }
                 if binary

@@ -31,6 +31,8 @@
 //!   same on every replica; the items taken out before imap-codec decodes).
 //! - `binary`: RFC 3516 BINARY FETCH items (rewritten to their BODY twins before imap-codec
 //!   decodes; the FETCH loop answers them with the transfer encoding undone).
+//! - `catenate`: RFC 4469 CATENATE (TEXT and URL parts; RFC 5092 URLs of the account's own
+//!   mailboxes) and, with `multiappend`, APPEND of literal8 data (RFC 3516 4.4).
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -43,6 +45,7 @@
 
 mod binary;
 mod cache;
+mod catenate;
 pub use cache::{AuthCache, HeaderCache};
 mod compress;
 mod condstore;
