@@ -33,6 +33,7 @@
 //!   decodes; the FETCH loop answers them with the transfer encoding undone).
 //! - `catenate`: RFC 4469 CATENATE (TEXT and URL parts; RFC 5092 URLs of the account's own
 //!   mailboxes) and, with `multiappend`, APPEND of literal8 data (RFC 3516 4.4).
+//! - `fetch_items`: the FETCH item-list splitter behind the `binary` and `objectid` rewrites.
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -43,9 +44,13 @@
 //! Invariant: the session talks to mail state only through [`crate::store::MailStore`], and
 //! never holds a store lock across an await (the store API gives owned snapshots).
 
-mod binary;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod binary;
 mod cache;
-mod catenate;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod catenate;
 pub use cache::{AuthCache, HeaderCache};
 mod compress;
 mod condstore;
@@ -53,13 +58,16 @@ pub mod config;
 mod create_special_use;
 mod esearch;
 pub mod fetch;
+mod fetch_items;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]
 pub mod framing;
 mod list_extended;
 mod mailboxes;
 mod messages;
-mod multiappend;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod multiappend;
 mod objectid;
 mod order_cache;
 mod quota;
