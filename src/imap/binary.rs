@@ -1,5 +1,6 @@
 //! BINARY (RFC 3516): the FETCH items `BINARY[section]<partial>`, `BINARY.PEEK[...]` and
 //! `BINARY.SIZE[section]`, a part's content with its Content-Transfer-Encoding undone.
+//! (APPEND of literal8 data, RFC 3516 4.4, is `multiappend::split`'s and `catenate.rs`'s.)
 //!
 //! imap-codec 1.0 knows none of these items: [`rewrite_fetch`] turns each into the
 //! `BODY[...]` item of the same section (`BODY[...]` for `BINARY[...]`, so that \Seen is set
@@ -16,6 +17,7 @@ use std::io::Write;
 use imap_codec::imap_types::fetch::Section;
 
 use super::fetch::{first_field, unfold, ParsedMessage};
+use super::fetch_items::split_fetch;
 
 /// Longest section text (`1.2.3...`) accepted inside `BINARY[...]`: part numbers nest at
 /// most as deep as the MIME tree the parser builds.
@@ -166,97 +168,24 @@ fn rewrite_item(item: &[u8]) -> Result<Option<(Vec<u8>, BinaryKind)>, &'static s
 /// into its `BODY` twin, and where they are. `Ok(None)` if there is none; `Err` for a
 /// malformed BINARY item (a BAD).
 pub fn rewrite_fetch(bytes: &[u8]) -> Result<Option<(Vec<u8>, BinaryItems)>, &'static str> {
-    let mut at = 0;
-    let mut word = |bytes: &[u8]| -> Option<(usize, usize)> {
-        let start = at;
-        let len = bytes
-            .get(start..)?
-            .iter()
-            .take(64)
-            .position(|&b| b == b' ')?;
-        at = start + len + 1;
-        Some((start, start + len))
-    };
-    let Some(_) = word(bytes) else {
+    let Some(fetch) = split_fetch(bytes) else {
         return Ok(None);
     };
-    let Some((start, end)) = word(bytes) else {
-        return Ok(None);
-    };
-    let mut verb = &bytes[start..end];
-    if verb.eq_ignore_ascii_case(b"UID") {
-        let Some((start, end)) = word(bytes) else {
-            return Ok(None);
-        };
-        verb = &bytes[start..end];
-    }
-    if !verb.eq_ignore_ascii_case(b"FETCH") {
-        return Ok(None);
-    }
-    let Some((_, set_end)) = word(bytes) else {
-        return Ok(None);
-    };
-    let items_start = set_end + 1;
-    let rest = &bytes[items_start..];
-    let mut rewritten = bytes[..items_start].to_vec();
-    if rest.first() != Some(&b'(') {
-        let len = rest
-            .iter()
-            .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
-            .unwrap_or(rest.len());
-        let Some((item, kind)) = rewrite_item(&rest[..len])? else {
-            return Ok(None);
-        };
-        rewritten.extend_from_slice(&item);
-        rewritten.extend_from_slice(&rest[len..]);
-        return Ok(Some((rewritten, vec![(0, kind)])));
-    }
-    // Top-level items of the list: what is inside brackets or parentheses belongs to the
-    // item it is in.
-    let mut items: Vec<Vec<u8>> = Vec::new();
+    let mut items: Vec<Cow<'_, [u8]>> = Vec::with_capacity(fetch.items.len());
     let mut found = BinaryItems::new();
-    let mut depth = 0usize;
-    let mut brackets = 0usize;
-    let mut item_start = 1;
-    let mut close = None;
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            b'[' => brackets += 1,
-            b']' => brackets = brackets.saturating_sub(1),
-            b'(' => depth += 1,
-            b')' if depth > 0 => depth -= 1,
-            b')' | b' ' if brackets == 0 && depth == 0 => {
-                let item = &rest[item_start..i];
-                if !item.is_empty() {
-                    match rewrite_item(item)? {
-                        Some((twin, kind)) => {
-                            found.push((items.len(), kind));
-                            items.push(twin);
-                        }
-                        None => items.push(item.to_vec()),
-                    }
-                }
-                item_start = i + 1;
-                if b == b')' {
-                    close = Some(i);
-                    break;
-                }
+    for &item in &fetch.items {
+        match rewrite_item(item)? {
+            Some((twin, kind)) => {
+                found.push((items.len(), kind));
+                items.push(Cow::Owned(twin));
             }
-            b'\r' | b'\n' => return Ok(None),
-            _ => {}
+            None => items.push(Cow::Borrowed(item)),
         }
     }
-    let Some(close) = close else {
-        return Ok(None);
-    };
     if found.is_empty() {
         return Ok(None);
     }
-    rewritten.push(b'(');
-    rewritten.extend_from_slice(&items.join(&b' '));
-    rewritten.push(b')');
-    rewritten.extend_from_slice(&rest[close + 1..]);
-    Ok(Some((rewritten, found)))
+    Ok(Some((fetch.join(&items), found)))
 }
 
 #[cfg(test)]

@@ -314,7 +314,7 @@ mod tests {
             stream in proptest::collection::vec(
                 prop_oneof![
                     Just(b'\r'), Just(b'\n'), Just(b'{'), Just(b'}'), Just(b'+'), Just(b' '),
-                    Just(b'1'), Just(b'4'), b'a'..=b'c',
+                    Just(b'1'), Just(b'4'), b'a'..=b'c', Just(b'~'), Just(b'\0'),
                 ],
                 0..120,
             ),
@@ -374,6 +374,42 @@ mod tests {
         assert_eq!(
             framer.next(&[b'x'; 11]),
             Frame::Fatal("command line too long")
+        );
+    }
+
+    /// literal8 (`~{n}`, RFC 3516 4.4) is framed like a literal: the same continuation, the
+    /// same limits, the same spill; its bytes may be anything, NULs included.
+    #[test]
+    fn literal8_is_framed_like_a_literal() {
+        let mut framer = Framer::new(100, 1000);
+        let mut input = b"A1 APPEND INBOX ~{4}\r\n".to_vec();
+        assert_eq!(framer.next(&input), Frame::ContinuationNeeded);
+        input.extend_from_slice(b"\0\r\n\0");
+        assert_eq!(framer.next(&input), Frame::Incomplete);
+        input.extend_from_slice(b" ~{1+}\r\n\n\r\n");
+        assert_eq!(framer.next(&input), Frame::Command { len: input.len() });
+        let mut framer = Framer::new(100, 5);
+        assert_eq!(
+            framer.next(b"T APPEND x ~{6}\r\n"),
+            Frame::LiteralTooBig {
+                tag: "T".into(),
+                len: 17
+            }
+        );
+        assert_eq!(
+            framer.next(b"T APPEND x ~{6+}\r\n"),
+            Frame::Fatal("literal too large")
+        );
+        let mut framer = Framer::new(100, 1000);
+        framer.set_limits(1000, Some(10));
+        let input = b"A1 APPEND INBOX ~{11+}\r\n";
+        assert_eq!(
+            framer.next(input),
+            Frame::Spill {
+                len: input.len(),
+                length: 11,
+                synchronizing: false
+            }
         );
     }
 

@@ -502,6 +502,18 @@ impl Session {
         // A large literal arrived in a spill file (the command itself carries `{0+}`).
         let body: Vec<u8> = match self.spilled.take() {
             Some(file) => match read_spill(file).await {
+                // As imap-codec refuses it in a literal held in memory (RFC 3516 4.4: only
+                // literal8 may carry NULs; `multiappend::split` takes those).
+                Ok(body) if body.contains(&0) => {
+                    tagged(
+                        out,
+                        tag,
+                        "BAD",
+                        None,
+                        "a literal holds a NUL; send it as literal8",
+                    );
+                    return;
+                }
                 Ok(body) => body,
                 Err(error) => {
                     tracing::warn!(%error, "cannot read an APPEND spill file");

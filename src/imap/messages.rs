@@ -15,7 +15,7 @@ use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::binary::{
     binary_content, section_text as binary_section_text, write_value as write_binary_value,
-    BinaryKind, UnknownCte,
+    BinaryKind,
 };
 use super::cache::read_bodies;
 use super::cache::BODY_BATCH;
@@ -584,6 +584,7 @@ impl Session {
         let uid_listed = items.contains(&MessageDataItemName::Uid);
         let mut failures = 0usize;
         let mut unknown_cte = false;
+        let mut unknown_cte_uids: Vec<Uid> = Vec::new();
         for chunk in indexes.chunks(BODY_BATCH) {
             let blobs: Vec<BlobId> = chunk.iter().map(|&i| messages[i].blob).collect();
             let raws = if needs_raw {
@@ -627,16 +628,31 @@ impl Session {
                         else {
                             continue;
                         };
-                        match binary_content(parsed, section.as_ref()) {
-                            Ok(bytes) => decoded[position] = Some(bytes),
-                            Err(UnknownCte) => unknown_cte = true,
-                        }
+                        // `None` (an unknown transfer encoding) is handled below.
+                        decoded[position] = binary_content(parsed, section.as_ref()).ok();
                     }
                 }
                 if binary
                     .iter()
                     .any(|&(position, _)| decoded[position].is_none())
                 {
+                    // RFC 3516 4.2: the command fails with NO [UNKNOWN-CTE]. The other
+                    // messages are answered in full; this one gets no BINARY answer, but a
+                    // \Seen that BINARY[...] has just set is still announced, and the tagged
+                    // NO names it, so the client knows which message to fetch otherwise.
+                    if unknown_cte_uids.len() < MAX_UNKNOWN_CTE_UIDS_NAMED {
+                        unknown_cte_uids.push(meta.uid);
+                    }
+                    unknown_cte = true;
+                    if seen_now.binary_search(&meta.uid).is_ok() {
+                        let _ = write!(out, "* {} FETCH (", index + 1);
+                        if uid {
+                            let _ = write!(out, "UID {} ", meta.uid);
+                        }
+                        out.extend_from_slice(b"FLAGS ");
+                        flag_list_recent(out, &meta.flags, self.recent.contains(meta.uid));
+                        out.extend_from_slice(b")\r\n");
+                    }
                     continue;
                 }
 
@@ -796,13 +812,13 @@ impl Session {
         }
         mailbox.refresh(&self.store, account, false, &seen_now, out);
         if unknown_cte {
-            tagged(
-                out,
-                tag,
-                "NO",
-                Some("UNKNOWN-CTE"),
-                "a part has a content-transfer-encoding the server cannot decode",
+            let uids: Vec<String> = unknown_cte_uids.iter().map(|u| u.to_string()).collect();
+            let text = format!(
+                "cannot decode the content-transfer-encoding of a part of UID {}; \
+                 the other messages were answered",
+                uids.join(",")
             );
+            tagged(out, tag, "NO", Some("UNKNOWN-CTE"), &text);
         } else if failures > 0 {
             tagged(
                 out,
@@ -1048,6 +1064,10 @@ impl Session {
 /// SORT or THREAD over more messages than this computes its order on the blocking pool
 /// (below it, the hand-off costs more than the work: about 2 us a message).
 const ORDER_INLINE_MAX_MESSAGES: usize = 500;
+
+/// A FETCH that meets unknown content-transfer-encodings names at most this many of their
+/// messages in its tagged `NO [UNKNOWN-CTE]` (the line stays short whatever the set).
+const MAX_UNKNOWN_CTE_UIDS_NAMED: usize = 20;
 
 /// The `* SORT` or `* THREAD` line for the messages `found` (indexes into `messages`, in
 /// mailbox order), `headers[k]` being the header block of `found[k]` (empty when the

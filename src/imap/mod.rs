@@ -1,7 +1,8 @@
 //! IMAP server (IMAP4rev1 with IDLE, UIDPLUS, MOVE, LITERAL+, SASL-IR, SPECIAL-USE, NAMESPACE,
 //! ID, ENABLE, UNSELECT, CHILDREN, QUOTA, ESEARCH, CONDSTORE, QRESYNC, SORT, SORT=DISPLAY,
 //! THREAD=ORDEREDSUBJECT, THREAD=REFERENCES, STATUS=SIZE, WITHIN, CREATE-SPECIAL-USE,
-//! MULTIAPPEND, LIST-EXTENDED, LIST-STATUS, OBJECTID, COMPRESS=DEFLATE, NOTIFY).
+//! MULTIAPPEND, LIST-EXTENDED, LIST-STATUS, OBJECTID, BINARY, CATENATE, COMPRESS=DEFLATE, NOTIFY,
+//! SAVEDATE, ACL, SEARCHRES, CONTEXT=SEARCH, ESORT, IMAP4rev2).
 //!
 //! Code map:
 //! - [`config`]: the `[imap]` section ([`ImapConfig`]).
@@ -38,6 +39,9 @@
 //!   decodes; the FETCH loop answers them with the transfer encoding undone).
 //! - `notify`: RFC 5465 NOTIFY (parsed here; STATUS, EXISTS/EXPUNGE/FETCH and LIST
 //!   notifications written whenever the session may speak, overflow past a bound).
+//! - `catenate`: RFC 4469 CATENATE (TEXT and URL parts; RFC 5092 URLs of the account's own
+//!   mailboxes) and, with `multiappend`, APPEND of literal8 data (RFC 3516 4.4).
+//! - `fetch_items`: the FETCH item-list splitter behind the `binary` and `objectid` rewrites.
 //! - `recent`: the `\Recent` UIDs this session owns, and the claims that give them to it.
 //! - `selected`: the selected mailbox's sequence numbers and change reporting.
 //! - `seqset`: sequence sets merged into sorted disjoint ranges before anything is expanded.
@@ -49,8 +53,13 @@
 //! never holds a store lock across an await (the store API gives owned snapshots).
 
 mod acl;
-mod binary;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod binary;
 mod cache;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod catenate;
 pub use cache::{AuthCache, HeaderCache};
 mod compress;
 mod condstore;
@@ -59,13 +68,16 @@ mod context_search;
 mod create_special_use;
 mod esearch;
 pub mod fetch;
+mod fetch_items;
 /// Public for the fuzz targets (`fuzz/`); not an API for other modules.
 #[doc(hidden)]
 pub mod framing;
 mod list_extended;
 mod mailboxes;
 mod messages;
-mod multiappend;
+/// Public for the fuzz targets (`fuzz/`); not an API for other modules.
+#[doc(hidden)]
+pub mod multiappend;
 mod notify;
 mod objectid;
 mod order_cache;

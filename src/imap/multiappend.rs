@@ -10,19 +10,46 @@
 /// Most messages accepted in one MULTIAPPEND (the store's limit).
 pub use crate::store::MAX_MESSAGES_PER_MULTIAPPEND;
 
-/// One message of a MULTIAPPEND, as a single-message APPEND command for imap-codec.
+/// One message of an APPEND cut by [`split`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Part {
-    /// `tag APPEND mailbox [flags] [date] {n+}\r\n<literal>\r\n`.
+    /// `tag APPEND mailbox [flags] [date] {n+}\r\n<literal>\r\n` (with an empty literal
+    /// when the message's data is carried by `content`).
     pub command: Vec<u8>,
-    /// The literal was announced `{0+}` in the command the session runs: a large literal
-    /// that arrived in the spill file.
+    pub content: Content,
+}
+
+/// Where a message's data is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// The literal of `command` (imap-codec reads it; it cannot hold a NUL).
+    InCommand,
+    /// Announced `{0+}` (or `~{0+}`) in the command the session runs: a large literal that
+    /// arrived in the spill file.
+    MaybeSpilled { literal8: bool },
+    /// A literal8 (`~{n}`, RFC 3516 4.4): it may hold NULs.
+    Literal8(Vec<u8>),
+    /// CATENATE (RFC 4469): the message is made of these parts.
+    Catenate(Vec<super::catenate::CatPart>),
+}
+
+/// A literal found by [`literal_at`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LiteralAt {
+    pub length: usize,
+    /// Position of the literal's first byte.
+    pub start: usize,
+    /// Announced as literal8 (`~{n}`).
+    pub literal8: bool,
+    /// Announced `{0+}`: maybe a spilled literal (see [`Content::MaybeSpilled`]).
     pub maybe_spilled: bool,
 }
 
-/// Reads a literal announcement `{n}` or `{n+}` followed by CRLF at `at`: (length, position
-/// of the literal's first byte).
-fn literal_at(bytes: &[u8], at: usize) -> Option<(usize, usize, bool)> {
+/// Reads a literal announcement `{n}` or `{n+}` (and, if `allow8`, `~{n}` or `~{n+}`)
+/// followed by CRLF at `at`, whose bytes are all in `bytes`.
+pub fn literal_at(bytes: &[u8], at: usize, allow8: bool) -> Option<LiteralAt> {
+    let literal8 = allow8 && bytes.get(at) == Some(&b'~');
+    let at = at + usize::from(literal8);
     if bytes.get(at) != Some(&b'{') {
         return None;
     }
@@ -43,7 +70,12 @@ fn literal_at(bytes: &[u8], at: usize) -> Option<(usize, usize, bool)> {
     if bytes.len() < start.checked_add(length)? {
         return None;
     }
-    Some((length, start, plus && length == 0))
+    Some(LiteralAt {
+        length,
+        start,
+        literal8,
+        maybe_spilled: plus && length == 0,
+    })
 }
 
 /// The end of a quoted string starting at `at` (just after its closing quote).
@@ -60,73 +92,105 @@ fn quoted_end(bytes: &[u8], at: usize) -> Option<usize> {
     None
 }
 
-/// For an APPEND of two messages or more: one single-message APPEND per message. `None` for
-/// any other command (an APPEND of one message is left to imap-codec as it is), and for
-/// an APPEND whose shape is not understood (imap-codec then answers it).
-pub fn split(bytes: &[u8]) -> Option<Vec<Part>> {
-    let line_end = bytes.iter().position(|&b| b == b' ')?;
+/// For an APPEND of two messages or more, or of one message given as literal8 or CATENATE:
+/// one single-message APPEND per message. `Ok(None)` for any other command (a plain APPEND
+/// of one message is left to imap-codec as it is), and for an APPEND whose shape is not
+/// understood (imap-codec then answers it); `Err` for a malformed CATENATE list (a BAD).
+pub fn split(bytes: &[u8]) -> Result<Option<Vec<Part>>, &'static str> {
+    let Some(line_end) = bytes.iter().position(|&b| b == b' ') else {
+        return Ok(None);
+    };
     let tag = &bytes[..line_end];
     let mut at = line_end + 1;
-    if !bytes.get(at..at + 7)?.eq_ignore_ascii_case(b"APPEND ") {
-        return None;
+    if !bytes
+        .get(at..at + 7)
+        .is_some_and(|verb| verb.eq_ignore_ascii_case(b"APPEND "))
+    {
+        return Ok(None);
     }
     at += 7;
     // The mailbox: a quoted string, a literal or an atom.
     let mailbox_start = at;
-    at = match bytes.get(at)? {
-        b'"' => quoted_end(bytes, at)?,
-        b'{' => {
-            let (length, start, _) = literal_at(bytes, at)?;
-            start + length
-        }
-        _ => at + bytes[at..].iter().position(|&b| b == b' ')?,
+    let mailbox_end = match bytes.get(at) {
+        Some(b'"') => quoted_end(bytes, at),
+        Some(b'{') => literal_at(bytes, at, false).map(|literal| literal.start + literal.length),
+        Some(_) => bytes[at..]
+            .iter()
+            .position(|&b| b == b' ')
+            .map(|len| at + len),
+        None => None,
     };
+    let Some(mailbox_end) = mailbox_end else {
+        return Ok(None);
+    };
+    at = mailbox_end;
     let mailbox = &bytes[mailbox_start..at];
     let mut parts = Vec::new();
+    let mut extended = false;
     loop {
         if bytes.get(at..) == Some(b"\r\n") || bytes.get(at..) == Some(b"\n") {
             break;
         }
         if bytes.get(at) != Some(&b' ') {
-            return None;
+            return Ok(None);
         }
         at += 1;
         let params_start = at;
         if bytes.get(at) == Some(&b'(') {
-            at += bytes[at..].iter().position(|&b| b == b')')? + 1;
+            let Some(close) = bytes[at..].iter().position(|&b| b == b')') else {
+                return Ok(None);
+            };
+            at += close + 1;
             if bytes.get(at) == Some(&b' ') {
                 at += 1;
             }
         }
         if bytes.get(at) == Some(&b'"') {
-            at = quoted_end(bytes, at)?;
+            let Some(end) = quoted_end(bytes, at) else {
+                return Ok(None);
+            };
+            at = end;
             if bytes.get(at) == Some(&b' ') {
                 at += 1;
             }
         }
         let params = &bytes[params_start..at];
-        let (length, start, maybe_spilled) = literal_at(bytes, at)?;
-        let data = &bytes[start..start + length];
-        let mut command = Vec::with_capacity(tag.len() + mailbox.len() + length + 64);
+        let (content, data, end) = match super::catenate::parse_catenate(bytes, at)? {
+            Some((cat_parts, end)) => (Content::Catenate(cat_parts), &[][..], end),
+            None => {
+                let Some(literal) = literal_at(bytes, at, true) else {
+                    return Ok(None);
+                };
+                let end = literal.start + literal.length;
+                let data = &bytes[literal.start..end];
+                match (literal.literal8, literal.maybe_spilled) {
+                    (literal8, true) => (Content::MaybeSpilled { literal8 }, data, end),
+                    (true, false) => (Content::Literal8(data.to_vec()), &[][..], end),
+                    (false, false) => (Content::InCommand, data, end),
+                }
+            }
+        };
+        extended |= matches!(
+            content,
+            Content::Catenate(_) | Content::Literal8(_) | Content::MaybeSpilled { literal8: true }
+        );
+        let mut command = Vec::with_capacity(tag.len() + mailbox.len() + data.len() + 64);
         command.extend_from_slice(tag);
         command.extend_from_slice(b" APPEND ");
         command.extend_from_slice(mailbox);
         command.push(b' ');
         command.extend_from_slice(params);
-        command.extend_from_slice(format!("{{{length}+}}\r\n").as_bytes());
+        command.extend_from_slice(format!("{{{}+}}\r\n", data.len()).as_bytes());
         command.extend_from_slice(data);
         command.extend_from_slice(b"\r\n");
-        parts.push(Part {
-            command,
-            maybe_spilled,
-        });
-        at = start + length;
+        parts.push(Part { command, content });
+        at = end;
         if parts.len() > MAX_MESSAGES_PER_MULTIAPPEND {
             // Still a MULTIAPPEND: the session refuses it as too large.
-            return Some(parts);
+            return Ok(Some(parts));
         }
     }
-    (parts.len() >= 2).then_some(parts)
+    Ok((parts.len() >= 2 || extended).then_some(parts))
 }
 
 impl super::session::Session {
@@ -136,6 +200,7 @@ impl super::session::Session {
         use imap_codec::imap_types::command::CommandBody;
         use imap_codec::CommandCodec;
 
+        use super::catenate::{refuse, Refusal};
         use super::fetch::top_header;
         use super::mailboxes::{no, now_secs, read_spill, to_flag_set};
         use super::response::tagged;
@@ -173,18 +238,26 @@ impl super::session::Session {
                 return;
             };
             name = mailbox_name(&mailbox);
-            let body = match (part.maybe_spilled, spilled.take()) {
-                (true, Some(file)) => match read_spill(file).await {
-                    Ok(body) => body,
-                    Err(error) => {
-                        tracing::warn!(%error, "cannot read an APPEND spill file");
-                        tagged(out, tag, "NO", Some("SERVERBUG"), "try again later");
-                        return;
-                    }
+            let body = match part.content {
+                Content::InCommand => Ok(message.data().to_vec()),
+                Content::MaybeSpilled { literal8 } => match spilled.take() {
+                    Some(file) => match read_spill(file).await {
+                        Ok(body) if !literal8 && body.contains(&0) => Err(Refusal::NulInLiteral),
+                        Ok(body) => Ok(body),
+                        Err(error) => Err(Refusal::Spill(error)),
+                    },
+                    None => Ok(Vec::new()),
                 },
-                (_, file) => {
-                    spilled = file;
-                    message.data().to_vec()
+                Content::Literal8(body) => Ok(body),
+                Content::Catenate(cat_parts) => {
+                    self.catenate(account, cat_parts, &mut spilled).await
+                }
+            };
+            let body = match body {
+                Ok(body) => body,
+                Err(refusal) => {
+                    refuse(out, tag, &refusal);
+                    return;
                 }
             };
             if body.is_empty() {
@@ -256,7 +329,7 @@ mod tests {
     use super::*;
 
     fn commands(text: &[u8]) -> Option<Vec<String>> {
-        split(text).map(|parts| {
+        split(text).unwrap().map(|parts| {
             parts
                 .into_iter()
                 .map(|p| String::from_utf8(p.command).unwrap())
@@ -286,8 +359,11 @@ mod tests {
         // One message: left to imap-codec.
         assert_eq!(commands(b"A3 APPEND INBOX {1}\r\nx\r\n"), None);
         assert_eq!(commands(b"A4 FETCH 1 (FLAGS)\r\n"), None);
-        let parts = split(b"A5 APPEND INBOX {0+}\r\n {1}\r\nx\r\n").unwrap();
-        assert!(parts[0].maybe_spilled && !parts[1].maybe_spilled);
+        let parts = split(b"A5 APPEND INBOX {0+}\r\n {1}\r\nx\r\n")
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts[0].content, Content::MaybeSpilled { literal8: false });
+        assert_eq!(parts[1].content, Content::InCommand);
         let command = b"A6 APPEND INBOX (\\Seen) {3}\r\nabc {2}\r\nde\r\n";
         for end in 0..=command.len() {
             let _ = split(&command[..end]);

@@ -73,91 +73,23 @@ fn is_id_item(word: &[u8]) -> Option<bool> {
 /// For `tag [UID] FETCH set items ...` naming EMAILID or THREADID: the command without them
 /// (a list left empty becomes `(UID)`). `None` otherwise.
 pub fn strip_fetch(bytes: &[u8]) -> Option<(Vec<u8>, FetchIds)> {
-    let mut at = 0;
-    let mut word = |bytes: &[u8]| -> Option<(usize, usize)> {
-        let start = at;
-        let len = bytes[start..].iter().take(64).position(|&b| b == b' ')?;
-        at = start + len + 1;
-        Some((start, start + len))
-    };
-    word(bytes)?;
-    let (start, end) = word(bytes)?;
-    let mut verb = &bytes[start..end];
-    if verb.eq_ignore_ascii_case(b"UID") {
-        let (start, end) = word(bytes)?;
-        verb = &bytes[start..end];
-    }
-    if !verb.eq_ignore_ascii_case(b"FETCH") {
-        return None;
-    }
-    let (_, set_end) = word(bytes)?;
-    let items_start = set_end + 1;
-    let rest = &bytes[items_start..];
+    let fetch = super::fetch_items::split_fetch(bytes)?;
     let mut ids = FetchIds::default();
-    let mut mark = |email: bool| {
-        if email {
-            ids.email_id = true;
-        } else {
-            ids.thread_id = true;
-        }
-    };
-    let mut rewritten = bytes[..items_start].to_vec();
-    if rest.first() != Some(&b'(') {
-        let len = rest
-            .iter()
-            .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
-            .unwrap_or(rest.len());
-        mark(is_id_item(&rest[..len])?);
-        rewritten.extend_from_slice(b"UID");
-        rewritten.extend_from_slice(&rest[len..]);
-        return Some((rewritten, ids));
-    }
-    // Top-level items of the list: nested parentheses and brackets (BODY[HEADER.FIELDS
-    // (A B)]) belong to the item they are in.
-    let mut kept: Vec<&[u8]> = Vec::new();
-    let mut depth = 0usize;
-    let mut brackets = 0usize;
-    let mut item_start = 1;
-    let mut close = None;
-    let mut found = false;
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            b'[' => brackets += 1,
-            b']' => brackets = brackets.saturating_sub(1),
-            b'(' => depth += 1,
-            b')' if depth > 0 => depth -= 1,
-            b')' | b' ' if brackets == 0 && depth == 0 => {
-                let item = &rest[item_start..i];
-                match is_id_item(item) {
-                    Some(email) => {
-                        mark(email);
-                        found = true;
-                    }
-                    None if !item.is_empty() => kept.push(item),
-                    None => {}
-                }
-                item_start = i + 1;
-                if b == b')' {
-                    close = Some(i);
-                    break;
-                }
-            }
-            b'\r' | b'\n' => return None,
-            _ => {}
+    let mut kept: Vec<&[u8]> = Vec::with_capacity(fetch.items.len());
+    for &item in &fetch.items {
+        match is_id_item(item) {
+            Some(true) => ids.email_id = true,
+            Some(false) => ids.thread_id = true,
+            None => kept.push(item),
         }
     }
-    let close = close?;
-    if !found {
+    if ids == FetchIds::default() {
         return None;
     }
-    rewritten.push(b'(');
     if kept.is_empty() {
-        rewritten.extend_from_slice(b"UID");
+        kept.push(b"UID");
     }
-    rewritten.extend_from_slice(&kept.join(&b' '));
-    rewritten.push(b')');
-    rewritten.extend_from_slice(&rest[close + 1..]);
-    Some((rewritten, ids))
+    Some((fetch.join(&kept), ids))
 }
 
 /// For `tag STATUS name (items)` naming MAILBOXID: the command without it. `None` otherwise.

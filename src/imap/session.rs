@@ -347,7 +347,7 @@ impl Session {
     }
 
     pub(super) fn capabilities(&self) -> String {
-        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY SAVEDATE NOTIFY SEARCHRES CONTEXT=SEARCH ESORT");
+        let mut caps = String::from("IMAP4rev1 IMAP4rev2 LITERAL+ SASL-IR ID ENABLE IDLE NAMESPACE UIDPLUS MOVE UNSELECT CHILDREN SPECIAL-USE ESEARCH CONDSTORE QRESYNC SORT SORT=DISPLAY THREAD=ORDEREDSUBJECT THREAD=REFERENCES STATUS=SIZE WITHIN CREATE-SPECIAL-USE MULTIAPPEND LIST-EXTENDED LIST-STATUS OBJECTID BINARY CATENATE SAVEDATE NOTIFY SEARCHRES CONTEXT=SEARCH ESORT");
         if self.is_authenticated() {
             caps.push_str(" QUOTA QUOTA=RES-STORAGE QUOTA=RES-MESSAGE");
             // ACL (RFC 4314, `acl.rs`).
@@ -612,14 +612,22 @@ impl Session {
         // (Short lines have no verb: one test keeps them cheap.)
         let has_verb = !verb.is_empty();
         if has_verb && verb.as_slice() == b"APPEND" {
-            if let Some(parts) = super::multiappend::split(bytes) {
-                if self.is_authenticated() {
-                    // Boxed: its state stays out of every other command's future.
-                    Box::pin(self.multiappend(&tag, parts, out)).await;
-                } else {
-                    tagged(out, &tag, "BAD", None, "log in first");
+            // Also an APPEND of literal8 (BINARY) or CATENATE data, which imap-codec lacks.
+            match super::multiappend::split(bytes) {
+                Ok(None) => {}
+                Ok(Some(parts)) => {
+                    if self.is_authenticated() {
+                        // Boxed: its state stays out of every other command's future.
+                        Box::pin(self.multiappend(&tag, parts, out)).await;
+                    } else {
+                        tagged(out, &tag, "BAD", None, "log in first");
+                    }
+                    return Action::Continue;
                 }
-                return Action::Continue;
+                Err(reason) => {
+                    tagged(out, &tag, "BAD", None, reason);
+                    return Action::Continue;
+                }
             }
         }
         // NOTIFY (RFC 5465): parsed by `notify`, before any rewrite could touch its lists.
