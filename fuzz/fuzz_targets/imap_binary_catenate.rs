@@ -35,7 +35,7 @@ fuzz_target!(|data: &[u8]| {
         prefixed(b"CATENATE (", text),
         prefixed(b"CATENATE (TEXT ", text),
     ] {
-        if let Ok(Some((parts, end))) = parse_catenate(&command, 0) {
+        if let Ok(Some((parts, end))) = parse_catenate(&command, 0, None) {
             assert!(end <= command.len());
             for part in parts {
                 match part {
@@ -66,7 +66,7 @@ fuzz_target!(|data: &[u8]| {
         prefixed(b"A APPEND INBOX ", text),
         prefixed(b"A APPEND ", text),
     ] {
-        if let Ok(Some(parts)) = split(&command) {
+        if let Ok(Some(parts)) = split(&command, None) {
             for part in parts {
                 assert!(part.command.ends_with(b"\r\n"));
                 if let Content::Literal8(bytes) = &part.content {

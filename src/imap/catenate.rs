@@ -165,6 +165,7 @@ fn quoted_at(bytes: &[u8], at: usize) -> Option<(Vec<u8>, usize)> {
 pub fn parse_catenate(
     bytes: &[u8],
     at: usize,
+    spilled_at: Option<usize>,
 ) -> Result<Option<(Vec<CatPart>, usize)>, &'static str> {
     let Some(rest) = bytes.get(at..) else {
         return Ok(None);
@@ -188,7 +189,7 @@ pub fn parse_catenate(
             parts.push(CatPart::Text {
                 bytes: bytes[literal.start..literal.start + literal.length].to_vec(),
                 literal8: literal.literal8,
-                maybe_spilled: literal.maybe_spilled,
+                maybe_spilled: literal.maybe_spilled && spilled_at == Some(literal.start),
             });
             at = literal.start + literal.length;
         } else if starts_with_ignore_case(rest, b"URL ") {
@@ -521,7 +522,7 @@ mod tests {
     #[test]
     fn catenate_lists_parse() {
         let command = b"CATENATE (TEXT {3}\r\nabc URL \"/INBOX/;UID=1\" TEXT ~{2}\r\n\0x URL /A/;UID=2 URL {13}\r\n/INBOX/;UID=3) rest";
-        let (parts, end) = parse_catenate(command, 0).unwrap().unwrap();
+        let (parts, end) = parse_catenate(command, 0, None).unwrap().unwrap();
         assert_eq!(&command[end..], b" rest");
         assert_eq!(
             parts,
@@ -541,7 +542,7 @@ mod tests {
                 CatPart::Url(b"/INBOX/;UID=3".to_vec()),
             ]
         );
-        assert_eq!(parse_catenate(b"{3}\r\nabc", 0), Ok(None));
+        assert_eq!(parse_catenate(b"{3}\r\nabc", 0, None), Ok(None));
         for bad in [
             &b"CATENATE TEXT {1}\r\na"[..],
             b"CATENATE ()",
@@ -550,7 +551,7 @@ mod tests {
             b"CATENATE (TEXT {5}\r\nab)",
             b"CATENATE (URL /a/;UID=1",
         ] {
-            assert!(parse_catenate(bad, 0).is_err(), "{bad:?}");
+            assert!(parse_catenate(bad, 0, None).is_err(), "{bad:?}");
         }
     }
 
@@ -599,10 +600,10 @@ mod tests {
                         Just(b'T'), Just(b'U'), any::<u8>()], 0..80)) {
             let mut command = b"CATENATE (".to_vec();
             command.extend_from_slice(&bytes);
-            let _ = parse_catenate(&command, 0);
+            let _ = parse_catenate(&command, 0, None);
             let mut command = b"CATENATE (TEXT ".to_vec();
             command.extend_from_slice(&bytes);
-            let _ = parse_catenate(&command, 0);
+            let _ = parse_catenate(&command, 0, None);
         }
     }
 }

@@ -96,7 +96,10 @@ fn quoted_end(bytes: &[u8], at: usize) -> Option<usize> {
 /// one single-message APPEND per message. `Ok(None)` for any other command (a plain APPEND
 /// of one message is left to imap-codec as it is), and for an APPEND whose shape is not
 /// understood (imap-codec then answers it); `Err` for a malformed CATENATE list (a BAD).
-pub fn split(bytes: &[u8]) -> Result<Option<Vec<Part>>, &'static str> {
+/// `spilled_at` is where the session put the empty placeholder literal of the literal it
+/// spilled to a file (the position of its data in `bytes`): only that `{0+}` is the spilled
+/// message, a client's own empty literal elsewhere stays empty.
+pub fn split(bytes: &[u8], spilled_at: Option<usize>) -> Result<Option<Vec<Part>>, &'static str> {
     let Some(line_end) = bytes.iter().position(|&b| b == b' ') else {
         return Ok(None);
     };
@@ -155,7 +158,7 @@ pub fn split(bytes: &[u8]) -> Result<Option<Vec<Part>>, &'static str> {
             }
         }
         let params = &bytes[params_start..at];
-        let (content, data, end) = match super::catenate::parse_catenate(bytes, at)? {
+        let (content, data, end) = match super::catenate::parse_catenate(bytes, at, spilled_at)? {
             Some((cat_parts, end)) => (Content::Catenate(cat_parts), &[][..], end),
             None => {
                 let Some(literal) = literal_at(bytes, at, true) else {
@@ -163,7 +166,8 @@ pub fn split(bytes: &[u8]) -> Result<Option<Vec<Part>>, &'static str> {
                 };
                 let end = literal.start + literal.length;
                 let data = &bytes[literal.start..end];
-                match (literal.literal8, literal.maybe_spilled) {
+                let spilled = literal.maybe_spilled && spilled_at == Some(literal.start);
+                match (literal.literal8, spilled) {
                     (literal8, true) => (Content::MaybeSpilled { literal8 }, data, end),
                     (true, false) => (Content::Literal8(data.to_vec()), &[][..], end),
                     (false, false) => (Content::InCommand, data, end),
@@ -329,7 +333,7 @@ mod tests {
     use super::*;
 
     fn commands(text: &[u8]) -> Option<Vec<String>> {
-        split(text).unwrap().map(|parts| {
+        split(text, None).unwrap().map(|parts| {
             parts
                 .into_iter()
                 .map(|p| String::from_utf8(p.command).unwrap())
@@ -359,14 +363,19 @@ mod tests {
         // One message: left to imap-codec.
         assert_eq!(commands(b"A3 APPEND INBOX {1}\r\nx\r\n"), None);
         assert_eq!(commands(b"A4 FETCH 1 (FLAGS)\r\n"), None);
-        let parts = split(b"A5 APPEND INBOX {0+}\r\n {1}\r\nx\r\n")
-            .unwrap()
-            .unwrap();
+        let spilled = b"A5 APPEND INBOX {0+}\r\n {1}\r\nx\r\n";
+        let parts = split(spilled, Some(22)).unwrap().unwrap();
         assert_eq!(parts[0].content, Content::MaybeSpilled { literal8: false });
         assert_eq!(parts[1].content, Content::InCommand);
+        // The client's own empty literal is not the spilled one (which came later).
+        let parts = split(b"A5 APPEND INBOX {0+}\r\n {0+}\r\n\r\n", Some(29))
+            .unwrap()
+            .unwrap();
+        assert_eq!(parts[0].content, Content::InCommand);
+        assert_eq!(parts[1].content, Content::MaybeSpilled { literal8: false });
         let command = b"A6 APPEND INBOX (\\Seen) {3}\r\nabc {2}\r\nde\r\n";
         for end in 0..=command.len() {
-            let _ = split(&command[..end]);
+            let _ = split(&command[..end], None);
         }
     }
 }

@@ -164,6 +164,9 @@ pub struct Session {
     spill: Option<Spill>,
     /// The spilled literal of the command being run (an APPEND whose literal was `{0+}`).
     pub(super) spilled: Option<std::fs::File>,
+    /// Where, in that command, the placeholder `{0+}` of the spilled literal puts its (empty)
+    /// data: a client's own `{0+}` elsewhere in the command is not the spilled literal.
+    spilled_at: Option<usize>,
     failed_auth: u32,
     client_name: Option<String>,
     /// Set by the driver while it feeds input: see [`send_ahead`].
@@ -226,6 +229,7 @@ impl Session {
             consumed: 0,
             spill: None,
             spilled: None,
+            spilled_at: None,
             failed_auth: 0,
             client_name: None,
             output_ahead: None,
@@ -522,6 +526,7 @@ impl Session {
                             self.search_updates_after_command(mark, out).await;
                             self.input = command;
                             self.spilled = None;
+                            self.spilled_at = None;
                             match action {
                                 Action::Continue => {}
                                 Action::StartTls => {
@@ -575,6 +580,7 @@ impl Session {
             return Some(Action::Continue);
         }
         let Spill { file, prefix, .. } = self.spill.take()?;
+        self.spilled_at = Some(prefix.len());
         let mut input = prefix;
         input.extend_from_slice(self.pending());
         self.input = input;
@@ -613,7 +619,8 @@ impl Session {
         let has_verb = !verb.is_empty();
         if has_verb && verb.as_slice() == b"APPEND" {
             // Also an APPEND of literal8 (BINARY) or CATENATE data, which imap-codec lacks.
-            match super::multiappend::split(bytes) {
+            let spilled_at = self.spilled.as_ref().and(self.spilled_at);
+            match super::multiappend::split(bytes, spilled_at) {
                 Ok(None) => {}
                 Ok(Some(parts)) => {
                     if self.is_authenticated() {

@@ -246,6 +246,16 @@ status, _ = command(
 _, uids = appended(status)
 first, last = map(int, uids.split(":"))
 assert last == first + 1 and stored(c, first) == source and stored(c, last) == b"final"
+# A client's own empty literal before a large one that the server spills to a file: each
+# part keeps its own place (the empty TEXT must not take the spilled content).
+big = b"y" * 100000 + b"\r\n"
+status, _ = command(
+    c,
+    b"APPEND INBOX CATENATE (TEXT {0+}\r\n URL \"/INBOX/;UID=%s/;SECTION=1\" TEXT {%d+}\r\n"
+    % (src.encode(), len(big)) + big + b")\r\n",
+)
+_, uid = appended(status)
+assert stored(c, uid) == b"first part" + big, stored(c, uid)[:40]
 
 # URLs that name nothing this account can read: NO [BADURL url], nothing appended.
 bob = imap("bob@kermail.test", PASSWORD)
