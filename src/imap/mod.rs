@@ -86,6 +86,7 @@ mod recent;
 mod response;
 mod rev2;
 mod savedate;
+mod scan;
 pub mod search;
 mod searchres;
 mod selected;

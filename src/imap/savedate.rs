@@ -17,6 +17,7 @@
 
 use imap_codec::imap_types::core::AString;
 
+use super::scan::{line_end, Cursor};
 use crate::store::MessageMeta;
 
 /// Header names of the rewritten date keys (not valid field names).
@@ -41,83 +42,6 @@ const ONE_ARGUMENT_KEYS: [&[u8]; 10] = [
 const MONTHS: [&[u8; 3]; 12] = [
     b"JAN", b"FEB", b"MAR", b"APR", b"MAY", b"JUN", b"JUL", b"AUG", b"SEP", b"OCT", b"NOV", b"DEC",
 ];
-
-/// A cursor over a command's bytes.
-struct Cursor<'a> {
-    bytes: &'a [u8],
-    pos: usize,
-}
-
-impl<'a> Cursor<'a> {
-    fn peek(&self) -> Option<u8> {
-        self.bytes.get(self.pos).copied()
-    }
-
-    /// An atom-like word up to a space, paren or line end.
-    fn word(&mut self) -> &'a [u8] {
-        let start = self.pos;
-        while let Some(b) = self.peek() {
-            if matches!(b, b' ' | b'(' | b')' | b'\r' | b'\n') {
-                break;
-            }
-            self.pos += 1;
-        }
-        &self.bytes[start..self.pos]
-    }
-
-    /// Skips a quoted string (at `"`) and returns its inside; `None` if it does not end.
-    fn quoted(&mut self) -> Option<&'a [u8]> {
-        let start = self.pos + 1;
-        self.pos += 1;
-        while let Some(b) = self.peek() {
-            self.pos += 1;
-            match b {
-                b'\\' => self.pos += 1,
-                b'"' => return self.bytes.get(start..self.pos - 1),
-                b'\r' | b'\n' => return None,
-                _ => {}
-            }
-        }
-        None
-    }
-
-    /// Skips a literal (at `{`) with its bytes; false if malformed.
-    fn skip_literal(&mut self) -> bool {
-        let Some(close) = self.bytes[self.pos..].iter().position(|&b| b == b'}') else {
-            return false;
-        };
-        let spec = &self.bytes[self.pos + 1..self.pos + close];
-        let spec = spec.strip_suffix(b"+").unwrap_or(spec);
-        let Some(len) = std::str::from_utf8(spec)
-            .ok()
-            .and_then(|s| s.parse::<usize>().ok())
-        else {
-            return false;
-        };
-        self.pos += close + 1;
-        if self.bytes[self.pos..].starts_with(b"\r\n") {
-            self.pos += 2;
-        } else if self.bytes[self.pos..].starts_with(b"\n") {
-            self.pos += 1;
-        } else {
-            return false;
-        }
-        self.pos = self.pos.saturating_add(len);
-        self.pos <= self.bytes.len()
-    }
-}
-
-/// The line end of a command (`\r\n` or `\n`), as an index.
-fn line_end(bytes: &[u8]) -> usize {
-    let mut end = bytes.len();
-    if bytes[..end].ends_with(b"\n") {
-        end -= 1;
-    }
-    if bytes[..end].ends_with(b"\r") {
-        end -= 1;
-    }
-    end
-}
 
 fn contains_ignore_case(haystack: &[u8], needle: &[u8]) -> bool {
     haystack
@@ -294,90 +218,23 @@ pub fn strip_fetch(bytes: &[u8]) -> Option<Vec<u8>> {
     if !contains_ignore_case(bytes, b"SAVEDATE") {
         return None;
     }
-    let mut cursor = Cursor { bytes, pos: 0 };
-    let next_word = |cursor: &mut Cursor<'_>| -> Option<(usize, usize)> {
-        let start = cursor.pos;
-        let word = cursor.word();
-        if word.is_empty() || cursor.peek() != Some(b' ') {
-            return None;
-        }
-        cursor.pos += 1;
-        Some((start, start + word.len()))
-    };
-    next_word(&mut cursor)?;
-    let (start, end) = next_word(&mut cursor)?;
-    let mut verb = &bytes[start..end];
-    if verb.eq_ignore_ascii_case(b"UID") {
-        let (start, end) = next_word(&mut cursor)?;
-        verb = &bytes[start..end];
-    }
-    if !verb.eq_ignore_ascii_case(b"FETCH") {
-        return None;
-    }
-    next_word(&mut cursor)?;
-    let items_start = cursor.pos;
-    let rest = &bytes[items_start..];
-    let mut rewritten = bytes[..items_start].to_vec();
-    if rest.first() != Some(&b'(') {
-        let len = rest
-            .iter()
-            .position(|&b| matches!(b, b' ' | b'\r' | b'\n'))
-            .unwrap_or(rest.len());
-        if !is_savedate_item(&rest[..len]) {
-            return None;
-        }
-        rewritten.extend_from_slice(b"UID");
-        rewritten.extend_from_slice(&rest[len..]);
-        return Some(rewritten);
-    }
-    // Top-level items of the list: nested parentheses and brackets (BODY[HEADER.FIELDS
-    // (A B)]) belong to the item they are in.
-    let mut kept: Vec<&[u8]> = Vec::new();
-    let mut depth = 0usize;
-    let mut brackets = 0usize;
-    let mut item_start = 1;
-    let mut close = None;
+    let fetch = super::fetch_items::split_fetch(bytes)?;
+    let mut kept: Vec<&[u8]> = Vec::with_capacity(fetch.items.len());
     let mut found = false;
-    for (i, &b) in rest.iter().enumerate().skip(1) {
-        match b {
-            b'[' => brackets += 1,
-            b']' => brackets = brackets.saturating_sub(1),
-            b'(' => depth += 1,
-            b')' if depth > 0 => depth -= 1,
-            b')' | b' ' if brackets == 0 && depth == 0 => {
-                let item = &rest[item_start..i];
-                if is_savedate_item(item) {
-                    found = true;
-                } else if !item.is_empty() {
-                    kept.push(item);
-                }
-                item_start = i + 1;
-                if b == b')' {
-                    close = Some(i);
-                    break;
-                }
-            }
-            b'\r' | b'\n' => return None,
-            _ => {}
+    for &item in &fetch.items {
+        if is_savedate_item(item) {
+            found = true;
+        } else {
+            kept.push(item);
         }
     }
-    let close = close?;
     if !found {
         return None;
     }
-    rewritten.push(b'(');
     if kept.is_empty() {
-        rewritten.extend_from_slice(b"UID");
+        kept.push(b"UID");
     }
-    for (i, item) in kept.iter().enumerate() {
-        if i > 0 {
-            rewritten.push(b' ');
-        }
-        rewritten.extend_from_slice(item);
-    }
-    rewritten.push(b')');
-    rewritten.extend_from_slice(&rest[close + 1..]);
-    Some(rewritten)
+    Some(fetch.join(&kept))
 }
 
 /// The FETCH item: `SAVEDATE "d-Mon-yyyy hh:mm:ss +0000"`, or `SAVEDATE NIL` when unknown.
