@@ -28,7 +28,7 @@ use super::search::{matches, needs_body, SearchInput};
 use super::session::send_ahead;
 use super::session::{mailbox_name, Session, State};
 use super::sort::Ordering;
-use super::sort_keys::{order_response, BlobKeys};
+use super::sort_keys::{found_metas, groups, order_response, BlobKeys};
 use crate::store::{BlobId, Flag, FlagOp, FlagSet, MessageList, Uid};
 
 impl Session {
@@ -305,7 +305,10 @@ impl Session {
             self.matching(&messages, criteria, last_uid).await
         };
         let keys = self.sort_keys_of(&messages, &found, &ordering).await;
-        let highest_match = found.iter().map(|&i| messages[i].modseq).max().unwrap_or(0);
+        let highest_match = found_metas(&messages, &found)
+            .map(|m| m.modseq)
+            .max()
+            .unwrap_or(0);
         let verb = match ordering {
             Ordering::Sort(_) => "SORT",
             Ordering::Thread(_) => "THREAD",
@@ -358,19 +361,21 @@ impl Session {
         ordering: &Ordering,
     ) -> Vec<Arc<BlobKeys>> {
         let cache = &self.headers.keys;
-        let mut keys = cache.entries(found.iter().map(|&i| messages[i].blob));
+        let groups = groups(ordering);
+        let blobs: Vec<BlobId> = found_metas(messages, found).map(|m| m.blob).collect();
+        let mut keys = cache.entries(blobs.iter().copied());
         let missing: Vec<usize> = (0..keys.len())
-            .filter(|&k| !keys[k].has_all(ordering))
+            .filter(|&k| !keys[k].has_all(&groups))
             .collect();
         for chunk in missing.chunks(BODY_BATCH) {
-            let blobs: Vec<BlobId> = chunk.iter().map(|&k| messages[found[k]].blob).collect();
-            let headers = self.headers.headers_of(&self.store, &blobs).await;
+            let chunk_blobs: Vec<BlobId> = chunk.iter().map(|&k| blobs[k]).collect();
+            let headers = self.headers.headers_of(&self.store, &chunk_blobs).await;
             for (&k, header) in chunk.iter().zip(headers) {
                 match header {
-                    Some(header) => cache.grew(keys[k].fill(ordering, Some(&header))),
+                    Some(header) => cache.grew(keys[k].fill(&groups, Some(&header))),
                     None => {
                         let empty = Arc::new(BlobKeys::default());
-                        empty.fill(ordering, None);
+                        empty.fill(&groups, None);
                         keys[k] = empty;
                     }
                 }
@@ -1156,7 +1161,7 @@ mod order_timing {
                 .iter()
                 .map(|header| {
                     let keys = Arc::new(BlobKeys::default());
-                    keys.fill(&ordering, header.as_deref());
+                    keys.fill(&groups(&ordering), header.as_deref());
                     keys
                 })
                 .collect();

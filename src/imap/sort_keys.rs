@@ -54,7 +54,7 @@ type ThreadIds = (Option<Arc<str>>, Arc<[Arc<str>]>);
 
 /// One group of keys, filled together from a header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Group {
+pub enum Group {
     Subject,
     Date,
     From,
@@ -66,7 +66,7 @@ enum Group {
 }
 
 /// The groups an ordering reads (none for ARRIVAL and SIZE).
-fn groups(ordering: &Ordering) -> Vec<Group> {
+pub fn groups(ordering: &Ordering) -> Vec<Group> {
     match ordering {
         Ordering::Sort(criteria) => criteria
             .iter()
@@ -99,16 +99,16 @@ impl BlobKeys {
         }
     }
 
-    /// Whether every group `ordering` reads is filled.
-    pub fn has_all(&self, ordering: &Ordering) -> bool {
-        groups(ordering).into_iter().all(|g| self.has(g))
+    /// Whether every group of `groups` (see [`groups`]) is filled.
+    pub fn has_all(&self, groups: &[Group]) -> bool {
+        groups.iter().all(|&g| self.has(g))
     }
 
-    /// Fills the groups `ordering` reads from `header` (`None`: the message has no header we
-    /// could read, every key is empty); returns the bytes added.
-    pub fn fill(&self, ordering: &Ordering, header: Option<&[u8]>) -> usize {
+    /// Fills `groups` from `header` (`None`: the message has no header we could read, every
+    /// key is empty); returns the bytes added.
+    pub fn fill(&self, groups: &[Group], header: Option<&[u8]>) -> usize {
         let mut added = 0;
-        for group in groups(ordering) {
+        for &group in groups {
             if self.has(group) {
                 continue;
             }
@@ -282,6 +282,27 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u32) {
     out.extend_from_slice(&digits[at..]);
 }
 
+/// The messages at the indexes `found` (ascending) of `messages`, in one walk: indexing the
+/// list (a tree) once per message costs more than the whole walk.
+pub fn found_metas<'m>(
+    messages: &'m MessageList,
+    found: &'m [usize],
+) -> impl Iterator<Item = &'m MessageMeta> + 'm {
+    let mut wanted = found.iter().peekable();
+    messages
+        .iter()
+        .enumerate()
+        .take(found.last().map_or(0, |&last| last + 1))
+        .filter_map(move |(i, meta)| {
+            if wanted.peek() == Some(&&i) {
+                wanted.next();
+                Some(meta)
+            } else {
+                None
+            }
+        })
+}
+
 /// One message's value for one sort criterion, borrowed from its keys.
 #[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Value<'k> {
@@ -298,22 +319,28 @@ pub fn order_response(
     uid: bool,
     ordering: &Ordering,
 ) -> Vec<u8> {
-    let number = |i: usize| if uid { messages[i].uid } else { i as u32 + 1 };
+    let metas: Vec<&MessageMeta> = found_metas(messages, found).collect();
+    // The number the answer names found[k] by.
+    let number = |k: usize| {
+        if uid {
+            metas[k].uid
+        } else {
+            found[k] as u32 + 1
+        }
+    };
     let mut out = Vec::with_capacity(16 + 7 * found.len());
     match ordering {
         Ordering::Sort(criteria) => {
             out.extend_from_slice(b"* SORT");
-            for position in sort_positions(criteria, messages, found, keys) {
+            for position in sort_positions(criteria, &metas, keys) {
                 out.push(b' ');
-                push_decimal(&mut out, number(found[position]));
+                push_decimal(&mut out, number(position));
             }
             out.extend_from_slice(b"\r\n");
         }
         Ordering::Thread(algorithm) => {
-            let threaded: Vec<ThreadMessage> = found
-                .iter()
-                .zip(keys)
-                .map(|(&i, keys)| keys.thread_message(number(i), &messages[i]))
+            let threaded: Vec<ThreadMessage> = (0..found.len())
+                .map(|k| keys[k].thread_message(number(k), metas[k]))
                 .collect();
             let forest = match algorithm {
                 ThreadAlgorithm::OrderedSubject => ordered_subject(&threaded),
@@ -328,14 +355,12 @@ pub fn order_response(
 /// Positions into `found` in the order of `criteria`; ties keep mailbox order.
 fn sort_positions(
     criteria: &[SortCriterion],
-    messages: &MessageList,
-    found: &[usize],
+    metas: &[&MessageMeta],
     keys: &[Arc<BlobKeys>],
 ) -> Vec<usize> {
     let stride = criteria.len();
-    let mut values: Vec<Value<'_>> = Vec::with_capacity(stride * found.len());
-    for (&i, keys) in found.iter().zip(keys) {
-        let meta = &messages[i];
+    let mut values: Vec<Value<'_>> = Vec::with_capacity(stride * metas.len());
+    for (&meta, keys) in metas.iter().zip(keys) {
         values.extend(criteria.iter().map(|c| match c.key {
             SortKey::Arrival => Value::Number(meta.internal_date),
             SortKey::Size => Value::Number(i64::from(meta.size)),
@@ -343,7 +368,7 @@ fn sort_positions(
             key => Value::Text(keys.text(key)),
         }));
     }
-    let mut order: Vec<usize> = (0..found.len()).collect();
+    let mut order: Vec<usize> = (0..metas.len()).collect();
     // Unstable sort with the position as the last key: the same order as a stable sort,
     // without its buffer.
     order.sort_unstable_by(|&a, &b| {
@@ -436,8 +461,8 @@ mod tests {
                 };
                 let keys = cache.entries(messages.iter().map(|m| m.blob));
                 for (k, entry) in keys.iter().enumerate() {
-                    cache.grew(entry.fill(&ordering, Some(HEADERS[k])));
-                    assert!(entry.has_all(&ordering));
+                    cache.grew(entry.fill(&groups(&ordering), Some(HEADERS[k])));
+                    assert!(entry.has_all(&groups(&ordering)));
                 }
                 let values: Vec<Vec<SortValue>> = (0..HEADERS.len())
                     .map(|k| {
@@ -467,7 +492,7 @@ mod tests {
             let ordering = Ordering::Thread(algorithm);
             let keys = cache.entries(messages.iter().map(|m| m.blob));
             for (k, entry) in keys.iter().enumerate() {
-                entry.fill(&ordering, Some(HEADERS[k]));
+                entry.fill(&groups(&ordering), Some(HEADERS[k]));
             }
             let threaded: Vec<ThreadMessage> = (0..HEADERS.len())
                 .map(|k| {
@@ -492,12 +517,15 @@ mod tests {
     #[test]
     fn groups_are_filled_only_when_asked_and_the_cache_stays_bounded() {
         let entry = BlobKeys::default();
-        let by_date = ordering(&[SortKey::Date], false);
+        let by_date = groups(&ordering(&[SortKey::Date], false));
         assert!(!entry.has_all(&by_date));
         entry.fill(&by_date, Some(HEADERS[0]));
         assert!(entry.has_all(&by_date));
-        assert!(!entry.has_all(&ordering(&[SortKey::Subject], false)));
-        assert!(entry.has_all(&ordering(&[SortKey::Arrival, SortKey::Size], false)));
+        assert!(!entry.has_all(&groups(&ordering(&[SortKey::Subject], false))));
+        assert!(entry.has_all(&groups(&ordering(
+            &[SortKey::Arrival, SortKey::Size],
+            false
+        ))));
 
         let cache = SortKeyCache::new(10 * ENTRY_OVERHEAD_BYTES);
         for n in 0..100u8 {
@@ -513,6 +541,21 @@ mod tests {
         let a = off.entries(std::iter::once(BlobId([7; 32])));
         let b = off.entries(std::iter::once(BlobId([7; 32])));
         assert!(!Arc::ptr_eq(&a[0], &b[0]));
+    }
+
+    #[test]
+    fn found_metas_walks_the_found_indexes() {
+        let mut messages = MessageList::new();
+        for uid in 1..=6 {
+            messages.push(meta(uid, 1, 1));
+        }
+        let uids = |found: &[usize]| -> Vec<u32> {
+            found_metas(&messages, found).map(|m| m.uid).collect()
+        };
+        assert_eq!(uids(&[]), Vec::<u32>::new());
+        assert_eq!(uids(&[0, 2, 5]), vec![1, 3, 6]);
+        assert_eq!(uids(&[0, 1, 2, 3, 4, 5]), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(uids(&[4]), vec![5]);
     }
 
     #[test]
