@@ -30,7 +30,7 @@ Operations (each run interleaves the servers: A, B, A, B, ...):
   *_cold                the same SORT or THREAD right after a change of the mailbox: timed
                         together, STORE 1 +FLAGS.SILENT (\\Flagged) then the command (a flag
                         change defeats an answer cache, as new mail does); the flag is taken
-                        off again outside the timed window
+                        off again outside the timed window; runs after all read runs
   qresync_100_changes   ENABLE QRESYNC + SELECT INBOX (QRESYNC (uidvalidity modseq)) on a
                         logged-in session, after another session made 100 flag changes
                         (STORE n +FLAGS.SILENT (\\Flagged), 100 messages) since modseq
@@ -321,6 +321,14 @@ def run_reads(s):
             s.check(op, digest(lines, b"* SEARCH"))
         else:
             s.check(op, digest(lines, b"* SORT" if "sort" in op else b"* THREAD"))
+    c.close()
+
+
+def run_cold(s):
+    """The SORT and THREAD operations, each right after a flag change. A phase of its own,
+    after the read runs: a change between read runs would make their repeats cold too."""
+    c = s.login()
+    walk(*c.cmd(b"SELECT INBOX"))
     for op, command in COLD_OPS:
         tag, data = timed(s, op, lambda: cold(c, command))
         lines, _, _ = walk(tag, data)
@@ -416,6 +424,9 @@ def pair(a, b, runs):
     for _ in range(runs):
         for s in servers:
             run_reads(s)
+    for _ in range(runs):
+        for s in servers:
+            run_cold(s)
     for r in range(runs):
         for s in servers:
             run_qresync(s, r)
