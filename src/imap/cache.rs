@@ -16,7 +16,7 @@ const WARM_MAX_MESSAGES: usize = 20_000;
 /// SipHash over all 32 bytes (a quarter of a warm header fetch's time) buys nothing. Bodies
 /// are content-addressed by the server, so a client cannot choose colliding ids cheaply.
 #[derive(Default)]
-struct BlobIdHasher(u64);
+pub(super) struct BlobIdHasher(u64);
 
 impl Hasher for BlobIdHasher {
     fn finish(&self) -> u64 {
@@ -39,6 +39,9 @@ pub struct HeaderCache {
     inner: Mutex<Inner>,
     /// Recent SORT and THREAD answers (shared by the same sessions).
     pub orders: super::order_cache::OrderCache,
+    /// SORT and THREAD keys by message body (shared by the same sessions), bounded by half
+    /// the header cache's bytes: keys are a small part of a header.
+    pub keys: super::sort_keys::SortKeyCache,
 }
 
 #[derive(Default)]
@@ -55,6 +58,7 @@ impl HeaderCache {
             max_bytes,
             inner: Mutex::new(Inner::default()),
             orders: Default::default(),
+            keys: super::sort_keys::SortKeyCache::new(max_bytes / 2),
         }
     }
 

@@ -96,6 +96,7 @@ pub mod seqset;
 mod server;
 mod session;
 mod sort;
+mod sort_keys;
 mod status_size;
 mod thread;
 

@@ -51,10 +51,10 @@ pub fn thread_id(header: Option<&[u8]>, blob: &BlobId) -> String {
     let message = super::thread::thread_message(0, header, 0);
     let root = message
         .references
-        .into_iter()
-        .next()
+        .first()
+        .cloned()
         .or(message.message_id)
-        .unwrap_or_else(|| email_id(blob));
+        .map_or_else(|| email_id(blob), |id| id.to_string());
     let mut input = b"kermail threadid ".to_vec();
     input.extend_from_slice(root.as_bytes());
     format!("T{}", hex12(blake3::hash(&input).as_bytes()))

@@ -18,6 +18,7 @@ use mail_parser::parsers::MessageStream;
 use mail_parser::HeaderValue;
 
 use super::fetch::{decode_field_value, first_field, parse_address_list, unfold};
+#[cfg(test)]
 use crate::store::MessageMeta;
 
 /// One sort key of RFC 5256 section 3 (and RFC 5957's DISPLAYFROM/DISPLAYTO).
@@ -214,6 +215,7 @@ fn charset_length(rest: &[u8]) -> Option<usize> {
 // ---------------------------------------------------------------------------------------
 
 /// One message's value for one sort key.
+#[cfg(test)]
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum SortValue {
     Number(i64),
@@ -232,16 +234,22 @@ pub fn casemap(text: &str) -> String {
         .into_owned()
 }
 
-/// The sent date (RFC 5256 section 2.2) as seconds since the epoch in UTC: the Date field,
-/// or INTERNALDATE when there is no Date field that parses.
-pub fn sent_date(header: Option<&[u8]>, meta: &MessageMeta) -> i64 {
-    header
-        .and_then(|h| first_field(h, b"date"))
-        .and_then(|f| match MessageStream::new(f.value).parse_date() {
+/// The Date field of a header block as seconds since the epoch in UTC, `None` when there is
+/// none that parses.
+pub fn header_date(header: Option<&[u8]>) -> Option<i64> {
+    header.and_then(|h| first_field(h, b"date")).and_then(|f| {
+        match MessageStream::new(f.value).parse_date() {
             HeaderValue::DateTime(dt) if dt.is_valid() => Some(dt.to_timestamp()),
             _ => None,
-        })
-        .unwrap_or(meta.internal_date)
+        }
+    })
+}
+
+/// The sent date (RFC 5256 section 2.2) as seconds since the epoch in UTC: the Date field,
+/// or INTERNALDATE when there is no Date field that parses.
+#[cfg(test)]
+pub fn sent_date(header: Option<&[u8]>, meta: &MessageMeta) -> i64 {
+    header_date(header).unwrap_or(meta.internal_date)
 }
 
 /// The decoded Subject field, empty when there is none.
@@ -295,13 +303,23 @@ fn first_address(
     Some((mailbox, display, spec))
 }
 
-/// The value of `key` for one message (`header`: its header block, when the key needs it).
+/// The value of `key` for one message (`header`: its header block, when the key needs it):
+/// the reference the cached keys of [`super::sort_keys`] are checked against.
+#[cfg(test)]
 pub fn sort_value(key: SortKey, header: Option<&[u8]>, meta: &MessageMeta) -> SortValue {
     match key {
         SortKey::Arrival => SortValue::Number(meta.internal_date),
         SortKey::Size => SortValue::Number(i64::from(meta.size)),
         SortKey::Date => SortValue::Number(sent_date(header, meta)),
-        SortKey::Subject => SortValue::Text(casemap(&base_subject(&subject_text(header)).0)),
+        _ => SortValue::Text(text_key(key, header)),
+    }
+}
+
+/// The case-mapped value of a text sort key (SUBJECT, FROM, TO, CC, DISPLAYFROM,
+/// DISPLAYTO) from a header block; empty for the other keys.
+pub fn text_key(key: SortKey, header: Option<&[u8]>) -> String {
+    match key {
+        SortKey::Subject => casemap(&base_subject(&subject_text(header)).0),
         SortKey::From | SortKey::To | SortKey::Cc => {
             let name: &[u8] = match key {
                 SortKey::From => b"from",
@@ -311,7 +329,7 @@ pub fn sort_value(key: SortKey, header: Option<&[u8]>, meta: &MessageMeta) -> So
             let mailbox = first_address(header, name, false)
                 .map(|(mailbox, _, _)| mailbox)
                 .unwrap_or_default();
-            SortValue::Text(casemap(&mailbox))
+            casemap(&mailbox)
         }
         SortKey::DisplayFrom | SortKey::DisplayTo => {
             let name: &[u8] = if key == SortKey::DisplayFrom {
@@ -330,14 +348,16 @@ pub fn sort_value(key: SortKey, header: Option<&[u8]>, meta: &MessageMeta) -> So
                     }
                 })
                 .unwrap_or_default();
-            SortValue::Text(casemap(&display))
+            casemap(&display)
         }
+        SortKey::Arrival | SortKey::Size | SortKey::Date => String::new(),
     }
 }
 
 /// The positions `0..values.len()` in the order the criteria give (`values[i]` holds message
 /// i's value for each criterion, in order); ties keep the messages' mailbox order, which is
 /// the order of `values` (RFC 5256: "the order in which they appear in the mailbox").
+#[cfg(test)]
 pub fn sorted_positions(criteria: &[SortCriterion], values: &[Vec<SortValue>]) -> Vec<usize> {
     let mut order: Vec<usize> = (0..values.len()).collect();
     order.sort_by(|&a, &b| {

@@ -7,7 +7,7 @@
 //! make a container its own ancestor is not made).
 
 use std::collections::HashMap;
-use std::io::Write;
+use std::sync::Arc;
 
 use super::sort::base_subject;
 
@@ -17,11 +17,12 @@ pub struct ThreadMessage {
     /// What the response names it by (sequence number or UID).
     pub number: u32,
     /// Its Message-ID (without angle brackets), if it has one.
-    pub message_id: Option<String>,
+    pub message_id: Option<Arc<str>>,
     /// The Message-IDs of References, oldest first, or else the first one of In-Reply-To.
-    pub references: Vec<String>,
+    /// (Shared: the keys come from a cache of them per message body.)
+    pub references: Arc<[Arc<str>]>,
     /// The base subject, case-mapped ([`super::sort::casemap`]).
-    pub base_subject: String,
+    pub base_subject: Arc<str>,
     /// The base subject extraction found a reply or a forward.
     pub reply_or_forward: bool,
     /// The sent date (seconds, UTC).
@@ -67,7 +68,7 @@ impl Forest {
             };
             let numbered = match self.message[node] {
                 Some(m) => {
-                    let _ = write!(out, "{}", messages[m].number);
+                    super::sort_keys::push_decimal(out, messages[m].number);
                     true
                 }
                 None => false,
@@ -148,7 +149,7 @@ pub fn ordered_subject(messages: &[ThreadMessage]) -> Forest {
     let mut forest = Forest::default();
     let mut current: Option<(usize, &str)> = None;
     for m in order {
-        let subject = messages[m].base_subject.as_str();
+        let subject = &*messages[m].base_subject;
         let node = forest.add(Some(m));
         match current {
             Some((parent, s)) if s == subject => forest.children[parent].push(node),
@@ -217,7 +218,7 @@ pub fn references(messages: &[ThreadMessage]) -> Forest {
         forest.message[own] = Some(m);
         // 1.A: link the references in order; an existing parent is kept; no loops.
         let mut previous: Option<usize> = None;
-        for id in &message.references {
+        for id in message.references.iter() {
             let c = container_of(&mut by_id, id, &mut forest, &mut parent);
             if let Some(p) = previous {
                 if parent[c].is_none() && !would_loop(&parent, p, c) {
@@ -280,7 +281,7 @@ pub fn references(messages: &[ThreadMessage]) -> Forest {
         let Some(m) = subject_of(&forest, root) else {
             continue;
         };
-        let subject = messages[m].base_subject.as_str();
+        let subject = &*messages[m].base_subject;
         if subject.is_empty() {
             continue;
         }
@@ -312,7 +313,7 @@ pub fn references(messages: &[ThreadMessage]) -> Forest {
         let Some(m) = subject_of(&forest, root) else {
             continue;
         };
-        let subject = messages[m].base_subject.as_str();
+        let subject = &*messages[m].base_subject;
         if subject.is_empty() {
             continue;
         }
@@ -420,9 +421,9 @@ pub fn thread_message(number: u32, header: Option<&[u8]>, sent_date: i64) -> Thr
     let (base, reply_or_forward) = base_subject(&super::sort::subject_text(header));
     ThreadMessage {
         number,
-        message_id: field_ids(b"message-id").into_iter().next(),
-        references,
-        base_subject: super::sort::casemap(&base),
+        message_id: field_ids(b"message-id").into_iter().next().map(Arc::from),
+        references: references.into_iter().map(Arc::from).collect(),
+        base_subject: Arc::from(super::sort::casemap(&base)),
         reply_or_forward,
         sent_date,
     }
@@ -439,9 +440,9 @@ mod tests {
         let (base, reply) = base_subject(subject);
         ThreadMessage {
             number,
-            message_id: (!id.is_empty()).then(|| id.to_owned()),
-            references: refs.split_whitespace().map(str::to_owned).collect(),
-            base_subject: super::super::sort::casemap(&base),
+            message_id: (!id.is_empty()).then(|| Arc::from(id)),
+            references: refs.split_whitespace().map(Arc::from).collect(),
+            base_subject: Arc::from(super::super::sort::casemap(&base)),
             reply_or_forward: reply,
             sent_date: date,
         }
@@ -568,8 +569,8 @@ mod tests {
         let header = b"Message-ID: <m@x>\r\nIn-Reply-To: <p@x> <q@x>\r\nSubject: Re: Hi\r\n\r\n";
         let m = thread_message(7, Some(header), 1);
         assert_eq!(m.message_id.as_deref(), Some("m@x"));
-        assert_eq!(m.references, vec!["p@x".to_owned()]);
-        assert_eq!(m.base_subject, "HI");
+        assert_eq!(&*m.references, &[Arc::<str>::from("p@x")]);
+        assert_eq!(&*m.base_subject, "HI");
         assert!(m.reply_or_forward);
     }
 

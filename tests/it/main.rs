@@ -26,6 +26,7 @@ mod imap_rfc;
 mod imap_savedate;
 mod imap_sort;
 mod imap_sort_cache;
+mod imap_sort_keys;
 mod inbound_auth;
 mod mbsync;
 mod mesh_faults;

@@ -27,6 +27,10 @@ Operations (each run interleaves the servers: A, B, A, B, ...):
   fetch_body_1000       FETCH 1:1000 (BODY.PEEK[])
   uid_search_subject    UID SEARCH SUBJECT quasar
   uid_sort_* / uid_thread_*   as imaplib's run, over ALL
+  *_cold                the same SORT or THREAD right after a change of the mailbox: timed
+                        together, STORE 1 +FLAGS.SILENT (\\Flagged) then the command (a flag
+                        change defeats an answer cache, as new mail does); the flag is taken
+                        off again outside the timed window; runs after all read runs
   qresync_100_changes   ENABLE QRESYNC + SELECT INBOX (QRESYNC (uidvalidity modseq)) on a
                         logged-in session, after another session made 100 flag changes
                         (STORE n +FLAGS.SILENT (\\Flagged), 100 messages) since modseq
@@ -277,6 +281,23 @@ READ_OPS = (
     ("uid_thread_orderedsubject", b"UID THREAD ORDEREDSUBJECT UTF-8 ALL"),
 )
 
+# The SORT and THREAD operations, each also measured right after a flag change ("_cold").
+COLD_OPS = tuple(
+    (op + "_cold", command)
+    for op, command in READ_OPS
+    if b" SORT " in command or b" THREAD " in command
+)
+
+
+def cold(c, command):
+    """STORE then `command`, the part that is timed; returns the second reply."""
+    walk(*c.cmd(b"STORE 1 +FLAGS.SILENT (\\Flagged)"))
+    return c.cmd(command)
+
+
+def uncold(c):
+    walk(*c.cmd(b"STORE 1 -FLAGS.SILENT (\\Flagged)"))
+
 
 def run_reads(s):
     def login_select():
@@ -300,6 +321,20 @@ def run_reads(s):
             s.check(op, digest(lines, b"* SEARCH"))
         else:
             s.check(op, digest(lines, b"* SORT" if "sort" in op else b"* THREAD"))
+    c.close()
+
+
+def run_cold(s):
+    """The SORT and THREAD operations, each right after a flag change. A phase of its own,
+    after the read runs: a change between read runs would make their repeats cold too."""
+    c = s.login()
+    walk(*c.cmd(b"SELECT INBOX"))
+    for op, command in COLD_OPS:
+        tag, data = timed(s, op, lambda: cold(c, command))
+        lines, _, _ = walk(tag, data)
+        uncold(c)
+        # The same answer as without the flag change.
+        s.check(op[: -len("_cold")], digest(lines, b"* SORT" if "sort" in op else b"* THREAD"))
     c.close()
 
 
@@ -389,6 +424,9 @@ def pair(a, b, runs):
     for _ in range(runs):
         for s in servers:
             run_reads(s)
+    for _ in range(runs):
+        for s in servers:
+            run_cold(s)
     for r in range(runs):
         for s in servers:
             run_qresync(s, r)
@@ -413,9 +451,13 @@ def loop(port, user, password, op, n):
     if op != "login_select":
         c.cmd(b"CREATE " + APPEND_MAILBOX.encode())  # NO if it exists: not checked
     commands = dict(READ_OPS)
+    cold_commands = dict(COLD_OPS)
     for r in range(n):
         if op in commands:
             walk(*c.cmd(commands[op]))
+        elif op in cold_commands:
+            walk(*cold(c, cold_commands[op]))
+            uncold(c)
         elif op == "login_select":
             run_reads_login = s.login()
             walk(*run_reads_login.cmd(b"SELECT INBOX"))
