@@ -263,7 +263,7 @@ mod tests {
     }
 
     #[test]
-    fn a_backup_carries_the_acls() {
+    fn a_backup_carries_acls_sieve_scripts_and_modseqs() {
         use super::super::acl_state::{CommandV10, Grantee, Rights, RightsChange};
         use super::super::command::CommandV1;
         let mut state = State::default();
@@ -291,6 +291,27 @@ mod tests {
             rights: Rights::parse("lr").unwrap(),
         });
         assert_eq!(outcome.response, Response::Done);
+        // A Sieve script and a modseq that snapshots carry in sections of their own.
+        let outcome = state.apply_v5(super::super::sieve_state::CommandV5::PutScript {
+            account: owner,
+            name: "main".into(),
+            source: "keep;".into(),
+        });
+        assert_eq!(outcome.response, Response::Done);
+        let outcome = state.apply(CommandV1::Append {
+            account: owner,
+            mailbox,
+            flags: Default::default(),
+            internal_date: 1_700_000_000,
+            internal_date_offset_min: 0,
+            body: super::super::command::BodyV1 {
+                blob: super::super::BlobId([7; 32]),
+                raw_size: 3,
+                compressed: Vec::new(),
+            },
+        });
+        assert!(matches!(outcome.response, Response::Appended { .. }));
+        assert!(!state.imap.modseq.mailboxes.is_empty());
         let dir = tempfile::tempdir().unwrap();
         let blobs = super::super::blob::BlobStore::open(dir.path().join("blobs")).unwrap();
         let view = BackupView {
@@ -301,6 +322,10 @@ mod tests {
         };
         let meta = BackupMeta::decode(&view.encode_meta().unwrap()).unwrap();
         assert_eq!(meta.state.acl, state.acl);
+        assert_eq!(meta.state.sieve, state.sieve);
+        assert_eq!(meta.state.imap, state.imap);
+        assert_eq!(meta.state.imap.modseq, state.imap.modseq);
+        assert_eq!(meta.state.bayes, state.bayes);
         assert_eq!(
             meta.state.acl.rights_of(friend, owner, mailbox).to_string(),
             "lr"
@@ -365,22 +390,32 @@ struct BackupMetaOwned {
     backup: BackupState,
 }
 
-/// What V2 adds to the state's own encoding, which leaves both out: every message's RFC 8514
-/// save date (`MessageMeta::saved_at`, in the order of `saved_dates`) and the RFC 4314 ACLs.
+/// What V2 adds to the state's own encoding, which leaves these out (snapshots carry them
+/// as sections of their own): every message's RFC 8514 save date (`MessageMeta::saved_at`, in
+/// the order of `saved_dates`), the RFC 4314 ACLs, the Sieve scripts, the IMAP state (recent
+/// boundaries, and each mailbox's highest modseq and expunged ranges, so CONDSTORE never goes
+/// backwards after a restore) and the Bayes classifier.
 #[derive(Serialize)]
 struct BackupExtraRef<'a> {
     saved_dates: Vec<u32>,
     acl: &'a super::acl_state::AclState,
+    sieve: &'a super::sieve_state::SieveState,
+    imap: &'a super::imap_state::ImapState,
+    modseq: &'a super::imap_state::ModseqState,
+    bayes: &'a super::bayes::BayesState,
 }
 
 #[derive(Deserialize)]
 struct BackupExtra {
     saved_dates: Vec<u32>,
     acl: super::acl_state::AclState,
+    sieve: super::sieve_state::SieveState,
+    imap: super::imap_state::ImapState,
+    modseq: super::imap_state::ModseqState,
+    bayes: super::bayes::BayesState,
 }
 
-/// Versioned envelope of the backup metadata; a V1 backup restores with unknown save dates
-/// and no ACLs.
+/// Versioned envelope of the backup metadata; a V1 backup restores without what V2 adds.
 #[derive(Serialize)]
 enum BackupMetaVersionRef<'a> {
     #[allow(dead_code)]
@@ -391,7 +426,7 @@ enum BackupMetaVersionRef<'a> {
 #[derive(Deserialize)]
 enum BackupMetaVersion {
     V1(BackupMetaOwned),
-    V2(BackupMetaOwned, BackupExtra),
+    V2(BackupMetaOwned, Box<BackupExtra>),
 }
 
 /// Every message's save date, by account, mailbox and UID order (all `BTreeMap`s and sorted
@@ -456,6 +491,10 @@ impl BackupView {
                 BackupExtraRef {
                     saved_dates: saved_dates(&self.state),
                     acl: &self.state.acl,
+                    sieve: &self.state.sieve,
+                    imap: &self.state.imap,
+                    modseq: &self.state.imap.modseq,
+                    bayes: &self.state.bayes,
                 },
             ))
             .map_err(|e| format!("cannot encode the state: {e}"))
@@ -496,12 +535,16 @@ impl BackupMeta {
             .map_err(|e| format!("backup metadata is corrupt: {e}"))?
         {
             BackupMetaVersion::V1(meta) => (meta, None),
-            BackupMetaVersion::V2(meta, extra) => (meta, Some(extra)),
+            BackupMetaVersion::V2(meta, extra) => (meta, Some(*extra)),
         };
         let mut state = meta.state;
         if let Some(extra) = extra {
             restore_saved_dates(&mut state, &extra.saved_dates)?;
             state.acl = extra.acl;
+            state.sieve = extra.sieve;
+            state.imap = extra.imap;
+            state.imap.modseq = extra.modseq;
+            state.bayes = extra.bayes;
         }
         state.outbound = meta.outbound;
         state.outbound.rebuild_due();
