@@ -25,7 +25,7 @@ use std::io::Write;
 use imap_codec::imap_types::sequence::SequenceSet;
 
 use super::recent::RecentUids;
-use super::scan::{line_end, Cursor};
+use super::scan::{line_end, walk_search_keys, Cursor};
 use super::selected::Selected;
 use crate::store::{AccountId, FlagSet, MailStore, MailboxId, Uid};
 
@@ -320,62 +320,14 @@ fn strip_store(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, &
     Ok(Some((rewritten, modifiers)))
 }
 
-/// Search keys followed by one string argument (MODSEQ after them is that argument).
-const ONE_STRING_KEYS: [&[u8]; 10] = [
-    b"BCC",
-    b"BODY",
-    b"CC",
-    b"FROM",
-    b"SUBJECT",
-    b"TEXT",
-    b"TO",
-    b"KEYWORD",
-    b"UNKEYWORD",
-    b"CHARSET",
-];
-
 fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, &'static str> {
     let bytes = cursor.bytes;
     let end = line_end(bytes);
     let mut rewritten: Vec<u8> = Vec::new();
     let mut copied = 0;
     let mut modifiers = Modifiers::default();
-    // Arguments still to skip after the last key (1 after FROM, 2 after HEADER).
-    let mut skip_args = 0usize;
     let mut rewrote_within = false;
-    while cursor.pos < end {
-        match cursor.peek() {
-            Some(b' ') | Some(b'(') | Some(b')') => {
-                cursor.pos += 1;
-                continue;
-            }
-            Some(b'"') | Some(b'{') => {
-                if !cursor.skip_argument() {
-                    return Ok(None);
-                }
-                skip_args = skip_args.saturating_sub(1);
-                continue;
-            }
-            _ => {}
-        }
-        let start = cursor.pos;
-        let word = cursor.word();
-        if word.is_empty() {
-            return Ok(None);
-        }
-        if skip_args > 0 {
-            skip_args -= 1;
-            continue;
-        }
-        let upper = word.to_ascii_uppercase();
-        if ONE_STRING_KEYS.contains(&upper.as_slice()) {
-            skip_args = 1;
-            continue;
-        }
-        if upper == b"HEADER" {
-            skip_args = 2;
-            continue;
-        }
+    let well_formed = walk_search_keys(&mut cursor, end, |upper, start, cursor| {
         if upper == b"OLDER" || upper == b"YOUNGER" {
             // WITHIN (RFC 5032): OLDER/YOUNGER interval-in-seconds (nz-number).
             if !cursor.space() {
@@ -393,10 +345,10 @@ fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, 
             let _ = write!(rewritten, "HEADER \"{name}\" \"{n}\"");
             copied = cursor.pos;
             rewrote_within = true;
-            continue;
+            return Ok(());
         }
         if upper != b"MODSEQ" {
-            continue;
+            return Ok(());
         }
         // MODSEQ [entry-name entry-type] n
         if !cursor.space() {
@@ -416,8 +368,9 @@ fn strip_search(mut cursor: Cursor<'_>) -> Result<Option<(Vec<u8>, Modifiers)>, 
         rewritten.extend_from_slice(&bytes[copied..start]);
         let _ = write!(rewritten, "HEADER \"{MODSEQ_HEADER}\" \"{n}\"");
         copied = cursor.pos;
-    }
-    if !modifiers.search_modseq && !rewrote_within {
+        Ok(())
+    })?;
+    if !well_formed || (!modifiers.search_modseq && !rewrote_within) {
         return Ok(None);
     }
     rewritten.extend_from_slice(&bytes[copied..]);

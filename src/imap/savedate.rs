@@ -17,27 +17,13 @@
 
 use imap_codec::imap_types::core::AString;
 
-use super::scan::{line_end, Cursor};
+use super::scan::{line_end, walk_search_keys, Cursor};
 use crate::store::MessageMeta;
 
 /// Header names of the rewritten date keys (not valid field names).
 pub const SAVEDBEFORE_HEADER: &str = "kermail savedbefore";
 pub const SAVEDON_HEADER: &str = "kermail savedon";
 pub const SAVEDSINCE_HEADER: &str = "kermail savedsince";
-
-/// Search keys followed by one string (or atom) argument: a key name there is that argument.
-const ONE_ARGUMENT_KEYS: [&[u8]; 10] = [
-    b"BCC",
-    b"BODY",
-    b"CC",
-    b"FROM",
-    b"SUBJECT",
-    b"TEXT",
-    b"TO",
-    b"KEYWORD",
-    b"UNKEYWORD",
-    b"CHARSET",
-];
 
 const MONTHS: [&[u8; 3]; 12] = [
     b"JAN", b"FEB", b"MAR", b"APR", b"MAY", b"JUN", b"JUL", b"AUG", b"SEP", b"OCT", b"NOV", b"DEC",
@@ -92,59 +78,18 @@ pub fn rewrite_search(bytes: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
     cursor.word();
     let mut rewritten: Vec<u8> = Vec::new();
     let mut copied = 0;
-    // Arguments still to skip after the last key (1 after FROM, 2 after HEADER).
-    let mut skip_args = 0usize;
-    while cursor.pos < end {
-        match cursor.peek() {
-            Some(b' ') | Some(b'(') | Some(b')') => {
-                cursor.pos += 1;
-                continue;
-            }
-            Some(b'"') => {
-                if cursor.quoted().is_none() {
-                    return Ok(None);
-                }
-                skip_args = skip_args.saturating_sub(1);
-                continue;
-            }
-            Some(b'{') => {
-                if !cursor.skip_literal() {
-                    return Ok(None);
-                }
-                skip_args = skip_args.saturating_sub(1);
-                continue;
-            }
-            _ => {}
-        }
-        let start = cursor.pos;
-        let word = cursor.word();
-        if word.is_empty() {
-            return Ok(None);
-        }
-        if skip_args > 0 {
-            skip_args -= 1;
-            continue;
-        }
-        let upper = word.to_ascii_uppercase();
-        if ONE_ARGUMENT_KEYS.contains(&upper.as_slice()) {
-            skip_args = 1;
-            continue;
-        }
-        if upper == b"HEADER" {
-            skip_args = 2;
-            continue;
-        }
-        let name = match upper.as_slice() {
+    let well_formed = walk_search_keys(&mut cursor, end, |upper, start, cursor| {
+        let name = match upper {
             b"SAVEDATESUPPORTED" => {
                 rewritten.extend_from_slice(&bytes[copied..start]);
                 rewritten.extend_from_slice(b"ALL");
                 copied = cursor.pos;
-                continue;
+                return Ok(());
             }
             b"SAVEDBEFORE" => SAVEDBEFORE_HEADER,
             b"SAVEDON" => SAVEDON_HEADER,
             b"SAVEDSINCE" => SAVEDSINCE_HEADER,
-            _ => continue,
+            _ => return Ok(()),
         };
         const BAD_DATE: &str = "SAVEDBEFORE, SAVEDON and SAVEDSINCE need a date (1-Feb-2024)";
         if cursor.peek() != Some(b' ') {
@@ -159,8 +104,9 @@ pub fn rewrite_search(bytes: &[u8]) -> Result<Option<Vec<u8>>, &'static str> {
         rewritten.extend_from_slice(&bytes[copied..start]);
         rewritten.extend_from_slice(format!("HEADER \"{name}\" \"{day}\"").as_bytes());
         copied = cursor.pos;
-    }
-    if copied == 0 {
+        Ok(())
+    })?;
+    if !well_formed || copied == 0 {
         return Ok(None);
     }
     rewritten.extend_from_slice(&bytes[copied..]);

@@ -152,3 +152,65 @@ pub(super) fn line_end(bytes: &[u8]) -> usize {
     }
     end
 }
+
+/// Search keys followed by one string argument (a key name there is that argument).
+const ONE_STRING_KEYS: [&[u8]; 10] = [
+    b"BCC",
+    b"BODY",
+    b"CC",
+    b"FROM",
+    b"SUBJECT",
+    b"TEXT",
+    b"TO",
+    b"KEYWORD",
+    b"UNKEYWORD",
+    b"CHARSET",
+];
+
+/// Walks the search keys of a command from `cursor` up to `end` and calls `on_key` with each
+/// key word (uppercased) and where it starts; the arguments of FROM, HEADER and the like are
+/// skipped, so a key name given as an argument is not taken for a key. `on_key` may read the
+/// key's own arguments from the cursor. `Ok(false)` when the command is malformed (the walk
+/// stops there); an error of `on_key` ends the walk with it.
+pub(super) fn walk_search_keys<E>(
+    cursor: &mut Cursor<'_>,
+    end: usize,
+    mut on_key: impl FnMut(&[u8], usize, &mut Cursor<'_>) -> Result<(), E>,
+) -> Result<bool, E> {
+    // Arguments still to skip after the last key (1 after FROM, 2 after HEADER).
+    let mut skip_args = 0usize;
+    while cursor.pos < end {
+        match cursor.peek() {
+            Some(b' ') | Some(b'(') | Some(b')') => {
+                cursor.pos += 1;
+                continue;
+            }
+            Some(b'"') | Some(b'{') => {
+                if !cursor.skip_argument() {
+                    return Ok(false);
+                }
+                skip_args = skip_args.saturating_sub(1);
+                continue;
+            }
+            _ => {}
+        }
+        let start = cursor.pos;
+        let word = cursor.word();
+        if word.is_empty() {
+            return Ok(false);
+        }
+        if skip_args > 0 {
+            skip_args -= 1;
+            continue;
+        }
+        let upper = word.to_ascii_uppercase();
+        if ONE_STRING_KEYS.contains(&upper.as_slice()) {
+            skip_args = 1;
+        } else if upper == b"HEADER" {
+            skip_args = 2;
+        } else {
+            on_key(&upper, start, cursor)?;
+        }
+    }
+    Ok(true)
+}
